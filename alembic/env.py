@@ -1,0 +1,63 @@
+"""Alembic environment: one transaction per migration, bounded lock waits.
+
+YugabyteDB runs each migration in its own transaction too; keep every migration
+to syntax PostgreSQL 11 understands (YugabyteDB's YSQL is built on it).
+"""
+
+from __future__ import annotations
+
+import logging.config
+import os
+
+import sqlalchemy as sa
+from alembic import context
+
+from flowlens_ingest.config import normalize_database_url
+from flowlens_ingest.schema import metadata
+
+config = context.config
+if config.config_file_name is not None:
+    logging.config.fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+
+def database_url() -> str:
+    url = config.get_main_option("sqlalchemy.url") or os.environ.get("DATABASE_URL", "")
+    if not url:
+        raise SystemExit("DATABASE_URL is not set")
+    return normalize_database_url(url)
+
+
+def run_offline() -> None:
+    context.configure(
+        url=database_url(),
+        target_metadata=metadata,
+        literal_binds=True,
+        transaction_per_migration=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_online() -> None:
+    engine = sa.create_engine(database_url(), poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        # Fail fast instead of queueing behind live traffic's locks.
+        conn.execute(sa.text("SET lock_timeout = '10s'"))
+        conn.execute(sa.text("SET statement_timeout = '300s'"))
+        conn.commit()
+        context.configure(
+            connection=conn,
+            target_metadata=metadata,
+            transaction_per_migration=True,
+            compare_type=True,
+            compare_server_default=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    run_online()

@@ -1,0 +1,235 @@
+"""`flowlens-ingest`: serve, migrate, send, inspect and replay deliveries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Sequence
+
+from .config import ConfigError, Settings
+
+GUNICORN_CONF = "python:flowlens_ingest.gunicorn_conf"
+
+
+def _fail(message: str) -> int:
+    print(f"flowlens-ingest: {message}", file=sys.stderr)
+    return 2
+
+
+def _database_url(settings: Settings) -> tuple[str, object | None]:
+    """DATABASE_URL, or the embedded server (started, migrated) when it is not set."""
+    if settings.database_url:
+        return settings.database_url, None
+    from . import embedded, migrate
+
+    server, url = embedded.start(settings.data_dir)
+    migrate.upgrade(url)
+    return url, server
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    env = dict(os.environ)
+    server = None
+    if settings.database_url:
+        if not settings.secrets:
+            return _fail("GITHUB_WEBHOOK_SECRET is not set; refusing to start with DATABASE_URL set")
+    else:
+        from . import embedded
+
+        url, server = _database_url(settings)
+        env["DATABASE_URL"] = url
+        print(f"flowlens-ingest: embedded PostgreSQL in {settings.data_dir / 'pgdata'} (migrated)", flush=True)
+        if not settings.secrets:
+            secret, created = embedded.load_or_create_secret(settings.data_dir)
+            env["GITHUB_WEBHOOK_SECRET"] = secret
+            where = settings.data_dir / "webhook-secret"
+            print(
+                f"flowlens-ingest: webhook secret ({'generated' if created else 'from'} {where}): {secret}",
+                flush=True,
+            )
+    env["FLOWLENS_DATA_DIR"] = str(settings.data_dir)
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(settings.data_dir / "metrics"))
+    env["FLOWLENS_BIND"] = f"{args.host}:{args.port}"
+    if args.workers:
+        env["FLOWLENS_WORKERS"] = str(args.workers)
+    command = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, "flowlens_ingest.wsgi:app"]
+    print(f"flowlens-ingest: listening on http://{args.host}:{args.port}/webhook", flush=True)
+    child = subprocess.Popen(command, env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    code = child.wait()
+    del server  # the embedded server stops when this process exits
+    return code
+
+
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    from . import migrate
+
+    if not settings.database_url:
+        return _fail("DATABASE_URL is not set (the embedded database is migrated by `serve`)")
+    migrate.upgrade(settings.database_url, args.revision)
+    print(f"flowlens-ingest: database at {args.revision}")
+    return 0
+
+
+def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    import urllib.error
+    import urllib.request
+
+    from .signature import sign
+
+    secret = settings.secrets[0] if settings.secrets else None
+    if secret is None:
+        path = settings.data_dir / "webhook-secret"
+        if not path.exists():
+            return _fail("GITHUB_WEBHOOK_SECRET is not set and no embedded secret exists")
+        secret = path.read_text().strip().encode()
+    body = Path(args.file).read_bytes()
+    request = urllib.request.Request(
+        args.url,
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "User-Agent": "GitHub-Hookshot/flowlens-send",
+            "X-GitHub-Event": args.event,
+            "X-GitHub-Delivery": args.delivery or str(uuid.uuid4()),
+            "X-Hub-Signature-256": sign(body, secret),
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=15) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode()
+    except urllib.error.URLError as exc:
+        return _fail(f"cannot reach {args.url}: {exc.reason}")
+    print(f"{status} {text.strip()}")
+    return 0 if status < 300 else 1
+
+
+def _engine(settings: Settings):
+    from .db import make_engine
+
+    url, server = _database_url(settings)
+    return make_engine(settings, url), server
+
+
+def cmd_deliveries(args: argparse.Namespace, settings: Settings) -> int:
+    from .admin import list_deliveries
+
+    engine, _server = _engine(settings)
+    with engine.connect() as conn:
+        rows = list_deliveries(conn, failed_only=args.failed, limit=args.limit)
+    for row in rows:
+        line = f"{row.received_at:%Y-%m-%d %H:%M:%S} {row.delivery_id} {row.event}"
+        line += f"/{row.action}" if row.action else ""
+        line += f" {row.outcome} attempts={row.attempts}"
+        line += f" error={row.error}" if row.error else ""
+        print(line)
+    print(f"({len(rows)} deliveries)", file=sys.stderr)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from .admin import replay
+
+    engine, _server = _engine(settings)
+    report = replay(engine, failed_only=args.failed, since=args.since)
+    print(json.dumps(vars(report)))
+    return 0 if report.failed == 0 else 1
+
+
+def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from .admin import prune
+
+    engine, _server = _engine(settings)
+    removed = prune(engine, args.older_than, include_failed=args.include_failed)
+    print(f"flowlens-ingest: pruned {removed} journal entries")
+    return 0
+
+
+def duration(text: str) -> timedelta:
+    """`30d`, `12h`, `90m`, `3600s` as a timedelta."""
+    match = re.fullmatch(r"(\d+)([dhms])", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError("use a number and d, h, m or s, like 30d")
+    unit = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}[match[2]]
+    return timedelta(**{unit: int(match[1])})
+
+
+def timestamp(text: str) -> datetime:
+    """An ISO 8601 time (UTC when no offset is given)."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("use ISO 8601, like 2026-11-28T10:00:00Z") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    top = argparse.ArgumentParser(prog="flowlens-ingest", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the service under gunicorn")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=0, help="default: cores + 1")
+    serve.set_defaults(func=cmd_serve)
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_sub.add_parser("upgrade", help="migrate DATABASE_URL to the newest schema")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    upgrade.set_defaults(func=cmd_db_upgrade)
+
+    send = sub.add_parser("send", help="sign a payload file and POST it like GitHub would")
+    send.add_argument("file")
+    send.add_argument("--event", required=True)
+    send.add_argument("--url", default="http://127.0.0.1:8000/webhook")
+    send.add_argument("--delivery", help="X-GitHub-Delivery (default: a new UUID)")
+    send.set_defaults(func=cmd_send)
+
+    deliveries = sub.add_parser("deliveries", help="list recent deliveries from the journal")
+    deliveries.add_argument("--failed", action="store_true")
+    deliveries.add_argument("--limit", type=int, default=50)
+    deliveries.set_defaults(func=cmd_deliveries)
+
+    replay = sub.add_parser("replay", help="re-apply journaled deliveries (idempotent)")
+    which = replay.add_mutually_exclusive_group()
+    which.add_argument("--failed", action="store_true")
+    which.add_argument("--since", type=timestamp)
+    replay.set_defaults(func=cmd_replay)
+
+    prune = sub.add_parser("prune", help="delete old journal entries")
+    prune.add_argument("--older-than", type=duration, required=True)
+    prune.add_argument("--include-failed", action="store_true")
+    prune.set_defaults(func=cmd_prune)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `flowlens-ingest` console script."""
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        return args.func(args, settings)
+    except ConfigError as exc:
+        return _fail(str(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

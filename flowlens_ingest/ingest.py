@@ -1,0 +1,84 @@
+"""One verified delivery, from parsed payload to a durable outcome.
+
+map (pure) -> apply + journal in one transaction -> outcome. A mapping or data
+error is journaled as `failed` in a transaction of its own, so the delivery can
+be replayed after a fix; a database outage raises DatabaseUnavailable, which the
+caller answers by spooling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Callable
+
+from sqlalchemy.engine import Connection, Engine
+
+from .db import DatabaseUnavailable, transaction
+from .mappers import map_delivery
+from .parse import parse_body
+from .spool import Spooled
+from .store import DUPLICATE, FAILED, Delivery, Duplicate, apply_changes, journal
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 2000
+
+
+def describe(exc: BaseException) -> str:
+    """A journal-safe one-line description of an error (no SQL, no parameters)."""
+    orig = getattr(exc, "orig", None)
+    text = f"{type(exc).__name__}: {orig if orig is not None else exc}".strip()
+    return " ".join(text.split())[:MAX_ERROR_CHARS]
+
+
+def ingest(
+    engine: Engine,
+    delivery: Delivery,
+    *,
+    store_payload: bool = True,
+    on_retry: Callable[[str], None] | None = None,
+) -> str:
+    """Apply and journal one delivery; return its outcome (applied, ignored, stale, duplicate, failed)."""
+    try:
+        changes = map_delivery(delivery.event, delivery.payload)
+    except Exception as exc:  # any shape we did not foresee: journal it, keep serving
+        return record_failure(engine, delivery, describe(exc), on_retry=on_retry)
+
+    def work(conn: Connection) -> str:
+        outcome = apply_changes(conn, changes)
+        journal(conn, delivery, outcome, store_payload=store_payload)
+        return outcome
+
+    try:
+        return transaction(engine, work, on_retry=on_retry)
+    except Duplicate:
+        return DUPLICATE
+    except DatabaseUnavailable:
+        raise
+    except Exception as exc:
+        log.warning("delivery %s failed to apply: %s", delivery.delivery_id, describe(exc))
+        return record_failure(engine, delivery, describe(exc), on_retry=on_retry)
+
+
+def record_failure(
+    engine: Engine, delivery: Delivery, error: str, *, on_retry: Callable[[str], None] | None = None
+) -> str:
+    """Journal a delivery that could not be applied, with its payload, for a later replay."""
+    try:
+        transaction(engine, lambda conn: journal(conn, delivery, FAILED, error=error), on_retry=on_retry)
+    except Duplicate:
+        return DUPLICATE
+    return FAILED
+
+
+def delivery_from_spool(item: Spooled) -> Delivery:
+    """Rebuild a verified delivery from its spooled headers and raw body."""
+    payload = parse_body(item.content_type, item.body)
+    return Delivery(
+        delivery_id=item.delivery_id,
+        hook_id=item.hook_id,
+        event=item.event,
+        payload=payload,
+        payload_sha256=hashlib.sha256(item.body).hexdigest(),
+    )

@@ -1,0 +1,61 @@
+"""Logging: one JSON object per line in production, readable text in development.
+
+Never log a secret or a payload: log records carry ids, names and outcomes only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+
+from .config import Settings
+
+# Attributes every LogRecord has; anything else was passed with `extra=` and is logged.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, object]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+
+
+class JsonFormatter(logging.Formatter):
+    """A log record as one JSON object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **_extras(record),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """A log record as a readable line, extras as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        line = f"{self.formatTime(record)} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        line = f"{line} {extras}" if extras else line
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure(settings: Settings) -> None:
+    """Route the service's loggers to stderr in the configured format (idempotent)."""
+    logger = logging.getLogger("flowlens_ingest")
+    handler = next((h for h in logger.handlers if getattr(h, "_flowlens", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler._flowlens = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
+    logger.setLevel(settings.log_level)

@@ -1,0 +1,113 @@
+"""Prometheus metrics, correct across gunicorn workers.
+
+With PROMETHEUS_MULTIPROC_DIR set (the `serve` command and gunicorn.conf.py set
+it), every worker writes its samples to files there and /metrics sums them:
+https://prometheus.github.io/client_python/multiprocess/
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+# Only events we know become label values: a signed sender could invent any name.
+KNOWN_EVENTS = frozenset(
+    {
+        "ping",
+        "pull_request",
+        "pull_request_review",
+        "check_run",
+        "check_suite",
+        "workflow_run",
+        "workflow_job",
+        "status",
+        "push",
+        "repository",
+        "installation",
+    }
+)
+
+
+def event_label(event: str) -> str:
+    """The event name, or `other` for events outside KNOWN_EVENTS."""
+    return event if event in KNOWN_EVENTS else "other"
+
+
+class Metrics:
+    """The service's instruments, registered once per process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        kwargs = {} if registry is None else {"registry": registry}
+        self.deliveries = Counter(
+            "flowlens_deliveries",
+            "Signed deliveries answered, by event and outcome",
+            ["event", "outcome"],
+            **kwargs,
+        )
+        self.latency = Histogram(
+            "flowlens_delivery_duration_seconds",
+            "Time from request to answer for signed deliveries",
+            ["event"],
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            **kwargs,
+        )
+        self.retries = Counter(
+            "flowlens_db_retries", "Delivery transactions retried, by SQLSTATE or disconnect", ["reason"], **kwargs
+        )
+        self.signature_failures = Counter(
+            "flowlens_signature_failures", "Requests refused with 401, by reason", ["reason"], **kwargs
+        )
+        self.spool_drained = Counter(
+            "flowlens_spool_drained", "Spooled deliveries applied after an outage, by outcome", ["outcome"], **kwargs
+        )
+        self.spool_depth = Gauge(
+            "flowlens_spool_depth",
+            "Deliveries waiting in the local spool",
+            multiprocess_mode="max",
+            **kwargs,
+        )
+
+    def delivery(self, event: str, outcome: str, seconds: float) -> None:
+        """Count one answered delivery."""
+        label = event_label(event)
+        self.deliveries.labels(label, outcome).inc()
+        self.latency.labels(label).observe(seconds)
+
+    def db_retry(self, reason: str) -> None:
+        """Count one retried transaction."""
+        self.retries.labels(reason).inc()
+
+    def signature_failure(self, reason: str) -> None:
+        """Count one refused signature."""
+        self.signature_failures.labels(reason).inc()
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: summed over all workers in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+_instruments: Metrics | None = None
+
+
+def instruments() -> Metrics:
+    """The process's Metrics, created on first use (apps built in tests share them)."""
+    global _instruments
+    if _instruments is None:
+        _instruments = Metrics()
+    return _instruments

@@ -1,0 +1,239 @@
+"""The database schema: one MetaData used by the code and by alembic's autogenerate."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+# Stable constraint names, so migrations written today match what alembic
+# generates tomorrow (and `alembic check` stays quiet).
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# Ids are made by the service (uuid4): YugabyteDB releases on PostgreSQL 11
+# have no built-in gen_random_uuid(), so there is no server default.
+_Ts = sa.TIMESTAMP(timezone=True)
+
+
+def _id() -> sa.Column:
+    return sa.Column("id", UUID(as_uuid=True), primary_key=True)
+
+
+def _row_times() -> list[sa.Column]:
+    return [
+        sa.Column("created_at", _Ts, nullable=False, server_default=sa.func.now()),
+        sa.Column("updated_at", _Ts, nullable=False, server_default=sa.func.now()),
+    ]
+
+
+def _processing() -> list[sa.Column]:
+    """The poller's contract: a new or changed row is unprocessed, and its version moves."""
+    return [
+        sa.Column("processed", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("version", sa.BigInteger, nullable=False, server_default=sa.text("1")),
+    ]
+
+
+def _repo_fk() -> sa.Column:
+    return sa.Column(
+        "repo_id",
+        UUID(as_uuid=True),
+        sa.ForeignKey("repositories.id", ondelete="CASCADE"),
+        nullable=False,
+    )
+
+
+repositories = sa.Table(
+    "repositories",
+    metadata,
+    _id(),
+    sa.Column("github_id", sa.BigInteger, nullable=False, unique=True),
+    sa.Column("name", sa.Text, nullable=False),
+    # Not unique: names move with renames and transfers, and a freed name is reused.
+    sa.Column("full_name", sa.Text, nullable=False, index=True),
+    sa.Column("owner", sa.Text),
+    sa.Column("owner_avatar_url", sa.Text),
+    sa.Column("description", sa.Text),
+    sa.Column("is_private", sa.Boolean),
+    sa.Column("default_branch", sa.Text),
+    sa.Column("html_url", sa.Text),
+    sa.Column("language", sa.Text),
+    sa.Column("stars", sa.Integer),
+    sa.Column("forks", sa.Integer),
+    sa.Column("is_archived", sa.Boolean),
+    sa.Column("last_activity", _Ts),
+    sa.Column("github_created_at", _Ts),
+    # GitHub's repository.updated_at: the stale guard for the descriptive columns.
+    sa.Column("github_updated_at", _Ts),
+    sa.Column("deleted_at", _Ts),
+    *_row_times(),
+)
+
+pull_requests = sa.Table(
+    "pull_requests",
+    metadata,
+    _id(),
+    _repo_fk(),
+    sa.Column("pr_number", sa.Integer, nullable=False),
+    sa.Column("github_id", sa.BigInteger),
+    sa.Column("title", sa.Text),
+    sa.Column("description", sa.Text),
+    sa.Column("author", sa.Text),
+    sa.Column("author_avatar", sa.Text),
+    sa.Column("commit_sha", sa.Text),
+    sa.Column("branch_name", sa.Text),
+    sa.Column("base_branch", sa.Text),
+    sa.Column("pr_url", sa.Text),
+    sa.Column("files_changed", JSONB),
+    sa.Column("additions", sa.Integer),
+    sa.Column("deletions", sa.Integer),
+    sa.Column("changed_files", sa.Integer),
+    sa.Column("commits_count", sa.Integer),
+    sa.Column("labels", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    sa.Column("assignees", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    sa.Column("reviewers", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    sa.Column("is_draft", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("merged", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("merged_at", _Ts),
+    sa.Column("closed_at", _Ts),
+    sa.Column("github_created_at", _Ts),
+    sa.Column("github_updated_at", _Ts),
+    *_processing(),
+    *_row_times(),
+    sa.UniqueConstraint("repo_id", "pr_number"),
+    sa.CheckConstraint("state IN ('open', 'closed', 'merged')", name="state"),
+    sa.Index(None, "processed", "updated_at"),
+)
+
+pipeline_runs = sa.Table(
+    "pipeline_runs",
+    metadata,
+    _id(),
+    _repo_fk(),
+    sa.Column("pr_number", sa.Integer, nullable=False),
+    sa.Column("commit_sha", sa.Text),
+    sa.Column("author", sa.Text),
+    sa.Column("avatar_url", sa.Text),
+    sa.Column("title", sa.Text),
+    sa.Column("status_pr", sa.Text, nullable=False, server_default="opened"),
+    sa.Column("status_build", sa.Text, nullable=False, server_default="pending"),
+    sa.Column("status_approval", sa.Text, nullable=False, server_default="pending"),
+    sa.Column("status_merge", sa.Text, nullable=False, server_default="pending"),
+    # GitHub's pull_request.updated_at of the snapshot the PR columns came from
+    # (NULL while the row is known only from a check event): the stale guard.
+    sa.Column("pr_updated_at", _Ts),
+    *_processing(),
+    *_row_times(),
+    sa.UniqueConstraint("repo_id", "pr_number"),
+    sa.CheckConstraint("status_pr IN ('opened', 'updated')", name="status_pr"),
+    sa.CheckConstraint(
+        "status_build IN ('pending', 'running', 'passed', 'failed')", name="status_build"
+    ),
+    sa.CheckConstraint(
+        "status_approval IN ('pending', 'approved', 'changes_requested')",
+        name="status_approval",
+    ),
+    sa.CheckConstraint("status_merge IN ('pending', 'merged', 'closed')", name="status_merge"),
+    # Checks find the PRs of a commit by head sha.
+    sa.Index(None, "repo_id", "commit_sha"),
+    sa.Index(None, "processed", "updated_at"),
+)
+
+ci_checks = sa.Table(
+    "ci_checks",
+    metadata,
+    _id(),
+    _repo_fk(),
+    sa.Column("head_sha", sa.Text, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("github_id", sa.BigInteger),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("conclusion", sa.Text),
+    sa.Column("url", sa.Text),
+    sa.Column("github_started_at", _Ts),
+    sa.Column("github_completed_at", _Ts),
+    sa.Column("github_updated_at", _Ts),
+    # Order key of the stored state: (event_at, rank); an older key never overwrites.
+    sa.Column("event_at", _Ts),
+    sa.Column("rank", sa.SmallInteger, nullable=False),
+    *_row_times(),
+    # One row per check of a commit: a re-run replaces the earlier row of the same check.
+    sa.UniqueConstraint("repo_id", "head_sha", "source", "name"),
+    sa.CheckConstraint(
+        "source IN ('check_run', 'check_suite', 'workflow_run', 'workflow_job', 'status')",
+        name="source",
+    ),
+)
+
+pr_reviews = sa.Table(
+    "pr_reviews",
+    metadata,
+    _id(),
+    _repo_fk(),
+    sa.Column("pr_number", sa.Integer, nullable=False),
+    sa.Column("reviewer", sa.Text, nullable=False),
+    sa.Column("review_id", sa.BigInteger, nullable=False),
+    # approved | changes_requested | dismissed (a dismissal is kept as a tombstone
+    # so that the dismissed review arriving late cannot come back).
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("commit_sha", sa.Text),
+    sa.Column("html_url", sa.Text),
+    sa.Column("github_submitted_at", _Ts),
+    sa.Column("rank", sa.SmallInteger, nullable=False),
+    *_row_times(),
+    sa.UniqueConstraint("repo_id", "pr_number", "reviewer"),
+    sa.CheckConstraint(
+        "state IN ('approved', 'changes_requested', 'dismissed')", name="state"
+    ),
+)
+
+insights = sa.Table(
+    "insights",
+    metadata,
+    _id(),
+    _repo_fk(),
+    sa.Column("pr_number", sa.Integer, nullable=False),
+    sa.Column("commit_sha", sa.Text),
+    sa.Column("author", sa.Text),
+    sa.Column("avatar_url", sa.Text),
+    sa.Column("risk_level", sa.Text),
+    sa.Column("summary", sa.Text),
+    sa.Column("recommendation", sa.Text),
+    *_processing(),
+    *_row_times(),
+    sa.CheckConstraint("risk_level IN ('low', 'medium', 'high')", name="risk_level"),
+    sa.Index(None, "repo_id", "pr_number"),
+    sa.Index(None, "processed", "updated_at"),
+)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("delivery_id", sa.Text, primary_key=True),
+    # 0 when X-GitHub-Hook-ID is absent.
+    sa.Column("hook_id", sa.BigInteger, primary_key=True, server_default=sa.text("0")),
+    sa.Column("event", sa.Text, nullable=False),
+    sa.Column("action", sa.Text),
+    sa.Column("repository_github_id", sa.BigInteger),
+    sa.Column("received_at", _Ts, nullable=False, server_default=sa.func.now()),
+    sa.Column("payload", JSONB),
+    sa.Column("payload_sha256", sa.Text, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("applied_at", _Ts),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("1")),
+    sa.CheckConstraint(
+        "outcome IN ('applied', 'ignored', 'stale', 'failed')", name="outcome"
+    ),
+    sa.Index(None, "received_at"),
+    sa.Index(None, "outcome", "received_at"),
+)

@@ -1,0 +1,107 @@
+"""The `/webhook` blueprint: verify, parse, hand over, answer. No SQL and no rules here."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+
+from . import parse, signature
+from .db import DatabaseUnavailable, get_db
+from .ingest import ingest
+from .store import FAILED, Delivery
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("webhook", __name__)
+
+
+def error(status: int, message: str, **headers: str) -> Response:
+    """A JSON error answer; never carries a stack trace or a payload."""
+    response = jsonify({"error": message})
+    response.status_code = status
+    response.headers.update(headers)
+    return response
+
+
+@bp.before_request
+def verify_signature() -> Response | None:
+    """Refuse any request not signed with a secret we hold, before looking at it."""
+    g.started = time.perf_counter()
+    settings = current_app.config["FLOWLENS"]
+    # Flask refuses a body over MAX_CONTENT_LENGTH here (413) without reading it whole.
+    body = request.get_data(cache=True)
+    try:
+        signature.verify(body, request.headers.get("X-Hub-Signature-256"), settings.secrets)
+    except signature.SignatureError as exc:
+        log.info("signature refused", extra={"reason": exc.reason})
+        current_app.extensions["flowlens_metrics"].signature_failure(exc.reason)
+        return error(401, "invalid or missing X-Hub-Signature-256")
+    return None
+
+
+def _hook_id(raw: str | None) -> int | None:
+    if not raw:
+        return 0
+    return int(raw) if raw.isdigit() and len(raw) < 19 else None
+
+
+@bp.post("/webhook")
+def receive() -> tuple[Response, int] | Response:
+    """Answer one signed GitHub delivery."""
+    settings = current_app.config["FLOWLENS"]
+    metrics = current_app.extensions["flowlens_metrics"]
+    event = request.headers.get("X-GitHub-Event", "").strip()
+    delivery_id = request.headers.get("X-GitHub-Delivery", "").strip()
+    hook_id = _hook_id(request.headers.get("X-GitHub-Hook-ID", "").strip())
+    if not event or not delivery_id:
+        return error(400, "X-GitHub-Event and X-GitHub-Delivery are required")
+    if len(event) > 100 or len(delivery_id) > 200 or hook_id is None:
+        return error(400, "malformed X-GitHub-* header")
+    body = request.get_data(cache=True)
+    try:
+        payload = parse.parse_body(request.content_type, body)
+    except parse.UnsupportedMediaType:
+        return error(415, "use application/json or application/x-www-form-urlencoded")
+    except parse.BadPayload as exc:
+        return error(400, str(exc))
+    delivery = Delivery(
+        delivery_id=delivery_id,
+        hook_id=hook_id,
+        event=event,
+        payload=payload,
+        payload_sha256=hashlib.sha256(body).hexdigest(),
+    )
+    status = 200
+    try:
+        outcome = ingest(
+            get_db().engine,
+            delivery,
+            store_payload=settings.store_payloads,
+            on_retry=metrics.db_retry,
+        )
+    except DatabaseUnavailable:
+        spool = current_app.extensions.get("flowlens_spool")
+        if spool is None or not spool.put(delivery_id, hook_id, event, request.content_type or "", body):
+            metrics.delivery(event, "unavailable", time.perf_counter() - g.started)
+            log.error("database unavailable and spool full or off; delivery %s refused", delivery_id)
+            return error(503, "database unavailable, retry later", **{"Retry-After": "30"})
+        outcome = "spooled"
+    if outcome in (FAILED, "spooled"):
+        status = 202
+    elapsed = time.perf_counter() - g.started
+    metrics.delivery(event, outcome, elapsed)
+    log.info(
+        "delivery",
+        extra={
+            "delivery": delivery_id,
+            "event": event,
+            "action": delivery.action,
+            "outcome": outcome,
+            "duration_ms": round(elapsed * 1000, 2),
+        },
+    )
+    body_out = {"delivery": delivery_id, "event": event, "action": delivery.action, "outcome": outcome}
+    return jsonify(body_out), status
