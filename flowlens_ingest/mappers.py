@@ -362,12 +362,182 @@ def map_pull_request(payload: dict[str, Any]) -> Changes:
     return Changes(repository=repo, pull_request=row, pipeline=pipeline)
 
 
+# --- checks ---------------------------------------------------------------------------
+
+
+def _pr_heads(items: Any, what: str, repo_id: int, head_sha: str) -> tuple[tuple[int, str], ...]:
+    """PR numbers of this repository that an event names (forks' PRs name another base repo)."""
+    heads = []
+    for item in _list(items, what):
+        item = _obj(item, what)
+        base_repo = _opt_obj(_opt_obj(item.get("base"), f"{what}.base").get("repo"), f"{what}.base.repo")
+        if base_repo.get("id") not in (None, repo_id):
+            continue
+        number = _count(item.get("number"), f"{what}.number")
+        if number is not None:
+            heads.append((number, head_sha))
+    return tuple(heads)
+
+
+def _check(
+    source: str,
+    name: str,
+    obj: dict[str, Any],
+    what: str,
+    *,
+    status: str | None = None,
+    conclusion: str | None = None,
+    started: str = "started_at",
+    completed: str | None = "completed_at",
+    updated: str | None = "updated_at",
+    url: str = "html_url",
+) -> CheckRow:
+    status = status if status is not None else _key(obj.get("status"), f"{what}.status")
+    started_at = _time(obj.get(started), f"{what}.{started}")
+    completed_at = _time(obj.get(completed), f"{what}.{completed}") if completed else None
+    updated_at = _time(obj.get(updated), f"{what}.{updated}") if updated else None
+    created_at = _time(obj.get("created_at"), f"{what}.created_at")
+    return CheckRow(
+        head_sha=_key(obj.get("head_sha"), f"{what}.head_sha"),
+        source=source,
+        name=_key(name, f"{what}.name"),
+        github_id=_int(obj.get("id"), f"{what}.id"),
+        status=status,
+        conclusion=conclusion if conclusion is not None else _str(obj.get("conclusion"), f"{what}.conclusion"),
+        url=_str(obj.get(url), f"{what}.{url}"),
+        github_started_at=started_at,
+        github_completed_at=completed_at,
+        github_updated_at=updated_at,
+        event_at=_latest(started_at, completed_at, updated_at, created_at),
+        rank=CHECK_RANK.get(status, 0),
+    )
+
+
+def map_check_run(payload: dict[str, Any]) -> Changes:
+    """`check_run`: one check of a commit (the object's status, not the action, decides)."""
+    repo = _require_repository(payload, "check_run")
+    run = _obj(payload.get("check_run"), "check_run")
+    check = _check("check_run", run.get("name"), run, "check_run", updated=None)
+    heads = _pr_heads(run.get("pull_requests"), "check_run.pull_requests", repo.github_id, check.head_sha)
+    return Changes(repository=repo, checks=(check,), pr_heads=heads)
+
+
+def map_check_suite(payload: dict[str, Any]) -> Changes:
+    """`check_suite`: the suite of one app for a commit, named after the app."""
+    repo = _require_repository(payload, "check_suite")
+    suite = _obj(payload.get("check_suite"), "check_suite")
+    app = _opt_obj(suite.get("app"), "check_suite.app")
+    name = app.get("slug") or app.get("name") or "check_suite"
+    check = _check("check_suite", name, suite, "check_suite", started="created_at", completed=None, url="url")
+    heads = _pr_heads(suite.get("pull_requests"), "check_suite.pull_requests", repo.github_id, check.head_sha)
+    return Changes(repository=repo, checks=(check,), pr_heads=heads)
+
+
+def map_workflow_run(payload: dict[str, Any]) -> Changes:
+    """`workflow_run`: one run of a workflow; runs from forks list no PRs and count by head sha."""
+    repo = _require_repository(payload, "workflow_run")
+    run = _obj(payload.get("workflow_run"), "workflow_run")
+    workflow = _opt_obj(payload.get("workflow"), "workflow")
+    name = run.get("name") or workflow.get("name") or run.get("path") or "workflow"
+    check = _check("workflow_run", name, run, "workflow_run", started="run_started_at", completed=None)
+    heads = _pr_heads(run.get("pull_requests"), "workflow_run.pull_requests", repo.github_id, check.head_sha)
+    return Changes(repository=repo, checks=(check,), pr_heads=heads)
+
+
+def map_workflow_job(payload: dict[str, Any]) -> Changes:
+    """`workflow_job`: one job of a workflow run, named `workflow / job`."""
+    repo = _require_repository(payload, "workflow_job")
+    job = _obj(payload.get("workflow_job"), "workflow_job")
+    job_name = _key(job.get("name"), "workflow_job.name")
+    workflow = _str(job.get("workflow_name"), "workflow_job.workflow_name")
+    name = f"{workflow} / {job_name}" if workflow else job_name
+    check = _check("workflow_job", name, job, "workflow_job", updated=None)
+    return Changes(repository=repo, checks=(check,))
+
+
+def map_status(payload: dict[str, Any]) -> Changes:
+    """`status`: a commit status from an external CI, one row per context."""
+    repo = _require_repository(payload, "status")
+    state = _key(payload.get("state"), "status.state")
+    if state not in ("pending", "success", "failure", "error"):
+        raise MappingError("status.state is not pending, success, failure or error")
+    status = "pending" if state == "pending" else "completed"
+    check = _check(
+        "status",
+        payload.get("context") or "default",
+        {**payload, "head_sha": payload.get("sha")},
+        "status",
+        status=status,
+        conclusion=None if state == "pending" else state,
+        started="created_at",
+        completed=None,
+        url="target_url",
+    )
+    return Changes(repository=repo, checks=(check,))
+
+
+# --- reviews -----------------------------------------------------------------------------
+
+
+def map_pull_request_review(payload: dict[str, Any]) -> Changes:
+    """`pull_request_review`: a reviewer's verdict; a comment changes no verdict."""
+    repo = _require_repository(payload, "pull_request_review")
+    review = _obj(payload.get("review"), "review")
+    pr = _obj(payload.get("pull_request"), "pull_request")
+    number = _id(pr.get("number"), "pull_request.number")
+    head_sha = _str(_opt_obj(pr.get("head"), "pull_request.head").get("sha"), "pull_request.head.sha")
+    heads = ((number, head_sha),) if head_sha else ()
+    action = payload.get("action")
+    state = _key(review.get("state"), "review.state").lower()
+    if action == "dismissed":
+        state = "dismissed"
+    if state not in REVIEW_RANK:
+        # `commented` (or a pending draft) leaves every verdict as it was.
+        return Changes(repository=repo, pr_heads=heads)
+    reviewer, _avatar = _login(review.get("user"), "review.user")
+    row = ReviewRow(
+        pr_number=number,
+        reviewer=_key(reviewer, "review.user.login"),
+        review_id=_id(review.get("id"), "review.id"),
+        state=state,
+        commit_sha=_str(review.get("commit_id"), "review.commit_id"),
+        html_url=_str(review.get("html_url"), "review.html_url"),
+        github_submitted_at=_time(review.get("submitted_at"), "review.submitted_at"),
+        rank=REVIEW_RANK[state],
+    )
+    return Changes(repository=repo, review=row, pr_heads=heads)
+
+
+# --- repository activity -----------------------------------------------------------------
+
+
+def map_repository_event(payload: dict[str, Any]) -> Changes:
+    """`repository`: renamed, transferred, edited, privatized, archived, deleted..."""
+    repo = map_repository(payload, deleted=payload.get("action") == "deleted")
+    if repo is None:
+        raise MappingError("repository payload has no repository")
+    return Changes(repository=repo)
+
+
+def map_push(payload: dict[str, Any]) -> Changes:
+    """`push`: repository activity (pushed_at); commits themselves are not stored."""
+    return Changes(repository=_require_repository(payload, "push"))
+
+
 # --- dispatch ---------------------------------------------------------------------
 
 Mapper = Callable[[dict[str, Any]], Changes]
 
 MAPPERS: dict[str, Mapper] = {
     "pull_request": map_pull_request,
+    "pull_request_review": map_pull_request_review,
+    "check_run": map_check_run,
+    "check_suite": map_check_suite,
+    "workflow_run": map_workflow_run,
+    "workflow_job": map_workflow_job,
+    "status": map_status,
+    "repository": map_repository_event,
+    "push": map_push,
 }
 
 
