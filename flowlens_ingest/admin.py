@@ -13,7 +13,7 @@ from .db import transaction
 from .ingest import describe
 from .mappers import map_delivery
 from .schema import webhook_deliveries as wd
-from .store import FAILED, Delivery, apply_changes
+from .store import FAILED, Delivery, apply_delivery
 
 
 def list_deliveries(conn: Connection, *, failed_only: bool = False, limit: int = 50) -> list[sa.Row]:
@@ -58,13 +58,7 @@ def replay(engine: Engine, *, failed_only: bool = False, since: datetime | None 
             if row is None or row.payload is None:
                 return None
             delivery = Delivery(delivery_id, hook_id, row.event, row.payload, row.payload_sha256)
-            outcome = apply_changes(conn, map_delivery(delivery.event, delivery.payload))
-            conn.execute(
-                sa.update(wd)
-                .where(wd.c.delivery_id == delivery_id, wd.c.hook_id == hook_id)
-                .values(outcome=outcome, error=None, applied_at=sa.func.now(), attempts=wd.c.attempts + 1)
-            )
-            return outcome
+            return apply_delivery(conn, delivery, map_delivery(delivery.event, delivery.payload), replay=True)
 
         try:
             outcome = transaction(engine, work)

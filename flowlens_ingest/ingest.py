@@ -16,9 +16,10 @@ from sqlalchemy.engine import Connection, Engine
 
 from .db import DatabaseUnavailable, transaction
 from .mappers import map_delivery
-from .parse import parse_body
+from .parse import json_text, loads
 from .spool import Spooled
-from .store import DUPLICATE, FAILED, Delivery, Duplicate, apply_changes, journal
+from . import store
+from .store import DUPLICATE, Delivery, Duplicate
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,7 @@ def ingest(
         return record_failure(engine, delivery, describe(exc), on_retry=on_retry)
 
     def work(conn: Connection) -> str:
-        outcome = apply_changes(conn, changes)
-        journal(conn, delivery, outcome, store_payload=store_payload)
-        return outcome
+        return store.apply_delivery(conn, delivery, changes, store_payload=store_payload)
 
     try:
         return transaction(engine, work, on_retry=on_retry)
@@ -66,19 +65,19 @@ def record_failure(
 ) -> str:
     """Journal a delivery that could not be applied, with its payload, for a later replay."""
     try:
-        transaction(engine, lambda conn: journal(conn, delivery, FAILED, error=error), on_retry=on_retry)
+        return transaction(engine, lambda conn: store.record_failure(conn, delivery, error), on_retry=on_retry)
     except Duplicate:
         return DUPLICATE
-    return FAILED
 
 
 def delivery_from_spool(item: Spooled) -> Delivery:
     """Rebuild a verified delivery from its spooled headers and raw body."""
-    payload = parse_body(item.content_type, item.body)
+    text = json_text(item.content_type, item.body)
     return Delivery(
         delivery_id=item.delivery_id,
         hook_id=item.hook_id,
         event=item.event,
-        payload=payload,
+        payload=loads(text),
         payload_sha256=hashlib.sha256(item.body).hexdigest(),
+        payload_json=text,
     )

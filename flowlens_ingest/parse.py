@@ -100,10 +100,15 @@ def loads(text: str) -> dict[str, Any]:
 
 def parse_body(content_type: str | None, body: bytes) -> dict[str, Any]:
     """Decode a webhook body according to its content type."""
+    return loads(json_text(content_type, body))
+
+
+def json_text(content_type: str | None, body: bytes) -> str:
+    """The JSON text a webhook body carries, according to its content type."""
     kind = media_type(content_type)
     if kind == JSON:
         try:
-            return loads(body.decode("utf-8"))
+            return body.decode("utf-8")
         except UnicodeDecodeError:
             raise BadPayload("body is not UTF-8") from None
     if kind == FORM:
@@ -114,5 +119,5 @@ def parse_body(content_type: str | None, body: bytes) -> dict[str, Any]:
         values = fields.get("payload")
         if not values or len(values) != 1:
             raise BadPayload("form body needs exactly one 'payload' field")
-        return loads(values[0])
+        return values[0]
     raise UnsupportedMediaType(kind or "none")

@@ -1,4 +1,12 @@
-"""Rows to database: SQLAlchemy Core upserts, one transaction per delivery.
+"""Rows to database: SQLAlchemy Core upserts, one transaction per delivery, two round trips.
+
+Shape. A delivery becomes a short list of Core statements (repository upsert,
+pull request / check / review upsert, pipeline rows, journal). They are built
+once per process with named bind parameters, compiled once, and sent together
+with their parameters as one multi-statement query that opens the transaction;
+the COMMIT (or ROLLBACK) is the second round trip. Later statements find the
+repository by `github_id` in a subquery, so no statement needs an earlier one's
+result in Python, and the journal's RETURNING, last, tells the outcome.
 
 Concurrency. Every delivery about a repository first upserts that repository's
 row, and that upsert always writes it. The row is therefore a per-repository
@@ -22,15 +30,20 @@ are recomputed from the stored checks and reviews, never accumulated.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert
+from psycopg2.extras import Json
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.engine import Connection
 
+from .db import run_batch
 from .mappers import Changes, CheckRow, PipelineRow, PullRequestRow, RepositoryRow, ReviewRow
 from .schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories, webhook_deliveries
 
@@ -40,16 +53,10 @@ STALE = "stale"
 FAILED = "failed"
 DUPLICATE = "duplicate"
 
-# DESIGN.md's status_build rule.
-FAILING_CONCLUSIONS = (
-    "failure",
-    "timed_out",
-    "cancelled",
-    "action_required",
-    "startup_failure",
-    "error",  # commit statuses
-)
+# DESIGN.md's status_build rule; `error` is a commit status's failure.
+FAILING_CONCLUSIONS = ["failure", "timed_out", "cancelled", "action_required", "startup_failure", "error"]
 
+_DIALECT = postgresql.psycopg2.dialect()
 _NEVER = sa.literal(datetime.min.isoformat() + "+00:00").cast(sa.TIMESTAMP(timezone=True))
 
 
@@ -59,13 +66,16 @@ class Duplicate(Exception):
 
 @dataclass(frozen=True)
 class Delivery:
-    """A verified delivery: its headers and its parsed body."""
+    """A verified delivery: its headers, its parsed body and that body's JSON text."""
 
     delivery_id: str
     hook_id: int
     event: str
     payload: dict[str, Any]
     payload_sha256: str
+    # The JSON text as received (the `payload` field of a form body): the journal
+    # stores it as is, instead of serializing the parsed payload again.
+    payload_json: str | None = None
 
     @property
     def action(self) -> str | None:
@@ -83,18 +93,64 @@ class Delivery:
         return None
 
 
-def _fields(row: Any, *, skip: Iterable[str] = ()) -> dict[str, Any]:
-    skipped = set(skip)
-    return {k: v for k, v in dataclasses.asdict(row).items() if k not in skipped}
+# --- compiled statements ----------------------------------------------------------------
 
 
-def _changed(table: sa.Table, excluded: Any, columns: Iterable[str]) -> sa.ColumnElement[bool]:
-    return sa.or_(*(table.c[c].is_distinct_from(excluded[c]) for c in columns))
+@dataclass(frozen=True)
+class Template:
+    """A Core statement compiled once: SQL with %(name)s placeholders and its constant binds."""
+
+    sql: str
+    constants: dict[str, Any]
+
+    def bind(self, **params: Any) -> tuple[str, dict[str, Any]]:
+        """This statement with its parameters, ready for the batch."""
+        return self.sql, {**self.constants, **params}
 
 
-def _flag_changed() -> dict[str, Any]:
+def _template(build: Callable[[], sa.Executable]) -> Callable[[], Template]:
+    """Compile a statement builder once per process, on first use."""
+
+    @functools.cache
+    def compiled() -> Template:
+        stmt = build().compile(dialect=_DIALECT)
+        return Template(str(stmt), {k: v for k, v in stmt.params.items() if v is not None})
+
+    return compiled
+
+
+def _p(name: str) -> sa.BindParameter[Any]:
+    # Prefixed: insert() reserves bare column names for its own VALUES parameters.
+    return sa.bindparam(f"p_{name}")
+
+
+def _params(row: Any, **extra: Any) -> dict[str, Any]:
+    values = {**dataclasses.asdict(row), **extra}
+    return {f"p_{k}": _adapt(v) for k, v in values.items()}
+
+
+def _adapt(value: Any) -> Any:
+    if isinstance(value, (dict, list)):
+        return Json(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def _repo_id() -> sa.ScalarSelect[Any]:
+    """The id of the delivery's repository (upserted by the batch's first statement)."""
+    return (
+        sa.select(repositories.c.id).where(repositories.c.github_id == _p("repo_github_id")).scalar_subquery()
+    )
+
+
+def _flag_changed(table: sa.Table) -> dict[str, Any]:
     """The processing contract's SET clause for an UPDATE of a polled table."""
-    return {"processed": sa.false(), "updated_at": sa.func.now()}
+    return {"processed": sa.false(), "version": table.c.version + 1, "updated_at": sa.func.now()}
+
+
+def _differs(table: sa.Table, new: dict[str, Any]) -> sa.ColumnElement[bool]:
+    return sa.or_(*(table.c[c].is_distinct_from(v) for c, v in new.items()))
 
 
 # --- derived statuses (recomputed from stored rows, so arrival order does not matter) ---
@@ -103,10 +159,11 @@ def _flag_changed() -> dict[str, Any]:
 def build_status(repo_id: Any, head_sha: Any) -> sa.ScalarSelect[str]:
     """status_build of a commit from its stored checks (DESIGN.md's rule)."""
     c = ci_checks.c
+    failing = sa.bindparam("failing_conclusions", FAILING_CONCLUSIONS, type_=ARRAY(sa.Text))
     return (
         sa.select(
             sa.case(
-                (sa.func.bool_or(c.conclusion.in_(FAILING_CONCLUSIONS)), "failed"),
+                (sa.func.bool_or(c.conclusion == sa.any_(failing)), "failed"),
                 (sa.func.bool_or(c.status != "completed"), "running"),
                 (sa.func.count() > 0, "passed"),
                 else_="pending",
@@ -134,8 +191,7 @@ def approval_status(repo_id: Any, pr_number: Any) -> sa.ScalarSelect[str]:
     )
 
 
-# --- statements ---------------------------------------------------------------------
-
+# --- statements -------------------------------------------------------------------------
 
 _REPO_GUARDED = (
     "name",
@@ -152,15 +208,15 @@ _REPO_GUARDED = (
     "is_archived",
     "github_created_at",
 )
+_REPO_COLUMNS = (*_REPO_GUARDED, "github_id", "last_activity", "github_updated_at")
 
 
-def upsert_repository(conn: Connection, row: RepositoryRow) -> uuid.UUID:
-    """Upsert by github_id and return the row's id; also takes the repository lock."""
+def _repository_upsert(deleted: bool) -> sa.Executable:
     t = repositories
-    values = _fields(row, skip=("deleted",))
-    if row.deleted:
+    values: dict[str, Any] = {c: _p(c) for c in _REPO_COLUMNS}
+    if deleted:
         values["deleted_at"] = sa.func.now()
-    stmt = insert(t).values(id=uuid.uuid4(), **values)
+    stmt = insert(t).values(id=_p("id"), **values)
     ex = stmt.excluded
     # Descriptive columns only move forward in GitHub's repository.updated_at.
     newer = sa.or_(
@@ -170,171 +226,206 @@ def upsert_repository(conn: Connection, row: RepositoryRow) -> uuid.UUID:
     set_: dict[str, Any] = {c: sa.case((newer, ex[c]), else_=t.c[c]) for c in _REPO_GUARDED}
     set_["github_updated_at"] = sa.func.greatest(t.c.github_updated_at, ex.github_updated_at)
     set_["last_activity"] = sa.func.greatest(t.c.last_activity, ex.last_activity)
-    if row.deleted:
+    if deleted:
         set_["deleted_at"] = sa.func.coalesce(t.c.deleted_at, sa.func.now())
     # Always written, even when nothing changed: this write is the per-repository
     # lock that serializes deliveries (see the module docstring).
     set_["updated_at"] = sa.func.now()
-    stmt = stmt.on_conflict_do_update(index_elements=[t.c.github_id], set_=set_).returning(t.c.id)
-    return conn.execute(stmt).scalar_one()
+    return stmt.on_conflict_do_update(index_elements=[t.c.github_id], set_=set_)
 
+
+REPOSITORY = _template(lambda: _repository_upsert(deleted=False))
+REPOSITORY_DELETED = _template(lambda: _repository_upsert(deleted=True))
 
 _PR_DATA = tuple(
     c.name
     for c in pull_requests.c
-    if c.name
-    not in ("id", "repo_id", "pr_number", "processed", "version", "created_at", "updated_at")
+    if c.name not in ("id", "repo_id", "pr_number", "processed", "version", "created_at", "updated_at")
 )
 
 
-def upsert_pull_request(conn: Connection, repo_id: uuid.UUID, row: PullRequestRow) -> bool:
-    """Upsert the PR snapshot unless the stored one is newer; True when a row was written."""
+@_template
+def PULL_REQUEST() -> sa.Executable:
+    """Upsert a PR snapshot unless the stored one is newer."""
     t = pull_requests
-    stmt = insert(t).values(id=uuid.uuid4(), repo_id=repo_id, **_fields(row))
+    stmt = insert(t).values(
+        id=_p("id"), repo_id=_repo_id(), pr_number=_p("pr_number"), **{c: _p(c) for c in _PR_DATA}
+    )
     ex = stmt.excluded
     new = {c: ex[c] for c in _PR_DATA}
     # GitHub's pull_request payloads carry no file list: keep what a sender once gave.
     new["files_changed"] = sa.func.coalesce(ex.files_changed, t.c.files_changed)
-    stmt = stmt.on_conflict_do_update(
+    return stmt.on_conflict_do_update(
         index_elements=[t.c.repo_id, t.c.pr_number],
-        set_={**new, **_flag_changed(), "version": t.c.version + 1},
+        set_={**new, **_flag_changed(t)},
         where=sa.and_(
-            sa.func.coalesce(ex.github_updated_at, _NEVER)
-            >= sa.func.coalesce(t.c.github_updated_at, _NEVER),
-            sa.or_(*(t.c[c].is_distinct_from(v) for c, v in new.items())),
+            sa.func.coalesce(ex.github_updated_at, _NEVER) >= sa.func.coalesce(t.c.github_updated_at, _NEVER),
+            _differs(t, new),
         ),
-    ).returning(t.c.id)
-    return conn.execute(stmt).first() is not None
+    )
 
 
 _PIPELINE_PR = ("commit_sha", "author", "avatar_url", "title", "status_pr", "status_merge", "pr_updated_at")
 
 
-def upsert_pipeline(conn: Connection, repo_id: uuid.UUID, row: PipelineRow) -> bool:
-    """Upsert a PR's pipeline row from its PR snapshot, re-deriving the statuses for its head."""
+@_template
+def PIPELINE() -> sa.Executable:
+    """Upsert a PR's pipeline row from its snapshot, re-deriving the statuses for its head."""
     t = pipeline_runs
-    values = _fields(row)
     stmt = insert(t).values(
-        id=uuid.uuid4(),
-        repo_id=repo_id,
-        status_build=build_status(repo_id, row.commit_sha),
-        status_approval=approval_status(repo_id, row.pr_number),
-        **values,
+        id=_p("id"),
+        repo_id=_repo_id(),
+        pr_number=_p("pr_number"),
+        status_build=build_status(_repo_id(), _p("commit_sha")),
+        status_approval=approval_status(_repo_id(), _p("pr_number")),
+        **{c: _p(c) for c in _PIPELINE_PR},
     )
     ex = stmt.excluded
     new = {c: ex[c] for c in _PIPELINE_PR}
     # A new head sha takes the build status of the checks already seen for it.
     new["status_build"] = build_status(t.c.repo_id, ex.commit_sha)
-    stmt = stmt.on_conflict_do_update(
+    return stmt.on_conflict_do_update(
         index_elements=[t.c.repo_id, t.c.pr_number],
-        set_={**new, **_flag_changed(), "version": t.c.version + 1},
+        set_={**new, **_flag_changed(t)},
         where=sa.and_(
             sa.func.coalesce(ex.pr_updated_at, _NEVER) >= sa.func.coalesce(t.c.pr_updated_at, _NEVER),
-            sa.or_(*(t.c[c].is_distinct_from(v) for c, v in new.items())),
+            _differs(t, new),
         ),
-    ).returning(t.c.id)
-    return conn.execute(stmt).first() is not None
+    )
 
 
-def ensure_pipelines(conn: Connection, repo_id: uuid.UUID, pr_heads: Sequence[tuple[int, str]]) -> None:
-    """Create the pipeline rows of PRs an event names and we have not seen yet."""
-    if not pr_heads:
-        return
+@_template
+def PIPELINE_IF_MISSING() -> sa.Executable:
+    """Create the pipeline row of a PR an event names and we have not seen yet."""
     t = pipeline_runs
-    rows = [
-        {
-            "id": uuid.uuid4(),
-            "repo_id": repo_id,
-            "pr_number": number,
-            "commit_sha": sha,
-            "status_build": build_status(repo_id, sha),
-            "status_approval": approval_status(repo_id, number),
-        }
-        for number, sha in sorted(set(pr_heads))
-    ]
-    for row in rows:
-        conn.execute(insert(t).values(**row).on_conflict_do_nothing(index_elements=[t.c.repo_id, t.c.pr_number]))
+    return (
+        insert(t)
+        .values(
+            id=_p("id"),
+            repo_id=_repo_id(),
+            pr_number=_p("pr_number"),
+            commit_sha=_p("commit_sha"),
+            status_build=build_status(_repo_id(), _p("commit_sha")),
+            status_approval=approval_status(_repo_id(), _p("pr_number")),
+        )
+        .on_conflict_do_nothing(index_elements=[t.c.repo_id, t.c.pr_number])
+    )
 
 
-def refresh_statuses(
-    conn: Connection, repo_id: uuid.UUID, *, head_shas: Sequence[str] = (), pr_numbers: Sequence[int] = ()
-) -> None:
-    """Re-derive status_build/status_approval of the PRs at these heads or numbers."""
-    if not head_shas and not pr_numbers:
-        return
+def _refresh(which: Callable[[sa.Table], sa.ColumnElement[bool]]) -> sa.Executable:
     t = pipeline_runs
     build = build_status(t.c.repo_id, t.c.commit_sha)
     approval = approval_status(t.c.repo_id, t.c.pr_number)
-    which = []
-    if head_shas:
-        which.append(t.c.commit_sha.in_(sorted(set(head_shas))))
-    if pr_numbers:
-        which.append(t.c.pr_number.in_(sorted(set(pr_numbers))))
-    conn.execute(
+    return (
         sa.update(t)
         .where(
-            t.c.repo_id == repo_id,
-            sa.or_(*which),
+            t.c.repo_id == _repo_id(),
+            which(t),
             sa.or_(t.c.status_build.is_distinct_from(build), t.c.status_approval.is_distinct_from(approval)),
         )
-        .values(status_build=build, status_approval=approval, version=t.c.version + 1, **_flag_changed())
+        .values(status_build=build, status_approval=approval, **_flag_changed(t))
     )
 
 
-def upsert_check(conn: Connection, repo_id: uuid.UUID, row: CheckRow) -> bool:
-    """Keep the latest state of one check of a commit; True when a row was written."""
+# Re-derive the statuses of the PRs whose head is a commit, or of one PR.
+REFRESH_BY_HEAD = _template(lambda: _refresh(lambda t: t.c.commit_sha == _p("head_sha")))
+REFRESH_BY_NUMBER = _template(lambda: _refresh(lambda t: t.c.pr_number == _p("pr_number")))
+
+_CHECK_KEY = ("head_sha", "source", "name")
+_CHECK_DATA = tuple(f.name for f in dataclasses.fields(CheckRow) if f.name not in _CHECK_KEY)
+
+
+def _check_order(t: Any) -> sa.Tuple:
+    return sa.tuple_(sa.func.coalesce(t.event_at, _NEVER), t.rank)
+
+
+@_template
+def CHECK() -> sa.Executable:
+    """Keep the latest state of one check of a commit."""
     t = ci_checks
-    stmt = insert(t).values(id=uuid.uuid4(), repo_id=repo_id, **_fields(row))
-    ex = stmt.excluded
-    data = [c for c in _fields(row) if c not in ("head_sha", "source", "name")]
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[t.c.repo_id, t.c.head_sha, t.c.source, t.c.name],
-        set_={**{c: ex[c] for c in data}, "updated_at": sa.func.now()},
-        where=sa.and_(
-            sa.tuple_(sa.func.coalesce(ex.event_at, _NEVER), ex.rank)
-            >= sa.tuple_(sa.func.coalesce(t.c.event_at, _NEVER), t.c.rank),
-            _changed(t, ex, data),
-        ),
-    ).returning(t.c.id)
-    return conn.execute(stmt).first() is not None
-
-
-def upsert_review(conn: Connection, repo_id: uuid.UUID, row: ReviewRow) -> bool:
-    """Keep each reviewer's latest verdict (or its dismissal); True when a row was written."""
-    t = pr_reviews
-    stmt = insert(t).values(id=uuid.uuid4(), repo_id=repo_id, **_fields(row))
-    ex = stmt.excluded
-    data = [c for c in _fields(row) if c not in ("pr_number", "reviewer")]
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[t.c.repo_id, t.c.pr_number, t.c.reviewer],
-        set_={**{c: ex[c] for c in data}, "updated_at": sa.func.now()},
-        where=sa.and_(
-            sa.tuple_(sa.func.coalesce(ex.github_submitted_at, _NEVER), ex.review_id, ex.rank)
-            > sa.tuple_(sa.func.coalesce(t.c.github_submitted_at, _NEVER), t.c.review_id, t.c.rank),
-        ),
-    ).returning(t.c.id)
-    return conn.execute(stmt).first() is not None
-
-
-def journal(conn: Connection, delivery: Delivery, outcome: str, *, error: str | None = None, store_payload: bool = True) -> None:
-    """Record the delivery's outcome; raise Duplicate if it already had a final one."""
-    t = webhook_deliveries
-    keep_payload = store_payload or outcome == FAILED
     stmt = insert(t).values(
-        delivery_id=delivery.delivery_id,
-        hook_id=delivery.hook_id,
-        event=delivery.event,
-        action=delivery.action,
-        repository_github_id=delivery.repository_github_id,
-        payload=delivery.payload if keep_payload else None,
-        payload_sha256=delivery.payload_sha256,
-        outcome=outcome,
-        error=error,
-        applied_at=None if outcome == FAILED else sa.func.now(),
+        id=_p("id"), repo_id=_repo_id(), **{c: _p(c) for c in (*_CHECK_KEY, *_CHECK_DATA)}
     )
     ex = stmt.excluded
-    # Only a failed delivery may be taken again: everything else is final.
-    stmt = stmt.on_conflict_do_update(
+    new = {c: ex[c] for c in _CHECK_DATA}
+    return stmt.on_conflict_do_update(
+        index_elements=[t.c.repo_id, t.c.head_sha, t.c.source, t.c.name],
+        set_={**new, "updated_at": sa.func.now()},
+        where=sa.and_(_check_order(ex) >= _check_order(t.c), _differs(t, new)),
+    )
+
+
+_REVIEW_DATA = tuple(f.name for f in dataclasses.fields(ReviewRow) if f.name not in ("pr_number", "reviewer"))
+
+
+def _review_order(t: Any) -> sa.Tuple:
+    return sa.tuple_(sa.func.coalesce(t.github_submitted_at, _NEVER), t.review_id, t.rank)
+
+
+@_template
+def REVIEW() -> sa.Executable:
+    """Keep each reviewer's latest verdict (or its dismissal)."""
+    t = pr_reviews
+    stmt = insert(t).values(
+        id=_p("id"), repo_id=_repo_id(), pr_number=_p("pr_number"), reviewer=_p("reviewer"),
+        **{c: _p(c) for c in _REVIEW_DATA},
+    )
+    ex = stmt.excluded
+    return stmt.on_conflict_do_update(
+        index_elements=[t.c.repo_id, t.c.pr_number, t.c.reviewer],
+        set_={**{c: ex[c] for c in _REVIEW_DATA}, "updated_at": sa.func.now()},
+        where=_review_order(ex) > _review_order(t.c),
+    )
+
+
+# --- the journal, last: its RETURNING is the delivery's outcome ----------------------------
+
+
+def _stale_pull_request() -> sa.ColumnElement[bool]:
+    t = pull_requests
+    return sa.exists().where(
+        t.c.repo_id == _repo_id(),
+        t.c.pr_number == _p("pr_number"),
+        t.c.github_updated_at > _p("github_updated_at"),
+    )
+
+
+def _stale_check() -> sa.ColumnElement[bool]:
+    t = ci_checks
+    incoming = sa.tuple_(sa.func.coalesce(_p("event_at"), _NEVER), _p("rank"))
+    return sa.exists().where(
+        t.c.repo_id == _repo_id(),
+        *(t.c[c] == _p(c) for c in _CHECK_KEY),
+        _check_order(t.c) > incoming,
+    )
+
+
+def _stale_review() -> sa.ColumnElement[bool]:
+    t = pr_reviews
+    incoming = sa.tuple_(sa.func.coalesce(_p("github_submitted_at"), _NEVER), _p("review_id"), _p("rank"))
+    return sa.exists().where(
+        t.c.repo_id == _repo_id(),
+        t.c.pr_number == _p("pr_number"),
+        t.c.reviewer == _p("reviewer"),
+        _review_order(t.c) > incoming,
+    )
+
+
+_JOURNAL_COLUMNS = ("delivery_id", "hook_id", "event", "action", "repository_github_id", "payload_sha256", "error")
+
+
+def _journal(stale: Callable[[], sa.ColumnElement[bool]] | None, *, replay: bool = False) -> sa.Executable:
+    t = webhook_deliveries
+    # The delivery is stale when what is stored is newer than what it carried.
+    outcome: Any = _p("outcome") if stale is None else sa.case((stale(), STALE), else_=APPLIED)
+    stmt = insert(t).values(
+        **{c: _p(c) for c in _JOURNAL_COLUMNS},
+        payload=sa.cast(_p("payload"), postgresql.JSONB),
+        outcome=outcome,
+        applied_at=sa.case((_p("applied"), sa.func.now()), else_=sa.null()),
+    )
+    ex = stmt.excluded
+    return stmt.on_conflict_do_update(
         index_elements=[t.c.delivery_id, t.c.hook_id],
         set_={
             "outcome": ex.outcome,
@@ -344,79 +435,110 @@ def journal(conn: Connection, delivery: Delivery, outcome: str, *, error: str | 
             "payload_sha256": ex.payload_sha256,
             "attempts": t.c.attempts + 1,
         },
-        where=t.c.outcome == FAILED,
+        # Only a failed delivery may be taken again; a replay re-applies anything.
+        where=None if replay else t.c.outcome == FAILED,
     ).returning(t.c.outcome)
-    if conn.execute(stmt).first() is None:
-        raise Duplicate(delivery.delivery_id)
 
 
-# --- one delivery -----------------------------------------------------------------
+_STALE_CHECKS = {"plain": None, "pull_request": _stale_pull_request, "check": _stale_check, "review": _stale_review}
+JOURNAL = {kind: _template(functools.partial(_journal, check)) for kind, check in _STALE_CHECKS.items()}
+JOURNAL_REPLAY = {
+    kind: _template(functools.partial(_journal, check, replay=True)) for kind, check in _STALE_CHECKS.items()
+}
 
 
-def apply_changes(conn: Connection, changes: Changes) -> str:
-    """Apply a mapped delivery inside the caller's transaction; return applied or stale."""
-    if changes.repository is None:
-        return IGNORED
-    repo_id = upsert_repository(conn, changes.repository)
-    wrote: list[bool] = []
-    stale = False
+# --- one delivery -----------------------------------------------------------------------
 
+
+Statement = tuple[str, dict[str, Any]]
+
+
+def plan(changes: Changes) -> tuple[list[Statement], str, dict[str, Any]]:
+    """The statements that apply `changes`, and the journal kind and parameters for its outcome."""
+    repo = changes.repository
+    if repo is None:
+        return [], "plain", {"p_outcome": IGNORED}
+    rid = {"p_repo_github_id": repo.github_id}
+    statements = [
+        (REPOSITORY_DELETED if repo.deleted else REPOSITORY)().bind(**_params(repo, id=uuid.uuid4()))
+    ]
+    kind, stale_params = "plain", {"p_outcome": APPLIED}
     if changes.pull_request is not None:
-        written = upsert_pull_request(conn, repo_id, changes.pull_request)
-        wrote.append(written)
-        stale |= not written and _newer_pr_stored(conn, repo_id, changes.pull_request)
+        statements.append(PULL_REQUEST().bind(**_params(changes.pull_request, id=uuid.uuid4()), **rid))
+        kind = "pull_request"
+        stale_params = {
+            "p_pr_number": changes.pull_request.pr_number,
+            "p_github_updated_at": changes.pull_request.github_updated_at,
+        }
     if changes.pipeline is not None:
-        upsert_pipeline(conn, repo_id, changes.pipeline)
-
-    heads = []
+        statements.append(PIPELINE().bind(**_params(changes.pipeline, id=uuid.uuid4()), **rid))
     for check in changes.checks:
-        written = upsert_check(conn, repo_id, check)
-        wrote.append(written)
-        heads.append(check.head_sha)
-    if changes.checks and not any(wrote):
-        stale |= any(_newer_check_stored(conn, repo_id, c) for c in changes.checks)
-
-    numbers = []
+        statements.append(CHECK().bind(**_params(check, id=uuid.uuid4()), **rid))
+    if changes.checks:
+        kind, stale_params = "check", _params(changes.checks[0])
     if changes.review is not None:
-        written = upsert_review(conn, repo_id, changes.review)
-        wrote.append(written)
-        numbers.append(changes.review.pr_number)
-        stale |= not written and _newer_review_stored(conn, repo_id, changes.review)
-
+        statements.append(REVIEW().bind(**_params(changes.review, id=uuid.uuid4()), **rid))
+        kind, stale_params = "review", _params(changes.review)
     # Checks and reviews first, then missing pipeline rows (born with the right
     # statuses), then the existing rows they touch.
-    ensure_pipelines(conn, repo_id, changes.pr_heads)
-    refresh_statuses(conn, repo_id, head_shas=heads, pr_numbers=numbers)
-    return STALE if stale and not any(wrote) else APPLIED
-
-
-def _newer_pr_stored(conn: Connection, repo_id: uuid.UUID, row: PullRequestRow) -> bool:
-    t = pull_requests
-    stored = conn.execute(
-        sa.select(t.c.github_updated_at).where(t.c.repo_id == repo_id, t.c.pr_number == row.pr_number)
-    ).scalar()
-    return stored is not None and row.github_updated_at is not None and stored > row.github_updated_at
-
-
-def _newer_check_stored(conn: Connection, repo_id: uuid.UUID, row: CheckRow) -> bool:
-    t = ci_checks
-    stored = conn.execute(
-        sa.select(t.c.event_at, t.c.rank).where(
-            t.c.repo_id == repo_id, t.c.head_sha == row.head_sha, t.c.source == row.source, t.c.name == row.name
+    for number, sha in sorted(set(changes.pr_heads)):
+        statements.append(
+            PIPELINE_IF_MISSING().bind(p_id=str(uuid.uuid4()), p_pr_number=number, p_commit_sha=sha, **rid)
         )
-    ).first()
-    if stored is None or stored.event_at is None or row.event_at is None:
-        return False
-    return (stored.event_at, stored.rank) > (row.event_at, row.rank)
+    for sha in sorted({c.head_sha for c in changes.checks}):
+        statements.append(REFRESH_BY_HEAD().bind(p_head_sha=sha, **rid))
+    if changes.review is not None:
+        statements.append(REFRESH_BY_NUMBER().bind(p_pr_number=changes.review.pr_number, **rid))
+    return statements, kind, {**stale_params, **rid}
 
 
-def _newer_review_stored(conn: Connection, repo_id: uuid.UUID, row: ReviewRow) -> bool:
-    t = pr_reviews
-    stored = conn.execute(
-        sa.select(t.c.github_submitted_at, t.c.review_id, t.c.rank).where(
-            t.c.repo_id == repo_id, t.c.pr_number == row.pr_number, t.c.reviewer == row.reviewer
-        )
-    ).first()
-    if stored is None or stored.github_submitted_at is None or row.github_submitted_at is None:
-        return False
-    return tuple(stored) > (row.github_submitted_at, row.review_id, row.rank)
+def journal_statement(
+    delivery: Delivery,
+    kind: str,
+    params: dict[str, Any],
+    *,
+    outcome: str = APPLIED,
+    error: str | None = None,
+    store_payload: bool = True,
+    replay: bool = False,
+) -> Statement:
+    """The journal upsert of one delivery; its RETURNING gives the final outcome."""
+    keep_payload = store_payload or outcome == FAILED
+    payload = None
+    if keep_payload:
+        payload = delivery.payload_json if delivery.payload_json is not None else json.dumps(delivery.payload)
+    return (JOURNAL_REPLAY if replay else JOURNAL)[kind]().bind(
+        **{"p_outcome": outcome, **params},
+        p_delivery_id=delivery.delivery_id,
+        p_hook_id=delivery.hook_id,
+        p_event=delivery.event,
+        p_action=delivery.action,
+        p_repository_github_id=delivery.repository_github_id,
+        p_payload_sha256=delivery.payload_sha256,
+        p_payload=payload,
+        p_error=error,
+        p_applied=outcome != FAILED,
+    )
+
+
+def apply_delivery(
+    conn: Connection, delivery: Delivery, changes: Changes, *, store_payload: bool = True, replay: bool = False
+) -> str:
+    """Apply and journal one delivery in the caller's transaction; return its outcome.
+
+    Raises Duplicate (after rolling back) when the journal already holds a final outcome.
+    """
+    statements, kind, params = plan(changes)
+    statements.append(journal_statement(delivery, kind, params, store_payload=store_payload, replay=replay))
+    row = run_batch(conn, statements)
+    if row is None:
+        raise Duplicate(delivery.delivery_id)
+    return row[0]
+
+
+def record_failure(conn: Connection, delivery: Delivery, error: str) -> str:
+    """Journal a delivery that could not be applied, payload kept for a replay."""
+    row = run_batch(conn, [journal_statement(delivery, "plain", {}, outcome=FAILED, error=error)])
+    if row is None:
+        raise Duplicate(delivery.delivery_id)
+    return FAILED

@@ -62,7 +62,8 @@ def receive() -> tuple[Response, int] | Response:
         return error(400, "malformed X-GitHub-* header")
     body = request.get_data(cache=True)
     try:
-        payload = parse.parse_body(request.content_type, body)
+        text = parse.json_text(request.content_type, body)
+        payload = parse.loads(text)
     except parse.UnsupportedMediaType:
         return error(415, "use application/json or application/x-www-form-urlencoded")
     except parse.BadPayload as exc:
@@ -73,6 +74,7 @@ def receive() -> tuple[Response, int] | Response:
         event=event,
         payload=payload,
         payload_sha256=hashlib.sha256(body).hexdigest(),
+        payload_json=text,
     )
     status = 200
     try:
