@@ -98,6 +98,9 @@ def transaction(
         try:
             with engine.begin() as conn:
                 return work(conn)
+        except sa.exc.TimeoutError as exc:
+            # Every pooled connection stayed busy for pool_timeout: treat as unavailable.
+            raise DatabaseUnavailable("pool_timeout") from exc
         except DBAPIError as exc:
             unreachable = is_unreachable(exc)
             if not (unreachable or is_retryable(exc)):
