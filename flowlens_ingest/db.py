@@ -34,6 +34,60 @@ BASE_DELAY_S = 0.005
 MAX_DELAY_S = 0.25
 
 
+def _round_trip() -> None:
+    from .metrics import instruments
+
+    instruments().db_round_trip()
+
+
+class CountingCursor(psycopg2.extensions.cursor):
+    """A cursor that counts each statement it sends, and the BEGIN psycopg2 sends first."""
+
+    def execute(self, query: Any, vars: Any = None) -> None:
+        """Execute `query`, counting its round trips (flowlens_db_round_trips_total)."""
+        connection = self.connection
+        # Outside autocommit psycopg2 opens every transaction with a separate BEGIN.
+        if not connection.autocommit and connection.status == psycopg2.extensions.STATUS_READY:
+            _round_trip()
+        _round_trip()
+        return super().execute(query, vars)
+
+    def executemany(self, query: Any, vars_list: Any) -> None:
+        """Execute `query` once per parameter set, each one a round trip."""
+        vars_list = list(vars_list)
+        connection = self.connection
+        if vars_list and not connection.autocommit and connection.status == psycopg2.extensions.STATUS_READY:
+            _round_trip()
+        for _ in vars_list:
+            _round_trip()
+        return super().executemany(query, vars_list)
+
+
+class CountingConnection(psycopg2.extensions.connection):
+    """A psycopg2 connection that counts what it sends, so /metrics shows round trips per delivery.
+
+    Counted at the driver, not with SQLAlchemy events: run_batch talks to the
+    DBAPI cursor directly, and psycopg2 sends BEGIN and skips an idle COMMIT on
+    its own, which SQLAlchemy's events cannot see.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cursor_factory = CountingCursor
+
+    def commit(self) -> None:
+        """Commit; a round trip only when a transaction is open."""
+        if self.status == psycopg2.extensions.STATUS_BEGIN:
+            _round_trip()
+        super().commit()
+
+    def rollback(self) -> None:
+        """Roll back; a round trip only when a transaction is open."""
+        if self.status == psycopg2.extensions.STATUS_BEGIN:
+            _round_trip()
+        super().rollback()
+
+
 class DatabaseUnavailable(Exception):
     """The database could not be reached, was too slow, or kept conflicting."""
 
@@ -59,6 +113,7 @@ def make_engine(settings: Settings, url: str | None = None) -> Engine:
         connect_args={
             "connect_timeout": 3,
             "application_name": "flowlens-ingest",
+            "connection_factory": CountingConnection,
             "options": (
                 f"-c statement_timeout={settings.statement_timeout_ms}"
                 f" -c lock_timeout={settings.statement_timeout_ms}"

@@ -69,6 +69,11 @@ class Metrics:
         self.spool_drained = Counter(
             "flowlens_spool_drained", "Spooled deliveries applied after an outage, by outcome", ["outcome"], **kwargs
         )
+        self.round_trips = Counter(
+            "flowlens_db_round_trips",
+            "SQL round trips to the database (statements, BEGIN, COMMIT, ROLLBACK)",
+            **kwargs,
+        )
         self.spool_depth = Gauge(
             "flowlens_spool_depth",
             "Deliveries waiting in the local spool",
@@ -85,6 +90,10 @@ class Metrics:
     def db_retry(self, reason: str) -> None:
         """Count one retried transaction."""
         self.retries.labels(reason).inc()
+
+    def db_round_trip(self) -> None:
+        """Count one SQL round trip (see db.CountingConnection)."""
+        self.round_trips.inc()
 
     def signature_failure(self, reason: str) -> None:
         """Count one refused signature."""
