@@ -1,0 +1,472 @@
+"""`python -m bench`: how fast the real service ingests, against what the database itself can do.
+
+1. Creates a scratch database on the admin URL's server and migrates it.
+2. Measures the database limit (bench/dblimit.py): 4 psycopg2 processes looping
+   a delivery-shaped transaction.
+3. Starts `flowlens-ingest serve` (gunicorn, default workers unless told) on it,
+   warms it up, then drives it with wrk and bench/deliveries.lua: signed real
+   payloads in a weighted mix (bench/payloads.py), 16 connections.
+4. Prints one JSON line: deliveries/s, latency, non-2xx, SQL round trips per
+   delivery (the service's flowlens_db_round_trips_total over its deliveries),
+   the database limit, their ratio, worker memory and CPU, the machine.
+5. Drops the scratch database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from flowlens_ingest import migrate
+from flowlens_ingest.config import normalize_database_url
+from flowlens_ingest.schema import metadata
+
+from . import dblimit
+from .payloads import MIX, Generator, Shape, bodies, default_payload_dir, load_templates, write_requests
+
+HERE = Path(__file__).resolve().parent
+LUA = HERE / "deliveries.lua"
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr; stdout carries only the JSON summary."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# --- scratch database ---------------------------------------------------------------------
+
+
+@contextmanager
+def scratch_database(admin_url: str, keep: bool) -> Iterator[str]:
+    """A new, migrated database on the admin URL's server, dropped afterwards."""
+    admin_url = normalize_database_url(admin_url)
+    name = f"flowlens_bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        migrate.upgrade(url)
+        yield url
+    finally:
+        if keep:
+            log(f"kept scratch database {name}")
+        else:
+            with admin.connect() as conn:
+                conn.execute(
+                    sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
+                    {"d": name},
+                )
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+def libpq_url(url: str) -> str:
+    """The SQLAlchemy URL as psycopg2.connect() takes it."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def empty_tables(url: str) -> None:
+    """Remove the limit loop's rows so the service starts on empty tables."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {', '.join(t.name for t in metadata.sorted_tables)} CASCADE"))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE"))
+    engine.dispose()
+
+
+def database_stats(url: str) -> dict[str, Any]:
+    """Commits, rollbacks and the server version of the scratch database."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = current_database()")
+        ).one()
+        version = conn.execute(sa.text("SHOW server_version")).scalar_one()
+    engine.dispose()
+    return {"commits": row.xact_commit, "rollbacks": row.xact_rollback, "version": version}
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name is in parentheses and may hold spaces: split after it.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of a process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields and int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time these processes have used so far."""
+    total = 0
+    for pid in pids:
+        fields = _stat(pid)
+        if fields:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def postgres_pids() -> list[int]:
+    """Every PostgreSQL server process on the machine (the server is shared with other work)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if Path(f"/proc/{entry.name}/comm").read_text().strip() == "postgres":
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {"nproc": os.cpu_count(), "cpu_model": model, "python": platform.python_version()}
+
+
+# --- the service ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Service:
+    """`flowlens-ingest serve` on the scratch database, in its own process group."""
+
+    def __init__(self, database_url: str, secret: str, workdir: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "service.log"
+        environment = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "WEB_CONCURRENCY")}
+        environment.update(
+            DATABASE_URL=database_url,
+            GITHUB_WEBHOOK_SECRET=secret,
+            FLOWLENS_DATA_DIR=str(workdir / "data"),
+            **env,
+        )
+        self._log = self.log_path.open("wb")
+        command = [sys.executable, "-m", "flowlens_ingest.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = subprocess.Popen(
+            command, env=environment, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Block until /readyz answers 200 and every worker is up."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited early:\n{self.log_path.read_text(errors='replace')[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as answer:
+                    if answer.status == 200 and self.workers():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("service not ready in time")
+
+    def master(self) -> int | None:
+        """The gunicorn master (the child of `flowlens-ingest serve`)."""
+        found = children(self.process.pid)
+        return found[0] if found else None
+
+    def workers(self) -> list[int]:
+        """The gunicorn worker processes."""
+        master = self.master()
+        return children(master) if master else []
+
+    def metrics(self) -> dict[str, float]:
+        """The service's counters, summed across workers: deliveries by outcome, round trips."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            match = re.match(r'flowlens_deliveries_total\{event="([^"]*)",outcome="([^"]*)"\} (\S+)', line)
+            if match:
+                key = f"outcome:{match[2]}"
+                values[key] = values.get(key, 0) + float(match[3])
+                values["deliveries"] = values.get("deliveries", 0) + float(match[3])
+            elif line.startswith("flowlens_db_round_trips_total "):
+                values["round_trips"] = float(line.split()[1])
+        return values
+
+    def stop(self) -> None:
+        """SIGTERM (graceful), then SIGKILL of the group if it lingers."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self._log.close()
+
+
+# --- load ---------------------------------------------------------------------------------------
+
+
+def write_records(generator: Generator, start: int, count: int, prefix: Path, threads: int, secret: bytes) -> int:
+    """Split deliveries start..start+count-1 round-robin into one records file per wrk thread."""
+    streams: list[list[tuple[str, bytes]]] = [[] for _ in range(threads)]
+    for i, item in enumerate(bodies(generator, start, count)):
+        streams[i % threads].append(item)
+    size = 0
+    for n, stream in enumerate(streams, start=1):
+        size += write_requests(Path(f"{prefix}.{n}"), iter(stream), secret)[1]
+    return size
+
+
+def run_wrk(url: str, prefix: Path, tag: str, *, seconds: float, connections: int, threads: int) -> dict[str, Any]:
+    """One wrk run; its summary as printed by deliveries.lua's done()."""
+    command = [
+        "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{int(seconds)}s", "--timeout", "10s",
+        "-s", str(LUA), url, "--", str(prefix), tag,
+    ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    result = json.loads(line[len("WRK_JSON ") :])
+    result["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return result
+
+
+def start_profiles(pids: list[int], seconds: float, directory: Path, fmt: str, idle: bool) -> list[subprocess.Popen]:
+    """py-spy record of every worker for the measured phase."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    directory.mkdir(parents=True, exist_ok=True)
+    extension = {"speedscope": "speedscope.json", "raw": "txt", "flamegraph": "svg"}[fmt]
+    procs = []
+    for pid in pids:
+        command = [py_spy, "record", "--nonblocking", "-p", str(pid), "-d", str(int(seconds)), "-r", "200",
+                   "-f", fmt, "-o", str(directory / f"worker-{pid}.{extension}")]
+        if idle:
+            command.append("--idle")
+        procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (every default is the README's configuration)."""
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--admin-url", default=os.environ.get("FLOWLENS_BENCH_ADMIN_URL", DEFAULT_ADMIN_URL),
+                   help="a PostgreSQL URL allowed to CREATE DATABASE (env FLOWLENS_BENCH_ADMIN_URL)")
+    p.add_argument("--seconds", type=float, default=20, help="measured load duration (default 20)")
+    p.add_argument("--warmup", type=float, default=5, help="warm-up load before measuring (default 5)")
+    p.add_argument("--db-seconds", type=float, default=20, help="database limit loop duration (default 20; 0 skips)")
+    p.add_argument("--db-batched", action="store_true",
+                   help="also measure the limit with the transaction sent in two round trips")
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--db-clients", type=int, default=4)
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1 is plenty and leaves the CPU to the service)")
+    p.add_argument("--repositories", type=int, default=200)
+    p.add_argument("--prs", type=int, default=15, help="open PRs per repository")
+    p.add_argument("--workers", type=int, help="FLOWLENS_WORKERS (default: the service's own default)")
+    p.add_argument("--threads", type=int, help="FLOWLENS_THREADS")
+    p.add_argument("--pool-size", type=int, help="FLOWLENS_POOL_SIZE")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="more service environment")
+    p.add_argument("--profile", type=Path, metavar="DIR", help="py-spy record every worker while measuring")
+    p.add_argument("--profile-format", choices=("speedscope", "raw", "flamegraph"), default="speedscope")
+    p.add_argument("--profile-idle", action="store_true", help="sample waiting threads too (wall time, not CPU)")
+    p.add_argument("--keep-db", action="store_true", help="do not drop the scratch database")
+    return p.parse_args(argv)
+
+
+def service_env(args: argparse.Namespace) -> dict[str, str]:
+    """The knobs this run sets on the service (none by default)."""
+    env: dict[str, str] = {}
+    if args.workers:
+        env["FLOWLENS_WORKERS"] = str(args.workers)
+    if args.threads:
+        env["FLOWLENS_THREADS"] = str(args.threads)
+    if args.pool_size:
+        env["FLOWLENS_POOL_SIZE"] = str(args.pool_size)
+    for item in args.env:
+        name, _, value = item.partition("=")
+        env[name] = value
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print one JSON summary line on stdout."""
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("bench: wrk is not installed. Install it with:\n"
+              "  apt-get update && apt-get install -y wrk      (Debian/Ubuntu)\n"
+              "  brew install wrk                              (macOS)", file=sys.stderr)
+        return 2
+    if args.profile and not (shutil.which("py-spy") or Path(sys.executable).with_name("py-spy").exists()):
+        print("bench: --profile needs py-spy: .venv/bin/pip install py-spy", file=sys.stderr)
+        return 2
+    load_start = os.getloadavg()
+    templates = load_templates(default_payload_dir())
+    generator = Generator(templates, Shape(args.repositories, args.prs), seed=1)
+    secret = secrets.token_hex(20)
+    env = service_env(args)
+    summary: dict[str, Any] = {}
+
+    with tempfile.TemporaryDirectory(prefix="flowlens-bench-") as tmp, \
+            scratch_database(args.admin_url, args.keep_db) as url:
+        workdir = Path(tmp)
+        limit = batched = None
+        if args.db_seconds > 0:
+            log(f"database limit: {args.db_clients} psycopg2 clients for {args.db_seconds:.0f} s")
+            sample = list(bodies(Generator(templates, Shape(args.repositories, args.prs), seed=2), 0, 200))
+            limit = dblimit.measure(libpq_url(url), sample, clients=args.db_clients, seconds=args.db_seconds)
+            log(f"database limit: {limit.tx_per_s:.0f} tx/s (p50 {limit.p50_ms} ms)")
+            if args.db_batched:
+                batched = dblimit.measure(libpq_url(url), sample, clients=args.db_clients,
+                                          seconds=args.db_seconds, batched=True)
+                log(f"database limit, two round trips: {batched.tx_per_s:.0f} tx/s")
+            empty_tables(url)
+
+        warm_count = max(2000, int(args.warmup * 800))
+        log(f"writing {warm_count} warm-up deliveries")
+        write_records(generator, 0, warm_count, workdir / "warmup", args.wrk_threads, secret.encode())
+
+        service = Service(url, secret, workdir, env)
+        try:
+            service.wait_ready()
+            workers = service.workers()
+            log(f"service up: {len(workers)} workers, env {env or 'defaults'}")
+            warm = run_wrk(service.url, workdir / "warmup", "warm", seconds=args.warmup,
+                           connections=args.connections, threads=args.wrk_threads)
+            warm_rate = warm["requests"] / (warm["duration_us"] / 1e6)
+            count = int(warm_rate * args.seconds * 1.4) + 1000
+            log(f"warm-up: {warm_rate:.0f} deliveries/s; writing {count} measured deliveries")
+            size = write_records(generator, warm_count, count, workdir / "run", args.wrk_threads, secret.encode())
+
+            workers = service.workers()
+            before_metrics, before_db = service.metrics(), database_stats(url)
+            pg = postgres_pids()
+            before_cpu = {"workers": cpu_seconds(workers), "postgres": cpu_seconds(pg)}
+            profiles = (start_profiles(workers, args.seconds, args.profile, args.profile_format, args.profile_idle)
+                        if args.profile else [])
+            log(f"measuring: {args.connections} connections for {args.seconds:.0f} s")
+            run = run_wrk(service.url, workdir / "run", "run", seconds=args.seconds,
+                          connections=args.connections, threads=args.wrk_threads)
+            after_cpu = {"workers": cpu_seconds(workers), "postgres": cpu_seconds(pg)}
+            after_metrics, after_db = service.metrics(), database_stats(url)
+            rss = [rss_mb(pid) for pid in workers]
+            master = service.master()
+            master_rss = rss_mb(master) if master else None
+            for proc in profiles:
+                proc.wait(timeout=60)
+        finally:
+            service.stop()
+
+        seconds = run["duration_us"] / 1e6
+        rate = run["requests"] / seconds
+        delivered = after_metrics.get("deliveries", 0) - before_metrics.get("deliveries", 0)
+        trips = after_metrics.get("round_trips", 0) - before_metrics.get("round_trips", 0)
+        outcomes = {
+            k.split(":", 1)[1]: int(after_metrics[k] - before_metrics.get(k, 0))
+            for k in after_metrics
+            if k.startswith("outcome:") and after_metrics[k] - before_metrics.get(k, 0)
+        }
+        summary = {
+            "deliveries_per_s": round(rate, 1),
+            "p50_ms": round(run["latency_us"]["p50"] / 1000, 2),
+            "p99_ms": round(run["latency_us"]["p99"] / 1000, 2),
+            "non_2xx": run["non_2xx"] + sum(run["errors"].values()) - run["errors"]["status"],
+            "round_trips_per_delivery": round(trips / delivered, 2) if delivered else None,
+            "db_limit_tx_per_s": round(limit.tx_per_s, 1) if limit else None,
+            "ratio": round(rate / limit.tx_per_s, 3) if limit else None,
+            "worker_rss_mb": rss,
+            "duration_s": round(seconds, 1),
+            "latency_ms": {k: round(v / 1000, 2) for k, v in run["latency_us"].items()},
+            "requests": run["requests"],
+            "statuses": run["statuses"],
+            "wrk_errors": run["errors"],
+            "outcomes": outcomes,
+            "resent_fraction": round(run["resent"] / run["sent"], 3) if run["sent"] else 0.0,
+            "db_commits_per_delivery": round((after_db["commits"] - before_db["commits"]) / delivered, 2)
+            if delivered else None,
+            "db_limit": {
+                "clients": limit.clients, "round_trips_per_tx": limit.round_trips_per_tx,
+                "p50_ms": limit.p50_ms, "p99_ms": limit.p99_ms, "seconds": limit.seconds,
+                "statements": "BEGIN; repositories upsert RETURNING id; pipeline_runs upsert; "
+                              "webhook_deliveries insert (JSONB payload); COMMIT",
+            } if limit else None,
+            "db_limit_two_round_trips_tx_per_s": round(batched.tx_per_s, 1) if batched else None,
+            "service": {
+                "workers": len(workers), "env": env, "master_rss_mb": master_rss,
+                "cpu_cores_used": round((after_cpu["workers"] - before_cpu["workers"]) / seconds, 2),
+            },
+            "load": {
+                "connections": args.connections, "wrk_threads": args.wrk_threads,
+                "wrk_cpu_cores_used": round(run["cpu_s"] / seconds, 2),
+                "postgres_cpu_cores_used": round((after_cpu["postgres"] - before_cpu["postgres"]) / seconds, 2),
+                "mix": MIX, "repositories": args.repositories, "prs_per_repository": args.prs,
+                "mean_body_bytes": round(size / count), "warmup_s": args.warmup,
+            },
+            "machine": {**machine(), "postgres": after_db["version"],
+                        "loadavg_before": [round(x, 2) for x in load_start],
+                        "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+        }
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
