@@ -143,17 +143,25 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
-def postgres_pids() -> list[int]:
-    """Every PostgreSQL server process on the machine (the server is shared with other work)."""
+def backend_pids(database: str) -> list[int]:
+    """The PostgreSQL backends serving one database (its process title names it)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if Path(f"/proc/{entry.name}/comm").read_text().strip() == "postgres":
-                    pids.append(int(entry.name))
+                title = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
-                pass
+                continue
+            if title.startswith("postgres:") and f" {database} " in title:
+                pids.append(int(entry.name))
     return pids
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / CLK_TCK
 
 
 def rss_mb(pid: int) -> float:
@@ -287,8 +295,13 @@ def run_wrk(url: str, prefix: Path, tag: str, *, seconds: float, connections: in
     return result
 
 
-def start_profiles(pids: list[int], seconds: float, directory: Path, fmt: str, idle: bool) -> list[subprocess.Popen]:
-    """py-spy record of every worker for the measured phase."""
+def start_profiles(pids: list[int], seconds: float, directory: Path, fmt: str, mode: str) -> list[subprocess.Popen]:
+    """py-spy record of every worker for the measured phase.
+
+    `cpu` samples only the thread holding the GIL: where the worker's CPU goes
+    (a thread waiting on PostgreSQL has released it). `wall` samples every
+    thread, waiting or not: where a request's time goes.
+    """
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     directory.mkdir(parents=True, exist_ok=True)
     extension = {"speedscope": "speedscope.json", "raw": "txt", "flamegraph": "svg"}[fmt]
@@ -296,8 +309,7 @@ def start_profiles(pids: list[int], seconds: float, directory: Path, fmt: str, i
     for pid in pids:
         command = [py_spy, "record", "--nonblocking", "-p", str(pid), "-d", str(int(seconds)), "-r", "200",
                    "-f", fmt, "-o", str(directory / f"worker-{pid}.{extension}")]
-        if idle:
-            command.append("--idle")
+        command.append("--gil" if mode == "cpu" else "--idle")
         procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return procs
 
@@ -327,7 +339,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="more service environment")
     p.add_argument("--profile", type=Path, metavar="DIR", help="py-spy record every worker while measuring")
     p.add_argument("--profile-format", choices=("speedscope", "raw", "flamegraph"), default="speedscope")
-    p.add_argument("--profile-idle", action="store_true", help="sample waiting threads too (wall time, not CPU)")
+    p.add_argument("--profile-mode", choices=("cpu", "wall"), default="cpu",
+                   help="cpu: the GIL holder only (default); wall: every thread, waiting or not")
     p.add_argument("--keep-db", action="store_true", help="do not drop the scratch database")
     return p.parse_args(argv)
 
@@ -398,14 +411,14 @@ def main(argv: list[str] | None = None) -> int:
 
             workers = service.workers()
             before_metrics, before_db = service.metrics(), database_stats(url)
-            pg = postgres_pids()
-            before_cpu = {"workers": cpu_seconds(workers), "postgres": cpu_seconds(pg)}
-            profiles = (start_profiles(workers, args.seconds, args.profile, args.profile_format, args.profile_idle)
+            pg = backend_pids(make_url(url).database)
+            before_cpu = {"workers": cpu_seconds(workers), "postgres": cpu_seconds(pg), "machine": machine_busy_seconds()}
+            profiles = (start_profiles(workers, args.seconds, args.profile, args.profile_format, args.profile_mode)
                         if args.profile else [])
             log(f"measuring: {args.connections} connections for {args.seconds:.0f} s")
             run = run_wrk(service.url, workdir / "run", "run", seconds=args.seconds,
                           connections=args.connections, threads=args.wrk_threads)
-            after_cpu = {"workers": cpu_seconds(workers), "postgres": cpu_seconds(pg)}
+            after_cpu = {"workers": cpu_seconds(workers), "postgres": cpu_seconds(pg), "machine": machine_busy_seconds()}
             after_metrics, after_db = service.metrics(), database_stats(url)
             rss = [rss_mb(pid) for pid in workers]
             master = service.master()
@@ -457,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                 "connections": args.connections, "wrk_threads": args.wrk_threads,
                 "wrk_cpu_cores_used": round(run["cpu_s"] / seconds, 2),
                 "postgres_cpu_cores_used": round((after_cpu["postgres"] - before_cpu["postgres"]) / seconds, 2),
+                "machine_cpu_cores_busy": round((after_cpu["machine"] - before_cpu["machine"]) / seconds, 2),
                 "mix": MIX, "repositories": args.repositories, "prs_per_repository": args.prs,
                 "mean_body_bytes": round(size / count), "warmup_s": args.warmup,
             },

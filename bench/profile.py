@@ -1,0 +1,94 @@
+"""`python -m bench.profile DIR`: share of worker samples per step, from py-spy raw profiles.
+
+Reads the `--profile-format raw` files `python -m bench --profile DIR` wrote
+(collapsed stacks, one `frame;frame;... count` per line) and puts every sample
+in the first category that its frames, read from the innermost outwards, match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from flowlens_ingest import db, webhook
+
+
+def _lines(function: Callable[..., Any], *needles: str) -> str:
+    """Line numbers of `function` holding any of `needles`, as a regex alternation.
+
+    Found in the source, not written down: the files move as others edit them.
+    """
+    lines, start = inspect.getsourcelines(function)
+    found = [str(start + i) for i, text in enumerate(lines) if any(n in text for n in needles)]
+    return "|".join(found) or "0"
+
+
+# (category, pattern over one frame "function (file:line)"); the innermost match wins.
+RULES: list[tuple[str, re.Pattern[str]]] = [
+    (label, re.compile(pattern))
+    for label, pattern in [
+        ("psycopg2 execute (send, server work, receive)",
+         rf"CountingCursor\.execute|run_batch \(flowlens_ingest/db\.py:({_lines(db.run_batch, '.execute(')})\)"),
+        ("psycopg2 mogrify (quote parameters, incl. the journal payload)",
+         rf"run_batch\.<locals>\.<listcomp>|run_batch \(flowlens_ingest/db\.py:({_lines(db.run_batch, 'mogrify')})\)"),
+        ("psycopg2 autocommit toggles, commit, cursor",
+         rf"CountingConnection\.commit|run_batch \(flowlens_ingest/db\.py"),
+        ("JSON parse + checks (parse.py)", r"flowlens_ingest/parse\.py|json/decoder\.py|json/__init__\.py"),
+        ("signature HMAC (signature.py)", r"flowlens_ingest/signature\.py|hmac\.py"),
+        ("payload sha256 (webhook.py)", rf"receive \(flowlens_ingest/webhook\.py:({_lines(webhook.receive, 'sha256(')})\)"),
+        ("map (mappers.py)", r"flowlens_ingest/mappers\.py"),
+        ("store: plan, params, uuid4 (store.py)", r"flowlens_ingest/store\.py|uuid\.py"),
+        ("SQLAlchemy compile", r"sqlalchemy/sql/"),
+        ("SQLAlchemy engine, pool, transaction", r"sqlalchemy/|flowlens_ingest/db\.py"),
+        ("metrics (prometheus_client)", r"prometheus_client/|flowlens_ingest/metrics\.py"),
+        ("logging", r"logging/|flowlens_ingest/logs\.py"),
+        ("Flask / Werkzeug (routing, request, response)", r"flask/|werkzeug/|flowlens_ingest/webhook\.py"),
+        ("gunicorn (HTTP parse, socket I/O, accept)", r"gunicorn/|selectors\.py|socket\.py"),
+        ("threads waiting (pool, queue)", r"threading\.py|concurrent/futures"),
+    ]
+]
+
+
+def categorize(stack: str) -> str:
+    """The category of one collapsed stack."""
+    for frame in reversed(stack.split(";")):
+        for label, pattern in RULES:
+            if pattern.search(frame):
+                return label
+    return "other"
+
+
+def summarize(files: list[Path]) -> tuple[Counter[str], int]:
+    """Samples per category over all files, and the total."""
+    counts: Counter[str] = Counter()
+    for path in files:
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if stack and count.isdigit():
+                counts[categorize(stack)] += int(count)
+    return counts, sum(counts.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print one line per category, largest first."""
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+    files = sorted(args.directory.glob("*.txt"))
+    if not files:
+        print(f"no raw profiles (*.txt) in {args.directory}", file=sys.stderr)
+        return 2
+    counts, total = summarize(files)
+    for label, n in counts.most_common():
+        print(f"{100 * n / total:5.1f}%  {label}")
+    print(f"({total} samples, {len(files)} workers)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
