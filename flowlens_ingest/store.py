@@ -283,7 +283,10 @@ def PIPELINE() -> sa.Executable:
     ex = stmt.excluded
     new = {c: ex[c] for c in _PIPELINE_PR}
     # A new head sha takes the build status of the checks already seen for it.
-    new["status_build"] = build_status(t.c.repo_id, ex.commit_sha)
+    # Built from the bind parameters, not from `excluded`/the target row: Core does
+    # not correlate a subquery inside ON CONFLICT DO UPDATE, so it would add
+    # `FROM pipeline_runs, pipeline_runs AS excluded` and read every PR's checks.
+    new["status_build"] = build_status(_repo_id(), _p("commit_sha"))
     return stmt.on_conflict_do_update(
         index_elements=[t.c.repo_id, t.c.pr_number],
         set_={**new, **_flag_changed(t)},
