@@ -128,11 +128,16 @@ def _engine(settings: Settings):
 
 
 def cmd_deliveries(args: argparse.Namespace, settings: Settings) -> int:
+    import sqlalchemy as sa
+
     from .admin import list_deliveries
 
     engine, _server = _engine(settings)
-    with engine.connect() as conn:
-        rows = list_deliveries(conn, failed_only=args.failed, limit=args.limit)
+    try:
+        with engine.connect() as conn:
+            rows = list_deliveries(conn, failed_only=args.failed, limit=args.limit)
+    except sa.exc.OperationalError:
+        return _fail("database unavailable")
     for row in rows:
         line = f"{row.received_at:%Y-%m-%d %H:%M:%S} {row.delivery_id} {row.event}"
         line += f"/{row.action}" if row.action else ""
@@ -144,19 +149,32 @@ def cmd_deliveries(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    import sqlalchemy as sa
+
     from .admin import replay
+    from .db import DatabaseUnavailable
 
     engine, _server = _engine(settings)
-    report = replay(engine, failed_only=args.failed, since=args.since)
+    try:
+        report = replay(engine, failed_only=args.failed, since=args.since)
+    except (DatabaseUnavailable, sa.exc.OperationalError):
+        # Every delivery replayed so far is committed, and replaying again is idempotent.
+        return _fail("database unavailable; run the replay again once it is back")
     print(json.dumps(vars(report)))
     return 0 if report.failed == 0 else 1
 
 
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    import sqlalchemy as sa
+
     from .admin import prune
+    from .db import DatabaseUnavailable
 
     engine, _server = _engine(settings)
-    removed = prune(engine, args.older_than, include_failed=args.include_failed)
+    try:
+        removed = prune(engine, args.older_than, include_failed=args.include_failed)
+    except (DatabaseUnavailable, sa.exc.OperationalError):
+        return _fail("database unavailable; nothing pruned")
     print(f"flowlens-ingest: pruned {removed} journal entries")
     return 0
 

@@ -27,9 +27,17 @@ MAX_ERROR_CHARS = 2000
 
 
 def describe(exc: BaseException) -> str:
-    """A journal-safe one-line description of an error (no SQL, no parameters)."""
+    """A journal-safe one-line description of an error (no SQL, no parameters, no row data)."""
     orig = getattr(exc, "orig", None)
-    text = f"{type(exc).__name__}: {orig if orig is not None else exc}".strip()
+    if orig is None:
+        text = f"{type(exc).__name__}: {exc}"
+    else:
+        # PostgreSQL's DETAIL repeats the failing row, i.e. payload content: keep only
+        # the primary message and the SQLSTATE.
+        diag = getattr(orig, "diag", None)
+        message = getattr(diag, "message_primary", None) or str(orig).split("\n", 1)[0]
+        code = getattr(orig, "pgcode", None)
+        text = f"{type(exc).__name__}{f' {code}' if code else ''}: {message}"
     return " ".join(text.split())[:MAX_ERROR_CHARS]
 
 

@@ -1,0 +1,201 @@
+"""The delivery journal: every signed delivery recorded once, with its outcome, on a real database."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from flowlens_ingest import create_app
+from flowlens_ingest.config import Settings
+from flowlens_ingest.db import make_engine
+from flowlens_ingest.ingest import ingest
+from flowlens_ingest.parse import loads
+from flowlens_ingest.schema import metadata, pipeline_runs, pull_requests, repositories, webhook_deliveries
+from flowlens_ingest.store import Delivery
+
+from .conftest import PAYLOADS, github_headers, load_payload, make_settings, rows
+
+OPENED = load_payload("pull_request/opened.payload.json")
+ALL_SAMPLES = sorted(p.relative_to(PAYLOADS).as_posix() for p in PAYLOADS.glob("*/*.json"))
+
+
+def snapshot(engine: sa.Engine) -> dict[str, list[dict]]:
+    """Every row of every table, journal included: `changes nothing` means this stays equal."""
+    return {table.name: rows(engine, table) for table in metadata.sorted_tables}
+
+
+def journal(engine: sa.Engine) -> list[dict]:
+    return rows(engine, webhook_deliveries, "delivery_id", "hook_id", "event", "action", "outcome", "attempts")
+
+
+def newer(payload: dict, seconds: int, **pr_fields: object) -> dict:
+    """A copy of a pull_request payload whose PR snapshot is `seconds` newer."""
+    out = copy.deepcopy(payload)
+    out["pull_request"]["updated_at"] = f"2019-05-15T15:{20 + seconds // 60:02d}:{seconds % 60:02d}Z"
+    out["pull_request"].update(pr_fields)
+    return out
+
+
+@pytest.mark.parametrize("sample", ALL_SAMPLES)
+def test_every_signed_delivery_is_journaled_with_its_body(client, db, sample):
+    body = (PAYLOADS / sample).read_bytes()
+    event = sample.split("/")[0]
+    response = client.post("/webhook", data=body, headers=github_headers(body, event, delivery="d-" + sample))
+    assert response.status_code == 200, response.get_json()
+    outcome = response.get_json()["outcome"]
+    assert outcome in ("applied", "ignored")
+    (entry,) = rows(db, webhook_deliveries)
+    assert entry["delivery_id"] == "d-" + sample and entry["hook_id"] == 123456
+    assert entry["event"] == event and entry["outcome"] == outcome
+    assert entry["action"] == json.loads(body).get("action")
+    assert entry["payload"] == json.loads(body)
+    assert entry["payload_sha256"] == hashlib.sha256(body).hexdigest()
+    assert entry["attempts"] == 1 and entry["error"] is None
+    assert entry["applied_at"] is not None
+
+
+def test_missing_hook_id_is_journaled_as_zero(deliver, db):
+    deliver(OPENED, "pull_request", delivery="no-hook", hook_id=None)
+    assert [e["hook_id"] for e in journal(db)] == [0]
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        pytest.param(("pull_request", OPENED), id="applied"),
+        pytest.param(("ping", load_payload("ping/payload.json")), id="ignored"),
+        pytest.param(("check_run", load_payload("check_run/completed.payload.json")), id="check"),
+        pytest.param(("pull_request_review", load_payload("pull_request_review/submitted.payload.json")), id="review"),
+    ],
+)
+def test_redelivery_of_a_final_outcome_is_duplicate_and_changes_nothing(deliver, db, first):
+    event, payload = first
+    assert deliver(payload, event, delivery="same").status_code == 200
+    # A poller acknowledged everything: a duplicate must not flag it for reprocessing.
+    with db.begin() as conn:
+        conn.execute(sa.update(pull_requests).values(processed=True))
+        conn.execute(sa.update(pipeline_runs).values(processed=True))
+    before = snapshot(db)
+    for _ in range(3):
+        response = deliver(payload, event, delivery="same")
+        assert (response.status_code, response.get_json()["outcome"]) == (200, "duplicate")
+    assert snapshot(db) == before
+
+
+def test_redelivery_of_a_stale_delivery_is_duplicate(deliver, db):
+    assert deliver(newer(OPENED, 60, title="later"), "pull_request").get_json()["outcome"] == "applied"
+    response = deliver(OPENED, "pull_request", delivery="old")
+    assert (response.status_code, response.get_json()["outcome"]) == (200, "stale")
+    before = snapshot(db)
+    response = deliver(OPENED, "pull_request", delivery="old")
+    assert (response.status_code, response.get_json()["outcome"]) == (200, "duplicate")
+    assert snapshot(db) == before
+    assert rows(db, pull_requests, "title", "version") == [{"title": "later", "version": 1}]
+    assert [e["outcome"] for e in journal(db) if e["delivery_id"] == "old"] == ["stale"]
+
+
+def test_same_content_under_a_new_delivery_id_changes_no_polled_row(deliver, db):
+    deliver(OPENED, "pull_request", delivery="first")
+    with db.begin() as conn:
+        conn.execute(sa.update(pull_requests).values(processed=True))
+        conn.execute(sa.update(pipeline_runs).values(processed=True))
+    polled = rows(db, pull_requests), rows(db, pipeline_runs)
+    response = deliver(OPENED, "pull_request", delivery="second")
+    assert (response.status_code, response.get_json()["outcome"]) == (200, "applied")
+    assert (rows(db, pull_requests), rows(db, pipeline_runs)) == polled
+    assert [e["delivery_id"] for e in journal(db)] == ["first", "second"]
+
+
+def test_unmappable_delivery_is_failed_until_it_maps_and_others_keep_working(deliver, db):
+    broken = copy.deepcopy(OPENED)
+    broken["pull_request"]["state"] = "half-open"
+    response = deliver(broken, "pull_request", delivery="bad")
+    assert (response.status_code, response.get_json()["outcome"]) == (202, "failed")
+    response = deliver(broken, "pull_request", delivery="bad")
+    assert (response.status_code, response.get_json()["outcome"]) == (202, "failed")
+    (entry,) = rows(db, webhook_deliveries)
+    assert entry["outcome"] == "failed" and entry["attempts"] == 2 and entry["applied_at"] is None
+    assert entry["error"].startswith("MappingError: pull_request.state")
+    assert entry["payload"] == broken and entry["repository_github_id"] == OPENED["repository"]["id"]
+    assert rows(db, pull_requests) == [] and rows(db, repositories) == []
+    assert deliver(OPENED, "pull_request", delivery="good").status_code == 200
+    assert len(rows(db, pull_requests)) == 1
+
+
+@pytest.fixture
+def refuse_title(db):
+    """A database that refuses one PR title: a failure the mappers cannot see, fixed by dropping it."""
+    with db.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE pull_requests ADD CONSTRAINT test_refuse CHECK (title <> 'refused')"))
+
+    def fix() -> None:
+        with db.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE pull_requests DROP CONSTRAINT IF EXISTS test_refuse"))
+
+    yield fix
+    fix()
+
+
+def test_delivery_the_database_refuses_is_failed_then_applied_when_it_comes_again(deliver, db, refuse_title):
+    payload = newer(OPENED, 0, title="refused")
+    response = deliver(payload, "pull_request", delivery="x")
+    assert (response.status_code, response.get_json()["outcome"]) == (202, "failed")
+    (entry,) = rows(db, webhook_deliveries)
+    assert entry["outcome"] == "failed" and "test_refuse" in entry["error"]
+    # The whole transaction was undone: no repository row from its first statement.
+    assert rows(db, repositories) == [] and rows(db, pull_requests) == []
+    refuse_title()
+    response = deliver(payload, "pull_request", delivery="x")
+    assert (response.status_code, response.get_json()["outcome"]) == (200, "applied")
+    (entry,) = rows(db, webhook_deliveries)
+    assert (entry["outcome"], entry["error"], entry["attempts"]) == ("applied", None, 2)
+    assert entry["applied_at"] is not None
+    assert rows(db, pull_requests, "title", "version") == [{"title": "refused", "version": 1}]
+    response = deliver(payload, "pull_request", delivery="x")
+    assert (response.status_code, response.get_json()["outcome"]) == (200, "duplicate")
+
+
+def test_journal_without_payloads_still_keeps_failed_ones(db, database_url, tmp_path):
+    app = create_app(make_settings(database_url, tmp_path, store_payloads=False))
+    client = app.test_client()
+    try:
+        for delivery, payload in (("ok", OPENED), ("bad", dict(OPENED, pull_request=[]))):
+            body = json.dumps(payload).encode()
+            client.post("/webhook", data=body, headers=github_headers(body, "pull_request", delivery=delivery))
+    finally:
+        app.extensions["flowlens_db"].dispose()
+    stored = {e["delivery_id"]: (e["outcome"], e["payload"]) for e in rows(db, webhook_deliveries)}
+    assert stored == {"ok": ("applied", None), "bad": ("failed", dict(OPENED, pull_request=[]))}
+
+
+def test_racing_copies_of_one_delivery_apply_once(db, database_url, tmp_path: Path):
+    """Redeliveries, two workers or two VMs: the journal lets exactly one copy apply."""
+    engine = make_engine(Settings(database_url=database_url, pool_size=8))
+    body = json.dumps(OPENED).encode()
+    delivery = Delivery("race", 7, "pull_request", loads(body.decode()), hashlib.sha256(body).hexdigest(), body.decode())
+    outcomes: list[str] = []
+    start = threading.Barrier(8)
+
+    def run() -> None:
+        start.wait()
+        outcomes.append(ingest(engine, delivery))
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        engine.dispose()
+    assert sorted(outcomes) == ["applied"] + ["duplicate"] * 7
+    assert rows(db, pull_requests, "version") == [{"version": 1}]
+    assert journal(db) == [
+        {"delivery_id": "race", "hook_id": 7, "event": "pull_request", "action": "opened", "outcome": "applied", "attempts": 1}
+    ]

@@ -1,0 +1,225 @@
+"""Operator commands on the journal: list, replay (idempotent), prune, through admin and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from flowlens_ingest import admin
+from flowlens_ingest.schema import metadata, pipeline_runs, pull_requests, webhook_deliveries
+
+from .conftest import PAYLOADS, SECRET, load_payload, rows
+
+OPENED = load_payload("pull_request/opened.payload.json")
+
+
+def data(engine: sa.Engine) -> dict[str, list[dict]]:
+    """Every row but the journal's (attempts count replays) and repositories.updated_at.
+
+    A delivery always writes its repository row: that write is the per-repository
+    lock (store.py). The table is not polled, so the write triggers no reprocessing.
+    """
+    tables = {t.name: rows(engine, t) for t in metadata.sorted_tables if t is not webhook_deliveries}
+    for row in tables["repositories"]:
+        del row["updated_at"]
+    return tables
+
+
+def outcomes(engine: sa.Engine) -> dict[str, str]:
+    return {e["delivery_id"]: e["outcome"] for e in rows(engine, webhook_deliveries, "delivery_id", "outcome")}
+
+
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
+def as_history(payload: Any, at: datetime) -> Any:
+    """The payload with every GitHub timestamp set to `at`.
+
+    The samples are snapshots of a few objects taken at arbitrary times, several
+    with equal timestamps and different contents; nobody can order those (see
+    README, Reliability). Giving each delivery its own later time makes them a
+    history GitHub could have sent.
+    """
+    if isinstance(payload, dict):
+        return {k: as_history(v, at) for k, v in payload.items()}
+    if isinstance(payload, list):
+        return [as_history(v, at) for v in payload]
+    if isinstance(payload, str) and TIMESTAMP.match(payload):
+        return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return payload
+
+
+def deliver_every_sample(deliver, *, history: bool = False) -> int:
+    start = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    count = 0
+    for path in sorted(PAYLOADS.glob("*/*.json")):
+        body = path.read_bytes()
+        if history:
+            body = json.dumps(as_history(json.loads(body), start + timedelta(seconds=count))).encode()
+        response = deliver(body, path.parent.name, delivery=f"{path.parent.name}/{path.name}")
+        assert response.status_code == 200
+        count += 1
+    return count
+
+
+@pytest.fixture
+def refuse_title(db):
+    """The database refuses one PR title until the returned `fix` runs."""
+    with db.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE pull_requests ADD CONSTRAINT test_refuse CHECK (title <> 'refused')"))
+
+    def fix() -> None:
+        with db.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE pull_requests DROP CONSTRAINT IF EXISTS test_refuse"))
+
+    yield fix
+    fix()
+
+
+def test_replay_of_a_failed_delivery_applies_it_after_the_fix(deliver, db, refuse_title):
+    payload = copy.deepcopy(OPENED)
+    payload["pull_request"]["title"] = "refused"
+    assert deliver(payload, "pull_request", delivery="x").status_code == 202
+    assert deliver(OPENED, "ping", delivery="p").status_code == 200
+    report = admin.replay(db, failed_only=True)
+    assert (report.replayed, report.failed) == (0, 1)
+    assert outcomes(db) == {"x": "failed", "p": "ignored"}
+    refuse_title()
+    report = admin.replay(db, failed_only=True)
+    assert (report.replayed, report.failed, report.skipped_no_payload) == (1, 0, 0)
+    assert outcomes(db) == {"x": "applied", "p": "ignored"}
+    (entry,) = rows(db, webhook_deliveries, "error", "attempts", "applied_at", "delivery_id")[1:]
+    assert entry["error"] is None and entry["attempts"] == 3 and entry["applied_at"] is not None
+    assert rows(db, pull_requests, "title", "version") == [{"title": "refused", "version": 1}]
+    # Nothing failed is left to replay.
+    assert admin.replay(db, failed_only=True).replayed == 0
+
+
+def test_replay_of_everything_twice_changes_nothing(deliver, db):
+    count = deliver_every_sample(deliver, history=True)
+    with db.begin() as conn:
+        conn.execute(sa.update(pull_requests).values(processed=True))
+        conn.execute(sa.update(pipeline_runs).values(processed=True))
+    before, before_outcomes = data(db), outcomes(db)
+    for _ in range(2):
+        report = admin.replay(db)
+        assert (report.replayed, report.failed, report.skipped_no_payload) == (count, 0, 0)
+        assert data(db) == before
+    # Replayed in arrival order, every delivery still carries the outcome it had.
+    assert outcomes(db) == before_outcomes
+    assert {e["attempts"] for e in rows(db, webhook_deliveries, "attempts")} == {3}
+
+
+def test_replay_rebuilds_the_rows_from_the_journal_alone(deliver, db):
+    deliver_every_sample(deliver)
+    expected = rebuildable(db)
+    with db.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            if table is not webhook_deliveries:
+                conn.execute(sa.delete(table))
+    report = admin.replay(db)
+    assert report.failed == 0
+    assert rebuildable(db) == expected
+
+
+def rebuildable(engine: sa.Engine) -> dict[str, list[str]]:
+    """Every row but what a rebuild legitimately renews (ids, the rows' own times), sorted."""
+    renewed = ("id", "repo_id", "created_at", "updated_at", "deleted_at")
+    return {
+        name: sorted(repr(sorted((k, v) for k, v in row.items() if k not in renewed)) for row in table)
+        for name, table in data(engine).items()
+    }
+
+
+def test_replay_since_takes_only_later_deliveries(deliver, db):
+    deliver(OPENED, "pull_request", delivery="old")
+    deliver(OPENED, "pull_request", delivery="new")
+    with db.begin() as conn:
+        conn.execute(
+            sa.update(webhook_deliveries)
+            .where(webhook_deliveries.c.delivery_id == "old")
+            .values(received_at=sa.func.now() - timedelta(days=2))
+        )
+    report = admin.replay(db, since=datetime.now(timezone.utc) - timedelta(days=1))
+    assert report.replayed == 1
+    attempts = {e["delivery_id"]: e["attempts"] for e in rows(db, webhook_deliveries, "delivery_id", "attempts")}
+    assert attempts == {"old": 1, "new": 2}
+
+
+def test_replay_skips_entries_journaled_without_payload(deliver, db):
+    deliver(OPENED, "pull_request", delivery="kept")
+    with db.begin() as conn:
+        conn.execute(sa.update(webhook_deliveries).values(payload=None))
+    report = admin.replay(db)
+    assert (report.replayed, report.skipped_no_payload) == (0, 1)
+
+
+def test_prune_removes_old_entries_but_keeps_failed_ones(deliver, db):
+    deliver(OPENED, "pull_request", delivery="old-applied")
+    deliver(dict(OPENED, pull_request=[]), "pull_request", delivery="old-failed")
+    deliver(OPENED, "pull_request", delivery="recent")
+    with db.begin() as conn:
+        conn.execute(
+            sa.update(webhook_deliveries)
+            .where(webhook_deliveries.c.delivery_id.like("old-%"))
+            .values(received_at=sa.func.now() - timedelta(days=31))
+        )
+    assert admin.prune(db, timedelta(days=30)) == 1
+    assert sorted(outcomes(db)) == ["old-failed", "recent"]
+    assert admin.prune(db, timedelta(days=30), include_failed=True) == 1
+    assert sorted(outcomes(db)) == ["recent"]
+
+
+# --- the command line, as an operator runs it --------------------------------------------
+
+
+def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, DATABASE_URL=database_url, GITHUB_WEBHOOK_SECRET=SECRET)
+    return subprocess.run(
+        [sys.executable, "-m", "flowlens_ingest.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.slow
+def test_operator_commands(deliver, db, database_url, refuse_title):
+    refused = copy.deepcopy(OPENED)
+    refused["pull_request"]["title"] = "refused"
+    deliver(refused, "pull_request", delivery="broken-one")
+    deliver(OPENED, "ping", delivery="ping-one")
+
+    listed = cli(database_url, "deliveries")
+    assert listed.returncode == 0, listed.stderr
+    assert "broken-one pull_request/opened failed attempts=1" in listed.stdout
+    assert "ping-one ping/opened ignored" in listed.stdout
+    failed = cli(database_url, "deliveries", "--failed")
+    assert "broken-one" in failed.stdout and "ping-one" not in failed.stdout
+    assert "test_refuse" in failed.stdout
+
+    still = cli(database_url, "replay", "--failed")
+    assert still.returncode == 1 and json.loads(still.stdout)["failed"] == 1
+    refuse_title()
+    fixed = cli(database_url, "replay", "--failed")
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads(fixed.stdout) == {"replayed": 1, "failed": 0, "skipped_no_payload": 0, "errors": []}
+    since = cli(database_url, "replay", "--since", "2000-01-01T00:00:00Z")
+    assert json.loads(since.stdout)["replayed"] == 2
+    assert outcomes(db) == {"broken-one": "applied", "ping-one": "ignored"}
+
+    assert cli(database_url, "replay", "--since", "yesterday").returncode == 2
+    assert cli(database_url, "prune", "--older-than", "thirty").returncode == 2
+    pruned = cli(database_url, "prune", "--older-than", "30d")
+    assert pruned.returncode == 0 and "pruned 0 journal entries" in pruned.stdout
+    with db.begin() as conn:
+        conn.execute(sa.update(webhook_deliveries).values(received_at=sa.func.now() - timedelta(days=40)))
+    pruned = cli(database_url, "prune", "--older-than", "30d")
+    assert "pruned 2 journal entries" in pruned.stdout
+    assert rows(db, webhook_deliveries) == []
