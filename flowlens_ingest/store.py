@@ -428,12 +428,17 @@ def _journal(stale: Callable[[], sa.ColumnElement[bool]] | None, *, replay: bool
         applied_at=sa.case((_p("applied"), sa.func.now()), else_=sa.null()),
     )
     ex = stmt.excluded
+    outcome_set: dict[str, Any] = {"outcome": ex.outcome, "applied_at": ex.applied_at}
+    if replay:
+        # A replay settles a failed entry but keeps any other's first final outcome: a
+        # delivery applied back then reads `stale` today only because later ones followed.
+        settled = t.c.outcome != FAILED
+        outcome_set = {c: sa.case((settled, t.c[c]), else_=v) for c, v in outcome_set.items()}
     return stmt.on_conflict_do_update(
         index_elements=[t.c.delivery_id, t.c.hook_id],
         set_={
-            "outcome": ex.outcome,
+            **outcome_set,
             "error": ex.error,
-            "applied_at": ex.applied_at,
             "payload": sa.func.coalesce(ex.payload, t.c.payload),
             "payload_sha256": ex.payload_sha256,
             "attempts": t.c.attempts + 1,
