@@ -278,14 +278,16 @@ def write_records(generator: Generator, start: int, count: int, prefix: Path, th
     return size
 
 
-def run_wrk(url: str, prefix: Path, tag: str, *, seconds: float, connections: int, threads: int) -> dict[str, Any]:
+def run_wrk(url: str, prefix: Path, tag: str, *, seconds: float, connections: int, threads: int,
+            think_ms: float = 0) -> dict[str, Any]:
     """One wrk run; its summary as printed by deliveries.lua's done()."""
     command = [
         "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{int(seconds)}s", "--timeout", "10s",
         "-s", str(LUA), url, "--", str(prefix), tag,
     ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    env = {**os.environ, "BENCH_THINK_MS": str(think_ms)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
     if done.returncode != 0 or line is None:
@@ -330,6 +332,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also measure the limit with the transaction sent in two round trips")
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--db-clients", type=int, default=4)
+    p.add_argument("--rate", type=float, default=0,
+                   help="pace each connection to offer about this many deliveries/s in all "
+                        "(a pause of connections/rate s before each request); default: as fast as it answers")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1 is plenty and leaves the CPU to the service)")
     p.add_argument("--repositories", type=int, default=200)
     p.add_argument("--prs", type=int, default=15, help="open PRs per repository")
@@ -416,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
             profiles = (start_profiles(workers, args.seconds, args.profile, args.profile_format, args.profile_mode)
                         if args.profile else [])
             log(f"measuring: {args.connections} connections for {args.seconds:.0f} s")
+            think_ms = 1000 * args.connections / args.rate if args.rate else 0
             run = run_wrk(service.url, workdir / "run", "run", seconds=args.seconds,
-                          connections=args.connections, threads=args.wrk_threads)
+                          connections=args.connections, threads=args.wrk_threads, think_ms=think_ms)
             after_cpu = {"workers": cpu_seconds(workers), "postgres": cpu_seconds(pg), "machine": machine_busy_seconds()}
             after_metrics, after_db = service.metrics(), database_stats(url)
             rss = [rss_mb(pid) for pid in workers]
@@ -467,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_cores_used": round((after_cpu["workers"] - before_cpu["workers"]) / seconds, 2),
             },
             "load": {
-                "connections": args.connections, "wrk_threads": args.wrk_threads,
+                "connections": args.connections, "wrk_threads": args.wrk_threads, "paced_rate": args.rate or None,
                 "wrk_cpu_cores_used": round(run["cpu_s"] / seconds, 2),
                 "postgres_cpu_cores_used": round((after_cpu["postgres"] - before_cpu["postgres"]) / seconds, 2),
                 "machine_cpu_cores_busy": round((after_cpu["machine"] - before_cpu["machine"]) / seconds, 2),

@@ -9,6 +9,15 @@
 
 local threads = {}
 
+-- BENCH_THINK_MS: a pause before each request on a connection, to measure
+-- latency at a lower load than the service's maximum (closed loop otherwise).
+local think_ms = tonumber(os.getenv("BENCH_THINK_MS") or "")
+if think_ms and think_ms > 0 then
+   function delay()
+      return think_ms
+   end
+end
+
 function setup(thread)
    table.insert(threads, thread)
    thread:set("id", #threads)
