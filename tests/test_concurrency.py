@@ -7,7 +7,9 @@ to another repository; every answer must be 2xx and no row may be duplicated.
 """
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -15,9 +17,10 @@ import sqlalchemy as sa
 from flowlens_ingest.schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories
 
 from .conftest import Service
-from .stories import RandomPicker, apply, build_story, business_rows
+from flowlens_ingest.mappers import map_delivery
+from flowlens_ingest.store import plan
 
-pytestmark = pytest.mark.slow
+from .stories import START, RandomPicker, apply, build_story, business_rows, check_run, pull_request, repository, sha_for
 
 STORIES = 24
 SERIAL_REPO = 8_100_001
@@ -38,6 +41,7 @@ def _post_all_at_once(service: Service, events: list[tuple[str, dict]]) -> list[
         return list(pool.map(post, events))
 
 
+@pytest.mark.slow
 def test_simultaneous_deliveries_equal_the_serial_result(db, database_url, tmp_path):
     seeds = range(STORIES)
     # Every story is about its own PR (number seed + 1) of one repository.
@@ -76,3 +80,74 @@ def test_simultaneous_deliveries_equal_the_serial_result(db, database_url, tmp_p
             cols = [table.c[k] for k in key]
             duplicates = conn.execute(sa.select(*cols).group_by(*cols).having(sa.func.count() > 1)).all()
             assert duplicates == [], table.name
+
+
+# --- two deliveries of one PR interleaved on purpose ---------------------------------------------
+
+PAIR_REPO = repository(8_200_001)
+SHA_A, SHA_B = sha_for("pair", "a"), sha_for("pair", "b")
+
+
+def _check(sha: str, name: str, conclusion: str, check_id: int) -> dict:
+    return check_run(PAIR_REPO, sha, name, check_id, "completed", START + timedelta(seconds=20),
+                     conclusion=conclusion, completed_at=START + timedelta(seconds=30 + check_id))
+
+
+def _interleave(db, first: tuple[str, dict], second: tuple[str, dict]) -> None:
+    """Run `first`'s statements in an open transaction, start `second`, then commit `first`.
+
+    Whatever the mechanism, `second` must end up seeing `first` (it waits on the
+    repository row lock, or retries): neither effect may be lost.
+    """
+    statements, _kind, _params = plan(map_delivery(*first))
+    with db.connect() as conn:
+        tx = conn.begin()
+        for sql, params in statements:
+            conn.exec_driver_sql(sql, params)
+        (pid,) = conn.exec_driver_sql("SELECT pg_backend_pid()").one()
+        outcome: list[str] = []
+        worker = threading.Thread(target=lambda: outcome.append(apply(db, *second)))
+        worker.start()
+        # Give `second` every chance to run into `first` before it commits: wait
+        # (bounded) until it either blocks on a lock held by us or is done.
+        deadline = time.monotonic() + 10
+        with db.connect() as watcher:
+            while worker.is_alive() and time.monotonic() < deadline:
+                blocked = watcher.exec_driver_sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE %(pid)s = ANY(pg_blocking_pids(pid))", {"pid": pid}
+                ).scalar_one()
+                if blocked:
+                    break
+                time.sleep(0.01)
+        tx.commit()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert outcome == ["applied"]
+
+
+def test_two_checks_of_one_sha_committing_together_are_both_counted(db):
+    apply(db, "pull_request", pull_request("opened", PAIR_REPO, 1, SHA_A, START + timedelta(seconds=10)))
+    _interleave(db, ("check_run", _check(SHA_A, "lint", "success", 1)), ("check_run", _check(SHA_A, "unit", "failure", 2)))
+    _interleave(db, ("check_run", _check(SHA_A, "docs", "failure", 3)), ("check_run", _check(SHA_A, "unit", "success", 4)))
+    with db.connect() as conn:
+        status = conn.execute(sa.select(pipeline_runs.c.status_build)).scalar_one()
+    # lint success, unit success (re-run), docs failure.
+    assert status == "failed"
+
+
+def test_synchronize_and_a_check_of_the_new_head_committing_together(db):
+    apply(db, "pull_request", pull_request("opened", PAIR_REPO, 1, SHA_A, START + timedelta(seconds=10)))
+    synchronize = pull_request("synchronize", PAIR_REPO, 1, SHA_B, START + timedelta(seconds=40))
+    _interleave(db, ("pull_request", synchronize), ("check_run", _check(SHA_B, "lint", "failure", 1)))
+    with db.connect() as conn:
+        row = conn.execute(sa.select(pipeline_runs.c.commit_sha, pipeline_runs.c.status_build)).one()
+    assert tuple(row) == (SHA_B, "failed")
+
+
+def test_a_check_of_the_new_head_and_the_synchronize_committing_together(db):
+    apply(db, "pull_request", pull_request("opened", PAIR_REPO, 1, SHA_A, START + timedelta(seconds=10)))
+    synchronize = pull_request("synchronize", PAIR_REPO, 1, SHA_B, START + timedelta(seconds=40))
+    _interleave(db, ("check_run", _check(SHA_B, "lint", "failure", 1)), ("pull_request", synchronize))
+    with db.connect() as conn:
+        row = conn.execute(sa.select(pipeline_runs.c.commit_sha, pipeline_runs.c.status_build)).one()
+    assert tuple(row) == (SHA_B, "failed")
