@@ -287,6 +287,11 @@ def PIPELINE() -> sa.Executable:
     # not correlate a subquery inside ON CONFLICT DO UPDATE, so it would add
     # `FROM pipeline_runs, pipeline_runs AS excluded` and read every PR's checks.
     new["status_build"] = build_status(_repo_id(), _p("commit_sha"))
+    # GitHub sends `opened` and e.g. `review_requested` or `labeled` with the same
+    # updated_at; `opened` is the first event of that second, so on a tie an
+    # `updated` already stored stays (else the last to arrive would decide).
+    tie_after_open = sa.and_(t.c.pr_updated_at == ex.pr_updated_at, t.c.status_pr == "updated")
+    new["status_pr"] = sa.case((tie_after_open, "updated"), else_=ex.status_pr)
     return stmt.on_conflict_do_update(
         index_elements=[t.c.repo_id, t.c.pr_number],
         set_={**new, **_flag_changed(t)},
