@@ -442,3 +442,13 @@ def test_push_moves_last_activity_forward_only(db):
     apply(db, "pull_request", load_payload("pull_request/opened.payload.json"))
     [row] = rows(db, repositories, "last_activity")
     assert row["last_activity"].isoformat() == "2019-05-15T15:20:57+00:00"
+
+
+@pytest.mark.parametrize("order", [("opened", "review_requested"), ("review_requested", "opened")])
+def test_opened_and_another_action_in_the_same_second(db, order):
+    # Real GitHub samples: opened and review_requested share updated_at 15:20:33.
+    for action in order:
+        assert apply(db, "pull_request", load_payload(f"pull_request/{action}.payload.json")) == "applied"
+    pipeline = one(db, pipeline_runs, 2)
+    assert pipeline["status_pr"] == "updated"
+    assert pipeline["pr_updated_at"].isoformat() == "2019-05-15T15:20:33+00:00"
