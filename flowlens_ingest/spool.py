@@ -3,12 +3,17 @@
 One file per delivery: written to a temporary name, fsynced, renamed into place
 (atomic), and the folder fsynced, so a crash never leaves half a delivery. File
 names start with a nanosecond clock, so draining in name order is arrival order.
-The journal makes applying twice harmless, so two workers (or two VMs sharing
-nothing) draining at once cannot apply a delivery twice.
+
+Workers of one host share the folder. A put takes the folder's put lock, so the
+size bound holds across workers; a drain takes the drain lock, so one worker at
+a time drains, oldest first. The journal makes applying twice harmless, so two
+hosts draining copies of one delivery (or a crash between apply and unlink)
+still apply it once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -18,11 +23,22 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".delivery"
+# Where a file that can never be applied goes, so it stops blocking the ones after it.
+UNUSABLE_SUFFIX = ".unusable"
+PUT_LOCK = ".put.lock"
+DRAIN_LOCK = ".drain.lock"
+# A temporary file this old belongs to a write that crashed before its rename: the
+# sender got no 202 for it, so it is safe to remove.
+STALE_TMP_S = 300.0
+
+
+class Unusable(Exception):
+    """A spooled delivery that can never be applied: set it aside and keep draining."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +51,14 @@ class Spooled:
     event: str
     content_type: str
     body: bytes
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Spool:
@@ -50,6 +74,21 @@ class Spool:
             return sorted(p for p in self.directory.iterdir() if p.name.endswith(SUFFIX))
         except FileNotFoundError:
             return []
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, *, wait: bool) -> Iterator[bool]:
+        """Hold the folder-wide lock `name` (True), or yield False when busy and not waiting."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / name, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
 
     def depth(self) -> int:
         """How many deliveries wait in the spool."""
@@ -71,70 +110,92 @@ class Spool:
             {"delivery_id": delivery_id, "hook_id": hook_id, "event": event, "content_type": content_type}
         ).encode()
         data = header + b"\n" + body
-        with self._lock:
-            try:
+        try:
+            with self._lock, self._flock(PUT_LOCK, wait=True):
                 if self.used_bytes() + len(data) > self.max_bytes:
                     log.error("spool full", extra={"spool_bytes": self.max_bytes})
                     return False
-                self.directory.mkdir(parents=True, exist_ok=True)
                 name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 tmp = self.directory / f".{name}.tmp"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
-                    os.write(fd, data)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
                     os.fsync(fd)
                 finally:
                     os.close(fd)
                 os.rename(tmp, self.directory / f"{name}{SUFFIX}")
-                dir_fd = os.open(self.directory, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
-            except OSError:
-                log.exception("spool write failed")
-                return False
+                _fsync_dir(self.directory)
+        except OSError:
+            log.exception("spool write failed")
+            return False
         return True
 
     @staticmethod
     def read(path: Path) -> Spooled:
-        """Load one spooled delivery."""
+        """Load one spooled delivery; Unusable when the file is not one."""
         data = path.read_bytes()
-        header, _, body = data.partition(b"\n")
-        meta = json.loads(header)
-        return Spooled(
-            path=path,
-            delivery_id=meta["delivery_id"],
-            hook_id=int(meta["hook_id"]),
-            event=meta["event"],
-            content_type=meta["content_type"],
-            body=body,
-        )
+        header, newline, body = data.partition(b"\n")
+        try:
+            meta = json.loads(header)
+            return Spooled(
+                path=path,
+                delivery_id=str(meta["delivery_id"]),
+                hook_id=int(meta["hook_id"]),
+                event=str(meta["event"]),
+                content_type=str(meta["content_type"]),
+                body=body,
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise Unusable(f"not a spooled delivery: {type(exc).__name__}") from None
+
+    def set_aside(self, path: Path, reason: str) -> None:
+        """Rename an unusable file out of the drain's way; it stays for an operator to see."""
+        log.error("spooled delivery set aside", extra={"file": path.name, "reason": reason})
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path, path.with_name(path.name + UNUSABLE_SUFFIX))
+            _fsync_dir(self.directory)
+
+    def _remove_stale_tmp(self) -> None:
+        now = time.time()
+        for path in self.directory.glob(".*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if now - path.stat().st_mtime > STALE_TMP_S:
+                    path.unlink()
 
     def drain(self, handle: Callable[[Spooled], None]) -> int:
         """Hand each spooled delivery, oldest first, to `handle`; remove it once handled.
 
-        `handle` raising stops the drain (the database went away again) and keeps
-        the file. Returns how many deliveries were handled.
+        Only one drain per folder runs at a time (others return 0 at once), so the
+        host applies its spool in arrival order. `handle` raising Unusable sets the
+        file aside; any other exception stops the drain (the database went away
+        again) and keeps the file. Returns how many deliveries were handled.
         """
         done = 0
-        for path in self._files():
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue  # another worker took it
-            try:
+        with self._flock(DRAIN_LOCK, wait=False) as mine:
+            if not mine:
+                return 0
+            self._remove_stale_tmp()
+            for path in self._files():
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # another worker is on it
-                if not path.exists():
+                    item = self.read(path)
+                except FileNotFoundError:
+                    continue  # a drain on another host sharing the folder took it
+                except Unusable as exc:
+                    self.set_aside(path, str(exc))
                     continue
-                handle(self.read(path))
+                try:
+                    handle(item)
+                except Unusable as exc:
+                    self.set_aside(path, str(exc))
+                    continue
+                # Applied and journaled: a crash before this unlink only means the
+                # journal answers `duplicate` on the next drain.
                 path.unlink(missing_ok=True)
                 done += 1
-            finally:
-                os.close(fd)
+            if done:
+                _fsync_dir(self.directory)
         return done
 
 
@@ -151,6 +212,8 @@ class Drainer(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        """Every `interval` seconds, drain what the spool holds, until stopped."""
+        paused = False
         while not self.stopping.wait(self.interval):
             try:
                 depth = self.spool.depth()
@@ -160,5 +223,14 @@ class Drainer(threading.Thread):
                     drained = self.spool.drain(self.handle)
                     if drained:
                         log.info("spool drained", extra={"drained": drained})
+                paused = False
             except Exception as exc:  # keep the thread alive; the next tick tries again
-                log.warning("spool drain paused: %s", type(exc).__name__)
+                # Once per outage, not once per tick.
+                if not paused:
+                    log.warning("spool drain paused: %s", type(exc).__name__)
+                paused = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the thread to stop after its current delivery, and wait for it."""
+        self.stopping.set()
+        self.join(timeout)

@@ -1,0 +1,262 @@
+"""The local spool: what the service does while the database is unreachable, and how it catches up.
+
+An app pointed at a port nobody listens on stands for a database that is down;
+an app on the real scratch database, sharing the same spool folder, drains it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import urlencode
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from prometheus_client import REGISTRY
+
+from flowlens_ingest import background, create_app
+from flowlens_ingest.schema import pull_requests, repositories, webhook_deliveries
+from flowlens_ingest.spool import SUFFIX, UNUSABLE_SUFFIX, Spool
+
+from .conftest import free_port, github_headers, load_payload, make_settings, rows
+
+OPENED = load_payload("pull_request/opened.payload.json")
+CLOSED = load_payload("pull_request/closed.payload.json")
+PING = load_payload("ping/payload.json")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def apps(db, database_url: str, tmp_path: Path) -> Iterator[Callable[..., Flask]]:
+    """Build apps on the scratch database (`down=False`) or on a database that is down."""
+    built: list[Flask] = []
+    nowhere = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/nowhere"
+
+    def build(*, down: bool, spool_dir: Path | None = None, **overrides) -> Flask:
+        overrides.setdefault("spool_dir", spool_dir or tmp_path / "spool")
+        app = create_app(make_settings(nowhere if down else database_url, tmp_path, **overrides))
+        built.append(app)
+        return app
+
+    yield build
+    for app in built:
+        app.extensions["flowlens_db"].dispose()
+
+
+def post(app: Flask, payload: dict | bytes, event: str, **kwargs):
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return app.test_client().post("/webhook", data=body, headers=github_headers(body, event, **kwargs))
+
+
+@pytest.fixture
+def drain(apps) -> Iterator[Callable[[Flask], None]]:
+    """Start an app's background drainer, as gunicorn's post_worker_init does; stopped afterwards."""
+    drainers = []
+
+    def start(app: Flask) -> None:
+        drainer = background.start(app, interval=0.05)
+        assert drainer is not None
+        drainers.append(drainer)
+
+    yield start
+    for drainer in drainers:
+        drainer.stop()
+
+
+def journal(engine) -> dict[str, tuple[str, int]]:
+    entries = rows(engine, webhook_deliveries, "delivery_id", "outcome", "attempts")
+    return {e["delivery_id"]: (e["outcome"], e["attempts"]) for e in entries}
+
+
+# --- the spool itself ------------------------------------------------------------------
+
+
+def test_put_writes_one_private_file_per_delivery_in_arrival_order(tmp_path):
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    for n in range(5):
+        assert spool.put(f"d-{n}", n, "ping", "application/json", b'{"n": %d}' % n)
+    files = sorted((tmp_path / "spool").glob("*" + SUFFIX))
+    assert [Spool.read(p).delivery_id for p in files] == [f"d-{n}" for n in range(5)]
+    assert Spool.read(files[3]).body == b'{"n": 3}' and Spool.read(files[3]).hook_id == 3
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    assert list((tmp_path / "spool").glob("*.tmp")) == []
+    assert spool.depth() == 5 and spool.used_bytes() == sum(p.stat().st_size for p in files)
+
+
+def test_put_refuses_what_would_go_over_the_size_bound(tmp_path):
+    spool = Spool(tmp_path / "spool", 400)
+    body = b"x" * 100
+    accepted = [spool.put(f"d-{n}", 0, "ping", "application/json", body) for n in range(6)]
+    assert accepted == [True, True, False, False, False, False]
+    assert spool.used_bytes() <= 400
+
+
+def test_concurrent_puts_keep_the_bound(tmp_path):
+    spools = [Spool(tmp_path / "spool", 2000) for _ in range(4)]
+    results: list[bool] = []
+
+    def fill(spool: Spool, worker: int) -> None:
+        for n in range(20):
+            results.append(spool.put(f"{worker}-{n}", 0, "ping", "application/json", b"y" * 100))
+
+    threads = [threading.Thread(target=fill, args=(s, i)) for i, s in enumerate(spools)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert spools[0].used_bytes() <= 2000
+    assert results.count(True) == spools[0].depth() > 0
+
+
+# --- while the database is down ---------------------------------------------------------
+
+
+def test_unreachable_database_spools_the_delivery_and_readyz_says_503(apps, db):
+    down = apps(down=True)
+    response = post(down, OPENED, "pull_request", delivery="s-1")
+    assert response.status_code == 202
+    assert response.get_json() == {"delivery": "s-1", "event": "pull_request", "action": "opened", "outcome": "spooled"}
+    (item,) = [Spool.read(p) for p in down.extensions["flowlens_spool"].directory.glob("*" + SUFFIX)]
+    assert (item.delivery_id, item.hook_id, item.event) == ("s-1", 123456, "pull_request")
+    assert json.loads(item.body) == OPENED
+    ready = down.test_client().get("/readyz")
+    assert ready.status_code == 503 and ready.get_json()["status"] == "unavailable"
+    assert down.test_client().get("/healthz").status_code == 200
+    assert rows(db, webhook_deliveries) == []
+
+
+@pytest.mark.parametrize("spool_max_bytes", [0, 200], ids=["disabled", "full"])
+def test_no_room_in_the_spool_is_503_with_retry_after(apps, spool_max_bytes):
+    down = apps(down=True, spool_max_bytes=spool_max_bytes)
+    response = post(down, OPENED, "pull_request")
+    assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) > 0
+    assert set(response.get_json()) == {"error"}
+
+
+def test_invalid_or_unsigned_deliveries_are_refused_without_touching_the_spool(apps):
+    down = apps(down=True)
+    assert post(down, b'{"a": "\\u0000"}', "ping").status_code == 400
+    body = json.dumps(OPENED).encode()
+    headers = github_headers(body, "pull_request", secret="wrong")
+    assert down.test_client().post("/webhook", data=body, headers=headers).status_code == 401
+    assert down.extensions["flowlens_spool"].depth() == 0
+
+
+# --- when it comes back ------------------------------------------------------------------
+
+
+def test_drainer_applies_the_spool_in_arrival_order_exactly_once(apps, drain, db):
+    down = apps(down=True)
+    broken = dict(OPENED, pull_request={"number": "two"})
+    form = urlencode({"payload": json.dumps(PING)}).encode()
+    answers = [
+        post(down, OPENED, "pull_request", delivery="opened"),
+        post(down, CLOSED, "pull_request", delivery="closed"),
+        post(down, broken, "pull_request", delivery="broken"),
+        post(down, form, "ping", delivery="form", content_type="application/x-www-form-urlencoded"),
+        # GitHub's redelivery of one we already spooled.
+        post(down, OPENED, "pull_request", delivery="opened"),
+    ]
+    assert [a.status_code for a in answers] == [202] * 5
+    up = apps(down=False)
+    drain(up)
+    wait_until(lambda: up.extensions["flowlens_spool"].depth() == 0, what="the spool to empty")
+    # `closed` was not stale: `opened` was applied before it.
+    assert journal(db) == {
+        "opened": ("applied", 1),
+        "closed": ("applied", 1),
+        "broken": ("failed", 1),
+        "form": ("ignored", 1),
+    }
+    assert rows(db, pull_requests, "state", "version") == [{"state": "closed", "version": 2}]
+    assert [e["payload"] for e in rows(db, webhook_deliveries, "received_at", "delivery_id", "payload")][3] == PING
+    assert REGISTRY.get_sample_value("flowlens_spool_drained_total", {"outcome": "duplicate"}) >= 1
+
+
+def test_two_hosts_draining_copies_of_the_same_deliveries_apply_each_once(apps, drain, db, tmp_path):
+    deliveries = []
+    for number in range(1, 31):
+        payload = copy.deepcopy(OPENED)
+        payload["number"] = payload["pull_request"]["number"] = number
+        deliveries.append(payload)
+    hosts = []
+    for host in ("a", "b"):
+        down = apps(down=True, spool_dir=tmp_path / f"spool-{host}")
+        for n, payload in enumerate(deliveries):
+            assert post(down, payload, "pull_request", delivery=f"pr-{n}").status_code == 202
+        hosts.append(apps(down=False, spool_dir=tmp_path / f"spool-{host}"))
+    for up in hosts:
+        drain(up)
+    for up in hosts:
+        wait_until(lambda: up.extensions["flowlens_spool"].depth() == 0, what="both spools to empty")
+    assert journal(db) == {f"pr-{n}": ("applied", 1) for n in range(30)}
+    assert rows(db, pull_requests, "pr_number", "version") == [{"pr_number": n, "version": 1} for n in range(1, 31)]
+
+
+def test_a_file_that_can_never_apply_is_set_aside_and_the_rest_drains(apps, drain, db, tmp_path):
+    down = apps(down=True)
+    spool_dir = down.extensions["flowlens_spool"].directory
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    # Older than anything spooled next, so the drain meets it first.
+    (spool_dir / f"{0:020d}-1-garbage{SUFFIX}").write_bytes(b"not a header\n{}")
+    (spool_dir / f"{1:020d}-1-badbody{SUFFIX}").write_bytes(
+        json.dumps({"delivery_id": "b", "hook_id": 0, "event": "ping", "content_type": "application/json"}).encode()
+        + b"\n\xff\xfe"
+    )
+    assert post(down, OPENED, "pull_request", delivery="good").status_code == 202
+    up = apps(down=False)
+    drain(up)
+    wait_until(lambda: up.extensions["flowlens_spool"].depth() == 0, what="the spool to empty")
+    assert journal(db) == {"good": ("applied", 1)}
+    assert sorted(p.name.split("-")[2] for p in spool_dir.glob("*" + UNUSABLE_SUFFIX)) == [
+        "badbody" + SUFFIX + UNUSABLE_SUFFIX,
+        "garbage" + SUFFIX + UNUSABLE_SUFFIX,
+    ]
+
+
+def timeout_retries() -> float:
+    """Transactions retried after a lock or statement timeout, so far in this process."""
+    return sum(
+        REGISTRY.get_sample_value("flowlens_db_retries_total", {"reason": code}) or 0 for code in ("55P03", "57014")
+    )
+
+
+def test_a_lock_held_past_the_timeout_spools_at_once_instead_of_retrying(apps, drain, db):
+    up = apps(down=False, statement_timeout_ms=300)
+    assert post(up, OPENED, "pull_request", delivery="first").status_code == 200
+    retries = timeout_retries()
+    with db.connect() as holder:
+        with holder.begin():
+            holder.execute(sa.select(repositories.c.id).with_for_update())
+            response = post(up, CLOSED, "pull_request", delivery="blocked")
+            assert (response.status_code, response.get_json()["outcome"]) == (202, "spooled")
+    assert timeout_retries() == retries
+    drain(up)
+    wait_until(lambda: up.extensions["flowlens_spool"].depth() == 0, what="the spool to empty")
+    assert journal(db) == {"first": ("applied", 1), "blocked": ("applied", 1)}
+    assert rows(db, pull_requests, "state") == [{"state": "closed"}]
+
+
+def test_spooled_body_is_the_signed_bytes_as_received(apps, tmp_path):
+    down = apps(down=True)
+    body = b'{"zen":  "spaced \\u00e9",\n "hook_id": 1}'
+    assert post(down, body, "ping", delivery="raw").status_code == 202
+    (path,) = down.extensions["flowlens_spool"].directory.glob("*" + SUFFIX)
+    assert Spool.read(path).body == body
+    assert os.stat(path).st_size == len(path.read_bytes())
