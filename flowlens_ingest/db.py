@@ -29,6 +29,8 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 UNAVAILABLE_SQLSTATES = frozenset(
     {"57P01", "57P02", "57P03", "57014", "55P03", "08000", "08003", "08006"}
 )
+# statement_timeout and lock_timeout: one such wait already spent the answer's time budget.
+TIMEOUT_SQLSTATES = frozenset({"57014", "55P03"})
 MAX_ATTEMPTS = 6
 BASE_DELAY_S = 0.005
 MAX_DELAY_S = 0.25
@@ -168,9 +170,9 @@ def transaction(
             if not (unreachable or is_retryable(exc)):
                 raise
             reason = getattr(exc.orig, "pgcode", None) or "disconnect"
-            # A server that refuses connections gets one more try, not six:
-            # the answer has to reach GitHub well inside its 10 s.
-            if attempt == attempts or (unreachable and attempt >= 2):
+            # A server that refuses connections gets one more try, not six, and a
+            # timeout none: the answer has to reach GitHub well inside its 10 s.
+            if attempt == attempts or (unreachable and (attempt >= 2 or reason in TIMEOUT_SQLSTATES)):
                 raise DatabaseUnavailable(reason) from exc
             if on_retry is not None:
                 on_retry(reason)
