@@ -62,6 +62,7 @@ def ack(db, table: sa.Table, row: dict[str, Any]) -> int:
 
 
 def opened(number: int = 1, sha: str = SHA_A, seconds: int = 10, **kw: Any) -> dict[str, Any]:
+    """A `pull_request` opened delivery of the test repository."""
     return pull_request("opened", REPO, number, sha, at(seconds), **kw)
 
 
@@ -75,10 +76,12 @@ def run(sha: str, name: str, status_: str, seconds: int, conclusion: str | None 
 
 
 def build(db, number: int = 1) -> str:
+    """The PR's stored status_build."""
     return one(db, pipeline_runs, number)["status_build"]
 
 
 def approval(db, number: int = 1) -> str:
+    """The PR's stored status_approval."""
     return one(db, pipeline_runs, number)["status_approval"]
 
 
