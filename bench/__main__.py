@@ -471,11 +471,16 @@ def main(argv: list[str] | None = None) -> int:
             "service": {
                 "workers": len(workers), "env": env, "master_rss_mb": master_rss,
                 "cpu_cores_used": round((after_cpu["workers"] - before_cpu["workers"]) / seconds, 2),
+                # Per delivery, so that it holds however busy the machine was.
+                "cpu_ms_per_delivery": round(1000 * (after_cpu["workers"] - before_cpu["workers"]) / delivered, 2)
+                if delivered else None,
             },
             "load": {
                 "connections": args.connections, "wrk_threads": args.wrk_threads, "paced_rate": args.rate or None,
                 "wrk_cpu_cores_used": round(run["cpu_s"] / seconds, 2),
                 "postgres_cpu_cores_used": round((after_cpu["postgres"] - before_cpu["postgres"]) / seconds, 2),
+                "postgres_cpu_ms_per_delivery": round(
+                    1000 * (after_cpu["postgres"] - before_cpu["postgres"]) / delivered, 2) if delivered else None,
                 "machine_cpu_cores_busy": round((after_cpu["machine"] - before_cpu["machine"]) / seconds, 2),
                 "mix": MIX, "repositories": args.repositories, "prs_per_repository": args.prs,
                 "mean_body_bytes": round(size / count), "warmup_s": args.warmup,
