@@ -216,7 +216,13 @@ def _time(value: Any, what: str) -> datetime | None:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             raise MappingError(f"{what} is not an ISO 8601 timestamp") from None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        try:
+            # PostgreSQL would store a time outside years 1-9999 UTC (`0001-01-01T00:00:00+14:00`),
+            # but no Python reader, the poller included, could load that row back.
+            return parsed.astimezone(timezone.utc)
+        except OverflowError:
+            raise MappingError(f"{what} is out of range") from None
     raise MappingError(f"{what} is not a timestamp")
 
 
