@@ -7,6 +7,7 @@ import hashlib
 import json
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -199,3 +200,67 @@ def test_racing_copies_of_one_delivery_apply_once(db, database_url, tmp_path: Pa
     assert journal(db) == [
         {"delivery_id": "race", "hook_id": 7, "event": "pull_request", "action": "opened", "outcome": "applied", "attempts": 1}
     ]
+
+
+class Conflicts:
+    """Makes the next writes of a pull request fail with a SQLSTATE, as YugabyteDB's conflicts do."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    def arm(self, code: str, n: int) -> None:
+        """The next `n` attempts fail with `code`."""
+        # A sequence, because nextval survives the rollback of the failing transaction.
+        with self.engine.begin() as conn:
+            conn.execute(sa.text("CREATE SEQUENCE test_attempts"))
+            conn.execute(sa.text(f"""
+                CREATE FUNCTION test_conflict() RETURNS trigger AS $$ BEGIN
+                  IF nextval('test_attempts') <= {n} THEN
+                    RAISE EXCEPTION 'simulated conflict' USING ERRCODE = '{code}';
+                  END IF;
+                  RETURN NEW;
+                END $$ LANGUAGE plpgsql"""))
+            conn.execute(sa.text(
+                "CREATE TRIGGER test_conflict BEFORE INSERT OR UPDATE ON pull_requests"
+                " FOR EACH ROW EXECUTE PROCEDURE test_conflict()"
+            ))
+
+    def attempts(self) -> int:
+        """How many attempts reached the pull request write."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.text("SELECT last_value FROM test_attempts")).scalar()
+
+    def disarm(self) -> None:
+        """Remove the trigger, its function and its sequence."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER IF EXISTS test_conflict ON pull_requests"))
+            conn.execute(sa.text("DROP FUNCTION IF EXISTS test_conflict()"))
+            conn.execute(sa.text("DROP SEQUENCE IF EXISTS test_attempts"))
+
+
+@pytest.fixture
+def conflicts(db) -> Iterator[Conflicts]:
+    armed = Conflicts(db)
+    yield armed
+    armed.disarm()
+
+
+@pytest.mark.parametrize("code", ["40001", "40P01"])
+def test_a_conflicting_transaction_is_retried_whole(deliver, db, conflicts, code):
+    conflicts.arm(code, 2)
+    response = deliver(OPENED, "pull_request", delivery="retried")
+    assert (response.status_code, response.get_json()["outcome"]) == (200, "applied")
+    assert conflicts.attempts() == 3
+    # Each attempt re-ran every statement: one row each, written once.
+    assert rows(db, pull_requests, "version") == [{"version": 1}]
+    assert len(rows(db, repositories)) == 1
+    assert [(e["outcome"], e["attempts"]) for e in journal(db)] == [("applied", 1)]
+
+
+def test_conflicts_that_never_end_are_bounded_and_spooled(deliver, db, conflicts, tmp_path):
+    conflicts.arm("40001", 1000)
+    response = deliver(OPENED, "pull_request", delivery="hopeless")
+    assert (response.status_code, response.get_json()["outcome"]) == (202, "spooled")
+    assert conflicts.attempts() == 6
+    assert rows(db, webhook_deliveries) == [] and rows(db, pull_requests) == []
+    assert len(list((tmp_path / "spool").glob("*.delivery"))) == 1
