@@ -143,18 +143,16 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
-def backend_pids(database: str) -> list[int]:
-    """The PostgreSQL backends serving one database (its process title names it)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if title.startswith("postgres:") and f" {database} " in title:
-                pids.append(int(entry.name))
-    return pids
+def backend_pids(url: str) -> list[int]:
+    """The PostgreSQL backends serving the service (pg_stat_activity, by application name)."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        pids = conn.execute(
+            sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name = 'flowlens-ingest'")
+        ).scalars().all()
+    engine.dispose()
+    return list(pids)
 
 
 def machine_busy_seconds() -> float:
@@ -416,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
             workers = service.workers()
             before_metrics, before_db = service.metrics(), database_stats(url)
-            pg = backend_pids(make_url(url).database)
+            pg = backend_pids(url)
             before_cpu = {"workers": cpu_seconds(workers), "postgres": cpu_seconds(pg), "machine": machine_busy_seconds()}
             profiles = (start_profiles(workers, args.seconds, args.profile, args.profile_format, args.profile_mode)
                         if args.profile else [])
