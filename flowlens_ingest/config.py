@@ -52,7 +52,8 @@ class Settings:
     data_dir: Path = Path(".flowlens")
     max_body_bytes: int = 25 * MIB
     statement_timeout_ms: int = 5000
-    pool_size: int = 4
+    # gunicorn threads (4) plus the spool drainer: a request never waits for a connection.
+    pool_size: int = 5
     store_payloads: bool = True
     spool_dir: Path | None = None
     spool_max_bytes: int = 512 * MIB
@@ -88,7 +89,7 @@ class Settings:
             data_dir=data_dir,
             max_body_bytes=_int(env, "FLOWLENS_MAX_BODY_BYTES", 25 * MIB),
             statement_timeout_ms=_int(env, "FLOWLENS_STATEMENT_TIMEOUT_MS", 5000),
-            pool_size=_int(env, "FLOWLENS_POOL_SIZE", 4),
+            pool_size=_int(env, "FLOWLENS_POOL_SIZE", 5),
             store_payloads=_bool(env, "FLOWLENS_JOURNAL_PAYLOADS", True),
             spool_dir=Path(spool).expanduser().resolve() if spool else data_dir / "spool",
             spool_max_bytes=_int(env, "FLOWLENS_SPOOL_MAX_BYTES", 512 * MIB),
