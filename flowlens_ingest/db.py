@@ -215,6 +215,9 @@ def run_batch(conn: Connection, statements: list[tuple[str, dict[str, Any]]]) ->
         disconnected = dbapi.closed != 0 or conn.dialect.is_disconnect(exc, dbapi, cursor)
         if disconnected:
             conn.invalidate()
+            # The server went away: its other pooled connections are dead too. Drop
+            # them now rather than spend the next deliveries' attempts finding out.
+            conn.engine.dispose()
         raise sa.exc.DBAPIError.instance(
             None, None, exc, psycopg2.Error, connection_invalidated=disconnected
         ) from exc
