@@ -98,16 +98,13 @@ def empty_tables(url: str) -> None:
     engine.dispose()
 
 
-def database_stats(url: str) -> dict[str, Any]:
-    """Commits, rollbacks and the server version of the scratch database."""
+def server_version(url: str) -> str:
+    """The PostgreSQL server's version."""
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     with engine.connect() as conn:
-        row = conn.execute(
-            sa.text("SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = current_database()")
-        ).one()
         version = conn.execute(sa.text("SHOW server_version")).scalar_one()
     engine.dispose()
-    return {"commits": row.xact_commit, "rollbacks": row.xact_rollback, "version": version}
+    return version
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -413,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             size = write_records(generator, warm_count, count, workdir / "run", args.wrk_threads, secret.encode())
 
             workers = service.workers()
-            before_metrics, before_db = service.metrics(), database_stats(url)
+            before_metrics = service.metrics()
             pg = backend_pids(url)
             before_cpu = {"workers": cpu_seconds(workers), "postgres": cpu_seconds(pg), "machine": machine_busy_seconds()}
             profiles = (start_profiles(workers, args.seconds, args.profile, args.profile_format, args.profile_mode)
@@ -423,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             run = run_wrk(service.url, workdir / "run", "run", seconds=args.seconds,
                           connections=args.connections, threads=args.wrk_threads, think_ms=think_ms)
             after_cpu = {"workers": cpu_seconds(workers), "postgres": cpu_seconds(pg), "machine": machine_busy_seconds()}
-            after_metrics, after_db = service.metrics(), database_stats(url)
+            after_metrics = service.metrics()
             rss = [rss_mb(pid) for pid in workers]
             master = service.master()
             master_rss = rss_mb(master) if master else None
@@ -457,8 +454,6 @@ def main(argv: list[str] | None = None) -> int:
             "wrk_errors": run["errors"],
             "outcomes": outcomes,
             "resent_fraction": round(run["resent"] / run["sent"], 3) if run["sent"] else 0.0,
-            "db_commits_per_delivery": round((after_db["commits"] - before_db["commits"]) / delivered, 2)
-            if delivered else None,
             "db_limit": {
                 "clients": limit.clients, "round_trips_per_tx": limit.round_trips_per_tx,
                 "p50_ms": limit.p50_ms, "p99_ms": limit.p99_ms, "seconds": limit.seconds,
@@ -483,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mix": MIX, "repositories": args.repositories, "prs_per_repository": args.prs,
                 "mean_body_bytes": round(size / count), "warmup_s": args.warmup,
             },
-            "machine": {**machine(), "postgres": after_db["version"],
+            "machine": {**machine(), "postgres": server_version(url),
                         "loadavg_before": [round(x, 2) for x in load_start],
                         "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
         }
