@@ -125,8 +125,9 @@ def _p(name: str) -> sa.BindParameter[Any]:
 
 
 def _params(row: Any, **extra: Any) -> dict[str, Any]:
-    values = {**dataclasses.asdict(row), **extra}
-    return {f"p_{k}": _adapt(v) for k, v in values.items()}
+    # Shallow on purpose: dataclasses.asdict deep-copies every label and file list.
+    values = {f.name: getattr(row, f.name) for f in dataclasses.fields(row)}
+    return {f"p_{k}": _adapt(v) for k, v in {**values, **extra}.items()}
 
 
 def _adapt(value: Any) -> Any:
