@@ -52,19 +52,17 @@ def _parse_int(text: str) -> int:
     return value
 
 
-def _check_tree(value: Any) -> None:
-    """Reject nesting deeper than MAX_DEPTH and strings PostgreSQL cannot hold."""
-    stack = [(value, 1)]
+def _check_strings(value: Any) -> None:
+    """Reject strings (values or keys) PostgreSQL cannot hold."""
+    stack = [value]
     while stack:
-        item, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise BadPayload(f"nested deeper than {MAX_DEPTH} levels")
+        item = stack.pop()
         if isinstance(item, dict):
             for key, child in item.items():
                 _check_text(key)
-                stack.append((child, depth + 1))
+                stack.append(child)
         elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item)
+            stack.extend(item)
         elif isinstance(item, str):
             _check_text(item)
 
@@ -77,6 +75,19 @@ def _check_text(text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise BadPayload("string contains an unpaired surrogate") from None
+
+
+def depth(value: Any) -> int:
+    """How deeply containers nest in a parsed JSON value (an object of scalars is 1)."""
+    deepest = 0
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, (dict, list)):
+                stack.append((child, level + 1))
+    return deepest
 
 
 def loads(text: str) -> dict[str, Any]:
@@ -94,7 +105,13 @@ def loads(text: str) -> dict[str, Any]:
         raise BadPayload("body is not valid JSON") from None
     if not isinstance(value, dict):
         raise BadPayload("body is not a JSON object")
-    _check_tree(value)
+    if depth(value) > MAX_DEPTH:
+        raise BadPayload(f"nested deeper than {MAX_DEPTH} levels")
+    # Only a \u escape can put U+0000 or a lone surrogate in a string: raw control
+    # characters are invalid JSON, and the text itself came from strict UTF-8. So
+    # the walk over every string runs only for the rare body that has escapes.
+    if "\\u" in text:
+        _check_strings(value)
     return value
 
 
