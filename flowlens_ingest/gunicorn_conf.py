@@ -1,57 +1,89 @@
 """gunicorn settings shared by `flowlens-ingest serve` and the Procfile.
 
 `gunicorn -c python:flowlens_ingest.gunicorn_conf flowlens_ingest.wsgi:app`.
-Every value can be overridden by the environment (GUNICORN_CMD_ARGS too).
+The FLOWLENS_* variables below tune it; GUNICORN_CMD_ARGS overrides anything.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import sys
 from pathlib import Path
 
-# Metrics from every worker are summed through files in this folder; it has to be
-# set before prometheus_client is first imported, in the master and so in every worker.
+# Metrics from every worker are summed through files in this folder. prometheus_client
+# reads the variable once, when first imported: set it here, in the master, before any
+# worker (which inherits it) creates a metric. flowlens_ingest imports it lazily for this.
 _metrics_dir = Path(
     os.environ.setdefault(
         "PROMETHEUS_MULTIPROC_DIR",
-        str(Path(os.environ.get("FLOWLENS_DATA_DIR") or ".flowlens").resolve() / "metrics"),
+        str(Path(os.environ.get("FLOWLENS_DATA_DIR") or ".flowlens").expanduser().resolve() / "metrics"),
     )
 )
+if "prometheus_client.values" in sys.modules:
+    # Too late: workers would inherit per-process values and /metrics would show
+    # one worker's share. Refuse to start rather than serve wrong numbers.
+    raise RuntimeError("prometheus_client was imported before gunicorn_conf set PROMETHEUS_MULTIPROC_DIR")
 
 bind = os.environ.get("FLOWLENS_BIND") or f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("FLOWLENS_WORKERS") or os.environ.get("WEB_CONCURRENCY") or (os.cpu_count() or 1) + 1)
+# Threads overlap the database round trips of one worker; the pool holds one
+# connection per thread plus one for the spool drainer (FLOWLENS_POOL_SIZE).
 worker_class = "gthread"
 threads = int(os.environ.get("FLOWLENS_THREADS") or 4)
-# GitHub gives up after 10 s: a request still running then is already lost to it.
+# GitHub gives up after 10 s: a worker silent for that long is stuck, not busy
+# (a delivery ends within the 5 s statement timeout).
 timeout = 10
-graceful_timeout = 20
+# On SIGTERM a worker stops accepting and finishes what it holds; the longest
+# delivery is one statement timeout plus a few retries, well inside this.
+graceful_timeout = int(os.environ.get("FLOWLENS_GRACEFUL_TIMEOUT") or 20)
 keepalive = 5
-# No preload: each worker builds its app, engine and pool after the fork.
+# No preload: each worker imports the app and builds its engine and pool after the fork.
 preload_app = False
+# The heartbeat file is touched every second per worker: keep it off disk where possible.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+# No worker recycling (max_requests): every recycled worker leaves its metric files
+# behind to be read on each scrape, and the workers hold no growing state.
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("FLOWLENS_LOG_LEVEL", "info").lower()
-# Workers are small and long-lived; recycle them now and then to bound memory.
-max_requests = 20000
-max_requests_jitter = 2000
+if (os.environ.get("FLOWLENS_LOG_FORMAT") or "json").strip().lower() == "json":
+    # gunicorn's own lines (boot, signals, worker exits) as JSON on stderr too, like the
+    # service's. gunicorn merges this over its defaults key by key. No access log: the
+    # service writes one line per delivery itself.
+    logconfig_dict = {
+        "root": {"level": "WARNING", "handlers": ["error_console"]},
+        "loggers": {
+            "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False},
+            "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
+        },
+        "formatters": {"generic": {"()": "flowlens_ingest.logs.JsonFormatter"}},
+    }
 
 
 def on_starting(server) -> None:
-    """Start every run with an empty metrics folder (stale worker files would be summed)."""
-    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    """Start every run with an empty metrics folder (a previous run's files would be summed)."""
     _metrics_dir.mkdir(parents=True, exist_ok=True)
+    # Only prometheus_client's files: the folder may be one an operator chose.
+    for path in _metrics_dir.glob("*.db"):
+        path.unlink(missing_ok=True)
 
 
 def post_worker_init(worker) -> None:
     """Start the worker's spool drainer once its app exists."""
     from flowlens_ingest.background import start
 
-    start(worker.wsgi)
+    worker.flowlens_drainer = start(worker.wsgi)
+
+
+def worker_exit(server, worker) -> None:
+    """Let the drainer finish the spooled delivery it is applying before the worker goes."""
+    drainer = getattr(worker, "flowlens_drainer", None)
+    if drainer is not None:
+        drainer.stop()
 
 
 def child_exit(server, worker) -> None:
-    """Forget a dead worker's live gauges."""
+    """Drop a dead worker's live gauge samples (its counters still count)."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)

@@ -1,23 +1,23 @@
 """Prometheus metrics, correct across gunicorn workers.
 
-With PROMETHEUS_MULTIPROC_DIR set (the `serve` command and gunicorn.conf.py set
-it), every worker writes its samples to files there and /metrics sums them:
-https://prometheus.github.io/client_python/multiprocess/
+With PROMETHEUS_MULTIPROC_DIR set (gunicorn_conf sets it, for `serve` and the
+Procfile alike), every worker writes its samples to files there and /metrics
+sums them: https://prometheus.github.io/client_python/multiprocess/
+
+prometheus_client decides between per-process and multiprocess values once, when
+it is first imported, from that variable. gunicorn imports this package (for
+gunicorn_conf) before the configuration can set it, so this module imports
+prometheus_client only when a metric is created or rendered: in a worker, after
+the fork, long after gunicorn_conf ran.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 # Only events we know become label values: a signed sender could invent any name.
 KNOWN_EVENTS = frozenset(
@@ -46,6 +46,8 @@ class Metrics:
     """The service's instruments, registered once per process."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
         kwargs = {} if registry is None else {"registry": registry}
         self.deliveries = Counter(
             "flowlens_deliveries",
@@ -74,10 +76,13 @@ class Metrics:
             "SQL round trips to the database (statements, BEGIN, COMMIT, ROLLBACK)",
             **kwargs,
         )
+        # Every worker's drainer samples the shared spool each second. "livemax" keeps
+        # only live workers' samples: a dead worker's last sample would otherwise
+        # be reported for ever ("max" keeps the files of dead processes).
         self.spool_depth = Gauge(
             "flowlens_spool_depth",
             "Deliveries waiting in the local spool",
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
             **kwargs,
         )
 
@@ -102,12 +107,12 @@ class Metrics:
 
 def render() -> tuple[bytes, str]:
     """The exposition text: summed over all workers in multiprocess mode."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
+
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
-    from prometheus_client import REGISTRY
-
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
