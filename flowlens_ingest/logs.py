@@ -28,6 +28,8 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
+            # Which worker: lines of one delivery, of one crash, belong together.
+            "pid": record.process,
             "msg": record.getMessage(),
             **_extras(record),
         }
@@ -36,12 +38,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def _text_value(value: object) -> str:
+    # Quoted when it would not read back as one token.
+    text = str(value)
+    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
+
+
 class TextFormatter(logging.Formatter):
     """A log record as a readable line, extras as key=value."""
 
     def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        line = f"{self.formatTime(record)} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        extras = " ".join(f"{k}={_text_value(v)}" for k, v in _extras(record).items())
+        line = f"{self.formatTime(record)} [{record.process}] {record.levelname:<7} {record.name}: {record.getMessage()}"
         line = f"{line} {extras}" if extras else line
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

@@ -7,6 +7,7 @@ import logging
 import time
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import parse, signature
 from .db import DatabaseUnavailable, get_db
@@ -32,11 +33,26 @@ def verify_signature() -> Response | None:
     g.started = time.perf_counter()
     settings = current_app.config["FLOWLENS"]
     # Flask refuses a body over MAX_CONTENT_LENGTH here (413) without reading it whole.
-    body = request.get_data(cache=True)
+    try:
+        body = request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        log.warning(
+            "body over the limit",
+            extra={"delivery": request.headers.get("X-GitHub-Delivery", "")[:100], "bytes": request.content_length},
+        )
+        raise
     try:
         signature.verify(body, request.headers.get("X-Hub-Signature-256"), settings.secrets)
     except signature.SignatureError as exc:
-        log.info("signature refused", extra={"reason": exc.reason})
+        # The ids are unverified text: logged cut short, for matching GitHub's delivery page.
+        log.warning(
+            "signature refused",
+            extra={
+                "reason": exc.reason,
+                "delivery": request.headers.get("X-GitHub-Delivery", "")[:100],
+                "event": request.headers.get("X-GitHub-Event", "")[:100],
+            },
+        )
         current_app.extensions["flowlens_metrics"].signature_failure(exc.reason)
         return error(401, "invalid or missing X-Hub-Signature-256")
     return None
@@ -48,6 +64,24 @@ def _hook_id(raw: str | None) -> int | None:
     return int(raw) if raw.isdigit() and len(raw) < 19 else None
 
 
+def _answer(outcome: str, status: int, event: str, delivery_id: str, action: str | None = None) -> None:
+    """Count and log one answered signed delivery: exactly one log line each, ids only."""
+    elapsed = time.perf_counter() - g.started
+    current_app.extensions["flowlens_metrics"].delivery(event, outcome, elapsed)
+    log.log(
+        logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO,
+        "delivery",
+        extra={
+            "delivery": delivery_id[:200],
+            "event": event[:100],
+            "action": action[:100] if action else action,
+            "outcome": outcome,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 2),
+        },
+    )
+
+
 @bp.post("/webhook")
 def receive() -> tuple[Response, int] | Response:
     """Answer one signed GitHub delivery."""
@@ -57,16 +91,20 @@ def receive() -> tuple[Response, int] | Response:
     delivery_id = request.headers.get("X-GitHub-Delivery", "").strip()
     hook_id = _hook_id(request.headers.get("X-GitHub-Hook-ID", "").strip())
     if not event or not delivery_id:
+        _answer("rejected", 400, event, delivery_id)
         return error(400, "X-GitHub-Event and X-GitHub-Delivery are required")
     if len(event) > 100 or len(delivery_id) > 200 or hook_id is None:
+        _answer("rejected", 400, event, delivery_id)
         return error(400, "malformed X-GitHub-* header")
     body = request.get_data(cache=True)
     try:
         text = parse.json_text(request.content_type, body)
         payload = parse.loads(text)
     except parse.UnsupportedMediaType:
+        _answer("rejected", 415, event, delivery_id)
         return error(415, "use application/json or application/x-www-form-urlencoded")
     except parse.BadPayload as exc:
+        _answer("rejected", 400, event, delivery_id)
         return error(400, str(exc))
     delivery = Delivery(
         delivery_id=delivery_id,
@@ -87,23 +125,11 @@ def receive() -> tuple[Response, int] | Response:
     except DatabaseUnavailable:
         spool = current_app.extensions.get("flowlens_spool")
         if spool is None or not spool.put(delivery_id, hook_id, event, request.content_type or "", body):
-            metrics.delivery(event, "unavailable", time.perf_counter() - g.started)
-            log.error("database unavailable and spool full or off; delivery %s refused", delivery_id)
+            _answer("unavailable", 503, event, delivery_id, delivery.action)
             return error(503, "database unavailable, retry later", **{"Retry-After": "30"})
         outcome = "spooled"
     if outcome in (FAILED, "spooled"):
         status = 202
-    elapsed = time.perf_counter() - g.started
-    metrics.delivery(event, outcome, elapsed)
-    log.info(
-        "delivery",
-        extra={
-            "delivery": delivery_id,
-            "event": event,
-            "action": delivery.action,
-            "outcome": outcome,
-            "duration_ms": round(elapsed * 1000, 2),
-        },
-    )
+    _answer(outcome, status, event, delivery_id, delivery.action)
     body_out = {"delivery": delivery_id, "event": event, "action": delivery.action, "outcome": outcome}
     return jsonify(body_out), status
