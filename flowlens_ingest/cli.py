@@ -35,7 +35,27 @@ def _database_url(settings: Settings) -> tuple[str, object | None]:
     return url, server
 
 
+# Signals an operator sends to `serve` that gunicorn's master understands: TERM and
+# INT/QUIT stop it (TERM gracefully), HUP reloads the workers, TTIN/TTOU add or
+# remove one, USR1 reopens the log files.
+FORWARDED_SIGNALS = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
+)
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Run gunicorn with gunicorn_conf, on DATABASE_URL or else on the embedded database."""
+    child: subprocess.Popen | None = None
+
+    def forward(signum: int, _frame: object) -> None:
+        if child is None:
+            # Still starting: exit through atexit, which stops an embedded server we started.
+            raise SystemExit(128 + signum)
+        child.send_signal(signum)
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, forward)
+
     env = dict(os.environ)
     server = None
     if settings.database_url:
@@ -51,10 +71,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             secret, created = embedded.load_or_create_secret(settings.data_dir)
             env["GITHUB_WEBHOOK_SECRET"] = secret
             where = settings.data_dir / "webhook-secret"
-            print(
-                f"flowlens-ingest: webhook secret ({'generated' if created else 'from'} {where}): {secret}",
-                flush=True,
-            )
+            # Printed once, when made, for pasting into GitHub; later runs name the file only.
+            if created:
+                print(f"flowlens-ingest: webhook secret (generated in {where}): {secret}", flush=True)
+            else:
+                print(f"flowlens-ingest: webhook secret from {where}", flush=True)
     env["FLOWLENS_DATA_DIR"] = str(settings.data_dir)
     env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(settings.data_dir / "metrics"))
     env["FLOWLENS_BIND"] = f"{args.host}:{args.port}"
@@ -63,15 +84,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     command = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, "flowlens_ingest.wsgi:app"]
     print(f"flowlens-ingest: listening on http://{args.host}:{args.port}/webhook", flush=True)
     child = subprocess.Popen(command, env=env)
-
-    def forward(signum: int, _frame: object) -> None:
-        child.send_signal(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
     code = child.wait()
-    del server  # the embedded server stops when this process exits
-    return code
+    del server  # the embedded server stops when this process exits (atexit)
+    # A gunicorn killed by a signal: report it the way a shell would.
+    return 128 - code if code < 0 else code
 
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
@@ -85,6 +101,7 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    """Sign a payload file with the service's secret and POST it like GitHub; 0 on a 2xx."""
     import urllib.error
     import urllib.request
 
@@ -96,7 +113,10 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         if not path.exists():
             return _fail("GITHUB_WEBHOOK_SECRET is not set and no embedded secret exists")
         secret = path.read_text().strip().encode()
-    body = Path(args.file).read_bytes()
+    try:
+        body = Path(args.file).read_bytes()
+    except OSError as exc:
+        return _fail(f"cannot read {args.file}: {exc.strerror}")
     request = urllib.request.Request(
         args.url,
         data=body,
@@ -116,6 +136,8 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         status, text = exc.code, exc.read().decode()
     except urllib.error.URLError as exc:
         return _fail(f"cannot reach {args.url}: {exc.reason}")
+    except OSError as exc:  # a timeout or a reset connection while reading the answer
+        return _fail(f"no answer from {args.url}: {exc}")
     print(f"{status} {text.strip()}")
     return 0 if status < 300 else 1
 
