@@ -37,7 +37,7 @@ RULES: list[tuple[str, re.Pattern[str]]] = [
         ("psycopg2 mogrify (quote parameters, incl. the journal payload)",
          rf"run_batch\.<locals>\.<listcomp>|run_batch \(flowlens_ingest/db\.py:({_lines(db.run_batch, 'mogrify')})\)"),
         ("psycopg2 autocommit toggles, commit, cursor",
-         rf"CountingConnection\.commit|run_batch \(flowlens_ingest/db\.py"),
+         r"CountingConnection\.commit|run_batch \(flowlens_ingest/db\.py"),
         ("JSON parse + checks (parse.py)", r"flowlens_ingest/parse\.py|json/decoder\.py|json/__init__\.py"),
         ("signature HMAC (signature.py)", r"flowlens_ingest/signature\.py|hmac\.py"),
         ("payload sha256 (webhook.py)", rf"receive \(flowlens_ingest/webhook\.py:({_lines(webhook.receive, 'sha256(')})\)"),

@@ -71,11 +71,20 @@ def ingest(
 def record_failure(
     engine: Engine, delivery: Delivery, error: str, *, on_retry: Callable[[str], None] | None = None
 ) -> str:
-    """Journal a delivery that could not be applied, with its payload, for a later replay."""
+    """Journal a delivery that could not be applied, with its payload, for a later replay.
+
+    If even the journal refuses it (a database without our schema, say), raise
+    DatabaseUnavailable: the caller spools the delivery rather than lose it.
+    """
     try:
         return transaction(engine, lambda conn: store.record_failure(conn, delivery, error), on_retry=on_retry)
     except Duplicate:
         return DUPLICATE
+    except DatabaseUnavailable:
+        raise
+    except Exception as exc:
+        log.error("delivery %s cannot be journaled: %s", delivery.delivery_id, describe(exc))
+        raise DatabaseUnavailable("journal") from exc
 
 
 def delivery_from_spool(item: Spooled) -> Delivery:

@@ -44,7 +44,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.engine import Connection
 
 from .db import run_batch
-from .mappers import Changes, CheckRow, PipelineRow, PullRequestRow, RepositoryRow, ReviewRow
+from .mappers import Changes, CheckRow, ReviewRow
 from .schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories, webhook_deliveries
 
 APPLIED = "applied"

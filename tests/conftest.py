@@ -176,6 +176,29 @@ def rows(engine: Engine, table: sa.Table, *columns: str) -> list[dict[str, Any]]
         return [dict(r._mapping) for r in result]
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def refuse_title(db: Engine) -> Iterator[Callable[[], None]]:
+    """The database refuses the PR title 'refused' (a failure mappers cannot see) until `fix()` runs."""
+    with db.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE pull_requests ADD CONSTRAINT test_refuse CHECK (title <> 'refused')"))
+
+    def fix() -> None:
+        with db.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE pull_requests DROP CONSTRAINT IF EXISTS test_refuse"))
+
+    yield fix
+    fix()
+
+
 # --- a real service ------------------------------------------------------------------
 
 

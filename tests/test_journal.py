@@ -129,19 +129,6 @@ def test_unmappable_delivery_is_failed_until_it_maps_and_others_keep_working(del
     assert len(rows(db, pull_requests)) == 1
 
 
-@pytest.fixture
-def refuse_title(db):
-    """A database that refuses one PR title: a failure the mappers cannot see, fixed by dropping it."""
-    with db.begin() as conn:
-        conn.execute(sa.text("ALTER TABLE pull_requests ADD CONSTRAINT test_refuse CHECK (title <> 'refused')"))
-
-    def fix() -> None:
-        with db.begin() as conn:
-            conn.execute(sa.text("ALTER TABLE pull_requests DROP CONSTRAINT IF EXISTS test_refuse"))
-
-    yield fix
-    fix()
-
 
 def test_delivery_the_database_refuses_is_failed_then_applied_when_it_comes_again(deliver, db, refuse_title):
     payload = newer(OPENED, 0, title="refused")

@@ -7,16 +7,23 @@ import logging
 import re
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 import sqlalchemy as sa
 
 from flowlens_ingest import create_app, logs
-from flowlens_ingest.config import Settings
 
-from .conftest import SECRET, Service, create_scratch_database, drop_database, load_payload, make_settings
+from .conftest import (
+    SECRET,
+    Service,
+    create_scratch_database,
+    drop_database,
+    github_headers,
+    load_payload,
+    make_settings,
+    wait_until,
+)
 
 OPENED = load_payload("pull_request/opened.payload.json")
 
@@ -36,44 +43,48 @@ def sample(metrics_text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def wait_until(condition, timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 @pytest.mark.slow
 def test_metrics_are_summed_across_workers(db, database_url, tmp_path):
     service = Service(database_url, tmp_path, workers=3)
     try:
         service.wait_ready()
-        for number in range(30):
+        connected = sa.text(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = 'flowlens-ingest' AND datname = current_database()"
+        )
+
+        def workers_connected() -> int:
+            # A new connection each time: pg_stat_activity is a snapshot per transaction.
+            with db.connect() as conn:
+                return conn.execute(connected).scalar()
+
+        sent = 0
+        # Until every worker has served a delivery, i.e. holds a connection of its own.
+        while workers_connected() < 3 and sent < 300:
             payload = json.loads(json.dumps(OPENED))
-            payload["pull_request"]["number"] = payload["number"] = 1000 + number
+            payload["pull_request"]["number"] = payload["number"] = 1000 + sent
             assert service.post(payload, "pull_request").status_code == 200
+            sent += 1
+        assert workers_connected() == 3
+        # Each worker writes its own sample file.
+        assert len(list((tmp_path / "metrics").glob("counter_*.db"))) == 3
         for _ in range(2):
             assert requests.post(service.url + "/webhook", data=b"{}", timeout=10).status_code == 401
-
-        # Each worker wrote its own samples; more than one of them served deliveries.
-        counter_files = list((tmp_path / "metrics").glob("counter_*.db"))
-        assert len(counter_files) >= 2
 
         wait_until(lambda: "flowlens_spool_depth" in requests.get(service.url + "/metrics", timeout=10).text,
                    what="the spool depth gauge")
         # Whichever worker answers /metrics, the totals are the sum over all workers.
         for _ in range(6):
             text = requests.get(service.url + "/metrics", timeout=10).text
-            assert sample(text, "flowlens_deliveries_total", event="pull_request", outcome="applied") == 30
-            assert sample(text, "flowlens_delivery_duration_seconds_count", event="pull_request") == 30
+            assert sample(text, "flowlens_deliveries_total", event="pull_request", outcome="applied") == sent
+            assert sample(text, "flowlens_delivery_duration_seconds_count", event="pull_request") == sent
             assert sample(text, "flowlens_signature_failures_total", reason="missing") == 2
             # The drainers report the spool depth (empty) once a second.
             assert "flowlens_spool_depth 0.0" in text
 
-        # Two round trips per delivery once the connections exist (a new connection
-        # adds SQLAlchemy's few first-connect queries).
+        # Two round trips per delivery, now that every worker has its connection (a
+        # worker's first connection adds SQLAlchemy's few first-connect queries).
         before = sample(requests.get(service.url + "/metrics", timeout=10).text, "flowlens_db_round_trips_total")
         for number in range(10):
             payload = json.loads(json.dumps(OPENED))
@@ -126,6 +137,19 @@ def test_readyz_is_503_until_migrations_reach_head(server_url, tmp_path):
         answer = app.test_client().get("/readyz")
         assert answer.status_code == 503
         assert answer.get_json()["database"] == "migrations pending"
+        app.extensions["flowlens_db"].dispose()
+    finally:
+        drop_database(url)
+
+
+def test_a_database_without_the_schema_spools_deliveries_instead_of_failing(server_url, tmp_path):
+    url = create_scratch_database(server_url, prefix="flowlens_unmigrated")
+    try:
+        app = create_app(make_settings(url, tmp_path))
+        body = json.dumps(OPENED).encode()
+        answer = app.test_client().post("/webhook", data=body, headers=github_headers(body, "pull_request"))
+        assert (answer.status_code, answer.get_json()["outcome"]) == (202, "spooled")
+        assert len(list((tmp_path / "spool").glob("*.delivery"))) == 1
         app.extensions["flowlens_db"].dispose()
     finally:
         drop_database(url)

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import psutil
 import pytest
@@ -27,21 +27,13 @@ import sqlalchemy as sa
 from flowlens_ingest import migrate
 from flowlens_ingest.schema import pipeline_runs, pull_requests, webhook_deliveries
 
-from .conftest import Service, free_port, load_payload, rows
+from .conftest import Service, free_port, load_payload, rows, wait_until
 
 pytestmark = pytest.mark.slow
 
 OPENED = load_payload("pull_request/opened.payload.json")
 CLOSED = load_payload("pull_request/closed.payload.json")
 
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
-    """Poll `condition` until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class ThrowawayPostgres:
@@ -164,7 +156,6 @@ class Traffic:
             return self._next
 
     def _send(self) -> None:
-        session = requests.Session()
         while not self.stopping.is_set():
             number = self._number()
             if number is None:

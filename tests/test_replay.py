@@ -71,19 +71,6 @@ def deliver_every_sample(deliver, *, history: bool = False) -> int:
     return count
 
 
-@pytest.fixture
-def refuse_title(db):
-    """The database refuses one PR title until the returned `fix` runs."""
-    with db.begin() as conn:
-        conn.execute(sa.text("ALTER TABLE pull_requests ADD CONSTRAINT test_refuse CHECK (title <> 'refused')"))
-
-    def fix() -> None:
-        with db.begin() as conn:
-            conn.execute(sa.text("ALTER TABLE pull_requests DROP CONSTRAINT IF EXISTS test_refuse"))
-
-    yield fix
-    fix()
-
 
 def test_replay_of_a_failed_delivery_applies_it_after_the_fix(deliver, db, refuse_title):
     payload = copy.deepcopy(OPENED)

@@ -11,7 +11,6 @@ import json
 import os
 import stat
 import threading
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlencode
@@ -25,20 +24,12 @@ from flowlens_ingest import background, create_app
 from flowlens_ingest.schema import pull_requests, repositories, webhook_deliveries
 from flowlens_ingest.spool import SUFFIX, UNUSABLE_SUFFIX, Spool
 
-from .conftest import free_port, github_headers, load_payload, make_settings, rows
+from .conftest import free_port, github_headers, load_payload, make_settings, rows, wait_until
 
 OPENED = load_payload("pull_request/opened.payload.json")
 CLOSED = load_payload("pull_request/closed.payload.json")
 PING = load_payload("ping/payload.json")
 
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
-    """Poll `condition` until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -1,0 +1,134 @@
+"""Helpers for tests of a running service: the Procfile's commands, metrics, logs, processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psutil
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import PREVIOUS_SECRET, SECRET, Service, free_port
+
+PROCFILE = Path(__file__).resolve().parent.parent / "Procfile"
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    """Poll `condition` until it returns something truthy, and return that; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def procfile() -> dict[str, str]:
+    """The Procfile's process types and their commands."""
+    entries = {}
+    for line in PROCFILE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, command = line.split(":", 1)
+            entries[name.strip()] = command.strip()
+    return entries
+
+
+def platform_env(database_url: str, **extra: str) -> dict[str, str]:
+    """The environment a platform gives the Procfile's processes: the venv on PATH, no FlowLens defaults."""
+    drop = ("PROMETHEUS_MULTIPROC_DIR", "FLOWLENS_DATA_DIR", "DATABASE_URL", "FLOWLENS_BIND", "FLOWLENS_WORKERS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        DATABASE_URL=database_url,
+        GITHUB_WEBHOOK_SECRET=SECRET,
+        GITHUB_WEBHOOK_SECRET_PREVIOUS=PREVIOUS_SECRET,
+    )
+    env.update(extra)
+    return env
+
+
+def run_release(database_url: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the Procfile's `release:` command as a platform would before a deploy."""
+    return subprocess.run(
+        procfile()["release"], shell=True, cwd=cwd, env=platform_env(database_url),
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+class ProcfileService(Service):
+    """The Procfile's `web:` command, run from `directory` with PORT and WEB_CONCURRENCY like a platform."""
+
+    def __init__(self, database_url: str, directory: Path, *, workers: int = 2, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = directory / ".flowlens"
+        self.log_path = directory / "web.log"
+        environment = platform_env(database_url, PORT=str(self.port), WEB_CONCURRENCY=str(workers), **(env or {}))
+        self.log = open(self.log_path, "wb")
+        # `exec`: signals reach gunicorn itself, as under a process manager.
+        self.process = subprocess.Popen(
+            ["sh", "-c", "exec " + procfile()["web"]], cwd=directory, env=environment,
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def metric(service: Service, name: str, **labels: str) -> float | None:
+    """One sample of the service's /metrics (None when absent)."""
+    text = requests.get(service.url + "/metrics", timeout=10).text
+    return sample(text, name, **labels)
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """One sample of a Prometheus text exposition (None when absent)."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return found.value
+    return None
+
+
+def log_entries(service: Service, msg: str | None = None) -> list[dict[str, Any]]:
+    """The service's JSON log lines so far (optionally only those with this `msg`)."""
+    entries = []
+    for line in service.logs().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if msg is None or entry.get("msg") == msg:
+                entries.append(entry)
+    return entries
+
+
+def gunicorn_master(service: Service) -> psutil.Process:
+    """The gunicorn master process of a service (`serve`'s child, or the Procfile's process)."""
+    process = psutil.Process(service.process.pid)
+    if "gunicorn" in " ".join(process.cmdline()):
+        return process
+    return wait_for(
+        lambda: next((p for p in process.children() if "gunicorn" in " ".join(p.cmdline())), None),
+        "the gunicorn master",
+    )
+
+
+def workers(service: Service) -> list[psutil.Process]:
+    """The service's live gunicorn workers."""
+    return [p for p in gunicorn_master(service).children() if p.status() != psutil.STATUS_ZOMBIE]
+
+
+@contextlib.contextmanager
+def running(service: Service) -> Iterator[Service]:
+    """Wait until `service` answers; stop it however the block ends (a test asserts the exit code itself)."""
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        service.stop()
