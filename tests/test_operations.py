@@ -164,37 +164,46 @@ def test_readyz_is_503_when_the_database_is_unreachable(tmp_path):
 
 @pytest.mark.slow
 def test_graceful_shutdown_finishes_the_delivery_in_flight(db, database_url, tmp_path):
-    service = Service(database_url, tmp_path)
-    service.wait_ready()
-    assert service.post(OPENED, "pull_request").json()["outcome"] == "applied"
-    closed = load_payload("pull_request/closed.payload.json")
-    repo_id = closed["repository"]["id"]
-
-    locker = db.connect()
-    lock = locker.begin()
-    locker.execute(sa.text("SELECT 1 FROM repositories WHERE github_id = :g FOR UPDATE"), {"g": repo_id})
+    # A long lock timeout: the delivery must wait for the test, however slow the machine.
+    service = Service(database_url, tmp_path, env={"FLOWLENS_STATEMENT_TIMEOUT_MS": "60000"})
     answers: list[requests.Response] = []
-    sender = threading.Thread(target=lambda: answers.append(service.post(closed, "pull_request", delivery="in-flight")))
-    sender.start()
     try:
-        # The delivery is now inside its transaction, waiting for the repository row.
-        with db.connect() as conn:
-            wait_until(
-                lambda: conn.execute(
-                    sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")
-                ).scalar() > 0,
-                what="the delivery to wait on the lock",
+        service.wait_ready()
+        assert service.post(OPENED, "pull_request").json()["outcome"] == "applied"
+        closed = load_payload("pull_request/closed.payload.json")
+        locker = db.connect()
+        lock = locker.begin()
+        locker.execute(
+            sa.text("SELECT 1 FROM repositories WHERE github_id = :g FOR UPDATE"), {"g": closed["repository"]["id"]}
+        )
+        sender = threading.Thread(
+            target=lambda: answers.append(service.post(closed, "pull_request", delivery="in-flight"))
+        )
+        sender.start()
+        try:
+            # The delivery is now inside its transaction, waiting for the repository row.
+            waiting = sa.text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
             )
-        service.process.terminate()  # SIGTERM to `serve`, forwarded to gunicorn
-        time.sleep(0.5)
-        assert service.process.poll() is None, "gunicorn must wait for the request in flight"
+
+            def delivery_waits() -> bool:
+                with db.connect() as conn:
+                    return conn.execute(waiting).scalar() > 0
+
+            wait_until(delivery_waits, what="the delivery to wait on the lock")
+            service.process.terminate()  # SIGTERM to `serve`, forwarded to gunicorn
+            time.sleep(0.5)
+            assert service.process.poll() is None, "gunicorn must wait for the request in flight"
+        finally:
+            lock.commit()
+            locker.close()
+        sender.join(timeout=60)
+        assert answers and answers[0].status_code == 200
+        assert answers[0].json()["outcome"] == "applied"
+        assert service.stop() == 0
     finally:
-        lock.commit()
-        locker.close()
-    sender.join(timeout=30)
-    assert answers and answers[0].status_code == 200
-    assert answers[0].json()["outcome"] == "applied"
-    assert service.stop() == 0
+        service.stop()
     with db.connect() as conn:
         assert conn.execute(sa.text("SELECT state FROM pull_requests")).scalar() == "closed"
         outcome = conn.execute(sa.text("SELECT outcome FROM webhook_deliveries WHERE delivery_id = 'in-flight'"))
