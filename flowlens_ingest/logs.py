@@ -48,7 +48,7 @@ class TextFormatter(logging.Formatter):
     """A log record as a readable line, extras as key=value."""
 
     def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(f"{k}={_text_value(v)}" for k, v in _extras(record).items())
+        extras = " ".join(f"{k}={_text_value(v)}" for k, v in _extras(record).items() if v is not None)
         line = f"{self.formatTime(record)} [{record.process}] {record.levelname:<7} {record.name}: {record.getMessage()}"
         line = f"{line} {extras}" if extras else line
         if record.exc_info:

@@ -1,0 +1,148 @@
+"""Logs: one line per delivery with its id and outcome, never a secret or a payload; JSON or text."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+
+import pytest
+import requests
+
+from flowlens_ingest import logs
+from flowlens_ingest.config import Settings
+
+from .conftest import PREVIOUS_SECRET, SECRET, Service, github_headers, load_payload
+from .serving import log_entries, running, wait_for
+
+OPENED = load_payload("pull_request/opened.payload.json")
+PING = load_payload("ping/payload.json")
+# Text that appears only inside the payload: finding it in a log means the payload leaked.
+MARKER = "payload-text-that-must-never-reach-a-log"
+
+
+def record(msg: str = "delivery", **extra: object) -> logging.LogRecord:
+    """A log record as webhook.py makes one."""
+    entry = logging.LogRecord("flowlens_ingest.webhook", logging.INFO, __file__, 1, msg, None, None)
+    entry.__dict__.update(extra)
+    return entry
+
+
+def test_json_lines_carry_the_extras_as_fields():
+    line = logs.JsonFormatter().format(record(delivery="abc", event="ping", outcome="ignored", duration_ms=1.5))
+    entry = json.loads(line)
+    assert "\n" not in line
+    assert entry["msg"] == "delivery" and entry["level"] == "info" and entry["logger"] == "flowlens_ingest.webhook"
+    assert (entry["delivery"], entry["event"], entry["outcome"], entry["duration_ms"]) == ("abc", "ping", "ignored", 1.5)
+    assert isinstance(entry["pid"], int) and entry["ts"].endswith("+00:00")
+
+
+def test_json_keeps_an_exception_inside_its_one_line():
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        entry = record("unexpected error")
+        entry.exc_info = sys.exc_info()
+    line = logs.JsonFormatter().format(entry)
+    assert "\n" not in line
+    assert "ValueError: boom" in json.loads(line)["exc"]
+
+
+def test_text_lines_read_as_key_value_pairs():
+    line = logs.TextFormatter().format(record(delivery="abc-123", outcome="applied", reason="two words", action=None))
+    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[\d+\] INFO    flowlens_ingest\.webhook: delivery ", line)
+    assert line.endswith('delivery=abc-123 outcome=applied reason="two words"')
+
+
+def test_configure_switches_the_format_in_place(tmp_path):
+    logger = logging.getLogger("flowlens_ingest")
+    try:
+        logs.configure(Settings(log_format="text", log_level="DEBUG"))
+        logs.configure(Settings(log_format="json"))
+        ours = [h for h in logger.handlers if getattr(h, "_flowlens", False)]
+        assert len(ours) == 1 and isinstance(ours[0].formatter, logs.JsonFormatter)
+        assert logger.level == logging.INFO and logger.propagate is False
+    finally:
+        logs.configure(Settings(log_format="json"))
+
+
+def post(service: Service, body: bytes, headers: dict[str, str]) -> requests.Response:
+    """POST raw bytes with the given headers."""
+    return requests.post(service.url + "/webhook", data=body, headers=headers, timeout=15)
+
+
+def exercise(service: Service) -> dict[str, tuple[int, str]]:
+    """Send one delivery of each kind; return delivery id -> (status, outcome expected in its log line)."""
+    payload = json.loads(json.dumps(OPENED))
+    payload["pull_request"]["body"] = MARKER
+    body = json.dumps(payload).encode()
+    expected: dict[str, tuple[int, str]] = {}
+
+    def send(delivery: str, status: int, outcome: str, data: bytes = body, event: str = "pull_request",
+             **kwargs: str) -> None:
+        answer = post(service, data, github_headers(data, event, delivery=delivery, **kwargs))
+        assert answer.status_code == status, answer.text
+        expected[delivery] = (status, outcome)
+
+    send("log-applied", 200, "applied")
+    answer = post(service, body, github_headers(body, "pull_request", delivery="log-applied"))
+    assert answer.json()["outcome"] == "duplicate"
+    send("log-rotated", 200, "ignored", data=json.dumps(PING).encode(), event="ping", secret=PREVIOUS_SECRET)
+    send("log-415", 415, "rejected", content_type="text/plain")
+    bad = b'{"pull_request": "' + MARKER.encode() + b'"'
+    send("log-400", 400, "rejected", data=bad)
+    broken = json.dumps(dict(payload, pull_request=[MARKER])).encode()
+    send("log-failed", 202, "failed", data=broken)
+    return expected
+
+
+@pytest.mark.slow
+def test_a_json_line_per_delivery_with_its_id_and_never_a_secret_or_payload(db, database_url, tmp_path):
+    with running(Service(database_url, tmp_path)) as service:
+        expected = exercise(service)
+        wrong = github_headers(b"{}", "ping", delivery="log-401", secret="a guess")
+        assert post(service, b"{}", wrong).status_code == 401
+        lines = wait_for(lambda: len(log_entries(service, "delivery")) >= len(expected) + 1
+                         and log_entries(service, "delivery"), "a log line per delivery")
+        assert service.stop() == 0
+
+    by_delivery: dict[str, list[dict]] = {}
+    for entry in lines:
+        by_delivery.setdefault(entry["delivery"], []).append(entry)
+    # The first `log-applied` and its duplicate are two deliveries with one id.
+    assert [e["outcome"] for e in by_delivery.pop("log-applied")] == ["applied", "duplicate"]
+    expected.pop("log-applied")
+    for delivery, (status, outcome) in expected.items():
+        (entry,) = by_delivery[delivery]
+        assert (entry["status"], entry["outcome"]) == (status, outcome)
+        assert entry["duration_ms"] >= 0 and isinstance(entry["pid"], int)
+    assert by_delivery["log-failed"][0]["action"] == "opened"
+    assert by_delivery["log-rotated"][0]["event"] == "ping"
+
+    refused = log_entries(service, "signature refused")
+    assert [(e["delivery"], e["reason"], e["level"]) for e in refused] == [("log-401", "mismatch", "warning")]
+
+    text = service.logs()
+    for secret in (SECRET, PREVIOUS_SECRET, json.dumps(SECRET)[1:-1]):
+        assert secret not in text
+    assert MARKER not in text
+    # Every line but `serve`'s own banner is JSON, gunicorn's included.
+    for line in text.splitlines():
+        if not line.startswith("flowlens-ingest: "):
+            json.loads(line)
+    assert any(e["logger"] == "gunicorn.error" for e in log_entries(service))
+
+
+@pytest.mark.slow
+def test_text_format_for_development(db, database_url, tmp_path):
+    with running(Service(database_url, tmp_path, env={"FLOWLENS_LOG_FORMAT": "text"})) as service:
+        exercise(service)
+        wait_for(lambda: "delivery=log-failed" in service.logs(), "the last delivery's line")
+        assert service.stop() == 0
+    text = service.logs()
+    line = next(line for line in text.splitlines() if "delivery=log-415" in line)
+    assert re.search(r"\[\d+\] WARNING flowlens_ingest\.webhook: delivery delivery=log-415 event=pull_request "
+                     r"outcome=rejected status=415 duration_ms=[\d.]+$", line), line
+    assert not any(line.startswith("{") for line in text.splitlines())
+    assert SECRET not in text and MARKER not in text
