@@ -1,0 +1,80 @@
+"""The unsigned operational routes: /healthz, /readyz, /metrics."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from flowlens_ingest import migrate
+
+from .conftest import Service, create_scratch_database, drop_database
+from .serving import running, wait_for
+from .test_outage import ThrowawayPostgres
+
+
+def test_healthz_answers_without_a_signature(client):
+    answer = client.get("/healthz")
+    assert (answer.status_code, answer.get_json()) == (200, {"status": "ok"})
+
+
+def test_readyz_names_the_revision_when_ready(client):
+    answer = client.get("/readyz")
+    assert answer.status_code == 200
+    assert answer.get_json() == {"status": "ready", "revision": migrate.head()}
+
+
+def test_operational_routes_take_no_post(client):
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert client.post(path).status_code == 405
+
+
+def readiness(service: Service) -> tuple[int, dict]:
+    """/readyz's status and body."""
+    answer = requests.get(service.url + "/readyz", timeout=15)
+    return answer.status_code, answer.json()
+
+
+@pytest.mark.slow
+def test_readiness_follows_the_database_and_its_migrations(server_url, tmp_path):
+    server = ThrowawayPostgres()
+    try:
+        # The service may start before its database: alive, not ready.
+        with running(Service(server.url, tmp_path)) as service:
+            assert readiness(service) == (503, {"status": "unavailable", "database": "unreachable"})
+            assert requests.get(service.url + "/healthz", timeout=5).status_code == 200
+
+            server.start()
+            wait_for(lambda: readiness(service)[1].get("database") == "migrations pending",
+                     "the database reachable but unmigrated")
+            assert readiness(service)[0] == 503
+            migrate.upgrade(server.url)
+            wait_for(lambda: readiness(service)[0] == 200, "ready once migrated")
+
+            server.stop()
+            wait_for(lambda: readiness(service) == (503, {"status": "unavailable", "database": "unreachable"}),
+                     "unready while the database is down")
+            # Alive all along: a restart would not help, the load balancer only stops routing.
+            assert requests.get(service.url + "/healthz", timeout=5).status_code == 200
+
+            server.start()
+            wait_for(lambda: readiness(service) == (200, {"status": "ready", "revision": migrate.head()}),
+                     "ready again once the database is back")
+            assert service.stop() == 0
+    finally:
+        server.remove()
+
+
+@pytest.mark.slow
+def test_readiness_drops_while_the_schema_is_behind(server_url, tmp_path):
+    url = create_scratch_database(server_url, prefix="flowlens_ready")
+    try:
+        migrate.upgrade(url)
+        with running(Service(url, tmp_path)) as service:
+            assert readiness(service)[0] == 200
+            migrate.downgrade(url, "base")
+            assert readiness(service) == (503, {"status": "unavailable", "database": "migrations pending"})
+            migrate.upgrade(url)
+            assert readiness(service)[0] == 200
+            assert service.stop() == 0
+    finally:
+        drop_database(url)
