@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 # Metrics from every worker are summed through files in this folder. prometheus_client
 # reads the variable once, when first imported: set it here, in the master, before any
@@ -19,6 +20,7 @@ _metrics_dir = Path(
         str(Path(os.environ.get("FLOWLENS_DATA_DIR") or ".flowlens").expanduser().resolve() / "metrics"),
     )
 )
+_multiprocess: Any = None
 if "prometheus_client.values" in sys.modules:
     # Too late: workers would inherit per-process values and /metrics would show
     # one worker's share. Refuse to start rather than serve wrong numbers.
@@ -66,6 +68,11 @@ def on_starting(server) -> None:
     # Only prometheus_client's files: the folder may be one an operator chose.
     for path in _metrics_dir.glob("*.db"):
         path.unlink(missing_ok=True)
+    # Imported now, in the master, not first in child_exit: that runs in a SIGCHLD
+    # handler, and a second worker exiting mid-import re-entered the half-imported
+    # package (ImportError, master exiting 1 at shutdown).
+    global _multiprocess
+    from prometheus_client import multiprocess as _multiprocess
 
 
 def post_worker_init(worker) -> None:
@@ -84,6 +91,4 @@ def worker_exit(server, worker) -> None:
 
 def child_exit(server, worker) -> None:
     """Drop a dead worker's live gauge samples (its counters still count)."""
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(worker.pid)
+    _multiprocess.mark_process_dead(worker.pid)
