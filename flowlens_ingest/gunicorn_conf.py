@@ -28,10 +28,12 @@ if "prometheus_client.values" in sys.modules:
 
 bind = os.environ.get("FLOWLENS_BIND") or f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("FLOWLENS_WORKERS") or os.environ.get("WEB_CONCURRENCY") or (os.cpu_count() or 1) + 1)
-# Threads overlap the database round trips of one worker; the pool holds one
-# connection per thread plus one for the spool drainer (FLOWLENS_POOL_SIZE).
+# Threads overlap the database round trips of one worker.
 worker_class = "gthread"
 threads = int(os.environ.get("FLOWLENS_THREADS") or 4)
+# One connection per thread plus one for the spool drainer, unless set: with fewer,
+# a request waits for a connection and, after pool_timeout, is spooled for nothing.
+os.environ.setdefault("FLOWLENS_POOL_SIZE", str(threads + 1))
 # GitHub gives up after 10 s: a worker silent for that long is stuck, not busy
 # (a delivery ends within the 5 s statement timeout).
 timeout = 10

@@ -1,0 +1,65 @@
+"""gunicorn_conf, loaded the way gunicorn loads it: in a fresh interpreter, from the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def load(cwd: Path, prelude: str = "", **env: str) -> subprocess.CompletedProcess:
+    """Import gunicorn_conf in a new interpreter; print the settings a test looks at, as JSON."""
+    code = prelude + (
+        "import json, os, sys; import flowlens_ingest.gunicorn_conf as c;"
+        "print(json.dumps({'workers': c.workers, 'threads': c.threads, 'bind': c.bind,"
+        " 'graceful_timeout': c.graceful_timeout, 'timeout': c.timeout,"
+        " 'pool': os.environ['FLOWLENS_POOL_SIZE'], 'metrics_dir': os.environ['PROMETHEUS_MULTIPROC_DIR'],"
+        " 'prometheus_imported': 'prometheus_client' in sys.modules, 'json_logs': hasattr(c, 'logconfig_dict')}))"
+    )
+    drop = ("PROMETHEUS_MULTIPROC_DIR", "FLOWLENS_DATA_DIR", "FLOWLENS_POOL_SIZE", "FLOWLENS_THREADS",
+            "FLOWLENS_WORKERS", "WEB_CONCURRENCY", "PORT", "FLOWLENS_BIND", "FLOWLENS_LOG_FORMAT")
+    environment = {k: v for k, v in os.environ.items() if k not in drop}
+    environment.update(env)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=environment, capture_output=True, text=True,
+                          timeout=60)
+
+
+def settings(cwd: Path, **env: str) -> dict:
+    """The settings gunicorn would read."""
+    result = load(cwd, **env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_defaults_follow_the_platform(tmp_path):
+    found = settings(tmp_path, PORT="5123", WEB_CONCURRENCY="3")
+    assert (found["bind"], found["workers"], found["threads"]) == ("0.0.0.0:5123", 3, 4)
+    # Inside GitHub's 10 s, and long enough to finish a delivery in flight.
+    assert found["timeout"] <= 10 and found["graceful_timeout"] >= 10
+    assert found["metrics_dir"] == str(tmp_path.resolve() / ".flowlens" / "metrics")
+    # The metrics mode is chosen at prometheus_client's import: not before the workers'.
+    assert found["prometheus_imported"] is False
+    assert found["json_logs"] is True
+
+
+def test_the_pool_holds_a_connection_per_thread_and_one_for_the_drainer(tmp_path):
+    assert settings(tmp_path)["pool"] == "5"
+    assert settings(tmp_path, FLOWLENS_THREADS="8")["pool"] == "9"
+    # An operator's own choice stands.
+    assert settings(tmp_path, FLOWLENS_THREADS="8", FLOWLENS_POOL_SIZE="3")["pool"] == "3"
+
+
+def test_the_data_directory_and_text_logs(tmp_path):
+    found = settings(tmp_path, FLOWLENS_DATA_DIR=str(tmp_path / "data"), FLOWLENS_LOG_FORMAT="text",
+                     FLOWLENS_BIND="127.0.0.1:9000", FLOWLENS_WORKERS="2")
+    assert found["metrics_dir"] == str(tmp_path / "data" / "metrics")
+    assert (found["bind"], found["workers"], found["json_logs"]) == ("127.0.0.1:9000", 2, False)
+
+
+def test_refuses_to_start_after_prometheus_client_was_imported(tmp_path):
+    # The failure this guards against is silent (each worker counting alone), so it is loud.
+    result = load(tmp_path, prelude="import prometheus_client;")
+    assert result.returncode != 0
+    assert "prometheus_client was imported before gunicorn_conf set PROMETHEUS_MULTIPROC_DIR" in result.stderr
