@@ -13,8 +13,8 @@ import requests
 from flowlens_ingest import logs
 from flowlens_ingest.config import Settings
 
-from .conftest import PREVIOUS_SECRET, SECRET, Service, github_headers, load_payload
-from .serving import log_entries, running, wait_for
+from .conftest import PREVIOUS_SECRET, SECRET, Service, free_port, github_headers, load_payload
+from .serving import log_entries, metric, running, wait_for
 
 OPENED = load_payload("pull_request/opened.payload.json")
 PING = load_payload("ping/payload.json")
@@ -146,3 +146,18 @@ def test_text_format_for_development(db, database_url, tmp_path):
                      r"outcome=rejected status=415 duration_ms=[\d.]+$", line), line
     assert not any(line.startswith("{") for line in text.splitlines())
     assert SECRET not in text and MARKER not in text
+
+
+@pytest.mark.slow
+def test_a_delivery_refused_in_an_outage_is_an_error_line_and_counted(db, tmp_path):
+    # Nobody listens at the database's address and the spool is off: 503, for GitHub to retry.
+    dead = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/none"
+    with running(Service(dead, tmp_path, env={"FLOWLENS_SPOOL_MAX_BYTES": "0"})) as service:
+        answer = service.post(OPENED, "pull_request", delivery="log-503")
+        assert (answer.status_code, answer.headers["Retry-After"]) == (503, "30")
+        (entry,) = wait_for(lambda: log_entries(service, "delivery"), "the delivery's log line")
+        assert (entry["delivery"], entry["level"], entry["outcome"], entry["status"]) == (
+            "log-503", "error", "unavailable", 503
+        )
+        assert metric(service, "flowlens_deliveries_total", event="pull_request", outcome="unavailable") == 1
+        assert service.stop() == 0
