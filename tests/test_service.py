@@ -164,3 +164,20 @@ def test_first_run_with_no_configuration_serves_the_embedded_database_and_stops_
         assert (answer.status_code, answer.json()["outcome"]) == (200, "duplicate")
         assert service.stop() == 0
     wait_for(lambda: postmaster(home) is None, "the embedded server to stop")
+
+
+def test_stopped_while_starting_it_still_stops_its_embedded_server(home):
+    service = first_run(home)
+    try:
+        # The embedded server is up; migrations or gunicorn's start are under way.
+        wait_for(lambda: postmaster(home) or service.process.poll() is not None, "the embedded server to start")
+        server = postmaster(home)
+        assert server is not None, service.logs()
+        service.process.send_signal(signal.SIGTERM)
+        # 0 once gunicorn got the signal forwarded; 128 + 15 when it came before gunicorn existed.
+        assert service.process.wait(60) in (0, 128 + signal.SIGTERM), service.logs()
+        server.wait(30)
+        assert postmaster(home) is None
+        assert "Traceback" not in service.logs()
+    finally:
+        service.stop()
