@@ -9,6 +9,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.engine import Engine
 
 
@@ -41,9 +42,21 @@ def downgrade(url: str, revision: str = "base") -> None:
 
 
 @functools.cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config("postgresql://"))
+
+
 def head() -> str | None:
     """The newest revision the package ships."""
-    return ScriptDirectory.from_config(alembic_config("postgresql://")).get_current_head()
+    return _scripts().get_current_head()
+
+
+def is_known(revision: str) -> bool:
+    """Whether the package ships `revision` (a database migrated by a newer release is not)."""
+    try:
+        return _scripts().get_revision(revision) is not None
+    except CommandError:  # what alembic raises for an id it does not know
+        return False
 
 
 def revisions(engine: Engine) -> tuple[str | None, str | None]:

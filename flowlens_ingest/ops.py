@@ -18,14 +18,21 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """Ready when the database answers and its schema is at the migrations' head."""
+    """Ready when the database answers and its schema is at this release's head or newer.
+
+    Newer happens in a rolling deploy: the release step has migrated for the next
+    release while this VM still runs the previous one. Migrations are additive, so
+    the old code keeps working and must stay in the load balancer's rotation.
+    """
     try:
         current, head = migrate.revisions(get_db().engine)
     except Exception:  # any failure to reach or read the database means "not ready"
         return jsonify({"status": "unavailable", "database": "unreachable"}), 503
-    if current != head:
-        return jsonify({"status": "unavailable", "database": "migrations pending"}), 503
-    return jsonify({"status": "ready", "revision": current}), 200
+    if current == head:
+        return jsonify({"status": "ready", "revision": current}), 200
+    if current is not None and not migrate.is_known(current):
+        return jsonify({"status": "ready", "revision": current, "schema": "newer than this release"}), 200
+    return jsonify({"status": "unavailable", "database": "migrations pending"}), 503
 
 
 @bp.get("/metrics")

@@ -12,7 +12,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from flowlens_ingest import create_app, logs
+from flowlens_ingest import create_app, logs, migrate
 
 from .conftest import (
     SECRET,
@@ -137,6 +137,27 @@ def test_readyz_is_503_until_migrations_reach_head(server_url, tmp_path):
         answer = app.test_client().get("/readyz")
         assert answer.status_code == 503
         assert answer.get_json()["database"] == "migrations pending"
+        app.extensions["flowlens_db"].dispose()
+    finally:
+        drop_database(url)
+
+
+def test_readyz_stays_ready_when_a_newer_release_has_migrated_the_database(server_url, tmp_path):
+    # A rolling deploy: the release step migrated for the next release, this VM still
+    # runs the previous code; it must not drop out of the load balancer.
+    url = create_scratch_database(server_url, prefix="flowlens_newer")
+    try:
+        migrate.upgrade(url)
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = 'ffff_from_a_newer_release'"))
+        engine.dispose()
+        app = create_app(make_settings(url, tmp_path))
+        answer = app.test_client().get("/readyz")
+        assert answer.status_code == 200
+        assert answer.get_json() == {
+            "status": "ready", "revision": "ffff_from_a_newer_release", "schema": "newer than this release",
+        }
         app.extensions["flowlens_db"].dispose()
     finally:
         drop_database(url)
