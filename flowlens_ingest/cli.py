@@ -150,9 +150,23 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if status < 300 else 1
 
 
+class NoDatabase(Exception):
+    """An operator command found neither DATABASE_URL nor an embedded database."""
+
+
 def _engine(settings: Settings):
+    """The engine of an operator command: DATABASE_URL, or the embedded database `serve` made.
+
+    Never a new embedded database: run from the wrong folder, that would list an empty
+    journal as if nothing had been received.
+    """
     from .db import make_engine
 
+    if not settings.database_url and not (settings.data_dir / "pgdata").is_dir():
+        raise NoDatabase(
+            f"no database: DATABASE_URL is not set and {settings.data_dir} holds no embedded database "
+            "(set FLOWLENS_DATA_DIR to the folder `serve` used)"
+        )
     url, server = _database_url(settings)
     return make_engine(settings, url), server
 
@@ -275,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         return args.func(args, settings)
-    except ConfigError as exc:
+    except (ConfigError, NoDatabase) as exc:
         return _fail(str(exc))
 
 

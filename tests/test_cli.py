@@ -90,3 +90,13 @@ def test_serve_refuses_a_database_url_without_a_secret(database_url, tmp_path):
         "flowlens-ingest: GITHUB_WEBHOOK_SECRET is not set; refusing to start with DATABASE_URL set"
     )
     assert not Path(tmp_path / "pgdata").exists()
+
+
+@pytest.mark.parametrize("command", [["deliveries"], ["replay", "--failed"], ["prune", "--older-than", "30d"]])
+def test_operator_commands_never_create_an_embedded_database(command, tmp_path):
+    # Run from the wrong folder, a new empty database would pass for an empty journal.
+    result = cli(*command, FLOWLENS_DATA_DIR=str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.startswith("flowlens-ingest: no database: DATABASE_URL is not set and ")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "pgdata").exists()
