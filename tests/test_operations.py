@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -130,50 +131,48 @@ def test_text_log_format_is_readable():
     assert "delivery=abc-123" in line and "outcome=applied" in line
 
 
-def test_readyz_is_503_until_migrations_reach_head(server_url, tmp_path):
-    url = create_scratch_database(server_url, prefix="flowlens_unmigrated")
+@contextlib.contextmanager
+def app_on_scratch_database(server_url, tmp_path, *, revision=None):
+    """An app on a database of its own, migrated to `revision` (None: no schema at all)."""
+    url = create_scratch_database(server_url, prefix="flowlens_ops")
     try:
+        if revision is not None:
+            migrate.upgrade(url)
+            engine = sa.create_engine(url)
+            with engine.begin() as conn:
+                conn.execute(sa.text("UPDATE alembic_version SET version_num = :v"), {"v": revision})
+            engine.dispose()
         app = create_app(make_settings(url, tmp_path))
-        answer = app.test_client().get("/readyz")
-        assert answer.status_code == 503
-        assert answer.get_json()["database"] == "migrations pending"
+        yield app
         app.extensions["flowlens_db"].dispose()
     finally:
         drop_database(url)
+
+
+def test_readyz_is_503_until_migrations_reach_head(server_url, tmp_path):
+    with app_on_scratch_database(server_url, tmp_path) as app:
+        answer = app.test_client().get("/readyz")
+        assert answer.status_code == 503
+        assert answer.get_json()["database"] == "migrations pending"
 
 
 def test_readyz_stays_ready_when_a_newer_release_has_migrated_the_database(server_url, tmp_path):
     # A rolling deploy: the release step migrated for the next release, this VM still
     # runs the previous code; it must not drop out of the load balancer.
-    url = create_scratch_database(server_url, prefix="flowlens_newer")
-    try:
-        migrate.upgrade(url)
-        engine = sa.create_engine(url)
-        with engine.begin() as conn:
-            conn.execute(sa.text("UPDATE alembic_version SET version_num = 'ffff_from_a_newer_release'"))
-        engine.dispose()
-        app = create_app(make_settings(url, tmp_path))
+    with app_on_scratch_database(server_url, tmp_path, revision="ffff_from_a_newer_release") as app:
         answer = app.test_client().get("/readyz")
         assert answer.status_code == 200
         assert answer.get_json() == {
             "status": "ready", "revision": "ffff_from_a_newer_release", "schema": "newer than this release",
         }
-        app.extensions["flowlens_db"].dispose()
-    finally:
-        drop_database(url)
 
 
 def test_a_database_without_the_schema_spools_deliveries_instead_of_failing(server_url, tmp_path):
-    url = create_scratch_database(server_url, prefix="flowlens_unmigrated")
-    try:
-        app = create_app(make_settings(url, tmp_path))
+    with app_on_scratch_database(server_url, tmp_path) as app:
         body = json.dumps(OPENED).encode()
         answer = app.test_client().post("/webhook", data=body, headers=github_headers(body, "pull_request"))
         assert (answer.status_code, answer.get_json()["outcome"]) == (202, "spooled")
         assert len(list((tmp_path / "spool").glob("*.delivery"))) == 1
-        app.extensions["flowlens_db"].dispose()
-    finally:
-        drop_database(url)
 
 
 def test_readyz_is_503_when_the_database_is_unreachable(tmp_path):
