@@ -22,7 +22,7 @@ def readyz() -> tuple[Response, int]:
 
     Newer happens in a rolling deploy: the release step has migrated for the next
     release while this VM still runs the previous one. Migrations are additive, so
-    the old code keeps working and must stay in the load balancer's rotation.
+    the old code keeps working and is not reported as broken.
     """
     try:
         current, head = migrate.revisions(get_db().engine)
