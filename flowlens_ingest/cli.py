@@ -168,7 +168,7 @@ def _engine(settings: Settings):
             "(set FLOWLENS_DATA_DIR to the folder `serve` used)"
         )
     url, server = _database_url(settings)
-    return make_engine(settings, url), server
+    return make_engine(settings, url, application_name="flowlens-ingest-admin"), server
 
 
 def cmd_deliveries(args: argparse.Namespace, settings: Settings) -> int:

@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine, make_url
 
 from flowlens_ingest import create_app, migrate
 from flowlens_ingest.config import Settings, normalize_database_url
+from flowlens_ingest.db import make_engine
 from flowlens_ingest.schema import metadata
 from flowlens_ingest.signature import sign
 
@@ -96,8 +97,8 @@ def database_url(server_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def engine(database_url: str) -> Iterator[Engine]:
-    """An engine on the session's scratch database."""
-    eng = sa.create_engine(database_url)
+    """An engine on the session's scratch database, configured as the service's own."""
+    eng = make_engine(Settings(database_url=normalize_database_url(database_url)), application_name="flowlens-tests")
     yield eng
     eng.dispose()
 

@@ -1,0 +1,128 @@
+"""Server-side prepared statements: the same rows as plain SQL text, and sessions that lose them recover.
+
+Each worker session PREPAREs a statement the first time it sends it and then only
+EXECUTEs it. A session can lose them behind its back (a pooler's DISCARD ALL, a
+migration changing a result type): deliveries must still apply, exactly once.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from flowlens_ingest import migrate
+from flowlens_ingest.config import Settings, normalize_database_url
+from flowlens_ingest.db import make_engine, prepared_form
+from flowlens_ingest.schema import pipeline_runs, webhook_deliveries
+
+from .conftest import create_scratch_database, drop_database, rows
+from .stories import START, RandomPicker, apply, build_story, business_rows, pull_request, repository, sha_for
+
+REPO = repository(7_000_001)
+SHA_A, SHA_B = sha_for("prepared", "a"), sha_for("prepared", "b")
+
+
+@contextmanager
+def one_session(database_url: str, *, prepared: bool = True) -> Iterator[Engine]:
+    """The service's engine with a single pooled connection, so every delivery shares one session."""
+    settings = Settings(database_url=normalize_database_url(database_url), pool_size=1, prepared_statements=prepared)
+    engine = make_engine(settings)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def prepared_names(engine: Engine) -> set[str]:
+    """The statements prepared in the engine's (only) session."""
+    with engine.connect() as conn:
+        return set(conn.exec_driver_sql("SELECT name FROM pg_prepared_statements").scalars())
+
+
+def opened_then_synchronized(engine: Engine, between=lambda: None) -> None:
+    assert apply(engine, "pull_request", pull_request("opened", REPO, 1, SHA_A, START)) == "applied"
+    between()
+    later = START.replace(minute=5)
+    assert apply(engine, "pull_request", pull_request("synchronize", REPO, 1, SHA_B, later)) == "applied"
+
+
+def assert_synchronized_once(db: Engine) -> None:
+    (pipeline,) = rows(db, pipeline_runs, "commit_sha", "version", "processed")
+    assert pipeline == {"commit_sha": SHA_B, "version": 2, "processed": False}
+    journal = rows(db, webhook_deliveries, "outcome", "attempts")
+    assert journal == [{"outcome": "applied", "attempts": 1}] * 2
+
+
+def test_prepared_form_numbers_each_parameter_once():
+    form = prepared_form("SELECT %(p_a)s, %(p_b)s WHERE x = %(p_a)s AND y LIKE 'a%%'")
+    assert form.prepare == f"PREPARE {form.name} AS SELECT $1, $2 WHERE x = $1 AND y LIKE 'a%'".encode()
+    assert form.execute == f"EXECUTE {form.name}(%(p_a)s, %(p_b)s)"
+    assert prepared_form("SELECT 1").execute == f"EXECUTE {prepared_form('SELECT 1').name}"
+    assert prepared_form("SELECT 2").name != prepared_form("SELECT 1").name
+
+
+def test_a_session_prepares_each_statement_once(db, database_url):
+    with one_session(database_url) as engine:
+        assert apply(engine, "pull_request", pull_request("opened", REPO, 1, SHA_A, START)) == "applied"
+        first = prepared_names(engine)
+        # Repository, pull request, pipeline row, journal.
+        assert len(first) == 4 and all(name.startswith("flowlens_") for name in first)
+        assert apply(engine, "pull_request", pull_request("opened", REPO, 2, SHA_B, START)) == "applied"
+        assert prepared_names(engine) == first
+
+
+def test_prepared_statements_can_be_turned_off():
+    assert Settings.from_env({}).prepared_statements is True
+    assert Settings.from_env({"FLOWLENS_PREPARED_STATEMENTS": "off"}).prepared_statements is False
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_a_story_gives_the_same_rows_with_and_without_prepared_statements(db, database_url, seed):
+    story_prepared = build_story(RandomPicker(seed), 7_000_100, 1)
+    story_plain = build_story(RandomPicker(seed), 7_000_200, 1)
+    with one_session(database_url) as engine:
+        outcomes_prepared = [apply(engine, event, payload) for event, payload in story_prepared.events]
+        assert prepared_names(engine)
+    with one_session(database_url, prepared=False) as engine:
+        outcomes_plain = [apply(engine, event, payload) for event, payload in story_plain.events]
+        assert prepared_names(engine) == set()
+    assert outcomes_prepared == outcomes_plain
+    assert business_rows(db, 7_000_100) == business_rows(db, 7_000_200)
+
+
+def test_a_session_that_lost_its_statements_prepares_them_again(db, database_url):
+    with one_session(database_url) as engine:
+
+        def forget() -> None:
+            # What a pooler's DISCARD ALL does to a session behind the service's back.
+            with engine.connect() as conn:
+                conn.exec_driver_sql("DEALLOCATE ALL")
+            assert prepared_names(engine) == set()
+
+        opened_then_synchronized(engine, between=forget)
+        assert prepared_names(engine)
+    assert_synchronized_once(db)
+
+
+def test_a_migration_under_a_running_worker_does_not_fail_its_deliveries(server_url):
+    # A rolling deploy: the release step changes a column a prepared statement
+    # returns while this worker's session holds the old plan.
+    url = create_scratch_database(server_url, prefix="flowlens_prepared")
+    try:
+        migrate.upgrade(url)
+        with one_session(url) as engine:
+
+            def migrate_outcome_column() -> None:
+                admin = sa.create_engine(url, poolclass=sa.pool.NullPool)
+                with admin.begin() as conn:
+                    conn.exec_driver_sql("ALTER TABLE webhook_deliveries ALTER COLUMN outcome TYPE varchar(16)")
+                admin.dispose()
+
+            opened_then_synchronized(engine, between=migrate_outcome_column)
+            assert_synchronized_once(engine)
+    finally:
+        drop_database(url)
