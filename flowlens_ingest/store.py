@@ -38,6 +38,7 @@ from datetime import datetime
 from typing import Any, Callable
 
 import sqlalchemy as sa
+from psycopg2.extensions import adapt
 from psycopg2.extras import Json
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY, insert
@@ -109,14 +110,36 @@ class Template:
 
 
 def _template(build: Callable[[], sa.Executable]) -> Callable[[], Template]:
-    """Compile a statement builder once per process, on first use."""
+    """Compile a statement builder once per process, on first use.
+
+    Constants of the statement (the status names of a CASE, `version + 1`, the
+    failing conclusions) are written into its SQL as literals, exactly as psycopg2
+    would quote them, instead of being quoted again as parameters on every delivery.
+    """
 
     @functools.cache
     def compiled() -> Template:
         stmt = build().compile(dialect=_DIALECT)
-        return Template(str(stmt), {k: v for k, v in stmt.params.items() if v is not None})
+        sql, constants = str(stmt), {}
+        for name, value in stmt.params.items():
+            if value is None:
+                continue
+            literal = _literal(value)
+            if literal is None:
+                constants[name] = value
+            else:
+                sql = sql.replace(f"%({name})s", literal.replace("%", "%%"))
+        return Template(sql, constants)
 
     return compiled
+
+
+def _literal(value: Any) -> str | None:
+    """`value` as an SQL literal, for the plain types whose quoting needs no connection."""
+    plain = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, (bool, int)) or (isinstance(v, str) and v.isascii()) for v in plain):
+        return None
+    return adapt(value).getquoted().decode("ascii")
 
 
 def _p(name: str) -> sa.BindParameter[Any]:

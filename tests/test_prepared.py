@@ -7,6 +7,7 @@ migration changing a result type): deliveries must still apply, exactly once.
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -14,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from flowlens_ingest import migrate
+from flowlens_ingest import migrate, store
 from flowlens_ingest.config import Settings, normalize_database_url
 from flowlens_ingest.db import make_engine, prepared_form
 from flowlens_ingest.schema import pipeline_runs, webhook_deliveries
@@ -126,3 +127,14 @@ def test_a_migration_under_a_running_worker_does_not_fail_its_deliveries(server_
             assert_synchronized_once(engine)
     finally:
         drop_database(url)
+
+
+def test_statement_constants_are_written_into_the_sql_not_sent_per_delivery():
+    # The status names, `version + 1` and the failing conclusions are part of the
+    # prepared text; only the delivery's own values travel with each EXECUTE.
+    pipeline = store.PIPELINE()
+    assert pipeline.constants == {}
+    assert "THEN 'failed'" in pipeline.sql and "ARRAY['failure','timed_out'" in pipeline.sql
+    placeholders = set(re.findall(r"%\((\w+)\)s", pipeline.sql))
+    assert placeholders == {f"p_{c}" for c in ("id", "repo_github_id", "pr_number", "commit_sha", "author",
+                                                "avatar_url", "title", "status_pr", "status_merge", "pr_updated_at")}
