@@ -226,8 +226,8 @@ def prepared_form(sql: str) -> PreparedForm:
 
     text = _PLACEHOLDER.sub(number, sql).replace("%%", "%")
     name = "flowlens_" + hashlib.sha1(text.encode()).hexdigest()[:16]
-    arguments = ", ".join(f"%({p})s" for p in order)
-    return PreparedForm(name, f"PREPARE {name} AS {text}".encode(), f"EXECUTE {name}({arguments})" if order else f"EXECUTE {name}")
+    execute = f"EXECUTE {name}({', '.join(f'%({p})s' for p in order)})" if order else f"EXECUTE {name}"
+    return PreparedForm(name, f"PREPARE {name} AS {text}".encode(), execute)
 
 
 def _lost_prepared_statement(exc: psycopg2.Error) -> bool:
@@ -260,6 +260,7 @@ def run_batch(conn: Connection, statements: list[tuple[str, dict[str, Any]]]) ->
     cursor = dbapi.cursor()
     try:
         parts = [b"BEGIN ISOLATION LEVEL READ COMMITTED"]
+        missing: dict[str, bytes] = {}
         if prepared is None:
             parts += [cursor.mogrify(sql, params) for sql, params in statements]
         else:

@@ -137,7 +137,7 @@ def _template(build: Callable[[], sa.Executable]) -> Callable[[], Template]:
 def _literal(value: Any) -> str | None:
     """`value` as an SQL literal, for the plain types whose quoting needs no connection."""
     plain = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, (bool, int)) or (isinstance(v, str) and v.isascii()) for v in plain):
+    if not all(isinstance(v, (bool, int)) or (isinstance(v, str) and v.isascii() and "\\" not in v) for v in plain):
         return None
     return adapt(value).getquoted().decode("ascii")
 
