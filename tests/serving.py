@@ -111,17 +111,28 @@ def log_entries(service: Service, msg: str | None = None) -> list[dict[str, Any]
 def gunicorn_master(service: Service) -> psutil.Process:
     """The gunicorn master process of a service (`serve`'s child, or the Procfile's process)."""
     process = psutil.Process(service.process.pid)
-    if "gunicorn" in " ".join(process.cmdline()):
+    if _is_gunicorn(process):
         return process
-    return wait_for(
-        lambda: next((p for p in process.children() if "gunicorn" in " ".join(p.cmdline())), None),
-        "the gunicorn master",
-    )
+    return wait_for(lambda: next((p for p in process.children() if _is_gunicorn(p)), None), "the gunicorn master")
+
+
+def _is_gunicorn(process: psutil.Process) -> bool:
+    try:
+        return "gunicorn" in " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return False
 
 
 def workers(service: Service) -> list[psutil.Process]:
-    """The service's live gunicorn workers."""
-    return [p for p in gunicorn_master(service).children() if p.status() != psutil.STATUS_ZOMBIE]
+    """The service's live gunicorn workers (a worker that exits while being listed is not live)."""
+    return [p for p in gunicorn_master(service).children() if _alive(p)]
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @contextlib.contextmanager
