@@ -132,7 +132,12 @@ def postmaster(home: Path) -> psutil.Process | None:
         pid = int(pid_file.read_text().split()[0])
     except (FileNotFoundError, ValueError, IndexError):
         return None
-    return psutil.Process(pid) if psutil.pid_exists(pid) else None
+    if not psutil.pid_exists(pid):  # also a negative pid: a single-user backend, not the server
+        return None
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:  # it exited between the two looks
+        return None
 
 
 def test_first_run_with_no_configuration_serves_the_embedded_database_and_stops_it(home):
