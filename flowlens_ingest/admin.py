@@ -4,25 +4,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
 
-from .db import DatabaseUnavailable, transaction
-from .ingest import describe, record_failure
-from .mappers import map_delivery
+from .database import Database
+from .delivery import Delivery
+from .ingest import ingest
 from .schema import webhook_deliveries as wd
-from .store import FAILED, Delivery, apply_delivery
+from .values import Outcome
+
+MAX_REPORTED_ERRORS = 20
 
 
-def list_deliveries(conn: Connection, *, failed_only: bool = False, limit: int = 50) -> list[sa.Row]:
+def list_deliveries(database: Database, *, failed_only: bool = False, limit: int = 50) -> list[sa.Row[Any]]:
     """The most recent journal entries, newest first."""
-    query = sa.select(
-        wd.c.received_at, wd.c.delivery_id, wd.c.hook_id, wd.c.event, wd.c.action, wd.c.outcome, wd.c.attempts, wd.c.error
-    ).order_by(wd.c.received_at.desc()).limit(limit)
+    query = (
+        sa.select(
+            wd.c.received_at,
+            wd.c.delivery_id,
+            wd.c.hook_id,
+            wd.c.event,
+            wd.c.action,
+            wd.c.outcome,
+            wd.c.attempts,
+            wd.c.error,
+        )
+        .order_by(wd.c.received_at.desc())
+        .limit(limit)
+    )
     if failed_only:
-        query = query.where(wd.c.outcome == FAILED)
-    return list(conn.execute(query))
+        query = query.where(wd.c.outcome == Outcome.FAILED.value)
+    return database.read(query)
 
 
 @dataclass
@@ -35,34 +48,36 @@ class ReplayReport:
     errors: list[str] = field(default_factory=list)
 
 
-MAX_REPORTED_ERRORS = 20
-
-
-def _keys(engine: Engine, *, failed_only: bool, since: datetime | None) -> list[tuple[str, int]]:
+def _keys(database: Database, *, failed_only: bool, since: datetime | None) -> list[sa.Row[Any]]:
     # Taken once, up front: entries that fail again during this replay are not retaken.
     query = sa.select(wd.c.delivery_id, wd.c.hook_id).order_by(wd.c.received_at, wd.c.delivery_id, wd.c.hook_id)
     if failed_only:
-        query = query.where(wd.c.outcome == FAILED)
+        query = query.where(wd.c.outcome == Outcome.FAILED.value)
     if since is not None:
         query = query.where(wd.c.received_at >= since)
-    with engine.connect() as conn:
-        return list(conn.execute(query).tuples())
+    return database.read(query)
 
 
-def _journaled(engine: Engine, delivery_id: str, hook_id: int) -> Delivery | None:
+def _journaled(database: Database, delivery_id: str, hook_id: int) -> Delivery | None:
     """The delivery as the journal holds it, or None when it kept no payload."""
-    with engine.connect() as conn:
-        row = conn.execute(
-            sa.select(wd.c.event, wd.c.payload, wd.c.payload_sha256).where(
-                wd.c.delivery_id == delivery_id, wd.c.hook_id == hook_id
-            )
-        ).first()
-    if row is None or not isinstance(row.payload, dict):
+    row = database.first(
+        sa.select(wd.c.event, sa.cast(wd.c.payload, sa.Text).label("payload"), wd.c.payload_sha256).where(
+            wd.c.delivery_id == delivery_id, wd.c.hook_id == hook_id
+        )
+    )
+    if row is None or row.payload is None or not row.payload.startswith("{"):
         return None
-    return Delivery(delivery_id, hook_id, row.event, row.payload, row.payload_sha256)
+    return Delivery.from_http(
+        delivery_id=delivery_id,
+        hook_id=hook_id,
+        event=row.event,
+        content_type="application/json",
+        body=row.payload.encode(),
+        payload_sha256=row.payload_sha256,
+    )
 
 
-def replay(engine: Engine, *, failed_only: bool = False, since: datetime | None = None) -> ReplayReport:
+def replay(database: Database, *, failed_only: bool = False, since: datetime | None = None) -> ReplayReport:
     """Re-apply journaled payloads in arrival order; idempotent, as every upsert is guarded.
 
     A failed entry takes the outcome of its replay; any other keeps its first final
@@ -70,34 +85,25 @@ def replay(engine: Engine, *, failed_only: bool = False, since: datetime | None 
     goes on. Raises DatabaseUnavailable when the database goes away.
     """
     report = ReplayReport()
-    for delivery_id, hook_id in _keys(engine, failed_only=failed_only, since=since):
-        delivery = _journaled(engine, delivery_id, hook_id)
+    for delivery_id, hook_id in _keys(database, failed_only=failed_only, since=since):
+        delivery = _journaled(database, delivery_id, hook_id)
         if delivery is None:
             report.skipped_no_payload += 1
             continue
-        try:
-            changes = map_delivery(delivery.event, delivery.payload)
-            # store_payload=False: the journal keeps the payload it has, not a copy sent back.
-            transaction(
-                engine, lambda conn: apply_delivery(conn, delivery, changes, store_payload=False, replay=True)
-            )
-        except DatabaseUnavailable:
-            raise
-        except Exception as exc:  # one bad payload must not stop the rest
-            error = describe(exc)
-            # Journals the error on a failed entry; leaves a final one as it was.
-            record_failure(engine, delivery, error)
+        # store_payload=False: the journal keeps the payload it has, not a copy sent back.
+        result = ingest(database, delivery, store_payload=False, replay=True)
+        if result.error is not None:
             report.failed += 1
             if len(report.errors) < MAX_REPORTED_ERRORS:
-                report.errors.append(f"{delivery_id}: {error}")
+                report.errors.append(f"{delivery_id}: {result.error}")
             continue
         report.replayed += 1
     return report
 
 
-def prune(engine: Engine, older_than: timedelta, *, include_failed: bool = False) -> int:
+def prune(database: Database, older_than: timedelta, *, include_failed: bool = False) -> int:
     """Delete journal entries received before now - older_than; failed ones stay unless asked."""
     query = sa.delete(wd).where(wd.c.received_at < sa.func.now() - older_than)
     if not include_failed:
-        query = query.where(wd.c.outcome != FAILED)
-    return transaction(engine, lambda conn: conn.execute(query).rowcount)
+        query = query.where(wd.c.outcome != Outcome.FAILED.value)
+    return database.execute(query)

@@ -7,8 +7,10 @@ from typing import Callable
 
 from flask import Flask
 
-from .db import DatabaseUnavailable
-from .ingest import delivery_from_spool, describe, ingest
+from .app import services
+from .database import DatabaseUnavailable
+from .delivery import Delivery
+from .ingest import describe, ingest
 from .spool import Drainer, Spooled, Unusable
 
 log = logging.getLogger(__name__)
@@ -20,35 +22,38 @@ DRAIN_INTERVAL_S = 1.0
 
 def spool_handler(app: Flask) -> Callable[[Spooled], None]:
     """Apply one spooled delivery exactly as the view would have; raise to keep it spooled."""
-    settings = app.config["FLOWLENS"]
-    database = app.extensions["flowlens_db"]
-    metrics = app.extensions["flowlens_metrics"]
+    svc = services(app)
 
     def handle(item: Spooled) -> None:
         try:
-            delivery = delivery_from_spool(item)
-            outcome = ingest(
-                database.engine,
-                delivery,
-                store_payload=settings.store_payloads,
-                on_retry=metrics.db_retry,
+            delivery = Delivery.from_http(
+                delivery_id=item.delivery_id,
+                hook_id=item.hook_id,
+                event=item.event,
+                content_type=item.content_type,
+                body=item.body,
             )
+            outcome = ingest(
+                svc.database, delivery, store_payload=svc.settings.store_payloads, on_retry=svc.metrics.db_retry
+            ).outcome
         except DatabaseUnavailable:
             raise
         except Exception as exc:  # a file no code version will ever apply must not block the rest
             raise Unusable(describe(exc)) from exc
-        metrics.spool_drained.labels(outcome).inc()
-        log.info("spooled delivery applied", extra={"delivery": item.delivery_id, "event": item.event, "outcome": outcome})
+        svc.metrics.spool_drained.labels(outcome.value).inc()
+        log.info(
+            "spooled delivery applied",
+            extra={"delivery": item.delivery_id, "event": item.event, "outcome": outcome.value},
+        )
 
     return handle
 
 
 def start(app: Flask, interval: float = DRAIN_INTERVAL_S) -> Drainer | None:
     """Start this worker's spool drainer (a daemon thread); None when the spool is off."""
-    spool = app.extensions.get("flowlens_spool")
-    if spool is None:
+    svc = services(app)
+    if svc.spool is None:
         return None
-    metrics = app.extensions["flowlens_metrics"]
-    drainer = Drainer(spool, spool_handler(app), interval=interval, on_depth=metrics.spool_depth.set)
+    drainer = Drainer(svc.spool, spool_handler(app), interval=interval, on_depth=svc.metrics.spool_depth.set)
     drainer.start()
     return drainer

@@ -12,9 +12,12 @@ import sys
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from .database import Database
 
 GUNICORN_CONF = "python:flowlens_ingest.gunicorn_conf"
 
@@ -154,13 +157,13 @@ class NoDatabase(Exception):
     """An operator command found neither DATABASE_URL nor an embedded database."""
 
 
-def _engine(settings: Settings):
-    """The engine of an operator command: DATABASE_URL, or the embedded database `serve` made.
+def _database(settings: Settings) -> tuple[Database, object | None]:
+    """The database of an operator command: DATABASE_URL, or the embedded database `serve` made.
 
     Never a new embedded database: run from the wrong folder, that would list an empty
     journal as if nothing had been received.
     """
-    from .db import make_engine
+    from .database import Database
 
     if not settings.database_url and not (settings.data_dir / "pgdata").is_dir():
         raise NoDatabase(
@@ -168,7 +171,7 @@ def _engine(settings: Settings):
             "(set FLOWLENS_DATA_DIR to the folder `serve` used)"
         )
     url, server = _database_url(settings)
-    return make_engine(settings, url, application_name="flowlens-ingest-admin"), server
+    return Database(settings, url, application_name="flowlens-ingest-admin"), server
 
 
 def cmd_deliveries(args: argparse.Namespace, settings: Settings) -> int:
@@ -176,10 +179,9 @@ def cmd_deliveries(args: argparse.Namespace, settings: Settings) -> int:
 
     from .admin import list_deliveries
 
-    engine, _server = _engine(settings)
+    database, _server = _database(settings)
     try:
-        with engine.connect() as conn:
-            rows = list_deliveries(conn, failed_only=args.failed, limit=args.limit)
+        rows = list_deliveries(database, failed_only=args.failed, limit=args.limit)
     except sa.exc.OperationalError:
         return _fail("database unavailable")
     for row in rows:
@@ -196,11 +198,11 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     import sqlalchemy as sa
 
     from .admin import replay
-    from .db import DatabaseUnavailable
+    from .database import DatabaseUnavailable
 
-    engine, _server = _engine(settings)
+    database, _server = _database(settings)
     try:
-        report = replay(engine, failed_only=args.failed, since=args.since)
+        report = replay(database, failed_only=args.failed, since=args.since)
     except (DatabaseUnavailable, sa.exc.OperationalError):
         # Every delivery replayed so far is committed, and replaying again is idempotent.
         return _fail("database unavailable; run the replay again once it is back")
@@ -212,11 +214,11 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     import sqlalchemy as sa
 
     from .admin import prune
-    from .db import DatabaseUnavailable
+    from .database import DatabaseUnavailable
 
-    engine, _server = _engine(settings)
+    database, _server = _database(settings)
     try:
-        removed = prune(engine, args.older_than, include_failed=args.include_failed)
+        removed = prune(database, args.older_than, include_failed=args.include_failed)
     except (DatabaseUnavailable, sa.exc.OperationalError):
         return _fail("database unavailable; nothing pruned")
     print(f"flowlens-ingest: pruned {removed} journal entries")

@@ -1,29 +1,33 @@
-"""One verified delivery, from parsed payload to a durable outcome.
+"""One verified delivery, from parsed payload to a durable outcome: the only orchestration.
 
-map (pure) -> apply + journal in one transaction -> outcome. A mapping or data
-error is journaled as `failed` in a transaction of its own, so the delivery can
-be replayed after a fix; a database outage raises DatabaseUnavailable, which the
-caller answers by spooling.
+map (pure) -> plan -> one transaction (apply + journal) -> outcome. A mapping or
+data error is journaled as `failed` in a transaction of its own, so the delivery
+can be replayed after a fix; a database outage raises DatabaseUnavailable, which
+the caller answers by spooling. Used by the view, the spool drainer and replay.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from typing import Callable
+from dataclasses import dataclass
 
-from sqlalchemy.engine import Connection, Engine
-
-from .db import DatabaseUnavailable, transaction
+from .database import Database, DatabaseUnavailable, OnRetry
+from .delivery import Delivery
 from .mappers import map_delivery
-from .parse import json_text, loads
-from .spool import Spooled
-from . import store
-from .store import DUPLICATE, Delivery, Duplicate
+from .plan import FAILURE, Plan
+from .values import Outcome
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Result:
+    """A delivery's outcome, and why it failed to apply if it did."""
+
+    outcome: Outcome
+    error: str | None = None
 
 
 def describe(exc: BaseException) -> str:
@@ -42,59 +46,45 @@ def describe(exc: BaseException) -> str:
 
 
 def ingest(
-    engine: Engine,
+    database: Database,
     delivery: Delivery,
     *,
     store_payload: bool = True,
-    on_retry: Callable[[str], None] | None = None,
-) -> str:
-    """Apply and journal one delivery; return its outcome (applied, ignored, stale, duplicate, failed)."""
+    replay: bool = False,
+    on_retry: OnRetry | None = None,
+) -> Result:
+    """Apply and journal one delivery; return its outcome (applied, ignored, stale, duplicate, failed).
+
+    `replay` re-applies a journaled delivery: a failed entry takes the new outcome,
+    any other keeps its first one, and nothing is a duplicate.
+    """
     try:
-        changes = map_delivery(delivery.event, delivery.payload)
+        plan = Plan(map_delivery(delivery.event, delivery.payload))
     except Exception as exc:  # any shape we did not foresee: journal it, keep serving
-        return record_failure(engine, delivery, describe(exc), on_retry=on_retry)
-
-    def work(conn: Connection) -> str:
-        return store.apply_delivery(conn, delivery, changes, store_payload=store_payload)
-
+        return record_failure(database, delivery, describe(exc), on_retry=on_retry)
+    batch = [*plan.statements, plan.journal(delivery, store_payload=store_payload, replay=replay)]
     try:
-        return transaction(engine, work, on_retry=on_retry)
-    except Duplicate:
-        return DUPLICATE
+        row = database.run(batch, on_retry=on_retry)
     except DatabaseUnavailable:
         raise
     except Exception as exc:
         log.warning("delivery %s failed to apply: %s", delivery.delivery_id, describe(exc))
-        return record_failure(engine, delivery, describe(exc), on_retry=on_retry)
+        return record_failure(database, delivery, describe(exc), on_retry=on_retry)
+    return Result(Outcome.DUPLICATE if row is None else Outcome(row[0]))
 
 
-def record_failure(
-    engine: Engine, delivery: Delivery, error: str, *, on_retry: Callable[[str], None] | None = None
-) -> str:
+def record_failure(database: Database, delivery: Delivery, error: str, *, on_retry: OnRetry | None = None) -> Result:
     """Journal a delivery that could not be applied, with its payload, for a later replay.
 
-    If even the journal refuses it (a database without our schema, say), raise
-    DatabaseUnavailable: the caller spools the delivery rather than lose it.
+    An entry already settled keeps its outcome (the answer is then `duplicate`). If
+    even the journal refuses the delivery (a database without our schema, say),
+    raise DatabaseUnavailable: the caller spools the delivery rather than lose it.
     """
     try:
-        return transaction(engine, lambda conn: store.record_failure(conn, delivery, error), on_retry=on_retry)
-    except Duplicate:
-        return DUPLICATE
+        row = database.run([FAILURE.journal(delivery, error=error)], on_retry=on_retry)
     except DatabaseUnavailable:
         raise
     except Exception as exc:
         log.error("delivery %s cannot be journaled: %s", delivery.delivery_id, describe(exc))
         raise DatabaseUnavailable("journal") from exc
-
-
-def delivery_from_spool(item: Spooled) -> Delivery:
-    """Rebuild a verified delivery from its spooled headers and raw body."""
-    text = json_text(item.content_type, item.body)
-    return Delivery(
-        delivery_id=item.delivery_id,
-        hook_id=item.hook_id,
-        event=item.event,
-        payload=loads(text),
-        payload_sha256=hashlib.sha256(item.body).hexdigest(),
-        payload_json=text,
-    )
+    return Result(Outcome.DUPLICATE if row is None else Outcome.FAILED, error)

@@ -16,26 +16,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+# Only events we know become label values: a signed sender could invent any name.
+from .mappers import KNOWN_EVENTS
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
-
-# Only events we know become label values: a signed sender could invent any name.
-KNOWN_EVENTS = frozenset(
-    {
-        "ping",
-        "pull_request",
-        "pull_request_review",
-        "check_run",
-        "check_suite",
-        "workflow_run",
-        "workflow_job",
-        "status",
-        "push",
-        "repository",
-        "installation",
-    }
-)
-
 
 def event_label(event: str) -> str:
     """The event name, or `other` for events outside KNOWN_EVENTS."""
@@ -95,10 +80,6 @@ class Metrics:
     def db_retry(self, reason: str) -> None:
         """Count one retried transaction."""
         self.retries.labels(reason).inc()
-
-    def db_round_trip(self) -> None:
-        """Count one SQL round trip (see db.CountingConnection)."""
-        self.round_trips.inc()
 
     def signature_failure(self, reason: str) -> None:
         """Count one refused signature."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 
 from . import metrics, migrate
-from .db import get_db
+from .app import services
 
 bp = Blueprint("ops", __name__)
 
@@ -25,7 +25,7 @@ def readyz() -> tuple[Response, int]:
     the old code keeps working and is not reported as broken.
     """
     try:
-        current, head = migrate.revisions(get_db().engine)
+        current, head = migrate.revisions(services().database.engine)
     except Exception:  # any failure to reach or read the database means "not ready"
         return jsonify({"status": "unavailable", "database": "unreachable"}), 503
     if current == head:

@@ -115,11 +115,6 @@ def loads(text: str) -> dict[str, Any]:
     return value
 
 
-def parse_body(content_type: str | None, body: bytes) -> dict[str, Any]:
-    """Decode a webhook body according to its content type."""
-    return loads(json_text(content_type, body))
-
-
 def json_text(content_type: str | None, body: bytes) -> str:
     """The JSON text a webhook body carries, according to its content type."""
     kind = media_type(content_type)

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+from .values import (
+    JOURNALED_OUTCOMES,
+    ApprovalStatus,
+    BuildStatus,
+    CheckSource,
+    MergeStatus,
+    PrState,
+    PrStatus,
+    ReviewState,
+    RiskLevel,
+)
 
 # Stable constraint names, so migrations written today match what alembic
 # generates tomorrow (and `alembic check` stays quiet).
@@ -20,6 +34,12 @@ metadata = sa.MetaData(
 # Ids are made by the service (uuid4): YugabyteDB releases on PostgreSQL 11
 # have no built-in gen_random_uuid(), so there is no server default.
 _Ts = sa.TIMESTAMP(timezone=True)
+
+
+def one_of(column: str, values: type[StrEnum] | tuple[StrEnum, ...]) -> sa.CheckConstraint:
+    """`column IN (...)` over an enum's values, named after the column (`ck_<table>_<column>`)."""
+    listed = ", ".join(f"'{v.value}'" for v in values)
+    return sa.CheckConstraint(f"{column} IN ({listed})", name=column)
 
 
 def _id() -> sa.Column:
@@ -109,7 +129,7 @@ pull_requests = sa.Table(
     *_processing(),
     *_row_times(),
     sa.UniqueConstraint("repo_id", "pr_number"),
-    sa.CheckConstraint("state IN ('open', 'closed', 'merged')", name="state"),
+    one_of("state", PrState),
     sa.Index(None, "processed", "updated_at"),
 )
 
@@ -123,25 +143,20 @@ pipeline_runs = sa.Table(
     sa.Column("author", sa.Text),
     sa.Column("avatar_url", sa.Text),
     sa.Column("title", sa.Text),
-    sa.Column("status_pr", sa.Text, nullable=False, server_default="opened"),
-    sa.Column("status_build", sa.Text, nullable=False, server_default="pending"),
-    sa.Column("status_approval", sa.Text, nullable=False, server_default="pending"),
-    sa.Column("status_merge", sa.Text, nullable=False, server_default="pending"),
+    sa.Column("status_pr", sa.Text, nullable=False, server_default=PrStatus.OPENED.value),
+    sa.Column("status_build", sa.Text, nullable=False, server_default=BuildStatus.PENDING.value),
+    sa.Column("status_approval", sa.Text, nullable=False, server_default=ApprovalStatus.PENDING.value),
+    sa.Column("status_merge", sa.Text, nullable=False, server_default=MergeStatus.PENDING.value),
     # GitHub's pull_request.updated_at of the snapshot the PR columns came from
     # (NULL while the row is known only from a check event): the stale guard.
     sa.Column("pr_updated_at", _Ts),
     *_processing(),
     *_row_times(),
     sa.UniqueConstraint("repo_id", "pr_number"),
-    sa.CheckConstraint("status_pr IN ('opened', 'updated')", name="status_pr"),
-    sa.CheckConstraint(
-        "status_build IN ('pending', 'running', 'passed', 'failed')", name="status_build"
-    ),
-    sa.CheckConstraint(
-        "status_approval IN ('pending', 'approved', 'changes_requested')",
-        name="status_approval",
-    ),
-    sa.CheckConstraint("status_merge IN ('pending', 'merged', 'closed')", name="status_merge"),
+    one_of("status_pr", PrStatus),
+    one_of("status_build", BuildStatus),
+    one_of("status_approval", ApprovalStatus),
+    one_of("status_merge", MergeStatus),
     # Checks find the PRs of a commit by head sha.
     sa.Index(None, "repo_id", "commit_sha"),
     sa.Index(None, "processed", "updated_at"),
@@ -168,10 +183,7 @@ ci_checks = sa.Table(
     *_row_times(),
     # One row per check of a commit: a re-run replaces the earlier row of the same check.
     sa.UniqueConstraint("repo_id", "head_sha", "source", "name"),
-    sa.CheckConstraint(
-        "source IN ('check_run', 'check_suite', 'workflow_run', 'workflow_job', 'status')",
-        name="source",
-    ),
+    one_of("source", CheckSource),
 )
 
 pr_reviews = sa.Table(
@@ -191,9 +203,7 @@ pr_reviews = sa.Table(
     sa.Column("rank", sa.SmallInteger, nullable=False),
     *_row_times(),
     sa.UniqueConstraint("repo_id", "pr_number", "reviewer"),
-    sa.CheckConstraint(
-        "state IN ('approved', 'changes_requested', 'dismissed')", name="state"
-    ),
+    one_of("state", ReviewState),
 )
 
 insights = sa.Table(
@@ -210,7 +220,7 @@ insights = sa.Table(
     sa.Column("recommendation", sa.Text),
     *_processing(),
     *_row_times(),
-    sa.CheckConstraint("risk_level IN ('low', 'medium', 'high')", name="risk_level"),
+    one_of("risk_level", RiskLevel),
     sa.Index(None, "repo_id", "pr_number"),
     sa.Index(None, "processed", "updated_at"),
 )
@@ -231,9 +241,7 @@ webhook_deliveries = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("applied_at", _Ts),
     sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("1")),
-    sa.CheckConstraint(
-        "outcome IN ('applied', 'ignored', 'stale', 'failed')", name="outcome"
-    ),
+    one_of("outcome", JOURNALED_OUTCOMES),
     sa.Index(None, "received_at"),
     sa.Index(None, "outcome", "received_at"),
 )

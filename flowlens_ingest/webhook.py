@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import parse, signature
-from .db import DatabaseUnavailable, get_db
+from .app import services
+from .database import DatabaseUnavailable
+from .delivery import Delivery
 from .ingest import ingest
-from .store import FAILED, Delivery
+from .values import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def error(status: int, message: str, **headers: str) -> Response:
 def verify_signature() -> Response | None:
     """Refuse any request not signed with a secret we hold, before looking at it."""
     g.started = time.perf_counter()
-    settings = current_app.config["FLOWLENS"]
+    settings = services().settings
     # Flask refuses a body over MAX_CONTENT_LENGTH here (413) without reading it whole.
     try:
         body = request.get_data(cache=True)
@@ -53,7 +54,7 @@ def verify_signature() -> Response | None:
                 "event": request.headers.get("X-GitHub-Event", "")[:100],
             },
         )
-        current_app.extensions["flowlens_metrics"].signature_failure(exc.reason)
+        services().metrics.signature_failure(exc.reason)
         return error(401, "invalid or missing X-Hub-Signature-256")
     return None
 
@@ -64,10 +65,10 @@ def _hook_id(raw: str | None) -> int | None:
     return int(raw) if raw.isdigit() and len(raw) < 19 else None
 
 
-def _answer(outcome: str, status: int, event: str, delivery_id: str, action: str | None = None) -> None:
+def _answer(outcome: Outcome, status: int, event: str, delivery_id: str, action: str | None = None) -> None:
     """Count and log one answered signed delivery: exactly one log line each, ids only."""
     elapsed = time.perf_counter() - g.started
-    current_app.extensions["flowlens_metrics"].delivery(event, outcome, elapsed)
+    services().metrics.delivery(event, outcome, elapsed)
     log.log(
         logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO,
         "delivery",
@@ -75,7 +76,7 @@ def _answer(outcome: str, status: int, event: str, delivery_id: str, action: str
             "delivery": delivery_id[:200],
             "event": event[:100],
             "action": action[:100] if action else action,
-            "outcome": outcome,
+            "outcome": outcome.value,
             "status": status,
             "duration_ms": round(elapsed * 1000, 2),
         },
@@ -85,51 +86,38 @@ def _answer(outcome: str, status: int, event: str, delivery_id: str, action: str
 @bp.post("/webhook")
 def receive() -> tuple[Response, int] | Response:
     """Answer one signed GitHub delivery."""
-    settings = current_app.config["FLOWLENS"]
-    metrics = current_app.extensions["flowlens_metrics"]
+    svc = services()
     event = request.headers.get("X-GitHub-Event", "").strip()
     delivery_id = request.headers.get("X-GitHub-Delivery", "").strip()
     hook_id = _hook_id(request.headers.get("X-GitHub-Hook-ID", "").strip())
     if not event or not delivery_id:
-        _answer("rejected", 400, event, delivery_id)
+        _answer(Outcome.REJECTED, 400, event, delivery_id)
         return error(400, "X-GitHub-Event and X-GitHub-Delivery are required")
     if len(event) > 100 or len(delivery_id) > 200 or hook_id is None:
-        _answer("rejected", 400, event, delivery_id)
+        _answer(Outcome.REJECTED, 400, event, delivery_id)
         return error(400, "malformed X-GitHub-* header")
     body = request.get_data(cache=True)
     try:
-        text = parse.json_text(request.content_type, body)
-        payload = parse.loads(text)
+        delivery = Delivery.from_http(
+            delivery_id=delivery_id, hook_id=hook_id, event=event, content_type=request.content_type, body=body
+        )
     except parse.UnsupportedMediaType:
-        _answer("rejected", 415, event, delivery_id)
+        _answer(Outcome.REJECTED, 415, event, delivery_id)
         return error(415, "use application/json or application/x-www-form-urlencoded")
     except parse.BadPayload as exc:
-        _answer("rejected", 400, event, delivery_id)
+        _answer(Outcome.REJECTED, 400, event, delivery_id)
         return error(400, str(exc))
-    delivery = Delivery(
-        delivery_id=delivery_id,
-        hook_id=hook_id,
-        event=event,
-        payload=payload,
-        payload_sha256=hashlib.sha256(body).hexdigest(),
-        payload_json=text,
-    )
-    status = 200
     try:
         outcome = ingest(
-            get_db().engine,
-            delivery,
-            store_payload=settings.store_payloads,
-            on_retry=metrics.db_retry,
-        )
+            svc.database, delivery, store_payload=svc.settings.store_payloads, on_retry=svc.metrics.db_retry
+        ).outcome
     except DatabaseUnavailable:
-        spool = current_app.extensions.get("flowlens_spool")
+        spool = svc.spool
         if spool is None or not spool.put(delivery_id, hook_id, event, request.content_type or "", body):
-            _answer("unavailable", 503, event, delivery_id, delivery.action)
+            _answer(Outcome.UNAVAILABLE, 503, event, delivery_id, delivery.action)
             return error(503, "database unavailable, retry later", **{"Retry-After": "30"})
-        outcome = "spooled"
-    if outcome in (FAILED, "spooled"):
-        status = 202
+        outcome = Outcome.SPOOLED
+    status = 202 if outcome in (Outcome.FAILED, Outcome.SPOOLED) else 200
     _answer(outcome, status, event, delivery_id, delivery.action)
-    body_out = {"delivery": delivery_id, "event": event, "action": delivery.action, "outcome": outcome}
-    return jsonify(body_out), status
+    answer = {"delivery": delivery_id, "event": event, "action": delivery.action, "outcome": outcome.value}
+    return jsonify(answer), status

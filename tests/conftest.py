@@ -24,9 +24,10 @@ import requests
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
-from flowlens_ingest import create_app, migrate
+from flowlens_ingest import migrate
+from flowlens_ingest.app import create_app, services
 from flowlens_ingest.config import Settings, normalize_database_url
-from flowlens_ingest.db import make_engine
+from flowlens_ingest.database import Database, make_engine
 from flowlens_ingest.schema import metadata
 from flowlens_ingest.signature import sign
 
@@ -103,6 +104,16 @@ def engine(database_url: str) -> Iterator[Engine]:
     eng.dispose()
 
 
+_DATABASES: dict[Engine, Database] = {}
+
+
+def database_of(engine: Engine) -> Database:
+    """The service's Database over a test's engine (one per engine)."""
+    if engine not in _DATABASES:
+        _DATABASES[engine] = Database(Settings(), engine=engine)
+    return _DATABASES[engine]
+
+
 @pytest.fixture
 def db(engine: Engine) -> Engine:
     """The session engine, on a database emptied before the test."""
@@ -131,7 +142,7 @@ def app(db: Engine, database_url: str, tmp_path: Path):
     application = create_app(make_settings(database_url, tmp_path))
     application.config["TESTING"] = True
     yield application
-    application.extensions["flowlens_db"].dispose()
+    services(application).database.dispose()
 
 
 @pytest.fixture

@@ -29,9 +29,9 @@ from sqlalchemy.engine import Engine
 
 from flowlens_ingest.ingest import ingest
 from flowlens_ingest.schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories
-from flowlens_ingest.store import Delivery
+from flowlens_ingest.delivery import Delivery
 
-from .conftest import load_payload
+from .conftest import database_of, load_payload
 
 T = TypeVar("T")
 Event = tuple[str, dict[str, Any]]
@@ -264,7 +264,7 @@ def delivery(event: str, payload: dict[str, Any], delivery_id: str | None = None
 
 def apply(engine: Engine, event: str, payload: dict[str, Any]) -> str:
     """Ingest one delivery through the service's own path (map, store, journal); its outcome."""
-    return ingest(engine, delivery(event, payload))
+    return ingest(database_of(engine), delivery(event, payload)).outcome
 
 
 # Columns that are the row's own bookkeeping, not business data.

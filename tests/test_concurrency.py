@@ -18,7 +18,7 @@ from flowlens_ingest.schema import ci_checks, pipeline_runs, pr_reviews, pull_re
 
 from .conftest import Service
 from flowlens_ingest.mappers import map_delivery
-from flowlens_ingest.store import plan
+from flowlens_ingest.plan import Plan
 
 from .stories import START, RandomPicker, apply, build_story, business_rows, check_run, pull_request, repository, sha_for
 
@@ -99,7 +99,7 @@ def _interleave(db, first: tuple[str, dict], second: tuple[str, dict]) -> None:
     Whatever the mechanism, `second` must end up seeing `first` (it waits on the
     repository row lock, or retries): neither effect may be lost.
     """
-    statements, _kind, _params = plan(map_delivery(*first))
+    statements = Plan(map_delivery(*first)).statements
     with db.connect() as conn:
         tx = conn.begin()
         for sql, params in statements:

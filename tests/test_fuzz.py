@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowlens_ingest.mappers import MAPPERS, Changes, MappingError, map_delivery
-from flowlens_ingest.parse import BadPayload, UnsupportedMediaType, parse_body
+from flowlens_ingest.parse import BadPayload, UnsupportedMediaType, json_text, loads
 from flowlens_ingest.schema import (
     ci_checks,
     pipeline_runs,
@@ -63,6 +63,11 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(storable_text, children, max_size=4),
     max_leaves=12,
 )
+
+
+def parse(content_type: str | None, body: bytes) -> dict:
+    """A body decoded as the view decodes it."""
+    return loads(json_text(content_type, body))
 
 
 def mutate(data: st.DataObject, payload: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +128,7 @@ def deliveries(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
        st.sampled_from(["application/json", "application/x-www-form-urlencoded", "text/plain", None]))
 def test_parser_refuses_cleanly_or_returns_an_object(body, content_type):
     try:
-        parsed = parse_body(content_type, body)
+        parsed = parse(content_type, body)
     except (BadPayload, UnsupportedMediaType):
         return
     assert isinstance(parsed, dict)
@@ -134,7 +139,7 @@ def test_parser_refuses_cleanly_or_returns_an_object(body, content_type):
 def test_parser_round_trips_every_storable_object(value):
     body = json.dumps(value).encode()
     try:
-        assert parse_body("application/json", body) == value
+        assert parse("application/json", body) == value
     except BadPayload as exc:
         # Only for what PostgreSQL cannot store: U+0000 somewhere.
         assert "\\u0000" in body.decode() and "U+0000" in str(exc)
@@ -154,13 +159,13 @@ def test_mappers_map_or_raise_mapping_error_on_any_shape(delivery):
 @pytest.fixture(scope="module")
 def fuzz_client(engine, database_url, tmp_path_factory):
     """One app for the whole module: hypothesis runs many examples per test function."""
-    from flowlens_ingest import create_app
+    from flowlens_ingest.app import create_app, services
 
     from .conftest import make_settings
 
     app = create_app(make_settings(database_url, tmp_path_factory.mktemp("fuzz")))
     yield app.test_client()
-    app.extensions["flowlens_db"].dispose()
+    services(app).database.dispose()
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -12,13 +12,13 @@ from typing import Iterator
 import pytest
 import sqlalchemy as sa
 
-from flowlens_ingest import create_app
+from flowlens_ingest.app import create_app, services
 from flowlens_ingest.config import Settings
-from flowlens_ingest.db import make_engine
+from flowlens_ingest.database import Database, make_engine
 from flowlens_ingest.ingest import ingest
 from flowlens_ingest.parse import loads
 from flowlens_ingest.schema import metadata, pipeline_runs, pull_requests, repositories, webhook_deliveries
-from flowlens_ingest.store import Delivery
+from flowlens_ingest.delivery import Delivery
 
 from .conftest import PAYLOADS, github_headers, load_payload, make_settings, rows
 
@@ -157,7 +157,7 @@ def test_journal_without_payloads_still_keeps_failed_ones(db, database_url, tmp_
             body = json.dumps(payload).encode()
             client.post("/webhook", data=body, headers=github_headers(body, "pull_request", delivery=delivery))
     finally:
-        app.extensions["flowlens_db"].dispose()
+        services(app).database.dispose()
     stored = {e["delivery_id"]: (e["outcome"], e["payload"]) for e in rows(db, webhook_deliveries)}
     assert stored == {"ok": ("applied", None), "bad": ("failed", dict(OPENED, pull_request=[]))}
 
@@ -165,6 +165,7 @@ def test_journal_without_payloads_still_keeps_failed_ones(db, database_url, tmp_
 def test_racing_copies_of_one_delivery_apply_once(db, database_url, tmp_path: Path):
     """Redeliveries, two workers or two VMs: the journal lets exactly one copy apply."""
     engine = make_engine(Settings(database_url=database_url, pool_size=8))
+    database = Database(Settings(), engine=engine)
     body = json.dumps(OPENED).encode()
     delivery = Delivery("race", 7, "pull_request", loads(body.decode()), hashlib.sha256(body).hexdigest(), body.decode())
     outcomes: list[str] = []
@@ -172,7 +173,7 @@ def test_racing_copies_of_one_delivery_apply_once(db, database_url, tmp_path: Pa
 
     def run() -> None:
         start.wait()
-        outcomes.append(ingest(engine, delivery))
+        outcomes.append(ingest(database, delivery).outcome)
 
     threads = [threading.Thread(target=run) for _ in range(8)]
     try:

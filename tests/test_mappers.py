@@ -52,7 +52,7 @@ def test_every_sample_payload_maps(path: Path):
         assert changes.repository is not None
         assert changes.repository.github_id == load_payload(f"{event}/{path.name}")["repository"]["id"]
     else:
-        assert changes.empty
+        assert changes.repository is None
 
 
 # --- pull_request -------------------------------------------------------------------------
@@ -469,9 +469,9 @@ def test_push_with_integer_timestamps():
 
 
 def test_events_without_a_mapper_are_empty():
-    assert map_delivery("installation", load_payload("installation/created.payload.json")).empty
-    assert map_delivery("ping", load_payload("ping/payload.json")).empty
-    assert map_delivery("sponsorship", {"action": "created"}).empty
+    assert map_delivery("installation", load_payload("installation/created.payload.json")).repository is None
+    assert map_delivery("ping", load_payload("ping/payload.json")).repository is None
+    assert map_delivery("sponsorship", {"action": "created"}).repository is None
 
 
 # --- malformed shapes --------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from flowlens_ingest import create_app, logs, migrate
+from flowlens_ingest import logs, migrate
+from flowlens_ingest.app import create_app, services
 
 from .conftest import (
     SECRET,
@@ -144,7 +145,7 @@ def app_on_scratch_database(server_url, tmp_path, *, revision=None):
             engine.dispose()
         app = create_app(make_settings(url, tmp_path))
         yield app
-        app.extensions["flowlens_db"].dispose()
+        services(app).database.dispose()
     finally:
         drop_database(url)
 

@@ -15,9 +15,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from flowlens_ingest import migrate, store
+from flowlens_ingest import migrate, statements
+from flowlens_ingest.batch import compiled
 from flowlens_ingest.config import Settings, normalize_database_url
-from flowlens_ingest.db import make_engine, prepared_form
+from flowlens_ingest.batch import prepared_form
+from flowlens_ingest.database import make_engine
 from flowlens_ingest.schema import pipeline_runs, webhook_deliveries
 
 from .conftest import create_scratch_database, drop_database, rows
@@ -132,7 +134,7 @@ def test_a_migration_under_a_running_worker_does_not_fail_its_deliveries(server_
 def test_statement_constants_are_written_into_the_sql_not_sent_per_delivery():
     # The status names, `version + 1` and the failing conclusions are part of the
     # prepared text; only the delivery's own values travel with each EXECUTE.
-    pipeline = store.PIPELINE()
+    pipeline = compiled(statements.pipeline_upsert)
     assert pipeline.constants == {}
     assert "THEN 'failed'" in pipeline.sql and "ARRAY['failure','timed_out'" in pipeline.sql
     placeholders = set(re.findall(r"%\((\w+)\)s", pipeline.sql))

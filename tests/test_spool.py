@@ -20,7 +20,8 @@ import sqlalchemy as sa
 from flask import Flask
 from prometheus_client import REGISTRY
 
-from flowlens_ingest import background, create_app
+from flowlens_ingest import background
+from flowlens_ingest.app import create_app, services
 from flowlens_ingest.schema import pull_requests, repositories, webhook_deliveries
 from flowlens_ingest.spool import SUFFIX, UNUSABLE_SUFFIX, Spool
 
@@ -46,7 +47,7 @@ def apps(db, database_url: str, tmp_path: Path) -> Iterator[Callable[..., Flask]
 
     yield build
     for app in built:
-        app.extensions["flowlens_db"].dispose()
+        services(app).database.dispose()
 
 
 def post(app: Flask, payload: dict | bytes, event: str, **kwargs):
@@ -122,7 +123,7 @@ def test_unreachable_database_spools_the_delivery_and_readyz_says_503(apps, db):
     response = post(down, OPENED, "pull_request", delivery="s-1")
     assert response.status_code == 202
     assert response.get_json() == {"delivery": "s-1", "event": "pull_request", "action": "opened", "outcome": "spooled"}
-    (item,) = [Spool.read(p) for p in down.extensions["flowlens_spool"].directory.glob("*" + SUFFIX)]
+    (item,) = [Spool.read(p) for p in services(down).spool.directory.glob("*" + SUFFIX)]
     assert (item.delivery_id, item.hook_id, item.event) == ("s-1", 123456, "pull_request")
     assert json.loads(item.body) == OPENED
     ready = down.test_client().get("/readyz")
@@ -146,7 +147,7 @@ def test_invalid_or_unsigned_deliveries_are_refused_without_touching_the_spool(a
     body = json.dumps(OPENED).encode()
     headers = github_headers(body, "pull_request", secret="wrong")
     assert down.test_client().post("/webhook", data=body, headers=headers).status_code == 401
-    assert down.extensions["flowlens_spool"].depth() == 0
+    assert services(down).spool.depth() == 0
 
 
 # --- when it comes back ------------------------------------------------------------------
@@ -167,7 +168,7 @@ def test_drainer_applies_the_spool_in_arrival_order_exactly_once(apps, drain, db
     assert [a.status_code for a in answers] == [202] * 5
     up = apps(down=False)
     drain(up)
-    wait_until(lambda: up.extensions["flowlens_spool"].depth() == 0, what="the spool to empty")
+    wait_until(lambda: services(up).spool.depth() == 0, what="the spool to empty")
     # `closed` was not stale: `opened` was applied before it.
     assert journal(db) == {
         "opened": ("applied", 1),
@@ -195,14 +196,14 @@ def test_two_hosts_draining_copies_of_the_same_deliveries_apply_each_once(apps, 
     for up in hosts:
         drain(up)
     for up in hosts:
-        wait_until(lambda: up.extensions["flowlens_spool"].depth() == 0, what="both spools to empty")
+        wait_until(lambda: services(up).spool.depth() == 0, what="both spools to empty")
     assert journal(db) == {f"pr-{n}": ("applied", 1) for n in range(30)}
     assert rows(db, pull_requests, "pr_number", "version") == [{"pr_number": n, "version": 1} for n in range(1, 31)]
 
 
 def test_a_file_that_can_never_apply_is_set_aside_and_the_rest_drains(apps, drain, db, tmp_path):
     down = apps(down=True)
-    spool_dir = down.extensions["flowlens_spool"].directory
+    spool_dir = services(down).spool.directory
     spool_dir.mkdir(parents=True, exist_ok=True)
     # Older than anything spooled next, so the drain meets it first.
     (spool_dir / f"{0:020d}-1-garbage{SUFFIX}").write_bytes(b"not a header\n{}")
@@ -213,7 +214,7 @@ def test_a_file_that_can_never_apply_is_set_aside_and_the_rest_drains(apps, drai
     assert post(down, OPENED, "pull_request", delivery="good").status_code == 202
     up = apps(down=False)
     drain(up)
-    wait_until(lambda: up.extensions["flowlens_spool"].depth() == 0, what="the spool to empty")
+    wait_until(lambda: services(up).spool.depth() == 0, what="the spool to empty")
     assert journal(db) == {"good": ("applied", 1)}
     assert sorted(p.name.split("-")[2] for p in spool_dir.glob("*" + UNUSABLE_SUFFIX)) == [
         "badbody" + SUFFIX + UNUSABLE_SUFFIX,
@@ -239,7 +240,7 @@ def test_a_lock_held_past_the_timeout_spools_at_once_instead_of_retrying(apps, d
             assert (response.status_code, response.get_json()["outcome"]) == (202, "spooled")
     assert timeout_retries() == retries
     drain(up)
-    wait_until(lambda: up.extensions["flowlens_spool"].depth() == 0, what="the spool to empty")
+    wait_until(lambda: services(up).spool.depth() == 0, what="the spool to empty")
     assert journal(db) == {"first": ("applied", 1), "blocked": ("applied", 1)}
     assert rows(db, pull_requests, "state") == [{"state": "closed"}]
 
@@ -248,6 +249,6 @@ def test_spooled_body_is_the_signed_bytes_as_received(apps, tmp_path):
     down = apps(down=True)
     body = b'{"zen":  "spaced \\u00e9",\n "hook_id": 1}'
     assert post(down, body, "ping", delivery="raw").status_code == 202
-    (path,) = down.extensions["flowlens_spool"].directory.glob("*" + SUFFIX)
+    (path,) = services(down).spool.directory.glob("*" + SUFFIX)
     assert Spool.read(path).body == body
     assert os.stat(path).st_size == len(path.read_bytes())

@@ -5,7 +5,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from flowlens_ingest import create_app
+from flowlens_ingest.app import create_app
 from flowlens_ingest.schema import pull_requests, repositories, webhook_deliveries
 from flowlens_ingest.signature import sign
 

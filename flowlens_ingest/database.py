@@ -1,0 +1,220 @@
+"""The one owner of database transactions: a per-process engine, the batch, the retry loop.
+
+Callers hand `Database` statements (a delivery's batch, one Core statement, a
+query) and get results back; none of them ever holds a connection or a
+transaction. No Flask here: the app, the CLI and the workers share this.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg2
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from .batch import CountingConnection, Statement, lost_prepared_statement, run_batch
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# SQLSTATEs after which the whole transaction is safe to run again: YugabyteDB
+# raises them far more often than PostgreSQL (conflicts, leader moves, restarts).
+# https://docs.yugabyte.com/preview/architecture/transactions/concurrency-control/
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+# The server is gone, restarting, or too slow to answer inside the statement timeout.
+UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57014", "55P03", "08000", "08003", "08006"})
+# statement_timeout and lock_timeout: one such wait already spent the answer's time budget.
+TIMEOUT_SQLSTATES = frozenset({"57014", "55P03"})
+MAX_ATTEMPTS = 6
+BASE_DELAY_S = 0.005
+MAX_DELAY_S = 0.25
+
+OnRetry = Callable[[str], None]
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached, was too slow, or kept conflicting."""
+
+
+def make_engine(settings: Settings, url: str | None = None, *, application_name: str = "flowlens-ingest") -> Engine:
+    """An engine tuned for short webhook transactions; create it after a fork, never at import.
+
+    `application_name` tells the service's sessions from others in pg_stat_activity.
+    """
+    url = url or settings.database_url
+    if not url:
+        raise ValueError("no database URL")
+    engine = sa.create_engine(
+        url,
+        pool_size=settings.pool_size,
+        max_overflow=0,
+        pool_timeout=5,
+        # A dropped connection is caught by the transaction retry loop below, which
+        # invalidates the pool; a pre-ping would cost every delivery a round trip.
+        pool_pre_ping=False,
+        pool_recycle=300,
+        # Deliveries rely on READ COMMITTED plus a repository row lock (see statements.py);
+        # on YugabyteDB without read committed this is snapshot isolation, where the
+        # same lock turns a conflict into a 40001 that the retry loop absorbs.
+        isolation_level="READ COMMITTED",
+        connect_args={
+            "connect_timeout": 3,
+            "application_name": application_name,
+            "connection_factory": CountingConnection,
+            "options": (
+                f"-c statement_timeout={settings.statement_timeout_ms}"
+                f" -c lock_timeout={settings.statement_timeout_ms}"
+                " -c idle_in_transaction_session_timeout=30000"
+            ),
+        },
+    )
+    if settings.prepared_statements:
+
+        @sa.event.listens_for(engine, "connect")
+        def _prepare_on_this_session(dbapi_connection: Any, _record: Any) -> None:
+            if isinstance(dbapi_connection, CountingConnection):
+                dbapi_connection.prepared = set()
+
+    return engine
+
+
+def is_retryable(exc: DBAPIError) -> bool:
+    """A serialization failure, a deadlock, or a connection that went away."""
+    code = getattr(exc.orig, "pgcode", None)
+    return code in RETRYABLE_SQLSTATES or bool(exc.connection_invalidated)
+
+
+def is_unreachable(exc: DBAPIError) -> bool:
+    """The server did not answer in time or at all: worth spooling, not worth a 5xx."""
+    code = getattr(exc.orig, "pgcode", None)
+    if code in UNAVAILABLE_SQLSTATES:
+        return True
+    return isinstance(exc, sa.exc.OperationalError) and code is None
+
+
+class Database:
+    """The database of this process: its engine (rebuilt after a fork) and its transactions."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        url: str | None = None,
+        *,
+        application_name: str = "flowlens-ingest",
+        engine: Engine | None = None,
+    ) -> None:
+        """`engine`: use this process's existing engine (tools, tests) instead of making one."""
+        self.settings = settings
+        self.url = url or settings.database_url
+        self.application_name = application_name
+        self._engine = engine
+        self._pid = os.getpid() if engine is not None else 0
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """The engine of this process, created on first use after any fork."""
+        pid = os.getpid()
+        if self._engine is None or self._pid != pid:
+            with self._lock:
+                if self._engine is None or self._pid != pid:
+                    if self._engine is not None:
+                        # Pooled connections belong to the parent: drop them without closing.
+                        self._engine.dispose(close=False)
+                    self._engine = make_engine(self.settings, self.url, application_name=self.application_name)
+                    self._pid = pid
+        return self._engine
+
+    def dispose(self) -> None:
+        """Close this process's pooled connections."""
+        if self._engine is not None and self._pid == os.getpid():
+            self._engine.dispose()
+        self._engine = None
+
+    # --- what callers hand in -------------------------------------------------------------
+
+    def run(self, statements: Sequence[Statement], *, on_retry: OnRetry | None = None) -> tuple[Any, ...] | None:
+        """Run a batch as one transaction (two round trips); return the last statement's first row.
+
+        The transaction commits when that row exists and rolls back when it does
+        not (a duplicate delivery). Retried as a whole on transient failures.
+        """
+        return self._retrying(lambda: self._batch(list(statements)), on_retry)
+
+    def execute(self, statement: sa.Executable, *, on_retry: OnRetry | None = None) -> int:
+        """Run one Core statement in a transaction of its own; return its row count."""
+        return self._retrying(lambda: self._in_transaction(lambda c: c.execute(statement).rowcount), on_retry)
+
+    def read(self, query: sa.Executable) -> list[sa.Row[Any]]:
+        """The rows of a query, read in a transaction of its own (not retried)."""
+        return self._in_transaction(lambda c: list(c.execute(query)))
+
+    def first(self, query: sa.Executable, *, on_retry: OnRetry | None = None) -> sa.Row[Any] | None:
+        """The first row of a statement (a query, or DML with RETURNING), committed, retried."""
+        return self._retrying(lambda: self._in_transaction(lambda c: c.execute(query).first()), on_retry)
+
+    # --- how -----------------------------------------------------------------------------------
+
+    def _in_transaction(self, work: Callable[[Connection], T]) -> T:
+        with self.engine.begin() as conn:
+            return work(conn)
+
+    def _batch(self, statements: list[Statement]) -> tuple[Any, ...] | None:
+        raw = self.engine.raw_connection()
+        try:
+            dbapi = raw.dbapi_connection
+            try:
+                return run_batch(dbapi, statements)
+            except psycopg2.Error as exc:
+                disconnected = dbapi is None or dbapi.closed != 0 or self.engine.dialect.is_disconnect(exc, dbapi, None)
+                if disconnected:
+                    raw.invalidate()
+                    # The server went away: its other pooled connections are dead too. Drop
+                    # them now rather than spend the next deliveries' attempts finding out.
+                    self.engine.dispose()
+                elif getattr(dbapi, "prepared", None) is not None and lost_prepared_statement(exc):
+                    # Retried on a new session, which prepares afresh.
+                    raw.invalidate()
+                    disconnected = True
+                raise DBAPIError.instance(
+                    None, None, exc, psycopg2.Error, connection_invalidated=disconnected
+                ) from exc
+        finally:
+            raw.close()
+
+    def _retrying(self, attempt_once: Callable[[], T], on_retry: OnRetry | None) -> T:
+        """Run `attempt_once`, again on transient failures, with full-jitter backoff.
+
+        Raises DatabaseUnavailable when the database is down, too slow, or still
+        conflicting after the last attempt; other database errors propagate.
+        """
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                return attempt_once()
+            except sa.exc.TimeoutError as exc:
+                # Every pooled connection stayed busy for pool_timeout: treat as unavailable.
+                raise DatabaseUnavailable("pool_timeout") from exc
+            except DBAPIError as exc:
+                unreachable = is_unreachable(exc)
+                if not (unreachable or is_retryable(exc)):
+                    raise
+                reason = getattr(exc.orig, "pgcode", None) or "disconnect"
+                # A server that refuses connections gets one more try, not six, and a
+                # timeout none: the answer has to reach GitHub well inside its 10 s.
+                if attempt == MAX_ATTEMPTS or (unreachable and (attempt >= 2 or reason in TIMEOUT_SQLSTATES)):
+                    raise DatabaseUnavailable(reason) from exc
+                if on_retry is not None:
+                    on_retry(reason)
+                # Full jitter keeps colliding workers from retrying in lockstep.
+                time.sleep(random.uniform(0, min(MAX_DELAY_S, BASE_DELAY_S * 2**attempt)))
+        raise AssertionError("unreachable")

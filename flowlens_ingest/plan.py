@@ -1,0 +1,84 @@
+"""A delivery's changes as the bound statements of its one transaction, journal last.
+
+Generic over the row kinds statements.KINDS declares: the repository first (the
+per-repository lock), each row's upsert, the pipeline rows an event names, each
+distinct refresh once, then the journal, whose RETURNING is the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from . import statements as s
+from .batch import Statement, compiled, params
+from .delivery import Delivery
+from .rows import Changes
+from .values import Outcome
+
+
+class Plan:
+    """The statements that apply one delivery's changes, and how its journal entry decides stale."""
+
+    def __init__(self, changes: Changes) -> None:
+        self.statements: list[Statement] = []
+        self.stale: s.StaleTest | None = None
+        self.stale_params: dict[str, Any] = {}
+        repo = changes.repository
+        if repo is None:
+            self.outcome = Outcome.IGNORED
+            return
+        self.outcome = Outcome.APPLIED
+        rid = {"p_repo_github_id": repo.github_id}
+        self.statements.append(compiled(s.repository_upsert, repo.deleted).bind(params(repo, id=uuid.uuid4())))
+        refreshes: dict[tuple[str, tuple[tuple[str, Any], ...]], tuple[s.Builder, dict[str, Any]]] = {}
+        for row in changes.rows:
+            kind = s.KINDS[type(row)]
+            values = params(row, id=uuid.uuid4(), repo_github_id=repo.github_id)
+            self.statements.append(compiled(kind.upsert).bind(values))
+            if kind.stale is not None and self.stale is None:
+                # The first row with a stale test speaks for the delivery.
+                self.stale, self.stale_params = kind.stale, values
+            if kind.refresh is not None:
+                builder, key = kind.refresh(row)
+                refreshes[(builder.__name__, tuple(sorted(key.items())))] = builder, key
+        # Rows first, then missing pipeline rows (born with the right statuses), then
+        # the existing rows they touch, in a fixed order.
+        for number, sha in sorted(set(changes.pr_heads)):
+            self.statements.append(
+                compiled(s.pipeline_if_missing).bind(
+                    {"p_id": str(uuid.uuid4()), "p_pr_number": number, "p_commit_sha": sha, **rid}
+                )
+            )
+        for _, (builder, key) in sorted(refreshes.items()):
+            self.statements.append(compiled(builder).bind({**{f"p_{k}": v for k, v in key.items()}, **rid}))
+        self.stale_params = {**self.stale_params, **rid}
+
+    def journal(
+        self, delivery: Delivery, *, error: str | None = None, store_payload: bool = True, replay: bool = False
+    ) -> Statement:
+        """The journal upsert of the delivery; its RETURNING gives the final outcome."""
+        outcome = Outcome.FAILED if error is not None else self.outcome
+        payload = None
+        if store_payload or outcome is Outcome.FAILED:
+            payload = delivery.payload_json if delivery.payload_json is not None else json.dumps(delivery.payload)
+        stale = None if error is not None else self.stale
+        return compiled(s.journal, stale, replay).bind(
+            {
+                **(self.stale_params if stale is not None else {}),
+                "p_outcome": outcome.value,
+                "p_delivery_id": delivery.delivery_id,
+                "p_hook_id": delivery.hook_id,
+                "p_event": delivery.event,
+                "p_action": delivery.action,
+                "p_repository_github_id": delivery.repository_github_id,
+                "p_payload_sha256": delivery.payload_sha256,
+                "p_payload": payload,
+                "p_error": error,
+                "p_applied": outcome is not Outcome.FAILED,
+            }
+        )
+
+
+FAILURE = Plan(Changes())
