@@ -30,9 +30,10 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -102,7 +103,7 @@ def server_version(url: str) -> str:
     """The PostgreSQL server's version."""
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     with engine.connect() as conn:
-        version = conn.execute(sa.text("SHOW server_version")).scalar_one()
+        version = str(conn.execute(sa.text("SHOW server_version")).scalar_one())
     engine.dispose()
     return version
 
@@ -144,10 +145,16 @@ def backend_pids(url: str) -> list[int]:
     """The PostgreSQL backends serving the service (pg_stat_activity, by application name)."""
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     with engine.connect() as conn:
-        pids = conn.execute(
-            sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND application_name = 'flowlens-ingest'")
-        ).scalars().all()
+        pids = (
+            conn.execute(
+                sa.text(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name = 'flowlens-ingest'"
+                )
+            )
+            .scalars()
+            .all()
+        )
     engine.dispose()
     return list(pids)
 
@@ -184,7 +191,8 @@ def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 class Service:
@@ -202,7 +210,16 @@ class Service:
             **env,
         )
         self._log = self.log_path.open("wb")
-        command = [sys.executable, "-m", "flowlens_ingest.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [
+            sys.executable,
+            "-m",
+            "flowlens_ingest.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         self.process = subprocess.Popen(
             command, env=environment, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -273,26 +290,42 @@ def write_records(generator: Generator, start: int, count: int, prefix: Path, th
     return size
 
 
-def run_wrk(url: str, prefix: Path, tag: str, *, seconds: float, connections: int, threads: int,
-            think_ms: float = 0) -> dict[str, Any]:
+def run_wrk(
+    url: str, prefix: Path, tag: str, *, seconds: float, connections: int, threads: int, think_ms: float = 0
+) -> dict[str, Any]:
     """One wrk run; its summary as printed by deliveries.lua's done()."""
     command = [
-        "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{int(seconds)}s", "--timeout", "10s",
-        "-s", str(LUA), url, "--", str(prefix), tag,
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{int(seconds)}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        url,
+        "--",
+        str(prefix),
+        tag,
     ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     env = {**os.environ, "BENCH_THINK_MS": str(think_ms)}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, env=env)
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=seconds + 60, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    result = json.loads(line[len("WRK_JSON ") :])
+    result: dict[str, Any] = json.loads(line[len("WRK_JSON ") :])
     result["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return result
 
 
-def start_profiles(pids: list[int], seconds: float, directory: Path, fmt: str, mode: str) -> list[subprocess.Popen]:
+def start_profiles(
+    pids: list[int], seconds: float, directory: Path, fmt: str, mode: str
+) -> list[subprocess.Popen[bytes]]:
     """py-spy record of every worker for the measured phase.
 
     `cpu` samples only the thread holding the GIL: where the worker's CPU goes
@@ -304,8 +337,21 @@ def start_profiles(pids: list[int], seconds: float, directory: Path, fmt: str, m
     extension = {"speedscope": "speedscope.json", "raw": "txt", "flamegraph": "svg"}[fmt]
     procs = []
     for pid in pids:
-        command = [py_spy, "record", "--nonblocking", "-p", str(pid), "-d", str(int(seconds)), "-r", "200",
-                   "-f", fmt, "-o", str(directory / f"worker-{pid}.{extension}")]
+        command = [
+            py_spy,
+            "record",
+            "--nonblocking",
+            "-p",
+            str(pid),
+            "-d",
+            str(int(seconds)),
+            "-r",
+            "200",
+            "-f",
+            fmt,
+            "-o",
+            str(directory / f"worker-{pid}.{extension}"),
+        ]
         command.append("--gil" if mode == "cpu" else "--idle")
         procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return procs
@@ -316,21 +362,32 @@ def start_profiles(pids: list[int], seconds: float, directory: Path, fmt: str, m
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (every default is the README's configuration)."""
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--admin-url", default=os.environ.get("FLOWLENS_BENCH_ADMIN_URL", DEFAULT_ADMIN_URL),
-                   help="a PostgreSQL URL allowed to CREATE DATABASE (env FLOWLENS_BENCH_ADMIN_URL)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--admin-url",
+        default=os.environ.get("FLOWLENS_BENCH_ADMIN_URL", DEFAULT_ADMIN_URL),
+        help="a PostgreSQL URL allowed to CREATE DATABASE (env FLOWLENS_BENCH_ADMIN_URL)",
+    )
     p.add_argument("--seconds", type=float, default=20, help="measured load duration (default 20)")
     p.add_argument("--warmup", type=float, default=5, help="warm-up load before measuring (default 5)")
     p.add_argument("--db-seconds", type=float, default=20, help="database limit loop duration (default 20; 0 skips)")
-    p.add_argument("--db-batched", action="store_true",
-                   help="also measure the limit with the transaction sent in two round trips")
+    p.add_argument(
+        "--db-batched", action="store_true", help="also measure the limit with the transaction sent in two round trips"
+    )
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--db-clients", type=int, default=4)
-    p.add_argument("--rate", type=float, default=0,
-                   help="pace each connection to offer about this many deliveries/s in all "
-                        "(a pause of connections/rate s before each request); default: as fast as it answers")
-    p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1 is plenty and leaves the CPU to the service)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0,
+        help="pace each connection to offer about this many deliveries/s in all "
+        "(a pause of connections/rate s before each request); default: as fast as it answers",
+    )
+    p.add_argument(
+        "--wrk-threads", type=int, default=1, help="wrk threads (1 is plenty and leaves the CPU to the service)"
+    )
     p.add_argument("--repositories", type=int, default=200)
     p.add_argument("--prs", type=int, default=15, help="open PRs per repository")
     p.add_argument("--workers", type=int, help="FLOWLENS_WORKERS (default: the service's own default)")
@@ -339,8 +396,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="more service environment")
     p.add_argument("--profile", type=Path, metavar="DIR", help="py-spy record every worker while measuring")
     p.add_argument("--profile-format", choices=("speedscope", "raw", "flamegraph"), default="speedscope")
-    p.add_argument("--profile-mode", choices=("cpu", "wall"), default="cpu",
-                   help="cpu: the GIL holder only (default); wall: every thread, waiting or not")
+    p.add_argument(
+        "--profile-mode",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="cpu: the GIL holder only (default); wall: every thread, waiting or not",
+    )
     p.add_argument("--keep-db", action="store_true", help="do not drop the scratch database")
     return p.parse_args(argv)
 
@@ -364,9 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print one JSON summary line on stdout."""
     args = parse_args(argv)
     if shutil.which("wrk") is None:
-        print("bench: wrk is not installed. Install it with:\n"
-              "  apt-get update && apt-get install -y wrk      (Debian/Ubuntu)\n"
-              "  brew install wrk                              (macOS)", file=sys.stderr)
+        print(
+            "bench: wrk is not installed. Install it with:\n"
+            "  apt-get update && apt-get install -y wrk      (Debian/Ubuntu)\n"
+            "  brew install wrk                              (macOS)",
+            file=sys.stderr,
+        )
         return 2
     if args.profile and not (shutil.which("py-spy") or Path(sys.executable).with_name("py-spy").exists()):
         print("bench: --profile needs py-spy: .venv/bin/pip install py-spy", file=sys.stderr)
@@ -378,8 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     env = service_env(args)
     summary: dict[str, Any] = {}
 
-    with tempfile.TemporaryDirectory(prefix="flowlens-bench-") as tmp, \
-            scratch_database(args.admin_url, args.keep_db) as url:
+    with (
+        tempfile.TemporaryDirectory(prefix="flowlens-bench-") as tmp,
+        scratch_database(args.admin_url, args.keep_db) as url,
+    ):
         workdir = Path(tmp)
         limit = batched = None
         if args.db_seconds > 0:
@@ -388,8 +454,9 @@ def main(argv: list[str] | None = None) -> int:
             limit = dblimit.measure(libpq_url(url), sample, clients=args.db_clients, seconds=args.db_seconds)
             log(f"database limit: {limit.tx_per_s:.0f} tx/s (p50 {limit.p50_ms} ms)")
             if args.db_batched:
-                batched = dblimit.measure(libpq_url(url), sample, clients=args.db_clients,
-                                          seconds=args.db_seconds, batched=True)
+                batched = dblimit.measure(
+                    libpq_url(url), sample, clients=args.db_clients, seconds=args.db_seconds, batched=True
+                )
                 log(f"database limit, two round trips: {batched.tx_per_s:.0f} tx/s")
             empty_tables(url)
 
@@ -402,8 +469,14 @@ def main(argv: list[str] | None = None) -> int:
             service.wait_ready()
             workers = service.workers()
             log(f"service up: {len(workers)} workers, env {env or 'defaults'}")
-            warm = run_wrk(service.url, workdir / "warmup", "warm", seconds=args.warmup,
-                           connections=args.connections, threads=args.wrk_threads)
+            warm = run_wrk(
+                service.url,
+                workdir / "warmup",
+                "warm",
+                seconds=args.warmup,
+                connections=args.connections,
+                threads=args.wrk_threads,
+            )
             warm_rate = warm["requests"] / (warm["duration_us"] / 1e6)
             count = int(warm_rate * args.seconds * 1.4) + 1000
             log(f"warm-up: {warm_rate:.0f} deliveries/s; writing {count} measured deliveries")
@@ -412,14 +485,32 @@ def main(argv: list[str] | None = None) -> int:
             workers = service.workers()
             before_metrics = service.metrics()
             pg = backend_pids(url)
-            before_cpu = {"workers": cpu_seconds(workers), "postgres": cpu_seconds(pg), "machine": machine_busy_seconds()}
-            profiles = (start_profiles(workers, args.seconds, args.profile, args.profile_format, args.profile_mode)
-                        if args.profile else [])
+            before_cpu = {
+                "workers": cpu_seconds(workers),
+                "postgres": cpu_seconds(pg),
+                "machine": machine_busy_seconds(),
+            }
+            profiles = (
+                start_profiles(workers, args.seconds, args.profile, args.profile_format, args.profile_mode)
+                if args.profile
+                else []
+            )
             log(f"measuring: {args.connections} connections for {args.seconds:.0f} s")
             think_ms = 1000 * args.connections / args.rate if args.rate else 0
-            run = run_wrk(service.url, workdir / "run", "run", seconds=args.seconds,
-                          connections=args.connections, threads=args.wrk_threads, think_ms=think_ms)
-            after_cpu = {"workers": cpu_seconds(workers), "postgres": cpu_seconds(pg), "machine": machine_busy_seconds()}
+            run = run_wrk(
+                service.url,
+                workdir / "run",
+                "run",
+                seconds=args.seconds,
+                connections=args.connections,
+                threads=args.wrk_threads,
+                think_ms=think_ms,
+            )
+            after_cpu = {
+                "workers": cpu_seconds(workers),
+                "postgres": cpu_seconds(pg),
+                "machine": machine_busy_seconds(),
+            }
             after_metrics = service.metrics()
             rss = [rss_mb(pid) for pid in workers]
             master = service.master()
@@ -455,32 +546,51 @@ def main(argv: list[str] | None = None) -> int:
             "outcomes": outcomes,
             "resent_fraction": round(run["resent"] / run["sent"], 3) if run["sent"] else 0.0,
             "db_limit": {
-                "clients": limit.clients, "round_trips_per_tx": limit.round_trips_per_tx,
-                "p50_ms": limit.p50_ms, "p99_ms": limit.p99_ms, "seconds": limit.seconds,
+                "clients": limit.clients,
+                "round_trips_per_tx": limit.round_trips_per_tx,
+                "p50_ms": limit.p50_ms,
+                "p99_ms": limit.p99_ms,
+                "seconds": limit.seconds,
                 "statements": "BEGIN; repositories upsert RETURNING id; pipeline_runs upsert; "
-                              "webhook_deliveries insert (JSONB payload); COMMIT",
-            } if limit else None,
+                "webhook_deliveries insert (JSONB payload); COMMIT",
+            }
+            if limit
+            else None,
             "db_limit_two_round_trips_tx_per_s": round(batched.tx_per_s, 1) if batched else None,
             "service": {
-                "workers": len(workers), "env": env, "master_rss_mb": master_rss,
+                "workers": len(workers),
+                "env": env,
+                "master_rss_mb": master_rss,
                 "cpu_cores_used": round((after_cpu["workers"] - before_cpu["workers"]) / seconds, 2),
                 # Per delivery, so that it holds however busy the machine was.
                 "cpu_ms_per_delivery": round(1000 * (after_cpu["workers"] - before_cpu["workers"]) / delivered, 2)
-                if delivered else None,
+                if delivered
+                else None,
             },
             "load": {
-                "connections": args.connections, "wrk_threads": args.wrk_threads, "paced_rate": args.rate or None,
+                "connections": args.connections,
+                "wrk_threads": args.wrk_threads,
+                "paced_rate": args.rate or None,
                 "wrk_cpu_cores_used": round(run["cpu_s"] / seconds, 2),
                 "postgres_cpu_cores_used": round((after_cpu["postgres"] - before_cpu["postgres"]) / seconds, 2),
                 "postgres_cpu_ms_per_delivery": round(
-                    1000 * (after_cpu["postgres"] - before_cpu["postgres"]) / delivered, 2) if delivered else None,
+                    1000 * (after_cpu["postgres"] - before_cpu["postgres"]) / delivered, 2
+                )
+                if delivered
+                else None,
                 "machine_cpu_cores_busy": round((after_cpu["machine"] - before_cpu["machine"]) / seconds, 2),
-                "mix": MIX, "repositories": args.repositories, "prs_per_repository": args.prs,
-                "mean_body_bytes": round(size / count), "warmup_s": args.warmup,
+                "mix": MIX,
+                "repositories": args.repositories,
+                "prs_per_repository": args.prs,
+                "mean_body_bytes": round(size / count),
+                "warmup_s": args.warmup,
             },
-            "machine": {**machine(), "postgres": server_version(url),
-                        "loadavg_before": [round(x, 2) for x in load_start],
-                        "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+            "machine": {
+                **machine(),
+                "postgres": server_version(url),
+                "loadavg_before": [round(x, 2) for x in load_start],
+                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+            },
         }
     print(json.dumps(summary), flush=True)
     return 0

@@ -26,6 +26,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg2
 
@@ -69,7 +70,7 @@ class Limit:
         return self.transactions / self.seconds
 
 
-def _client(url: str, seconds: float, batched: bool, bodies: list[tuple[str, bytes]], seed: int, out) -> None:
+def _client(url: str, seconds: float, batched: bool, bodies: list[tuple[str, bytes]], seed: int, out: Any) -> None:
     try:
         out.put(_loop(url, seconds, batched, bodies, seed))
     except Exception as exc:  # reported to the parent, which fails the run at once
@@ -103,15 +104,19 @@ def _loop(url: str, seconds: float, batched: bool, bodies: list[tuple[str, bytes
         if batched:
             # One query: the pipeline row finds the repository by github_id, as store.py does.
             repo_id = "(SELECT id FROM repositories WHERE github_id = %(github_id)s)"
-            parts = [b"BEGIN", cur.mogrify(REPOSITORY, params), cur.mogrify(PIPELINE.format(repo_id=repo_id), params),
-                     cur.mogrify(JOURNAL, params)]
+            parts = [
+                b"BEGIN",
+                cur.mogrify(REPOSITORY, params),
+                cur.mogrify(PIPELINE.format(repo_id=repo_id), params),
+                cur.mogrify(JOURNAL, params),
+            ]
             conn.autocommit = True
             cur.execute(b";\n".join(parts))
             cur.execute("COMMIT")
             conn.autocommit = False
         else:
             cur.execute(REPOSITORY, params)
-            (repo_uuid,) = cur.fetchone()
+            (repo_uuid,) = cur.fetchone() or (None,)
             cur.execute(PIPELINE.format(repo_id="%(repo_id)s"), {**params, "repo_id": repo_uuid})
             cur.execute(JOURNAL, params)
             conn.commit()
@@ -121,8 +126,9 @@ def _loop(url: str, seconds: float, batched: bool, bodies: list[tuple[str, bytes
     return latencies
 
 
-def measure(url: str, bodies: list[tuple[str, bytes]], *, clients: int = 4, seconds: float = 20,
-            batched: bool = False) -> Limit:
+def measure(
+    url: str, bodies: list[tuple[str, bytes]], *, clients: int = 4, seconds: float = 20, batched: bool = False
+) -> Limit:
     """Run the loop on `clients` processes for `seconds`; `url` is a libpq URL of the scratch database."""
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
@@ -138,7 +144,11 @@ def measure(url: str, bodies: list[tuple[str, bytes]], *, clients: int = 4, seco
         raise RuntimeError("; ".join(errors))
     latencies = sorted(x for r in results for x in r)
     return Limit(
-        clients, seconds, len(latencies), 2 if batched else 5, percentile_ms(latencies, 0.50),
+        clients,
+        seconds,
+        len(latencies),
+        2 if batched else 5,
+        percentile_ms(latencies, 0.50),
         percentile_ms(latencies, 0.99),
     )
 

@@ -18,10 +18,11 @@ import copy
 import hashlib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from flowlens_ingest.signature import sign
 
@@ -40,7 +41,7 @@ MIX: dict[str, int] = {
 
 ORG = "bench-org"
 REPO_ID_BASE = 900_000_000
-BASE_TIME = datetime(2025, 1, 1, tzinfo=timezone.utc)
+BASE_TIME = datetime(2025, 1, 1, tzinfo=UTC)
 CHECK_NAMES = ("build", "test (3.11)", "test (3.12)", "lint", "typecheck", "e2e", "docs", "package")
 REVIEWERS = ("alice", "bob", "carol", "dave", "erin")
 # A PR gets a new head commit every this many deliveries of it, on average.

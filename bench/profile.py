@@ -12,10 +12,11 @@ import inspect
 import re
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from flowlens_ingest import db, webhook
+from flowlens_ingest import batch, webhook
 
 
 def _lines(function: Callable[..., Any], *needles: str) -> str:
@@ -32,15 +33,24 @@ def _lines(function: Callable[..., Any], *needles: str) -> str:
 RULES: list[tuple[str, re.Pattern[str]]] = [
     (label, re.compile(pattern))
     for label, pattern in [
-        ("psycopg2 execute (send, server work, receive)",
-         rf"CountingCursor\.execute|run_batch \(flowlens_ingest/db\.py:({_lines(db.run_batch, '.execute(')})\)"),
-        ("psycopg2 mogrify (quote parameters, incl. the journal payload)",
-         rf"run_batch\.<locals>\.<listcomp>|run_batch \(flowlens_ingest/db\.py:({_lines(db.run_batch, 'mogrify')})\)"),
-        ("psycopg2 autocommit toggles, commit, cursor",
-         r"CountingConnection\.commit|run_batch \(flowlens_ingest/db\.py"),
+        (
+            "psycopg2 execute (send, server work, receive)",
+            rf"CountingCursor\.execute|run_batch \(flowlens_ingest/batch\.py:({_lines(batch.run_batch, '.execute(')})\)",
+        ),
+        (
+            "psycopg2 mogrify (quote parameters, incl. the journal payload)",
+            rf"run_batch\.<locals>\.<listcomp>|run_batch \(flowlens_ingest/batch\.py:({_lines(batch.run_batch, 'mogrify')})\)",
+        ),
+        (
+            "psycopg2 autocommit toggles, commit, cursor",
+            r"CountingConnection\.commit|run_batch \(flowlens_ingest/batch\.py",
+        ),
         ("JSON parse + checks (parse.py)", r"flowlens_ingest/parse\.py|json/decoder\.py|json/__init__\.py"),
         ("signature HMAC (signature.py)", r"flowlens_ingest/signature\.py|hmac\.py"),
-        ("payload sha256 (webhook.py)", rf"receive \(flowlens_ingest/webhook\.py:({_lines(webhook.receive, 'sha256(')})\)"),
+        (
+            "payload sha256 (webhook.py)",
+            rf"receive \(flowlens_ingest/webhook\.py:({_lines(webhook.receive, 'sha256(')})\)",
+        ),
         ("map (mappers.py)", r"flowlens_ingest/mappers\.py"),
         ("store: plan, params, uuid4 (store.py)", r"flowlens_ingest/store\.py|uuid\.py"),
         ("SQLAlchemy compile", r"sqlalchemy/sql/"),

@@ -45,7 +45,9 @@ def create_app(config: Settings | None = None) -> Flask:
     app = Flask(__name__)
     # Werkzeug refuses a larger body with 413 from its Content-Length, before reading it.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    spool = Spool(settings.spool_dir, settings.spool_max_bytes) if settings.spool_dir and settings.spool_enabled else None
+    spool = (
+        Spool(settings.spool_dir, settings.spool_max_bytes) if settings.spool_dir and settings.spool_enabled else None
+    )
     app.extensions["flowlens"] = Services(settings, Database(settings), metrics.instruments(), spool)
 
     from . import ops, webhook

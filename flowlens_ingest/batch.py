@@ -10,6 +10,7 @@ a multi-node YugabyteDB.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -23,10 +24,10 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2.extensions import adapt
 from psycopg2.extras import Json
-from sqlalchemy import Executable
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.sql.expression import ClauseElement
 
-_DIALECT = postgresql.psycopg2.dialect()  # type: ignore[attr-defined]
+_DIALECT = postgresql.psycopg2.dialect()  # type: ignore[no-untyped-call]
 
 # One statement of a batch: SQL with %(name)s placeholders, and its parameters.
 Statement = tuple[str, dict[str, Any]]
@@ -45,7 +46,7 @@ class Template:
 
 
 @functools.cache
-def compiled(builder: Callable[..., Executable], *args: Any) -> Template:
+def compiled(builder: Callable[..., ClauseElement], *args: Any) -> Template:
     """`builder(*args)` compiled once per process.
 
     Constants of the statement (the status names of a CASE, `version + 1`, the
@@ -76,8 +77,12 @@ def _literal(value: Any) -> str | None:
 def params(row: Any, **extra: Any) -> dict[str, Any]:
     """A row dataclass's fields (and `extra`) as `p_<name>` parameters, adapted for psycopg2."""
     # Shallow on purpose: dataclasses.asdict deep-copies every label and file list.
-    values = {f.name: getattr(row, f.name) for f in dataclasses.fields(row)}
-    return {f"p_{k}": _adapt(v) for k, v in {**values, **extra}.items()}
+    return values(**{f.name: getattr(row, f.name) for f in dataclasses.fields(row)}, **extra)
+
+
+def values(**named: Any) -> dict[str, Any]:
+    """Named values as `p_<name>` parameters, adapted for psycopg2."""
+    return {f"p_{k}": _adapt(v) for k, v in named.items()}
 
 
 def _adapt(value: Any) -> Any:
@@ -184,7 +189,7 @@ def prepared_form(sql: str) -> PreparedForm:
         return f"${order.index(match.group(1)) + 1}"
 
     text = _PLACEHOLDER.sub(number, sql).replace("%%", "%")
-    name = "flowlens_" + hashlib.sha1(text.encode()).hexdigest()[:16]
+    name = "flowlens_" + hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:16]
     execute = f"EXECUTE {name}({', '.join(f'%({p})s' for p in order)})" if order else f"EXECUTE {name}"
     return PreparedForm(name, f"PREPARE {name} AS {text}".encode(), execute)
 
@@ -240,10 +245,8 @@ def run_batch(dbapi: Any, statements: list[Statement]) -> tuple[Any, ...] | None
             return row
         except psycopg2.Error:
             if not dbapi.closed:
-                try:
+                with contextlib.suppress(psycopg2.Error):
                     cursor.execute(b"ROLLBACK")
-                except psycopg2.Error:
-                    pass
             raise
         finally:
             if not dbapi.closed:

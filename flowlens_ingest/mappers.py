@@ -7,7 +7,8 @@ MappingError, which the service journals as a failed, replayable delivery.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import rules
 from .readers import (
@@ -26,8 +27,8 @@ from .readers import (
     text,
     timestamp,
 )
-from .rows import Changes, CheckRow, PipelineRow, PullRequestRow, RepositoryRow, ReviewRow
-from .values import CheckSource, PrState, ReviewState
+from .rows import Changes, CheckRow, FilesJobRow, PipelineRow, PullRequestRow, RepositoryRow, ReviewRow, Row
+from .values import CheckSource, FilesStatus, PrState, ReviewState
 
 __all__ = ["KNOWN_EVENTS", "MAPPERS", "Changes", "MappingError", "map_delivery"]
 
@@ -115,6 +116,7 @@ def map_pull_request(payload: dict[str, Any]) -> Changes:
         {"team": text(obj(team, "team").get("slug") or team.get("name"), "team.slug")}
         for team in array(pr.get("requested_teams"), "pull_request.requested_teams")
     ]
+    files = _files_changed(payload, pr)
     row = PullRequestRow(
         pr_number=number,
         github_id=integer(pr.get("id"), "pull_request.id"),
@@ -126,7 +128,10 @@ def map_pull_request(payload: dict[str, Any]) -> Changes:
         branch_name=text(head.get("ref"), "pull_request.head.ref"),
         base_branch=text(base.get("ref"), "pull_request.base.ref"),
         pr_url=text(pr.get("html_url"), "pull_request.html_url"),
-        files_changed=_files_changed(payload, pr),
+        files_changed=files,
+        files_changed_sha=sha if files is not None else None,
+        # The list of a new head is `pending` until the files worker settles it (statements.py).
+        files_status=FilesStatus.FETCHED if files is not None else None,
         additions=count(pr.get("additions"), "pull_request.additions"),
         deletions=count(pr.get("deletions"), "pull_request.deletions"),
         changed_files=count(pr.get("changed_files"), "pull_request.changed_files"),
@@ -153,7 +158,24 @@ def map_pull_request(payload: dict[str, Any]) -> Changes:
         status_merge=rules.merge_status(state),
         pr_updated_at=updated_at,
     )
-    return Changes(repository=repo, rows=(row, pipeline))
+    rows: tuple[Row, ...] = (row, pipeline)
+    if files is None and sha:
+        job = FilesJobRow(
+            pr_number=number,
+            head_sha=key(sha, "pull_request.head.sha"),
+            installation_id=_installation_id(payload),
+            pr_updated_at=updated_at,
+            refetch=rules.refetches_files(payload),
+        )
+        rows = (*rows, job)
+    return Changes(repository=repo, rows=rows)
+
+
+def _installation_id(payload: dict[str, Any]) -> int | None:
+    """The GitHub App installation a delivery came through (an App's installation token reads the files)."""
+    installation = opt_obj(payload.get("installation"), "installation")
+    number = integer(installation.get("id"), "installation.id")
+    return number if number is not None and 0 < number < 2**63 else None
 
 
 # --- checks ---------------------------------------------------------------------------
@@ -162,8 +184,8 @@ def map_pull_request(payload: dict[str, Any]) -> Changes:
 def _pr_heads(items: Any, what: str, repo_id: int, head_sha: str) -> tuple[tuple[int, str], ...]:
     """PR numbers of this repository that an event names (forks' PRs name another base repo)."""
     heads = []
-    for item in array(items, what):
-        item = obj(item, what)
+    for entry in array(items, what):
+        item = obj(entry, what)
         base_repo = opt_obj(opt_obj(item.get("base"), f"{what}.base").get("repo"), f"{what}.base.repo")
         if base_repo.get("id") not in (None, repo_id):
             continue
@@ -211,7 +233,7 @@ def map_check_run(payload: dict[str, Any]) -> Changes:
     """`check_run`: one check of a commit (the object's status, not the action, decides)."""
     repo = _require_repository(payload, "check_run")
     run = obj(payload.get("check_run"), "check_run")
-    check = _check(CheckSource.CHECK_RUN, run.get("name"), run, "check_run", updated=None)
+    check = _check(CheckSource.CHECK_RUN, key(run.get("name"), "check_run.name"), run, "check_run", updated=None)
     heads = _pr_heads(run.get("pull_requests"), "check_run.pull_requests", repo.github_id, check.head_sha)
     return Changes(repository=repo, rows=(check,), pr_heads=heads)
 

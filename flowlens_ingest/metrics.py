@@ -22,6 +22,7 @@ from .mappers import KNOWN_EVENTS
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+
 def event_label(event: str) -> str:
     """The event name, or `other` for events outside KNOWN_EVENTS."""
     return event if event in KNOWN_EVENTS else "other"
@@ -31,35 +32,38 @@ class Metrics:
     """The service's instruments, registered once per process."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
-        kwargs = {} if registry is None else {"registry": registry}
+        reg = REGISTRY if registry is None else registry
         self.deliveries = Counter(
             "flowlens_deliveries",
             "Signed deliveries answered, by event and outcome",
             ["event", "outcome"],
-            **kwargs,
+            registry=reg,
         )
         self.latency = Histogram(
             "flowlens_delivery_duration_seconds",
             "Time from request to answer for signed deliveries",
             ["event"],
             buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            **kwargs,
+            registry=reg,
         )
         self.retries = Counter(
-            "flowlens_db_retries", "Delivery transactions retried, by SQLSTATE or disconnect", ["reason"], **kwargs
+            "flowlens_db_retries", "Delivery transactions retried, by SQLSTATE or disconnect", ["reason"], registry=reg
         )
         self.signature_failures = Counter(
-            "flowlens_signature_failures", "Requests refused with 401, by reason", ["reason"], **kwargs
+            "flowlens_signature_failures", "Requests refused with 401, by reason", ["reason"], registry=reg
         )
         self.spool_drained = Counter(
-            "flowlens_spool_drained", "Spooled deliveries applied after an outage, by outcome", ["outcome"], **kwargs
+            "flowlens_spool_drained",
+            "Spooled deliveries applied after an outage, by outcome",
+            ["outcome"],
+            registry=reg,
         )
         self.round_trips = Counter(
             "flowlens_db_round_trips",
             "SQL round trips to the database (statements, BEGIN, COMMIT, ROLLBACK)",
-            **kwargs,
+            registry=reg,
         )
         # Every worker's drainer samples the shared spool each second. "livemax" keeps
         # only live workers' samples: a dead worker's last sample would otherwise
@@ -68,7 +72,36 @@ class Metrics:
             "flowlens_spool_depth",
             "Deliveries waiting in the local spool",
             multiprocess_mode="livemax",
-            **kwargs,
+            registry=reg,
+        )
+
+        # The files worker (enrich.py).
+        self.files_jobs = Counter(
+            "flowlens_files_jobs",
+            "Files jobs worked, by files_status settled, retry or rescheduled",
+            ["outcome"],
+            registry=reg,
+        )
+        self.github_requests = Counter(
+            "flowlens_github_requests",
+            "GitHub API requests of the files worker, by HTTP status",
+            ["code"],
+            registry=reg,
+        )
+        self.github_rate_remaining = Gauge(
+            "flowlens_github_rate_limit_remaining",
+            "GitHub's x-ratelimit-remaining on the files worker's latest response",
+            multiprocess_mode="livemin",
+            registry=reg,
+        )
+        self.files_pending = Gauge(
+            "flowlens_files_jobs_pending", "Files jobs waiting or leased", multiprocess_mode="livemax", registry=reg
+        )
+        self.files_oldest_pending = Gauge(
+            "flowlens_files_oldest_pending_seconds",
+            "Age of the oldest files job still waiting",
+            multiprocess_mode="livemax",
+            registry=reg,
         )
 
     def delivery(self, event: str, outcome: str, seconds: float) -> None:
@@ -92,7 +125,7 @@ def render() -> tuple[bytes, str]:
 
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 

@@ -84,9 +84,8 @@ def depth(value: Any) -> int:
     while stack:
         item, level = stack.pop()
         deepest = max(deepest, level)
-        for child in item.values() if isinstance(item, dict) else item:
-            if isinstance(child, (dict, list)):
-                stack.append((child, level + 1))
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
     return deepest
 
 

@@ -36,7 +36,7 @@ class Plan:
         for row in changes.rows:
             kind = s.KINDS[type(row)]
             values = params(row, id=uuid.uuid4(), repo_github_id=repo.github_id)
-            self.statements.append(compiled(kind.upsert).bind(values))
+            self.statements.append(compiled(kind.upsert, *kind.variant(row)).bind(values))
             if kind.stale is not None and self.stale is None:
                 # The first row with a stale test speaks for the delivery.
                 self.stale, self.stale_params = kind.stale, values

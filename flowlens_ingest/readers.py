@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 # Values the database indexes must stay well under btree's ~2700-byte row limit.
@@ -43,12 +43,12 @@ def text(value: Any, what: str) -> str | None:
 
 def key(value: Any, what: str) -> str:
     """A non-empty string short enough to index (a key column)."""
-    value = text(value, what)
-    if not value:
+    found = text(value, what)
+    if not found:
         raise MappingError(f"{what} is missing")
-    if len(value) > MAX_KEY_CHARS:
+    if len(found) > MAX_KEY_CHARS:
         raise MappingError(f"{what} is longer than {MAX_KEY_CHARS} characters")
-    return value
+    return found
 
 
 def integer(value: Any, what: str) -> int | None:
@@ -91,7 +91,7 @@ def timestamp(value: Any, what: str) -> datetime | None:
         raise MappingError(f"{what} is not a timestamp")
     if isinstance(value, (int, float)):
         try:
-            return datetime.fromtimestamp(value, tz=timezone.utc)
+            return datetime.fromtimestamp(value, tz=UTC)
         except (OverflowError, OSError, ValueError):
             raise MappingError(f"{what} is out of range") from None
     if isinstance(value, str):
@@ -99,11 +99,11 @@ def timestamp(value: Any, what: str) -> datetime | None:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             raise MappingError(f"{what} is not an ISO 8601 timestamp") from None
-        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
         try:
             # PostgreSQL would store a time outside years 1-9999 UTC (`0001-01-01T00:00:00+14:00`),
             # but no Python reader, the poller included, could load that row back.
-            return parsed.astimezone(timezone.utc)
+            return parsed.astimezone(UTC)
         except OverflowError:
             raise MappingError(f"{what} is out of range") from None
     raise MappingError(f"{what} is not a timestamp")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
-from .values import CheckSource, MergeStatus, PrState, PrStatus, ReviewState
+from .values import CheckSource, FilesStatus, MergeStatus, PrState, PrStatus, ReviewState
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,12 @@ class PullRequestRow:
     branch_name: str | None
     base_branch: str | None
     pr_url: str | None
-    # None when the sender did not include it: the stored list is then kept.
+    # None when the sender did not include it (GitHub never does): the stored list is kept.
     files_changed: list[Any] | None
+    # The head the list above describes (None with it).
+    files_changed_sha: str | None
+    # `fetched` with a list; None: `pending` for a new head, else as stored.
+    files_status: FilesStatus | None
     additions: int | None
     deletions: int | None
     changed_files: int | None
@@ -115,8 +119,20 @@ class ReviewRow:
     rank: int
 
 
-Row = Union[PullRequestRow, PipelineRow, CheckRow, ReviewRow]
-R = TypeVar("R", PullRequestRow, PipelineRow, CheckRow, ReviewRow)
+@dataclass(frozen=True)
+class FilesJobRow:
+    """A request to fetch a PR head's file list from GitHub: a files_jobs row."""
+
+    pr_number: int
+    head_sha: str
+    installation_id: int | None
+    pr_updated_at: datetime | None
+    # Fetch again even for the same head (the base moved, or the PR reopened).
+    refetch: bool
+
+
+Row = PullRequestRow | PipelineRow | CheckRow | ReviewRow | FilesJobRow
+R = TypeVar("R", PullRequestRow, PipelineRow, CheckRow, ReviewRow, FilesJobRow)
 
 
 @dataclass(frozen=True)

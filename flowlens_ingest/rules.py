@@ -10,6 +10,7 @@ here are the same rules over Python values, the reference the SQL is tested agai
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from .values import ApprovalStatus, BuildStatus, MergeStatus, PrState, PrStatus, ReviewState
 
@@ -26,6 +27,17 @@ REVIEW_RANK = {ReviewState.APPROVED: 0, ReviewState.CHANGES_REQUESTED: 0, Review
 
 # pull_request actions after which the PR counts as (re)opened rather than updated.
 OPENING_ACTIONS = ("opened", "reopened")
+
+
+def refetches_files(payload: dict[str, Any]) -> bool:
+    """The PR's file list may have changed for the same head: reopened, or its base branch edited.
+
+    https://docs.github.com/en/webhooks/webhook-events-and-payloads#pull_request
+    (`edited` carries `changes.base` when the base branch changed).
+    """
+    action = payload.get("action")
+    changes = payload.get("changes")
+    return action == "reopened" or (action == "edited" and isinstance(changes, dict) and "base" in changes)
 
 
 def pr_status(action: object) -> PrStatus:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, UUID
@@ -12,6 +13,8 @@ from .values import (
     ApprovalStatus,
     BuildStatus,
     CheckSource,
+    FilesStatus,
+    JobState,
     MergeStatus,
     PrState,
     PrStatus,
@@ -42,18 +45,18 @@ def one_of(column: str, values: type[StrEnum] | tuple[StrEnum, ...]) -> sa.Check
     return sa.CheckConstraint(f"{column} IN ({listed})", name=column)
 
 
-def _id() -> sa.Column:
+def _id() -> sa.Column[Any]:
     return sa.Column("id", UUID(as_uuid=True), primary_key=True)
 
 
-def _row_times() -> list[sa.Column]:
+def _row_times() -> list[sa.Column[Any]]:
     return [
         sa.Column("created_at", _Ts, nullable=False, server_default=sa.func.now()),
         sa.Column("updated_at", _Ts, nullable=False, server_default=sa.func.now()),
     ]
 
 
-def _processing() -> list[sa.Column]:
+def _processing() -> list[sa.Column[Any]]:
     """The poller's contract: a new or changed row is unprocessed, and its version moves."""
     return [
         sa.Column("processed", sa.Boolean, nullable=False, server_default=sa.false()),
@@ -61,7 +64,7 @@ def _processing() -> list[sa.Column]:
     ]
 
 
-def _repo_fk() -> sa.Column:
+def _repo_fk() -> sa.Column[Any]:
     return sa.Column(
         "repo_id",
         UUID(as_uuid=True),
@@ -112,6 +115,9 @@ pull_requests = sa.Table(
     sa.Column("base_branch", sa.Text),
     sa.Column("pr_url", sa.Text),
     sa.Column("files_changed", JSONB),
+    # The head sha `files_changed` lists, and where the list of the current head stands.
+    sa.Column("files_changed_sha", sa.Text),
+    sa.Column("files_status", sa.Text),
     sa.Column("additions", sa.Integer),
     sa.Column("deletions", sa.Integer),
     sa.Column("changed_files", sa.Integer),
@@ -130,6 +136,7 @@ pull_requests = sa.Table(
     *_row_times(),
     sa.UniqueConstraint("repo_id", "pr_number"),
     one_of("state", PrState),
+    one_of("files_status", FilesStatus),
     sa.Index(None, "processed", "updated_at"),
 )
 
@@ -244,4 +251,35 @@ webhook_deliveries = sa.Table(
     one_of("outcome", JOURNALED_OUTCOMES),
     sa.Index(None, "received_at"),
     sa.Index(None, "outcome", "received_at"),
+)
+
+# The files worker's queue: one job per pull request, for its newest head.
+files_jobs = sa.Table(
+    "files_jobs",
+    metadata,
+    _id(),
+    _repo_fk(),
+    sa.Column("pr_number", sa.Integer, nullable=False),
+    sa.Column("head_sha", sa.Text, nullable=False),
+    # The GitHub App installation the delivery came through (NULL: use the token).
+    sa.Column("installation_id", sa.BigInteger),
+    # GitHub's pull_request.updated_at of the delivery that asked: a job never goes back.
+    sa.Column("pr_updated_at", _Ts),
+    sa.Column("state", sa.Text, nullable=False, server_default=JobState.PENDING.value),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("run_after", _Ts, nullable=False, server_default=sa.func.now()),
+    # A worker holds a job until leased_until; a crashed worker's job is taken again after it.
+    sa.Column("leased_until", _Ts),
+    sa.Column("lease_token", UUID(as_uuid=True)),
+    # The files_status the last fetch settled on, and its ETag (for a 304 next time).
+    sa.Column("result", sa.Text),
+    sa.Column("etag", sa.Text),
+    sa.Column("etag_sha", sa.Text),
+    sa.Column("last_error", sa.Text),
+    *_row_times(),
+    sa.UniqueConstraint("repo_id", "pr_number"),
+    one_of("state", JobState),
+    one_of("result", FilesStatus),
+    # The workers' claim: pending jobs in run_after order.
+    sa.Index("ix_files_jobs_run_after_pending", "run_after", postgresql_where=sa.text("state = 'pending'")),
 )

@@ -21,9 +21,9 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,8 @@ class Spool:
         """Bytes the spooled deliveries take."""
         total = 0
         for path in self._files():
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 total += path.stat().st_size
-            except FileNotFoundError:
-                pass
         return total
 
     def put(self, delivery_id: str, hook_id: int, event: str, content_type: str, body: bytes) -> bool:
@@ -136,7 +134,7 @@ class Spool:
     def read(path: Path) -> Spooled:
         """Load one spooled delivery; Unusable when the file is not one."""
         data = path.read_bytes()
-        header, newline, body = data.partition(b"\n")
+        header, _newline, body = data.partition(b"\n")
         try:
             meta = json.loads(header)
             return Spooled(
@@ -202,8 +200,13 @@ class Spool:
 class Drainer(threading.Thread):
     """A worker's background thread that empties the spool once the database is back."""
 
-    def __init__(self, spool: Spool, handle: Callable[[Spooled], None], interval: float = 1.0,
-                 on_depth: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        handle: Callable[[Spooled], None],
+        interval: float = 1.0,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
         super().__init__(name="flowlens-spool-drainer", daemon=True)
         self.spool = spool
         self.handle = handle

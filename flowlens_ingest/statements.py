@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -37,14 +37,15 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from . import rules
-from .rows import CheckRow, PipelineRow, PullRequestRow, ReviewRow, Row
-from .schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories, webhook_deliveries
-from .values import ApprovalStatus, BuildStatus, Outcome, PrStatus, ReviewState
+from .rows import CheckRow, FilesJobRow, PipelineRow, PullRequestRow, ReviewRow, Row
+from .schema import ci_checks, files_jobs, pipeline_runs, pr_reviews, pull_requests, repositories, webhook_deliveries
+from .values import ApprovalStatus, BuildStatus, FilesStatus, JobState, Outcome, PrStatus, ReviewState
 
 Builder = Callable[[], sa.Executable]
 StaleTest = Callable[[], sa.ColumnElement[bool]]
 
-_NEVER = sa.literal(datetime.min.isoformat() + "+00:00").cast(sa.TIMESTAMP(timezone=True))
+# Older than any GitHub timestamp: what a missing one compares as.
+_NEVER = sa.literal(datetime.min.replace(tzinfo=UTC).isoformat()).cast(sa.TIMESTAMP(timezone=True))
 
 
 def _p(name: str) -> sa.BindParameter[Any]:
@@ -161,16 +162,33 @@ def repository_upsert(deleted: bool) -> sa.Executable:
 # --- pull_requests ------------------------------------------------------------------------------
 
 _PR_DATA = _fields(PullRequestRow, without=("pr_number",))
+_PR_FILES = ("files_changed", "files_changed_sha")
 
 
-def pull_request_upsert() -> sa.Executable:
-    """Upsert a PR snapshot unless the stored one is newer."""
+def pull_request_upsert(with_files: bool) -> sa.Executable:
+    """Upsert a PR snapshot unless the stored one is newer.
+
+    Only a snapshot that carries a file list (`with_files`) writes the list: the
+    columns are not even in the other variant's SET, so a large list is not
+    rewritten and compared on every delivery. When the head moves, the list of
+    the new head is `pending` until the files worker settles it.
+    """
     t = pull_requests
-    stmt = insert(t).values(id=_p("id"), repo_id=_repo_id(), pr_number=_p("pr_number"), **{c: _p(c) for c in _PR_DATA})
+    columns = _PR_DATA if with_files else tuple(c for c in _PR_DATA if c not in _PR_FILES)
+    values: dict[str, Any] = {c: _p(c) for c in columns}
+    values["files_status"] = sa.func.coalesce(_p("files_status"), FilesStatus.PENDING.value)
+    stmt = insert(t).values(id=_p("id"), repo_id=_repo_id(), pr_number=_p("pr_number"), **values)
     ex = stmt.excluded
-    new = {c: ex[c] for c in _PR_DATA}
-    # GitHub's pull_request payloads carry no file list: keep what a sender once gave.
-    new["files_changed"] = sa.func.coalesce(ex.files_changed, t.c.files_changed)
+    new: dict[str, Any] = {c: ex[c] for c in columns}
+    if with_files:
+        # A stored list is never replaced by an empty one.
+        keep = sa.and_(sa.func.jsonb_array_length(ex.files_changed) == 0, t.c.files_changed.is_not(None))
+        new.update({c: sa.case((keep, t.c[c]), else_=ex[c]) for c in (*_PR_FILES, "files_status")})
+    else:
+        new["files_status"] = sa.case(
+            (t.c.commit_sha.is_distinct_from(ex.commit_sha), FilesStatus.PENDING.value),
+            else_=sa.func.coalesce(_p("files_status"), t.c.files_status, FilesStatus.PENDING.value),
+        )
     return stmt.on_conflict_do_update(
         index_elements=[t.c.repo_id, t.c.pr_number],
         set_={**new, **_flag_changed(t)},
@@ -344,6 +362,43 @@ def review_stale() -> sa.ColumnElement[bool]:
     )
 
 
+# --- files_jobs: the files worker's queue ---------------------------------------------------------
+
+
+def files_job_upsert() -> sa.Executable:
+    """Ask for a PR head's file list: one job per PR, moved to a newer head, never to an older one."""
+    t = files_jobs
+    stmt = insert(t).values(
+        id=_p("id"),
+        repo_id=_repo_id(),
+        **{c: _p(c) for c in ("pr_number", "head_sha", "installation_id", "pr_updated_at")},
+    )
+    ex = stmt.excluded
+    incoming, stored = sa.func.coalesce(ex.pr_updated_at, _NEVER), sa.func.coalesce(t.c.pr_updated_at, _NEVER)
+    # A burst for one head (opened, labeled, review_requested) is one job; a later head
+    # takes the job over; a refetch of the same head needs a strictly newer delivery, so
+    # replaying one does not fetch again.
+    return stmt.on_conflict_do_update(
+        index_elements=[t.c.repo_id, t.c.pr_number],
+        set_={
+            "head_sha": ex.head_sha,
+            "installation_id": sa.func.coalesce(ex.installation_id, t.c.installation_id),
+            "pr_updated_at": ex.pr_updated_at,
+            "state": JobState.PENDING.value,
+            "attempts": 0,
+            "run_after": sa.func.now(),
+            "leased_until": sa.null(),
+            "lease_token": sa.null(),
+            "last_error": sa.null(),
+            "updated_at": sa.func.now(),
+        },
+        where=sa.or_(
+            sa.and_(incoming >= stored, t.c.head_sha != ex.head_sha),
+            sa.and_(_p("refetch"), incoming > stored),
+        ),
+    )
+
+
 # --- the row kinds: one declaration each, read by plan.py --------------------------------------
 
 
@@ -351,7 +406,9 @@ def review_stale() -> sa.ColumnElement[bool]:
 class RowKind:
     """How one row type lands: its upsert, the journal's stale test, and the derived rows it refreshes."""
 
-    upsert: Builder
+    upsert: Callable[..., sa.Executable]
+    # The upsert builder's arguments for a row, when the statement has variants.
+    variant: Callable[[Any], tuple[Any, ...]] = lambda row: ()
     # True when what is stored is newer than the row (the delivery is then `stale`).
     stale: StaleTest | None = None
     # A statement to run once per distinct key after all rows, and that key's parameters.
@@ -359,12 +416,15 @@ class RowKind:
 
 
 KINDS: dict[type[Row], RowKind] = {
-    PullRequestRow: RowKind(pull_request_upsert, stale=pull_request_stale),
+    PullRequestRow: RowKind(
+        pull_request_upsert, stale=pull_request_stale, variant=lambda r: (r.files_changed is not None,)
+    ),
     PipelineRow: RowKind(pipeline_upsert),
     CheckRow: RowKind(check_upsert, stale=check_stale, refresh=lambda r: (refresh_by_head, {"head_sha": r.head_sha})),
     ReviewRow: RowKind(
         review_upsert, stale=review_stale, refresh=lambda r: (refresh_by_number, {"pr_number": r.pr_number})
     ),
+    FilesJobRow: RowKind(files_job_upsert),
 }
 
 
@@ -380,7 +440,9 @@ def journal(stale: StaleTest | None, replay: bool) -> sa.Executable:
     returns no row (a duplicate); a replay re-applies anything.
     """
     t = webhook_deliveries
-    outcome: Any = _p("outcome") if stale is None else sa.case((stale(), Outcome.STALE.value), else_=Outcome.APPLIED.value)
+    outcome: Any = (
+        _p("outcome") if stale is None else sa.case((stale(), Outcome.STALE.value), else_=Outcome.APPLIED.value)
+    )
     stmt = insert(t).values(
         **{c: _p(c) for c in _JOURNAL_COLUMNS},
         payload=sa.cast(_p("payload"), postgresql.JSONB),

@@ -92,3 +92,21 @@ class RiskLevel(StrEnum):
     LOW = "low"
     MEDIUM = "medium"
     HIGH = "high"
+
+
+class FilesStatus(StrEnum):
+    """pull_requests.files_status: where the file list of the PR's current head stands."""
+
+    PENDING = "pending"
+    FETCHED = "fetched"
+    TRUNCATED = "truncated"
+    NOT_FOUND = "not_found"
+    FORBIDDEN = "forbidden"
+    FAILED = "failed"
+
+
+class JobState(StrEnum):
+    """files_jobs.state: waiting (or leased by a worker), or settled for its head."""
+
+    PENDING = "pending"
+    DONE = "done"

@@ -1,8 +1,11 @@
-"""Shared fixtures: a real PostgreSQL (the machine's, or the embedded one), real signed bodies.
+"""Fixtures: a real PostgreSQL (the machine's, or the embedded one), apps on it, a real service.
 
 FLOWLENS_TEST_DATABASE_URL names a server to test against (any database on it
 works: the suite creates and drops a scratch database of its own). Without it,
 the suite starts the embedded PostgreSQL, so `pytest` needs no database installed.
+
+Only fixtures live here, and the hypothesis profiles: the helpers the tests call
+are in helpers.py, databases.py, serving.py and stories.py.
 """
 
 from __future__ import annotations
@@ -10,40 +13,32 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
-import requests
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine, make_url
+from hypothesis import settings
+from sqlalchemy.engine import Engine
 
 from flowlens_ingest import migrate
 from flowlens_ingest.app import create_app, services
 from flowlens_ingest.config import Settings, normalize_database_url
-from flowlens_ingest.database import Database, make_engine
+from flowlens_ingest.database import make_engine
 from flowlens_ingest.schema import metadata
-from flowlens_ingest.signature import sign
 
-PAYLOADS = Path(__file__).parent / "payloads"
-SECRET = "test-secret-\u00e9"
-PREVIOUS_SECRET = "previous-secret"
+from .databases import create_scratch_database, drop_database
+from .helpers import DEV_MIN_EXAMPLES, HYPOTHESIS_PROFILE, github_headers, make_settings
+from .serving import Service
 
-
-def load_payload(name: str) -> dict[str, Any]:
-    """A GitHub payload from tests/payloads, e.g. `pull_request/opened.payload.json`."""
-    return json.loads((PAYLOADS / name).read_text())
-
-
-def payload_files(event: str) -> list[Path]:
-    """Every sample payload of one event."""
-    return sorted((PAYLOADS / event).glob("*.json"))
+# Hypothesis: `dev` (the default) is small, for a fast loop; CI sets HYPOTHESIS_PROFILE=ci.
+# A test that sets its own max_examples takes it from helpers.examples(), which
+# follows the same variable.
+settings.register_profile("dev", max_examples=DEV_MIN_EXAMPLES)
+settings.register_profile("ci", print_blob=True)
+settings.load_profile(HYPOTHESIS_PROFILE)
 
 
 @pytest.fixture(scope="session")
@@ -64,29 +59,6 @@ def server_url() -> Iterator[str]:
     shutil.rmtree(home, ignore_errors=True)
 
 
-def create_scratch_database(admin_url: str, prefix: str = "flowlens_test") -> str:
-    """Create an empty database on the server of `admin_url`; return its URL."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(url: str) -> None:
-    """Drop a scratch database, closing whatever still holds it."""
-    target = make_url(url)
-    admin = sa.create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    with admin.connect() as conn:
-        conn.execute(
-            sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"),
-            {"d": target.database},
-        )
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{target.database}"'))
-    admin.dispose()
-
-
 @pytest.fixture(scope="session")
 def database_url(server_url: str) -> Iterator[str]:
     """A scratch database, migrated to head once per session."""
@@ -104,16 +76,6 @@ def engine(database_url: str) -> Iterator[Engine]:
     eng.dispose()
 
 
-_DATABASES: dict[Engine, Database] = {}
-
-
-def database_of(engine: Engine) -> Database:
-    """The service's Database over a test's engine (one per engine)."""
-    if engine not in _DATABASES:
-        _DATABASES[engine] = Database(Settings(), engine=engine)
-    return _DATABASES[engine]
-
-
 @pytest.fixture
 def db(engine: Engine) -> Engine:
     """The session engine, on a database emptied before the test."""
@@ -121,19 +83,6 @@ def db(engine: Engine) -> Engine:
         tables = ", ".join(t.name for t in metadata.sorted_tables)
         conn.execute(sa.text(f"TRUNCATE {tables} CASCADE"))
     return engine
-
-
-def make_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settings:
-    """Settings for an app under test."""
-    values: dict[str, Any] = dict(
-        database_url=database_url,
-        secrets=(SECRET.encode(), PREVIOUS_SECRET.encode()),
-        data_dir=tmp_path,
-        spool_dir=tmp_path / "spool",
-        log_format="json",
-    )
-    values.update(overrides)
-    return Settings(**values)
 
 
 @pytest.fixture
@@ -151,24 +100,6 @@ def client(app):
     return app.test_client()
 
 
-Headers = dict[str, str]
-
-
-def github_headers(body: bytes, event: str, *, delivery: str | None = None, secret: str = SECRET,
-                   hook_id: str | None = "123456", content_type: str = "application/json") -> Headers:
-    """The headers GitHub sends with a delivery of `body`."""
-    headers = {
-        "Content-Type": content_type,
-        "User-Agent": "GitHub-Hookshot/test",
-        "X-GitHub-Event": event,
-        "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
-        "X-Hub-Signature-256": sign(body, secret.encode()),
-    }
-    if hook_id is not None:
-        headers["X-GitHub-Hook-ID"] = hook_id
-    return headers
-
-
 @pytest.fixture
 def deliver(client) -> Callable[..., Any]:
     """POST a payload (dict or bytes) to /webhook signed like GitHub; returns the response."""
@@ -178,23 +109,6 @@ def deliver(client) -> Callable[..., Any]:
         return client.post("/webhook", data=body, headers=github_headers(body, event, **kwargs))
 
     return post
-
-
-def rows(engine: Engine, table: sa.Table, *columns: str) -> list[dict[str, Any]]:
-    """All rows of a table as dicts (optionally only some columns), in a stable order."""
-    cols = [table.c[c] for c in columns] if columns else list(table.c)
-    with engine.connect() as conn:
-        result = conn.execute(sa.select(*cols).order_by(*cols[:3]))
-        return [dict(r._mapping) for r in result]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
-    """Poll `condition` until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -211,80 +125,6 @@ def refuse_title(db: Engine) -> Iterator[Callable[[], None]]:
     fix()
 
 
-# --- a real service ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Service:
-    """`flowlens-ingest serve` running in a child process."""
-
-    def __init__(self, database_url: str | None, data_dir: Path, *, workers: int = 2,
-                 env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.data_dir = data_dir
-        self.log_path = data_dir / "service.log"
-        environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR")}
-        environment.update(
-            FLOWLENS_DATA_DIR=str(data_dir),
-            GITHUB_WEBHOOK_SECRET=SECRET,
-            GITHUB_WEBHOOK_SECRET_PREVIOUS=PREVIOUS_SECRET,
-        )
-        if database_url:
-            environment["DATABASE_URL"] = database_url
-        environment.update(env or {})
-        self.log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "flowlens_ingest.cli", "serve", "--port", str(self.port), "--workers", str(workers)],
-            env=environment,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        """Block until /healthz answers."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"service exited early:\n{self.log_path.read_text(errors='replace')}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"service not ready:\n{self.log_path.read_text(errors='replace')}")
-
-    def post(self, payload: dict[str, Any] | bytes, event: str, **kwargs: Any) -> requests.Response:
-        """Sign and POST a delivery over real HTTP."""
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        headers = github_headers(body, event, **kwargs)
-        return requests.post(self.url + "/webhook", data=body, headers=headers, timeout=15)
-
-    def stop(self) -> int:
-        """SIGTERM the service (graceful) and wait for it."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait()
-        self.log.close()
-        return self.process.returncode
-
-    def logs(self) -> str:
-        """Everything the service printed so far."""
-        return self.log_path.read_text(errors="replace")
-
-
 @pytest.fixture
 def service(db: Engine, database_url: str, tmp_path: Path) -> Iterator[Service]:
     """A real gunicorn (2 workers) serving the scratch database."""
@@ -294,4 +134,3 @@ def service(db: Engine, database_url: str, tmp_path: Path) -> Iterator[Service]:
         yield svc
     finally:
         svc.stop()
-

@@ -1,4 +1,4 @@
-"""Helpers for tests of a running service: the Procfile's commands, metrics, logs, processes."""
+"""Helpers for tests of a running service: `serve` and the Procfile's commands, metrics, logs, processes."""
 
 from __future__ import annotations
 
@@ -8,17 +8,83 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import PREVIOUS_SECRET, SECRET, Service, free_port
+from .helpers import PREVIOUS_SECRET, SECRET, free_port, github_headers
 
 PROCFILE = Path(__file__).resolve().parent.parent / "Procfile"
+
+
+class Service:
+    """`flowlens-ingest serve` running in a child process."""
+
+    def __init__(
+        self, database_url: str | None, data_dir: Path, *, workers: int = 2, env: dict[str, str] | None = None
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        self.log_path = data_dir / "service.log"
+        environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR")}
+        environment.update(
+            FLOWLENS_DATA_DIR=str(data_dir),
+            GITHUB_WEBHOOK_SECRET=SECRET,
+            GITHUB_WEBHOOK_SECRET_PREVIOUS=PREVIOUS_SECRET,
+        )
+        if database_url:
+            environment["DATABASE_URL"] = database_url
+        environment.update(env or {})
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 (closed when the service stops)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flowlens_ingest.cli", "serve", "--port", str(self.port), "--workers", str(workers)],
+            env=environment,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Block until /healthz answers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited early:\n{self.log_path.read_text(errors='replace')}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"service not ready:\n{self.log_path.read_text(errors='replace')}")
+
+    def post(self, payload: dict[str, Any] | bytes, event: str, **kwargs: Any) -> requests.Response:
+        """Sign and POST a delivery over real HTTP."""
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        headers = github_headers(body, event, **kwargs)
+        return requests.post(self.url + "/webhook", data=body, headers=headers, timeout=15)
+
+    def stop(self) -> int:
+        """SIGTERM the service (graceful) and wait for it."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
+
+    def logs(self) -> str:
+        """Everything the service printed so far."""
+        return self.log_path.read_text(errors="replace")
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
@@ -60,25 +126,36 @@ def platform_env(database_url: str, **extra: str) -> dict[str, str]:
 def run_release(database_url: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run the Procfile's `release:` command as a platform would before a deploy."""
     return subprocess.run(
-        procfile()["release"], shell=True, cwd=cwd, env=platform_env(database_url),
-        capture_output=True, text=True, timeout=120,
+        procfile()["release"],
+        shell=True,
+        cwd=cwd,
+        env=platform_env(database_url),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 class ProcfileService(Service):
     """The Procfile's `web:` command, run from `directory` with PORT and WEB_CONCURRENCY like a platform."""
 
-    def __init__(self, database_url: str, directory: Path, *, workers: int = 2, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, database_url: str, directory: Path, *, workers: int = 2, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = directory / ".flowlens"
         self.log_path = directory / "web.log"
         environment = platform_env(database_url, PORT=str(self.port), WEB_CONCURRENCY=str(workers), **(env or {}))
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 (closed when the service stops)
         # `exec`: signals reach gunicorn itself, as under a process manager.
         self.process = subprocess.Popen(
-            ["sh", "-c", "exec " + procfile()["web"]], cwd=directory, env=environment,
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            ["sh", "-c", "exec " + procfile()["web"]],
+            cwd=directory,
+            env=environment,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 

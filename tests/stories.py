@@ -1,4 +1,4 @@
-"""Pull request stories for the store, order and concurrency tests.
+"""Pull request stories for the statements, batch, order and concurrency tests.
 
 Every payload is a modified copy of a real GitHub sample from tests/payloads, so
 the shapes are GitHub's own. A story is the list of deliveries one pull request
@@ -20,23 +20,24 @@ import hashlib
 import json
 import random
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Protocol, Sequence, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from flowlens_ingest.delivery import Delivery
 from flowlens_ingest.ingest import ingest
 from flowlens_ingest.schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories
-from flowlens_ingest.delivery import Delivery
 
-from .conftest import database_of, load_payload
+from .helpers import database_of, load_payload
 
 T = TypeVar("T")
 Event = tuple[str, dict[str, Any]]
 
-START = datetime(2024, 3, 1, 9, 0, 0, tzinfo=timezone.utc)
+START = datetime(2024, 3, 1, 9, 0, 0, tzinfo=UTC)
 FAILING = ("failure", "timed_out", "cancelled", "action_required", "startup_failure")
 PASSING = ("success", "neutral", "skipped")
 
@@ -136,8 +137,15 @@ def check_run(
     payload["action"] = action or {"completed": "completed", "in_progress": "created"}.get(status, "created")
     payload["repository"] = repo
     run = payload["check_run"]
-    run.update(id=check_id, name=name, head_sha=sha, status=status, conclusion=conclusion,
-               started_at=iso(started_at), completed_at=iso(completed_at) if completed_at else None)
+    run.update(
+        id=check_id,
+        name=name,
+        head_sha=sha,
+        status=status,
+        conclusion=conclusion,
+        started_at=iso(started_at),
+        completed_at=iso(completed_at) if completed_at else None,
+    )
     run["check_suite"]["head_sha"] = sha
     run["pull_requests"] = [_pr_ref(repo, n, sha) for n in prs]
     return payload
@@ -156,11 +164,19 @@ def check_suite(
     prs: Sequence[int] = (),
 ) -> dict[str, Any]:
     """A `check_suite` delivery of one app."""
-    payload = sample("check_suite/completed.payload.json" if status == "completed" else "check_suite/requested.payload.json")
+    payload = sample(
+        "check_suite/completed.payload.json" if status == "completed" else "check_suite/requested.payload.json"
+    )
     payload["repository"] = repo
     suite = payload["check_suite"]
-    suite.update(id=suite_id, head_sha=sha, status=status, conclusion=conclusion,
-                 created_at=iso(created_at), updated_at=iso(updated_at))
+    suite.update(
+        id=suite_id,
+        head_sha=sha,
+        status=status,
+        conclusion=conclusion,
+        created_at=iso(created_at),
+        updated_at=iso(updated_at),
+    )
     suite["app"]["slug"] = app
     suite["pull_requests"] = [_pr_ref(repo, n, sha) for n in prs]
     return payload
@@ -183,8 +199,16 @@ def workflow_run(
     payload["action"] = {"completed": "completed", "in_progress": "in_progress"}.get(status, "requested")
     payload["repository"] = repo
     run = payload["workflow_run"]
-    run.update(id=run_id, name=name, head_sha=sha, status=status, conclusion=conclusion,
-               created_at=iso(started_at), run_started_at=iso(started_at), updated_at=iso(updated_at))
+    run.update(
+        id=run_id,
+        name=name,
+        head_sha=sha,
+        status=status,
+        conclusion=conclusion,
+        created_at=iso(started_at),
+        run_started_at=iso(started_at),
+        updated_at=iso(updated_at),
+    )
     run["pull_requests"] = [_pr_ref(repo, n, sha) for n in prs]
     return payload
 
@@ -207,9 +231,17 @@ def workflow_job(
     payload["action"] = status if status != "waiting" else "waiting"
     payload["repository"] = repo
     job = payload["workflow_job"]
-    job.update(id=job_id, name=name, workflow_name=workflow, head_sha=sha, status=status, conclusion=conclusion,
-               created_at=iso(created_at), started_at=iso(started_at or created_at),
-               completed_at=iso(completed_at) if completed_at else None)
+    job.update(
+        id=job_id,
+        name=name,
+        workflow_name=workflow,
+        head_sha=sha,
+        status=status,
+        conclusion=conclusion,
+        created_at=iso(created_at),
+        started_at=iso(started_at or created_at),
+        completed_at=iso(completed_at) if completed_at else None,
+    )
     return payload
 
 
@@ -286,7 +318,7 @@ def business_rows(engine: Engine, repo_github_id: int) -> dict[str, list[tuple[A
 def as_dicts(table: sa.Table, values: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
     """business_rows' tuples of one table as dicts by column name."""
     names = [c.name for c in table.c if c.name not in _BOOKKEEPING]
-    return [dict(zip(names, v)) for v in values]
+    return [dict(zip(names, v, strict=False)) for v in values]
 
 
 # --- story generation ---------------------------------------------------------------------
@@ -334,7 +366,7 @@ class RecordingPicker:
         self.made.append(value)
         return value
 
-    def replay(self) -> "ReplayPicker":
+    def replay(self) -> ReplayPicker:
         """A picker that makes the same choices again."""
         return ReplayPicker(self.made)
 
@@ -408,8 +440,18 @@ REVIEWERS = ("alice", "bob", "carol")
 CONCLUSIONS = (*PASSING, *FAILING)
 
 
-def _check_lifecycle(pick: Picker, story: Story, repo: dict[str, Any], sha: str, name: str,
-                     clock: Clock, ids: Any, *, finish: bool = True, link_pr: bool = True) -> list[Event]:
+def _check_lifecycle(
+    pick: Picker,
+    story: Story,
+    repo: dict[str, Any],
+    sha: str,
+    name: str,
+    clock: Clock,
+    ids: Any,
+    *,
+    finish: bool = True,
+    link_pr: bool = True,
+) -> list[Event]:
     """A check started, maybe in progress, maybe finished: several deliveries of one check."""
     kind = pick.choice(CHECK_KINDS)
     conclusion = pick.choice(CONCLUSIONS) if finish else None
@@ -426,32 +468,56 @@ def _check_lifecycle(pick: Picker, story: Story, repo: dict[str, Any], sha: str,
             # Same started_at as queued: the rank orders them.
             events.append(("check_run", check_run(repo, sha, name, oid, "in_progress", t0, prs=prs)))
         if finish:
-            events.append(("check_run", check_run(repo, sha, name, oid, "completed", t0, conclusion=conclusion,
-                                                  completed_at=t2, prs=prs)))
+            events.append(
+                (
+                    "check_run",
+                    check_run(repo, sha, name, oid, "completed", t0, conclusion=conclusion, completed_at=t2, prs=prs),
+                )
+            )
         key = (sha, "check_run", name)
     elif kind == "workflow_job":
         events.append(("workflow_job", workflow_job(repo, sha, "CI", name, oid, "queued", t0)))
         if with_progress:
             events.append(("workflow_job", workflow_job(repo, sha, "CI", name, oid, "in_progress", t0, started_at=t1)))
         if finish:
-            events.append(("workflow_job", workflow_job(repo, sha, "CI", name, oid, "completed", t0, started_at=t1,
-                                                        completed_at=t2, conclusion=conclusion)))
+            events.append(
+                (
+                    "workflow_job",
+                    workflow_job(
+                        repo,
+                        sha,
+                        "CI",
+                        name,
+                        oid,
+                        "completed",
+                        t0,
+                        started_at=t1,
+                        completed_at=t2,
+                        conclusion=conclusion,
+                    ),
+                )
+            )
         key = (sha, "workflow_job", f"CI / {name}")
     elif kind == "workflow_run":
         events.append(("workflow_run", workflow_run(repo, sha, name, oid, "queued", t0, t0, prs=prs)))
         if with_progress:
             events.append(("workflow_run", workflow_run(repo, sha, name, oid, "in_progress", t0, t1, prs=prs)))
         if finish:
-            events.append(("workflow_run", workflow_run(repo, sha, name, oid, "completed", t0, t2,
-                                                        conclusion=conclusion, prs=prs)))
+            events.append(
+                (
+                    "workflow_run",
+                    workflow_run(repo, sha, name, oid, "completed", t0, t2, conclusion=conclusion, prs=prs),
+                )
+            )
         key = (sha, "workflow_run", name)
     else:
         events.append(("check_suite", check_suite(repo, sha, name, oid, "queued", t0, t0, prs=prs)))
         if with_progress:
             events.append(("check_suite", check_suite(repo, sha, name, oid, "in_progress", t0, t1, prs=prs)))
         if finish:
-            events.append(("check_suite", check_suite(repo, sha, name, oid, "completed", t0, t2,
-                                                      conclusion=conclusion, prs=prs)))
+            events.append(
+                ("check_suite", check_suite(repo, sha, name, oid, "completed", t0, t2, conclusion=conclusion, prs=prs))
+            )
         key = (sha, "check_suite", name)
     final = "completed" if finish else ("in_progress" if with_progress else "queued")
     story.checks[key] = (final, conclusion)
@@ -476,17 +542,25 @@ def _reviews(pick: Picker, story: Story, repo: dict[str, Any], sha: str, clock: 
         for _ in range(pick.integer(1, 3)):
             state = pick.choice(("approved", "changes_requested", "commented"))
             rid, at = next(ids), clock.tick()
-            events.append(("pull_request_review", review("submitted", repo, story.number, sha, reviewer, rid, state, at)))
+            events.append(
+                ("pull_request_review", review("submitted", repo, story.number, sha, reviewer, rid, state, at))
+            )
             if state == "commented":
                 continue
             story.verdicts[reviewer] = state
             follow = pick.choice(("none", "edited", "dismissed"))
             if follow == "edited":
-                events.append(("pull_request_review", review("edited", repo, story.number, sha, reviewer, rid, state, at)))
+                events.append(
+                    ("pull_request_review", review("edited", repo, story.number, sha, reviewer, rid, state, at))
+                )
             elif follow == "dismissed":
                 # A dismissal carries the dismissed review's own id and submitted_at.
-                events.append(("pull_request_review",
-                               review("dismissed", repo, story.number, sha, reviewer, rid, "dismissed", at)))
+                events.append(
+                    (
+                        "pull_request_review",
+                        review("dismissed", repo, story.number, sha, reviewer, rid, "dismissed", at),
+                    )
+                )
                 story.verdicts[reviewer] = "dismissed"
     return events
 
@@ -518,8 +592,9 @@ def build_story(pick: Picker, repo_id: int, number: int) -> Story:
         head = sha_b
         story.status_pr = "updated"
         for name in names[: pick.integer(1, 4)]:
-            events += _check_lifecycle(pick, story, repo, sha_b, name, clock, ids,
-                                       finish=pick.choice((True, True, False)))
+            events += _check_lifecycle(
+                pick, story, repo, sha_b, name, clock, ids, finish=pick.choice((True, True, False))
+            )
         if pick.choice((True, False)):
             events += _statuses(pick, story, repo, sha_b, clock, ids)
         if pick.choice((True, False)):
@@ -527,8 +602,20 @@ def build_story(pick: Picker, repo_id: int, number: int) -> Story:
     ending = pick.choice(("open", "labeled", "closed", "merged"))
     if ending != "open":
         state = "open" if ending == "labeled" else "closed"
-        events.append(("pull_request", pull_request(ending if ending == "labeled" else "closed", repo, number, head,
-                                                    clock.tick(), state=state, merged=ending == "merged")))
+        events.append(
+            (
+                "pull_request",
+                pull_request(
+                    ending if ending == "labeled" else "closed",
+                    repo,
+                    number,
+                    head,
+                    clock.tick(),
+                    state=state,
+                    merged=ending == "merged",
+                ),
+            )
+        )
         story.status_pr = "updated"
         story.status_merge = {"labeled": "pending", "closed": "closed", "merged": "merged"}[ending]
     story.head_sha = head

@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
 from flowlens_ingest.schema import pull_requests
 
-from .conftest import PAYLOADS, SECRET, free_port, rows
+from .helpers import PAYLOADS, SECRET, free_port, rows
 
 OPENED_FILE = PAYLOADS / "pull_request" / "opened.payload.json"
 
@@ -22,15 +23,29 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     drop = ("DATABASE_URL", "GITHUB_WEBHOOK_SECRET", "GITHUB_WEBHOOK_SECRET_PREVIOUS", "FLOWLENS_DATA_DIR")
     environment = {k: v for k, v in os.environ.items() if k not in drop}
     environment.update(env)
-    return subprocess.run([sys.executable, "-m", "flowlens_ingest.cli", *args], env=environment,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "flowlens_ingest.cli", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.slow
 def test_send_signs_and_posts_a_file_to_a_running_service(service, db, database_url, tmp_path):
     url = service.url + "/webhook"
-    sent = cli("send", str(OPENED_FILE), "--event", "pull_request", "--url", url, "--delivery", "cli-1",
-               GITHUB_WEBHOOK_SECRET=SECRET)
+    sent = cli(
+        "send",
+        str(OPENED_FILE),
+        "--event",
+        "pull_request",
+        "--url",
+        url,
+        "--delivery",
+        "cli-1",
+        GITHUB_WEBHOOK_SECRET=SECRET,
+    )
     assert sent.returncode == 0, sent.stderr
     status, body = sent.stdout.split(" ", 1)
     assert status == "200"
@@ -38,19 +53,42 @@ def test_send_signs_and_posts_a_file_to_a_running_service(service, db, database_
     assert [r["pr_number"] for r in rows(db, pull_requests, "pr_number")] == [2]
 
     # Sent again with the same id: GitHub's redelivery, not applied twice.
-    again = cli("send", str(OPENED_FILE), "--event", "pull_request", "--url", url, "--delivery", "cli-1",
-                GITHUB_WEBHOOK_SECRET=SECRET)
+    again = cli(
+        "send",
+        str(OPENED_FILE),
+        "--event",
+        "pull_request",
+        "--url",
+        url,
+        "--delivery",
+        "cli-1",
+        GITHUB_WEBHOOK_SECRET=SECRET,
+    )
     assert again.returncode == 0 and json.loads(again.stdout.split(" ", 1)[1])["outcome"] == "duplicate"
 
     # No secret in the environment: the one `serve` keeps in the data directory signs it.
     (tmp_path / "webhook-secret").write_text(SECRET + "\n")
-    from_file = cli("send", str(PAYLOADS / "ping" / "payload.json"), "--event", "ping", "--url", url,
-                    FLOWLENS_DATA_DIR=str(tmp_path))
+    from_file = cli(
+        "send",
+        str(PAYLOADS / "ping" / "payload.json"),
+        "--event",
+        "ping",
+        "--url",
+        url,
+        FLOWLENS_DATA_DIR=str(tmp_path),
+    )
     assert from_file.returncode == 0, from_file.stderr
     assert json.loads(from_file.stdout.split(" ", 1)[1])["outcome"] == "ignored"
 
-    refused = cli("send", str(OPENED_FILE), "--event", "pull_request", "--url", url,
-                  GITHUB_WEBHOOK_SECRET="not the service's secret")
+    refused = cli(
+        "send",
+        str(OPENED_FILE),
+        "--event",
+        "pull_request",
+        "--url",
+        url,
+        GITHUB_WEBHOOK_SECRET="not the service's secret",
+    )
     assert refused.returncode == 1
     assert refused.stdout.startswith("401 ")
 
@@ -61,6 +99,25 @@ def test_send_signs_and_posts_a_file_to_a_running_service(service, db, database_
     assert len(lines) == 2 and "(2 deliveries)" in listed.stderr
     assert " ping " in lines[0] and "ignored" in lines[0]
     assert "cli-1 pull_request/opened applied" in lines[1]
+
+
+@pytest.mark.slow
+def test_send_posts_a_signed_sample_to_a_running_service(service, db):
+    sent = cli(
+        "send",
+        str(OPENED_FILE),
+        "--event",
+        "pull_request",
+        "--url",
+        service.url + "/webhook",
+        "--delivery",
+        f"send-{uuid.uuid4()}",
+        GITHUB_WEBHOOK_SECRET=SECRET,
+    )
+    assert sent.returncode == 0, sent.stderr
+    # The service's answer as it came: its status, then its body as the service wrote it (compact JSON).
+    assert sent.stdout.startswith("200 ") and '"outcome":"applied"' in sent.stdout
+    assert len(rows(db, pull_requests)) == 1
 
 
 def test_send_without_a_secret_says_so(tmp_path):

@@ -14,13 +14,22 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from flowlens_ingest.schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories
-
-from .conftest import Service
 from flowlens_ingest.mappers import map_delivery
 from flowlens_ingest.plan import Plan
+from flowlens_ingest.schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories
 
-from .stories import START, RandomPicker, apply, build_story, business_rows, check_run, pull_request, repository, sha_for
+from .serving import Service
+from .stories import (
+    START,
+    RandomPicker,
+    apply,
+    build_story,
+    business_rows,
+    check_run,
+    pull_request,
+    repository,
+    sha_for,
+)
 
 STORIES = 24
 SERIAL_REPO = 8_100_001
@@ -68,9 +77,12 @@ def test_simultaneous_deliveries_equal_the_serial_result(db, database_url, tmp_p
     assert business_rows(db, CONCURRENT_REPO) == expected
 
     with db.connect() as conn:
-        assert conn.execute(
-            sa.select(sa.func.count()).select_from(repositories).where(repositories.c.github_id == CONCURRENT_REPO)
-        ).scalar_one() == 1
+        assert (
+            conn.execute(
+                sa.select(sa.func.count()).select_from(repositories).where(repositories.c.github_id == CONCURRENT_REPO)
+            ).scalar_one()
+            == 1
+        )
         for table, key in (
             (pull_requests, ("repo_id", "pr_number")),
             (pipeline_runs, ("repo_id", "pr_number")),
@@ -89,8 +101,16 @@ SHA_A, SHA_B = sha_for("pair", "a"), sha_for("pair", "b")
 
 
 def _check(sha: str, name: str, conclusion: str, check_id: int) -> dict:
-    return check_run(PAIR_REPO, sha, name, check_id, "completed", START + timedelta(seconds=20),
-                     conclusion=conclusion, completed_at=START + timedelta(seconds=30 + check_id))
+    return check_run(
+        PAIR_REPO,
+        sha,
+        name,
+        check_id,
+        "completed",
+        START + timedelta(seconds=20),
+        conclusion=conclusion,
+        completed_at=START + timedelta(seconds=30 + check_id),
+    )
 
 
 def _interleave(db, first: tuple[str, dict], second: tuple[str, dict]) -> None:
@@ -111,7 +131,9 @@ def _interleave(db, first: tuple[str, dict], second: tuple[str, dict]) -> None:
         # Give `second` every chance to run into `first` before it commits: wait
         # (bounded) until it either blocks on a lock held by us or is done.
         deadline = time.monotonic() + 10
-        with db.connect() as watcher:
+        # Autocommit: inside one transaction pg_stat_activity is read once and then
+        # cached, so a watcher polling in a transaction would never see `second` block.
+        with db.connect().execution_options(isolation_level="AUTOCOMMIT") as watcher:
             while worker.is_alive() and time.monotonic() < deadline:
                 blocked = watcher.exec_driver_sql(
                     "SELECT count(*) FROM pg_stat_activity WHERE %(pid)s = ANY(pg_blocking_pids(pid))", {"pid": pid}
@@ -127,8 +149,12 @@ def _interleave(db, first: tuple[str, dict], second: tuple[str, dict]) -> None:
 
 def test_two_checks_of_one_sha_committing_together_are_both_counted(db):
     apply(db, "pull_request", pull_request("opened", PAIR_REPO, 1, SHA_A, START + timedelta(seconds=10)))
-    _interleave(db, ("check_run", _check(SHA_A, "lint", "success", 1)), ("check_run", _check(SHA_A, "unit", "failure", 2)))
-    _interleave(db, ("check_run", _check(SHA_A, "docs", "failure", 3)), ("check_run", _check(SHA_A, "unit", "success", 4)))
+    _interleave(
+        db, ("check_run", _check(SHA_A, "lint", "success", 1)), ("check_run", _check(SHA_A, "unit", "failure", 2))
+    )
+    _interleave(
+        db, ("check_run", _check(SHA_A, "docs", "failure", 3)), ("check_run", _check(SHA_A, "unit", "success", 4))
+    )
     with db.connect() as conn:
         status = conn.execute(sa.select(pipeline_runs.c.status_build)).scalar_one()
     # lint success, unit success (re-run), docs failure.

@@ -18,12 +18,22 @@ def load(cwd: Path, prelude: str = "", **env: str) -> subprocess.CompletedProces
         " 'pool': os.environ['FLOWLENS_POOL_SIZE'], 'metrics_dir': os.environ['PROMETHEUS_MULTIPROC_DIR'],"
         " 'prometheus_imported': 'prometheus_client' in sys.modules, 'json_logs': hasattr(c, 'logconfig_dict')}))"
     )
-    drop = ("PROMETHEUS_MULTIPROC_DIR", "FLOWLENS_DATA_DIR", "FLOWLENS_POOL_SIZE", "FLOWLENS_THREADS",
-            "FLOWLENS_WORKERS", "WEB_CONCURRENCY", "PORT", "FLOWLENS_BIND", "FLOWLENS_LOG_FORMAT")
+    drop = (
+        "PROMETHEUS_MULTIPROC_DIR",
+        "FLOWLENS_DATA_DIR",
+        "FLOWLENS_POOL_SIZE",
+        "FLOWLENS_THREADS",
+        "FLOWLENS_WORKERS",
+        "WEB_CONCURRENCY",
+        "PORT",
+        "FLOWLENS_BIND",
+        "FLOWLENS_LOG_FORMAT",
+    )
     environment = {k: v for k, v in os.environ.items() if k not in drop}
     environment.update(env)
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=environment, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=environment, capture_output=True, text=True, timeout=60
+    )
 
 
 def settings(cwd: Path, **env: str) -> dict:
@@ -52,8 +62,13 @@ def test_the_pool_holds_a_connection_per_thread_and_one_for_the_drainer(tmp_path
 
 
 def test_the_data_directory_and_text_logs(tmp_path):
-    found = settings(tmp_path, FLOWLENS_DATA_DIR=str(tmp_path / "data"), FLOWLENS_LOG_FORMAT="text",
-                     FLOWLENS_BIND="127.0.0.1:9000", FLOWLENS_WORKERS="2")
+    found = settings(
+        tmp_path,
+        FLOWLENS_DATA_DIR=str(tmp_path / "data"),
+        FLOWLENS_LOG_FORMAT="text",
+        FLOWLENS_BIND="127.0.0.1:9000",
+        FLOWLENS_WORKERS="2",
+    )
     assert found["metrics_dir"] == str(tmp_path / "data" / "metrics")
     assert (found["bind"], found["workers"], found["json_logs"]) == ("127.0.0.1:9000", 2, False)
 

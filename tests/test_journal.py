@@ -6,8 +6,8 @@ import copy
 import hashlib
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -15,12 +15,12 @@ import sqlalchemy as sa
 from flowlens_ingest.app import create_app, services
 from flowlens_ingest.config import Settings
 from flowlens_ingest.database import Database, make_engine
+from flowlens_ingest.delivery import Delivery
 from flowlens_ingest.ingest import ingest
 from flowlens_ingest.parse import loads
 from flowlens_ingest.schema import metadata, pipeline_runs, pull_requests, repositories, webhook_deliveries
-from flowlens_ingest.delivery import Delivery
 
-from .conftest import PAYLOADS, github_headers, load_payload, make_settings, rows
+from .helpers import PAYLOADS, github_headers, load_payload, make_settings, rows
 
 OPENED = load_payload("pull_request/opened.payload.json")
 ALL_SAMPLES = sorted(p.relative_to(PAYLOADS).as_posix() for p in PAYLOADS.glob("*/*.json"))
@@ -129,7 +129,6 @@ def test_unmappable_delivery_is_failed_until_it_maps_and_others_keep_working(del
     assert len(rows(db, pull_requests)) == 1
 
 
-
 def test_delivery_the_database_refuses_is_failed_then_applied_when_it_comes_again(deliver, db, refuse_title):
     payload = newer(OPENED, 0, title="refused")
     response = deliver(payload, "pull_request", delivery="x")
@@ -167,7 +166,9 @@ def test_racing_copies_of_one_delivery_apply_once(db, database_url, tmp_path: Pa
     engine = make_engine(Settings(database_url=database_url, pool_size=8))
     database = Database(Settings(), engine=engine)
     body = json.dumps(OPENED).encode()
-    delivery = Delivery("race", 7, "pull_request", loads(body.decode()), hashlib.sha256(body).hexdigest(), body.decode())
+    delivery = Delivery(
+        "race", 7, "pull_request", loads(body.decode()), hashlib.sha256(body).hexdigest(), body.decode()
+    )
     outcomes: list[str] = []
     start = threading.Barrier(8)
 
@@ -186,7 +187,14 @@ def test_racing_copies_of_one_delivery_apply_once(db, database_url, tmp_path: Pa
     assert sorted(outcomes) == ["applied"] + ["duplicate"] * 7
     assert rows(db, pull_requests, "version") == [{"version": 1}]
     assert journal(db) == [
-        {"delivery_id": "race", "hook_id": 7, "event": "pull_request", "action": "opened", "outcome": "applied", "attempts": 1}
+        {
+            "delivery_id": "race",
+            "hook_id": 7,
+            "event": "pull_request",
+            "action": "opened",
+            "outcome": "applied",
+            "attempts": 1,
+        }
     ]
 
 
@@ -201,17 +209,21 @@ class Conflicts:
         # A sequence, because nextval survives the rollback of the failing transaction.
         with self.engine.begin() as conn:
             conn.execute(sa.text("CREATE SEQUENCE test_attempts"))
-            conn.execute(sa.text(f"""
+            conn.execute(
+                sa.text(f"""
                 CREATE FUNCTION test_conflict() RETURNS trigger AS $$ BEGIN
                   IF nextval('test_attempts') <= {n} THEN
                     RAISE EXCEPTION 'simulated conflict' USING ERRCODE = '{code}';
                   END IF;
                   RETURN NEW;
-                END $$ LANGUAGE plpgsql"""))
-            conn.execute(sa.text(
-                "CREATE TRIGGER test_conflict BEFORE INSERT OR UPDATE ON pull_requests"
-                " FOR EACH ROW EXECUTE PROCEDURE test_conflict()"
-            ))
+                END $$ LANGUAGE plpgsql""")
+            )
+            conn.execute(
+                sa.text(
+                    "CREATE TRIGGER test_conflict BEFORE INSERT OR UPDATE ON pull_requests"
+                    " FOR EACH ROW EXECUTE PROCEDURE test_conflict()"
+                )
+            )
 
     def attempts(self) -> int:
         """How many attempts reached the pull request write."""

@@ -13,8 +13,8 @@ import requests
 from flowlens_ingest import logs
 from flowlens_ingest.config import Settings
 
-from .conftest import PREVIOUS_SECRET, SECRET, Service, free_port, github_headers, load_payload
-from .serving import log_entries, metric, running, wait_for
+from .helpers import PREVIOUS_SECRET, SECRET, free_port, github_headers, load_payload
+from .serving import Service, log_entries, metric, running, wait_for
 
 OPENED = load_payload("pull_request/opened.payload.json")
 PING = load_payload("ping/payload.json")
@@ -34,7 +34,12 @@ def test_json_lines_carry_the_extras_as_fields():
     entry = json.loads(line)
     assert "\n" not in line
     assert entry["msg"] == "delivery" and entry["level"] == "info" and entry["logger"] == "flowlens_ingest.webhook"
-    assert (entry["delivery"], entry["event"], entry["outcome"], entry["duration_ms"]) == ("abc", "ping", "ignored", 1.5)
+    assert (entry["delivery"], entry["event"], entry["outcome"], entry["duration_ms"]) == (
+        "abc",
+        "ping",
+        "ignored",
+        1.5,
+    )
     assert isinstance(entry["pid"], int) and entry["ts"].endswith("+00:00")
 
 
@@ -53,6 +58,14 @@ def test_text_lines_read_as_key_value_pairs():
     line = logs.TextFormatter().format(record(delivery="abc-123", outcome="applied", reason="two words", action=None))
     assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[\d+\] INFO    flowlens_ingest\.webhook: delivery ", line)
     assert line.endswith('delivery=abc-123 outcome=applied reason="two words"')
+
+
+def test_text_log_format_is_readable():
+    record = logging.LogRecord("flowlens_ingest.webhook", logging.INFO, __file__, 1, "delivery", None, None)
+    record.delivery, record.outcome = "abc-123", "applied"
+    line = logs.TextFormatter().format(record)
+    assert "INFO" in line and "flowlens_ingest.webhook: delivery" in line
+    assert "delivery=abc-123" in line and "outcome=applied" in line
 
 
 def test_configure_switches_the_format_in_place(tmp_path):
@@ -79,8 +92,9 @@ def exercise(service: Service) -> dict[str, tuple[int, str]]:
     body = json.dumps(payload).encode()
     expected: dict[str, tuple[int, str]] = {}
 
-    def send(delivery: str, status: int, outcome: str, data: bytes = body, event: str = "pull_request",
-             **kwargs: str) -> None:
+    def send(
+        delivery: str, status: int, outcome: str, data: bytes = body, event: str = "pull_request", **kwargs: str
+    ) -> None:
         answer = post(service, data, github_headers(data, event, delivery=delivery, **kwargs))
         assert answer.status_code == status, answer.text
         expected[delivery] = (status, outcome)
@@ -103,8 +117,10 @@ def test_a_json_line_per_delivery_with_its_id_and_never_a_secret_or_payload(db, 
         expected = exercise(service)
         wrong = github_headers(b"{}", "ping", delivery="log-401", secret="a guess")
         assert post(service, b"{}", wrong).status_code == 401
-        lines = wait_for(lambda: len(log_entries(service, "delivery")) >= len(expected) + 1
-                         and log_entries(service, "delivery"), "a log line per delivery")
+        lines = wait_for(
+            lambda: len(log_entries(service, "delivery")) >= len(expected) + 1 and log_entries(service, "delivery"),
+            "a log line per delivery",
+        )
         assert service.stop() == 0
 
     by_delivery: dict[str, list[dict]] = {}
@@ -135,6 +151,23 @@ def test_a_json_line_per_delivery_with_its_id_and_never_a_secret_or_payload(db, 
 
 
 @pytest.mark.slow
+def test_one_json_log_line_per_delivery_with_its_id_and_no_secret(service, db):
+    payload = json.loads(json.dumps(OPENED))
+    payload["pull_request"]["title"] = "a title that must never reach the log"
+    assert service.post(payload, "pull_request", delivery="log-me-1").status_code == 200
+    assert requests.post(service.url + "/webhook", data=b"{}", timeout=10).status_code == 401
+
+    wait_for(lambda: log_entries(service, "delivery"), "the delivery log line")
+    (entry,) = log_entries(service, "delivery")
+    assert entry["delivery"] == "log-me-1"
+    assert (entry["event"], entry["action"], entry["outcome"]) == ("pull_request", "opened", "applied")
+    assert entry["duration_ms"] > 0 and entry["level"] == "info"
+    text = service.logs()
+    assert SECRET not in text
+    assert "a title that must never reach the log" not in text
+
+
+@pytest.mark.slow
 def test_text_format_for_development(db, database_url, tmp_path):
     with running(Service(database_url, tmp_path, env={"FLOWLENS_LOG_FORMAT": "text"})) as service:
         exercise(service)
@@ -142,8 +175,11 @@ def test_text_format_for_development(db, database_url, tmp_path):
         assert service.stop() == 0
     text = service.logs()
     line = next(line for line in text.splitlines() if "delivery=log-415" in line)
-    assert re.search(r"\[\d+\] WARNING flowlens_ingest\.webhook: delivery delivery=log-415 event=pull_request "
-                     r"outcome=rejected status=415 duration_ms=[\d.]+$", line), line
+    assert re.search(
+        r"\[\d+\] WARNING flowlens_ingest\.webhook: delivery delivery=log-415 event=pull_request "
+        r"outcome=rejected status=415 duration_ms=[\d.]+$",
+        line,
+    ), line
     assert not any(line.startswith("{") for line in text.splitlines())
     assert SECRET not in text and MARKER not in text
 
@@ -157,7 +193,10 @@ def test_a_delivery_refused_in_an_outage_is_an_error_line_and_counted(db, tmp_pa
         assert (answer.status_code, answer.headers["Retry-After"]) == (503, "30")
         (entry,) = wait_for(lambda: log_entries(service, "delivery"), "the delivery's log line")
         assert (entry["delivery"], entry["level"], entry["outcome"], entry["status"]) == (
-            "log-503", "error", "unavailable", 503
+            "log-503",
+            "error",
+            "unavailable",
+            503,
         )
         assert metric(service, "flowlens_deliveries_total", event="pull_request", outcome="unavailable") == 1
         assert service.stop() == 0

@@ -4,7 +4,7 @@ Expected values are read off the payload files, not produced by running the code
 """
 
 import copy
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,14 +19,21 @@ from flowlens_ingest.mappers import (
     map_delivery,
 )
 
-from .conftest import PAYLOADS, load_payload
+from .helpers import PAYLOADS, load_payload
 
 EVENTS = sorted(p.name for p in PAYLOADS.iterdir() if p.is_dir())
 ALL_FILES = sorted(PAYLOADS.glob("*/*.json"))
 # Events the service applies; the others (ping, installation) are journaled only.
 APPLIED_EVENTS = {
-    "check_run", "check_suite", "pull_request", "pull_request_review", "push",
-    "repository", "status", "workflow_job", "workflow_run",
+    "check_run",
+    "check_suite",
+    "pull_request",
+    "pull_request_review",
+    "push",
+    "repository",
+    "status",
+    "workflow_job",
+    "workflow_run",
 }
 SHA_EC26 = "ec26c3e57ca3a959ca5aad62de7213c562f8c821"
 SHA_3484 = "3484a3fb816e0859fd6e1cea078d76385ff50625"
@@ -35,7 +42,7 @@ HELLO_WORLD = 186853002
 
 def utc(text: str) -> datetime:
     """A payload's ISO 8601 time as an aware datetime."""
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 def test_every_payload_folder_is_covered():
@@ -157,8 +164,14 @@ def test_repository_of_a_pull_request():
 # --- files_changed --------------------------------------------------------------------------
 
 FILES = [
-    {"filename": "README.md", "status": "modified", "additions": 1, "deletions": 1, "changes": 2,
-     "patch": "@@ -1 +1 @@\n-Hello\n+Hello, World"},
+    {
+        "filename": "README.md",
+        "status": "modified",
+        "additions": 1,
+        "deletions": 1,
+        "changes": 2,
+        "patch": "@@ -1 +1 @@\n-Hello\n+Hello, World",
+    },
 ]
 
 
@@ -287,7 +300,11 @@ def test_check_suite_requested_is_queued_without_prs():
     changes = map_delivery("check_suite", load_payload("check_suite/requested.payload.json"))
     check = changes.checks[0]
     assert (check.head_sha, check.status, check.conclusion, check.rank) == (
-        "f95f852bd8fca8fcc58a9a2d6c842781e32a215e", "queued", None, 0)
+        "f95f852bd8fca8fcc58a9a2d6c842781e32a215e",
+        "queued",
+        None,
+        0,
+    )
     assert changes.pr_heads == ()
 
 
@@ -329,7 +346,9 @@ def test_workflow_run_requested_with_a_conclusion_uses_the_object():
 
 
 def test_workflow_job_completed_failure():
-    changes = map_delivery("workflow_job", load_payload("workflow_job/completed.failure.with-organization.payload.json"))
+    changes = map_delivery(
+        "workflow_job", load_payload("workflow_job/completed.failure.with-organization.payload.json")
+    )
     assert changes.checks == (
         CheckRow(
             head_sha=SHA_3484,
@@ -433,7 +452,11 @@ def test_repository_renamed():
     repo = changes.repository
     assert repo is not None
     assert (repo.github_id, repo.name, repo.full_name, repo.owner) == (
-        186853261, "Hello-World", "Octocoders/Hello-World", "Octocoders")
+        186853261,
+        "Hello-World",
+        "Octocoders/Hello-World",
+        "Octocoders",
+    )
     assert repo.deleted is False
     assert changes.pull_request is None and changes.checks == ()
 
@@ -488,23 +511,41 @@ def _broken(name: str, change) -> dict:
     [
         ("pull_request", _broken("pull_request/opened.payload.json", lambda p: p.update(pull_request=[]))),
         ("pull_request", _broken("pull_request/opened.payload.json", lambda p: p.pop("repository"))),
-        ("pull_request", _broken("pull_request/opened.payload.json", lambda p: p["pull_request"].update(state="weird"))),
+        (
+            "pull_request",
+            _broken("pull_request/opened.payload.json", lambda p: p["pull_request"].update(state="weird")),
+        ),
         ("pull_request", _broken("pull_request/opened.payload.json", lambda p: p["pull_request"].update(number="2"))),
-        ("pull_request", _broken("pull_request/opened.payload.json", lambda p: p["pull_request"].update(updated_at="yesterday"))),
-        ("pull_request", _broken("pull_request/opened.payload.json", lambda p: p["pull_request"].update(additions=2**40))),
+        (
+            "pull_request",
+            _broken("pull_request/opened.payload.json", lambda p: p["pull_request"].update(updated_at="yesterday")),
+        ),
+        (
+            "pull_request",
+            _broken("pull_request/opened.payload.json", lambda p: p["pull_request"].update(additions=2**40)),
+        ),
         ("pull_request", _broken("pull_request/opened.payload.json", lambda p: p["pull_request"].update(labels="bug"))),
         ("pull_request", _broken("pull_request/opened.payload.json", lambda p: p["repository"].update(id=None))),
-        ("pull_request", _broken("pull_request/opened.payload.json", lambda p: p["repository"].update(name="x" * 5000))),
+        (
+            "pull_request",
+            _broken("pull_request/opened.payload.json", lambda p: p["repository"].update(name="x" * 5000)),
+        ),
         ("pull_request", _broken("pull_request/opened.payload.json", lambda p: p["repository"].update(private="no"))),
         ("check_run", _broken("check_run/created.payload.json", lambda p: p["check_run"].pop("head_sha"))),
         ("check_run", _broken("check_run/created.payload.json", lambda p: p["check_run"].update(status=None))),
         ("check_run", _broken("check_run/created.payload.json", lambda p: p["check_run"].update(pull_requests={}))),
         ("check_suite", _broken("check_suite/completed.payload.json", lambda p: p.update(check_suite="x"))),
-        ("workflow_run", _broken("workflow_run/completed.payload.json", lambda p: p["workflow_run"].update(run_started_at=True))),
+        (
+            "workflow_run",
+            _broken("workflow_run/completed.payload.json", lambda p: p["workflow_run"].update(run_started_at=True)),
+        ),
         ("workflow_job", _broken("workflow_job/queued.payload.json", lambda p: p["workflow_job"].update(name=""))),
         ("status", _broken("status/payload.json", lambda p: p.update(state="exploded"))),
         ("status", _broken("status/payload.json", lambda p: p.pop("sha"))),
-        ("pull_request_review", _broken("pull_request_review/dismissed.payload.json", lambda p: p["review"].pop("user"))),
+        (
+            "pull_request_review",
+            _broken("pull_request_review/dismissed.payload.json", lambda p: p["review"].pop("user")),
+        ),
         ("pull_request_review", _broken("pull_request_review/dismissed.payload.json", lambda p: p.pop("pull_request"))),
         ("repository", _broken("repository/renamed.payload.json", lambda p: p.pop("repository"))),
         ("push", _broken("push/payload.json", lambda p: p["repository"].update(pushed_at=10**20))),

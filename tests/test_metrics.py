@@ -15,13 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowlens_ingest import metrics as metrics_module
 from flowlens_ingest.spool import SUFFIX
 
-from .conftest import Service, free_port, github_headers, load_payload
-from .serving import ProcfileService, log_entries, metric, running, sample, wait_for, workers
+from .helpers import free_port, github_headers, load_payload
+from .serving import ProcfileService, Service, log_entries, metric, running, sample, wait_for, workers
 
 OPENED = load_payload("pull_request/opened.payload.json")
 PING = load_payload("ping/payload.json")
@@ -49,17 +50,20 @@ def spread_deliveries(service: Service, batch: int = 24) -> dict[str, int]:
     """Post deliveries at once, in batches, until at least two workers answered some; return the counts."""
     counts = {"applied": 0, "ignored": 0}
     for round_ in range(10):
-        def post(i: int) -> str:
+
+        def post(i: int, first: int = 1000 + round_ * batch) -> str:
             if i % 2:
                 return service.post(PING, "ping").json()["outcome"]
-            return service.post(opened(1000 + round_ * batch + i), "pull_request").json()["outcome"]
+            return service.post(opened(first + i), "pull_request").json()["outcome"]
 
         with ThreadPoolExecutor(8) as pool:
             for outcome in pool.map(post, range(batch)):
                 counts[outcome] += 1
         total = sum(counts.values())
-        lines = wait_for(lambda: len(log_entries(service, "delivery")) >= total and log_entries(service, "delivery"),
-                         "a log line per delivery")
+        lines = wait_for(
+            lambda total=total: len(log_entries(service, "delivery")) >= total and log_entries(service, "delivery"),
+            "a log line per delivery",
+        )
         if len({entry["pid"] for entry in lines}) >= 2:
             return counts
     pytest.fail("every delivery went to one worker; cannot tell a sum from one worker's share")
@@ -116,8 +120,10 @@ def test_a_new_run_starts_from_zero_and_a_dead_worker_still_counts(db, database_
         old_pids = {w.pid for w in workers(service)}
         for worker in workers(service):
             os.kill(worker.pid, signal.SIGKILL)
-        wait_for(lambda: len(workers(service)) == 2 and not old_pids & {w.pid for w in workers(service)},
-                 "gunicorn to replace the killed workers")
+        wait_for(
+            lambda: len(workers(service)) == 2 and not old_pids & {w.pid for w in workers(service)},
+            "gunicorn to replace the killed workers",
+        )
         # The killed workers' deliveries happened: counters keep them after the process is gone.
         assert_every_scrape_shows_the_sum(service, counts, unsigned=0)
         assert service.stop() == 0
@@ -141,9 +147,58 @@ def test_spool_depth_counts_live_workers_only(db, tmp_path):
             os.kill(pid, signal.SIGKILL)
         for path in (tmp_path / "spool").glob("*" + SUFFIX):
             path.unlink()
-        wait_for(lambda: len(workers(service)) == 2 and not killed & {w.pid for w in workers(service)},
-                 "gunicorn to replace the killed workers")
+        wait_for(
+            lambda: len(workers(service)) == 2 and not killed & {w.pid for w in workers(service)},
+            "gunicorn to replace the killed workers",
+        )
         wait_for(lambda: metric(service, "flowlens_spool_depth") == 0, "the spool depth to read 0")
+        assert service.stop() == 0
+
+
+@pytest.mark.slow
+def test_metrics_are_summed_across_workers_and_count_two_round_trips_per_delivery(db, database_url, tmp_path):
+    with running(Service(database_url, tmp_path, workers=3)) as service:
+        connected = sa.text(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = 'flowlens-ingest' AND datname = current_database()"
+        )
+
+        def workers_connected() -> int:
+            # A new connection each time: pg_stat_activity is a snapshot per transaction.
+            with db.connect() as conn:
+                return conn.execute(connected).scalar()
+
+        sent = 0
+        # Until every worker has served a delivery, i.e. holds a connection of its own.
+        while workers_connected() < 3 and sent < 300:
+            assert service.post(opened(1000 + sent), "pull_request").status_code == 200
+            sent += 1
+        assert workers_connected() == 3
+        # Each worker writes its own sample file.
+        assert len(list((tmp_path / "metrics").glob("counter_*.db"))) == 3
+        post_unsigned(service, 2)
+
+        wait_for(
+            lambda: "flowlens_spool_depth" in requests.get(service.url + "/metrics", timeout=10).text,
+            "the spool depth gauge",
+        )
+        # Whichever worker answers /metrics, the totals are the sum over all workers.
+        for _ in range(6):
+            text = requests.get(service.url + "/metrics", timeout=10).text
+            assert sample(text, "flowlens_deliveries_total", event="pull_request", outcome="applied") == sent
+            assert sample(text, "flowlens_delivery_duration_seconds_count", event="pull_request") == sent
+            assert sample(text, "flowlens_signature_failures_total", reason="missing") == 2
+            # The drainers report the spool depth (empty) once a second.
+            assert "flowlens_spool_depth 0.0" in text
+
+        # Two round trips per delivery, now that every worker has its connection (a
+        # worker's first connection adds SQLAlchemy's few first-connect queries).
+        before = metric(service, "flowlens_db_round_trips_total")
+        for number in range(10):
+            assert service.post(opened(2000 + number), "pull_request").status_code == 200
+        after = metric(service, "flowlens_db_round_trips_total")
+        assert before is not None and after is not None
+        assert after - before == 20
         assert service.stop() == 0
 
 

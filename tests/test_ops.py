@@ -1,4 +1,8 @@
-"""The unsigned operational routes: /healthz, /readyz, /metrics."""
+"""The unsigned operational routes of ops.py: /healthz, /readyz, /metrics.
+
+In one process (the Flask test client) on databases in every state, and under a
+real `serve` whose database goes away, comes back, and loses its migrations.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ import pytest
 import requests
 
 from flowlens_ingest import migrate
+from flowlens_ingest.app import create_app
 
-from .conftest import Service, create_scratch_database, drop_database
-from .serving import running, wait_for
-from .test_outage import ThrowawayPostgres
+from .databases import ThrowawayPostgres, app_on_scratch_database, create_scratch_database, drop_database
+from .helpers import make_settings
+from .serving import Service, running, wait_for
 
 
 def test_healthz_answers_without_a_signature(client):
@@ -28,6 +33,36 @@ def test_operational_routes_take_no_post(client):
         assert client.post(path).status_code == 405
 
 
+def test_readyz_is_503_until_migrations_reach_head(server_url, tmp_path):
+    with app_on_scratch_database(server_url, tmp_path) as app:
+        answer = app.test_client().get("/readyz")
+        assert answer.status_code == 503
+        assert answer.get_json()["database"] == "migrations pending"
+
+
+def test_readyz_stays_ready_when_a_newer_release_has_migrated_the_database(server_url, tmp_path):
+    # A rolling deploy: the release step migrated for the next release, this VM still
+    # runs the previous code; it must not drop out of the load balancer.
+    with app_on_scratch_database(server_url, tmp_path, revision="ffff_from_a_newer_release") as app:
+        answer = app.test_client().get("/readyz")
+        assert answer.status_code == 200
+        assert answer.get_json() == {
+            "status": "ready",
+            "revision": "ffff_from_a_newer_release",
+            "schema": "newer than this release",
+        }
+
+
+def test_readyz_is_503_when_the_database_is_unreachable(tmp_path):
+    dead = make_settings("postgresql+psycopg2://postgres@127.0.0.1:1/none", tmp_path)
+    answer = create_app(dead).test_client().get("/readyz")
+    assert answer.status_code == 503
+    assert answer.get_json() == {"status": "unavailable", "database": "unreachable"}
+
+
+# --- under a real service ----------------------------------------------------------------
+
+
 def readiness(service: Service) -> tuple[int, dict]:
     """/readyz's status and body."""
     answer = requests.get(service.url + "/readyz", timeout=15)
@@ -44,21 +79,27 @@ def test_readiness_follows_the_database_and_its_migrations(server_url, tmp_path)
             assert requests.get(service.url + "/healthz", timeout=5).status_code == 200
 
             server.start()
-            wait_for(lambda: readiness(service)[1].get("database") == "migrations pending",
-                     "the database reachable but unmigrated")
+            wait_for(
+                lambda: readiness(service)[1].get("database") == "migrations pending",
+                "the database reachable but unmigrated",
+            )
             assert readiness(service)[0] == 503
             migrate.upgrade(server.url)
             wait_for(lambda: readiness(service)[0] == 200, "ready once migrated")
 
             server.stop()
-            wait_for(lambda: readiness(service) == (503, {"status": "unavailable", "database": "unreachable"}),
-                     "unready while the database is down")
+            wait_for(
+                lambda: readiness(service) == (503, {"status": "unavailable", "database": "unreachable"}),
+                "unready while the database is down",
+            )
             # Alive all along: a restart would not help, the load balancer only stops routing.
             assert requests.get(service.url + "/healthz", timeout=5).status_code == 200
 
             server.start()
-            wait_for(lambda: readiness(service) == (200, {"status": "ready", "revision": migrate.head()}),
-                     "ready again once the database is back")
+            wait_for(
+                lambda: readiness(service) == (200, {"status": "ready", "revision": migrate.head()}),
+                "ready again once the database is back",
+            )
             assert service.stop() == 0
     finally:
         server.remove()

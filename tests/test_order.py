@@ -12,13 +12,15 @@ object sharing both timestamp and rank cannot be ordered (see stories.py).
 """
 
 import itertools
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowlens_ingest.schema import pipeline_runs, pull_requests
 
+from .helpers import examples
 from .stories import RecordingPicker, apply, as_dicts, build_story, business_rows
 
 T = TypeVar("T")
@@ -51,7 +53,7 @@ def _in_order_rows(engine: Any, picker: RecordingPicker) -> tuple[Any, dict[str,
 # The `db` fixture only empties the tables once, before the first example; each
 # example then works in repositories of its own, so sharing it is safe.
 @settings(
-    max_examples=200,
+    max_examples=examples(200),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -76,4 +78,3 @@ def test_any_permutation_gives_the_in_order_rows(db, data):
         event, payload = again.events[index]
         assert apply(db, event, payload) in ("applied", "stale")
     assert business_rows(db, again.repo_id) == expected
-

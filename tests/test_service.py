@@ -1,8 +1,8 @@
-"""The service as deployed: the Procfile's release and web commands, graceful shutdown, the first run.
+"""End to end: a real `flowlens-ingest serve` (gunicorn, 2 workers) or the Procfile's commands, real HTTP.
 
-The HTTP contract end to end is in test_e2e.py; here is what an operator does to
-a running service: deploy it, stop it in the middle of deliveries, start it with
-no configuration at all.
+The HTTP contract, answer by answer, over real HTTP; then what an operator does to a
+running service: deploy it, stop it in the middle of deliveries, start it with no
+configuration at all.
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from urllib.parse import urlencode
 
 import psutil
 import pytest
@@ -24,10 +28,12 @@ import requests
 import sqlalchemy as sa
 
 from flowlens_ingest import migrate
-from flowlens_ingest.schema import pull_requests, webhook_deliveries
+from flowlens_ingest.schema import pipeline_runs, pull_requests, webhook_deliveries
+from flowlens_ingest.signature import sign
 
-from .conftest import Service, create_scratch_database, drop_database, github_headers, load_payload, rows
-from .serving import ProcfileService, gunicorn_master, log_entries, run_release, running, wait_for, workers
+from .databases import create_scratch_database, drop_database
+from .helpers import PREVIOUS_SECRET, SECRET, free_port, github_headers, load_payload, rows, wait_until
+from .serving import ProcfileService, Service, gunicorn_master, log_entries, run_release, running, wait_for, workers
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +43,106 @@ CLOSED = load_payload("pull_request/closed.payload.json")
 # live if shutdown were not graceful (FLOWLENS_GRACEFUL_TIMEOUT=1 fails this test).
 HELD_AFTER_TERM_S = 2.5
 OTHER_PR = dict(OPENED, number=3, pull_request=dict(OPENED["pull_request"], number=3))
+
+
+def post_raw(service: Service, body: bytes, headers: dict[str, str]) -> requests.Response:
+    return requests.post(service.url + "/webhook", data=body, headers=headers, timeout=15)
+
+
+# --- the HTTP contract ---------------------------------------------------------------------
+
+
+def test_every_answer_of_the_http_contract(service, db):
+    body = json.dumps(OPENED).encode()
+
+    applied = service.post(OPENED, "pull_request", delivery="e2e-1")
+    assert applied.status_code == 200
+    assert applied.json() == {"delivery": "e2e-1", "event": "pull_request", "action": "opened", "outcome": "applied"}
+    assert rows(db, pull_requests, "pr_number", "state", "processed") == [
+        {"pr_number": 2, "state": "open", "processed": False}
+    ]
+    assert rows(db, pipeline_runs, "status_pr", "status_merge", "processed") == [
+        {"status_pr": "opened", "status_merge": "pending", "processed": False}
+    ]
+
+    duplicate = service.post(OPENED, "pull_request", delivery="e2e-1")
+    assert (duplicate.status_code, duplicate.json()["outcome"]) == (200, "duplicate")
+
+    assert service.post(CLOSED, "pull_request").json()["outcome"] == "applied"
+    stale = service.post(OPENED, "pull_request")
+    assert (stale.status_code, stale.json()["outcome"]) == (200, "stale")
+    assert rows(db, pull_requests, "state") == [{"state": "closed"}]
+
+    ping = service.post(load_payload("ping/payload.json"), "ping")
+    assert (ping.status_code, ping.json()["outcome"]) == (200, "ignored")
+
+    rotated = service.post(CLOSED, "pull_request", secret=PREVIOUS_SECRET)
+    assert rotated.status_code == 200
+
+    failed = service.post(dict(OPENED, pull_request=[]), "pull_request", delivery="e2e-broken")
+    assert (failed.status_code, failed.json()["outcome"]) == (202, "failed")
+
+    form = urlencode({"payload": json.dumps(CLOSED)}).encode()
+    form_answer = post_raw(
+        service, form, github_headers(form, "pull_request", content_type="application/x-www-form-urlencoded")
+    )
+    assert (form_answer.status_code, form_answer.json()["outcome"]) == (200, "applied")
+
+    unsigned = github_headers(body, "pull_request")
+    del unsigned["X-Hub-Signature-256"]
+    assert post_raw(service, body, unsigned).status_code == 401
+    sha1_only = dict(unsigned, **{"X-Hub-Signature": "sha1=" + "0" * 40})
+    assert post_raw(service, body, sha1_only).status_code == 401
+    wrong = github_headers(body, "pull_request", secret="not the secret")
+    assert post_raw(service, body, wrong).status_code == 401
+
+    no_event = github_headers(body, "pull_request")
+    del no_event["X-GitHub-Event"]
+    assert post_raw(service, body, no_event).status_code == 400
+    no_delivery = github_headers(body, "pull_request")
+    del no_delivery["X-GitHub-Delivery"]
+    assert post_raw(service, body, no_delivery).status_code == 400
+
+    assert post_raw(service, body, github_headers(body, "pull_request", content_type="text/plain")).status_code == 415
+    for bad in (b"[1]", b"{not json", b'{"a": "\\u0000"}'):
+        answer = post_raw(service, bad, github_headers(bad, "pull_request"))
+        assert answer.status_code == 400
+        assert "Traceback" not in answer.text
+
+    journal = {r["delivery_id"]: r["outcome"] for r in rows(db, webhook_deliveries, "delivery_id", "outcome")}
+    assert journal["e2e-1"] == "applied" and journal["e2e-broken"] == "failed"
+    # Refused requests (401/400/415) stored nothing: 8 deliveries were signed and well formed.
+    assert len(journal) == 7
+
+    assert requests.get(service.url + "/healthz", timeout=5).status_code == 200
+    assert requests.get(service.url + "/readyz", timeout=5).json()["status"] == "ready"
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(db, database_url, tmp_path):
+    service = Service(database_url, tmp_path, env={"FLOWLENS_MAX_BODY_BYTES": "4096"})
+    try:
+        service.wait_ready()
+        small = json.dumps(OPENED).encode()
+        assert len(small) > 4096
+        assert post_raw(service, small, github_headers(small, "pull_request")).status_code == 413
+
+        # Announce 100 MB, send 1 KB, and read the answer: it must come without the rest.
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+            head = (
+                "POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                "X-GitHub-Event: ping\r\nX-GitHub-Delivery: big\r\n"
+                f"X-Hub-Signature-256: {sign(b'x', SECRET.encode())}\r\n"
+                f"Content-Length: {100 * 1024 * 1024}\r\n\r\n"
+            ).encode()
+            sock.sendall(head + b"{" + b" " * 1023)
+            answer = sock.recv(4096).decode(errors="replace")
+        assert answer.startswith("HTTP/1.1 413")
+        assert rows(db, webhook_deliveries) == []
+    finally:
+        service.stop()
+
+
+# --- deploy and shutdown -------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -50,10 +156,12 @@ def fresh_database(server_url: str) -> Iterator[str]:
 def waiting_on_locks(engine: sa.engine.Engine) -> int:
     """How many of the service's statements wait for a lock right now."""
     with engine.connect() as conn:
-        return conn.execute(sa.text(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND application_name = 'flowlens-ingest' AND datname = current_database()"
-        )).scalar()
+        return conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND application_name = 'flowlens-ingest' AND datname = current_database()"
+            )
+        ).scalar()
 
 
 def test_procfile_release_then_web_and_a_graceful_stop_mid_delivery(fresh_database, tmp_path):
@@ -61,7 +169,7 @@ def test_procfile_release_then_web_and_a_graceful_stop_mid_delivery(fresh_databa
     assert released.returncode == 0, released.stdout + released.stderr
     engine = sa.create_engine(fresh_database, poolclass=sa.pool.NullPool)
     try:
-        with engine.connect() as conn:
+        with engine.connect():
             assert migrate.revisions(engine)[0] == migrate.head()
         # Running the release step again (every deploy does) changes nothing.
         assert run_release(fresh_database, tmp_path).returncode == 0
@@ -75,11 +183,14 @@ def test_procfile_release_then_web_and_a_graceful_stop_mid_delivery(fresh_databa
             answers: dict[str, requests.Response] = {}
             with engine.connect() as locker, locker.begin():
                 # Hold the repository row: the next deliveries for it wait inside their transaction.
-                locker.execute(sa.text("SELECT 1 FROM repositories WHERE github_id = :g FOR UPDATE"),
-                               {"g": CLOSED["repository"]["id"]})
+                locker.execute(
+                    sa.text("SELECT 1 FROM repositories WHERE github_id = :g FOR UPDATE"),
+                    {"g": CLOSED["repository"]["id"]},
+                )
                 senders = [
-                    threading.Thread(target=lambda d=d, p=p: answers.__setitem__(d, service.post(p, "pull_request",
-                                                                                                  delivery=d)))
+                    threading.Thread(
+                        target=lambda d=d, p=p: answers.__setitem__(d, service.post(p, "pull_request", delivery=d))
+                    )
                     for d, p in (("in-flight-1", CLOSED), ("in-flight-2", OTHER_PR))
                 ]
                 for sender in senders:
@@ -87,8 +198,10 @@ def test_procfile_release_then_web_and_a_graceful_stop_mid_delivery(fresh_databa
                 wait_for(lambda: waiting_on_locks(engine) == 2, "both deliveries to wait on the row lock")
 
                 os.kill(gunicorn_master(service).pid, signal.SIGTERM)
-                wait_for(lambda: any(e["msg"] == "Handling signal: term" for e in log_entries(service)),
-                         "gunicorn to begin its shutdown")
+                wait_for(
+                    lambda: any(e["msg"] == "Handling signal: term" for e in log_entries(service)),
+                    "gunicorn to begin its shutdown",
+                )
                 # Shutting down, with the deliveries held a while longer (gunicorn would kill
                 # workers that overstayed graceful_timeout; 20 s is far off): nothing answered yet.
                 time.sleep(HELD_AFTER_TERM_S)
@@ -102,12 +215,127 @@ def test_procfile_release_then_web_and_a_graceful_stop_mid_delivery(fresh_databa
             }
             assert service.process.wait(60) == 0
         assert rows(engine, pull_requests, "pr_number", "state") == [
-            {"pr_number": 2, "state": "closed"}, {"pr_number": 3, "state": "open"}
+            {"pr_number": 2, "state": "closed"},
+            {"pr_number": 3, "state": "open"},
         ]
         journal = {r["delivery_id"]: r["outcome"] for r in rows(engine, webhook_deliveries, "delivery_id", "outcome")}
         assert journal["in-flight-1"] == journal["in-flight-2"] == "applied"
     finally:
         engine.dispose()
+
+
+def test_graceful_shutdown_finishes_the_delivery_in_flight(db, database_url, tmp_path):
+    # A long lock timeout: the delivery must wait for the test, however slow the machine.
+    service = Service(database_url, tmp_path, env={"FLOWLENS_STATEMENT_TIMEOUT_MS": "60000"})
+    answers: list[requests.Response] = []
+    try:
+        service.wait_ready()
+        assert service.post(OPENED, "pull_request").json()["outcome"] == "applied"
+        closed = load_payload("pull_request/closed.payload.json")
+        locker = db.connect()
+        lock = locker.begin()
+        locker.execute(
+            sa.text("SELECT 1 FROM repositories WHERE github_id = :g FOR UPDATE"), {"g": closed["repository"]["id"]}
+        )
+        sender = threading.Thread(
+            target=lambda: answers.append(service.post(closed, "pull_request", delivery="in-flight"))
+        )
+        sender.start()
+        try:
+            # The delivery is now inside its transaction, waiting for the repository row.
+            waiting = sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+
+            def delivery_waits() -> bool:
+                with db.connect() as conn:
+                    return conn.execute(waiting).scalar() > 0
+
+            wait_until(delivery_waits, what="the delivery to wait on the lock")
+            service.process.terminate()  # SIGTERM to `serve`, forwarded to gunicorn
+            time.sleep(0.5)
+            assert service.process.poll() is None, "gunicorn must wait for the request in flight"
+        finally:
+            lock.commit()
+            locker.close()
+        sender.join(timeout=60)
+        assert answers and answers[0].status_code == 200
+        assert answers[0].json()["outcome"] == "applied"
+        assert service.stop() == 0
+    finally:
+        service.stop()
+    with db.connect() as conn:
+        assert conn.execute(sa.text("SELECT state FROM pull_requests")).scalar() == "closed"
+        outcome = conn.execute(sa.text("SELECT outcome FROM webhook_deliveries WHERE delivery_id = 'in-flight'"))
+        assert outcome.scalar() == "applied"
+
+
+# --- the first run, with no configuration ---------------------------------------------------
+
+
+def _serve(env: dict[str, str], data_dir: Path, port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flowlens_ingest.cli", "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=data_dir,
+    )
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    drop = ("DATABASE_URL", "GITHUB_WEBHOOK_SECRET", "GITHUB_WEBHOOK_SECRET_PREVIOUS", "PROMETHEUS_MULTIPROC_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(extra)
+    return env
+
+
+def test_serve_with_no_configuration_runs_on_the_embedded_database():
+    # Its own folder: the embedded server runs as a dedicated user when we are root,
+    # and pytest's own temporary tree is private to us.
+    home = Path(tempfile.mkdtemp(prefix="flowlens-e2e-"))
+    home.chmod(0o755)
+    port = free_port()
+    process = _serve(_clean_env(FLOWLENS_DATA_DIR=str(home / ".flowlens")), home, port)
+    output = b""
+    try:
+        secret = None
+        deadline = time.monotonic() + 90
+        while secret is None and time.monotonic() < deadline and process.poll() is None:
+            line = process.stdout.readline()
+            output += line
+            match = re.search(rb"webhook secret \(generated [^)]*\): ([0-9a-f]{64})", line)
+            if match:
+                secret = match[1].decode()
+        assert secret, output.decode(errors="replace")
+        assert (home / ".flowlens" / "webhook-secret").read_text().strip() == secret
+
+        body = json.dumps(OPENED).encode()
+        headers = github_headers(body, "pull_request", secret=secret, delivery="first-run")
+        answer = None
+        while time.monotonic() < deadline:
+            try:
+                answer = requests.post(f"http://127.0.0.1:{port}/webhook", data=body, headers=headers, timeout=10)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        assert answer is not None and answer.status_code == 200, output.decode(errors="replace")
+        assert answer.json()["outcome"] == "applied"
+
+        listed = subprocess.run(
+            [sys.executable, "-m", "flowlens_ingest.cli", "deliveries"],
+            env=_clean_env(FLOWLENS_DATA_DIR=str(home / ".flowlens")),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "first-run pull_request/opened applied" in listed.stdout, listed.stderr
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=30)
+        process.stdout.close()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
@@ -150,8 +378,12 @@ def test_first_run_with_no_configuration_serves_the_embedded_database_and_stops_
         assert oct((home / "webhook-secret").stat().st_mode & 0o777) == "0o600"
 
         body = json.dumps(OPENED).encode()
-        answer = requests.post(service.url + "/webhook", data=body, timeout=15,
-                               headers=github_headers(body, "pull_request", secret=secret, delivery="first"))
+        answer = requests.post(
+            service.url + "/webhook",
+            data=body,
+            timeout=15,
+            headers=github_headers(body, "pull_request", secret=secret, delivery="first"),
+        )
         assert (answer.status_code, answer.json()["outcome"]) == (200, "applied")
         assert requests.get(service.url + "/readyz", timeout=10).status_code == 200
         server = postmaster(home)
@@ -164,8 +396,12 @@ def test_first_run_with_no_configuration_serves_the_embedded_database_and_stops_
     # The second run keeps the secret and the data, and does not print the secret again.
     with running(first_run(home)) as service:
         assert "webhook secret from" in service.logs() and secret not in service.logs()
-        answer = requests.post(service.url + "/webhook", data=body, timeout=15,
-                               headers=github_headers(body, "pull_request", secret=secret, delivery="first"))
+        answer = requests.post(
+            service.url + "/webhook",
+            data=body,
+            timeout=15,
+            headers=github_headers(body, "pull_request", secret=secret, delivery="first"),
+        )
         assert (answer.status_code, answer.json()["outcome"]) == (200, "duplicate")
         assert service.stop() == 0
     wait_for(lambda: postmaster(home) is None, "the embedded server to stop")

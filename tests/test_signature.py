@@ -22,7 +22,7 @@ def test_either_secret_of_a_rotation_is_accepted():
 
 
 @pytest.mark.parametrize(
-    "header, reason",
+    ("header", "reason"),
     [
         (None, "missing"),
         ("", "missing"),

@@ -11,8 +11,8 @@ import json
 import os
 import stat
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import urlencode
 
 import pytest
@@ -25,12 +25,12 @@ from flowlens_ingest.app import create_app, services
 from flowlens_ingest.schema import pull_requests, repositories, webhook_deliveries
 from flowlens_ingest.spool import SUFFIX, UNUSABLE_SUFFIX, Spool
 
-from .conftest import free_port, github_headers, load_payload, make_settings, rows, wait_until
+from .databases import app_on_scratch_database
+from .helpers import free_port, github_headers, load_payload, make_settings, rows, wait_until
 
 OPENED = load_payload("pull_request/opened.payload.json")
 CLOSED = load_payload("pull_request/closed.payload.json")
 PING = load_payload("ping/payload.json")
-
 
 
 @pytest.fixture
@@ -103,8 +103,7 @@ def test_concurrent_puts_keep_the_bound(tmp_path):
     results: list[bool] = []
 
     def fill(spool: Spool, worker: int) -> None:
-        for n in range(20):
-            results.append(spool.put(f"{worker}-{n}", 0, "ping", "application/json", b"y" * 100))
+        results.extend(spool.put(f"{worker}-{n}", 0, "ping", "application/json", b"y" * 100) for n in range(20))
 
     threads = [threading.Thread(target=fill, args=(s, i)) for i, s in enumerate(spools)]
     for t in threads:
@@ -148,6 +147,14 @@ def test_invalid_or_unsigned_deliveries_are_refused_without_touching_the_spool(a
     headers = github_headers(body, "pull_request", secret="wrong")
     assert down.test_client().post("/webhook", data=body, headers=headers).status_code == 401
     assert services(down).spool.depth() == 0
+
+
+def test_a_database_without_the_schema_spools_deliveries_instead_of_failing(server_url, tmp_path):
+    with app_on_scratch_database(server_url, tmp_path) as app:
+        body = json.dumps(OPENED).encode()
+        answer = app.test_client().post("/webhook", data=body, headers=github_headers(body, "pull_request"))
+        assert (answer.status_code, answer.get_json()["outcome"]) == (202, "spooled")
+        assert len(list((tmp_path / "spool").glob("*.delivery"))) == 1
 
 
 # --- when it comes back ------------------------------------------------------------------
@@ -196,7 +203,7 @@ def test_two_hosts_draining_copies_of_the_same_deliveries_apply_each_once(apps, 
     for up in hosts:
         drain(up)
     for up in hosts:
-        wait_until(lambda: services(up).spool.depth() == 0, what="both spools to empty")
+        wait_until(lambda up=up: services(up).spool.depth() == 0, what="both spools to empty")
     assert journal(db) == {f"pr-{n}": ("applied", 1) for n in range(30)}
     assert rows(db, pull_requests, "pr_number", "version") == [{"pr_number": n, "version": 1} for n in range(1, 31)]
 
@@ -233,11 +240,10 @@ def test_a_lock_held_past_the_timeout_spools_at_once_instead_of_retrying(apps, d
     up = apps(down=False, statement_timeout_ms=300)
     assert post(up, OPENED, "pull_request", delivery="first").status_code == 200
     retries = timeout_retries()
-    with db.connect() as holder:
-        with holder.begin():
-            holder.execute(sa.select(repositories.c.id).with_for_update())
-            response = post(up, CLOSED, "pull_request", delivery="blocked")
-            assert (response.status_code, response.get_json()["outcome"]) == (202, "spooled")
+    with db.connect() as holder, holder.begin():
+        holder.execute(sa.select(repositories.c.id).with_for_update())
+        response = post(up, CLOSED, "pull_request", delivery="blocked")
+        assert (response.status_code, response.get_json()["outcome"]) == (202, "spooled")
     assert timeout_retries() == retries
     drain(up)
     wait_until(lambda: services(up).spool.depth() == 0, what="the spool to empty")

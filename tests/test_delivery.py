@@ -1,0 +1,113 @@
+"""Delivery.from_http: one parse of what came over HTTP, shared by the view, the drainer and replay."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from urllib.parse import urlencode
+
+import pytest
+
+from flowlens_ingest.delivery import Delivery
+from flowlens_ingest.parse import BadPayload, UnsupportedMediaType
+
+from .helpers import PAYLOADS
+
+OPENED_BODY = (PAYLOADS / "pull_request" / "opened.payload.json").read_bytes()
+OPENED = json.loads(OPENED_BODY)
+
+
+def from_http(body: bytes, content_type: str | None = "application/json", **kwargs: object) -> Delivery:
+    """A delivery of `body` with fixed headers."""
+    return Delivery.from_http(
+        delivery_id="d-1", hook_id=123456, event="pull_request", content_type=content_type, body=body, **kwargs
+    )
+
+
+def test_a_json_body_is_parsed_and_kept_as_received():
+    delivery = from_http(OPENED_BODY, "application/json; charset=utf-8")
+    assert (delivery.delivery_id, delivery.hook_id, delivery.event) == ("d-1", 123456, "pull_request")
+    assert delivery.payload == OPENED
+    assert delivery.payload_json == OPENED_BODY.decode()
+    assert delivery.payload_sha256 == hashlib.sha256(OPENED_BODY).hexdigest()
+
+
+def test_a_form_body_is_parsed_from_its_payload_field_and_hashed_as_sent():
+    text = json.dumps({"action": "created", "zen": "caf\u00e9"})
+    body = urlencode({"payload": text}).encode()
+    delivery = from_http(body, "application/x-www-form-urlencoded")
+    assert delivery.payload == {"action": "created", "zen": "caf\u00e9"}
+    # The journal keeps the JSON text of the field; the digest is of the bytes the signature covered.
+    assert delivery.payload_json == text
+    assert delivery.payload_sha256 == hashlib.sha256(body).hexdigest()
+    assert delivery.payload_sha256 != hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_a_given_payload_sha256_is_kept():
+    # Replay passes the digest first journaled, whatever the bytes it parses now.
+    first = "ab" * 32
+    assert from_http(OPENED_BODY, payload_sha256=first).payload_sha256 == first
+
+
+def test_a_body_it_cannot_parse_raises_what_the_view_answers_with():
+    with pytest.raises(UnsupportedMediaType):
+        from_http(OPENED_BODY, "text/plain")
+    with pytest.raises(BadPayload):
+        from_http(b"[1, 2]")
+
+
+def test_a_delivery_is_frozen():
+    delivery = from_http(b'{"zen": "ok"}')
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        delivery.event = "ping"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"action": "opened"}, "opened"),
+        ({"zen": "no action"}, None),
+        ({"action": None}, None),
+        ({"action": 5}, None),
+        ({"action": ["opened"]}, None),
+        ({"action": {"name": "opened"}}, None),
+    ],
+)
+def test_action_is_the_payloads_action_when_it_is_a_string(payload, expected):
+    assert from_http(json.dumps(payload).encode()).action == expected
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"repository": {"id": 1296269}}, 1296269),
+        ({"repository": {"id": 0}}, 0),
+        ({"repository": {"id": 2**63 - 1}}, 2**63 - 1),
+        ({"repository": {"id": -(2**63)}}, -(2**63)),
+        ({"zen": "no repository"}, None),
+        ({"repository": None}, None),
+        ({"repository": [1296269]}, None),
+        ({"repository": {"name": "Hello-World"}}, None),
+        ({"repository": {"id": "1296269"}}, None),
+        ({"repository": {"id": 1296269.0}}, None),
+        ({"repository": {"id": True}}, None),
+    ],
+)
+def test_repository_github_id_is_an_id_a_bigint_column_can_hold(payload, expected):
+    assert from_http(json.dumps(payload).encode()).repository_github_id == expected
+
+
+def test_the_sample_names_its_action_and_repository():
+    delivery = from_http(OPENED_BODY)
+    assert delivery.action == "opened"
+    assert delivery.repository_github_id == OPENED["repository"]["id"]
+
+
+@pytest.mark.parametrize("rid", [2**63, -(2**63) - 1])
+def test_repository_github_id_outside_bigint_is_none(rid):
+    # The parser refuses such numbers in a body; a delivery built otherwise still never names one.
+    delivery = Delivery(
+        delivery_id="d-1", hook_id=0, event="push", payload={"repository": {"id": rid}}, payload_sha256="0" * 64
+    )
+    assert delivery.repository_github_id is None

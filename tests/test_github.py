@@ -1,0 +1,530 @@
+"""The GitHub REST client against a fake GitHub on a real loopback port (no mocked HTTP)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flowlens_ingest.files import MAX_FILES, FilesStatus, shape
+from flowlens_ingest.github import (
+    Forbidden,
+    GitHubClient,
+    GitHubError,
+    NotFound,
+    RateLimited,
+    Transient,
+    Unauthorized,
+)
+
+from .fake_github import FakeGitHub, generate_private_key_pem, make_files, serve_fake_github
+
+T0 = 1_700_000_000.0
+REPO = "octo/repo"
+
+
+class Clock:
+    """A clock that moves only when told: rate-limit resets and token expiry without waiting."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def fake(clock: Clock) -> Iterator[FakeGitHub]:
+    with serve_fake_github(clock=clock) as fake:
+        yield fake
+
+
+@pytest.fixture
+def github(fake: FakeGitHub, clock: Clock) -> Iterator[GitHubClient]:
+    """A client authenticating with the fake's personal access token."""
+    with GitHubClient(api_url=fake.url, token=fake.token, clock=clock) as client:
+        yield client
+
+
+@pytest.fixture
+def app_github(fake: FakeGitHub, clock: Clock) -> Iterator[GitHubClient]:
+    """A client authenticating as the fake's GitHub App."""
+    with GitHubClient(
+        api_url=fake.url, app_id=fake.app_id, private_key=fake.app_private_key_pem, clock=clock
+    ) as client:
+        yield client
+
+
+def secrets_of(fake: FakeGitHub) -> list[str]:
+    """Every secret that went over the wire or into the client: none may show in an error."""
+    values = [fake.token or "", fake.app_private_key_pem]
+    values += fake.app_private_key_pem.strip().splitlines()[1:-1]
+    for request in fake.requests:
+        authorization = request.headers.get("authorization", "")
+        if authorization:
+            values.append(authorization.partition(" ")[2])
+    return [v for v in values if v]
+
+
+def assert_no_secret(error: BaseException, fake: FakeGitHub) -> None:
+    texts = []
+    current: BaseException | None = error
+    while current is not None:
+        texts += [str(current), repr(current)]
+        current = current.__cause__ or current.__context__
+    for secret in secrets_of(fake):
+        for text in texts:
+            assert secret not in text
+
+
+# -- the file list ----------------------------------------------------------------------------
+
+
+def test_every_page_is_fetched_in_order(fake: FakeGitHub, github: GitHubClient) -> None:
+    files = make_files(250)
+    fake.set_files(REPO, 7, files)
+    page = github.list_files(REPO, 7, installation_id=None)
+    assert page.entries == files
+    assert page.requests == 3
+    assert not page.not_modified
+    gets = fake.calls("GET")
+    assert [r.query for r in gets] == ["per_page=100", "per_page=100&page=2", "per_page=100&page=3"]
+    for request in gets:
+        assert request.path == "/repos/octo/repo/pulls/7/files"
+        assert request.headers["authorization"] == f"Bearer {fake.token}"
+        assert request.headers["accept"] == "application/vnd.github+json"
+        assert request.headers["x-github-api-version"] == "2022-11-28"
+        assert request.headers["user-agent"] == "flowlens-ingest"
+
+
+def test_next_links_are_followed_as_given(fake: FakeGitHub, github: GitHubClient) -> None:
+    # GitHub's links may name the repository by id rather than by name.
+    fake.link_style = "repositories"
+    files = make_files(150)
+    fake.set_files(REPO, 7, files)
+    assert github.list_files(REPO, 7, installation_id=None).entries == files
+    assert [r.path.split("/")[1] for r in fake.calls("GET")] == ["repos", "repositories"]
+
+
+def test_an_enterprise_server_api_url(clock: Clock) -> None:
+    with serve_fake_github(prefix="/api/v3", clock=clock) as fake:
+        fake.set_files(REPO, 3, make_files(120))
+        with GitHubClient(api_url=fake.url + "/", token=fake.token, clock=clock) as github:
+            assert len(github.list_files(REPO, 3, installation_id=None).entries) == 120
+        assert [r.path for r in fake.calls("GET")] == ["/api/v3/repos/octo/repo/pulls/3/files"] * 2
+
+
+def test_githubs_3000_file_cap(fake: FakeGitHub, github: GitHubClient) -> None:
+    fake.set_files(REPO, 9, make_files(MAX_FILES + 100))
+    page = github.list_files(REPO, 9, installation_id=None)
+    assert len(page.entries) == MAX_FILES
+    assert page.requests == 30
+    shaped = shape(page.entries, expected=MAX_FILES + 100)
+    assert len(shaped.files) == MAX_FILES
+    assert shaped.status is FilesStatus.TRUNCATED
+
+
+def test_an_etag_match_answers_not_modified_for_free(fake: FakeGitHub, github: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(40))
+    first = github.list_files(REPO, 7, installation_id=None)
+    assert first.etag is not None and len(first.entries) == 40
+    remaining = fake.remaining
+    again = github.list_files(REPO, 7, installation_id=None, etag=first.etag)
+    assert again.not_modified and again.entries == [] and again.requests == 1
+    assert again.etag == first.etag
+    assert fake.remaining == remaining  # a 304 costs nothing
+    assert fake.calls("GET")[-1].headers["if-none-match"] == first.etag
+    # A changed list answers in full again.
+    fake.set_files(REPO, 7, make_files(41))
+    changed = github.list_files(REPO, 7, installation_id=None, etag=first.etag)
+    assert not changed.not_modified and len(changed.entries) == 41
+    assert changed.etag not in (None, first.etag)
+
+
+@pytest.mark.parametrize("count", [100, 101, 250])
+def test_no_etag_for_a_list_a_304_could_not_vouch_for(fake: FakeGitHub, github: GitHubClient, count: int) -> None:
+    # GitHub's ETag covers one page: a 304 on page 1 would hide a change further down.
+    fake.set_files(REPO, 7, make_files(count))
+    assert github.list_files(REPO, 7, installation_id=None).etag is None
+
+
+def test_quoting_and_bad_names(fake: FakeGitHub, github: GitHubClient) -> None:
+    with pytest.raises(ValueError):
+        github.list_files("no-slash", 1, installation_id=None)
+    with pytest.raises(ValueError):
+        github.list_files("a/b/c", 1, installation_id=None)
+    with pytest.raises(NotFound):
+        github.list_files("octo/re po?x", 1, installation_id=None)
+    assert fake.calls("GET")[0].path == "/repos/octo/re po?x/pulls/1/files"
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_primary_rate_limit(fake: FakeGitHub, github: GitHubClient, clock: Clock) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+    fake.reset_in = 42
+    fake.fail_next("primary")
+    with pytest.raises(RateLimited) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert caught.value.reason == "primary"
+    assert caught.value.retry_at == T0 + 42
+    assert caught.value.status == 403
+    assert github.rate_limit.remaining == 0
+    assert github.reserve_exhausted(1) == T0 + 42
+    assert_no_secret(caught.value, fake)
+
+
+def test_primary_budget_used_up(fake: FakeGitHub, github: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+    fake.remaining = 1
+    github.list_files(REPO, 7, installation_id=None)
+    with pytest.raises(RateLimited) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert (caught.value.reason, caught.value.retry_at) == ("primary", int(fake.reset_at))
+
+
+def test_rate_limit_headers_and_the_reserve(fake: FakeGitHub, github: GitHubClient, clock: Clock) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+    fake.remaining = 10
+    assert github.rate_limit.remaining is None and github.reserve_exhausted(100) is None
+    github.list_files(REPO, 7, installation_id=None)
+    limit = github.rate_limit
+    assert (limit.remaining, limit.limit, limit.reset) == (9, 5000, int(fake.reset_at))
+    assert github.reserve_exhausted(10) == int(fake.reset_at)
+    assert github.reserve_exhausted(9) is None
+    clock.now = fake.reset_at + 1  # the reset has passed: the budget is back
+    assert github.reserve_exhausted(10) is None
+
+
+def test_secondary_rate_limit_with_retry_after(fake: FakeGitHub, github: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+    fake.retry_after = 30
+    fake.fail_next("secondary")
+    with pytest.raises(RateLimited) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert (caught.value.reason, caught.value.retry_at, caught.value.status) == ("secondary", T0 + 30, 429)
+
+
+def test_secondary_rate_limit_without_retry_after(fake: FakeGitHub, github: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+    fake.fail_next("secondary_403")
+    with pytest.raises(RateLimited) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert (caught.value.reason, caught.value.retry_at, caught.value.status) == ("secondary", T0 + 60, 403)
+
+
+def test_a_server_error_is_transient_and_not_retried(fake: FakeGitHub, github: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+    fake.fail_next("server")
+    with pytest.raises(Transient) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert (caught.value.reason, caught.value.status) == ("server_error", 502)
+    assert len(fake.calls("GET")) == 1
+    # The next call (the job's retry) goes through.
+    assert len(github.list_files(REPO, 7, installation_id=None).entries) == 5
+
+
+def test_a_failure_on_a_later_page(fake: FakeGitHub, github: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(150))
+    # The first page answers, the second does not: nothing half-listed comes back.
+    fake.fail_next("bad_json", after=1)
+    with pytest.raises(Transient) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert caught.value.reason == "bad_json"
+    assert [r.query for r in fake.calls("GET")] == ["per_page=100", "per_page=100&page=2"]
+
+
+def test_not_found(fake: FakeGitHub, github: GitHubClient) -> None:
+    with pytest.raises(NotFound) as caught:
+        github.list_files(REPO, 404, installation_id=None)
+    assert (caught.value.reason, caught.value.status) == ("not_found", 404)
+    fake.set_files(REPO, 7, make_files(5))
+    fake.fail_next("gone")
+    with pytest.raises(NotFound):
+        github.list_files(REPO, 7, installation_id=None)
+
+
+def test_forbidden(fake: FakeGitHub, github: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+    fake.fail_next("forbidden")
+    with pytest.raises(Forbidden) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert caught.value.reason == "forbidden"
+    assert "Resource not accessible by integration" in str(caught.value)
+    assert_no_secret(caught.value, fake)
+
+
+def test_a_bad_token_is_unauthorized_at_once(fake: FakeGitHub, clock: Clock) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+    with (
+        GitHubClient(api_url=fake.url, token="ghp_not_the_right_one", clock=clock) as github,
+        pytest.raises(Unauthorized) as caught,
+    ):
+        github.list_files(REPO, 7, installation_id=None)
+    assert len(fake.calls("GET")) == 1
+    assert "ghp_not_the_right_one" not in str(caught.value)
+
+
+def test_github_unreachable_is_transient(clock: Clock) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Nothing listens there now: the connection is refused.
+    with (
+        GitHubClient(api_url=f"http://127.0.0.1:{port}", token="ghp_secret_value", clock=clock) as github,
+        pytest.raises(Transient) as caught,
+    ):
+        github.list_files(REPO, 7, installation_id=None)
+    assert caught.value.reason == "connection"
+    assert caught.value.__context__ is None and caught.value.__cause__ is None
+    assert "ghp_secret_value" not in str(caught.value)
+
+
+def test_a_timeout_is_transient(clock: Clock) -> None:
+    # A listening socket that never answers: the read times out.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with (
+            GitHubClient(api_url=url, token="ghp_secret_value", clock=clock, timeout=0.2) as github,
+            pytest.raises(Transient) as caught,
+        ):
+            github.list_files(REPO, 7, installation_id=None)
+    assert caught.value.reason == "timeout"
+
+
+def test_a_link_to_another_host_is_not_followed(fake: FakeGitHub, clock: Clock) -> None:
+    fake.set_files(REPO, 7, make_files(150))
+    # Our API URL names the server otherwise than its links do: the token must not follow them.
+    url = fake.url.replace("127.0.0.1", "localhost")
+    with (
+        GitHubClient(api_url=url, token=fake.token, clock=clock) as github,
+        pytest.raises(GitHubError) as caught,
+    ):
+        github.list_files(REPO, 7, installation_id=None)
+    assert caught.value.reason == "bad_link"
+    assert len(fake.calls("GET")) == 1
+
+
+# -- credentials ------------------------------------------------------------------------------
+
+
+def test_describe_and_enabled(fake: FakeGitHub) -> None:
+    key = fake.app_private_key_pem
+    cases = [
+        (GitHubClient(), False, "none"),
+        (GitHubClient(token="ghp_x"), True, "token"),
+        (GitHubClient(app_id=12, private_key=key), True, "GitHub App 12"),
+        (GitHubClient(app_id="12", private_key=key, token="ghp_x"), True, "GitHub App 12, token fallback"),
+    ]
+    for client, enabled, description in cases:
+        with client:
+            assert client.enabled is enabled
+            assert client.describe() == description
+            assert "ghp_x" not in repr(client) and "PRIVATE" not in repr(client)
+    with pytest.raises(ValueError):
+        GitHubClient(app_id=12)
+    with pytest.raises(ValueError):
+        GitHubClient(private_key=key)
+
+
+def test_a_bad_private_key_is_refused_without_echoing_it() -> None:
+    text = "-----BEGIN RSA PRIVATE KEY-----\nc2VjcmV0LWtleS1tYXRlcmlhbA==\n-----END RSA PRIVATE KEY-----\n"
+    with pytest.raises(ValueError) as caught:
+        GitHubClient(app_id=1, private_key=text)
+    assert "c2VjcmV0" not in str(caught.value)
+    # The parser's own error is not shown with it.
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_a_key_with_escaped_newlines_is_accepted(fake: FakeGitHub, clock: Clock) -> None:
+    one_line = fake.app_private_key_pem.strip().replace("\n", "\\n")
+    fake.set_files(REPO, 7, make_files(3))
+    with GitHubClient(api_url=fake.url, app_id=fake.app_id, private_key=one_line, clock=clock) as github:
+        assert len(github.list_files(REPO, 7, installation_id=5).entries) == 3
+
+
+def test_no_credential_is_forbidden(fake: FakeGitHub, clock: Clock) -> None:
+    fake.set_files(REPO, 7, make_files(3))
+    with (
+        GitHubClient(api_url=fake.url, clock=clock) as github,
+        pytest.raises(Forbidden) as caught,
+    ):
+        github.list_files(REPO, 7, installation_id=5)
+    assert caught.value.reason == "no_credential"
+    assert fake.requests == []
+
+
+def test_an_app_needs_the_installation(fake: FakeGitHub, app_github: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(3))
+    with pytest.raises(Forbidden) as caught:
+        app_github.list_files(REPO, 7, installation_id=None)
+    assert str(caught.value) == "no credential for this repository"
+    assert fake.requests == []
+
+
+def test_an_app_falls_back_to_the_token_without_installation(fake: FakeGitHub, clock: Clock) -> None:
+    fake.set_files(REPO, 7, make_files(3))
+    key = fake.app_private_key_pem
+    with GitHubClient(api_url=fake.url, app_id=fake.app_id, private_key=key, token=fake.token, clock=clock) as github:
+        assert len(github.list_files(REPO, 7, installation_id=None).entries) == 3
+        assert fake.calls("POST") == []
+        assert fake.calls("GET")[0].headers["authorization"] == f"Bearer {fake.token}"
+        # With an installation id, the App's token is used instead.
+        github.list_files(REPO, 7, installation_id=5)
+        assert fake.calls("GET")[-1].headers["authorization"].startswith("Bearer ghs_")
+
+
+def test_installation_token_is_minted_once_and_cached(fake: FakeGitHub, app_github: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(150))
+    assert len(app_github.list_files(REPO, 7, installation_id=5).entries) == 150
+    assert len(app_github.list_files(REPO, 7, installation_id=5).entries) == 150
+    posts = fake.calls("POST")
+    assert [r.path for r in posts] == ["/app/installations/5/access_tokens"]
+    assert posts[0].headers["authorization"].startswith("Bearer ey")
+    tokens = {r.headers["authorization"] for r in fake.calls("GET")}
+    assert len(tokens) == 1 and tokens.pop().startswith("Bearer ghs_")
+    # Another installation has a token of its own.
+    app_github.list_files(REPO, 7, installation_id=6)
+    assert [r.path for r in fake.calls("POST")][-1] == "/app/installations/6/access_tokens"
+
+
+def test_installation_token_is_renewed_before_it_expires(
+    fake: FakeGitHub, app_github: GitHubClient, clock: Clock
+) -> None:
+    fake.set_files(REPO, 7, make_files(3))
+    fake.token_ttl = 3600
+    app_github.list_files(REPO, 7, installation_id=5)
+    clock.now = T0 + 3600 - 301  # still more than 5 minutes left
+    app_github.list_files(REPO, 7, installation_id=5)
+    assert len(fake.calls("POST")) == 1
+    clock.now = T0 + 3600 - 299
+    app_github.list_files(REPO, 7, installation_id=5)
+    assert len(fake.calls("POST")) == 2
+
+
+def test_a_revoked_token_is_minted_again_once(fake: FakeGitHub, app_github: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(3))
+    app_github.list_files(REPO, 7, installation_id=5)
+    fake.revoke_tokens()
+    page = app_github.list_files(REPO, 7, installation_id=5)
+    assert len(page.entries) == 3
+    assert page.requests == 2  # the refused GET and its retry
+    assert len(fake.calls("POST")) == 2
+
+
+def test_a_token_refused_twice_is_unauthorized(fake: FakeGitHub, app_github: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(3))
+    fake.fail_next("unauthorized", times=2)
+    with pytest.raises(Unauthorized) as caught:
+        app_github.list_files(REPO, 7, installation_id=5)
+    assert caught.value.reason == "unauthorized"
+    assert len(fake.calls("POST")) == 2 and len(fake.calls("GET")) == 2
+    assert_no_secret(caught.value, fake)
+
+
+def test_a_jwt_signed_with_the_wrong_key_is_refused(fake: FakeGitHub, clock: Clock) -> None:
+    fake.set_files(REPO, 7, make_files(3))
+    wrong_key = generate_private_key_pem()
+    with (
+        GitHubClient(api_url=fake.url, app_id=fake.app_id, private_key=wrong_key, clock=clock) as github,
+        pytest.raises(Unauthorized) as caught,
+    ):
+        github.list_files(REPO, 7, installation_id=5)
+    assert fake.calls("GET") == []
+    assert_no_secret(caught.value, fake)
+    assert "PRIVATE" not in str(caught.value)
+
+
+def test_a_jwt_for_another_app_or_from_a_skewed_clock_is_refused(fake: FakeGitHub, clock: Clock) -> None:
+    key = fake.app_private_key_pem
+    with (
+        GitHubClient(api_url=fake.url, app_id=fake.app_id + 1, private_key=key, clock=clock) as github,
+        pytest.raises(Unauthorized),
+    ):
+        github.installation_token(5)
+    late = Clock(T0 + 3600)  # our clock an hour ahead of GitHub's
+    with (
+        GitHubClient(api_url=fake.url, app_id=fake.app_id, private_key=key, clock=late) as github,
+        pytest.raises(Unauthorized),
+    ):
+        github.installation_token(5)
+    with GitHubClient(api_url=fake.url, app_id=fake.app_id, private_key=key, clock=clock) as github:
+        assert github.installation_token(5).startswith("ghs_")
+
+
+def test_minting_errors(fake: FakeGitHub, app_github: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(3))
+    fake.fail_next("server", route="access_tokens")
+    with pytest.raises(Transient):
+        app_github.list_files(REPO, 7, installation_id=5)
+    fake.fail_next("secondary", route="access_tokens")
+    with pytest.raises(RateLimited):
+        app_github.list_files(REPO, 7, installation_id=5)
+    fake.installations = {5}
+    with pytest.raises(Forbidden) as caught:
+        app_github.list_files(REPO, 7, installation_id=6)
+    assert caught.value.reason == "no_installation"
+    assert len(app_github.list_files(REPO, 7, installation_id=5).entries) == 3
+
+
+def test_concurrent_calls_mint_one_token(fake: FakeGitHub, app_github: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(3))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        pages = list(pool.map(lambda _: app_github.list_files(REPO, 7, installation_id=5), range(16)))
+    assert all(len(page.entries) == 3 for page in pages)
+    assert len(fake.calls("POST")) == 1
+
+
+def test_a_caller_supplied_httpx_client(fake: FakeGitHub, clock: Clock) -> None:
+    fake.set_files(REPO, 7, make_files(3))
+    with httpx.Client(headers={"User-Agent": "custom"}) as http:
+        github = GitHubClient(api_url=fake.url, token=fake.token, client=http, clock=clock)
+        assert len(github.list_files(REPO, 7, installation_id=None).entries) == 3
+        github.close()  # leaves the caller's client open
+        assert not http.is_closed
+    request = fake.calls("GET")[0]
+    assert request.headers["user-agent"] == "custom"
+    assert request.headers["x-github-api-version"] == "2022-11-28"
+
+
+# -- the fake on its own ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_fake_runs_standalone(tmp_path: Path) -> None:
+    key_file = tmp_path / "app.pem"
+    command = [sys.executable, "-m", "tests.fake_github", "--port", "0", "--files", "octo/repo#7=120"]
+    command += ["--write-private-key", str(key_file)]
+    root = Path(__file__).resolve().parent.parent
+    with subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            url = process.stdout.readline().strip()
+            assert url.startswith("http://127.0.0.1:")
+            with GitHubClient(api_url=url, app_id=424242, private_key=key_file.read_text()) as github:
+                assert len(github.list_files(REPO, 7, installation_id=1).entries) == 120
+                httpx.post(f"{url}/_fake/files/octo/repo/8", json={"count": 3}).raise_for_status()
+                assert len(github.list_files(REPO, 8, installation_id=1).entries) == 3
+                httpx.post(f"{url}/_fake/fail", json={"kind": "gone"}).raise_for_status()
+                with pytest.raises(NotFound):
+                    github.list_files(REPO, 8, installation_id=1)
+            recorded = httpx.get(f"{url}/_fake/requests").json()
+            assert [r[0] for r in recorded] == ["POST", "GET", "GET", "GET", "GET"]
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+        assert process.returncode == 0
