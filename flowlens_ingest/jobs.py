@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from .batch import compiled, values
 from .database import Database
 from .schema import files_jobs, pull_requests, repositories
+from .sql import flag_changed, param
 from .values import FilesStatus, JobState
 
 
@@ -39,10 +40,6 @@ class Job:
     etag: str | None
     etag_sha: str | None
     result: str | None
-
-
-def _p(name: str) -> sa.BindParameter[Any]:
-    return sa.bindparam(f"p_{name}")
 
 
 def claim(database: Database, lease: timedelta) -> Job | None:
@@ -98,41 +95,36 @@ def claim(database: Database, lease: timedelta) -> Job | None:
 
 def _pr_of_job() -> list[sa.ColumnElement[bool]]:
     t = pull_requests
-    return [t.c.repo_id == _p("repo_id"), t.c.pr_number == _p("pr_number"), t.c.commit_sha == _p("head_sha")]
-
-
-def _flag_changed() -> dict[str, Any]:
-    t = pull_requests
-    return {"processed": sa.false(), "version": t.c.version + 1, "updated_at": sa.func.now()}
+    return [t.c.repo_id == param("repo_id"), t.c.pr_number == param("pr_number"), t.c.commit_sha == param("head_sha")]
 
 
 def write_list() -> sa.Executable:
     """Store a fetched list for the job's head, if the PR's head is still that and anything changed."""
     t = pull_requests
     new: dict[str, Any] = {
-        "files_changed": sa.cast(_p("files"), t.c.files_changed.type),
-        "files_changed_sha": _p("head_sha"),
-        "files_status": _p("status"),
+        "files_changed": sa.cast(param("files"), t.c.files_changed.type),
+        "files_changed_sha": param("head_sha"),
+        "files_status": param("status"),
     }
     return (
         sa.update(t)
         .where(*_pr_of_job(), sa.or_(*(t.c[c].is_distinct_from(v) for c, v in new.items())))
-        .values(**new, **_flag_changed())
+        .values(**new, **flag_changed(t))
     )
 
 
 def write_unchanged() -> sa.Executable:
     """GitHub answered 304: the stored list (for `etag_sha`) is also the job head's list."""
     t = pull_requests
-    new = {"files_changed_sha": _p("head_sha"), "files_status": _p("status")}
+    new = {"files_changed_sha": param("head_sha"), "files_status": param("status")}
     return (
         sa.update(t)
         .where(
             *_pr_of_job(),
-            t.c.files_changed_sha == _p("etag_sha"),
+            t.c.files_changed_sha == param("etag_sha"),
             sa.or_(*(t.c[c].is_distinct_from(v) for c, v in new.items())),
         )
-        .values(**new, **_flag_changed())
+        .values(**new, **flag_changed(t))
     )
 
 
@@ -141,8 +133,8 @@ def write_status() -> sa.Executable:
     t = pull_requests
     return (
         sa.update(t)
-        .where(*_pr_of_job(), t.c.files_status.is_distinct_from(_p("status")))
-        .values(files_status=_p("status"), **_flag_changed())
+        .where(*_pr_of_job(), t.c.files_status.is_distinct_from(param("status")))
+        .values(files_status=param("status"), **flag_changed(t))
     )
 
 
@@ -151,15 +143,15 @@ def settle_job() -> sa.Executable:
     j = files_jobs
     return (
         sa.update(j)
-        .where(j.c.id == _p("job_id"), j.c.lease_token == _p("lease_token"))
+        .where(j.c.id == param("job_id"), j.c.lease_token == param("lease_token"))
         .values(
             state=JobState.DONE.value,
             leased_until=sa.null(),
             lease_token=sa.null(),
-            result=_p("status"),
-            etag=_p("etag"),
-            etag_sha=_p("etag_sha_new"),
-            last_error=_p("error"),
+            result=param("status"),
+            etag=param("etag"),
+            etag_sha=param("etag_sha_new"),
+            last_error=param("error"),
             updated_at=sa.func.now(),
         )
         .returning(j.c.id)

@@ -14,7 +14,10 @@ from typing import Any
 from . import statements as s
 from .batch import Statement, compiled, params
 from .delivery import Delivery
+from .derived import pipeline_if_missing
+from .journal import journal
 from .rows import Changes
+from .sql import Builder, StaleTest
 from .values import Outcome
 
 
@@ -23,7 +26,7 @@ class Plan:
 
     def __init__(self, changes: Changes) -> None:
         self.statements: list[Statement] = []
-        self.stale: s.StaleTest | None = None
+        self.stale: StaleTest | None = None
         self.stale_params: dict[str, Any] = {}
         repo = changes.repository
         if repo is None:
@@ -32,7 +35,7 @@ class Plan:
         self.outcome = Outcome.APPLIED
         rid = {"p_repo_github_id": repo.github_id}
         self.statements.append(compiled(s.repository_upsert, repo.deleted).bind(params(repo, id=uuid.uuid4())))
-        refreshes: dict[tuple[str, tuple[tuple[str, Any], ...]], tuple[s.Builder, dict[str, Any]]] = {}
+        refreshes: dict[tuple[str, tuple[tuple[str, Any], ...]], tuple[Builder, dict[str, Any]]] = {}
         for row in changes.rows:
             kind = s.KINDS[type(row)]
             values = params(row, id=uuid.uuid4(), repo_github_id=repo.github_id)
@@ -47,7 +50,7 @@ class Plan:
         # the existing rows they touch, in a fixed order.
         for number, sha in sorted(set(changes.pr_heads)):
             self.statements.append(
-                compiled(s.pipeline_if_missing).bind(
+                compiled(pipeline_if_missing).bind(
                     {"p_id": str(uuid.uuid4()), "p_pr_number": number, "p_commit_sha": sha, **rid}
                 )
             )
@@ -64,7 +67,7 @@ class Plan:
         if store_payload or outcome is Outcome.FAILED:
             payload = delivery.payload_json if delivery.payload_json is not None else json.dumps(delivery.payload)
         stale = None if error is not None else self.stale
-        return compiled(s.journal, stale, replay).bind(
+        return compiled(journal, stale, replay).bind(
             {
                 **(self.stale_params if stale is not None else {}),
                 "p_outcome": outcome.value,

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from flowlens_ingest import migrate, statements
+from flowlens_ingest import derived, migrate
 from flowlens_ingest.batch import compiled, prepared_form
 from flowlens_ingest.config import Settings, normalize_database_url
 from flowlens_ingest.database import make_engine
@@ -134,7 +134,7 @@ def test_a_migration_under_a_running_worker_does_not_fail_its_deliveries(server_
 def test_statement_constants_are_written_into_the_sql_not_sent_per_delivery():
     # The status names, `version + 1` and the failing conclusions are part of the
     # prepared text; only the delivery's own values travel with each EXECUTE.
-    pipeline = compiled(statements.pipeline_upsert)
+    pipeline = compiled(derived.pipeline_upsert)
     assert pipeline.constants == {}
     assert "THEN 'failed'" in pipeline.sql and "ARRAY['failure','timed_out'" in pipeline.sql
     placeholders = set(re.findall(r"%\((\w+)\)s", pipeline.sql))

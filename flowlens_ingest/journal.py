@@ -1,0 +1,51 @@
+"""The journal statement, last in every delivery's batch: its RETURNING is the outcome."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import insert
+
+from .schema import webhook_deliveries
+from .sql import StaleTest, param
+from .values import Outcome
+
+_JOURNAL_COLUMNS = ("delivery_id", "hook_id", "event", "action", "repository_github_id", "payload_sha256", "error")
+
+
+def journal(stale: StaleTest | None, replay: bool) -> sa.Executable:
+    """Journal a delivery: `stale` decides stale vs applied; without it `p_outcome` does.
+
+    Only a failed entry may be taken again, so a redelivery of a settled one
+    returns no row (a duplicate); a replay re-applies anything.
+    """
+    t = webhook_deliveries
+    outcome: Any = (
+        param("outcome") if stale is None else sa.case((stale(), Outcome.STALE.value), else_=Outcome.APPLIED.value)
+    )
+    stmt = insert(t).values(
+        **{c: param(c) for c in _JOURNAL_COLUMNS},
+        payload=sa.cast(param("payload"), postgresql.JSONB),
+        outcome=outcome,
+        applied_at=sa.case((param("applied"), sa.func.now()), else_=sa.null()),
+    )
+    ex = stmt.excluded
+    outcome_set: dict[str, Any] = {"outcome": ex.outcome, "applied_at": ex.applied_at}
+    if replay:
+        # A replay settles a failed entry but keeps any other's first final outcome: a
+        # delivery applied back then reads `stale` today only because later ones followed.
+        settled = t.c.outcome != Outcome.FAILED.value
+        outcome_set = {c: sa.case((settled, t.c[c]), else_=v) for c, v in outcome_set.items()}
+    return stmt.on_conflict_do_update(
+        index_elements=[t.c.delivery_id, t.c.hook_id],
+        set_={
+            **outcome_set,
+            "error": ex.error,
+            "payload": sa.func.coalesce(ex.payload, t.c.payload),
+            "payload_sha256": ex.payload_sha256,
+            "attempts": t.c.attempts + 1,
+        },
+        where=None if replay else t.c.outcome == Outcome.FAILED.value,
+    ).returning(t.c.outcome)
