@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from .database import Database
 from .delivery import Delivery
 from .ingest import ingest
+from .plan import decode_body
 from .schema import webhook_deliveries as wd
 from .values import Outcome
 
@@ -61,19 +62,21 @@ def _keys(database: Database, *, failed_only: bool, since: datetime | None) -> l
 def _journaled(database: Database, delivery_id: str, hook_id: int) -> Delivery | None:
     """The delivery as the journal holds it, or None when it kept no payload."""
     row = database.first(
-        sa.select(wd.c.event, sa.cast(wd.c.payload, sa.Text).label("payload"), wd.c.payload_sha256).where(
-            wd.c.delivery_id == delivery_id, wd.c.hook_id == hook_id
-        )
+        sa.select(
+            wd.c.event, wd.c.body, wd.c.body_encoding, wd.c.content_type, wd.c.payload_sha256, wd.c.received_at
+        ).where(wd.c.delivery_id == delivery_id, wd.c.hook_id == hook_id)
     )
-    if row is None or row.payload is None or not row.payload.startswith("{"):
+    if row is None or row.body is None:
         return None
+    # Parsed from exactly the bytes GitHub sent, as the view parsed them.
     return Delivery.from_http(
         delivery_id=delivery_id,
         hook_id=hook_id,
         event=row.event,
-        content_type="application/json",
-        body=row.payload.encode(),
+        content_type=row.content_type,
+        body=decode_body(bytes(row.body), row.body_encoding),
         payload_sha256=row.payload_sha256,
+        received_at=row.received_at,
     )
 
 

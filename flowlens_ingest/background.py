@@ -10,7 +10,7 @@ from flask import Flask
 from .app import services
 from .database import DatabaseUnavailable
 from .delivery import Delivery
-from .ingest import describe, ingest
+from .ingest import JournalRefused, describe, ingest, journal_works
 from .spool import Drainer, Spooled, Unusable
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,21 @@ def spool_handler(app: Flask) -> Callable[[Spooled], None]:
                 event=item.event,
                 content_type=item.content_type,
                 body=item.body,
+                received_at=item.received_at,
             )
             outcome = ingest(
-                svc.database, delivery, store_payload=svc.settings.store_payloads, on_retry=svc.metrics.db_retry
+                svc.database,
+                delivery,
+                store_payload=svc.settings.store_payloads,
+                compress=svc.settings.journal_compression,
+                on_retry=svc.metrics.db_retry,
             ).outcome
+        except JournalRefused as exc:
+            # The database answers, yet will not keep even a failure record of this one:
+            # it must not hold up the deliveries behind it.
+            if journal_works(svc.database):
+                raise Unusable(str(exc)) from exc
+            raise
         except DatabaseUnavailable:
             raise
         except Exception as exc:  # a file no code version will ever apply must not block the rest
@@ -54,6 +65,7 @@ def start(app: Flask, interval: float = DRAIN_INTERVAL_S) -> Drainer | None:
     svc = services(app)
     if svc.spool is None:
         return None
+    svc.spool.on_set_aside = svc.metrics.spool_set_aside.inc
     drainer = Drainer(svc.spool, spool_handler(app), interval=interval, on_depth=svc.metrics.spool_depth.set)
     drainer.start()
     return drainer

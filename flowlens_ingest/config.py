@@ -69,6 +69,8 @@ class Settings:
     # gunicorn threads (4) plus the spool drainer: a request never waits for a connection.
     pool_size: int = 5
     store_payloads: bool = True
+    # gzip the journaled bytes (PostgreSQL's TOAST and YugabyteDB's SST compression already do).
+    journal_compression: bool = False
     # Server-side PREPARE/EXECUTE: off behind a pooler that shares server sessions.
     prepared_statements: bool = True
     spool_dir: Path | None = None
@@ -127,6 +129,7 @@ class Settings:
             statement_timeout_ms=_int(env, "FLOWLENS_STATEMENT_TIMEOUT_MS", 5000),
             pool_size=_int(env, "FLOWLENS_POOL_SIZE", 5),
             store_payloads=_bool(env, "FLOWLENS_JOURNAL_PAYLOADS", True),
+            journal_compression=_bool(env, "FLOWLENS_JOURNAL_COMPRESSION", False),
             prepared_statements=_bool(env, "FLOWLENS_PREPARED_STATEMENTS", True),
             spool_dir=Path(spool).expanduser().resolve() if spool else data_dir / "spool",
             spool_max_bytes=_int(env, "FLOWLENS_SPOOL_MAX_BYTES", 512 * MIB),

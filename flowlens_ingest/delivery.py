@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from . import parse
@@ -16,16 +17,19 @@ from . import parse
 
 @dataclass(frozen=True)
 class Delivery:
-    """A signed delivery: its headers, its parsed body and that body's JSON text."""
+    """A signed delivery: its headers, its exact bytes, and the object they parse to."""
 
     delivery_id: str
     hook_id: int
     event: str
+    # The parsed body, with text PostgreSQL cannot store already replaced (parse.py).
     payload: dict[str, Any]
     payload_sha256: str
-    # The JSON text as received (the `payload` field of a form body): the journal
-    # stores it as is, instead of serializing the parsed payload again.
-    payload_json: str | None = None
+    # The exact bytes the signature covered, and their content type: what the journal keeps.
+    body: bytes
+    content_type: str
+    # When it first arrived, if not now (a spooled delivery drained later).
+    received_at: datetime | None = None
 
     @classmethod
     def from_http(
@@ -37,20 +41,22 @@ class Delivery:
         content_type: str | None,
         body: bytes,
         payload_sha256: str | None = None,
+        received_at: datetime | None = None,
     ) -> Delivery:
         """Parse a delivery's raw body by its content type.
 
         Raises parse.UnsupportedMediaType or parse.BadPayload. `payload_sha256`
-        defaults to the body's digest; replay passes the one first journaled.
+        defaults to the body's digest.
         """
-        text = parse.json_text(content_type, body)
         return cls(
             delivery_id=delivery_id,
             hook_id=hook_id,
             event=event,
-            payload=parse.loads(text),
+            payload=parse.loads(parse.json_text(content_type, body)),
             payload_sha256=payload_sha256 or hashlib.sha256(body).hexdigest(),
-            payload_json=text,
+            body=body,
+            content_type=content_type or "",
+            received_at=received_at,
         )
 
     @property

@@ -16,8 +16,8 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from . import rules
 from .rows import PipelineRow
 from .schema import ci_checks, pipeline_runs, pr_reviews
-from .sql import NEVER, differs, fields, flag_changed, param, repo_id
-from .values import ApprovalStatus, BuildStatus, PrStatus, ReviewState
+from .sql import differs, fields, flag_changed, order_key, param, ranked, repo_id
+from .values import ApprovalStatus, BuildStatus, ReviewState
 
 # --- derived statuses (rules.py's aggregates, over the stored rows) ------------------------
 
@@ -65,7 +65,7 @@ def approval_status(repo_id: Any, pr_number: Any) -> sa.ScalarSelect[str]:
 
 # --- pipeline_runs ------------------------------------------------------------------------------
 
-_PIPELINE_PR = fields(PipelineRow, without=("pr_number",))
+_PIPELINE_PR = (*fields(PipelineRow, without=("pr_number",)), "digest")
 
 
 def pipeline_upsert() -> sa.Executable:
@@ -86,18 +86,25 @@ def pipeline_upsert() -> sa.Executable:
     # not correlate a subquery inside ON CONFLICT DO UPDATE, so it would add
     # `FROM pipeline_runs, pipeline_runs AS excluded` and read every PR's checks.
     new["status_build"] = build_status(repo_id(), param("commit_sha"))
-    # GitHub sends `opened` and e.g. `review_requested` or `labeled` with the same
-    # updated_at; `opened` is the first event of that second, so on a tie an
-    # `updated` already stored stays (else the last to arrive would decide).
-    tie_after_open = sa.and_(t.c.pr_updated_at == ex.pr_updated_at, t.c.status_pr == PrStatus.UPDATED.value)
-    new["status_pr"] = sa.case((tie_after_open, PrStatus.UPDATED.value), else_=ex.status_pr)
     return stmt.on_conflict_do_update(
         index_elements=[t.c.repo_id, t.c.pr_number],
         set_={**new, **flag_changed(t)},
         where=sa.and_(
-            sa.func.coalesce(ex.pr_updated_at, NEVER) >= sa.func.coalesce(t.c.pr_updated_at, NEVER),
+            _snapshot_order(ex) >= _snapshot_order(t.c),
             differs(t, new),
         ),
+    )
+
+
+def _snapshot_order(t: Any) -> sa.Tuple:
+    # GitHub sends `opened` and e.g. `labeled` within one second: `opened` is the first
+    # event of its second, so on a tie `updated` wins (rules.PR_STATUS_RANK), whatever
+    # arrives last.
+    return order_key(
+        t.pr_updated_at,
+        ranked(t.status_merge, rules.MERGE_RANK),
+        ranked(t.status_pr, rules.PR_STATUS_RANK),
+        digest=t.digest,
     )
 
 

@@ -11,15 +11,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import sqlalchemy as sa
+
 from .database import Database, DatabaseUnavailable, OnRetry
 from .delivery import Delivery
 from .mappers import map_delivery
 from .plan import FAILURE, Plan
+from .schema import webhook_deliveries
 from .values import Outcome
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 2000
+
+
+class JournalRefused(DatabaseUnavailable):
+    """The database answered, but would not journal this delivery even as failed."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ def ingest(
     delivery: Delivery,
     *,
     store_payload: bool = True,
+    compress: bool = False,
     replay: bool = False,
     on_retry: OnRetry | None = None,
 ) -> Result:
@@ -61,30 +69,44 @@ def ingest(
     try:
         plan = Plan(map_delivery(delivery.event, delivery.payload))
     except Exception as exc:  # any shape we did not foresee: journal it, keep serving
-        return record_failure(database, delivery, describe(exc), on_retry=on_retry)
-    batch = [*plan.statements, plan.journal(delivery, store_payload=store_payload, replay=replay)]
+        return record_failure(database, delivery, describe(exc), compress=compress, on_retry=on_retry)
+    journal = plan.journal(delivery, store_payload=store_payload, replay=replay, compress=compress)
+    batch = [*plan.statements, journal]
     try:
         row = database.run(batch, on_retry=on_retry)
     except DatabaseUnavailable:
         raise
     except Exception as exc:
         log.warning("delivery %s failed to apply: %s", delivery.delivery_id, describe(exc))
-        return record_failure(database, delivery, describe(exc), on_retry=on_retry)
+        return record_failure(database, delivery, describe(exc), compress=compress, on_retry=on_retry)
     return Result(Outcome.DUPLICATE if row is None else Outcome(row[0]))
 
 
-def record_failure(database: Database, delivery: Delivery, error: str, *, on_retry: OnRetry | None = None) -> Result:
+def record_failure(
+    database: Database, delivery: Delivery, error: str, *, compress: bool = False, on_retry: OnRetry | None = None
+) -> Result:
     """Journal a delivery that could not be applied, with its payload, for a later replay.
 
     An entry already settled keeps its outcome (the answer is then `duplicate`). If
     even the journal refuses the delivery (a database without our schema, say),
-    raise DatabaseUnavailable: the caller spools the delivery rather than lose it.
+    raise JournalRefused, a DatabaseUnavailable: the view spools the delivery rather
+    than lose it, and the drainer asks `journal_works` whether the fault is the
+    database's or this delivery's.
     """
     try:
-        row = database.run([FAILURE.journal(delivery, error=error)], on_retry=on_retry)
+        row = database.run([FAILURE.journal(delivery, error=error, compress=compress)], on_retry=on_retry)
     except DatabaseUnavailable:
         raise
     except Exception as exc:
         log.error("delivery %s cannot be journaled: %s", delivery.delivery_id, describe(exc))  # noqa: TRY400 (no payload in the log)
-        raise DatabaseUnavailable("journal") from exc
+        raise JournalRefused(describe(exc)) from exc
     return Result(Outcome.DUPLICATE if row is None else Outcome.FAILED, error)
+
+
+def journal_works(database: Database) -> bool:
+    """The journal table answers a query: a refusal is then the delivery's fault, not the database's."""
+    try:
+        database.read(sa.select(webhook_deliveries.c.delivery_id).limit(0))
+    except Exception:  # unreachable, unmigrated, no permission: not this delivery's fault
+        return False
+    return True

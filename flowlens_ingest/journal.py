@@ -5,14 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert
 
 from .schema import webhook_deliveries
 from .sql import StaleTest, param
 from .values import Outcome
 
-_JOURNAL_COLUMNS = ("delivery_id", "hook_id", "event", "action", "repository_github_id", "payload_sha256", "error")
+_JOURNAL_COLUMNS = (
+    "delivery_id",
+    "hook_id",
+    "event",
+    "action",
+    "repository_github_id",
+    "payload_sha256",
+    "error",
+    "body",
+    "body_encoding",
+    "content_type",
+)
 
 
 def journal(stale: StaleTest | None, replay: bool) -> sa.Executable:
@@ -27,7 +37,8 @@ def journal(stale: StaleTest | None, replay: bool) -> sa.Executable:
     )
     stmt = insert(t).values(
         **{c: param(c) for c in _JOURNAL_COLUMNS},
-        payload=sa.cast(param("payload"), postgresql.JSONB),
+        # A spooled delivery keeps the time it first arrived.
+        received_at=sa.func.coalesce(sa.cast(param("received_at"), sa.TIMESTAMP(timezone=True)), sa.func.now()),
         outcome=outcome,
         applied_at=sa.case((param("applied"), sa.func.now()), else_=sa.null()),
     )
@@ -43,7 +54,8 @@ def journal(stale: StaleTest | None, replay: bool) -> sa.Executable:
         set_={
             **outcome_set,
             "error": ex.error,
-            "payload": sa.func.coalesce(ex.payload, t.c.payload),
+            # A body once kept stays (a replay sends none back).
+            **{c: sa.case((ex.body.is_(None), t.c[c]), else_=ex[c]) for c in ("body", "body_encoding", "content_type")},
             "payload_sha256": ex.payload_sha256,
             "attempts": t.c.attempts + 1,
         },

@@ -244,7 +244,20 @@ def map_check_suite(payload: dict[str, Any]) -> Changes:
     suite = obj(payload.get("check_suite"), "check_suite")
     app = opt_obj(suite.get("app"), "check_suite.app")
     name = app.get("slug") or app.get("name") or "check_suite"
-    check = _check(CheckSource.CHECK_SUITE, name, suite, "check_suite", started="created_at", completed=None, url="url")
+    # GitHub's schema allows a null status (a suite requested and not yet queued).
+    status = text(suite.get("status"), "check_suite.status") or (
+        rules.COMPLETED if suite.get("conclusion") else "queued"
+    )
+    check = _check(
+        CheckSource.CHECK_SUITE,
+        name,
+        suite,
+        "check_suite",
+        status=status,
+        started="created_at",
+        completed=None,
+        url="url",
+    )
     heads = _pr_heads(suite.get("pull_requests"), "check_suite.pull_requests", repo.github_id, check.head_sha)
     return Changes(repository=repo, rows=(check,), pr_heads=heads)
 

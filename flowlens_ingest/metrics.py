@@ -60,6 +60,11 @@ class Metrics:
             ["outcome"],
             registry=reg,
         )
+        self.spool_set_aside = Counter(
+            "flowlens_spool_set_aside",
+            "Spooled deliveries that could never be applied nor journaled, moved aside (*.unusable)",
+            registry=reg,
+        )
         self.round_trips = Counter(
             "flowlens_db_round_trips",
             "SQL round trips to the database (statements, BEGIN, COMMIT, ROLLBACK)",

@@ -1,12 +1,19 @@
-"""Raw request body to a JSON object, refusing what PostgreSQL could not store faithfully.
+"""Raw request body to a JSON object that PostgreSQL can store.
 
 GitHub sends `application/json`, or `application/x-www-form-urlencoded` with the
 JSON in a `payload` field, depending on the hook's content type setting.
+
+Genuine deliveries hold what PostgreSQL's `text` and `jsonb` refuse: GitHub sends
+`\u0000` in diff hunks and check output. Such a delivery is not refused: in the
+parsed object, U+0000 and unpaired surrogates become U+FFFD and numbers no column
+could hold become None (NULL in the mapped columns). The journal keeps the exact
+bytes. Only what is not a JSON object, or is absurdly deep, is refused.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -35,46 +42,45 @@ def _reject_constant(name: str) -> None:
     raise BadPayload(f"non-standard JSON constant {name}")
 
 
-def _parse_float(text: str) -> float:
+def _parse_float(text: str) -> float | None:
     value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise BadPayload("number out of range")
-    return value
+    # Beyond a double (1e999): no column can hold it.
+    return None if value in (float("inf"), float("-inf")) else value
 
 
-def _parse_int(text: str) -> int:
-    # Python would happily build a 4000-digit integer; PostgreSQL columns would not.
+def _parse_int(text: str) -> int | None:
+    # Python would happily build a 4000-digit integer; no PostgreSQL column would hold it.
     if len(text) > 20:
-        raise BadPayload("number out of range")
+        return None
     value = int(text)
-    if not -MAX_INT - 1 <= value <= MAX_INT:
-        raise BadPayload("number out of range")
-    return value
+    return value if -MAX_INT - 1 <= value <= MAX_INT else None
 
 
-def _check_strings(value: Any) -> None:
-    """Reject strings (values or keys) PostgreSQL cannot hold."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, child in item.items():
-                _check_text(key)
-                stack.append(child)
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, str):
-            _check_text(item)
+REPLACEMENT = "\ufffd"
+# The JSON escapes of U+0000 and of surrogates (U+D800-U+DFFF).
+_UNSTORABLE_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 
 
-def _check_text(text: str) -> None:
-    # PostgreSQL text and jsonb cannot store U+0000, and lone surrogates are not UTF-8.
+def _storable(text: str) -> str:
+    """`text` with U+0000 and unpaired surrogates replaced by U+FFFD."""
     if "\x00" in text:
-        raise BadPayload("string contains U+0000, which PostgreSQL cannot store")
+        text = text.replace("\x00", REPLACEMENT)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise BadPayload("string contains an unpaired surrogate") from None
+        text = "".join(REPLACEMENT if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
+
+
+def _clean(value: Any) -> Any:
+    """`value` with every string (keys too) made storable; nesting is bounded by MAX_DEPTH."""
+    if isinstance(value, str):
+        return _storable(value)
+    if isinstance(value, dict):
+        return {_storable(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
 
 
 def depth(value: Any) -> int:
@@ -108,9 +114,10 @@ def loads(text: str) -> dict[str, Any]:
         raise BadPayload(f"nested deeper than {MAX_DEPTH} levels")
     # Only a \u escape can put U+0000 or a lone surrogate in a string: raw control
     # characters are invalid JSON, and the text itself came from strict UTF-8. So
-    # the walk over every string runs only for the rare body that has escapes.
-    if "\\u" in text:
-        _check_strings(value)
+    # the walk over every string runs only for the bodies that have such escapes.
+    if _UNSTORABLE_ESCAPE.search(text):
+        cleaned: dict[str, Any] = _clean(value)
+        return cleaned
     return value
 
 

@@ -7,7 +7,7 @@ distinct refresh once, then the journal, whose RETURNING is the outcome.
 
 from __future__ import annotations
 
-import json
+import gzip
 import uuid
 from typing import Any
 
@@ -16,9 +16,9 @@ from .batch import Statement, compiled, params
 from .delivery import Delivery
 from .derived import pipeline_if_missing
 from .journal import journal
-from .rows import Changes
+from .rows import Changes, digest
 from .sql import Builder, StaleTest
-from .values import Outcome
+from .values import BodyEncoding, Outcome
 
 
 class Plan:
@@ -34,11 +34,13 @@ class Plan:
             return
         self.outcome = Outcome.APPLIED
         rid = {"p_repo_github_id": repo.github_id}
-        self.statements.append(compiled(s.repository_upsert, repo.deleted).bind(params(repo, id=uuid.uuid4())))
+        self.statements.append(
+            compiled(s.repository_upsert, repo.deleted).bind(params(repo, id=uuid.uuid4(), digest=digest(repo)))
+        )
         refreshes: dict[tuple[str, tuple[tuple[str, Any], ...]], tuple[Builder, dict[str, Any]]] = {}
         for row in changes.rows:
             kind = s.KINDS[type(row)]
-            values = params(row, id=uuid.uuid4(), repo_github_id=repo.github_id)
+            values = params(row, id=uuid.uuid4(), repo_github_id=repo.github_id, digest=digest(row))
             self.statements.append(compiled(kind.upsert, *kind.variant(row)).bind(values))
             if kind.stale is not None and self.stale is None:
                 # The first row with a stale test speaks for the delivery.
@@ -59,13 +61,19 @@ class Plan:
         self.stale_params = {**self.stale_params, **rid}
 
     def journal(
-        self, delivery: Delivery, *, error: str | None = None, store_payload: bool = True, replay: bool = False
+        self,
+        delivery: Delivery,
+        *,
+        error: str | None = None,
+        store_payload: bool = True,
+        replay: bool = False,
+        compress: bool = False,
     ) -> Statement:
         """The journal upsert of the delivery; its RETURNING gives the final outcome."""
         outcome = Outcome.FAILED if error is not None else self.outcome
-        payload = None
+        body, encoding = None, BodyEncoding.IDENTITY
         if store_payload or outcome is Outcome.FAILED:
-            payload = delivery.payload_json if delivery.payload_json is not None else json.dumps(delivery.payload)
+            body, encoding = encode_body(delivery.body, compress)
         stale = None if error is not None else self.stale
         return compiled(journal, stale, replay).bind(
             {
@@ -77,7 +85,10 @@ class Plan:
                 "p_action": delivery.action,
                 "p_repository_github_id": delivery.repository_github_id,
                 "p_payload_sha256": delivery.payload_sha256,
-                "p_payload": payload,
+                "p_body": body,
+                "p_body_encoding": encoding.value,
+                "p_content_type": delivery.content_type,
+                "p_received_at": delivery.received_at,
                 "p_error": error,
                 "p_applied": outcome is not Outcome.FAILED,
             }
@@ -85,3 +96,15 @@ class Plan:
 
 
 FAILURE = Plan(Changes())
+
+
+def encode_body(body: bytes, compress: bool) -> tuple[bytes, BodyEncoding]:
+    """The journal's form of a body: as is, or gzip-compressed (FLOWLENS_JOURNAL_COMPRESSION)."""
+    if compress:
+        return gzip.compress(body, compresslevel=1, mtime=0), BodyEncoding.GZIP
+    return body, BodyEncoding.IDENTITY
+
+
+def decode_body(stored: bytes, encoding: str) -> bytes:
+    """The exact bytes a journal entry holds."""
+    return gzip.decompress(stored) if encoding == BodyEncoding.GZIP else stored

@@ -61,11 +61,10 @@ def integer(value: Any, what: str) -> int | None:
 
 
 def count(value: Any, what: str) -> int | None:
-    """A non-negative integer that fits an INTEGER column, or None."""
+    """A non-negative integer that fits an INTEGER column; None when absent or out of range."""
     number = integer(value, what)
-    if number is not None and not 0 <= number < 2**31:
-        raise MappingError(f"{what} is out of range")
-    return number
+    # A count no INTEGER column holds says nothing worth refusing the delivery for.
+    return number if number is not None and 0 <= number < 2**31 else None
 
 
 def ident(value: Any, what: str) -> int:
@@ -93,7 +92,7 @@ def timestamp(value: Any, what: str) -> datetime | None:
         try:
             return datetime.fromtimestamp(value, tz=UTC)
         except (OverflowError, OSError, ValueError):
-            raise MappingError(f"{what} is out of range") from None
+            return None  # no timestamp column holds it: NULL, like any unstorable number
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -7,6 +7,9 @@ here and one declaration there.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -133,6 +136,13 @@ class FilesJobRow:
 
 Row = PullRequestRow | PipelineRow | CheckRow | ReviewRow | FilesJobRow
 R = TypeVar("R", PullRequestRow, PipelineRow, CheckRow, ReviewRow, FilesJobRow)
+
+
+def digest(row: Any) -> int:
+    """A 64-bit hash of a row's content: the last key of the order snapshots merge by."""
+    values = [getattr(row, f.name) for f in dataclasses.fields(row)]
+    text = json.dumps(values, sort_keys=True, default=str, ensure_ascii=False, separators=(",", ":"))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
 
 
 @dataclass(frozen=True)

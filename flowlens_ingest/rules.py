@@ -22,6 +22,11 @@ COMPLETED = "completed"
 
 # Lifecycle order of a check: where two states share a timestamp, the later stage wins.
 CHECK_RANK = {"requested": 0, "queued": 0, "waiting": 0, "pending": 0, "in_progress": 1, COMPLETED: 2}
+# Lifecycle order of a pull request snapshot where timestamps tie.
+STATE_RANK = {PrState.OPEN: 0, PrState.CLOSED: 1, PrState.MERGED: 2}
+MERGE_RANK = {MergeStatus.PENDING: 0, MergeStatus.CLOSED: 1, MergeStatus.MERGED: 2}
+# `opened` is the first event of its second: an `updated` of the same second came after it.
+PR_STATUS_RANK = {PrStatus.OPENED: 0, PrStatus.UPDATED: 1}
 # A dismissal outranks the review it dismisses (they share the review's submitted_at).
 REVIEW_RANK = {ReviewState.APPROVED: 0, ReviewState.CHANGES_REQUESTED: 0, ReviewState.DISMISSED: 1}
 

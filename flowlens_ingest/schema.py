@@ -11,6 +11,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from .values import (
     JOURNALED_OUTCOMES,
     ApprovalStatus,
+    BodyEncoding,
     BuildStatus,
     CheckSource,
     FilesStatus,
@@ -64,6 +65,11 @@ def _processing() -> list[sa.Column[Any]]:
     ]
 
 
+def _digest() -> sa.Column[Any]:
+    """A hash of the stored snapshot's content: the last key of the total order that merges snapshots."""
+    return sa.Column("digest", sa.BigInteger)
+
+
 def _repo_fk() -> sa.Column[Any]:
     return sa.Column(
         "repo_id",
@@ -96,6 +102,7 @@ repositories = sa.Table(
     # GitHub's repository.updated_at: the stale guard for the descriptive columns.
     sa.Column("github_updated_at", _Ts),
     sa.Column("deleted_at", _Ts),
+    _digest(),
     *_row_times(),
 )
 
@@ -132,6 +139,7 @@ pull_requests = sa.Table(
     sa.Column("closed_at", _Ts),
     sa.Column("github_created_at", _Ts),
     sa.Column("github_updated_at", _Ts),
+    _digest(),
     *_processing(),
     *_row_times(),
     sa.UniqueConstraint("repo_id", "pr_number"),
@@ -157,6 +165,7 @@ pipeline_runs = sa.Table(
     # GitHub's pull_request.updated_at of the snapshot the PR columns came from
     # (NULL while the row is known only from a check event): the stale guard.
     sa.Column("pr_updated_at", _Ts),
+    _digest(),
     *_processing(),
     *_row_times(),
     sa.UniqueConstraint("repo_id", "pr_number"),
@@ -187,6 +196,7 @@ ci_checks = sa.Table(
     # Order key of the stored state: (event_at, rank); an older key never overwrites.
     sa.Column("event_at", _Ts),
     sa.Column("rank", sa.SmallInteger, nullable=False),
+    _digest(),
     *_row_times(),
     # One row per check of a commit: a re-run replaces the earlier row of the same check.
     sa.UniqueConstraint("repo_id", "head_sha", "source", "name"),
@@ -208,6 +218,7 @@ pr_reviews = sa.Table(
     sa.Column("html_url", sa.Text),
     sa.Column("github_submitted_at", _Ts),
     sa.Column("rank", sa.SmallInteger, nullable=False),
+    _digest(),
     *_row_times(),
     sa.UniqueConstraint("repo_id", "pr_number", "reviewer"),
     one_of("state", ReviewState),
@@ -242,13 +253,18 @@ webhook_deliveries = sa.Table(
     sa.Column("action", sa.Text),
     sa.Column("repository_github_id", sa.BigInteger),
     sa.Column("received_at", _Ts, nullable=False, server_default=sa.func.now()),
-    sa.Column("payload", JSONB),
+    # The exact bytes the signature covered (NULL when payloads are not kept and the
+    # delivery applied), how they are stored, and their content type.
+    sa.Column("body", sa.LargeBinary),
+    sa.Column("body_encoding", sa.Text, nullable=False, server_default=BodyEncoding.IDENTITY.value),
+    sa.Column("content_type", sa.Text),
     sa.Column("payload_sha256", sa.Text, nullable=False),
     sa.Column("outcome", sa.Text, nullable=False),
     sa.Column("error", sa.Text),
     sa.Column("applied_at", _Ts),
     sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("1")),
     one_of("outcome", JOURNALED_OUTCOMES),
+    one_of("body_encoding", BodyEncoding),
     sa.Index(None, "received_at"),
     sa.Index(None, "outcome", "received_at"),
 )

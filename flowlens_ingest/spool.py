@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class Spooled:
     event: str
     content_type: str
     body: bytes
+    # When the delivery arrived (the journal's received_at once it is applied).
+    received_at: datetime | None = None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -64,9 +67,11 @@ def _fsync_dir(directory: Path) -> None:
 class Spool:
     """A folder of spooled deliveries, bounded in bytes."""
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, on_set_aside: Callable[[], None] | None = None) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        # Called once per delivery set aside (a metric counts them).
+        self.on_set_aside = on_set_aside
         self._lock = threading.Lock()
 
     def _files(self) -> list[Path]:
@@ -104,16 +109,24 @@ class Spool:
 
     def put(self, delivery_id: str, hook_id: int, event: str, content_type: str, body: bytes) -> bool:
         """Store a delivery durably; False when the spool is full or cannot be written."""
+        arrived = time.time_ns()
         header = json.dumps(
-            {"delivery_id": delivery_id, "hook_id": hook_id, "event": event, "content_type": content_type}
+            {
+                "delivery_id": delivery_id,
+                "hook_id": hook_id,
+                "event": event,
+                "content_type": content_type,
+                "received_ns": arrived,
+            }
         ).encode()
         data = header + b"\n" + body
+        tmp: Path | None = None
         try:
             with self._lock, self._flock(PUT_LOCK, wait=True):
                 if self.used_bytes() + len(data) > self.max_bytes:
                     log.error("spool full", extra={"spool_bytes": self.max_bytes})
                     return False
-                name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                name = f"{arrived:020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 tmp = self.directory / f".{name}.tmp"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
@@ -124,9 +137,14 @@ class Spool:
                 finally:
                     os.close(fd)
                 os.rename(tmp, self.directory / f"{name}{SUFFIX}")
+                tmp = None
                 _fsync_dir(self.directory)
         except OSError:
             log.exception("spool write failed")
+            # A full disk leaves half a file: it was never promised to anyone.
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             return False
         return True
 
@@ -137,6 +155,7 @@ class Spool:
         header, _newline, body = data.partition(b"\n")
         try:
             meta = json.loads(header)
+            arrived = meta.get("received_ns")
             return Spooled(
                 path=path,
                 delivery_id=str(meta["delivery_id"]),
@@ -144,6 +163,7 @@ class Spool:
                 event=str(meta["event"]),
                 content_type=str(meta["content_type"]),
                 body=body,
+                received_at=None if arrived is None else datetime.fromtimestamp(int(arrived) / 1e9, tz=UTC),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise Unusable(f"not a spooled delivery: {type(exc).__name__}") from None
@@ -151,15 +171,18 @@ class Spool:
     def set_aside(self, path: Path, reason: str) -> None:
         """Rename an unusable file out of the drain's way; it stays for an operator to see."""
         log.error("spooled delivery set aside", extra={"file": path.name, "reason": reason})
+        if self.on_set_aside is not None:
+            self.on_set_aside()
         with contextlib.suppress(FileNotFoundError):
             os.rename(path, path.with_name(path.name + UNUSABLE_SUFFIX))
             _fsync_dir(self.directory)
 
-    def _remove_stale_tmp(self) -> None:
+    def remove_partial_files(self, older_than: float = STALE_TMP_S) -> None:
+        """Delete the temporary files of writes that never finished (0: all, when no writer runs)."""
         now = time.time()
         for path in self.directory.glob(".*.tmp"):
             with contextlib.suppress(FileNotFoundError):
-                if now - path.stat().st_mtime > STALE_TMP_S:
+                if now - path.stat().st_mtime >= older_than:
                     path.unlink()
 
     def drain(self, handle: Callable[[Spooled], None]) -> int:
@@ -174,7 +197,7 @@ class Spool:
         with self._flock(DRAIN_LOCK, wait=False) as mine:
             if not mine:
                 return 0
-            self._remove_stale_tmp()
+            self.remove_partial_files()
             for path in self._files():
                 try:
                     item = self.read(path)

@@ -7,7 +7,7 @@ batch.py compiles it once per process and binds each delivery's values.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +21,25 @@ StaleTest = Callable[[], sa.ColumnElement[bool]]
 
 # Older than any GitHub timestamp: what a missing one compares as.
 NEVER = sa.literal(datetime.min.replace(tzinfo=UTC).isoformat()).cast(sa.TIMESTAMP(timezone=True))
+
+
+# Below any digest: what a row stored before digests existed compares as.
+NO_DIGEST = sa.literal(-(2**63), sa.BigInteger)
+
+
+def ranked(value: Any, ranks: Mapping[Any, int]) -> sa.Case[Any]:
+    """A lifecycle rank of a status column or parameter, in SQL (rules.py's tables)."""
+    return sa.case(*((value == name, rank) for name, rank in ranks.items()), else_=-1)
+
+
+def order_key(updated_at: Any, *ranks: Any, digest: Any) -> sa.Tuple:
+    """The total order snapshots merge by: GitHub's time, then lifecycle ranks, then the content digest.
+
+    Timestamps tie (GitHub's are to the second), so the winner of two snapshots is
+    decided by the ranks and finally by the digest of their content: never by which
+    arrived last. Re-applying the stored snapshot compares equal and changes nothing.
+    """
+    return sa.tuple_(sa.func.coalesce(updated_at, NEVER), *ranks, sa.func.coalesce(digest, NO_DIGEST))
 
 
 def param(name: str) -> sa.BindParameter[Any]:

@@ -34,10 +34,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
+from . import rules
 from .derived import pipeline_upsert, refresh_by_head, refresh_by_number
 from .rows import CheckRow, FilesJobRow, PipelineRow, PullRequestRow, ReviewRow, Row
 from .schema import ci_checks, files_jobs, pr_reviews, pull_requests, repositories
-from .sql import NEVER, Builder, StaleTest, differs, fields, flag_changed, param, repo_id
+from .sql import NEVER, Builder, StaleTest, differs, fields, flag_changed, order_key, param, ranked, repo_id
 from .values import FilesStatus, JobState
 
 # --- repositories: the first statement of every delivery -------------------------------------
@@ -63,17 +64,15 @@ _REPO_COLUMNS = (*_REPO_GUARDED, "github_id", "last_activity", "github_updated_a
 def repository_upsert(deleted: bool) -> sa.Executable:
     """Upsert the delivery's repository; always writes it (the per-repository lock)."""
     t = repositories
-    values: dict[str, Any] = {c: param(c) for c in _REPO_COLUMNS}
+    values: dict[str, Any] = {c: param(c) for c in (*_REPO_COLUMNS, "digest")}
     if deleted:
         values["deleted_at"] = sa.func.now()
     stmt = insert(t).values(id=param("id"), **values)
     ex = stmt.excluded
-    # Descriptive columns only move forward in GitHub's repository.updated_at.
-    newer = sa.or_(
-        t.c.github_updated_at.is_(None),
-        sa.func.coalesce(ex.github_updated_at, NEVER) >= t.c.github_updated_at,
-    )
-    set_: dict[str, Any] = {c: sa.case((newer, ex[c]), else_=t.c[c]) for c in _REPO_GUARDED}
+    # Descriptive columns come from the greatest snapshot: GitHub's repository.updated_at,
+    # then the content digest (sql.order_key).
+    newer = order_key(ex.github_updated_at, digest=ex.digest) >= order_key(t.c.github_updated_at, digest=t.c.digest)
+    set_: dict[str, Any] = {c: sa.case((newer, ex[c]), else_=t.c[c]) for c in (*_REPO_GUARDED, "digest")}
     set_["github_updated_at"] = sa.func.greatest(t.c.github_updated_at, ex.github_updated_at)
     set_["last_activity"] = sa.func.greatest(t.c.last_activity, ex.last_activity)
     if deleted:
@@ -100,11 +99,11 @@ def pull_request_upsert(with_files: bool) -> sa.Executable:
     """
     t = pull_requests
     columns = _PR_DATA if with_files else tuple(c for c in _PR_DATA if c not in _PR_FILES)
-    values: dict[str, Any] = {c: param(c) for c in columns}
+    values: dict[str, Any] = {c: param(c) for c in (*columns, "digest")}
     values["files_status"] = sa.func.coalesce(param("files_status"), FilesStatus.PENDING.value)
     stmt = insert(t).values(id=param("id"), repo_id=repo_id(), pr_number=param("pr_number"), **values)
     ex = stmt.excluded
-    new: dict[str, Any] = {c: ex[c] for c in columns}
+    new: dict[str, Any] = {c: ex[c] for c in (*columns, "digest")}
     if with_files:
         # A stored list is never replaced by an empty one.
         keep = sa.and_(sa.func.jsonb_array_length(ex.files_changed) == 0, t.c.files_changed.is_not(None))
@@ -117,31 +116,33 @@ def pull_request_upsert(with_files: bool) -> sa.Executable:
     return stmt.on_conflict_do_update(
         index_elements=[t.c.repo_id, t.c.pr_number],
         set_={**new, **flag_changed(t)},
-        where=sa.and_(
-            sa.func.coalesce(ex.github_updated_at, NEVER) >= sa.func.coalesce(t.c.github_updated_at, NEVER),
-            differs(t, new),
-        ),
+        where=sa.and_(_pr_order(ex) >= _pr_order(t.c), differs(t, new)),
     )
 
 
+def _pr_order(t: Any) -> sa.Tuple:
+    return order_key(t.github_updated_at, ranked(t.state, rules.STATE_RANK), digest=t.digest)
+
+
 def pull_request_stale() -> sa.ColumnElement[bool]:
-    """The stored snapshot of the PR is newer than the delivery's."""
+    """The stored snapshot of the PR is greater than the delivery's."""
     t = pull_requests
+    incoming = order_key(param("github_updated_at"), ranked(param("state"), rules.STATE_RANK), digest=param("digest"))
     return sa.exists().where(
         t.c.repo_id == repo_id(),
         t.c.pr_number == param("pr_number"),
-        t.c.github_updated_at > param("github_updated_at"),
+        _pr_order(t.c) > incoming,
     )
 
 
 # --- ci_checks ----------------------------------------------------------------------------------
 
 _CHECK_KEY = ("head_sha", "source", "name")
-_CHECK_DATA = fields(CheckRow, without=_CHECK_KEY)
+_CHECK_DATA = (*fields(CheckRow, without=_CHECK_KEY), "digest")
 
 
 def _check_order(t: Any) -> sa.Tuple:
-    return sa.tuple_(sa.func.coalesce(t.event_at, NEVER), t.rank)
+    return order_key(t.event_at, t.rank, digest=t.digest)
 
 
 def check_upsert() -> sa.Executable:
@@ -160,7 +161,7 @@ def check_upsert() -> sa.Executable:
 def check_stale() -> sa.ColumnElement[bool]:
     """The stored state of the check is newer than the delivery's."""
     t = ci_checks
-    incoming = sa.tuple_(sa.func.coalesce(param("event_at"), NEVER), param("rank"))
+    incoming = order_key(param("event_at"), param("rank"), digest=param("digest"))
     return sa.exists().where(
         t.c.repo_id == repo_id(),
         *(t.c[c] == param(c) for c in _CHECK_KEY),
@@ -170,11 +171,11 @@ def check_stale() -> sa.ColumnElement[bool]:
 
 # --- pr_reviews ---------------------------------------------------------------------------------
 
-_REVIEW_DATA = fields(ReviewRow, without=("pr_number", "reviewer"))
+_REVIEW_DATA = (*fields(ReviewRow, without=("pr_number", "reviewer")), "digest")
 
 
 def _review_order(t: Any) -> sa.Tuple:
-    return sa.tuple_(sa.func.coalesce(t.github_submitted_at, NEVER), t.review_id, t.rank)
+    return order_key(t.github_submitted_at, t.review_id, t.rank, digest=t.digest)
 
 
 def review_upsert() -> sa.Executable:
@@ -198,7 +199,7 @@ def review_upsert() -> sa.Executable:
 def review_stale() -> sa.ColumnElement[bool]:
     """The reviewer's stored verdict is newer than the delivery's."""
     t = pr_reviews
-    incoming = sa.tuple_(sa.func.coalesce(param("github_submitted_at"), NEVER), param("review_id"), param("rank"))
+    incoming = order_key(param("github_submitted_at"), param("review_id"), param("rank"), digest=param("digest"))
     return sa.exists().where(
         t.c.repo_id == repo_id(),
         t.c.pr_number == param("pr_number"),
@@ -220,27 +221,37 @@ def files_job_upsert() -> sa.Executable:
     )
     ex = stmt.excluded
     incoming, stored = sa.func.coalesce(ex.pr_updated_at, NEVER), sa.func.coalesce(t.c.pr_updated_at, NEVER)
-    # A burst for one head (opened, labeled, review_requested) is one job; a later head
-    # takes the job over; a refetch of the same head needs a strictly newer delivery, so
-    # replaying one does not fetch again.
+    # A burst for one head (opened, labeled, review_requested) is one job. A later head
+    # takes the job over (of two heads of the same second, the greater sha, whatever
+    # arrives last); a refetch of the same head needs a delivery newer than any seen,
+    # so replaying one does not fetch again. The time and the installation merge as
+    # maxima, so the row does not depend on the order deliveries arrive in.
+    head_moves = sa.and_(
+        t.c.head_sha != ex.head_sha,
+        sa.tuple_(incoming, ex.head_sha.collate("C")) > sa.tuple_(stored, t.c.head_sha.collate("C")),
+    )
+    reset = sa.or_(head_moves, sa.and_(param("refetch"), incoming > stored))
+    fresh: dict[str, Any] = {
+        "state": sa.literal(JobState.PENDING.value),
+        "attempts": sa.literal(0),
+        "run_after": sa.func.now(),
+        "leased_until": sa.null(),
+        "lease_token": sa.null(),
+        "last_error": sa.null(),
+    }
+    merged = {
+        "installation_id": sa.func.greatest(t.c.installation_id, ex.installation_id),
+        "pr_updated_at": sa.func.greatest(t.c.pr_updated_at, ex.pr_updated_at),
+    }
     return stmt.on_conflict_do_update(
         index_elements=[t.c.repo_id, t.c.pr_number],
         set_={
-            "head_sha": ex.head_sha,
-            "installation_id": sa.func.coalesce(ex.installation_id, t.c.installation_id),
-            "pr_updated_at": ex.pr_updated_at,
-            "state": JobState.PENDING.value,
-            "attempts": 0,
-            "run_after": sa.func.now(),
-            "leased_until": sa.null(),
-            "lease_token": sa.null(),
-            "last_error": sa.null(),
+            "head_sha": sa.case((head_moves, ex.head_sha), else_=t.c.head_sha),
+            **merged,
+            **{c: sa.case((reset, v), else_=t.c[c]) for c, v in fresh.items()},
             "updated_at": sa.func.now(),
         },
-        where=sa.or_(
-            sa.and_(incoming >= stored, t.c.head_sha != ex.head_sha),
-            sa.and_(param("refetch"), incoming > stored),
-        ),
+        where=sa.or_(reset, differs(t, merged)),
     )
 
 

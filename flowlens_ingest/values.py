@@ -110,3 +110,10 @@ class JobState(StrEnum):
 
     PENDING = "pending"
     DONE = "done"
+
+
+class BodyEncoding(StrEnum):
+    """webhook_deliveries.body_encoding: how the journaled bytes are stored."""
+
+    IDENTITY = "identity"
+    GZIP = "gzip"

@@ -109,7 +109,11 @@ def receive() -> tuple[Response, int] | Response:
         return error(400, str(exc))
     try:
         outcome = ingest(
-            svc.database, delivery, store_payload=svc.settings.store_payloads, on_retry=svc.metrics.db_retry
+            svc.database,
+            delivery,
+            store_payload=svc.settings.store_payloads,
+            compress=svc.settings.journal_compression,
+            on_retry=svc.metrics.db_retry,
         ).outcome
     except DatabaseUnavailable:
         spool = svc.spool

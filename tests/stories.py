@@ -283,14 +283,12 @@ def review(
 
 def delivery(event: str, payload: dict[str, Any], delivery_id: str | None = None) -> Delivery:
     """A verified delivery of `payload`, as the webhook view builds it."""
-    body = json.dumps(payload)
-    return Delivery(
+    return Delivery.from_http(
         delivery_id=delivery_id or str(uuid.uuid4()),
         hook_id=1,
         event=event,
-        payload=payload,
-        payload_sha256=hashlib.sha256(body.encode()).hexdigest(),
-        payload_json=body,
+        content_type="application/json",
+        body=json.dumps(payload).encode(),
     )
 
 

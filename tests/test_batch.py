@@ -151,5 +151,6 @@ def test_statement_constants_are_written_into_the_sql_not_sent_per_delivery():
             "status_pr",
             "status_merge",
             "pr_updated_at",
+            "digest",
         )
     }

@@ -17,7 +17,6 @@ from flowlens_ingest.config import Settings
 from flowlens_ingest.database import Database, make_engine
 from flowlens_ingest.delivery import Delivery
 from flowlens_ingest.ingest import ingest
-from flowlens_ingest.parse import loads
 from flowlens_ingest.schema import metadata, pipeline_runs, pull_requests, repositories, webhook_deliveries
 
 from .helpers import PAYLOADS, github_headers, load_payload, make_settings, rows
@@ -55,7 +54,9 @@ def test_every_signed_delivery_is_journaled_with_its_body(client, db, sample):
     assert entry["delivery_id"] == "d-" + sample and entry["hook_id"] == 123456
     assert entry["event"] == event and entry["outcome"] == outcome
     assert entry["action"] == json.loads(body).get("action")
-    assert entry["payload"] == json.loads(body)
+    # The exact bytes the signature covered, not a re-serialization.
+    assert (bytes(entry["body"]), entry["body_encoding"]) == (body, "identity")
+    assert entry["content_type"] == "application/json"
     assert entry["payload_sha256"] == hashlib.sha256(body).hexdigest()
     assert entry["attempts"] == 1 and entry["error"] is None
     assert entry["applied_at"] is not None
@@ -123,7 +124,7 @@ def test_unmappable_delivery_is_failed_until_it_maps_and_others_keep_working(del
     (entry,) = rows(db, webhook_deliveries)
     assert entry["outcome"] == "failed" and entry["attempts"] == 2 and entry["applied_at"] is None
     assert entry["error"].startswith("MappingError: pull_request.state")
-    assert entry["payload"] == broken and entry["repository_github_id"] == OPENED["repository"]["id"]
+    assert json.loads(bytes(entry["body"])) == broken and entry["repository_github_id"] == OPENED["repository"]["id"]
     assert rows(db, pull_requests) == [] and rows(db, repositories) == []
     assert deliver(OPENED, "pull_request", delivery="good").status_code == 200
     assert len(rows(db, pull_requests)) == 1
@@ -157,8 +158,9 @@ def test_journal_without_payloads_still_keeps_failed_ones(db, database_url, tmp_
             client.post("/webhook", data=body, headers=github_headers(body, "pull_request", delivery=delivery))
     finally:
         services(app).database.dispose()
-    stored = {e["delivery_id"]: (e["outcome"], e["payload"]) for e in rows(db, webhook_deliveries)}
-    assert stored == {"ok": ("applied", None), "bad": ("failed", dict(OPENED, pull_request=[]))}
+    stored = {e["delivery_id"]: (e["outcome"], e["body"]) for e in rows(db, webhook_deliveries)}
+    assert stored["ok"] == ("applied", None)
+    assert stored["bad"][0] == "failed" and json.loads(bytes(stored["bad"][1])) == dict(OPENED, pull_request=[])
 
 
 def test_racing_copies_of_one_delivery_apply_once(db, database_url, tmp_path: Path):
@@ -166,8 +168,8 @@ def test_racing_copies_of_one_delivery_apply_once(db, database_url, tmp_path: Pa
     engine = make_engine(Settings(database_url=database_url, pool_size=8))
     database = Database(Settings(), engine=engine)
     body = json.dumps(OPENED).encode()
-    delivery = Delivery(
-        "race", 7, "pull_request", loads(body.decode()), hashlib.sha256(body).hexdigest(), body.decode()
+    delivery = Delivery.from_http(
+        delivery_id="race", hook_id=7, event="pull_request", content_type="application/json", body=body
     )
     outcomes: list[str] = []
     start = threading.Barrier(8)

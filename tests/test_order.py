@@ -12,16 +12,30 @@ object sharing both timestamp and rank cannot be ordered (see stories.py).
 """
 
 import itertools
+import json
+import random
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy.engine import Engine
 
-from flowlens_ingest.schema import pipeline_runs, pull_requests
+from flowlens_ingest import admin
+from flowlens_ingest.ingest import ingest
+from flowlens_ingest.schema import (
+    ci_checks,
+    files_jobs,
+    metadata,
+    pipeline_runs,
+    pr_reviews,
+    pull_requests,
+    repositories,
+)
 
-from .helpers import examples
-from .stories import RecordingPicker, apply, as_dicts, build_story, business_rows
+from .helpers import PAYLOADS, database_of, examples, rows
+from .stories import RecordingPicker, apply, as_dicts, build_story, business_rows, delivery
 
 T = TypeVar("T")
 NUMBER = 42
@@ -78,3 +92,72 @@ def test_any_permutation_gives_the_in_order_rows(db, data):
         event, payload = again.events[index]
         assert apply(db, event, payload) in ("applied", "stale")
     assert business_rows(db, again.repo_id) == expected
+
+
+# --- the whole corpus of real payloads: forward, reversed, shuffled ------------------------------
+
+CORPUS = [(p.parent.name, json.loads(p.read_text())) for p in sorted(PAYLOADS.glob("*/*.json"))]
+# The rows' own bookkeeping (ids, times, counters of how often they changed) legitimately
+# differs between orders; everything else must not.
+RENEWED = {"id", "repo_id", "created_at", "updated_at", "deleted_at", "version", "processed", "run_after"}
+TABLES = (repositories, pull_requests, pipeline_runs, ci_checks, pr_reviews, files_jobs)
+
+
+def state(engine: Engine) -> dict[str, list[str]]:
+    """Every business row of every table (repository ids as GitHub's), sorted."""
+    found: dict[str, list[str]] = {}
+    with engine.connect() as conn:
+        for table in TABLES:
+            columns = [c for c in table.c if c.name not in RENEWED]
+            query = sa.select(*columns)
+            if "repo_id" in table.c:
+                query = query.add_columns(repositories.c.github_id.label("repository")).join(
+                    repositories, repositories.c.id == table.c.repo_id
+                )
+            found[table.name] = sorted(repr(sorted(dict(r._mapping).items())) for r in conn.execute(query))
+    return found
+
+
+def apply_all(engine: Engine, deliveries: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, list[str]]:
+    empty(engine)
+    for event, payload in deliveries:
+        apply(engine, event, payload)
+    return state(engine)
+
+
+def empty(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {', '.join(t.name for t in metadata.sorted_tables)} CASCADE"))
+
+
+def test_the_corpus_in_any_order_gives_the_same_rows(db):
+    forward = apply_all(db, CORPUS)
+    assert sum(map(len, forward.values())) > 20
+    assert apply_all(db, CORPUS[::-1]) == forward
+    shuffled = list(CORPUS)
+    random.Random(1729).shuffle(shuffled)
+    assert apply_all(db, shuffled) == forward
+
+
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=st.permutations(range(len(CORPUS))))
+def test_any_permutation_of_the_corpus_gives_the_same_rows(db, order):
+    expected = apply_all(db, CORPUS)
+    assert apply_all(db, [CORPUS[i] for i in order]) == expected
+
+
+def test_replaying_everything_twice_changes_and_flags_nothing(db):
+    database = database_of(db)
+    for n, (event, payload) in enumerate(CORPUS):
+        ingest(database, delivery(event, payload, delivery_id=f"corpus-{n}"))
+    before = state(db)
+    versions = {t.name: rows(db, t, "id", "version") for t in (pull_requests, pipeline_runs)}
+    with db.begin() as conn:
+        for table in (pull_requests, pipeline_runs):
+            conn.execute(sa.update(table).values(processed=True))
+    for _ in range(2):
+        report = admin.replay(database)
+        assert report.failed == 0 and report.replayed == len(CORPUS)
+    assert state(db) == before
+    assert {t.name: rows(db, t, "id", "version") for t in (pull_requests, pipeline_runs)} == versions
+    assert {r["processed"] for t in (pull_requests, pipeline_runs) for r in rows(db, t, "processed")} == {True}

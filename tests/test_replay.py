@@ -144,7 +144,7 @@ def test_replay_since_takes_only_later_deliveries(deliver, db):
 def test_replay_skips_entries_journaled_without_payload(deliver, db):
     deliver(OPENED, "pull_request", delivery="kept")
     with db.begin() as conn:
-        conn.execute(sa.update(webhook_deliveries).values(payload=None))
+        conn.execute(sa.update(webhook_deliveries).values(body=None))
     report = admin.replay(database_of(db))
     assert (report.replayed, report.skipped_no_payload) == (0, 1)
 

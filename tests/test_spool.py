@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 
 from flowlens_ingest import background
 from flowlens_ingest.app import create_app, services
+from flowlens_ingest.database import DatabaseUnavailable
 from flowlens_ingest.schema import pull_requests, repositories, webhook_deliveries
 from flowlens_ingest.spool import SUFFIX, UNUSABLE_SUFFIX, Spool
 
@@ -91,11 +92,15 @@ def test_put_writes_one_private_file_per_delivery_in_arrival_order(tmp_path):
 
 
 def test_put_refuses_what_would_go_over_the_size_bound(tmp_path):
-    spool = Spool(tmp_path / "spool", 400)
     body = b"x" * 100
+    probe = Spool(tmp_path / "probe", 10_000)
+    assert probe.put("d-0", 0, "ping", "application/json", body)
+    one = probe.used_bytes()  # one spooled delivery: its header line and its body
+    spool = Spool(tmp_path / "spool", 2 * one + one // 2)
     accepted = [spool.put(f"d-{n}", 0, "ping", "application/json", body) for n in range(6)]
     assert accepted == [True, True, False, False, False, False]
-    assert spool.used_bytes() <= 400
+    assert spool.used_bytes() <= 2 * one + one // 2
+    assert list((tmp_path / "spool").glob(".*.tmp")) == []
 
 
 def test_concurrent_puts_keep_the_bound(tmp_path):
@@ -142,7 +147,7 @@ def test_no_room_in_the_spool_is_503_with_retry_after(apps, spool_max_bytes):
 
 def test_invalid_or_unsigned_deliveries_are_refused_without_touching_the_spool(apps):
     down = apps(down=True)
-    assert post(down, b'{"a": "\\u0000"}', "ping").status_code == 400
+    assert post(down, b'{"a": NaN}', "ping").status_code == 400
     body = json.dumps(OPENED).encode()
     headers = github_headers(body, "pull_request", secret="wrong")
     assert down.test_client().post("/webhook", data=body, headers=headers).status_code == 401
@@ -184,7 +189,9 @@ def test_drainer_applies_the_spool_in_arrival_order_exactly_once(apps, drain, db
         "form": ("ignored", 1),
     }
     assert rows(db, pull_requests, "state", "version") == [{"state": "closed", "version": 2}]
-    assert [e["payload"] for e in rows(db, webhook_deliveries, "received_at", "delivery_id", "payload")][3] == PING
+    # The form body is journaled byte for byte, with its content type.
+    (entry,) = [e for e in rows(db, webhook_deliveries) if e["delivery_id"] == "form"]
+    assert (bytes(entry["body"]), entry["content_type"]) == (form, "application/x-www-form-urlencoded")
     assert REGISTRY.get_sample_value("flowlens_spool_drained_total", {"outcome": "duplicate"}) >= 1
 
 
@@ -258,3 +265,55 @@ def test_spooled_body_is_the_signed_bytes_as_received(apps, tmp_path):
     (path,) = services(down).spool.directory.glob("*" + SUFFIX)
     assert Spool.read(path).body == body
     assert os.stat(path).st_size == len(path.read_bytes())
+
+
+@pytest.fixture
+def poison_refused(db) -> Iterator[str]:
+    """A journal that refuses one delivery id, even as failed: a delivery no retry will ever store."""
+    with db.begin() as conn:
+        conn.execute(
+            sa.text("ALTER TABLE webhook_deliveries ADD CONSTRAINT test_poison CHECK (delivery_id <> 'poison')")
+        )
+    try:
+        yield "poison"
+    finally:
+        with db.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE webhook_deliveries DROP CONSTRAINT test_poison"))
+
+
+def test_a_delivery_that_can_never_be_stored_is_set_aside_and_the_rest_drain(apps, drain, db, poison_refused):
+    down = apps(down=True)
+    genuine = 300
+    assert post(down, OPENED, "pull_request", delivery=poison_refused).status_code == 202
+    for n in range(genuine):
+        payload = copy.deepcopy(OPENED)
+        payload["number"] = payload["pull_request"]["number"] = 1000 + n
+        assert post(down, payload, "pull_request", delivery=f"genuine-{n}").status_code == 202
+    before = REGISTRY.get_sample_value("flowlens_spool_set_aside_total") or 0
+    up = apps(down=False)
+    drain(up)
+    wait_until(lambda: services(up).spool.depth() == 0, what="the spool to drain past the poison")
+    entries = journal(db)
+    assert entries == {f"genuine-{n}": ("applied", 1) for n in range(genuine)}
+    assert len(rows(db, pull_requests, "pr_number")) == genuine
+    (aside,) = services(up).spool.directory.glob("*" + UNUSABLE_SUFFIX)
+    assert Spool.read(aside).delivery_id == poison_refused
+    assert (REGISTRY.get_sample_value("flowlens_spool_set_aside_total") or 0) == before + 1
+
+
+def test_the_drain_stops_rather_than_set_aside_when_the_journal_is_missing(apps, drain, db, database_url):
+    down = apps(down=True)
+    assert post(down, OPENED, "pull_request", delivery="kept").status_code == 202
+    with db.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE webhook_deliveries RENAME TO webhook_deliveries_away"))
+    try:
+        up = apps(down=False)
+        handle = background.spool_handler(up)
+        (path,) = services(up).spool.directory.glob("*" + SUFFIX)
+        # An unmigrated (or moved) journal is the database's fault: the delivery stays spooled.
+        with pytest.raises(DatabaseUnavailable):
+            handle(Spool.read(path))
+    finally:
+        with db.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE webhook_deliveries_away RENAME TO webhook_deliveries"))
+    assert services(up).spool.depth() == 1

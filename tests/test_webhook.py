@@ -96,11 +96,8 @@ def test_form_encoded_delivery_is_applied(client, db):
     assert len(rows(db, pull_requests)) == 1
 
 
-@pytest.mark.parametrize(
-    "body",
-    [b"not json", b"[]", b'{"a": "\\u0000"}', b'{"n": 1e999}', b'{"n": 99999999999999999999999}'],
-)
-def test_body_that_is_not_a_storable_json_object_is_400(client, db, body):
+@pytest.mark.parametrize("body", [b"not json", b"[]", b'{"n": NaN}', b'{"a": 1} {"b": 2}'])
+def test_body_that_is_not_a_json_object_is_400(client, db, body):
     response = client.post("/webhook", data=body, headers=github_headers(body, "pull_request"))
     assert response.status_code == 400
     assert rows(db, webhook_deliveries) == []
@@ -132,9 +129,9 @@ def test_payload_that_cannot_be_mapped_is_202_failed_and_journaled(deliver, db):
     broken = dict(OPENED, pull_request={"number": "two"})
     response = deliver(broken, "pull_request", delivery="bad-1")
     assert (response.status_code, response.get_json()["outcome"]) == (202, "failed")
-    (entry,) = rows(db, webhook_deliveries, "delivery_id", "outcome", "error", "payload")
+    (entry,) = rows(db, webhook_deliveries, "delivery_id", "outcome", "error", "body")
     assert entry["outcome"] == "failed" and "pull_request" in entry["error"]
-    assert entry["payload"] == broken
+    assert json.loads(bytes(entry["body"])) == broken
     # The service keeps serving.
     assert deliver(OPENED, "pull_request").get_json()["outcome"] == "applied"
 
