@@ -38,9 +38,27 @@ def run_offline() -> None:
         context.run_migrations()
 
 
+# Two release steps started at once (two deploys, a retried one) must not migrate
+# side by side: the second waits for the first, then finds nothing left to do.
+MIGRATION_LOCK = 0x666C6F776C656E73  # "flowlens"
+
+
+def take_migration_lock(conn: sa.Connection) -> None:
+    """A session advisory lock for the whole run (released when the connection closes)."""
+    try:
+        conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+        conn.commit()
+    except sa.exc.DBAPIError:
+        # YugabyteDB releases before advisory locks (2.25) refuse the call: run unlocked,
+        # which is safe as long as one release step runs at a time (the Procfile's does).
+        conn.rollback()
+        logging.getLogger("alembic.env").warning("advisory locks unavailable; migrating without the lock")
+
+
 def run_online() -> None:
     engine = sa.create_engine(database_url(), poolclass=sa.pool.NullPool)
     with engine.connect() as conn:
+        take_migration_lock(conn)
         # Fail fast instead of queueing behind live traffic's locks.
         conn.execute(sa.text("SET lock_timeout = '10s'"))
         conn.execute(sa.text("SET statement_timeout = '300s'"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -11,6 +12,7 @@ import sqlalchemy as sa
 from .database import Database
 from .delivery import Delivery
 from .ingest import ingest
+from .journal import JOURNAL_BUCKETS
 from .plan import decode_body
 from .schema import webhook_deliveries as wd
 from .values import Outcome
@@ -18,25 +20,45 @@ from .values import Outcome
 MAX_REPORTED_ERRORS = 20
 
 
+_LISTED = (
+    wd.c.received_at,
+    wd.c.delivery_id,
+    wd.c.hook_id,
+    wd.c.event,
+    wd.c.action,
+    wd.c.outcome,
+    wd.c.attempts,
+    wd.c.error,
+)
+
+
+def _by_bucket(
+    build: Callable[[int], sa.Select[Any]], order: list[sa.Column[Any]], limit: int, *, newest_first: bool = False
+) -> sa.Select[Any]:
+    """One query per journal bucket, each an ordered range read of the bucket's index, merged.
+
+    The journal's time index leads with its bucket (schema.py): on YugabyteDB each
+    bucket is one hash value, stored in received_at order, so this reads at most
+    `limit` rows per bucket in index order instead of scanning the whole table.
+    """
+
+    def ordered(columns: list[Any]) -> list[Any]:
+        return [c.desc() for c in columns] if newest_first else columns
+
+    parts = sa.union_all(*(build(b).order_by(*ordered(order)).limit(limit) for b in range(JOURNAL_BUCKETS)))
+    merged = parts.subquery()
+    return sa.select(merged).order_by(*ordered([merged.c[c.name] for c in order]))
+
+
 def list_deliveries(database: Database, *, failed_only: bool = False, limit: int = 50) -> list[sa.Row[Any]]:
     """The most recent journal entries, newest first."""
-    query = (
-        sa.select(
-            wd.c.received_at,
-            wd.c.delivery_id,
-            wd.c.hook_id,
-            wd.c.event,
-            wd.c.action,
-            wd.c.outcome,
-            wd.c.attempts,
-            wd.c.error,
-        )
-        .order_by(wd.c.received_at.desc())
-        .limit(limit)
-    )
     if failed_only:
-        query = query.where(wd.c.outcome == Outcome.FAILED.value)
-    return database.read(query)
+        # Failed entries are few: their partial index is small however it is sharded.
+        query = sa.select(*_LISTED).where(wd.c.outcome == Outcome.FAILED.value).order_by(wd.c.received_at.desc())
+        return database.read(query.limit(limit))
+    order = [wd.c.received_at, wd.c.delivery_id, wd.c.hook_id]
+    merged = _by_bucket(lambda b: sa.select(*_LISTED).where(wd.c.bucket == b), order, limit, newest_first=True)
+    return database.read(merged.limit(limit))
 
 
 @dataclass
@@ -49,14 +71,44 @@ class ReplayReport:
     errors: list[str] = field(default_factory=list)
 
 
-def _keys(database: Database, *, failed_only: bool, since: datetime | None) -> list[sa.Row[Any]]:
-    # Taken once, up front: entries that fail again during this replay are not retaken.
-    query = sa.select(wd.c.delivery_id, wd.c.hook_id).order_by(wd.c.received_at, wd.c.delivery_id, wd.c.hook_id)
-    if failed_only:
-        query = query.where(wd.c.outcome == Outcome.FAILED.value)
-    if since is not None:
-        query = query.where(wd.c.received_at >= since)
-    return database.read(query)
+# Keys are read in pages (keyset pagination, one short query each), never all at once.
+REPLAY_PAGE = 500
+
+
+def _keys(database: Database, *, failed_only: bool, since: datetime | None) -> Iterator[tuple[str, int]]:
+    """Journal keys in arrival order, a page at a time.
+
+    Entries that fail again during the replay keep their place, behind the cursor,
+    so none is taken twice.
+    """
+    order = [wd.c.received_at, wd.c.delivery_id, wd.c.hook_id]
+    after: tuple[Any, ...] | None = None
+    while True:
+
+        def page(bucket: int | None, after: tuple[Any, ...] | None = after) -> sa.Select[Any]:
+            query = sa.select(wd.c.received_at, wd.c.delivery_id, wd.c.hook_id)
+            if bucket is not None:
+                query = query.where(wd.c.bucket == bucket)
+            if failed_only:
+                query = query.where(wd.c.outcome == Outcome.FAILED.value)
+            if since is not None:
+                query = query.where(wd.c.received_at >= since)
+            if after is not None:
+                query = query.where(
+                    wd.c.received_at >= after[0], sa.tuple_(*order) > sa.tuple_(*(sa.literal(v) for v in after))
+                )
+            return query
+
+        if failed_only:
+            query = page(None).order_by(*order).limit(REPLAY_PAGE)
+        else:
+            query = _by_bucket(page, order, REPLAY_PAGE).limit(REPLAY_PAGE)
+        rows = database.read(query)
+        for row in rows:
+            yield row.delivery_id, row.hook_id
+        if len(rows) < REPLAY_PAGE:
+            return
+        after = tuple(rows[-1])
 
 
 def _journaled(database: Database, delivery_id: str, hook_id: int) -> Delivery | None:
@@ -104,9 +156,40 @@ def replay(database: Database, *, failed_only: bool = False, since: datetime | N
     return report
 
 
-def prune(database: Database, older_than: timedelta, *, include_failed: bool = False) -> int:
-    """Delete journal entries received before now - older_than; failed ones stay unless asked."""
-    query = sa.delete(wd).where(wd.c.received_at < sa.func.now() - older_than)
-    if not include_failed:
-        query = query.where(wd.c.outcome != Outcome.FAILED.value)
-    return database.execute(query)
+# Rows deleted per transaction: each batch is well inside the statement timeout.
+PRUNE_BATCH = 2000
+
+
+def prune(
+    database: Database,
+    older_than: timedelta,
+    *,
+    include_failed: bool = False,
+    batch: int = PRUNE_BATCH,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Delete journal entries received before now - older_than, in short batches; failed ones stay unless asked.
+
+    Each batch is its own transaction, so a journal of millions of rows prunes under
+    the statement timeout, and an interrupted prune resumes where it stopped.
+    `progress` is told the running total after each batch.
+    """
+    (cutoff,) = database.read(sa.select(sa.func.now() - older_than))[0]
+    removed = 0
+    for bucket in range(JOURNAL_BUCKETS):
+        while True:
+            doomed = (
+                sa.select(wd.c.delivery_id, wd.c.hook_id)
+                .where(wd.c.bucket == bucket, wd.c.received_at < cutoff)
+                .order_by(wd.c.received_at)
+                .limit(batch)
+            )
+            if not include_failed:
+                doomed = doomed.where(wd.c.outcome != Outcome.FAILED.value)
+            done = database.execute(sa.delete(wd).where(sa.tuple_(wd.c.delivery_id, wd.c.hook_id).in_(doomed)))
+            removed += done
+            if done and progress is not None:
+                progress(removed)
+            if done < batch:
+                break
+    return removed

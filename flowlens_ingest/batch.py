@@ -209,7 +209,7 @@ def lost_prepared_statement(exc: psycopg2.Error) -> bool:
 # --- the batch ----------------------------------------------------------------------------------
 
 
-def run_batch(dbapi: Any, statements: list[Statement]) -> tuple[Any, ...] | None:
+def run_batch(dbapi: Any, statements: list[Statement], isolation: str = "READ COMMITTED") -> tuple[Any, ...] | None:
     """Run `statements` as one transaction in two round trips; return the last one's first row.
 
     `dbapi` is a psycopg2 connection outside any transaction; only database.py
@@ -225,7 +225,7 @@ def run_batch(dbapi: Any, statements: list[Statement]) -> tuple[Any, ...] | None
     prepared: set[str] | None = getattr(dbapi, "prepared", None)
     cursor = dbapi.cursor()
     try:
-        parts = [b"BEGIN ISOLATION LEVEL READ COMMITTED"]
+        parts = [f"BEGIN ISOLATION LEVEL {isolation}".encode()]
         missing: dict[str, bytes] = {}
         if prepared is None:
             parts += [cursor.mogrify(sql, values) for sql, values in statements]

@@ -22,6 +22,18 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
+ISOLATION_LEVELS = ("READ COMMITTED", "REPEATABLE READ")
+
+
+def _isolation(env: Mapping[str, str]) -> str:
+    raw = " ".join(env.get("FLOWLENS_ISOLATION_LEVEL", "").replace("_", " ").upper().split())
+    if not raw:
+        return ISOLATION_LEVELS[0]
+    if raw not in ISOLATION_LEVELS:
+        raise ConfigError(f"FLOWLENS_ISOLATION_LEVEL must be one of {', '.join(ISOLATION_LEVELS)}, got {raw!r}")
+    return raw
+
+
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
@@ -71,6 +83,9 @@ class Settings:
     store_payloads: bool = True
     # gzip the journaled bytes (PostgreSQL's TOAST and YugabyteDB's SST compression already do).
     journal_compression: bool = False
+    # READ COMMITTED in production. REPEATABLE READ is snapshot isolation: what YugabyteDB
+    # runs without yb_enable_read_committed_isolation, for testing that case on PostgreSQL.
+    isolation_level: str = "READ COMMITTED"
     # Server-side PREPARE/EXECUTE: off behind a pooler that shares server sessions.
     prepared_statements: bool = True
     spool_dir: Path | None = None
@@ -130,6 +145,7 @@ class Settings:
             pool_size=_int(env, "FLOWLENS_POOL_SIZE", 5),
             store_payloads=_bool(env, "FLOWLENS_JOURNAL_PAYLOADS", True),
             journal_compression=_bool(env, "FLOWLENS_JOURNAL_COMPRESSION", False),
+            isolation_level=_isolation(env),
             prepared_statements=_bool(env, "FLOWLENS_PREPARED_STATEMENTS", True),
             spool_dir=Path(spool).expanduser().resolve() if spool else data_dir / "spool",
             spool_max_bytes=_int(env, "FLOWLENS_SPOOL_MAX_BYTES", 512 * MIB),

@@ -35,9 +35,14 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57014", "55P03", "08000", "08003", "08006"})
 # statement_timeout and lock_timeout: one such wait already spent the answer's time budget.
 TIMEOUT_SQLSTATES = frozenset({"57014", "55P03"})
-MAX_ATTEMPTS = 6
+# Conflicts (40001/40P01) are retried until this many attempts or this much time, with
+# full-jitter exponential backoff: under a burst for one repository (every delivery
+# writes its repository row) contention calls for more patience than a blip does,
+# while the answer still leaves well inside GitHub's 10 s (a statement timeout is 5 s).
+MAX_ATTEMPTS = 12
+RETRY_BUDGET_S = 4.0
 BASE_DELAY_S = 0.005
-MAX_DELAY_S = 0.25
+MAX_DELAY_S = 0.5
 
 OnRetry = Callable[[str], None]
 
@@ -66,7 +71,7 @@ def make_engine(settings: Settings, url: str | None = None, *, application_name:
         # Deliveries rely on READ COMMITTED plus a repository row lock (see statements.py);
         # on YugabyteDB without read committed this is snapshot isolation, where the
         # same lock turns a conflict into a 40001 that the retry loop absorbs.
-        isolation_level="READ COMMITTED",
+        isolation_level=settings.isolation_level,
         connect_args={
             "connect_timeout": 3,
             "application_name": application_name,
@@ -175,7 +180,7 @@ class Database:
         with self.engine.connect() as conn:
             dbapi = conn.connection.dbapi_connection
             try:
-                return run_batch(dbapi, statements)
+                return run_batch(dbapi, statements, self.settings.isolation_level)
             except psycopg2.Error as exc:
                 disconnected = dbapi is None or dbapi.closed != 0 or conn.dialect.is_disconnect(exc, dbapi, None)  # type: ignore[arg-type]
                 if disconnected:
@@ -195,6 +200,7 @@ class Database:
         Raises DatabaseUnavailable when the database is down, too slow, or still
         conflicting after the last attempt; other database errors propagate.
         """
+        deadline = time.monotonic() + RETRY_BUDGET_S
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 return attempt_once()
@@ -208,10 +214,15 @@ class Database:
                 reason = getattr(exc.orig, "pgcode", None) or "disconnect"
                 # A server that refuses connections gets one more try, not six, and a
                 # timeout none: the answer has to reach GitHub well inside its 10 s.
-                if attempt == MAX_ATTEMPTS or (unreachable and (attempt >= 2 or reason in TIMEOUT_SQLSTATES)):
+                # Full jitter keeps colliding workers from retrying in lockstep.
+                delay = random.uniform(0, min(MAX_DELAY_S, BASE_DELAY_S * 2**attempt))
+                if (
+                    attempt == MAX_ATTEMPTS
+                    or time.monotonic() + delay > deadline
+                    or (unreachable and (attempt >= 2 or reason in TIMEOUT_SQLSTATES))
+                ):
                     raise DatabaseUnavailable(reason) from exc
                 if on_retry is not None:
                     on_retry(reason)
-                # Full jitter keeps colliding workers from retrying in lockstep.
-                time.sleep(random.uniform(0, min(MAX_DELAY_S, BASE_DELAY_S * 2**attempt)))
+                time.sleep(delay)
         raise AssertionError("unreachable")

@@ -13,8 +13,9 @@ the fork, long after gunicorn_conf ran.
 
 from __future__ import annotations
 
+import glob
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # Only events we know become label values: a signed sender could invent any name.
 from .mappers import KNOWN_EVENTS
@@ -124,15 +125,34 @@ class Metrics:
         self.signature_failures.labels(reason).inc()
 
 
+def _initialised(path: str) -> bool:
+    # A process that is starting (a replacement worker, the files worker) creates its
+    # file empty and sizes it a moment later; prometheus_client cannot read it in
+    # between (struct.error) and /metrics answered 500. Such a file holds nothing yet.
+    try:
+        return os.path.getsize(path) >= 8
+    except FileNotFoundError:
+        return False
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text: summed over all workers in multiprocess mode."""
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+    pattern = os.path.join(directory, "*.db")
+
+    class Collector(multiprocess.MultiProcessCollector):
+        def collect(self) -> Any:
+            files = [path for path in glob.glob(pattern) if _initialised(path)]
+            return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+
+    registry = CollectorRegistry()
+    Collector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 _instruments: Metrics | None = None

@@ -15,7 +15,7 @@ from . import statements as s
 from .batch import Statement, compiled, params
 from .delivery import Delivery
 from .derived import pipeline_if_missing
-from .journal import journal
+from .journal import bucket_of, journal
 from .rows import Changes, digest
 from .sql import Builder, StaleTest
 from .values import BodyEncoding, Outcome
@@ -80,6 +80,7 @@ class Plan:
                 **(self.stale_params if stale is not None else {}),
                 "p_outcome": outcome.value,
                 "p_delivery_id": delivery.delivery_id,
+                "p_bucket": bucket_of(delivery.delivery_id),
                 "p_hook_id": delivery.hook_id,
                 "p_event": delivery.event,
                 "p_action": delivery.action,
