@@ -9,7 +9,7 @@ from flask import Flask, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
 from . import logs, metrics
-from .config import ConfigError, Settings
+from .config import Settings
 from .database import Database
 from .metrics import Metrics
 from .spool import Spool
@@ -36,10 +36,7 @@ def services(app: Flask | None = None) -> Services:
 def create_app(config: Settings | None = None) -> Flask:
     """Build the app: settings from the environment unless given, one blueprint per concern."""
     settings = config if config is not None else Settings.from_env()
-    if not settings.database_url:
-        raise ConfigError("DATABASE_URL is not set (the `serve` command starts an embedded database)")
-    if not settings.secrets:
-        raise ConfigError("GITHUB_WEBHOOK_SECRET is not set: refusing to accept unsigned deliveries")
+    settings.check_service()
     logs.configure(settings)
 
     app = Flask(__name__)
@@ -56,8 +53,14 @@ def create_app(config: Settings | None = None) -> Flask:
     app.register_blueprint(ops.bp)
 
     @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> tuple[Response, int]:
-        return jsonify({"error": exc.description or exc.name}), exc.code or 500
+    def http_error(exc: HTTPException) -> Response:
+        response = jsonify({"error": exc.description or exc.name})
+        response.status_code = exc.code or 500
+        # Keep the exception's own headers (405's Allow, a Retry-After), not its HTML type.
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> tuple[Response, int]:

@@ -303,6 +303,24 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_nginx_conf(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the nginx blocks that front the service (see the README's "Production front")."""
+    from .front import nginx_conf
+
+    print(nginx_conf(listen=args.listen, upstream=args.upstream, max_body_bytes=settings.max_body_bytes), end="")
+    return 0
+
+
+def host_port(text: str) -> str:
+    """A HOST:PORT argument."""
+    from .front import AddressError, address
+
+    try:
+        return address(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def duration(text: str) -> timedelta:
     """`30d`, `12h`, `90m`, `3600s` as a timedelta."""
     match = re.fullmatch(r"(\d+)([dhms])", text.strip())
@@ -365,6 +383,11 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--older-than", type=duration, required=True)
     prune.add_argument("--include-failed", action="store_true")
     prune.set_defaults(func=cmd_prune)
+
+    front = sub.add_parser("nginx-conf", help="print the nginx upstream and server blocks that front the service")
+    front.add_argument("--listen", type=host_port, default="0.0.0.0:80", help="where nginx listens (0.0.0.0:80)")
+    front.add_argument("--upstream", type=host_port, default="127.0.0.1:8000", help="gunicorn (127.0.0.1:8000)")
+    front.set_defaults(func=cmd_nginx_conf)
     return top
 
 

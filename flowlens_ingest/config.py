@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MIB = 1024 * 1024
+# A webhook secret shorter than this is refused at start: GitHub's docs ask for "a random
+# string with high entropy", and an HMAC key is only as strong as it is long. The
+# generated default (embedded mode) is 64 hex characters.
+MIN_SECRET_BYTES = 16
+# The one driver the service is built and tested with.
+DRIVER = "postgresql+psycopg2"
 
 
 class ConfigError(Exception):
@@ -20,6 +26,44 @@ def normalize_database_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg2://" + url[len(prefix) :]
     return url
+
+
+def database_url(raw: str) -> str:
+    """DATABASE_URL normalized and checked: a PostgreSQL URL psycopg2 can use, else ConfigError.
+
+    The message never repeats the URL: it may hold a password.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    example = "like postgresql://user:password@host:5432/dbname"
+    url = normalize_database_url(raw)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"DATABASE_URL is not a database URL ({example})") from None
+    except ValueError:
+        raise ConfigError(f"DATABASE_URL has a port that is not a number ({example})") from None
+    if parsed.drivername != DRIVER:
+        raise ConfigError(
+            f"DATABASE_URL must be a postgres:// or postgresql:// URL, not {parsed.drivername}:// ({example})"
+        )
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ConfigError(f"DATABASE_URL has a port outside 1-65535 ({example})")
+    return url
+
+
+def _secrets(env: Mapping[str, str]) -> tuple[bytes, ...]:
+    """The current webhook secret, then the previous one while it is set (rotation)."""
+    current = env.get("GITHUB_WEBHOOK_SECRET", "")
+    previous = env.get("GITHUB_WEBHOOK_SECRET_PREVIOUS", "")
+    if current and len(current.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"GITHUB_WEBHOOK_SECRET is shorter than {MIN_SECRET_BYTES} bytes: use a long random one"
+            " (e.g. `openssl rand -hex 32`), set in GitHub and here"
+        )
+    # A short previous secret is accepted: it is the one being rotated away from.
+    return tuple(value.encode() for value in (current, previous) if value)
 
 
 ISOLATION_LEVELS = ("READ COMMITTED", "REPEATABLE READ")
@@ -114,18 +158,20 @@ class Settings:
         """A spool size of 0 turns the spool off (503 while the database is down)."""
         return self.spool_dir is not None and self.spool_max_bytes > 0
 
+    def check_service(self) -> None:
+        """Raise ConfigError unless the web service can run with these settings (a database, a secret)."""
+        if not self.database_url:
+            raise ConfigError("DATABASE_URL is not set (the `serve` command starts an embedded database)")
+        # A URL that cannot work fails at start, not on every delivery.
+        database_url(self.database_url)
+        if not self.secrets:
+            raise ConfigError("GITHUB_WEBHOOK_SECRET is not set: refusing to accept unsigned deliveries")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read the FlowLens environment variables (see the README's Configuration)."""
         env = os.environ if env is None else env
-        secrets = tuple(
-            value.encode()
-            for value in (
-                env.get("GITHUB_WEBHOOK_SECRET", ""),
-                env.get("GITHUB_WEBHOOK_SECRET_PREVIOUS", ""),
-            )
-            if value
-        )
+        secrets = _secrets(env)
         data_dir = Path(env.get("FLOWLENS_DATA_DIR") or ".flowlens").expanduser().resolve()
         spool = env.get("FLOWLENS_SPOOL_DIR")
         log_format = env.get("FLOWLENS_LOG_FORMAT", "json").strip().lower()
@@ -137,7 +183,7 @@ class Settings:
         if bool(app_id) != bool(key):
             raise ConfigError("a GitHub App needs both GITHUB_APP_ID and GITHUB_APP_PRIVATE_KEY (or _FILE)")
         return cls(
-            database_url=normalize_database_url(url) if url else None,
+            database_url=database_url(url) if url else None,
             secrets=secrets,
             data_dir=data_dir,
             max_body_bytes=_int(env, "FLOWLENS_MAX_BODY_BYTES", 25 * MIB),

@@ -40,6 +40,8 @@ timeout = 10
 # On SIGTERM a worker stops accepting and finishes what it holds; the longest
 # delivery is one statement timeout plus a few retries, well inside this.
 graceful_timeout = int(os.environ.get("FLOWLENS_GRACEFUL_TIMEOUT") or 20)
+# Idle keep-alive connections (nginx's, in production) are closed after 5 s; nginx-conf
+# makes nginx drop its own idle ones after 4 s, so it never reuses one being closed here.
 keepalive = 5
 # No preload: each worker imports the app and builds its engine and pool after the fork.
 preload_app = False
@@ -65,7 +67,22 @@ if (os.environ.get("FLOWLENS_LOG_FORMAT") or "json").strip().lower() == "json":
 
 
 def on_starting(server: Any) -> None:
-    """Start every run with an empty metrics folder (a previous run's files would be summed)."""
+    """Refuse settings the workers cannot run with; start every run with an empty metrics folder."""
+    from flowlens_ingest.config import ConfigError, Settings
+
+    try:
+        settings = Settings.from_env()
+        settings.check_service()
+    except ConfigError as exc:
+        # gunicorn prints a RuntimeError as one line and exits 1, before binding or forking:
+        # not a traceback from every worker's boot, nor a service answering 500.
+        raise RuntimeError(f"flowlens-ingest: {exc}") from None
+    if settings.spool_dir is not None and settings.spool_enabled:
+        from flowlens_ingest.spool import PARTIAL_AT_START_S, Spool
+
+        # Half-written spool files of a process that crashed (never promised to anyone).
+        Spool(settings.spool_dir, settings.spool_max_bytes).remove_partial_files(PARTIAL_AT_START_S)
+    # A previous run's metric files would be summed with this one's.
     _metrics_dir.mkdir(parents=True, exist_ok=True)
     # Only prometheus_client's files: the folder may be one an operator chose.
     for path in _metrics_dir.glob("*.db"):

@@ -25,18 +25,36 @@ def sign(body: bytes, secret: bytes) -> str:
     return PREFIX + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
+class StreamingVerifier:
+    """The signature check, fed the body chunk by chunk (the view never holds an unsigned body whole)."""
+
+    def __init__(self, header: str | None, secrets: Iterable[bytes]) -> None:
+        """Refuse a missing or non-`sha256=` header at once, before any byte of the body is read."""
+        if not header:
+            raise SignatureError("missing")
+        if not header.startswith(PREFIX):
+            # A sha1= signature alone is refused: SHA-1 HMAC is GitHub's legacy header.
+            raise SignatureError("unsupported_algorithm")
+        self._received = header[len(PREFIX) :].strip().lower().encode("ascii", "replace")
+        self._macs = [hmac.new(secret, digestmod=hashlib.sha256) for secret in secrets]
+
+    def update(self, chunk: bytes) -> None:
+        """Feed the next bytes of the body."""
+        for mac in self._macs:
+            mac.update(chunk)
+
+    def verify(self) -> None:
+        """Raise SignatureError unless the bytes fed so far are signed with one of the secrets."""
+        matched = False
+        for mac in self._macs:
+            # Compare against every secret so timing does not tell which one matched.
+            matched |= hmac.compare_digest(mac.hexdigest().encode(), self._received)
+        if not matched:
+            raise SignatureError("mismatch")
+
+
 def verify(body: bytes, header: str | None, secrets: Iterable[bytes]) -> None:
     """Raise SignatureError unless `header` signs `body` with one of `secrets`."""
-    if not header:
-        raise SignatureError("missing")
-    if not header.startswith(PREFIX):
-        # A sha1= signature alone is refused: SHA-1 HMAC is GitHub's legacy header.
-        raise SignatureError("unsupported_algorithm")
-    received = header[len(PREFIX) :].strip().lower().encode("ascii", "replace")
-    matched = False
-    for secret in secrets:
-        expected = hmac.new(secret, body, hashlib.sha256).hexdigest().encode()
-        # Compare against every secret so timing does not tell which one matched.
-        matched |= hmac.compare_digest(expected, received)
-    if not matched:
-        raise SignatureError("mismatch")
+    verifier = StreamingVerifier(header, secrets)
+    verifier.update(body)
+    verifier.verify()

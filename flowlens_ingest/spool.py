@@ -36,6 +36,9 @@ DRAIN_LOCK = ".drain.lock"
 # A temporary file this old belongs to a write that crashed before its rename: the
 # sender got no 202 for it, so it is safe to remove.
 STALE_TMP_S = 300.0
+# At start, before this host's workers run: a write takes milliseconds, so a minute-old
+# temporary file is a crashed one (another instance sharing the folder may be writing).
+PARTIAL_AT_START_S = 60.0
 
 
 class Unusable(Exception):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import IO
 
 from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import parse, signature
 from .app import services
+from .body import read_signed
 from .database import DatabaseUnavailable
 from .delivery import Delivery
 from .ingest import ingest
@@ -30,20 +33,25 @@ def error(status: int, message: str, **headers: str) -> Response:
 
 @bp.before_request
 def verify_signature() -> Response | None:
-    """Refuse any request not signed with a secret we hold, before looking at it."""
+    """Refuse any request not signed with a secret we hold, before looking at it.
+
+    The body is read once, in chunks, through the HMACs into a spooled file (body.py):
+    a worker never holds an unsigned body whole. The view reads it back once signed.
+    """
     g.started = time.perf_counter()
     settings = services().settings
-    # Flask refuses a body over MAX_CONTENT_LENGTH here (413) without reading it whole.
     try:
-        body = request.get_data(cache=True)
+        # Werkzeug refuses a Content-Length over MAX_CONTENT_LENGTH here (413), reading
+        # nothing, before the signature is looked at; a chunked body, once it runs past the limit.
+        read = _bounded_read()
+        g.body = read_signed(read, request.headers.get("X-Hub-Signature-256"), settings.secrets)
     except RequestEntityTooLarge:
+        # Not a signature failure: a body cut at the limit cannot be verified at all.
         log.warning(
             "body over the limit",
             extra={"delivery": request.headers.get("X-GitHub-Delivery", "")[:100], "bytes": request.content_length},
         )
         raise
-    try:
-        signature.verify(body, request.headers.get("X-Hub-Signature-256"), settings.secrets)
     except signature.SignatureError as exc:
         # The ids are unverified text: logged cut short, for matching GitHub's delivery page.
         log.warning(
@@ -59,10 +67,44 @@ def verify_signature() -> Response | None:
     return None
 
 
+def _bounded_read() -> Callable[[int], bytes]:
+    """`read(n)` over the request body, raising RequestEntityTooLarge past MAX_CONTENT_LENGTH."""
+    stream = request.stream
+
+    def read(size: int) -> bytes:
+        try:
+            return stream.read(size)
+        except RequestEntityTooLarge:
+            # Werkzeug refuses any read of a chunked body once it gave the limit's worth,
+            # though that body may end right there: a body of exactly the limit is allowed.
+            if request.environ["wsgi.input"].read(1):
+                raise
+            return b""
+
+    return read
+
+
+@bp.teardown_request
+def close_body(_exc: BaseException | None) -> None:
+    """Drop the spooled body (and its temporary file) once the request is over."""
+    spooled = g.pop("body", None)
+    if spooled is not None:
+        spooled.close()
+
+
+def signed_body() -> bytes:
+    """The exact bytes verify_signature found signed."""
+    spooled: IO[bytes] = g.body
+    spooled.seek(0)
+    return spooled.read()
+
+
 def _hook_id(raw: str | None) -> int | None:
+    """X-GitHub-Hook-ID as a BIGINT (0 when absent); None unless it is ASCII digits."""
     if not raw:
         return 0
-    return int(raw) if raw.isdigit() and len(raw) < 19 else None
+    # str.isdigit() alone accepts other digits ("²", "٣") that int() refuses or reads.
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
 
 
 def _answer(outcome: Outcome, status: int, event: str, delivery_id: str, action: str | None = None) -> None:
@@ -96,7 +138,7 @@ def receive() -> tuple[Response, int] | Response:
     if len(event) > 100 or len(delivery_id) > 200 or hook_id is None:
         _answer(Outcome.REJECTED, 400, event, delivery_id)
         return error(400, "malformed X-GitHub-* header")
-    body = request.get_data(cache=True)
+    body = signed_body()
     try:
         delivery = Delivery.from_http(
             delivery_id=delivery_id, hook_id=hook_id, event=event, content_type=request.content_type, body=body

@@ -24,8 +24,9 @@ from flowlens_ingest.database import Database
 from flowlens_ingest.signature import sign
 
 PAYLOADS = Path(__file__).parent / "payloads"
-SECRET = "test-secret-\u00e9"
-PREVIOUS_SECRET = "previous-secret"
+# At least 16 bytes each (config.MIN_SECRET_BYTES); one is not ASCII, as GitHub allows.
+SECRET = "test-webhook-secret-\u00e9"
+PREVIOUS_SECRET = "previous-webhook-secret"
 
 # The hypothesis profile of this run (conftest.py loads it): `dev` unless CI sets
 # HYPOTHESIS_PROFILE=ci. `examples` reads it too, so set the variable rather than

@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlencode
@@ -24,7 +25,7 @@ from flowlens_ingest import background
 from flowlens_ingest.app import create_app, services
 from flowlens_ingest.database import DatabaseUnavailable
 from flowlens_ingest.schema import pull_requests, repositories, webhook_deliveries
-from flowlens_ingest.spool import SUFFIX, UNUSABLE_SUFFIX, Spool
+from flowlens_ingest.spool import PARTIAL_AT_START_S, SUFFIX, UNUSABLE_SUFFIX, Spool
 
 from .databases import app_on_scratch_database
 from .helpers import free_port, github_headers, load_payload, make_settings, rows, wait_until
@@ -317,3 +318,15 @@ def test_the_drain_stops_rather_than_set_aside_when_the_journal_is_missing(apps,
         with db.begin() as conn:
             conn.execute(sa.text("ALTER TABLE webhook_deliveries_away RENAME TO webhook_deliveries"))
     assert services(up).spool.depth() == 1
+
+
+def test_partial_files_of_a_crashed_write_are_removed_but_a_live_one_is_not(tmp_path):
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    assert spool.put("kept", 0, "ping", "application/json", b"{}")
+    crashed, live = tmp_path / "spool" / ".1-crashed.tmp", tmp_path / "spool" / ".2-live.tmp"
+    crashed.write_bytes(b'{"delivery_id": "half')
+    live.write_bytes(b'{"delivery_id": "being written')
+    old = time.time() - 3600
+    os.utime(crashed, (old, old))
+    spool.remove_partial_files(PARTIAL_AT_START_S)
+    assert not crashed.exists() and live.exists() and spool.depth() == 1

@@ -1,5 +1,7 @@
 """The HTTP contract of /webhook, through Flask's test client on a real database."""
 
+import hashlib
+import io
 import json
 from urllib.parse import urlencode
 
@@ -10,6 +12,7 @@ from flowlens_ingest.schema import pull_requests, repositories, webhook_deliveri
 from flowlens_ingest.signature import sign
 
 from .helpers import PREVIOUS_SECRET, SECRET, github_headers, load_payload, make_settings, rows
+from .serving import sample
 
 OPENED = load_payload("pull_request/opened.payload.json")
 
@@ -140,3 +143,88 @@ def test_errors_carry_no_stack_trace(client, db):
     response = client.post("/webhook", data=b"{}", headers={"X-Hub-Signature-256": "sha256=00"})
     assert response.status_code == 401
     assert "Traceback" not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("hook_id", ["\u00b2", "1\u00b9", "12a", "-1", "1" * 19])
+def test_a_hook_id_that_is_not_ascii_digits_is_400(client, db, hook_id):
+    # "²".isdigit() is true and int("²") raises: this was a 500.
+    body = json.dumps(OPENED).encode()
+    response = client.post("/webhook", data=body, headers=github_headers(body, "pull_request", hook_id=hook_id))
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "malformed X-GitHub-* header"}
+    assert rows(db, webhook_deliveries) == []
+
+
+def test_get_on_webhook_is_405_and_names_the_allowed_methods(client):
+    response = client.get("/webhook")
+    assert response.status_code == 405
+    assert {method.strip() for method in response.headers["Allow"].split(",")} == {"POST", "OPTIONS"}
+    assert response.is_json and "error" in response.get_json()
+
+
+class CountingStream(io.BytesIO):
+    """A request body that counts how often the app reads it."""
+
+    reads = 0
+
+    def read(self, size=-1, /):
+        self.reads += 1
+        return super().read(size)
+
+    def readinto(self, buffer, /):
+        self.reads += 1
+        return super().readinto(buffer)
+
+
+def test_a_request_without_a_signature_is_refused_before_its_body_is_read(client, db):
+    body = json.dumps(OPENED).encode()
+    headers = github_headers(body, "pull_request")
+    del headers["X-Hub-Signature-256"]
+    stream = CountingStream(body)
+    response = client.post("/webhook", input_stream=stream, headers=headers)
+    assert response.status_code == 401
+    assert stream.reads == 0
+
+
+def post_chunked(client, body: bytes, headers: dict[str, str]):
+    """POST a body of unknown length, as gunicorn passes a chunked one (`wsgi.input_terminated`)."""
+    return client.post(
+        "/webhook",
+        input_stream=io.BytesIO(body),
+        headers={**headers, "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+
+
+def signature_failures(client) -> float:
+    """flowlens_signature_failures_total, every reason summed."""
+    text = client.get("/metrics").get_data(as_text=True)
+    reasons = ("missing", "unsupported_algorithm", "mismatch")
+    return sum(sample(text, "flowlens_signature_failures_total", reason=r) or 0 for r in reasons)
+
+
+def test_a_signed_chunked_body_over_the_limit_is_413_not_a_signature_failure(db, database_url, tmp_path):
+    body = json.dumps(OPENED).encode()
+    app = create_app(make_settings(database_url, tmp_path, max_body_bytes=len(body) - 1))
+    client = app.test_client()
+    failures = signature_failures(client)
+    response = post_chunked(client, body, github_headers(body, "pull_request"))
+    assert response.status_code == 413 and response.is_json
+    assert signature_failures(client) == failures
+    assert rows(db, webhook_deliveries) == []
+
+
+def test_a_signed_chunked_body_of_exactly_the_limit_is_applied(db, database_url, tmp_path):
+    body = json.dumps(OPENED).encode()
+    app = create_app(make_settings(database_url, tmp_path, max_body_bytes=len(body)))
+    response = post_chunked(app.test_client(), body, github_headers(body, "pull_request"))
+    assert (response.status_code, response.get_json()["outcome"]) == (200, "applied")
+
+
+def test_a_signed_chunked_body_is_applied_from_its_exact_bytes(client, db):
+    # Spread over many of the verifier's chunks, and beyond what it keeps in memory.
+    body = json.dumps(dict(OPENED, padding="\u00e9" * 1_500_000)).encode()
+    response = post_chunked(client, body, github_headers(body, "pull_request", delivery="big-1"))
+    assert (response.status_code, response.get_json()["outcome"]) == (200, "applied")
+    (entry,) = rows(db, webhook_deliveries, "payload_sha256")
+    assert entry["payload_sha256"] == hashlib.sha256(body).hexdigest()
