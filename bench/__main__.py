@@ -42,8 +42,8 @@ from flowlens_ingest import migrate
 from flowlens_ingest.config import normalize_database_url
 from flowlens_ingest.schema import metadata
 
-from . import dblimit
-from .payloads import MIX, Generator, Shape, bodies, default_payload_dir, load_templates, write_requests
+from . import dblimit, pgbench
+from .payloads import MIXES, Generator, Shape, bodies, default_payload_dir, load_templates, write_requests
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "deliveries.lua"
@@ -376,6 +376,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--db-batched", action="store_true", help="also measure the limit with the transaction sent in two round trips"
     )
+    p.add_argument(
+        "--mix",
+        nargs="+",
+        choices=sorted(MIXES),
+        default=["ci", "full"],
+        help="the delivery mixes to measure, one service run each (default: ci full)",
+    )
+    p.add_argument("--pgbench-seconds", type=float, default=10, help="pgbench limit duration (default 10; 0 skips)")
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--db-clients", type=int, default=4)
     p.add_argument(
@@ -421,6 +429,156 @@ def service_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def measure_mix(
+    args: argparse.Namespace,
+    url: str,
+    workdir: Path,
+    templates: dict[str, list[dict[str, Any]]],
+    mix_name: str,
+    secret: str,
+    env: dict[str, str],
+    limit: Any,
+    batched: Any,
+    load_start: tuple[float, float, float],
+) -> dict[str, Any]:
+    """Run the service on one mix of deliveries; its summary."""
+    generator = Generator(templates, Shape(args.repositories, args.prs), seed=1, mix=MIXES[mix_name])
+    workdir = workdir / mix_name
+    workdir.mkdir()
+    warm_count = max(2000, int(args.warmup * 800))
+    log(f"writing {warm_count} warm-up deliveries")
+    write_records(generator, 0, warm_count, workdir / "warmup", args.wrk_threads, secret.encode())
+
+    service = Service(url, secret, workdir, env)
+    try:
+        service.wait_ready()
+        workers = service.workers()
+        log(f"service up: {len(workers)} workers, env {env or 'defaults'}")
+        warm = run_wrk(
+            service.url,
+            workdir / "warmup",
+            "warm",
+            seconds=args.warmup,
+            connections=args.connections,
+            threads=args.wrk_threads,
+        )
+        warm_rate = warm["requests"] / (warm["duration_us"] / 1e6)
+        count = int(warm_rate * args.seconds * 1.4) + 1000
+        log(f"warm-up: {warm_rate:.0f} deliveries/s; writing {count} measured deliveries")
+        size = write_records(generator, warm_count, count, workdir / "run", args.wrk_threads, secret.encode())
+
+        workers = service.workers()
+        before_metrics = service.metrics()
+        pg = backend_pids(url)
+        before_cpu = {
+            "workers": cpu_seconds(workers),
+            "postgres": cpu_seconds(pg),
+            "machine": machine_busy_seconds(),
+        }
+        profiles = (
+            start_profiles(workers, args.seconds, args.profile, args.profile_format, args.profile_mode)
+            if args.profile
+            else []
+        )
+        log(f"measuring: {args.connections} connections for {args.seconds:.0f} s")
+        think_ms = 1000 * args.connections / args.rate if args.rate else 0
+        run = run_wrk(
+            service.url,
+            workdir / "run",
+            "run",
+            seconds=args.seconds,
+            connections=args.connections,
+            threads=args.wrk_threads,
+            think_ms=think_ms,
+        )
+        after_cpu = {
+            "workers": cpu_seconds(workers),
+            "postgres": cpu_seconds(pg),
+            "machine": machine_busy_seconds(),
+        }
+        after_metrics = service.metrics()
+        rss = [rss_mb(pid) for pid in workers]
+        master = service.master()
+        master_rss = rss_mb(master) if master else None
+        for proc in profiles:
+            proc.wait(timeout=60)
+    finally:
+        service.stop()
+
+    seconds = run["duration_us"] / 1e6
+    rate = run["requests"] / seconds
+    delivered = after_metrics.get("deliveries", 0) - before_metrics.get("deliveries", 0)
+    trips = after_metrics.get("round_trips", 0) - before_metrics.get("round_trips", 0)
+    outcomes = {
+        k.split(":", 1)[1]: int(after_metrics[k] - before_metrics.get(k, 0))
+        for k in after_metrics
+        if k.startswith("outcome:") and after_metrics[k] - before_metrics.get(k, 0)
+    }
+    return {
+        "deliveries_per_s": round(rate, 1),
+        "p50_ms": round(run["latency_us"]["p50"] / 1000, 2),
+        "p99_ms": round(run["latency_us"]["p99"] / 1000, 2),
+        "non_2xx": run["non_2xx"] + sum(run["errors"].values()) - run["errors"]["status"],
+        "round_trips_per_delivery": round(trips / delivered, 2) if delivered else None,
+        "db_limit_tx_per_s": round(limit.tx_per_s, 1) if limit else None,
+        "ratio": round(rate / limit.tx_per_s, 3) if limit else None,
+        "worker_rss_mb": rss,
+        "duration_s": round(seconds, 1),
+        "latency_ms": {k: round(v / 1000, 2) for k, v in run["latency_us"].items()},
+        "requests": run["requests"],
+        "statuses": run["statuses"],
+        "wrk_errors": run["errors"],
+        "outcomes": outcomes,
+        "resent_fraction": round(run["resent"] / run["sent"], 3) if run["sent"] else 0.0,
+        "db_limit": {
+            "clients": limit.clients,
+            "round_trips_per_tx": limit.round_trips_per_tx,
+            "p50_ms": limit.p50_ms,
+            "p99_ms": limit.p99_ms,
+            "seconds": limit.seconds,
+            "statements": "BEGIN; repositories upsert RETURNING id; pipeline_runs upsert; "
+            "webhook_deliveries insert (JSONB payload); COMMIT",
+        }
+        if limit
+        else None,
+        "db_limit_two_round_trips_tx_per_s": round(batched.tx_per_s, 1) if batched else None,
+        "service": {
+            "workers": len(workers),
+            "env": env,
+            "master_rss_mb": master_rss,
+            "cpu_cores_used": round((after_cpu["workers"] - before_cpu["workers"]) / seconds, 2),
+            # Per delivery, so that it holds however busy the machine was.
+            "cpu_ms_per_delivery": round(1000 * (after_cpu["workers"] - before_cpu["workers"]) / delivered, 2)
+            if delivered
+            else None,
+        },
+        "load": {
+            "connections": args.connections,
+            "wrk_threads": args.wrk_threads,
+            "paced_rate": args.rate or None,
+            "wrk_cpu_cores_used": round(run["cpu_s"] / seconds, 2),
+            "postgres_cpu_cores_used": round((after_cpu["postgres"] - before_cpu["postgres"]) / seconds, 2),
+            "postgres_cpu_ms_per_delivery": round(
+                1000 * (after_cpu["postgres"] - before_cpu["postgres"]) / delivered, 2
+            )
+            if delivered
+            else None,
+            "machine_cpu_cores_busy": round((after_cpu["machine"] - before_cpu["machine"]) / seconds, 2),
+            "mix": MIXES[mix_name],
+            "repositories": args.repositories,
+            "prs_per_repository": args.prs,
+            "mean_body_bytes": round(size / count),
+            "warmup_s": args.warmup,
+        },
+        "machine": {
+            **machine(),
+            "postgres": server_version(url),
+            "loadavg_before": [round(x, 2) for x in load_start],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print one JSON summary line on stdout."""
     args = parse_args(argv)
@@ -437,7 +595,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     load_start = os.getloadavg()
     templates = load_templates(default_payload_dir())
-    generator = Generator(templates, Shape(args.repositories, args.prs), seed=1)
     secret = secrets.token_hex(20)
     env = service_env(args)
     summary: dict[str, Any] = {}
@@ -460,138 +617,32 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"database limit, two round trips: {batched.tx_per_s:.0f} tx/s")
             empty_tables(url)
 
-        warm_count = max(2000, int(args.warmup * 800))
-        log(f"writing {warm_count} warm-up deliveries")
-        write_records(generator, 0, warm_count, workdir / "warmup", args.wrk_threads, secret.encode())
-
-        service = Service(url, secret, workdir, env)
-        try:
-            service.wait_ready()
-            workers = service.workers()
-            log(f"service up: {len(workers)} workers, env {env or 'defaults'}")
-            warm = run_wrk(
-                service.url,
-                workdir / "warmup",
-                "warm",
-                seconds=args.warmup,
-                connections=args.connections,
-                threads=args.wrk_threads,
-            )
-            warm_rate = warm["requests"] / (warm["duration_us"] / 1e6)
-            count = int(warm_rate * args.seconds * 1.4) + 1000
-            log(f"warm-up: {warm_rate:.0f} deliveries/s; writing {count} measured deliveries")
-            size = write_records(generator, warm_count, count, workdir / "run", args.wrk_threads, secret.encode())
-
-            workers = service.workers()
-            before_metrics = service.metrics()
-            pg = backend_pids(url)
-            before_cpu = {
-                "workers": cpu_seconds(workers),
-                "postgres": cpu_seconds(pg),
-                "machine": machine_busy_seconds(),
+        pg = None
+        if args.pgbench_seconds > 0 and shutil.which("pgbench"):
+            log(f"database limit: pgbench, {args.db_clients} clients for {args.pgbench_seconds:.0f} s")
+            pg = pgbench.measure(libpq_url(url), clients=args.db_clients, seconds=args.pgbench_seconds)
+            log(f"pgbench: {pg.tx_per_s:.0f} tx/s")
+            summary["pgbench_limit"] = vars(pg) | {"transaction": "BEGIN; 2 upserts (RETURNING id); COMMIT"}
+        summary["mixes"] = {}
+        for mix_name in args.mix:
+            empty_tables(url)
+            log(f"mix {mix_name}")
+            result = measure_mix(args, url, workdir, templates, mix_name, secret, env, limit, batched, load_start)
+            worker_ms = result["service"]["cpu_ms_per_delivery"]
+            postgres_ms = result["load"]["postgres_cpu_ms_per_delivery"]
+            result["cpu_ms_per_delivery"] = {
+                "workers": worker_ms,
+                "postgres": postgres_ms,
+                "total": round(worker_ms + postgres_ms, 2) if worker_ms and postgres_ms else None,
             }
-            profiles = (
-                start_profiles(workers, args.seconds, args.profile, args.profile_format, args.profile_mode)
-                if args.profile
-                else []
+            if pg is not None:
+                result["ratio_to_pgbench"] = round(result["deliveries_per_s"] / pg.tx_per_s, 3)
+            summary["mixes"][mix_name] = result
+            log(
+                f"{mix_name}: {result['deliveries_per_s']:.0f} deliveries/s, p50 {result['p50_ms']} ms,"
+                f" p99 {result['p99_ms']} ms, ratio to pgbench {result.get('ratio_to_pgbench')},"
+                f" CPU/delivery {result['cpu_ms_per_delivery']}"
             )
-            log(f"measuring: {args.connections} connections for {args.seconds:.0f} s")
-            think_ms = 1000 * args.connections / args.rate if args.rate else 0
-            run = run_wrk(
-                service.url,
-                workdir / "run",
-                "run",
-                seconds=args.seconds,
-                connections=args.connections,
-                threads=args.wrk_threads,
-                think_ms=think_ms,
-            )
-            after_cpu = {
-                "workers": cpu_seconds(workers),
-                "postgres": cpu_seconds(pg),
-                "machine": machine_busy_seconds(),
-            }
-            after_metrics = service.metrics()
-            rss = [rss_mb(pid) for pid in workers]
-            master = service.master()
-            master_rss = rss_mb(master) if master else None
-            for proc in profiles:
-                proc.wait(timeout=60)
-        finally:
-            service.stop()
-
-        seconds = run["duration_us"] / 1e6
-        rate = run["requests"] / seconds
-        delivered = after_metrics.get("deliveries", 0) - before_metrics.get("deliveries", 0)
-        trips = after_metrics.get("round_trips", 0) - before_metrics.get("round_trips", 0)
-        outcomes = {
-            k.split(":", 1)[1]: int(after_metrics[k] - before_metrics.get(k, 0))
-            for k in after_metrics
-            if k.startswith("outcome:") and after_metrics[k] - before_metrics.get(k, 0)
-        }
-        summary = {
-            "deliveries_per_s": round(rate, 1),
-            "p50_ms": round(run["latency_us"]["p50"] / 1000, 2),
-            "p99_ms": round(run["latency_us"]["p99"] / 1000, 2),
-            "non_2xx": run["non_2xx"] + sum(run["errors"].values()) - run["errors"]["status"],
-            "round_trips_per_delivery": round(trips / delivered, 2) if delivered else None,
-            "db_limit_tx_per_s": round(limit.tx_per_s, 1) if limit else None,
-            "ratio": round(rate / limit.tx_per_s, 3) if limit else None,
-            "worker_rss_mb": rss,
-            "duration_s": round(seconds, 1),
-            "latency_ms": {k: round(v / 1000, 2) for k, v in run["latency_us"].items()},
-            "requests": run["requests"],
-            "statuses": run["statuses"],
-            "wrk_errors": run["errors"],
-            "outcomes": outcomes,
-            "resent_fraction": round(run["resent"] / run["sent"], 3) if run["sent"] else 0.0,
-            "db_limit": {
-                "clients": limit.clients,
-                "round_trips_per_tx": limit.round_trips_per_tx,
-                "p50_ms": limit.p50_ms,
-                "p99_ms": limit.p99_ms,
-                "seconds": limit.seconds,
-                "statements": "BEGIN; repositories upsert RETURNING id; pipeline_runs upsert; "
-                "webhook_deliveries insert (JSONB payload); COMMIT",
-            }
-            if limit
-            else None,
-            "db_limit_two_round_trips_tx_per_s": round(batched.tx_per_s, 1) if batched else None,
-            "service": {
-                "workers": len(workers),
-                "env": env,
-                "master_rss_mb": master_rss,
-                "cpu_cores_used": round((after_cpu["workers"] - before_cpu["workers"]) / seconds, 2),
-                # Per delivery, so that it holds however busy the machine was.
-                "cpu_ms_per_delivery": round(1000 * (after_cpu["workers"] - before_cpu["workers"]) / delivered, 2)
-                if delivered
-                else None,
-            },
-            "load": {
-                "connections": args.connections,
-                "wrk_threads": args.wrk_threads,
-                "paced_rate": args.rate or None,
-                "wrk_cpu_cores_used": round(run["cpu_s"] / seconds, 2),
-                "postgres_cpu_cores_used": round((after_cpu["postgres"] - before_cpu["postgres"]) / seconds, 2),
-                "postgres_cpu_ms_per_delivery": round(
-                    1000 * (after_cpu["postgres"] - before_cpu["postgres"]) / delivered, 2
-                )
-                if delivered
-                else None,
-                "machine_cpu_cores_busy": round((after_cpu["machine"] - before_cpu["machine"]) / seconds, 2),
-                "mix": MIX,
-                "repositories": args.repositories,
-                "prs_per_repository": args.prs,
-                "mean_body_bytes": round(size / count),
-                "warmup_s": args.warmup,
-            },
-            "machine": {
-                **machine(),
-                "postgres": server_version(url),
-                "loadavg_before": [round(x, 2) for x in load_start],
-                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-            },
-        }
     print(json.dumps(summary), flush=True)
     return 0
 

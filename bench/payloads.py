@@ -39,6 +39,10 @@ MIX: dict[str, int] = {
     "push": 4,
 }
 
+# The CI events alone (what a burst of pushes sends): no pull_request, no push.
+CI_MIX: dict[str, int] = {e: w for e, w in MIX.items() if e not in ("pull_request", "push")}
+MIXES: dict[str, dict[str, int]] = {"ci": CI_MIX, "full": MIX}
+
 ORG = "bench-org"
 REPO_ID_BASE = 900_000_000
 BASE_TIME = datetime(2025, 1, 1, tzinfo=UTC)
@@ -106,12 +110,15 @@ def _pr_ref(number: int, sha: str, repo_id: int, template: list[Any] | None) -> 
 class Generator:
     """Makes the i-th delivery of a run deterministically from a seed."""
 
-    def __init__(self, templates: dict[str, list[dict[str, Any]]], shape: Shape, seed: int = 1) -> None:
+    def __init__(
+        self, templates: dict[str, list[dict[str, Any]]], shape: Shape, seed: int = 1, mix: dict[str, int] | None = None
+    ) -> None:
         self.templates = templates
         self.shape = shape
         self.rng = random.Random(seed)
-        self.events = list(MIX)
-        self.weights = [MIX[e] for e in self.events]
+        weights = MIX if mix is None else mix
+        self.events = list(weights)
+        self.weights = [weights[e] for e in self.events]
         # Deliveries made so far per (repository, PR): its head commit moves every PUSH_EVERY.
         self.seen: dict[tuple[int, int], int] = {}
 

@@ -116,7 +116,10 @@ def pull_request_upsert(with_files: bool) -> sa.Executable:
     return stmt.on_conflict_do_update(
         index_elements=[t.c.repo_id, t.c.pr_number],
         set_={**new, **flag_changed(t)},
-        where=sa.and_(_pr_order(ex) >= _pr_order(t.c), differs(t, new)),
+        # The digest covers every column of the snapshot: comparing it is comparing them all.
+        where=sa.and_(
+            _pr_order(ex) >= _pr_order(t.c), differs(t, {"digest": ex.digest, "files_status": new["files_status"]})
+        ),
     )
 
 
@@ -154,7 +157,7 @@ def check_upsert() -> sa.Executable:
     return stmt.on_conflict_do_update(
         index_elements=[t.c.repo_id, t.c.head_sha, t.c.source, t.c.name],
         set_={**new, "updated_at": sa.func.now()},
-        where=sa.and_(_check_order(ex) >= _check_order(t.c), differs(t, new)),
+        where=sa.and_(_check_order(ex) >= _check_order(t.c), differs(t, {"digest": ex.digest})),
     )
 
 
