@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from flask import Flask
 
+from . import migrate
 from .app import services
 from .database import DatabaseUnavailable
 from .delivery import Delivery
@@ -18,13 +20,40 @@ log = logging.getLogger(__name__)
 # Short enough that a spool empties within seconds of the database coming back;
 # while it is down, each tick costs one refused connection.
 DRAIN_INTERVAL_S = 1.0
+# How long a schema found migrated is trusted before the drainer looks again.
+SCHEMA_RECHECK_S = 10.0
+
+
+class SchemaPending(DatabaseUnavailable):
+    """The database answers but is not migrated: keep the spool until it is."""
 
 
 def spool_handler(app: Flask) -> Callable[[Spooled], None]:
     """Apply one spooled delivery exactly as the view would have; raise to keep it spooled."""
     svc = services(app)
+    said: list[str] = []  # the last problem logged: said once, not on every tick
+    checked_at = [-SCHEMA_RECHECK_S]
+
+    def check_schema() -> None:
+        # Without this every tick would log the missing table's error (twice a second with
+        # two workers) instead of the one thing to do about it. Once a pass, not once a file.
+        if time.monotonic() - checked_at[0] < SCHEMA_RECHECK_S:
+            return
+        try:
+            problem = migrate.pending(svc.database.engine)
+        except Exception as exc:  # unreachable: the drain pauses, the drainer says so once
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        if problem is None:
+            said.clear()
+            checked_at[0] = time.monotonic()
+            return
+        if problem not in said:
+            log.warning("spool kept: %s", problem)
+            said[:] = [problem]
+        raise SchemaPending(problem)
 
     def handle(item: Spooled) -> None:
+        check_schema()
         try:
             delivery = Delivery.from_http(
                 delivery_id=item.delivery_id,

@@ -7,30 +7,59 @@ The FLOWLENS_* variables below tune it; GUNICORN_CMD_ARGS overrides anything.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+
+def _positive_int(*names: str, default: int) -> int:
+    """The first of these variables that is set, as a positive integer; one line and exit 1 otherwise."""
+    for name in names:
+        raw = (os.environ.get(name) or "").strip()
+        if raw:
+            if not raw.isdigit() or int(raw) < 1:
+                # gunicorn prints a traceback for an exception here; SystemExit is one line.
+                raise SystemExit(f"flowlens-ingest: {name} must be a positive integer, got {raw!r}")
+            return int(raw)
+    return default
+
+
+bind = os.environ.get("FLOWLENS_BIND") or f"0.0.0.0:{_positive_int('PORT', default=8000)}"
+
+
+def instance_name(address: str) -> str:
+    """A folder name for one instance: its port (or the whole address, e.g. a unix socket)."""
+    port = address.rsplit(":", 1)[-1]
+    return port if port.isdigit() else re.sub(r"[^A-Za-z0-9_.-]", "_", address)
+
 
 # Metrics from every worker are summed through files in this folder. prometheus_client
 # reads the variable once, when first imported: set it here, in the master, before any
 # worker (which inherits it) creates a metric. flowlens_ingest imports it lazily for this.
+# One folder per instance (its port): on_starting empties it, and two instances sharing
+# one would wipe and sum each other's counters.
 _metrics_dir = Path(
     os.environ.setdefault(
         "PROMETHEUS_MULTIPROC_DIR",
-        str(Path(os.environ.get("FLOWLENS_DATA_DIR") or ".flowlens").expanduser().resolve() / "metrics"),
+        str(
+            Path(os.environ.get("FLOWLENS_DATA_DIR") or ".flowlens").expanduser().resolve()
+            / "metrics"
+            / instance_name(bind)
+        ),
     )
 )
 _multiprocess: Any = None
+_metrics_lock: IO[bytes] | None = None
 if "prometheus_client.values" in sys.modules:
     # Too late: workers would inherit per-process values and /metrics would show
     # one worker's share. Refuse to start rather than serve wrong numbers.
     raise RuntimeError("prometheus_client was imported before gunicorn_conf set PROMETHEUS_MULTIPROC_DIR")
 
-bind = os.environ.get("FLOWLENS_BIND") or f"0.0.0.0:{os.environ.get('PORT', '8000')}"
-workers = int(os.environ.get("FLOWLENS_WORKERS") or os.environ.get("WEB_CONCURRENCY") or (os.cpu_count() or 1) + 1)
+workers = _positive_int("FLOWLENS_WORKERS", "WEB_CONCURRENCY", default=(os.cpu_count() or 1) + 1)
 # Threads overlap the database round trips of one worker.
 worker_class = "gthread"
-threads = int(os.environ.get("FLOWLENS_THREADS") or 4)
+threads = _positive_int("FLOWLENS_THREADS", default=4)
 # One connection per thread plus one for the spool drainer, unless set: with fewer,
 # a request waits for a connection and, after pool_timeout, is spooled for nothing.
 os.environ.setdefault("FLOWLENS_POOL_SIZE", str(threads + 1))
@@ -39,7 +68,7 @@ os.environ.setdefault("FLOWLENS_POOL_SIZE", str(threads + 1))
 timeout = 10
 # On SIGTERM a worker stops accepting and finishes what it holds; the longest
 # delivery is one statement timeout plus a few retries, well inside this.
-graceful_timeout = int(os.environ.get("FLOWLENS_GRACEFUL_TIMEOUT") or 20)
+graceful_timeout = _positive_int("FLOWLENS_GRACEFUL_TIMEOUT", default=20)
 # Idle keep-alive connections (nginx's, in production) are closed after 5 s; nginx-conf
 # makes nginx drop its own idle ones after 4 s, so it never reuses one being closed here.
 keepalive = 5
@@ -82,16 +111,54 @@ def on_starting(server: Any) -> None:
 
         # Half-written spool files of a process that crashed (never promised to anyone).
         Spool(settings.spool_dir, settings.spool_max_bytes).remove_partial_files(PARTIAL_AT_START_S)
+    _claim_metrics_dir()
     # A previous run's metric files would be summed with this one's.
-    _metrics_dir.mkdir(parents=True, exist_ok=True)
     # Only prometheus_client's files: the folder may be one an operator chose.
     for path in _metrics_dir.glob("*.db"):
         path.unlink(missing_ok=True)
+    problem = _schema_problem(settings.database_url)
+    if problem:
+        server.log.warning("flowlens-ingest: %s", problem)
     # Imported now, in the master, not first in child_exit: that runs in a SIGCHLD
     # handler, and a second worker exiting mid-import re-entered the half-imported
     # package (ImportError, master exiting 1 at shutdown).
     global _multiprocess
     from prometheus_client import multiprocess as _multiprocess
+
+
+def _claim_metrics_dir() -> None:
+    """Hold a lock on the metrics folder for this instance's life; refuse to start if another holds it."""
+    import fcntl
+
+    global _metrics_lock
+    _metrics_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(_metrics_dir / ".lock", "ab")  # noqa: SIM115 (held open, by the master and its workers, until exit)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise RuntimeError(
+            f"flowlens-ingest: another instance is running with the metrics folder {_metrics_dir}"
+            " (PROMETHEUS_MULTIPROC_DIR): stop it, or give this one another port or folder"
+        ) from None
+    _metrics_lock = lock
+
+
+def _schema_problem(url: str | None) -> str | None:
+    """Say once, at start, that the database needs migrating (workers would fail every delivery)."""
+    import sqlalchemy as sa
+
+    from flowlens_ingest import migrate
+
+    if not url:
+        return None
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 3})
+    try:
+        return migrate.pending(engine)
+    except sa.exc.SQLAlchemyError:
+        return None  # unreachable now: /readyz says so, and the spool holds deliveries
+    finally:
+        engine.dispose()
 
 
 def post_worker_init(worker: Any) -> None:

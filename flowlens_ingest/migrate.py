@@ -65,3 +65,15 @@ def revisions(engine: Engine) -> tuple[str | None, str | None]:
     with engine.connect() as conn:
         current = MigrationContext.configure(conn).get_current_revision()
     return current, head()
+
+
+UPGRADE_COMMAND = "flowlens-ingest db upgrade"
+
+
+def pending(engine: Engine) -> str | None:
+    """Why the database is not ready for this release, naming the command that migrates it; None when it is."""
+    current, newest = revisions(engine)
+    if current == newest or (current is not None and not is_known(current)):
+        return None  # at head, or migrated by a newer release (a rolling deploy)
+    at = f"at revision {current}" if current else "not migrated"
+    return f"the database is {at}, this release needs {newest}: run `{UPGRADE_COMMAND}`"

@@ -32,7 +32,8 @@ def readyz() -> tuple[Response, int]:
         return jsonify({"status": "ready", "revision": current}), 200
     if current is not None and not migrate.is_known(current):
         return jsonify({"status": "ready", "revision": current, "schema": "newer than this release"}), 200
-    return jsonify({"status": "unavailable", "database": "migrations pending"}), 503
+    reason = {"status": "unavailable", "database": "migrations pending", "fix": f"run `{migrate.UPGRADE_COMMAND}`"}
+    return jsonify(reason), 503
 
 
 @bp.get("/metrics")

@@ -112,7 +112,11 @@ def _answer(outcome: Outcome, status: int, event: str, delivery_id: str, action:
     elapsed = time.perf_counter() - g.started
     services().metrics.delivery(event, outcome, elapsed)
     log.log(
-        logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO,
+        logging.ERROR
+        if status >= 500
+        else logging.WARNING
+        if status >= 400 or outcome is Outcome.FAILED
+        else logging.INFO,
         "delivery",
         extra={
             "delivery": delivery_id[:200],

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
-from flowlens_ingest.schema import pull_requests
+from flowlens_ingest import __version__, migrate
+from flowlens_ingest.schema import pull_requests, webhook_deliveries
 
-from .helpers import PAYLOADS, SECRET, free_port, rows
+from .databases import create_scratch_database, drop_database
+from .helpers import PAYLOADS, SECRET, free_port, load_payload, rows
+from .serving import wait_for
 
 OPENED_FILE = PAYLOADS / "pull_request" / "opened.payload.json"
 
@@ -99,6 +105,8 @@ def test_send_signs_and_posts_a_file_to_a_running_service(service, db, database_
     assert len(lines) == 2 and "(2 deliveries)" in listed.stderr
     assert " ping " in lines[0] and "ignored" in lines[0]
     assert "cli-1 pull_request/opened applied" in lines[1]
+    # Times carry their zone (UTC, the ISO 8601 form `replay --since` takes).
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line) for line in lines), lines
 
 
 @pytest.mark.slow
@@ -124,6 +132,8 @@ def test_send_without_a_secret_says_so(tmp_path):
     result = cli("send", str(OPENED_FILE), "--event", "pull_request", FLOWLENS_DATA_DIR=str(tmp_path))
     assert result.returncode == 2
     assert "GITHUB_WEBHOOK_SECRET is not set" in result.stderr and "Traceback" not in result.stderr
+    # Names the variable that says where it looked, and the folder it looked in.
+    assert f"FLOWLENS_DATA_DIR ({tmp_path})" in result.stderr
 
 
 def test_send_names_a_file_it_cannot_read(tmp_path):
@@ -157,3 +167,115 @@ def test_operator_commands_never_create_an_embedded_database(command, tmp_path):
     assert result.stderr.startswith("flowlens-ingest: no database: DATABASE_URL is not set and ")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "pgdata").exists()
+
+
+@pytest.mark.slow
+def test_send_finds_the_running_service_and_fails_on_a_failed_delivery(service, db, tmp_path):
+    # No --url: the URL the `serve` of this data directory wrote (not always port 8000).
+    url_file = tmp_path / "url"
+    wait_for(lambda: url_file.exists() and url_file.read_text().strip(), "serve to write its URL")
+    assert url_file.read_text().strip() == service.url + "/webhook"
+    data_dir = {"FLOWLENS_DATA_DIR": str(tmp_path), "GITHUB_WEBHOOK_SECRET": SECRET}
+    sent = cli("send", str(OPENED_FILE), "--event", "pull_request", **data_dir)
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout.split(" ", 1)[1])["outcome"] == "applied"
+
+    # Accepted (202) but failed to apply: a script must not take it for done.
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(dict(load_payload("pull_request/opened.payload.json"), pull_request=[])))
+    failed = cli("send", str(broken), "--event", "pull_request", **data_dir)
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stdout.startswith("202 ") and json.loads(failed.stdout.split(" ", 1)[1])["outcome"] == "failed"
+
+    # FLOWLENS_URL wins over the data directory's URL.
+    elsewhere = f"http://127.0.0.1:{free_port()}/webhook"
+    missed = cli("send", str(OPENED_FILE), "--event", "pull_request", FLOWLENS_URL=elsewhere, **data_dir)
+    assert missed.returncode == 2 and f"cannot reach {elsewhere}" in missed.stderr
+
+
+def test_help_shows_defaults_environment_and_examples():
+    top = cli("--help")
+    assert top.returncode == 0
+    assert "Examples:" in top.stdout and "FLOWLENS_DATA_DIR" in top.stdout and "DATABASE_URL" in top.stdout
+    version = cli("--version")
+    assert version.returncode == 0 and __version__ in version.stdout
+
+    expected = {
+        "serve": ["default: 8000", "default: 127.0.0.1", "env var: FLOWLENS_WORKERS", "default: (cores + 1)"],
+        "send": ["env var: FLOWLENS_URL", "Examples:"],
+        "deliveries": ["--failed", "Only deliveries that failed", "default: 50"],
+        "replay": ["--since", "ISO 8601", "Only deliveries that failed"],
+        "prune": ["--older-than", "30d", "--include-failed", "Examples:"],
+        "nginx-conf": ["default: 0.0.0.0:80", "default: 127.0.0.1:8000"],
+    }
+    for command, texts in expected.items():
+        shown = cli(command, "--help")
+        assert shown.returncode == 0, shown.stderr
+        flat = " ".join(shown.stdout.split())
+        for text in texts:
+            assert text in flat, (command, text, shown.stdout)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["deliveries", "--limit", "-1"], {}, "Invalid value for '--limit'"),
+        (["serve"], {"FLOWLENS_WORKERS": "abc"}, "FLOWLENS_WORKERS"),
+        (["prune", "--older-than", "thirty"], {}, "use a number and d, h, m or s"),
+        (["replay", "--failed", "--since", "2026-01-01"], {}, "--failed and --since cannot be used together"),
+        (["nosuchcommand"], {}, "No such command"),
+    ],
+    ids=["negative-limit", "workers-env", "duration", "replay-both", "unknown-command"],
+)
+def test_bad_input_is_one_line_never_a_traceback(args, env, message, tmp_path):
+    result = cli(*args, FLOWLENS_DATA_DIR=str(tmp_path), **env)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("flowlens-ingest: ") and message in line
+    assert not (tmp_path / "pgdata").exists()
+
+
+def test_db_upgrade_to_an_unknown_revision_is_one_line(database_url):
+    result = cli("db", "upgrade", "zzz", DATABASE_URL=database_url)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "flowlens-ingest: cannot upgrade to 'zzz': Can't locate revision identified by 'zzz'"
+    )
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def unmigrated(server_url):
+    url = create_scratch_database(server_url, prefix="flowlens_unmigrated")
+    yield url
+    drop_database(url)
+
+
+@pytest.mark.parametrize("command", [["deliveries"], ["replay", "--failed"], ["prune", "--older-than", "30d"]])
+def test_operator_commands_never_migrate_and_say_what_does(command, unmigrated):
+    result = cli(*command, DATABASE_URL=unmigrated)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("flowlens-ingest: the database is not migrated") and "`flowlens-ingest db upgrade`" in line
+    engine = sa.create_engine(unmigrated, poolclass=sa.pool.NullPool)
+    try:
+        assert migrate.revisions(engine)[0] is None
+    finally:
+        engine.dispose()
+
+
+def test_prune_shows_its_progress(deliver, db, database_url):
+    for number in range(3):
+        deliver(load_payload("ping/payload.json"), "ping", delivery=f"old-{number}")
+    with db.begin() as conn:
+        conn.execute(sa.update(webhook_deliveries).values(received_at=sa.func.now() - timedelta(days=40)))
+    pruned = cli("prune", "--older-than", "30d", DATABASE_URL=database_url)
+    assert pruned.returncode == 0, pruned.stderr
+    assert "flowlens-ingest: pruned 3 so far" in pruned.stderr.splitlines()[-1]
+    assert pruned.stdout.strip() == "flowlens-ingest: pruned 3 journal entries"
+
+
+def test_db_shell_runs_psql_on_the_database(db, database_url):
+    result = cli("db", "shell", "-At", "-c", "SELECT count(*) FROM webhook_deliveries", DATABASE_URL=database_url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"

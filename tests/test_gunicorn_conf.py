@@ -48,7 +48,8 @@ def test_defaults_follow_the_platform(tmp_path):
     assert (found["bind"], found["workers"], found["threads"]) == ("0.0.0.0:5123", 3, 4)
     # Inside GitHub's 10 s, and long enough to finish a delivery in flight.
     assert found["timeout"] <= 10 and found["graceful_timeout"] >= 10
-    assert found["metrics_dir"] == str(tmp_path.resolve() / ".flowlens" / "metrics")
+    # One metrics folder per instance (its port): a second instance must not empty the first's.
+    assert found["metrics_dir"] == str(tmp_path.resolve() / ".flowlens" / "metrics" / "5123")
     # The metrics mode is chosen at prometheus_client's import: not before the workers'.
     assert found["prometheus_imported"] is False
     assert found["json_logs"] is True
@@ -69,7 +70,7 @@ def test_the_data_directory_and_text_logs(tmp_path):
         FLOWLENS_BIND="127.0.0.1:9000",
         FLOWLENS_WORKERS="2",
     )
-    assert found["metrics_dir"] == str(tmp_path / "data" / "metrics")
+    assert found["metrics_dir"] == str(tmp_path / "data" / "metrics" / "9000")
     assert (found["bind"], found["workers"], found["json_logs"]) == ("127.0.0.1:9000", 2, False)
 
 
@@ -78,3 +79,11 @@ def test_refuses_to_start_after_prometheus_client_was_imported(tmp_path):
     result = load(tmp_path, prelude="import prometheus_client;")
     assert result.returncode != 0
     assert "prometheus_client was imported before gunicorn_conf set PROMETHEUS_MULTIPROC_DIR" in result.stderr
+
+
+def test_a_bad_number_is_one_line_not_a_traceback(tmp_path):
+    # What gunicorn itself does with the Procfile's command: import this file, which exits.
+    for name in ("FLOWLENS_WORKERS", "FLOWLENS_THREADS", "PORT"):
+        result = load(tmp_path, **{name: "abc"})
+        assert result.returncode == 1
+        assert result.stderr.strip() == f"flowlens-ingest: {name} must be a positive integer, got 'abc'"

@@ -92,7 +92,7 @@ def test_metrics_are_summed_over_the_workers_of_serve(db, database_url, tmp_path
         post_unsigned(service, 3)
         assert_every_scrape_shows_the_sum(service, counts, unsigned=3)
         # Where the sum came from: one file of samples per worker, in the data directory.
-        assert len(list((tmp_path / "metrics").glob("counter_*.db"))) == 3
+        assert len(list((tmp_path / "metrics" / str(service.port)).glob("counter_*.db"))) == 3
         assert service.stop() == 0
 
 
@@ -103,7 +103,7 @@ def test_metrics_are_summed_over_the_workers_of_the_procfile_command(db, databas
         counts = spread_deliveries(service)
         post_unsigned(service, 2)
         assert_every_scrape_shows_the_sum(service, counts, unsigned=2)
-        assert len(list((tmp_path / ".flowlens" / "metrics").glob("counter_*.db"))) == 3
+        assert len(list((tmp_path / ".flowlens" / "metrics" / str(service.port)).glob("counter_*.db"))) == 3
         assert service.stop() == 0
 
 
@@ -175,7 +175,7 @@ def test_metrics_are_summed_across_workers_and_count_two_round_trips_per_deliver
             sent += 1
         assert workers_connected() == 3
         # Each worker writes its own sample file.
-        assert len(list((tmp_path / "metrics").glob("counter_*.db"))) == 3
+        assert len(list((tmp_path / "metrics" / str(service.port)).glob("counter_*.db"))) == 3
         post_unsigned(service, 2)
 
         wait_for(

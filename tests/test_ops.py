@@ -113,7 +113,10 @@ def test_readiness_drops_while_the_schema_is_behind(server_url, tmp_path):
         with running(Service(url, tmp_path)) as service:
             assert readiness(service)[0] == 200
             migrate.downgrade(url, "base")
-            assert readiness(service) == (503, {"status": "unavailable", "database": "migrations pending"})
+            assert readiness(service) == (
+                503,
+                {"status": "unavailable", "database": "migrations pending", "fix": "run `flowlens-ingest db upgrade`"},
+            )
             migrate.upgrade(url)
             assert readiness(service)[0] == 200
             assert service.stop() == 0

@@ -33,7 +33,17 @@ from flowlens_ingest.signature import sign
 
 from .databases import create_scratch_database, drop_database
 from .helpers import PREVIOUS_SECRET, SECRET, free_port, github_headers, load_payload, rows, wait_until
-from .serving import ProcfileService, Service, gunicorn_master, log_entries, run_release, running, wait_for, workers
+from .serving import (
+    ProcfileService,
+    Service,
+    gunicorn_master,
+    log_entries,
+    metric,
+    run_release,
+    running,
+    wait_for,
+    workers,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -422,3 +432,175 @@ def test_stopped_while_starting_it_still_stops_its_embedded_server(home):
         assert "Traceback" not in service.logs()
     finally:
         service.stop()
+
+
+# --- a second instance, a taken port, a dead parent, a closed terminal ------------------------
+
+
+def serve_once(data_dir: Path, port: int, **env: str) -> subprocess.CompletedProcess:
+    """`flowlens-ingest serve` run to its end (a start that must fail)."""
+    environment = _clean_env(FLOWLENS_DATA_DIR=str(data_dir), GITHUB_WEBHOOK_SECRET=SECRET, **env)
+    return subprocess.run(
+        [sys.executable, "-m", "flowlens_ingest.cli", "serve", "--port", str(port)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_second_serve_in_the_same_folder_leaves_the_first_ones_metrics(db, database_url, tmp_path):
+    counted = {"event": "pull_request", "outcome": "applied"}
+    with running(Service(database_url, tmp_path)) as first:
+        assert first.post(OPENED, "pull_request").json()["outcome"] == "applied"
+        assert metric(first, "flowlens_deliveries_total", **counted) == 1
+
+        # The same port: refused before anything starts, in one line, and nothing emptied.
+        again = serve_once(tmp_path, first.port, DATABASE_URL=database_url)
+        assert again.returncode == 2
+        assert again.stderr.strip() == (
+            f"flowlens-ingest: port {first.port} on 127.0.0.1 is already in use (another `flowlens-ingest serve`?):"
+            " stop it, or choose another --port"
+        )
+        assert "listening" not in again.stdout
+        assert metric(first, "flowlens_deliveries_total", **counted) == 1
+
+        # Another port: its own metrics folder, its own numbers; the first keeps its own.
+        with running(Service(database_url, tmp_path)) as second:
+            assert metric(second, "flowlens_deliveries_total", **counted) is None
+            assert second.post(CLOSED, "pull_request").json()["outcome"] == "applied"
+            assert second.post(OTHER_PR, "pull_request").json()["outcome"] == "applied"
+            assert metric(second, "flowlens_deliveries_total", **counted) == 2
+            assert metric(first, "flowlens_deliveries_total", **counted) == 1
+            assert second.stop() == 0
+        assert first.stop() == 0
+
+
+def test_a_port_taken_by_another_program_is_one_line_and_no_listening(tmp_path, database_url):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve_once(tmp_path, port, DATABASE_URL=database_url)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (
+        f"flowlens-ingest: port {port} on 127.0.0.1 is already in use (another `flowlens-ingest serve`?):"
+        " stop it, or choose another --port"
+    )
+    assert result.stdout == ""
+
+
+def test_listening_is_said_once_gunicorn_has_bound(db, database_url, tmp_path):
+    with running(Service(database_url, tmp_path)) as service:
+        line = f"flowlens-ingest: listening on {service.url}/webhook"
+        wait_for(lambda: line in service.logs(), "the listening line")
+        logs = service.logs()
+        assert logs.index('"Listening at: ') < logs.index(line)
+        assert service.stop() == 0
+
+
+def test_sighup_stops_serve_like_a_closed_terminal(db, database_url, tmp_path):
+    with running(Service(database_url, tmp_path)) as service:
+        master = gunicorn_master(service)
+        service.process.send_signal(signal.SIGHUP)
+        assert service.process.wait(60) == 0
+        assert not master.is_running() or master.status() == psutil.STATUS_ZOMBIE
+        assert any(e["msg"] == "Handling signal: term" for e in log_entries(service))
+        assert not any(e["msg"] == "Handling signal: hup" for e in log_entries(service))
+
+
+def gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_kill_9_of_serve_takes_gunicorn_with_it_and_the_next_serve_cleans_up(home):
+    service = first_run(home)
+    with running(service):
+        master = gunicorn_master(service)
+        server = postmaster(home)
+        assert server is not None
+        os.kill(service.process.pid, signal.SIGKILL)
+        service.process.wait(30)
+        # gunicorn's master had `serve` as parent: it is told, and stops with its workers.
+        wait_for(lambda: gone(master), "gunicorn to stop after its parent died", timeout=60)
+        dead = service.process.pid
+        assert dead in json.loads((home / "pgdata" / ".handle_pids.json").read_text())
+
+    with running(first_run(home)) as again:
+        # The dead `serve` no longer counts as a user of the embedded server.
+        users = json.loads((home / "pgdata" / ".handle_pids.json").read_text())
+        assert dead not in users and again.process.pid in users
+        body = json.dumps(OPENED).encode()
+        secret = (home / "webhook-secret").read_text().strip()
+        answer = requests.post(
+            again.url + "/webhook", data=body, timeout=15, headers=github_headers(body, "pull_request", secret=secret)
+        )
+        assert answer.json()["outcome"] == "applied"
+        server = postmaster(home)
+        assert server is not None
+
+        # Operator commands join the running server and leave it running.
+        env = _clean_env(FLOWLENS_DATA_DIR=str(home))
+        listed = subprocess.run(
+            [sys.executable, "-m", "flowlens_ingest.cli", "deliveries"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0 and "pull_request/opened applied" in listed.stdout, listed.stderr
+        shell = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flowlens_ingest.cli",
+                "db",
+                "shell",
+                "-At",
+                "-c",
+                "SELECT count(*) FROM pull_requests",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (shell.returncode, shell.stdout.strip()) == (0, "1"), shell.stderr
+        assert postmaster(home) is not None and postmaster(home).pid == server.pid
+        assert again.stop() == 0
+    # The last live user has gone: the server stops.
+    server.wait(30)
+    wait_for(lambda: postmaster(home) is None, "the embedded server to stop")
+
+
+def test_an_unmigrated_database_is_named_once_with_the_command_that_migrates(fresh_database, tmp_path):
+    fix = "run `flowlens-ingest db upgrade`"
+    with running(Service(fresh_database, tmp_path, workers=1)) as service:
+        said = [e for e in log_entries(service) if fix in e["msg"]]
+        assert len(said) == 1 and said[0]["level"] == "warning", service.logs()
+        ready = requests.get(service.url + "/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["fix"] == fix
+
+        # Spooled (nothing can be stored), and the drainer says why once, not every tick.
+        assert service.post(OPENED, "pull_request", delivery="early").json()["outcome"] == "spooled"
+        wait_for(lambda: log_entries(service, "spool kept: " + said[0]["msg"].split(": ", 1)[1]), "the drainer's word")
+        upgraded = subprocess.run(
+            [sys.executable, "-m", "flowlens_ingest.cli", "db", "upgrade"],
+            env=_clean_env(DATABASE_URL=fresh_database),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert upgraded.returncode == 0, upgraded.stderr
+        wait_for(lambda: log_entries(service, "spooled delivery applied"), "the spool to drain once migrated")
+        kept = [e for e in log_entries(service) if e["msg"].startswith("spool kept: ")]
+        assert len(kept) == 1, kept
+        # The view said what failed for its one delivery; the drainer never repeats the table error.
+        after = service.logs().split("spool kept: ", 1)[1]
+        assert "does not exist" not in after
+        assert requests.get(service.url + "/readyz", timeout=10).status_code == 200
+        assert service.stop() == 0
