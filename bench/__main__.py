@@ -141,22 +141,31 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
-def backend_pids(url: str) -> list[int]:
-    """The PostgreSQL backends serving the service (pg_stat_activity, by application name)."""
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    with engine.connect() as conn:
-        pids = (
-            conn.execute(
-                sa.text(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND application_name = 'flowlens-ingest'"
-                )
-            )
-            .scalars()
-            .all()
-        )
-    engine.dispose()
-    return list(pids)
+def postgres_cpu() -> dict[int, float]:
+    """CPU seconds used so far by every PostgreSQL server process on the machine, by pid.
+
+    Compared before and after the measured phase (new pids count whole): the service's
+    backends may be replaced during a run (a recycled pool, a new sync worker), so a
+    list of backend pids taken at the start would miss them.
+    """
+    found: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if text[text.index("(") + 1 : text.rindex(")")] != "postgres":
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return found
+
+
+def postgres_cpu_since(before: dict[int, float]) -> float:
+    """PostgreSQL CPU seconds used since `before` was taken (processes that exited meanwhile are lost)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in postgres_cpu().items())
 
 
 def machine_busy_seconds() -> float:
@@ -469,10 +478,10 @@ def measure_mix(
 
         workers = service.workers()
         before_metrics = service.metrics()
-        pg = backend_pids(url)
+        pg_before = postgres_cpu()
         before_cpu = {
             "workers": cpu_seconds(workers),
-            "postgres": cpu_seconds(pg),
+            "postgres": 0.0,
             "machine": machine_busy_seconds(),
         }
         profiles = (
@@ -493,7 +502,7 @@ def measure_mix(
         )
         after_cpu = {
             "workers": cpu_seconds(workers),
-            "postgres": cpu_seconds(pg),
+            "postgres": postgres_cpu_since(pg_before),
             "machine": machine_busy_seconds(),
         }
         after_metrics = service.metrics()
