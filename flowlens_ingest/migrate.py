@@ -5,13 +5,12 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.engine import Engine
-
-from alembic import command
 
 
 def script_location() -> Path:

@@ -11,7 +11,6 @@ Everything here is PostgreSQL 11 syntax.
 from __future__ import annotations
 
 import sqlalchemy as sa
-
 from alembic import context, op
 
 

@@ -6,8 +6,8 @@ from contextlib import redirect_stdout
 
 import pytest
 import sqlalchemy as sa
-
 from alembic import command
+
 from flowlens_ingest import migrate
 from flowlens_ingest.schema import metadata
 from flowlens_ingest.values import JOURNALED_OUTCOMES, BuildStatus, CheckSource
