@@ -11,8 +11,9 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from .serving import wait_up
 
 NGINX = shutil.which("nginx") or next(
     (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
@@ -85,16 +86,15 @@ class Nginx:
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Block until nginx accepts connections."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nginx exited {self.process.returncode}:\n{self.logs()}")
+
+        def listening() -> bool:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
+                    return True
             except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"nginx not listening on {self.port}:\n{self.logs()}")
+                return False
+
+        wait_up(self.process, listening, f"nginx on port {self.port}", self.logs, timeout)
 
     def logs(self) -> str:
         """nginx's own output and error log so far."""

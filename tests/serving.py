@@ -52,17 +52,14 @@ class Service:
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Block until /healthz answers."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"service exited early:\n{self.log_path.read_text(errors='replace')}")
+
+        def healthy() -> bool:
             try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
+                return requests.get(self.url + "/healthz", timeout=1).status_code == 200
             except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"service not ready:\n{self.log_path.read_text(errors='replace')}")
+                return False
+
+        wait_up(self.process, healthy, "service", self.logs, timeout)
 
     def post(self, payload: dict[str, Any] | bytes, event: str, **kwargs: Any) -> requests.Response:
         """Sign and POST a delivery over real HTTP."""
@@ -85,6 +82,20 @@ class Service:
     def logs(self) -> str:
         """Everything the service printed so far."""
         return self.log_path.read_text(errors="replace")
+
+
+def wait_up(
+    process: subprocess.Popen[bytes], probe: Callable[[], bool], what: str, logs: Callable[[], str], timeout: float
+) -> None:
+    """Block until `probe()` holds; RuntimeError with `logs()` if `process` exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited {process.returncode}:\n{logs()}")
+        if probe():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} not ready after {timeout} s:\n{logs()}")
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
