@@ -137,7 +137,8 @@ def db_upgrade(revision: str) -> int:
         return fail(f"cannot upgrade to {revision!r}: {exc}")
     except sa.exc.OperationalError:
         return fail(f"database unavailable ({where}); nothing migrated")
-    del server
+    if server is not None:
+        server.close()
     print(f"flowlens-ingest: {where} at {revision}")
     return 0
 
@@ -181,7 +182,8 @@ def db_shell(arguments: Sequence[str]) -> int:
         code = subprocess.call([psql, dsn, *arguments], env=dict(os.environ, **extra))
     finally:
         signal.signal(signal.SIGINT, previous)
-    del server
+    if server is not None:
+        server.close()
     return code
 
 

