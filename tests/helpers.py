@@ -108,12 +108,15 @@ def rows(engine: Engine, table: sa.Table, *columns: str) -> list[dict[str, Any]]
         return [dict(r._mapping) for r in result]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
-    """Poll `condition` until it holds; fail after `timeout` seconds."""
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    """Poll `condition` until it returns something truthy, and return that; fail after `timeout` s."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while True:
+        value = condition()
+        if value:
+            return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
 
 

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from .helpers import PREVIOUS_SECRET, SECRET, free_port, github_headers
+from .helpers import PREVIOUS_SECRET, SECRET, free_port, github_headers, wait_for
 
 PROCFILE = Path(__file__).resolve().parent.parent / "Procfile"
 
@@ -96,18 +95,6 @@ def wait_up(
             return
         time.sleep(0.05)
     raise RuntimeError(f"{what} not ready after {timeout} s:\n{logs()}")
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    """Poll `condition` until it returns something truthy, and return that; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def procfile() -> dict[str, str]:

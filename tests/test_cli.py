@@ -18,8 +18,7 @@ from flowlens_ingest import __version__, migrate
 from flowlens_ingest.schema import pull_requests, webhook_deliveries
 
 from .databases import create_scratch_database, drop_database
-from .helpers import PAYLOADS, SECRET, free_port, load_payload, rows
-from .serving import wait_for
+from .helpers import PAYLOADS, SECRET, free_port, load_payload, rows, wait_for
 
 OPENED_FILE = PAYLOADS / "pull_request" / "opened.payload.json"
 

@@ -18,7 +18,7 @@ from flowlens_ingest.mappers import map_delivery
 from flowlens_ingest.plan import Plan
 from flowlens_ingest.schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories, webhook_deliveries
 
-from .helpers import rows, wait_until
+from .helpers import rows, wait_for
 from .serving import Service, metric
 from .stories import (
     START,
@@ -211,9 +211,7 @@ def test_a_burst_of_500_checks_for_one_repository_under_snapshot_isolation_appli
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(send, range(BURST)))
         # Spooled ones (if any) are applied by the drainers within seconds.
-        wait_until(
-            lambda: len(rows(db, webhook_deliveries, "delivery_id")) == BURST + 1, what="every delivery journaled"
-        )
+        wait_for(lambda: len(rows(db, webhook_deliveries, "delivery_id")) == BURST + 1, what="every delivery journaled")
         retries = sum(metric(service, "flowlens_db_retries_total", reason=code) or 0 for code in ("40001", "40P01"))
     finally:
         service.stop()

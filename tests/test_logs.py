@@ -13,8 +13,8 @@ import requests
 from flowlens_ingest import logs
 from flowlens_ingest.config import Settings
 
-from .helpers import PREVIOUS_SECRET, SECRET, free_port, github_headers, load_payload
-from .serving import Service, log_entries, metric, running, wait_for
+from .helpers import PREVIOUS_SECRET, SECRET, free_port, github_headers, load_payload, wait_for
+from .serving import Service, log_entries, metric, running
 
 OPENED = load_payload("pull_request/opened.payload.json")
 PING = load_payload("ping/payload.json")

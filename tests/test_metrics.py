@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from flowlens_ingest import metrics as metrics_module
 from flowlens_ingest.spool import SUFFIX
 
-from .helpers import free_port, github_headers, load_payload
-from .serving import ProcfileService, Service, log_entries, metric, running, sample, wait_for, workers
+from .helpers import free_port, github_headers, load_payload, wait_for
+from .serving import ProcfileService, Service, log_entries, metric, running, sample, workers
 
 OPENED = load_payload("pull_request/opened.payload.json")
 PING = load_payload("ping/payload.json")

@@ -13,8 +13,8 @@ from flowlens_ingest import migrate
 from flowlens_ingest.app import create_app
 
 from .databases import ThrowawayPostgres, app_on_scratch_database, create_scratch_database, drop_database
-from .helpers import make_settings
-from .serving import Service, running, wait_for
+from .helpers import make_settings, wait_for
+from .serving import Service, running
 
 
 def test_healthz_answers_without_a_signature(client):

@@ -23,7 +23,7 @@ from flowlens_ingest import migrate
 from flowlens_ingest.schema import pipeline_runs, pull_requests, webhook_deliveries
 
 from .databases import ThrowawayPostgres
-from .helpers import load_payload, rows, wait_until
+from .helpers import load_payload, rows, wait_for
 from .serving import Service
 
 pytestmark = pytest.mark.slow
@@ -127,14 +127,14 @@ def test_database_outage_under_traffic_loses_nothing_and_applies_everything_once
     spool_dir = tmp_path / "service" / "spool"
     try:
         service.wait_ready()
-        wait_until(lambda: ready(service) == 200, what="/readyz 200")
+        wait_for(lambda: ready(service) == 200, what="/readyz 200")
         with Traffic(service) as traffic:
-            wait_until(lambda: traffic.count("before", "applied") >= 30, what="traffic to flow")
+            wait_for(lambda: traffic.count("before", "applied") >= 30, what="traffic to flow")
             traffic.phase = "down"
             stopped_at = time.monotonic()
             throwaway.stop()
-            wait_until(lambda: ready(service) == 503, what="/readyz 503 while the database is down")
-            wait_until(
+            wait_for(lambda: ready(service) == 503, what="/readyz 503 while the database is down")
+            wait_for(
                 lambda: traffic.count("down", "spooled") >= 100 and time.monotonic() - stopped_at > 5,
                 what="deliveries spooled during the outage",
             )
@@ -142,11 +142,11 @@ def test_database_outage_under_traffic_loses_nothing_and_applies_everything_once
             outage_s = time.monotonic() - stopped_at
             throwaway.start()
             started_at = time.monotonic()
-            wait_until(lambda: not list(spool_dir.glob("*.delivery")), what="the spool to drain")
+            wait_for(lambda: not list(spool_dir.glob("*.delivery")), what="the spool to drain")
             drain_s = time.monotonic() - started_at
-            wait_until(lambda: traffic.count("back", "applied") >= 30, what="traffic applied again")
-        wait_until(lambda: ready(service) == 200, what="/readyz 200 once the database is back")
-        wait_until(lambda: not list(spool_dir.glob("*.delivery")), what="the spool to drain")
+            wait_for(lambda: traffic.count("back", "applied") >= 30, what="traffic applied again")
+        wait_for(lambda: ready(service) == 200, what="/readyz 200 once the database is back")
+        wait_for(lambda: not list(spool_dir.glob("*.delivery")), what="the spool to drain")
 
         answers = traffic.answers
         # Every delivery was answered, and every answer was a success.
@@ -215,7 +215,7 @@ def test_a_worker_killed_mid_delivery_leaves_nothing_half_applied(throwaway, tmp
             # is read once and cached, and would never show the delivery arriving.
             watch = engine.execution_options(isolation_level="AUTOCOMMIT")
             with watch.connect() as watcher:
-                wait_until(lambda: watcher.execute(waiting).first() is not None, what="the delivery to block mid-way")
+                wait_for(lambda: watcher.execute(waiting).first() is not None, what="the delivery to block mid-way")
                 (backend,) = watcher.execute(waiting).scalars().all()
             worker.send_signal(signal.SIGKILL)
             sender.join(30)
@@ -225,7 +225,7 @@ def test_a_worker_killed_mid_delivery_leaves_nothing_half_applied(throwaway, tmp
         assert len(answered) == 1 and not isinstance(answered[0], int)  # no answer, so no promise
         gone = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
         with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
-            wait_until(
+            wait_for(
                 lambda: conn.execute(gone, {"pid": backend}).scalar() == 0, what="the dead worker's session to end"
             )
         assert {t.name: rows(engine, t) for t in (pull_requests, pipeline_runs, webhook_deliveries)} == before

@@ -32,7 +32,7 @@ from flowlens_ingest.schema import pipeline_runs, pull_requests, webhook_deliver
 from flowlens_ingest.signature import sign
 
 from .databases import create_scratch_database, drop_database
-from .helpers import PREVIOUS_SECRET, SECRET, free_port, github_headers, load_payload, rows, wait_until
+from .helpers import PREVIOUS_SECRET, SECRET, free_port, github_headers, load_payload, rows, wait_for
 from .serving import (
     ProcfileService,
     Service,
@@ -41,7 +41,6 @@ from .serving import (
     metric,
     run_release,
     running,
-    wait_for,
     workers,
 )
 
@@ -261,7 +260,7 @@ def test_graceful_shutdown_finishes_the_delivery_in_flight(db, database_url, tmp
                 with db.connect() as conn:
                     return conn.execute(waiting).scalar() > 0
 
-            wait_until(delivery_waits, what="the delivery to wait on the lock")
+            wait_for(delivery_waits, what="the delivery to wait on the lock")
             service.process.terminate()  # SIGTERM to `serve`, forwarded to gunicorn
             time.sleep(0.5)
             assert service.process.poll() is None, "gunicorn must wait for the request in flight"

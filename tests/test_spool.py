@@ -28,7 +28,7 @@ from flowlens_ingest.schema import pull_requests, repositories, webhook_deliveri
 from flowlens_ingest.spool import PARTIAL_AT_START_S, SUFFIX, UNUSABLE_SUFFIX, Spool
 
 from .databases import app_on_scratch_database
-from .helpers import free_port, github_headers, load_payload, make_settings, rows, wait_until
+from .helpers import free_port, github_headers, load_payload, make_settings, rows, wait_for
 
 OPENED = load_payload("pull_request/opened.payload.json")
 CLOSED = load_payload("pull_request/closed.payload.json")
@@ -181,7 +181,7 @@ def test_drainer_applies_the_spool_in_arrival_order_exactly_once(apps, drain, db
     assert [a.status_code for a in answers] == [202] * 5
     up = apps(down=False)
     drain(up)
-    wait_until(lambda: services(up).spool.depth() == 0, what="the spool to empty")
+    wait_for(lambda: services(up).spool.depth() == 0, what="the spool to empty")
     # `closed` was not stale: `opened` was applied before it.
     assert journal(db) == {
         "opened": ("applied", 1),
@@ -211,7 +211,7 @@ def test_two_hosts_draining_copies_of_the_same_deliveries_apply_each_once(apps, 
     for up in hosts:
         drain(up)
     for up in hosts:
-        wait_until(lambda up=up: services(up).spool.depth() == 0, what="both spools to empty")
+        wait_for(lambda up=up: services(up).spool.depth() == 0, what="both spools to empty")
     assert journal(db) == {f"pr-{n}": ("applied", 1) for n in range(30)}
     assert rows(db, pull_requests, "pr_number", "version") == [{"pr_number": n, "version": 1} for n in range(1, 31)]
 
@@ -229,7 +229,7 @@ def test_a_file_that_can_never_apply_is_set_aside_and_the_rest_drains(apps, drai
     assert post(down, OPENED, "pull_request", delivery="good").status_code == 202
     up = apps(down=False)
     drain(up)
-    wait_until(lambda: services(up).spool.depth() == 0, what="the spool to empty")
+    wait_for(lambda: services(up).spool.depth() == 0, what="the spool to empty")
     assert journal(db) == {"good": ("applied", 1)}
     assert sorted(p.name.split("-")[2] for p in spool_dir.glob("*" + UNUSABLE_SUFFIX)) == [
         "badbody" + SUFFIX + UNUSABLE_SUFFIX,
@@ -254,7 +254,7 @@ def test_a_lock_held_past_the_timeout_spools_at_once_instead_of_retrying(apps, d
         assert (response.status_code, response.get_json()["outcome"]) == (202, "spooled")
     assert timeout_retries() == retries
     drain(up)
-    wait_until(lambda: services(up).spool.depth() == 0, what="the spool to empty")
+    wait_for(lambda: services(up).spool.depth() == 0, what="the spool to empty")
     assert journal(db) == {"first": ("applied", 1), "blocked": ("applied", 1)}
     assert rows(db, pull_requests, "state") == [{"state": "closed"}]
 
@@ -293,7 +293,7 @@ def test_a_delivery_that_can_never_be_stored_is_set_aside_and_the_rest_drain(app
     before = REGISTRY.get_sample_value("flowlens_spool_set_aside_total") or 0
     up = apps(down=False)
     drain(up)
-    wait_until(lambda: services(up).spool.depth() == 0, what="the spool to drain past the poison")
+    wait_for(lambda: services(up).spool.depth() == 0, what="the spool to drain past the poison")
     entries = journal(db)
     assert entries == {f"genuine-{n}": ("applied", 1) for n in range(genuine)}
     assert len(rows(db, pull_requests, "pr_number")) == genuine
