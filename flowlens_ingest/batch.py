@@ -93,6 +93,62 @@ def _adapt(value: Any) -> Any:
     return value
 
 
+class Bytea:
+    """Bytes for a BYTEA parameter, sent as UTF-8 text the server converts back when they are text.
+
+    psycopg2 quotes bytes as hex (`'\\x7b22…'::bytea`): twice the bytes on the wire, and
+    the server decodes every pair. A journal body is UTF-8 JSON (parse.py decoded it
+    before anything is journaled), so it travels as a string literal with its quotes
+    doubled, `convert_to('{"…}', 'UTF8')`, which the server reads as text and converts
+    back to exactly the same bytes. That literal is only sent where it reads back
+    exactly: client and server encodings UTF8, standard_conforming_strings on, no NUL
+    byte, valid UTF-8. Anything else (a gzip body, another server encoding) goes as
+    psycopg2's own bytea quoting.
+    """
+
+    __slots__ = ("_conn", "data")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self._conn: Any = None
+
+    def __conform__(self, protocol: Any) -> Bytea | None:
+        return self if protocol is psycopg2.extensions.ISQLQuote else None
+
+    def prepare(self, conn: Any) -> None:
+        """psycopg2 hands the connection the value is quoted for."""
+        self._conn = conn
+
+    def getquoted(self) -> bytes:
+        """The SQL literal of the bytes."""
+        data, conn = self.data, self._conn
+        if conn is not None and _as_text(conn) and b"\x00" not in data and _utf8(data):
+            return b"convert_to('" + data.replace(b"'", b"''") + b"', 'UTF8')"
+        binary = psycopg2.Binary(data)
+        if conn is not None:
+            binary.prepare(conn)
+        quoted: bytes = binary.getquoted()
+        return quoted
+
+
+def _as_text(conn: Any) -> bool:
+    return bool(
+        conn.encoding == "UTF8"
+        and conn.get_parameter_status("server_encoding") == "UTF8"
+        and conn.get_parameter_status("standard_conforming_strings") == "on"
+    )
+
+
+def _utf8(data: bytes) -> bool:
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 # --- round trips, counted at the driver -------------------------------------------------------
 
 _count_round_trip: Callable[[], None] | None = None

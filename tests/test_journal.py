@@ -17,6 +17,7 @@ from flowlens_ingest.config import Settings
 from flowlens_ingest.database import MAX_ATTEMPTS, Database, make_engine
 from flowlens_ingest.delivery import Delivery
 from flowlens_ingest.ingest import ingest
+from flowlens_ingest.plan import decode_body
 from flowlens_ingest.schema import metadata, pipeline_runs, pull_requests, repositories, webhook_deliveries
 
 from .helpers import PAYLOADS, github_headers, load_payload, make_settings, rows
@@ -267,3 +268,34 @@ def test_conflicts_that_never_end_are_bounded_and_spooled(deliver, db, conflicts
     assert 6 < conflicts.attempts() <= MAX_ATTEMPTS
     assert rows(db, webhook_deliveries) == [] and rows(db, pull_requests) == []
     assert len(list((tmp_path / "spool").glob("*.delivery"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        pytest.param(
+            "application/json", b'{"q": "it\'s \'\'quoted\'\'", "b": "back\\\\slash \\\\\' end"}', id="quotes"
+        ),
+        pytest.param("application/json", '{"t": "caf\u00e9 \u2603 \U0001f600 \\u0000"}'.encode(), id="utf8"),
+        pytest.param("application/json", b'{"e": "%s %(x)s %% $1"}', id="percent"),
+        pytest.param(
+            "application/x-www-form-urlencoded", b"other=a\x00b&payload=%7B%22zero%22%3A%22x%22%7D", id="nul-byte"
+        ),
+    ],
+)
+def test_the_journal_keeps_the_exact_bytes_whatever_they_hold(deliver, db, content_type, body):
+    """The body travels as text where it can and as bytea where it cannot: it reads back byte for byte."""
+    response = deliver(body, "ping", content_type=content_type)
+    assert response.status_code == 200, response.get_json()
+    (entry,) = rows(db, webhook_deliveries, "body", "body_encoding")
+    assert (bytes(entry["body"]), entry["body_encoding"]) == (body, "identity")
+
+
+def test_a_compressed_journal_body_reads_back_exactly(db, database_url, tmp_path):
+    app = create_app(make_settings(database_url, tmp_path, journal_compression=True))
+    body = json.dumps(OPENED).encode()
+    response = app.test_client().post("/webhook", data=body, headers=github_headers(body, "pull_request"))
+    services(app).database.dispose()
+    assert response.status_code == 200
+    (entry,) = rows(db, webhook_deliveries, "body", "body_encoding")
+    assert entry["body_encoding"] == "gzip" and decode_body(bytes(entry["body"]), "gzip") == body
