@@ -299,3 +299,19 @@ def test_a_compressed_journal_body_reads_back_exactly(db, database_url, tmp_path
     assert response.status_code == 200
     (entry,) = rows(db, webhook_deliveries, "body", "body_encoding")
     assert entry["body_encoding"] == "gzip" and decode_body(bytes(entry["body"]), "gzip") == body
+
+
+def test_journal_bodies_are_compressed_with_lz4_where_the_server_has_it(client, db):
+    with db.connect() as conn:
+        version = conn.exec_driver_sql("SHOW server_version_num").scalar_one()
+        if int(version) < 140000:
+            pytest.skip("lz4 TOAST compression needs PostgreSQL 14")
+        try:
+            conn.exec_driver_sql("SET default_toast_compression = 'lz4'")
+        except sa.exc.DBAPIError:
+            pytest.skip("this server was built without lz4")
+    body = json.dumps({**OPENED, "padding": "x" * 20000}).encode()
+    assert client.post("/webhook", data=body, headers=github_headers(body, "pull_request")).status_code == 200
+    with db.connect() as conn:
+        method = conn.exec_driver_sql("SELECT pg_column_compression(body) FROM webhook_deliveries").scalar_one()
+    assert method == "lz4"
