@@ -17,6 +17,7 @@ levers in `python -m bench` as well.
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
 import os
@@ -43,6 +44,43 @@ def _backend_cpu(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def _resolve(path: str) -> tuple[Any, str]:
+    module, _, name = path.rpartition(".")
+    return importlib.import_module(module), name
+
+
+def _alternate(args: argparse.Namespace, requests: list[Any], send: Any, pids: list[int]) -> dict[str, Any]:
+    """Blocks of deliveries alternately as is (A) and with the --swap replacements (B), ABBA order."""
+    swaps = []
+    for item in args.swap:
+        target, _, replacement = item.partition("=")
+        owner, name = _resolve(target)
+        source, other = _resolve(replacement)
+        swaps.append((owner, name, getattr(owner, name), getattr(source, other)))
+    totals = {"A": [0.0, 0.0, 0], "B": [0.0, 0.0, 0]}
+    blocks = [requests[i : i + args.block] for i in range(0, len(requests), args.block)]
+    for n, block in enumerate(blocks):
+        side = "AB"[(n % 4) in (1, 2)]
+        for owner, name, original, replacement in swaps:
+            setattr(owner, name, replacement if side == "B" else original)
+        pg0, cpu0 = _backend_cpu(pids), time.process_time()
+        for item in block:
+            send(*item)
+        totals[side][0] += time.process_time() - cpu0
+        totals[side][1] += _backend_cpu(pids) - pg0
+        totals[side][2] += len(block)
+    for owner, name, original, _ in swaps:
+        setattr(owner, name, original)
+    return {
+        side: {
+            "deliveries": count,
+            "worker_cpu_ms": round(1000 * cpu / count, 3),
+            "postgres_cpu_ms": round(1000 * pg / count, 3),
+        }
+        for side, (cpu, pg, count) in totals.items()
+    } | {"swap": args.swap}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure; print one JSON line."""
     p = argparse.ArgumentParser(prog="python -m bench.inproc")
@@ -52,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     p.add_argument("--cprofile", type=Path, help="write a cProfile of the measured phase here")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument(
+        "--swap",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=MODULE.OTHER",
+        help="A/B in one process: alternate blocks of deliveries with MODULE.NAME as is and replaced by OTHER",
+    )
+    p.add_argument("--block", type=int, default=200, help="deliveries per block with --swap (default 200)")
     args = p.parse_args(argv)
     for item in args.env:
         name, _, value = item.partition("=")
@@ -146,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
 
             profiler = cProfile.Profile(time.process_time)
         statuses.clear()
+        if args.swap:
+            print(json.dumps(_alternate(args, requests[args.warmup :], send, pids)), flush=True)
+            services(app).database.dispose()
+            return 0
         pg0, cpu0, wall0 = _backend_cpu(pids), time.process_time(), time.perf_counter()
         if profiler:
             profiler.enable()
