@@ -76,10 +76,24 @@ def _literal(value: Any) -> str | None:
     return str(adapt(value).getquoted().decode("ascii"))
 
 
+_PARAMETER_NAMES: dict[type, tuple[tuple[str, str], ...]] = {}
+
+
+def _parameter_names(row_type: type) -> tuple[tuple[str, str], ...]:
+    # (field, parameter) names of a row type: dataclasses.fields() rebuilds its tuple on every call.
+    names = _PARAMETER_NAMES.get(row_type)
+    if names is None:
+        names = _PARAMETER_NAMES[row_type] = tuple((f.name, f"p_{f.name}") for f in dataclasses.fields(row_type))
+    return names
+
+
 def params(row: Any, **extra: Any) -> dict[str, Any]:
     """A row dataclass's fields (and `extra`) as `p_<name>` parameters, adapted for psycopg2."""
     # Shallow on purpose: dataclasses.asdict deep-copies every label and file list.
-    return values(**{f.name: getattr(row, f.name) for f in dataclasses.fields(row)}, **extra)
+    bound = {parameter: _adapt(getattr(row, name)) for name, parameter in _parameter_names(type(row))}
+    if extra:
+        bound.update(values(**extra))
+    return bound
 
 
 def values(**named: Any) -> dict[str, Any]:
@@ -87,7 +101,12 @@ def values(**named: Any) -> dict[str, Any]:
     return {f"p_{k}": _adapt(v) for k, v in named.items()}
 
 
+_PLAIN = frozenset({str, int, bool, float, type(None), datetime})
+
+
 def _adapt(value: Any) -> Any:
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, (dict, list)):
         return Json(value)
     if isinstance(value, uuid.UUID):
