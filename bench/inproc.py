@@ -45,8 +45,17 @@ def _backend_cpu(pids: list[int]) -> float:
 
 
 def _resolve(path: str) -> tuple[Any, str]:
-    module, _, name = path.rpartition(".")
-    return importlib.import_module(module), name
+    """The object holding the last name of a dotted path (a module, or a class in one), and that name."""
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            owner: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attribute in parts[cut:-1]:
+            owner = getattr(owner, attribute)
+        return owner, parts[-1]
+    raise ValueError(f"cannot resolve {path}")
 
 
 def _alternate(args: argparse.Namespace, requests: list[Any], send: Any, pids: list[int]) -> dict[str, Any]:
