@@ -106,7 +106,8 @@ def compress_with_lz4(dbapi_connection: Any, _record: Any = None) -> None:
     DocDB compresses its files itself); a server built without lz4 keeps pglz.
     """
     version = dbapi_connection.get_parameter_status("server_version") or ""
-    if dbapi_connection.server_version < 140000 or "YB" in version:
+    server = (dbapi_connection.info.host, dbapi_connection.info.port, version)
+    if dbapi_connection.server_version < 140000 or "YB" in version or server in _WITHOUT_LZ4:
         return
     autocommit = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
@@ -114,9 +115,14 @@ def compress_with_lz4(dbapi_connection: Any, _record: Any = None) -> None:
         with dbapi_connection.cursor() as cursor:
             cursor.execute("SET default_toast_compression = 'lz4'")
     except psycopg2.Error:
-        log.info("this PostgreSQL cannot compress with lz4: pglz stays")
+        # Said once per process and server, and not asked again on its next connections.
+        _WITHOUT_LZ4.add(server)
+        log.info("this PostgreSQL was built without lz4: its TOAST compression stays pglz")
     finally:
         dbapi_connection.autocommit = autocommit
+
+
+_WITHOUT_LZ4: set[tuple[str, int, str]] = set()
 
 
 def is_retryable(exc: DBAPIError) -> bool:
