@@ -168,6 +168,23 @@ def postgres_cpu_since(before: dict[int, float]) -> float:
     return sum(cpu - before.get(pid, 0.0) for pid, cpu in postgres_cpu().items())
 
 
+def database_backends(url: str) -> list[int]:
+    """The pids of the server processes serving `url`'s database (the service's backends)."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        pids = conn.execute(
+            sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        ).scalars()
+        found = sorted(int(pid) for pid in pids)
+    engine.dispose()
+    return found
+
+
+def backend_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds used so far by these server processes, by pid."""
+    return {pid: cpu_seconds([pid]) for pid in pids}
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -479,6 +496,7 @@ def measure_mix(
         workers = service.workers()
         before_metrics = service.metrics()
         pg_before = postgres_cpu()
+        backends_before = backend_cpu(database_backends(url))
         before_cpu = {
             "workers": cpu_seconds(workers),
             "postgres": 0.0,
@@ -503,6 +521,12 @@ def measure_mix(
         after_cpu = {
             "workers": cpu_seconds(workers),
             "postgres": postgres_cpu_since(pg_before),
+            # Only the scratch database's backends: not other clients of the server (a test
+            # suite running meanwhile), nor its shared processes (WAL writer, checkpointer).
+            "backends": sum(
+                cpu - backends_before.get(pid, 0.0)
+                for pid, cpu in backend_cpu(sorted({*backends_before, *database_backends(url)})).items()
+            ),
             "machine": machine_busy_seconds(),
         }
         after_metrics = service.metrics()
@@ -567,6 +591,9 @@ def measure_mix(
             "paced_rate": args.rate or None,
             "wrk_cpu_cores_used": round(run["cpu_s"] / seconds, 2),
             "postgres_cpu_cores_used": round((after_cpu["postgres"] - before_cpu["postgres"]) / seconds, 2),
+            "postgres_backends_cpu_ms_per_delivery": round(1000 * after_cpu["backends"] / delivered, 2)
+            if delivered
+            else None,
             "postgres_cpu_ms_per_delivery": round(
                 1000 * (after_cpu["postgres"] - before_cpu["postgres"]) / delivered, 2
             )
@@ -642,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
             result["cpu_ms_per_delivery"] = {
                 "workers": worker_ms,
                 "postgres": postgres_ms,
+                "postgres_backends": result["load"]["postgres_backends_cpu_ms_per_delivery"],
                 "total": round(worker_ms + postgres_ms, 2) if worker_ms and postgres_ms else None,
             }
             if pg is not None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flowlens_ingest import batch, webhook
+from flowlens_ingest import batch, delivery
 
 
 def _lines(function: Callable[..., Any], *needles: str) -> str:
@@ -38,24 +38,38 @@ RULES: list[tuple[str, re.Pattern[str]]] = [
             rf"CountingCursor\.execute|run_batch \(flowlens_ingest/batch\.py:({_lines(batch.run_batch, '.execute(')})\)",
         ),
         (
-            "psycopg2 mogrify (quote parameters, incl. the journal payload)",
-            rf"run_batch\.<locals>\.<listcomp>|run_batch \(flowlens_ingest/batch\.py:({_lines(batch.run_batch, 'mogrify')})\)",
+            "quote parameters into the EXECUTEs (batch.quote, mogrify; incl. the journal body)",
+            (
+                r"PreparedForm\.bind|_?quote(_\w+)? \(flowlens_ingest/batch\.py|Bytea\.text|run_batch\.<locals>\.<listcomp>"
+                rf"|run_batch \(flowlens_ingest/batch\.py:({_lines(batch.run_batch, 'mogrify', '.bind(')})\)"
+            ),
         ),
         (
             "psycopg2 autocommit toggles, commit, cursor",
             r"CountingConnection\.commit|run_batch \(flowlens_ingest/batch\.py",
         ),
-        ("JSON parse + checks (parse.py)", r"flowlens_ingest/parse\.py|json/decoder\.py|json/__init__\.py"),
+        ("JSON encode (row digests, the log line, the answer)", r"json/encoder\.py|dumps \(json/__init__\.py"),
+        ("JSON parse + checks (parse.py, orjson)", r"flowlens_ingest/parse\.py|json/decoder\.py|json/__init__\.py"),
         ("signature HMAC (signature.py)", r"flowlens_ingest/signature\.py|hmac\.py"),
         (
-            "payload sha256 (webhook.py)",
-            rf"receive \(flowlens_ingest/webhook\.py:({_lines(webhook.receive, 'sha256(')})\)",
+            "payload sha256 (delivery.py)",
+            rf"from_http \(flowlens_ingest/delivery\.py:({_lines(delivery.Delivery.from_http, 'sha256(')})\)",
         ),
-        ("map (mappers.py)", r"flowlens_ingest/mappers\.py"),
-        ("store: plan, params, uuid4 (store.py)", r"flowlens_ingest/store\.py|uuid\.py"),
+        (
+            "request body read (body.py, Werkzeug's stream, gunicorn's body reader)",
+            r"flowlens_ingest/body\.py|tempfile\.py|_bounded_read|gunicorn/http/(body|unreader)\.py|LimitedStream",
+        ),
+        ("map (mappers.py)", r"flowlens_ingest/(mappers|readers)\.py"),
+        (
+            "plan: rows to parameters, digests, uuid4",
+            (
+                r"flowlens_ingest/(plan|rows|statements|derived|journal|sql)\.py"
+                r"|(params|values|_adapt|_parameter_names|compiled) \(flowlens_ingest/batch\.py|uuid\.py"
+            ),
+        ),
         ("SQLAlchemy compile", r"sqlalchemy/sql/"),
-        ("SQLAlchemy engine, pool, transaction", r"sqlalchemy/|flowlens_ingest/db\.py"),
-        ("metrics (prometheus_client)", r"prometheus_client/|flowlens_ingest/metrics\.py"),
+        ("SQLAlchemy engine, pool, transaction", r"sqlalchemy/|flowlens_ingest/database\.py"),
+        ("metrics (prometheus_client)", r"prometheus_client/|flowlens_ingest/metrics\.py|_round_trip"),
         ("logging", r"logging/|flowlens_ingest/logs\.py"),
         ("Flask / Werkzeug (routing, request, response)", r"flask/|werkzeug/|flowlens_ingest/webhook\.py"),
         ("gunicorn (HTTP parse, socket I/O, accept)", r"gunicorn/|selectors\.py|socket\.py"),

@@ -90,7 +90,39 @@ def make_engine(settings: Settings, url: str | None = None, *, application_name:
             if isinstance(dbapi_connection, CountingConnection):
                 dbapi_connection.prepared = set()
 
+    sa.event.listen(engine, "connect", compress_with_lz4)
     return engine
+
+
+def compress_with_lz4(dbapi_connection: Any, _record: Any = None) -> None:
+    """Have this session TOAST-compress what it writes with lz4 where the server can (PostgreSQL 14+).
+
+    Every delivery writes a ~12 KB journal body, which PostgreSQL compresses before
+    storing it; its default, pglz, spent ~0.13 ms of server CPU per delivery on
+    that alone, lz4 a small fraction of it, for the same size on disk. The setting
+    only changes how this session's new values are compressed: every reader
+    decompresses either kind transparently. One round trip per new connection, none
+    per delivery. Skipped on servers before 14 and on YugabyteDB (no TOAST there:
+    DocDB compresses its files itself); a server built without lz4 keeps pglz.
+    """
+    version = dbapi_connection.get_parameter_status("server_version") or ""
+    server = (dbapi_connection.info.host, dbapi_connection.info.port, version)
+    if dbapi_connection.server_version < 140000 or "YB" in version or server in _WITHOUT_LZ4:
+        return
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET default_toast_compression = 'lz4'")
+    except psycopg2.Error:
+        # Said once per process and server, and not asked again on its next connections.
+        _WITHOUT_LZ4.add(server)
+        log.info("this PostgreSQL was built without lz4: its TOAST compression stays pglz")
+    finally:
+        dbapi_connection.autocommit = autocommit
+
+
+_WITHOUT_LZ4: set[tuple[str, int, str]] = set()
 
 
 def is_retryable(exc: DBAPIError) -> bool:

@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 from . import statements as s
-from .batch import Statement, compiled, params
+from .batch import Bytea, Statement, compiled, params
 from .delivery import Delivery
 from .derived import pipeline_if_missing
 from .journal import bucket_of, journal
@@ -86,7 +86,7 @@ class Plan:
                 "p_action": delivery.action,
                 "p_repository_github_id": delivery.repository_github_id,
                 "p_payload_sha256": delivery.payload_sha256,
-                "p_body": body,
+                "p_body": None if body is None else Bytea(body),
                 "p_body_encoding": encoding.value,
                 "p_content_type": delivery.content_type,
                 "p_received_at": delivery.received_at,

@@ -138,9 +138,20 @@ Row = PullRequestRow | PipelineRow | CheckRow | ReviewRow | FilesJobRow
 R = TypeVar("R", PullRequestRow, PipelineRow, CheckRow, ReviewRow, FilesJobRow)
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(row_type: type) -> tuple[str, ...]:
+    # dataclasses.fields() rebuilds its tuple on every call: every row of every delivery pays it.
+    names = _FIELD_NAMES.get(row_type)
+    if names is None:
+        names = _FIELD_NAMES[row_type] = tuple(f.name for f in dataclasses.fields(row_type))
+    return names
+
+
 def digest(row: Any) -> int:
     """A 64-bit hash of a row's content: the last key of the order snapshots merge by."""
-    values = [getattr(row, f.name) for f in dataclasses.fields(row)]
+    values = [getattr(row, name) for name in _field_names(type(row))]
     text = json.dumps(values, sort_keys=True, default=str, ensure_ascii=False, separators=(",", ":"))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
 

@@ -87,3 +87,41 @@ def test_a_bad_number_is_one_line_not_a_traceback(tmp_path):
         result = load(tmp_path, **{name: "abc"})
         assert result.returncode == 1
         assert result.stderr.strip() == f"flowlens-ingest: {name} must be a positive integer, got 'abc'"
+
+
+ACCESS_PROBE = """
+import json, sys
+from gunicorn.config import Config
+import flowlens_ingest.gunicorn_conf as c
+cfg = Config()
+for name in ("logconfig_dict", "accesslog", "errorlog", "loglevel"):
+    if hasattr(c, name):
+        cfg.set(name, getattr(c, name))
+for arg in sys.argv[1:]:
+    cfg.set(*arg.split("=", 1))
+logger = c.logger_class(cfg)
+built = []
+logger.atoms = lambda *args: built.append(1) or {}
+logger.access(None, None, {}, None)
+print(json.dumps(bool(built)))
+"""
+
+
+def access_line_built(cwd: Path, *settings: str, **env: str) -> bool:
+    result = subprocess.run(
+        [sys.executable, "-c", ACCESS_PROBE, *settings],
+        cwd=cwd,
+        env={**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return bool(json.loads(result.stdout))
+
+
+def test_no_access_line_is_built_while_no_access_log_is_kept(tmp_path):
+    assert not access_line_built(tmp_path, FLOWLENS_LOG_FORMAT="json")
+    assert not access_line_built(tmp_path, FLOWLENS_LOG_FORMAT="text")
+    # An access log asked for is still written.
+    assert access_line_built(tmp_path, f"accesslog={tmp_path / 'access.log'}", FLOWLENS_LOG_FORMAT="text")

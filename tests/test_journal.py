@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from flowlens_ingest.config import Settings
 from flowlens_ingest.database import MAX_ATTEMPTS, Database, make_engine
 from flowlens_ingest.delivery import Delivery
 from flowlens_ingest.ingest import ingest
+from flowlens_ingest.plan import decode_body
 from flowlens_ingest.schema import metadata, pipeline_runs, pull_requests, repositories, webhook_deliveries
 
 from .helpers import PAYLOADS, github_headers, load_payload, make_settings, rows
@@ -267,3 +269,95 @@ def test_conflicts_that_never_end_are_bounded_and_spooled(deliver, db, conflicts
     assert 6 < conflicts.attempts() <= MAX_ATTEMPTS
     assert rows(db, webhook_deliveries) == [] and rows(db, pull_requests) == []
     assert len(list((tmp_path / "spool").glob("*.delivery"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        pytest.param(
+            "application/json", b'{"q": "it\'s \'\'quoted\'\'", "b": "back\\\\slash \\\\\' end"}', id="quotes"
+        ),
+        pytest.param("application/json", '{"t": "caf\u00e9 \u2603 \U0001f600 \\u0000"}'.encode(), id="utf8"),
+        pytest.param("application/json", b'{"e": "%s %(x)s %% $1"}', id="percent"),
+        pytest.param(
+            "application/x-www-form-urlencoded", b"other=a\x00b&payload=%7B%22zero%22%3A%22x%22%7D", id="nul-byte"
+        ),
+    ],
+)
+def test_the_journal_keeps_the_exact_bytes_whatever_they_hold(deliver, db, content_type, body):
+    """The body travels as text where it can and as bytea where it cannot: it reads back byte for byte."""
+    response = deliver(body, "ping", content_type=content_type)
+    assert response.status_code == 200, response.get_json()
+    (entry,) = rows(db, webhook_deliveries, "body", "body_encoding")
+    assert (bytes(entry["body"]), entry["body_encoding"]) == (body, "identity")
+
+
+def test_a_compressed_journal_body_reads_back_exactly(db, database_url, tmp_path):
+    app = create_app(make_settings(database_url, tmp_path, journal_compression=True))
+    body = json.dumps(OPENED).encode()
+    response = app.test_client().post("/webhook", data=body, headers=github_headers(body, "pull_request"))
+    services(app).database.dispose()
+    assert response.status_code == 200
+    (entry,) = rows(db, webhook_deliveries, "body", "body_encoding")
+    assert entry["body_encoding"] == "gzip" and decode_body(bytes(entry["body"]), "gzip") == body
+
+
+def test_journal_bodies_are_compressed_with_lz4_where_the_server_has_it(client, db):
+    with db.connect() as conn:
+        version = conn.exec_driver_sql("SHOW server_version_num").scalar_one()
+        if int(version) < 140000:
+            pytest.skip("lz4 TOAST compression needs PostgreSQL 14")
+        try:
+            conn.exec_driver_sql("SET default_toast_compression = 'lz4'")
+        except sa.exc.DBAPIError:
+            pytest.skip("this server was built without lz4")
+    body = json.dumps({**OPENED, "padding": "x" * 20000}).encode()
+    assert client.post("/webhook", data=body, headers=github_headers(body, "pull_request")).status_code == 200
+    with db.connect() as conn:
+        method = conn.exec_driver_sql("SELECT pg_column_compression(body) FROM webhook_deliveries").scalar_one()
+    assert method == "lz4"
+
+
+def test_a_server_without_lz4_is_asked_once_and_keeps_pglz():
+    """Built without lz4 (the embedded wheel): one line and no further SET per process, the session unharmed."""
+    from types import SimpleNamespace
+
+    import psycopg2
+
+    from flowlens_ingest import database
+
+    asked = []
+
+    class Cursor:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def execute(self, sql):
+            asked.append(sql)
+            raise psycopg2.Error("invalid value for parameter default_toast_compression")
+
+    connection = SimpleNamespace(
+        server_version=180000,
+        info=SimpleNamespace(host="/tmp/no-lz4", port=5432),
+        get_parameter_status=lambda name: "18.1",
+        autocommit=False,
+        cursor=Cursor,
+    )
+    said: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("flowlens_ingest.database")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        for _ in range(3):
+            database.compress_with_lz4(connection)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert len(asked) == 1 and connection.autocommit is False
+    assert said == ["this PostgreSQL was built without lz4: its TOAST compression stays pglz"]

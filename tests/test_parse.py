@@ -2,7 +2,10 @@ import json
 from urllib.parse import urlencode
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from flowlens_ingest import parse as parse_module
 from flowlens_ingest.parse import MAX_DEPTH, BadPayload, UnsupportedMediaType, json_text, loads
 
 
@@ -86,3 +89,63 @@ def test_bigint_edges_are_kept_exactly():
 def test_bad_form_bodies_are_refused(body):
     with pytest.raises(BadPayload):
         parse("application/x-www-form-urlencoded", body)
+
+
+def _outcome(read, text: str):
+    try:
+        return ("parsed", read(text))
+    except BadPayload as exc:
+        return ("refused", str(exc))
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+_EDGES = [
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "1e999",
+    "-1e999",
+    "1e19",
+    "-1e19",
+    "18446744073709551615",
+    "-18446744073709551616",
+    "9" * 5000,
+    '"\\ud800"',
+    '"\\udd1e\\ud834"',
+    '"\\u0000"',
+    "1.0",
+    "-0",
+    "0.1",
+    "5e-324",
+    "[" * 70 + "]" * 70,
+    "[" * 2000 + "]" * 2000,
+    '"\\x41"',
+    "01",
+    "+1",
+    ".5",
+    "1.",
+    '"a\tb"',
+]
+
+
+@given(value=_JSON_VALUES, edge=st.sampled_from(_EDGES), cut=st.integers(min_value=0, max_value=200))
+def test_orjson_and_the_stdlib_path_read_every_body_alike(value, edge, cut):
+    """parse.loads answers with orjson only where the stdlib path would answer the same."""
+    texts = [
+        json.dumps({"v": value}),
+        json.dumps({"v": value}, ensure_ascii=False),
+        '{"v": ' + edge + "}",
+        '{"k": [1, ' + edge + ', {"x": ' + edge + "}]}",
+        json.dumps({"v": value})[:cut],
+        json.dumps([value]),
+    ]
+    for text in texts:
+        assert _outcome(parse_module.loads, text) == _outcome(parse_module._loads_stdlib, text), text[:200]
