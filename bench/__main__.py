@@ -10,6 +10,8 @@
    delivery (the service's flowlens_db_round_trips_total over its deliveries),
    the database limit, their ratio, worker memory and CPU, the machine.
 5. Drops the scratch database.
+
+`--runs 3` repeats it all and prints a last line with each figure's median.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -437,6 +440,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="cpu: the GIL holder only (default); wall: every thread, waiting or not",
     )
     p.add_argument("--keep-db", action="store_true", help="do not drop the scratch database")
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="repeat the whole measurement; with more than one, a last line gives each figure's median",
+    )
     return p.parse_args(argv)
 
 
@@ -629,12 +638,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and not (shutil.which("py-spy") or Path(sys.executable).with_name("py-spy").exists()):
         print("bench: --profile needs py-spy: .venv/bin/pip install py-spy", file=sys.stderr)
         return 2
-    load_start = os.getloadavg()
     templates = load_templates(default_payload_dir())
     secret = secrets.token_hex(20)
     env = service_env(args)
-    summary: dict[str, Any] = {}
+    runs = []
+    for number in range(1, args.runs + 1):
+        if args.runs > 1:
+            log(f"run {number} of {args.runs}")
+        runs.append(one_run(args, templates, secret, env))
+        print(json.dumps(runs[-1]), flush=True)
+    if len(runs) > 1:
+        print(json.dumps(medians(runs)), flush=True)
+    return 0
 
+
+def one_run(args: argparse.Namespace, templates: Any, secret: str, env: dict[str, str]) -> dict[str, Any]:
+    """The database limits, then the service once per mix, on a scratch database of its own."""
+    load_start = os.getloadavg()
+    summary: dict[str, Any] = {}
     with (
         tempfile.TemporaryDirectory(prefix="flowlens-bench-") as tmp,
         scratch_database(args.admin_url, args.keep_db) as url,
@@ -680,8 +701,45 @@ def main(argv: list[str] | None = None) -> int:
                 f" p99 {result['p99_ms']} ms, ratio to pgbench {result.get('ratio_to_pgbench')},"
                 f" CPU/delivery {result['cpu_ms_per_delivery']}"
             )
-    print(json.dumps(summary), flush=True)
-    return 0
+    return summary
+
+
+# The figures the targets in the README are about, as paths into one run's summary.
+MEDIAN_FIGURES = (
+    ("deliveries_per_s",),
+    ("p50_ms",),
+    ("p99_ms",),
+    ("non_2xx",),
+    ("round_trips_per_delivery",),
+    ("ratio_to_pgbench",),
+    ("cpu_ms_per_delivery", "workers"),
+    ("cpu_ms_per_delivery", "postgres"),
+    ("cpu_ms_per_delivery", "postgres_backends"),
+    ("cpu_ms_per_delivery", "total"),
+)
+
+
+def _figure(result: dict[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = result
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the runs (a run missing it does not count)."""
+    out: dict[str, Any] = {"median_of_runs": len(runs), "mixes": {}}
+    limits = [r["pgbench_limit"]["tx_per_s"] for r in runs if "pgbench_limit" in r]
+    if limits:
+        out["pgbench_tx_per_s"] = round(statistics.median(limits))
+    for mix in runs[0]["mixes"]:
+        figures = {}
+        for path in MEDIAN_FIGURES:
+            values = [v for r in runs if (v := _figure(r["mixes"].get(mix, {}), path)) is not None]
+            if values:
+                figures[".".join(path)] = round(statistics.median(values), 3)
+        out["mixes"][mix] = figures
+    return out
 
 
 if __name__ == "__main__":
