@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 from psycopg2.extensions import adapt
 from psycopg2.extras import Json
@@ -361,12 +362,30 @@ def lost_prepared_statement(exc: psycopg2.Error) -> bool:
 # --- the batch ----------------------------------------------------------------------------------
 
 
-def run_batch(dbapi: Any, statements: list[Statement], isolation: str = "READ COMMITTED") -> tuple[Any, ...] | None:
-    """Run `statements` as one transaction in two round trips; return the last one's first row.
+# A statement refuses its batch by raising an error whose message holds this (see journal.py).
+REFUSAL_MARK = "flowlens: already settled"
+
+
+def refused(exc: psycopg2.Error) -> bool:
+    """Whether `exc` is a statement's refusal of its batch (which the server then rolled back)."""
+    return isinstance(exc, psycopg2.errors.InvalidTextRepresentation) and REFUSAL_MARK in (exc.pgerror or "")
+
+
+def run_batch(
+    dbapi: Any, statements: list[Statement], isolation: str = "READ COMMITTED", *, one_trip: bool = False
+) -> tuple[Any, ...] | None:
+    """Run `statements` as one transaction; return the last one's first row.
 
     `dbapi` is a psycopg2 connection outside any transaction; only database.py
-    calls this, with a pooled connection it checked out for this one batch. The
-    transaction COMMITs when the last statement returned a row, else ROLLs BACK.
+    calls this, with a pooled connection it checked out for this one batch.
+
+    one_trip=False (two round trips): the batch opens a transaction, which COMMITs
+    when the last statement returned a row, else ROLLs BACK.
+    one_trip=True (one round trip): the statements go as one query without BEGIN, which
+    the server runs as one implicit transaction and commits at its end. For batches
+    whose last statement refuses the batch by raising an error naming REFUSAL_MARK
+    rather than by returning no row: the server then rolls it all back, and this
+    returns None.
 
     With prepared statements on (the default), each statement is PREPAREd once per
     session, in one extra round trip the first time a session meets it, and the
@@ -377,7 +396,8 @@ def run_batch(dbapi: Any, statements: list[Statement], isolation: str = "READ CO
     prepared: set[str] | None = getattr(dbapi, "prepared", None)
     cursor = dbapi.cursor()
     try:
-        parts = [f"BEGIN ISOLATION LEVEL {isolation}".encode()]
+        opening = "SET TRANSACTION" if one_trip else "BEGIN"
+        parts = [f"{opening} ISOLATION LEVEL {isolation}".encode()]
         missing: dict[str, bytes] = {}
         if prepared is None:
             parts += [cursor.mogrify(sql, values) for sql, values in statements]
@@ -401,10 +421,15 @@ def run_batch(dbapi: Any, statements: list[Statement], isolation: str = "READ CO
                 prepared.update(missing)
             cursor.execute(b";\n".join(parts))
             row = cursor.fetchone() if cursor.description is not None else None
-            cursor.execute(b"COMMIT" if row is not None else b"ROLLBACK")
+            if not one_trip:
+                cursor.execute(b"COMMIT" if row is not None else b"ROLLBACK")
             return row
-        except psycopg2.Error:
-            if not dbapi.closed:
+        except psycopg2.Error as exc:
+            if one_trip:
+                # An implicit transaction ends with its error: nothing is left to roll back.
+                if refused(exc):
+                    return None
+            elif not dbapi.closed:
                 with contextlib.suppress(psycopg2.Error):
                     cursor.execute(b"ROLLBACK")
             raise

@@ -156,7 +156,7 @@ def test_spool_depth_counts_live_workers_only(db, tmp_path):
 
 
 @pytest.mark.slow
-def test_metrics_are_summed_across_workers_and_count_two_round_trips_per_delivery(db, database_url, tmp_path):
+def test_metrics_are_summed_across_workers_and_count_one_round_trip_per_delivery(db, database_url, tmp_path):
     with running(Service(database_url, tmp_path, workers=3)) as service:
         connected = sa.text(
             "SELECT count(*) FROM pg_stat_activity"
@@ -191,14 +191,14 @@ def test_metrics_are_summed_across_workers_and_count_two_round_trips_per_deliver
             # The drainers report the spool depth (empty) once a second.
             assert "flowlens_spool_depth 0.0" in text
 
-        # Two round trips per delivery, now that every worker has its connection (a
+        # One round trip per delivery, now that every worker has its connection (a
         # worker's first connection adds SQLAlchemy's few first-connect queries).
         before = metric(service, "flowlens_db_round_trips_total")
         for number in range(10):
             assert service.post(opened(2000 + number), "pull_request").status_code == 200
         after = metric(service, "flowlens_db_round_trips_total")
         assert before is not None and after is not None
-        assert after - before == 20
+        assert after - before == 10
         assert service.stop() == 0
 
 
