@@ -85,39 +85,20 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def depth(value: Any, limit: int | None = None) -> int:
-    """How deeply containers nest in a parsed JSON value (an object of scalars is 1).
-
-    Stops as soon as `limit` is passed. Written for speed (every delivery pays it):
-    exact type checks (json.loads makes only dicts and lists), no generator.
-    """
-    deepest = 0
-    stack = [(value, 1)] if type(value) in (dict, list) else []
-    pop, push = stack.pop, stack.append
-    while stack:
-        item, level = pop()
-        if level > deepest:
-            deepest = level
-            if limit is not None and deepest > limit:
-                return deepest
-        for child in item.values() if type(item) is dict else item:
-            kind = type(child)
-            if kind is dict or kind is list:
-                push((child, level + 1))
-    return deepest
-
-
 _BIGINT_LOW, _BIGINT_HIGH = -MAX_INT - 1, MAX_INT
 # orjson reads an integer beyond 64 bits as a float: a float this large may have been one.
 _FLOAT_AMBIGUOUS = float(2**63)
 
 
 def _scan(value: Any, limit: int) -> tuple[int, bool]:
-    """depth() of what orjson parsed, and whether it holds a number the stdlib path reads otherwise.
+    """How deeply containers nest in a parsed value (an object of scalars is 1), and whether
+    it holds a number the stdlib path reads otherwise.
 
-    One walk over every container for both: the nesting bound, and any integer
-    beyond BIGINT or float beyond 2**63 (the stdlib path makes the former None, and
-    the latter may be an integer orjson turned into a float).
+    One walk over every container for both, stopping as soon as `limit` is passed: the
+    nesting bound, and any integer beyond BIGINT or float beyond 2**63 (the stdlib path
+    makes the former None, and the latter may be an integer orjson turned into a float).
+    Written for speed (every delivery pays it): exact type checks (both parsers make
+    only dicts and lists), no generator.
     """
     deepest = 0
     unusual = False
@@ -179,7 +160,7 @@ def _loads_stdlib(text: str) -> dict[str, Any]:
         raise BadPayload("body is not valid JSON") from None
     if not isinstance(value, dict):
         raise BadPayload("body is not a JSON object")
-    if depth(value, MAX_DEPTH) > MAX_DEPTH:
+    if _scan(value, MAX_DEPTH)[0] > MAX_DEPTH:
         raise BadPayload(f"nested deeper than {MAX_DEPTH} levels")
     return _storable_strings(text, value)
 
