@@ -27,7 +27,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from flowlens_ingest import migrate
+from flowlens_ingest import embedded, migrate
 from flowlens_ingest.schema import pipeline_runs, pull_requests, webhook_deliveries
 from flowlens_ingest.signature import sign
 
@@ -361,15 +361,11 @@ def first_run(home: Path) -> Service:
 
 def postmaster(home: Path) -> psutil.Process | None:
     """The embedded server's postmaster, while it runs."""
-    pid_file = home / "pgdata" / "postmaster.pid"
-    try:
-        pid = int(pid_file.read_text().split()[0])
-    except (FileNotFoundError, ValueError, IndexError):
-        return None
-    if not psutil.pid_exists(pid):  # also a negative pid: a single-user backend, not the server
+    server = embedded.postmaster(home / "pgdata")
+    if server is None:
         return None
     try:
-        return psutil.Process(pid)
+        return psutil.Process(server.pid)
     except psutil.NoSuchProcess:  # it exited between the two looks
         return None
 
