@@ -38,9 +38,9 @@ RULES: list[tuple[str, re.Pattern[str]]] = [
             rf"CountingCursor\.execute|run_batch \(flowlens_ingest/batch\.py:({_lines(batch.run_batch, '.execute(')})\)",
         ),
         (
-            "quote parameters into the EXECUTEs (batch.quote, mogrify; incl. the journal body)",
+            "quote parameters into the EXECUTEs (literals.quote, mogrify; incl. the journal body)",
             (
-                r"PreparedForm\.bind|_?quote(_\w+)? \(flowlens_ingest/batch\.py|Bytea\.text|run_batch\.<locals>\.<listcomp>"
+                r"PreparedForm\.bind|\(flowlens_ingest/literals\.py|run_batch\.<locals>\.<listcomp>"
                 rf"|run_batch \(flowlens_ingest/batch\.py:({_lines(batch.run_batch, 'mogrify', '.bind(')})\)"
             ),
         ),

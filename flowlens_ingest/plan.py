@@ -12,10 +12,11 @@ import uuid
 from typing import Any
 
 from . import statements as s
-from .batch import Bytea, Statement, compiled, params
+from .batch import Statement, compiled, params
 from .delivery import Delivery
 from .derived import pipeline_if_missing
 from .journal import bucket_of, journal
+from .literals import Bytea
 from .rows import Changes, digest
 from .sql import Builder, StaleTest
 from .values import BodyEncoding, Outcome

@@ -19,9 +19,10 @@ from psycopg2.extras import Json
 from sqlalchemy.engine import Engine
 
 from flowlens_ingest import derived, migrate
-from flowlens_ingest.batch import Bytea, compiled, prepared_form, quote
+from flowlens_ingest.batch import compiled, prepared_form
 from flowlens_ingest.config import Settings, normalize_database_url
 from flowlens_ingest.database import make_engine
+from flowlens_ingest.literals import Bytea, quote
 from flowlens_ingest.schema import pipeline_runs, webhook_deliveries
 from flowlens_ingest.values import CheckSource
 
