@@ -1,11 +1,12 @@
 """How statements travel: compiled once, PREPAREd once per session, sent as one batch, counted.
 
 A delivery's statements are compiled once per process (constants written into
-the SQL as literals), bound to the delivery's values (literals.py writes them
-into the EXECUTEs), and sent as one multi-statement query: one implicit
-transaction, one round trip (see run_batch). psycopg2 alone would send BEGIN,
-each statement and COMMIT separately: each a round trip, about a millisecond
-apiece on a multi-node YugabyteDB.
+the SQL as literals), bound to the delivery's values (psycopg2's own adapters
+quote them into the EXECUTEs), and sent as one multi-statement query that opens
+the transaction, followed by its COMMIT or ROLLBACK: two round trips (see
+run_batch). psycopg2 alone would send BEGIN, each statement and COMMIT
+separately: each a round trip, about a millisecond apiece on a multi-node
+YugabyteDB.
 """
 
 from __future__ import annotations
@@ -22,14 +23,11 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import psycopg2
-import psycopg2.errors
 import psycopg2.extensions
 from psycopg2.extensions import adapt
 from psycopg2.extras import Json
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.expression import ClauseElement
-
-from .literals import exact_literals, quote
 
 _DIALECT = postgresql.psycopg2.dialect()  # type: ignore[no-untyped-call]
 
@@ -189,15 +187,8 @@ class PreparedForm(NamedTuple):
 
     name: str
     prepare: bytes
+    # EXECUTE with psycopg2 %(name)s placeholders, for mogrify.
     execute: str
-    # The parameters in EXECUTE's order.
-    params: tuple[str, ...] = ()
-
-    def bind(self, values: dict[str, Any], conn: Any) -> str:
-        """EXECUTE with `values` written in (quote(): on a connection where `exact_literals` holds)."""
-        if not self.params:
-            return f"EXECUTE {self.name}"
-        return f"EXECUTE {self.name}(" + ", ".join([quote(values[p], conn) for p in self.params]) + ")"
 
 
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
@@ -222,7 +213,7 @@ def prepared_form(sql: str) -> PreparedForm:
     text = _PLACEHOLDER.sub(number, sql).replace("%%", "%")
     name = "flowlens_" + hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:16]
     execute = f"EXECUTE {name}({', '.join(f'%({p})s' for p in order)})" if order else f"EXECUTE {name}"
-    return PreparedForm(name, f"PREPARE {name} AS {text}".encode(), execute, tuple(order))
+    return PreparedForm(name, f"PREPARE {name} AS {text}".encode(), execute)
 
 
 def lost_prepared_statement(exc: psycopg2.Error) -> bool:
@@ -240,30 +231,17 @@ def lost_prepared_statement(exc: psycopg2.Error) -> bool:
 # --- the batch ----------------------------------------------------------------------------------
 
 
-# A statement refuses its batch by raising an error whose message holds this (see journal.py).
-REFUSAL_MARK = "flowlens: already settled"
-
-
-def refused(exc: psycopg2.Error) -> bool:
-    """Whether `exc` is a statement's refusal of its batch (which the server then rolled back)."""
-    return isinstance(exc, psycopg2.errors.InvalidTextRepresentation) and REFUSAL_MARK in (exc.pgerror or "")
-
-
-def run_batch(
-    dbapi: Any, statements: list[Statement], isolation: str = "READ COMMITTED", *, one_trip: bool = False
-) -> tuple[Any, ...] | None:
+def run_batch(dbapi: Any, statements: list[Statement], isolation: str = "READ COMMITTED") -> tuple[Any, ...] | None:
     """Run `statements` as one transaction; return the last one's first row.
 
     `dbapi` is a psycopg2 connection outside any transaction; only database.py
     calls this, with a pooled connection it checked out for this one batch.
 
-    one_trip=False (two round trips): the batch opens a transaction, which COMMITs
-    when the last statement returned a row, else ROLLs BACK.
-    one_trip=True (one round trip): the statements go as one query without BEGIN, which
-    the server runs as one implicit transaction and commits at its end. For batches
-    whose last statement refuses the batch by raising an error naming REFUSAL_MARK
-    rather than by returning no row: the server then rolls it all back, and this
-    returns None.
+    Two round trips: BEGIN and the statements go as one query, then COMMIT when
+    the last statement returned a row, else ROLLBACK. A batch is refused by its
+    last statement returning no row (the journal entry of a delivery already
+    settled, a job whose lease was lost), never by an error: the server logs a
+    failing statement's text, and a batch's text carries payload values.
 
     With prepared statements on (the default), each statement is PREPAREd once per
     session, in one extra round trip the first time a session meets it, and the
@@ -274,22 +252,13 @@ def run_batch(
     prepared: set[str] | None = getattr(dbapi, "prepared", None)
     cursor = dbapi.cursor()
     try:
-        opening = "SET TRANSACTION" if one_trip else "BEGIN"
-        parts = [f"{opening} ISOLATION LEVEL {isolation}".encode()]
+        parts = [f"BEGIN ISOLATION LEVEL {isolation}".encode()]
         missing: dict[str, bytes] = {}
         if prepared is None:
             parts += [cursor.mogrify(sql, values) for sql, values in statements]
         else:
             forms = [prepared_form(sql) for sql, _ in statements]
-            if exact_literals(dbapi):
-                executes = ";\n".join(
-                    [form.bind(values, dbapi) for form, (_, values) in zip(forms, statements, strict=True)]
-                )
-                parts.append(executes.encode())
-            else:
-                parts += [
-                    cursor.mogrify(form.execute, values) for form, (_, values) in zip(forms, statements, strict=True)
-                ]
+            parts += [cursor.mogrify(form.execute, values) for form, (_, values) in zip(forms, statements, strict=True)]
             missing = {form.name: form.prepare for form in forms if form.name not in prepared}
         dbapi.autocommit = True
         try:
@@ -299,15 +268,10 @@ def run_batch(
                 prepared.update(missing)
             cursor.execute(b";\n".join(parts))
             row = cursor.fetchone() if cursor.description is not None else None
-            if not one_trip:
-                cursor.execute(b"COMMIT" if row is not None else b"ROLLBACK")
+            cursor.execute(b"COMMIT" if row is not None else b"ROLLBACK")
             return row
-        except psycopg2.Error as exc:
-            if one_trip:
-                # An implicit transaction ends with its error: nothing is left to roll back.
-                if refused(exc):
-                    return None
-            elif not dbapi.closed:
+        except psycopg2.Error:
+            if not dbapi.closed:
                 with contextlib.suppress(psycopg2.Error):
                     cursor.execute(b"ROLLBACK")
             raise

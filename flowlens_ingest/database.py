@@ -180,18 +180,14 @@ class Database:
 
     # --- what callers hand in -------------------------------------------------------------
 
-    def run(
-        self, statements: Sequence[Statement], *, on_retry: OnRetry | None = None, one_trip: bool = False
-    ) -> tuple[Any, ...] | None:
+    def run(self, statements: Sequence[Statement], *, on_retry: OnRetry | None = None) -> tuple[Any, ...] | None:
         """Run a batch as one transaction; return the last statement's first row, or None.
 
         Two round trips: the transaction commits when that row exists and rolls back
-        when it does not (a job whose lease was lost). `one_trip`: one round trip,
-        for batches ending with a statement that refuses them by an error instead
-        (the journal, for a duplicate delivery; see batch.run_batch). Retried as a
-        whole on transient failures.
+        when it does not (a duplicate delivery, a job whose lease was lost; see
+        batch.run_batch). Retried as a whole on transient failures.
         """
-        return self._retrying(lambda: self._batch(list(statements), one_trip), on_retry)
+        return self._retrying(lambda: self._batch(list(statements)), on_retry)
 
     def execute(self, statement: sa.Executable, *, on_retry: OnRetry | None = None) -> int:
         """Run one Core statement in a transaction of its own; return its row count."""
@@ -211,13 +207,13 @@ class Database:
         with self.engine.begin() as conn:
             return work(conn)
 
-    def _batch(self, statements: list[Statement], one_trip: bool) -> tuple[Any, ...] | None:
+    def _batch(self, statements: list[Statement]) -> tuple[Any, ...] | None:
         # Checked out through a Connection, not raw_connection(): a failure to connect
         # then arrives wrapped as an OperationalError, which the retry loop knows.
         with self.engine.connect() as conn:
             dbapi = conn.connection.dbapi_connection
             try:
-                return run_batch(dbapi, statements, self.settings.isolation_level, one_trip=one_trip)
+                return run_batch(dbapi, statements, self.settings.isolation_level)
             except psycopg2.Error as exc:
                 disconnected = dbapi is None or dbapi.closed != 0 or conn.dialect.is_disconnect(exc, dbapi, None)  # type: ignore[arg-type]
                 if disconnected:

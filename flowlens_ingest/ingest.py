@@ -73,7 +73,7 @@ def ingest(
     journal = plan.journal(delivery, store_payload=store_payload, replay=replay, compress=compress)
     batch = [*plan.statements, journal]
     try:
-        row = database.run(batch, on_retry=on_retry, one_trip=True)
+        row = database.run(batch, on_retry=on_retry)
     except DatabaseUnavailable:
         raise
     except Exception as exc:
@@ -94,9 +94,7 @@ def record_failure(
     database's or this delivery's.
     """
     try:
-        row = database.run(
-            [FAILURE.journal(delivery, error=error, compress=compress)], on_retry=on_retry, one_trip=True
-        )
+        row = database.run([FAILURE.journal(delivery, error=error, compress=compress)], on_retry=on_retry)
     except DatabaseUnavailable:
         raise
     except Exception as exc:

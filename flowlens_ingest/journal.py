@@ -8,7 +8,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
-from .batch import REFUSAL_MARK
 from .schema import webhook_deliveries
 from .sql import StaleTest, param
 from .values import Outcome
@@ -42,10 +41,10 @@ _JOURNAL_COLUMNS = (
 def journal(stale: StaleTest | None, replay: bool) -> sa.Executable:
     """Journal a delivery: `stale` decides stale vs applied; without it `p_outcome` does.
 
-    Only a failed entry may be taken again: a redelivery of a settled one raises an
-    error naming batch.REFUSAL_MARK, which undoes the whole batch (its statements and
-    the journal run as one implicit transaction) and reads as a duplicate. A replay
-    re-applies anything.
+    Only a failed entry may be taken again: for a redelivery of a settled one the
+    upsert's WHERE holds no row, RETURNING gives none, and the batch rolls back and
+    reads as a duplicate (no error: the server would log the batch's text, payload
+    values included). A replay re-applies anything.
     """
     t = webhook_deliveries
     outcome: Any = (
@@ -59,9 +58,6 @@ def journal(stale: StaleTest | None, replay: bool) -> sa.Executable:
         applied_at=sa.case((param("applied"), sa.func.now()), else_=sa.null()),
     )
     ex = stmt.excluded
-    # An integer cast of a text naming the delivery: it fails when evaluated, and only then
-    # (a constant would be folded, and fail, when the statement is planned).
-    refusal = sa.cast(t.c.delivery_id + " " + REFUSAL_MARK, sa.Integer)
     outcome_set: dict[str, Any] = {"outcome": ex.outcome, "applied_at": ex.applied_at}
     if replay:
         # A replay settles a failed entry but keeps any other's first final outcome: a
@@ -76,8 +72,7 @@ def journal(stale: StaleTest | None, replay: bool) -> sa.Executable:
             # A body once kept stays (a replay sends none back).
             **{c: sa.case((ex.body.is_(None), t.c[c]), else_=ex[c]) for c in ("body", "body_encoding", "content_type")},
             "payload_sha256": ex.payload_sha256,
-            "attempts": t.c.attempts + 1
-            if replay
-            else sa.case((t.c.outcome == Outcome.FAILED.value, t.c.attempts + 1), else_=refusal),
+            "attempts": t.c.attempts + 1,
         },
+        where=None if replay else t.c.outcome == Outcome.FAILED.value,
     ).returning(t.c.outcome)

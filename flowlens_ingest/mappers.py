@@ -17,10 +17,12 @@ from .readers import (
     boolean,
     count,
     ident,
+    indexed,
     integer,
     key,
     latest,
     login,
+    number_key,
     obj,
     opt_obj,
     people,
@@ -99,14 +101,14 @@ def map_pull_request(payload: dict[str, Any]) -> Changes:
     """`pull_request`, any action: the payload carries the whole PR snapshot."""
     repo = _require_repository(payload, "pull_request")
     pr = obj(payload.get("pull_request"), "pull_request")
-    number = ident(pr.get("number", payload.get("number")), "pull_request.number")
+    number = number_key(pr.get("number", payload.get("number")), "pull_request.number")
     head = opt_obj(pr.get("head"), "pull_request.head")
     base = opt_obj(pr.get("base"), "pull_request.base")
     author, avatar = login(pr.get("user"), "pull_request.user")
     state = pr_state(pr)
     updated_at = timestamp(pr.get("updated_at"), "pull_request.updated_at")
     title = text(pr.get("title"), "pull_request.title")
-    sha = text(head.get("sha"), "pull_request.head.sha")
+    sha = indexed(head.get("sha"), "pull_request.head.sha")
     labels = [
         {"name": text(obj(label, "label").get("name"), "label.name"), "color": label.get("color")}
         for label in array(pr.get("labels"), "pull_request.labels")
@@ -313,8 +315,8 @@ def map_pull_request_review(payload: dict[str, Any]) -> Changes:
     repo = _require_repository(payload, "pull_request_review")
     review = obj(payload.get("review"), "review")
     pr = obj(payload.get("pull_request"), "pull_request")
-    number = ident(pr.get("number"), "pull_request.number")
-    head_sha = text(opt_obj(pr.get("head"), "pull_request.head").get("sha"), "pull_request.head.sha")
+    number = number_key(pr.get("number"), "pull_request.number")
+    head_sha = indexed(opt_obj(pr.get("head"), "pull_request.head").get("sha"), "pull_request.head.sha")
     heads = ((number, head_sha),) if head_sha else ()
     action = payload.get("action")
     state = "dismissed" if action == "dismissed" else key(review.get("state"), "review.state").lower()

@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-# Values the database indexes must stay well under btree's ~2700-byte row limit.
-MAX_KEY_CHARS = 1000
+# Values the database indexes must stay well under btree's ~2700-byte row limit, in
+# UTF-8 bytes (a character may take four): checked here, not left to the database,
+# whose error would log the failing statement's text, payload included.
+MAX_KEY_BYTES = 1000
 
 
 class MappingError(Exception):
@@ -43,11 +45,18 @@ def text(value: Any, what: str) -> str | None:
 
 def key(value: Any, what: str) -> str:
     """A non-empty string short enough to index (a key column)."""
-    found = text(value, what)
+    found = indexed(value, what)
     if not found:
         raise MappingError(f"{what} is missing")
-    if len(found) > MAX_KEY_CHARS:
-        raise MappingError(f"{what} is longer than {MAX_KEY_CHARS} characters")
+    return found
+
+
+def indexed(value: Any, what: str) -> str | None:
+    """A string or None, short enough for an indexed column."""
+    found = text(value, what)
+    # Past MAX_KEY_BYTES characters it is past MAX_KEY_BYTES bytes: no need to encode it.
+    if found is not None and (len(found) > MAX_KEY_BYTES or len(found.encode()) > MAX_KEY_BYTES):
+        raise MappingError(f"{what} is longer than {MAX_KEY_BYTES} bytes")
     return found
 
 
@@ -72,6 +81,18 @@ def ident(value: Any, what: str) -> int:
     number = integer(value, what)
     if number is None:
         raise MappingError(f"{what} is missing")
+    return number
+
+
+def number_key(value: Any, what: str) -> int:
+    """A required pull request number: a positive integer an INTEGER key column holds.
+
+    Checked here, not left to the database: an out-of-range key would fail the
+    statement, and the server logs a failing statement's text, payload included.
+    """
+    number = ident(value, what)
+    if not 0 < number < 2**31:
+        raise MappingError(f"{what} is out of range")
     return number
 
 

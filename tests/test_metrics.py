@@ -191,14 +191,14 @@ def test_metrics_are_summed_across_workers_and_count_one_round_trip_per_delivery
             # The drainers report the spool depth (empty) once a second.
             assert "flowlens_spool_depth 0.0" in text
 
-        # One round trip per delivery, now that every worker has its connection (a
-        # worker's first connection adds SQLAlchemy's few first-connect queries).
+        # Two round trips per delivery (the batch, then its COMMIT), now that every worker
+        # has its connection (a worker's first connection adds SQLAlchemy's first-connect queries).
         before = metric(service, "flowlens_db_round_trips_total")
         for number in range(10):
             assert service.post(opened(2000 + number), "pull_request").status_code == 200
         after = metric(service, "flowlens_db_round_trips_total")
         assert before is not None and after is not None
-        assert after - before == 10
+        assert after - before == 20
         assert service.stop() == 0
 
 
