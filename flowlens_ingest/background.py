@@ -40,7 +40,8 @@ def spool_handler(app: Flask) -> Callable[[Spooled], None]:
         if time.monotonic() - checked_at[0] < SCHEMA_RECHECK_S:
             return
         try:
-            problem = migrate.pending(svc.database.engine)
+            with svc.database.bounded():
+                problem = migrate.pending(svc.database.engine)
         except Exception as exc:  # unreachable: the drain pauses, the drainer says so once
             raise DatabaseUnavailable(type(exc).__name__) from exc
         if problem is None:

@@ -71,7 +71,8 @@ def _database(settings: Settings) -> tuple[Database, object | None]:
         server, url = embedded.start(settings.data_dir, create=False)
     database = Database(settings, url, application_name="flowlens-ingest-admin")
     try:
-        problem = migrate.pending(database.engine)
+        with database.bounded():
+            problem = migrate.pending(database.engine)
     except sa.exc.SQLAlchemyError:
         raise NoDatabase("database unavailable") from None
     if problem:

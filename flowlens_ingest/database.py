@@ -7,15 +7,19 @@ transaction. No Flask here: the app, the CLI and the workers share this.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import select
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import psycopg2
+import psycopg2.extensions
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -44,11 +48,83 @@ RETRY_BUDGET_S = 4.0
 BASE_DELAY_S = 0.005
 MAX_DELAY_S = 0.5
 
+# Past the server's own statement timeout, how long a client waits for its answer before
+# giving the connection up: the server should have answered (even if only to say it
+# cancelled the statement) by then, unless it or the network hangs.
+DEADLINE_MARGIN_S = 2.0
+# A pooled connection is waited for at most this long (a request holds one at a time,
+# and the pool has one per thread: a wait means connections stuck on a hung server).
+POOL_TIMEOUT_S = 3.0
+
 OnRetry = Callable[[str], None]
 
 
 class DatabaseUnavailable(Exception):
     """The database could not be reached, was too slow, or kept conflicting."""
+
+
+# --- a client-side deadline on every wait for the database ---------------------------------------
+
+# The time.monotonic() by which this thread's database work must end; None: no limit.
+_DEADLINE: ContextVar[float | None] = ContextVar("flowlens_database_deadline", default=None)
+
+
+class DeadlinePassed(psycopg2.OperationalError):
+    """The database did not answer before the deadline; psycopg2 closes the connection."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[float]:
+    """Every database wait of this thread inside the block ends within `seconds` (or an outer deadline)."""
+    at = time.monotonic() + seconds
+    outer = _DEADLINE.get()
+    token = _DEADLINE.set(at if outer is None else min(at, outer))
+    try:
+        yield at if outer is None else min(at, outer)
+    finally:
+        _DEADLINE.reset(token)
+
+
+def remaining() -> float | None:
+    """Seconds left before this thread's database deadline; None when it has none."""
+    at = _DEADLINE.get()
+    return None if at is None else at - time.monotonic()
+
+
+def wait_until_deadline(conn: Any) -> None:
+    """psycopg2's wait callback: wait on the socket for the server, up to the thread's deadline.
+
+    Installed process-wide (psycopg2.extensions.set_wait_callback), so every
+    connect and query of the process waits here instead of blocking inside libpq.
+    Past the deadline it raises DeadlinePassed, and psycopg2 closes the connection:
+    a connection whose server went silent (a partition, a hung node, a proxy that
+    holds every byte) is never used again. Without a deadline it waits as long as
+    libpq would.
+    """
+    poller = select.poll()
+    fd = conn.fileno()
+    while True:
+        state = conn.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        if state == psycopg2.extensions.POLL_READ:
+            events = select.POLLIN
+        elif state == psycopg2.extensions.POLL_WRITE:
+            events = select.POLLOUT
+        else:
+            raise psycopg2.OperationalError(f"unexpected poll state {state}")
+        left = remaining()
+        if left is not None and left <= 0:
+            raise DeadlinePassed("the database did not answer before the deadline")
+        poller.register(fd, events)
+        poller.poll(None if left is None else max(1, int(left * 1000)))
+        poller.unregister(fd)
+
+
+def install_deadlines() -> None:
+    """Make every psycopg2 wait of this process go through wait_until_deadline (idempotent)."""
+    if psycopg2.extensions.get_wait_callback() is not wait_until_deadline:
+        psycopg2.extensions.set_wait_callback(wait_until_deadline)
 
 
 def make_engine(settings: Settings, url: str | None = None, *, application_name: str = "flowlens-ingest") -> Engine:
@@ -59,11 +135,12 @@ def make_engine(settings: Settings, url: str | None = None, *, application_name:
     url = url or settings.database_url
     if not url:
         raise ValueError("no database URL")
+    install_deadlines()
     engine = sa.create_engine(
         url,
         pool_size=settings.pool_size,
         max_overflow=0,
-        pool_timeout=5,
+        pool_timeout=POOL_TIMEOUT_S,
         # A dropped connection is caught by the transaction retry loop below, which
         # invalidates the pool; a pre-ping would cost every delivery a round trip.
         pool_pre_ping=False,
@@ -74,6 +151,13 @@ def make_engine(settings: Settings, url: str | None = None, *, application_name:
         isolation_level=settings.isolation_level,
         connect_args={
             "connect_timeout": 3,
+            # A connection whose peer vanished is noticed by the kernel too: unacknowledged
+            # data for tcp_user_timeout, or an idle pooled one without keepalive answers.
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 10000,
             "application_name": application_name,
             "connection_factory": CountingConnection,
             "options": (
@@ -157,6 +241,8 @@ class Database:
         self._engine = engine
         self._pid = os.getpid() if engine is not None else 0
         self._lock = threading.Lock()
+        # Each call's deadline, unless the caller set a shorter one (a request's answer time).
+        self.budget_s = settings.statement_timeout_ms / 1000 + DEADLINE_MARGIN_S
 
     @property
     def engine(self) -> Engine:
@@ -178,6 +264,10 @@ class Database:
             self._engine.dispose()
         self._engine = None
 
+    def bounded(self) -> contextlib.AbstractContextManager[float]:
+        """A block whose database waits (through `engine`, e.g. alembic's) end within this Database's budget."""
+        return deadline(self.budget_s)
+
     # --- what callers hand in -------------------------------------------------------------
 
     def run(self, statements: Sequence[Statement], *, on_retry: OnRetry | None = None) -> tuple[Any, ...] | None:
@@ -194,8 +284,9 @@ class Database:
         return self._retrying(lambda: self._in_transaction(lambda c: c.execute(statement).rowcount), on_retry)
 
     def read(self, query: sa.Executable) -> list[sa.Row[Any]]:
-        """The rows of a query, read in a transaction of its own (not retried)."""
-        return self._in_transaction(lambda c: list(c.execute(query)))
+        """The rows of a query, read in a transaction of its own (not retried, but within the deadline)."""
+        with deadline(self.budget_s):
+            return self._in_transaction(lambda c: list(c.execute(query)))
 
     def first(self, query: sa.Executable, *, on_retry: OnRetry | None = None) -> sa.Row[Any] | None:
         """The first row of a statement (a query, or DML with RETURNING), committed, retried."""
@@ -231,9 +322,14 @@ class Database:
         """Run `attempt_once`, again on transient failures, with full-jitter backoff.
 
         Raises DatabaseUnavailable when the database is down, too slow, or still
-        conflicting after the last attempt; other database errors propagate.
+        conflicting after the last attempt, or when the deadline (this Database's
+        budget, or a shorter one the caller set) leaves no time for another attempt;
+        other database errors propagate.
         """
-        deadline = time.monotonic() + RETRY_BUDGET_S
+        with deadline(self.budget_s) as ends:
+            return self._attempts(attempt_once, on_retry, min(ends, time.monotonic() + RETRY_BUDGET_S))
+
+    def _attempts(self, attempt_once: Callable[[], T], on_retry: OnRetry | None, retry_until: float) -> T:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 return attempt_once()
@@ -249,9 +345,12 @@ class Database:
                 # timeout none: the answer has to reach GitHub well inside its 10 s.
                 # Full jitter keeps colliding workers from retrying in lockstep.
                 delay = random.uniform(0, min(MAX_DELAY_S, BASE_DELAY_S * 2**attempt))
+                if isinstance(exc.orig, DeadlinePassed):
+                    # The connection is gone and so is the time: no second try.
+                    raise DatabaseUnavailable("deadline") from exc
                 if (
                     attempt == MAX_ATTEMPTS
-                    or time.monotonic() + delay > deadline
+                    or time.monotonic() + delay > retry_until
                     or (unreachable and (attempt >= 2 or reason in TIMEOUT_SQLSTATES))
                 ):
                     raise DatabaseUnavailable(reason) from exc

@@ -25,7 +25,9 @@ def readyz() -> tuple[Response, int]:
     the old code keeps working and is not reported as broken.
     """
     try:
-        current, head = migrate.revisions(services().database.engine)
+        database = services().database
+        with database.bounded():
+            current, head = migrate.revisions(database.engine)
     except Exception:  # any failure to reach or read the database means "not ready"
         return jsonify({"status": "unavailable", "database": "unreachable"}), 503
     if current == head:

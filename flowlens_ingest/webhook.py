@@ -13,7 +13,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from . import parse, signature
 from .app import services
 from .body import read_signed
-from .database import DatabaseUnavailable
+from .database import DatabaseUnavailable, deadline
 from .delivery import Delivery
 from .ingest import ingest
 from .values import Outcome
@@ -21,6 +21,11 @@ from .values import Outcome
 log = logging.getLogger(__name__)
 
 bp = Blueprint("webhook", __name__)
+
+# GitHub gives up on an answer after 10 s. A delivery's database work (pool checkout,
+# connect, the batch, its retries, a failure record) ends this long after the request
+# began, whatever the database does; the delivery is then spooled (202) or refused (503).
+DATABASE_DEADLINE_S = 8.0
 
 
 def error(status: int, message: str, **headers: str) -> Response:
@@ -139,7 +144,9 @@ def receive() -> tuple[Response, int] | Response:
     if not event or not delivery_id:
         _answer(Outcome.REJECTED, 400, event, delivery_id)
         return error(400, "X-GitHub-Event and X-GitHub-Delivery are required")
-    if len(event) > 100 or len(delivery_id) > 200 or hook_id is None:
+    # Header values arrive as WSGI's latin-1 text. GitHub's are ASCII (an event name, a
+    # GUID): anything else is refused, never stored as mangled text.
+    if len(event) > 100 or len(delivery_id) > 200 or hook_id is None or not (event + delivery_id).isascii():
         _answer(Outcome.REJECTED, 400, event, delivery_id)
         return error(400, "malformed X-GitHub-* header")
     body = signed_body()
@@ -154,13 +161,14 @@ def receive() -> tuple[Response, int] | Response:
         _answer(Outcome.REJECTED, 400, event, delivery_id)
         return error(400, str(exc))
     try:
-        outcome = ingest(
-            svc.database,
-            delivery,
-            store_payload=svc.settings.store_payloads,
-            compress=svc.settings.journal_compression,
-            on_retry=svc.metrics.db_retry,
-        ).outcome
+        with deadline(DATABASE_DEADLINE_S - (time.perf_counter() - g.started)):
+            outcome = ingest(
+                svc.database,
+                delivery,
+                store_payload=svc.settings.store_payloads,
+                compress=svc.settings.journal_compression,
+                on_retry=svc.metrics.db_retry,
+            ).outcome
     except DatabaseUnavailable:
         spool = svc.spool
         if spool is None or not spool.put(delivery_id, hook_id, event, request.content_type or "", body):
