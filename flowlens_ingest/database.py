@@ -51,7 +51,13 @@ MAX_DELAY_S = 0.5
 # Past the server's own statement timeout, how long a client waits for its answer before
 # giving the connection up: the server should have answered (even if only to say it
 # cancelled the statement) by then, unless it or the network hangs.
-DEADLINE_MARGIN_S = 2.0
+DEADLINE_MARGIN_S = 1.0
+# Once the database let a deadline pass, every call of the next SUSPECT_FOR_S seconds gets
+# at most SUSPECT_DEADLINE_S: while a server hangs, requests queued behind the first
+# ones are spooled in a moment instead of each waiting out a full deadline. An answer
+# in time ends the suspicion.
+SUSPECT_FOR_S = 10.0
+SUSPECT_DEADLINE_S = 0.5
 # A pooled connection is waited for at most this long (a request holds one at a time,
 # and the pool has one per thread: a wait means connections stuck on a hung server).
 POOL_TIMEOUT_S = 3.0
@@ -243,6 +249,14 @@ class Database:
         self._lock = threading.Lock()
         # Each call's deadline, unless the caller set a shorter one (a request's answer time).
         self.budget_s = settings.statement_timeout_ms / 1000 + DEADLINE_MARGIN_S
+        # Until when (time.monotonic()) calls get SUSPECT_DEADLINE_S: the server missed a deadline.
+        self._suspect_until = 0.0
+
+    def _budget(self) -> float:
+        """This call's deadline: the full budget, or a short one while the server is suspected of hanging."""
+        if time.monotonic() < self._suspect_until:
+            return min(self.budget_s, SUSPECT_DEADLINE_S)
+        return self.budget_s
 
     @property
     def engine(self) -> Engine:
@@ -266,7 +280,7 @@ class Database:
 
     def bounded(self) -> contextlib.AbstractContextManager[float]:
         """A block whose database waits (through `engine`, e.g. alembic's) end within this Database's budget."""
-        return deadline(self.budget_s)
+        return deadline(self._budget())
 
     # --- what callers hand in -------------------------------------------------------------
 
@@ -285,7 +299,7 @@ class Database:
 
     def read(self, query: sa.Executable) -> list[sa.Row[Any]]:
         """The rows of a query, read in a transaction of its own (not retried, but within the deadline)."""
-        with deadline(self.budget_s):
+        with deadline(self._budget()):
             return self._in_transaction(lambda c: list(c.execute(query)))
 
     def first(self, query: sa.Executable, *, on_retry: OnRetry | None = None) -> sa.Row[Any] | None:
@@ -326,13 +340,13 @@ class Database:
         budget, or a shorter one the caller set) leaves no time for another attempt;
         other database errors propagate.
         """
-        with deadline(self.budget_s) as ends:
+        with deadline(self._budget()) as ends:
             return self._attempts(attempt_once, on_retry, min(ends, time.monotonic() + RETRY_BUDGET_S))
 
     def _attempts(self, attempt_once: Callable[[], T], on_retry: OnRetry | None, retry_until: float) -> T:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                return attempt_once()
+                result = attempt_once()
             except sa.exc.TimeoutError as exc:
                 # Every pooled connection stayed busy for pool_timeout: treat as unavailable.
                 raise DatabaseUnavailable("pool_timeout") from exc
@@ -347,6 +361,7 @@ class Database:
                 delay = random.uniform(0, min(MAX_DELAY_S, BASE_DELAY_S * 2**attempt))
                 if isinstance(exc.orig, DeadlinePassed):
                     # The connection is gone and so is the time: no second try.
+                    self._suspect_until = time.monotonic() + SUSPECT_FOR_S
                     raise DatabaseUnavailable("deadline") from exc
                 if (
                     attempt == MAX_ATTEMPTS
@@ -357,4 +372,7 @@ class Database:
                 if on_retry is not None:
                     on_retry(reason)
                 time.sleep(delay)
+            else:
+                self._suspect_until = 0.0
+                return result
         raise AssertionError("unreachable")
