@@ -133,7 +133,7 @@ def db_upgrade(revision: str) -> int:
         server, url = embedded.start(settings.data_dir)
         where = f"the embedded database in {settings.data_dir / 'pgdata'}"
     try:
-        migrate.upgrade(url, revision)
+        command = migrate.release(url, revision)
     except CommandError as exc:
         return fail(f"cannot upgrade to {revision!r}: {exc}")
     except sa.exc.OperationalError:
@@ -141,6 +141,12 @@ def db_upgrade(revision: str) -> int:
     if server is not None:
         server.close()
     print(f"flowlens-ingest: {where} at {revision}")
+    if command is not None:
+        print(
+            "flowlens-ingest: this role may not keep its failing statements' text (payload values) out of"
+            f" the server log; have an administrator run:\n  {command}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -203,11 +203,15 @@ def compress_with_lz4(dbapi_connection: Any, _record: Any = None) -> None:
     dbapi_connection.autocommit = True
     try:
         with dbapi_connection.cursor() as cursor:
-            cursor.execute("SET default_toast_compression = 'lz4'")
-    except psycopg2.Error:
-        # Said once per process and server, and not asked again on its next connections.
-        _WITHOUT_LZ4.add(server)
-        log.info("this PostgreSQL was built without lz4: its TOAST compression stays pglz")
+            # Asked, not tried: a refused SET would be an error in the server's log.
+            cursor.execute(
+                "SELECT set_config('default_toast_compression', 'lz4', false) FROM pg_settings"
+                " WHERE name = 'default_toast_compression' AND 'lz4' = ANY(enumvals)"
+            )
+            if cursor.fetchone() is None:
+                # Said once per process and server, and not asked again on its next connections.
+                _WITHOUT_LZ4.add(server)
+                log.info("this PostgreSQL was built without lz4: its TOAST compression stays pglz")
     finally:
         dbapi_connection.autocommit = autocommit
 

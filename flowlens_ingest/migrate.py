@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -34,6 +35,19 @@ def alembic_config(url: str) -> Config:
 def upgrade(url: str, revision: str = "head") -> None:
     """Migrate the database at `url` to `revision`."""
     command.upgrade(alembic_config(url), revision)
+
+
+def release(url: str, revision: str = "head") -> str | None:
+    """The release step: migrate, then keep statement text out of the server log where the role may.
+
+    Returns the command an operator should run when the role may not (see quiet_statement_log).
+    """
+    upgrade(url, revision)
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        return quiet_statement_log(engine)
+    finally:
+        engine.dispose()
 
 
 def downgrade(url: str, revision: str = "base") -> None:
@@ -76,3 +90,58 @@ def pending(engine: Engine) -> str | None:
         return None  # at head, or migrated by a newer release (a rolling deploy)
     at = f"at revision {current}" if current else "not migrated"
     return f"the database is {at}, this release needs {newest}: run `{UPGRADE_COMMAND}`"
+
+
+# PostgreSQL logs the text of a failing statement (log_min_error_statement = error), and
+# psycopg2 sends values as literals in that text: a payload would land in the server's
+# log. The routine paths raise no error; for those that remain possible (40001 on
+# YugabyteDB, a constraint nobody foresaw) the service's role has statement text kept
+# out of the log. Only a superuser, or on PostgreSQL 15+ a role granted SET on the
+# parameter, may set it.
+QUIET_SETTING = "log_min_error_statement=panic"
+
+
+def quiet_statement_log_command(role: str, database: str) -> str:
+    """What an operator runs to keep `role`'s failing statements in `database` out of the server log."""
+
+    def quoted(name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    return (
+        f"ALTER ROLE {quoted(role)} IN DATABASE {quoted(database)} SET log_min_error_statement = panic;"
+        "  -- as a superuser, or after (PostgreSQL 15+)"
+        f" GRANT SET ON PARAMETER log_min_error_statement TO {quoted(role)};"
+    )
+
+
+def quiet_statement_log(engine: Engine) -> str | None:
+    """Keep the text of this role's failing statements in this database out of the server log, where it may.
+
+    Set for the role in this database only (nothing else on the server changes),
+    for its sessions from then on. Returns None when it is set (now or before),
+    else the command an operator runs. Asks first rather than trying: no error as
+    control flow.
+    """
+    with engine.connect() as conn:
+        role, database, superuser, settings, version = conn.execute(
+            sa.text(
+                "SELECT r.rolname, d.datname, r.rolsuper, s.setconfig, current_setting('server_version_num')::int"
+                " FROM pg_roles r JOIN pg_database d ON d.datname = current_database()"
+                " LEFT JOIN pg_db_role_setting s ON s.setrole = r.oid AND s.setdatabase = d.oid"
+                " WHERE r.rolname = current_user"
+            )
+        ).one()
+        if QUIET_SETTING in (settings or []):
+            return None
+        allowed = superuser or (
+            version >= 150000
+            and conn.execute(sa.text("SELECT has_parameter_privilege('log_min_error_statement', 'SET')")).scalar_one()
+        )
+        if not allowed:
+            return quiet_statement_log_command(role, database)
+        conn.exec_driver_sql(
+            f'ALTER ROLE CURRENT_USER IN DATABASE "{database.replace(chr(34), chr(34) * 2)}"'
+            " SET log_min_error_statement = panic"
+        )
+        conn.commit()
+    return None

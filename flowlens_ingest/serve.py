@@ -143,7 +143,7 @@ def serve(host: str, port: int, workers: int | None) -> int:
         from . import embedded, migrate
 
         server, url = embedded.start(settings.data_dir)
-        migrate.upgrade(url)
+        migrate.release(url)
         env["DATABASE_URL"] = url
         print(f"flowlens-ingest: embedded PostgreSQL in {settings.data_dir / 'pgdata'} (migrated)", flush=True)
         if not settings.secrets:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -316,48 +315,3 @@ def test_journal_bodies_are_compressed_with_lz4_where_the_server_has_it(client, 
     with db.connect() as conn:
         method = conn.exec_driver_sql("SELECT pg_column_compression(body) FROM webhook_deliveries").scalar_one()
     assert method == "lz4"
-
-
-def test_a_server_without_lz4_is_asked_once_and_keeps_pglz():
-    """Built without lz4 (the embedded wheel): one line and no further SET per process, the session unharmed."""
-    from types import SimpleNamespace
-
-    import psycopg2
-
-    from flowlens_ingest import database
-
-    asked = []
-
-    class Cursor:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def execute(self, sql):
-            asked.append(sql)
-            raise psycopg2.Error("invalid value for parameter default_toast_compression")
-
-    connection = SimpleNamespace(
-        server_version=180000,
-        info=SimpleNamespace(host="/tmp/no-lz4", port=5432),
-        get_parameter_status=lambda name: "18.1",
-        autocommit=False,
-        cursor=Cursor,
-    )
-    said: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("flowlens_ingest.database")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        for _ in range(3):
-            database.compress_with_lz4(connection)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    assert len(asked) == 1 and connection.autocommit is False
-    assert said == ["this PostgreSQL was built without lz4: its TOAST compression stays pglz"]
