@@ -155,6 +155,24 @@ def test_a_hook_id_that_is_not_ascii_digits_is_400(client, db, hook_id):
     assert rows(db, webhook_deliveries) == []
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"delivery": "livraison-\u00e9"},
+        # What a WSGI server hands over for UTF-8 bytes: each byte as a latin-1 character.
+        {"delivery": "livraison-\u00c3\u00a9"},
+        {"event": "pull_r\u00e9quest"},
+    ],
+)
+def test_a_github_header_that_is_not_ascii_is_400_not_stored_mangled(client, db, header):
+    body = json.dumps(OPENED).encode()
+    event = header.get("event", "pull_request")
+    response = client.post("/webhook", data=body, headers=github_headers(body, event, delivery=header.get("delivery")))
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "malformed X-GitHub-* header"}
+    assert rows(db, webhook_deliveries) == []
+
+
 def test_get_on_webhook_is_405_and_names_the_allowed_methods(client):
     response = client.get("/webhook")
     assert response.status_code == 405
