@@ -35,13 +35,13 @@ RULES: list[tuple[str, re.Pattern[str]]] = [
     for label, pattern in [
         (
             "psycopg2 execute (send, server work, receive)",
-            rf"CountingCursor\.execute|run_batch \(flowlens_ingest/batch\.py:({_lines(batch.run_batch, '.execute(')})\)",
+            rf"CountingCursor\.execute|wait_until_deadline|run_batch \(flowlens_ingest/batch\.py:({_lines(batch.run_batch, '.execute(')})\)",
         ),
         (
-            "quote parameters into the EXECUTEs (literals.quote, mogrify; incl. the journal body)",
+            "quote parameters into the EXECUTEs (mogrify; incl. the journal body)",
             (
-                r"PreparedForm\.bind|\(flowlens_ingest/literals\.py|run_batch\.<locals>\.<listcomp>"
-                rf"|run_batch \(flowlens_ingest/batch\.py:({_lines(batch.run_batch, 'mogrify', '.bind(')})\)"
+                r"\(flowlens_ingest/literals\.py|run_batch\.<locals>\.<listcomp>"
+                rf"|run_batch \(flowlens_ingest/batch\.py:({_lines(batch.run_batch, 'mogrify')})\)"
             ),
         ),
         (
