@@ -15,6 +15,8 @@ from flowlens_ingest.config import MIB, MIN_SECRET_BYTES, ConfigError, Settings,
 from .helpers import PREVIOUS_SECRET, SECRET, free_port, make_settings
 
 GOOD_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# Never reached: every command must refuse a bad setting before it connects.
+UNREACHABLE_URL = "postgresql://nobody@127.0.0.1:1/none"
 BAD_URLS = [
     "foo",
     "postgresql://:notaport/x",
@@ -287,3 +289,65 @@ def test_check_folders_names_the_variable_that_chose_each_folder(tmp_path):
         "0.0.0.0:8000"
     )
     assert (tmp_path / "metrics" / "8000").is_dir()
+
+
+# --- what an operator sees: every entry point refuses before it starts anything ------------------
+
+# The cases the attack scripts found: each started and printed "listening" before.
+BAD_SETTINGS = {
+    "statement-timeout-0": ("FLOWLENS_STATEMENT_TIMEOUT_MS", "0"),
+    "statement-timeout-negative": ("FLOWLENS_STATEMENT_TIMEOUT_MS", "-1"),
+    "body-limit-0": ("FLOWLENS_MAX_BODY_BYTES", "0"),
+    "pool-negative": ("FLOWLENS_POOL_SIZE", "-3"),
+    "pool-0": ("FLOWLENS_POOL_SIZE", "0"),
+    "spool-size-negative": ("FLOWLENS_SPOOL_MAX_BYTES", "-1"),
+    "log-level": ("FLOWLENS_LOG_LEVEL", "BOGUS"),
+}
+# Checked where the folder is used: by the service (`serve`, gunicorn), not by every command.
+BAD_FOLDERS = {
+    "spool-dir": ("FLOWLENS_SPOOL_DIR", "/dev/null/spool"),
+    "metrics-dir": ("PROMETHEUS_MULTIPROC_DIR", "/dev/null/metrics"),
+}
+GUNICORN = [str(Path(sys.executable).parent / "gunicorn"), "-c", "python:flowlens_ingest.gunicorn_conf"]
+
+
+def entry_point(name: str) -> list[str]:
+    """The command line of one entry point, as an operator or the Procfile runs it."""
+    cli = [sys.executable, "-m", "flowlens_ingest.cli"]
+    commands = {
+        "serve": [*cli, "serve", "--port", str(free_port())],
+        "db upgrade": [*cli, "db", "upgrade"],
+        "enrich": [*cli, "enrich", "--once"],
+        "deliveries": [*cli, "deliveries"],
+        "gunicorn": [*GUNICORN, "--bind", f"127.0.0.1:{free_port()}", "flowlens_ingest.wsgi:app"],
+    }
+    return commands[name]
+
+
+def assert_refused_in_one_line(result: subprocess.CompletedProcess, name: str) -> None:
+    """Exit 2, one stderr line naming the variable, no traceback, nothing served."""
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"flowlens-ingest: {name} must be ")
+    assert "Traceback" not in result.stdout + result.stderr and "listening" not in result.stdout
+
+
+@pytest.mark.parametrize("command", ["serve", "db upgrade", "enrich", "deliveries", "gunicorn"])
+@pytest.mark.parametrize(("name", "value"), BAD_SETTINGS.values(), ids=BAD_SETTINGS.keys())
+def test_every_entry_point_refuses_a_bad_setting_with_exit_2_and_one_line(command, name, value, tmp_path):
+    # A database URL nothing listens on, a secret, a GitHub token: the setting is the only fault.
+    env = {"DATABASE_URL": UNREACHABLE_URL, "GITHUB_WEBHOOK_SECRET": SECRET, "GITHUB_TOKEN": "t", name: value}
+    if command == "serve":
+        del env["DATABASE_URL"]  # embedded mode: nothing may be started either
+    assert_refused_in_one_line(run(*entry_point(command), cwd=tmp_path, **env), name)
+    assert not (tmp_path / ".flowlens" / "pgdata").exists()
+
+
+@pytest.mark.parametrize("command", ["serve", "gunicorn"])
+@pytest.mark.parametrize(("name", "value"), BAD_FOLDERS.values(), ids=BAD_FOLDERS.keys())
+def test_the_service_refuses_a_folder_it_cannot_write_with_exit_2_and_one_line(command, name, value, tmp_path):
+    env = {"DATABASE_URL": UNREACHABLE_URL, "GITHUB_WEBHOOK_SECRET": SECRET, name: value}
+    if command == "serve":
+        del env["DATABASE_URL"]
+    assert_refused_in_one_line(run(*entry_point(command), cwd=tmp_path, **env), name)
+    assert not (tmp_path / ".flowlens" / "pgdata").exists()
