@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .config import ConfigError
+from .config import WORKERS, ConfigError
 
 if TYPE_CHECKING:
     pass
@@ -123,11 +122,9 @@ Examples:
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, help="Port to listen on.")
 @click.option(
     "--workers",
-    type=click.IntRange(min=1),
-    envvar="FLOWLENS_WORKERS",
-    show_envvar=True,
+    type=click.IntRange(*WORKERS),
     default=None,
-    show_default="cores + 1",
+    show_default="FLOWLENS_WORKERS, else cores + 1",
     help="gunicorn worker processes.",
 )
 def serve_command(host: str, port: int, workers: int | None) -> int:
@@ -205,10 +202,8 @@ Examples:
 @click.option("--event", required=True, help="X-GitHub-Event, e.g. pull_request.")
 @click.option(
     "--url",
-    envvar="FLOWLENS_URL",
-    show_envvar=True,
     default=None,
-    show_default="the URL of the `serve` running in FLOWLENS_DATA_DIR, else " + DEFAULT_URL,
+    show_default="FLOWLENS_URL, else the URL of the `serve` running in FLOWLENS_DATA_DIR, else " + DEFAULT_URL,
     help="Where to POST.",
 )
 @click.option("--delivery", default=None, show_default="a new UUID", help="X-GitHub-Delivery.")
@@ -289,6 +284,14 @@ def nginx_conf_command(listen: str, upstream: str) -> int:
     return 0
 
 
+def _debugging() -> bool:
+    """FLOWLENS_LOG_LEVEL is DEBUG: an unexpected error shows its traceback."""
+    try:
+        return load_settings().log_level == "DEBUG"
+    except ConfigError:
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flowlens-ingest` console script: an exit status, never a traceback."""
     args = list(argv) if argv is not None else sys.argv[1:]
@@ -308,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, NoDatabase) as exc:
         return fail(str(exc))
     except Exception as exc:  # a bug or an environment we did not foresee: one line, not a traceback
-        if os.environ.get("FLOWLENS_LOG_LEVEL", "").upper() == "DEBUG":
+        if _debugging():
             raise
         fail(f"unexpected {type(exc).__name__}: {exc} (FLOWLENS_LOG_LEVEL=DEBUG shows the traceback)")
         return 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,10 +12,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, child_environment
 
 if TYPE_CHECKING:
     from .database import Database
+    from .github import GitHubClient
 
 GUNICORN_CONF = "python:flowlens_ingest.gunicorn_conf"
 DEFAULT_URL = "http://127.0.0.1:8000/webhook"
@@ -35,8 +35,18 @@ class NoDatabase(Exception):
 
 
 def load_settings() -> Settings:
-    """The environment's settings."""
+    """The environment's settings (ConfigError, one line and exit 2, for a value out of range)."""
     return Settings.from_env()
+
+
+def github_client(settings: Settings) -> GitHubClient:
+    """The files worker's GitHub client; ConfigError naming the variable when the App's key is unusable."""
+    from .enrich import client_for
+
+    try:
+        return client_for(settings)
+    except ValueError as exc:  # the key: Settings has checked everything else the client takes
+        raise ConfigError(f"GITHUB_APP_PRIVATE_KEY (or _FILE): {exc}") from None
 
 
 # --- operator commands ----------------------------------------------------------------------
@@ -85,7 +95,7 @@ def enrich(once: bool, status: bool) -> int:
     import threading
 
     from . import jobs, logs
-    from .enrich import Enricher, client_for
+    from .enrich import Enricher
     from .metrics import instruments
 
     settings = load_settings()
@@ -102,7 +112,7 @@ def enrich(once: bool, status: bool) -> int:
             print(f"{row.full_name}#{row.pr_number} {row.head_sha[:12]} {row.state}/{row.result}: {row.last_error}")
         return 0
     logs.configure(settings)
-    enricher = Enricher(settings, database, client_for(settings), instruments())
+    enricher = Enricher(settings, database, github_client(settings), instruments())
     if once:
         while enricher.run_once():
             pass
@@ -186,7 +196,7 @@ def db_shell(arguments: Sequence[str]) -> int:
     # Ctrl-C belongs to psql (it cancels the query), not to us.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        code = subprocess.call([psql, dsn, *arguments], env=dict(os.environ, **extra))
+        code = subprocess.call([psql, dsn, *arguments], env=child_environment(**extra))
     finally:
         signal.signal(signal.SIGINT, previous)
     if server is not None:
@@ -220,7 +230,7 @@ def send(file: str, event: str, url: str | None, delivery: str | None) -> int:
                 " webhook-secret: set one, or FLOWLENS_DATA_DIR to the folder `serve` used"
             )
         secret = path.read_text().strip().encode()
-    url = url or _default_url(settings)
+    url = url or settings.send_url or _default_url(settings)
     if not url.startswith(("http://", "https://")):
         return fail(f"--url must be an http:// or https:// URL, got {url!r}")
     try:

@@ -1,19 +1,70 @@
-"""Configuration from the environment, read once into a plain, typed object."""
+"""Configuration: the one place the environment is read, each value checked against its range.
+
+`Settings.from_env()` reads every variable the service knows (the README's Configuration
+lists them, with their ranges) and raises ConfigError, one line naming the variable and
+what it accepts, for any value outside its range. Every entry point turns that into exit
+status 2 before anything starts: the command line's main(), and gunicorn_conf in
+gunicorn's master, before a worker is forked.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
-MIB = 1024 * 1024
+KIB = 1024
+MIB = 1024 * KIB
 # A webhook secret shorter than this is refused at start: GitHub's docs ask for "a random
 # string with high entropy", and an HMAC key is only as strong as it is long. The
 # generated default (embedded mode) is 64 hex characters.
 MIN_SECRET_BYTES = 16
 # The one driver the service is built and tested with.
 DRIVER = "postgresql+psycopg2"
+
+# --- ranges ---------------------------------------------------------------------------------------
+# Each is chosen so that no value can break an answer within GitHub's 10 s, let a body past
+# GitHub's cap, or start a service that fails every delivery. The README's Configuration
+# repeats them.
+
+# Statement and lock timeout of every delivery. The server must give up before the client
+# does (the request's database deadline is 8 s), leaving time to spool the delivery and
+# answer inside GitHub's 10 s. PostgreSQL reads 0 as "no timeout" (a delivery then waits
+# as long as a lock is held) and refuses a negative one on every connection; under 100 ms
+# a lock wait of an ordinary burst would already be cut.
+STATEMENT_TIMEOUT_MS = (100, 7000)
+# GitHub caps payloads at 25 MB (https://docs.github.com/en/webhooks/webhook-events-and-payloads#payload-cap):
+# a larger limit only lets an unsigned sender make a worker hold more before the signature
+# is checked. GitHub's smallest delivery (a ping) is ~2.7 KB: under 1 KiB every delivery
+# would get 413, a unit slip (25 meant as MiB) rather than a choice. 0 would be "refuse
+# everything" here and "unlimited" in nginx's client_max_body_size.
+MAX_BODY_BYTES = (KIB, 25 * MIB)
+# Connections per worker process. A pool of 0 can serve nothing; PostgreSQL's default
+# max_connections is 100, so one process's pool can never usefully be larger.
+POOL_SIZE = (1, 100)
+# gunicorn processes and threads per process. The upper bounds catch a typo, not a choice:
+# every thread holds a pooled connection, so workers x (threads + 1) is what one VM asks of
+# the database.
+WORKERS = (1, 256)
+THREADS = (1, 64)
+# A stopping worker finishes what it holds: at least one whole delivery (GitHub's 10 s);
+# beyond 5 min a deploy waits on a worker that is stuck, not busy.
+GRACEFUL_TIMEOUT_S = (10, 300)
+PORT = (1, 65535)
+# The files worker. A reserve of a token's whole primary limit (5,000 an hour) or more
+# would never let it fetch; a lease shorter than a few GitHub requests (10 s timeout each)
+# has a second worker take a job the first is still working; an hour is the longest a
+# crashed worker's job should wait. With backoff capped at 15 min, 20 attempts retry a head
+# for over 3 hours.
+ENRICH_RATE_RESERVE = (0, 4999)
+ENRICH_LEASE_S = (30, 3600)
+ENRICH_MAX_ATTEMPTS = (1, 20)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "text")
+ISOLATION_LEVELS = ("READ COMMITTED", "REPEATABLE READ")
 
 
 class ConfigError(Exception):
@@ -66,26 +117,22 @@ def _secrets(env: Mapping[str, str]) -> tuple[bytes, ...]:
     return tuple(value.encode() for value in (current, previous) if value)
 
 
-ISOLATION_LEVELS = ("READ COMMITTED", "REPEATABLE READ")
+# --- one reader per kind of value -----------------------------------------------------------------
 
 
-def _isolation(env: Mapping[str, str]) -> str:
-    raw = " ".join(env.get("FLOWLENS_ISOLATION_LEVEL", "").replace("_", " ").upper().split())
-    if not raw:
-        return ISOLATION_LEVELS[0]
-    if raw not in ISOLATION_LEVELS:
-        raise ConfigError(f"FLOWLENS_ISOLATION_LEVEL must be one of {', '.join(ISOLATION_LEVELS)}, got {raw!r}")
-    return raw
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, bounds: tuple[int, int], unit: str) -> int:
+    """An integer within `bounds` (inclusive), else ConfigError saying the range and its `unit`."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
+    low, high = bounds
     try:
-        return int(raw)
+        value: int | None = int(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        value = None
+    if value is None or not low <= value <= high:
+        raise ConfigError(f"{name} must be a whole number from {low} to {high} ({unit}), got {raw!r}")
+    return value
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -97,6 +144,81 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    """One of `choices`, written in any case, `_` read as a space."""
+    raw = " ".join(env.get(name, "").replace("_", " ").split())
+    if not raw:
+        return default
+    for choice in choices:
+        if raw.upper() == choice.upper():
+            return choice
+    raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    """A path, absolute (`~` expanded), or None when unset. Whether it can be written is checked at start."""
+    raw = env.get(name, "").strip()
+    return Path(raw).expanduser().resolve() if raw else None
+
+
+def _http_url(env: Mapping[str, str], name: str, example: str) -> str | None:
+    """An http:// or https:// URL, or None when unset. Never repeated in a message: it may hold a token."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        parts = urlsplit(raw)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed [ of an IPv6 address
+        usable = False
+    if not usable:
+        raise ConfigError(f"{name} must be an http:// or https:// URL, like {example}")
+    return raw
+
+
+def _spool_max_bytes(env: Mapping[str, str], max_body_bytes: int) -> int:
+    """0 (no spool), or room for at least one delivery of the largest size."""
+    name = "FLOWLENS_SPOOL_MAX_BYTES"
+    raw = env.get(name, "").strip()
+    if not raw:
+        return 512 * MIB
+    try:
+        value: int | None = int(raw)
+    except ValueError:
+        value = None
+    # Between 1 and the body limit the spool cannot take the largest deliveries: most
+    # likely a unit slip (512 meant as MiB) that would turn the spool off unsaid.
+    if value is None or (value != 0 and value < max_body_bytes):
+        raise ConfigError(
+            f"{name} must be 0 (no spool) or a number of bytes from FLOWLENS_MAX_BODY_BYTES"
+            f" ({max_body_bytes}) up, got {raw!r}"
+        )
+    return value
+
+
+def writable_directory(path: Path, name: str) -> None:
+    """Create the folder `path` if need be; ConfigError naming `name` unless this process can write in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{name} must be a folder this user can write; {path} cannot be made: {exc.strerror}"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} must be a folder this user can write; {path} is not writable")
+
+
+def child_environment(**overrides: str) -> dict[str, str]:
+    """This process's environment with `overrides` set: what a child process (gunicorn, psql, the files worker) gets."""
+    return {**os.environ, **overrides}
+
+
+def instance_name(address: str) -> str:
+    """A folder name for one instance: its port (or the whole address, e.g. a unix socket)."""
+    port = address.rsplit(":", 1)[-1]
+    return port if port.isdigit() else re.sub(r"[^A-Za-z0-9_.-]", "_", address)
 
 
 def _private_key(env: Mapping[str, str]) -> str | None:
@@ -113,9 +235,13 @@ def _private_key(env: Mapping[str, str]) -> str | None:
         raise ConfigError(f"GITHUB_APP_PRIVATE_KEY_FILE cannot be read: {exc.strerror}") from None
 
 
+def _default_workers() -> int:
+    return min(WORKERS[1], (os.cpu_count() or 1) + 1)
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Everything the service reads from its environment."""
+    """Everything the service reads from its environment, each value within its range."""
 
     database_url: str | None = None
     secrets: tuple[bytes, ...] = ()
@@ -136,6 +262,17 @@ class Settings:
     spool_max_bytes: int = 512 * MIB
     log_format: str = "json"
     log_level: str = "INFO"
+    # gunicorn (gunicorn_conf): gthread workers, their threads, the address, the time a
+    # stopping worker has to finish its deliveries.
+    workers: int = field(default_factory=_default_workers)
+    threads: int = 4
+    # The Procfile's web process listens on all addresses, on the platform's PORT.
+    bind: str = "0.0.0.0:8000"
+    graceful_timeout_s: int = 20
+    # Where gunicorn's workers sum their metrics (PROMETHEUS_MULTIPROC_DIR); None: not set.
+    metrics_dir: Path | None = None
+    # Where `send` posts (FLOWLENS_URL).
+    send_url: str | None = None
     # Files enrichment: GitHub's REST API and a credential (an App, a token, or both).
     github_api_url: str = "https://api.github.com"
     github_token: str | None = field(default=None, repr=False)
@@ -158,6 +295,10 @@ class Settings:
         """A spool size of 0 turns the spool off (503 while the database is down)."""
         return self.spool_dir is not None and self.spool_max_bytes > 0
 
+    def metrics_folder(self, bind: str) -> Path:
+        """Where this instance's workers sum their metrics: PROMETHEUS_MULTIPROC_DIR, else one folder per port."""
+        return self.metrics_dir or self.data_dir / "metrics" / instance_name(bind)
+
     def check_service(self) -> None:
         """Raise ConfigError unless the web service can run with these settings (a database, a secret)."""
         if not self.database_url:
@@ -167,41 +308,60 @@ class Settings:
         if not self.secrets:
             raise ConfigError("GITHUB_WEBHOOK_SECRET is not set: refusing to accept unsigned deliveries")
 
+    def check_folders(self, bind: str) -> None:
+        """Create the metrics and spool folders of the service on `bind`, or raise ConfigError naming the variable."""
+        metrics = "PROMETHEUS_MULTIPROC_DIR" if self.metrics_dir else "FLOWLENS_DATA_DIR"
+        writable_directory(self.metrics_folder(bind), metrics)
+        if self.spool_dir is not None and self.spool_enabled:
+            writable_directory(self.spool_dir, "FLOWLENS_SPOOL_DIR")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read the FlowLens environment variables (see the README's Configuration)."""
+        """Read and check the FlowLens environment variables (see the README's Configuration)."""
         env = os.environ if env is None else env
         secrets = _secrets(env)
-        data_dir = Path(env.get("FLOWLENS_DATA_DIR") or ".flowlens").expanduser().resolve()
-        spool = env.get("FLOWLENS_SPOOL_DIR")
-        log_format = env.get("FLOWLENS_LOG_FORMAT", "json").strip().lower()
-        if log_format not in ("json", "text"):
-            raise ConfigError(f"FLOWLENS_LOG_FORMAT must be json or text, got {log_format!r}")
+        data_dir = _path(env, "FLOWLENS_DATA_DIR") or Path(".flowlens").resolve()
         url = env.get("DATABASE_URL", "").strip()
         app_id = env.get("GITHUB_APP_ID", "").strip() or None
         key = _private_key(env)
         if bool(app_id) != bool(key):
             raise ConfigError("a GitHub App needs both GITHUB_APP_ID and GITHUB_APP_PRIVATE_KEY (or _FILE)")
+        max_body_bytes = _int(
+            env, "FLOWLENS_MAX_BODY_BYTES", 25 * MIB, MAX_BODY_BYTES, "bytes: 1 KiB to 25 MiB, GitHub's cap"
+        )
+        threads = _int(env, "FLOWLENS_THREADS", 4, THREADS, "threads")
+        # FLOWLENS_WORKERS, else the platform's WEB_CONCURRENCY (Heroku's convention).
+        workers = "FLOWLENS_WORKERS" if env.get("FLOWLENS_WORKERS", "").strip() else "WEB_CONCURRENCY"
+        port = _int(env, "PORT", 8000, PORT, "a TCP port")
+        api_url = _http_url(env, "GITHUB_API_URL", "https://HOST/api/v3") or "https://api.github.com"
         return cls(
             database_url=database_url(url) if url else None,
             secrets=secrets,
             data_dir=data_dir,
-            max_body_bytes=_int(env, "FLOWLENS_MAX_BODY_BYTES", 25 * MIB),
-            statement_timeout_ms=_int(env, "FLOWLENS_STATEMENT_TIMEOUT_MS", 5000),
-            pool_size=_int(env, "FLOWLENS_POOL_SIZE", 5),
+            max_body_bytes=max_body_bytes,
+            statement_timeout_ms=_int(env, "FLOWLENS_STATEMENT_TIMEOUT_MS", 5000, STATEMENT_TIMEOUT_MS, "milliseconds"),
+            # A connection per thread plus one for the spool drainer: with fewer, a request
+            # waits for a connection and, after the pool's timeout, is spooled for nothing.
+            pool_size=_int(env, "FLOWLENS_POOL_SIZE", threads + 1, POOL_SIZE, "connections"),
             store_payloads=_bool(env, "FLOWLENS_JOURNAL_PAYLOADS", True),
             journal_compression=_bool(env, "FLOWLENS_JOURNAL_COMPRESSION", False),
-            isolation_level=_isolation(env),
+            isolation_level=_choice(env, "FLOWLENS_ISOLATION_LEVEL", ISOLATION_LEVELS, "READ COMMITTED"),
             prepared_statements=_bool(env, "FLOWLENS_PREPARED_STATEMENTS", True),
-            spool_dir=Path(spool).expanduser().resolve() if spool else data_dir / "spool",
-            spool_max_bytes=_int(env, "FLOWLENS_SPOOL_MAX_BYTES", 512 * MIB),
-            log_format=log_format,
-            log_level=env.get("FLOWLENS_LOG_LEVEL", "INFO").upper(),
-            github_api_url=(env.get("GITHUB_API_URL", "").strip() or "https://api.github.com").rstrip("/"),
+            spool_dir=_path(env, "FLOWLENS_SPOOL_DIR") or data_dir / "spool",
+            spool_max_bytes=_spool_max_bytes(env, max_body_bytes),
+            log_format=_choice(env, "FLOWLENS_LOG_FORMAT", LOG_FORMATS, "json"),
+            log_level=_choice(env, "FLOWLENS_LOG_LEVEL", LOG_LEVELS, "INFO"),
+            workers=_int(env, workers, _default_workers(), WORKERS, "worker processes"),
+            threads=threads,
+            bind=env.get("FLOWLENS_BIND", "").strip() or f"0.0.0.0:{port}",
+            graceful_timeout_s=_int(env, "FLOWLENS_GRACEFUL_TIMEOUT", 20, GRACEFUL_TIMEOUT_S, "seconds"),
+            metrics_dir=_path(env, "PROMETHEUS_MULTIPROC_DIR"),
+            send_url=_http_url(env, "FLOWLENS_URL", "http://127.0.0.1:8000/webhook"),
+            github_api_url=api_url.rstrip("/"),
             github_token=env.get("GITHUB_TOKEN", "").strip() or None,
             github_app_id=app_id,
             github_app_private_key=key,
-            enrich_rate_reserve=_int(env, "FLOWLENS_ENRICH_RATE_RESERVE", 100),
-            enrich_lease_s=_int(env, "FLOWLENS_ENRICH_LEASE_S", 120),
-            enrich_max_attempts=_int(env, "FLOWLENS_ENRICH_MAX_ATTEMPTS", 6),
+            enrich_rate_reserve=_int(env, "FLOWLENS_ENRICH_RATE_RESERVE", 100, ENRICH_RATE_RESERVE, "requests"),
+            enrich_lease_s=_int(env, "FLOWLENS_ENRICH_LEASE_S", 120, ENRICH_LEASE_S, "seconds"),
+            enrich_max_attempts=_int(env, "FLOWLENS_ENRICH_MAX_ATTEMPTS", 6, ENRICH_MAX_ATTEMPTS, "attempts"),
         )

@@ -42,10 +42,14 @@ def address(text: str) -> str:
 
 
 def nginx_size(size: int) -> str:
-    """A byte count the way nginx writes sizes (`25m`, `512k`, or plain bytes)."""
-    if size > 0 and size % MIB == 0:
+    """A byte count of at least 1 the way nginx writes sizes (`25m`, `512k`, or plain bytes)."""
+    # nginx reads a client_max_body_size of 0 as "no limit": never printed. Settings keeps
+    # FLOWLENS_MAX_BODY_BYTES at 1 KiB or more; this guards every other caller.
+    if size < 1:
+        raise ValueError(f"the body limit must be at least 1 byte, got {size} (nginx reads 0 as unlimited)")
+    if size % MIB == 0:
         return f"{size // MIB}m"
-    if size > 0 and size % 1024 == 0:
+    if size % 1024 == 0:
         return f"{size // 1024}k"
     return str(size)
 

@@ -1,57 +1,48 @@
 """gunicorn settings shared by `flowlens-ingest serve` and the Procfile.
 
 `gunicorn -c python:flowlens_ingest.gunicorn_conf flowlens_ingest.wsgi:app`.
-The FLOWLENS_* variables below tune it; GUNICORN_CMD_ARGS overrides anything.
+Everything comes from config.Settings (the README's Configuration); GUNICORN_CMD_ARGS
+overrides anything.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
-from pathlib import Path
 from typing import IO, Any
 
 from gunicorn import glogging
 
-
-def _positive_int(*names: str, default: int) -> int:
-    """The first of these variables that is set, as a positive integer; one line and exit 1 otherwise."""
-    for name in names:
-        raw = (os.environ.get(name) or "").strip()
-        if raw:
-            if not raw.isdigit() or int(raw) < 1:
-                # gunicorn prints a traceback for an exception here; SystemExit is one line.
-                raise SystemExit(f"flowlens-ingest: {name} must be a positive integer, got {raw!r}")
-            return int(raw)
-    return default
+from flowlens_ingest.config import ConfigError, Settings
 
 
-bind = os.environ.get("FLOWLENS_BIND") or f"0.0.0.0:{_positive_int('PORT', default=8000)}"
+def _checked_settings() -> Settings:
+    """The settings, or one line on stderr and exit 2: gunicorn's master imports this before any worker exists.
+
+    gunicorn turns an exception raised here into a traceback (or "Error:" and exit 1); a
+    SystemExit passes through it untouched, so nothing binds, forks or logs after the line.
+    """
+    try:
+        settings = Settings.from_env()
+        settings.check_service()
+        settings.check_folders(settings.bind)
+    except ConfigError as exc:
+        print(f"flowlens-ingest: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return settings
 
 
-def instance_name(address: str) -> str:
-    """A folder name for one instance: its port (or the whole address, e.g. a unix socket)."""
-    port = address.rsplit(":", 1)[-1]
-    return port if port.isdigit() else re.sub(r"[^A-Za-z0-9_.-]", "_", address)
-
+settings = _checked_settings()
+bind = settings.bind
 
 # Metrics from every worker are summed through files in this folder. prometheus_client
 # reads the variable once, when first imported: set it here, in the master, before any
 # worker (which inherits it) creates a metric. flowlens_ingest imports it lazily for this.
 # One folder per instance (its port): on_starting empties it, and two instances sharing
 # one would wipe and sum each other's counters.
-_metrics_dir = Path(
-    os.environ.setdefault(
-        "PROMETHEUS_MULTIPROC_DIR",
-        str(
-            Path(os.environ.get("FLOWLENS_DATA_DIR") or ".flowlens").expanduser().resolve()
-            / "metrics"
-            / instance_name(bind)
-        ),
-    )
-)
+_metrics_dir = settings.metrics_folder(bind)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
 _multiprocess: Any = None
 _metrics_lock: IO[bytes] | None = None
 if "prometheus_client.values" in sys.modules:
@@ -59,19 +50,16 @@ if "prometheus_client.values" in sys.modules:
     # one worker's share. Refuse to start rather than serve wrong numbers.
     raise RuntimeError("prometheus_client was imported before gunicorn_conf set PROMETHEUS_MULTIPROC_DIR")
 
-workers = _positive_int("FLOWLENS_WORKERS", "WEB_CONCURRENCY", default=(os.cpu_count() or 1) + 1)
+workers = settings.workers
 # Threads overlap the database round trips of one worker.
 worker_class = "gthread"
-threads = _positive_int("FLOWLENS_THREADS", default=4)
-# One connection per thread plus one for the spool drainer, unless set: with fewer,
-# a request waits for a connection and, after pool_timeout, is spooled for nothing.
-os.environ.setdefault("FLOWLENS_POOL_SIZE", str(threads + 1))
+threads = settings.threads
 # GitHub gives up after 10 s: a worker silent for that long is stuck, not busy
-# (a delivery ends within the 5 s statement timeout).
+# (a delivery ends within its statement timeout, at most 7 s: config.STATEMENT_TIMEOUT_MS).
 timeout = 10
 # On SIGTERM a worker stops accepting and finishes what it holds; the longest
 # delivery is one statement timeout plus a few retries, well inside this.
-graceful_timeout = _positive_int("FLOWLENS_GRACEFUL_TIMEOUT", default=20)
+graceful_timeout = settings.graceful_timeout_s
 # Idle keep-alive connections (nginx's, in production) are closed after 5 s; nginx-conf
 # makes nginx drop its own idle ones after 4 s, so it never reuses one being closed here.
 keepalive = 5
@@ -104,8 +92,8 @@ class Logger(glogging.Logger):  # type: ignore[misc]
 
 
 logger_class = Logger
-loglevel = os.environ.get("FLOWLENS_LOG_LEVEL", "info").lower()
-if (os.environ.get("FLOWLENS_LOG_FORMAT") or "json").strip().lower() == "json":
+loglevel = settings.log_level.lower()
+if settings.log_format == "json":
     # gunicorn's own lines (boot, signals, worker exits) as JSON on stderr too, like the
     # service's. gunicorn merges this over its defaults key by key. No access log: the
     # service writes one line per delivery itself.
@@ -120,16 +108,7 @@ if (os.environ.get("FLOWLENS_LOG_FORMAT") or "json").strip().lower() == "json":
 
 
 def on_starting(server: Any) -> None:
-    """Refuse settings the workers cannot run with; start every run with an empty metrics folder."""
-    from flowlens_ingest.config import ConfigError, Settings
-
-    try:
-        settings = Settings.from_env()
-        settings.check_service()
-    except ConfigError as exc:
-        # gunicorn prints a RuntimeError as one line and exits 1, before binding or forking:
-        # not a traceback from every worker's boot, nor a service answering 500.
-        raise RuntimeError(f"flowlens-ingest: {exc}") from None
+    """Start every run with an empty metrics folder and no half-written spool files (settings are checked above)."""
     if settings.spool_dir is not None and settings.spool_enabled:
         from flowlens_ingest.spool import PARTIAL_AT_START_S, Spool
 
@@ -155,7 +134,6 @@ def _claim_metrics_dir() -> None:
     import fcntl
 
     global _metrics_lock
-    _metrics_dir.mkdir(parents=True, exist_ok=True)
     lock = open(_metrics_dir / ".lock", "ab")  # noqa: SIM115 (held open, by the master and its workers, until exit)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

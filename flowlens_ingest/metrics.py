@@ -2,7 +2,8 @@
 
 With PROMETHEUS_MULTIPROC_DIR set (gunicorn_conf sets it, for `serve` and the
 Procfile alike), every worker writes its samples to files there and /metrics
-sums them: https://prometheus.github.io/client_python/multiprocess/
+sums them: https://prometheus.github.io/client_python/multiprocess/ (this module
+gets the folder from Settings.metrics_dir; prometheus_client reads the variable itself).
 
 prometheus_client decides between per-process and multiprocess values once, when
 it is first imported, from that variable. gunicorn imports this package (for
@@ -13,8 +14,8 @@ the fork, long after gunicorn_conf ran.
 
 from __future__ import annotations
 
-import glob
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # Only events we know become label values: a signed sender could invent any name.
@@ -135,23 +136,22 @@ def _initialised(path: str) -> bool:
         return False
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text: summed over all workers in multiprocess mode."""
+def render(directory: Path | None) -> tuple[bytes, str]:
+    """The exposition text: summed over all workers' files in `directory` (Settings.metrics_dir), if any."""
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not directory:
+    if directory is None:
         return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
-
-    pattern = os.path.join(directory, "*.db")
+    folder = directory
 
     class Collector(multiprocess.MultiProcessCollector):
         def collect(self) -> Any:
-            files = [path for path in glob.glob(pattern) if _initialised(path)]
+            files = [str(path) for path in folder.glob("*.db") if _initialised(str(path))]
             return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
 
     registry = CollectorRegistry()
-    Collector(registry)  # type: ignore[no-untyped-call]
+    # The folder given: prometheus_client would read PROMETHEUS_MULTIPROC_DIR itself.
+    Collector(registry, str(folder))  # type: ignore[no-untyped-call]
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 

@@ -41,5 +41,5 @@ def readyz() -> tuple[Response, int]:
 @bp.get("/metrics")
 def prometheus() -> Response:
     """Prometheus text exposition."""
-    body, content_type = metrics.render()
+    body, content_type = metrics.render(services().settings.metrics_dir)
     return Response(body, content_type=content_type)

@@ -10,12 +10,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .config import Settings
+from .config import Settings, child_environment, writable_directory
 
 if TYPE_CHECKING:
     pass
 
-from .commands import GUNICORN_CONF, fail, load_settings
+from .commands import GUNICORN_CONF, fail, github_client, load_settings
 
 # --- serve -------------------------------------------------------------------------------
 
@@ -117,6 +117,12 @@ def serve(host: str, port: int, workers: int | None) -> int:
     settings = load_settings()
     if settings.database_url and not settings.secrets:
         return fail("GITHUB_WEBHOOK_SECRET is not set; refusing to start with DATABASE_URL set")
+    bind = f"{host}:{port}"
+    # Every folder it writes, before anything starts (gunicorn_conf checks them again).
+    writable_directory(settings.data_dir, "FLOWLENS_DATA_DIR")
+    settings.check_folders(bind)
+    if settings.github_credentials:
+        github_client(settings).close()  # an unreadable App key stops `serve`, not only its files worker
     # Before anything starts: gunicorn would retry for 5 s, logging, then exit 1.
     problem = _port_problem(host, port)
     if problem:
@@ -137,7 +143,7 @@ def serve(host: str, port: int, workers: int | None) -> int:
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
 
-    env = dict(os.environ)
+    env = child_environment()
     server = None
     if not settings.database_url:
         from . import embedded, migrate
@@ -157,9 +163,10 @@ def serve(host: str, port: int, workers: int | None) -> int:
                 print(f"flowlens-ingest: webhook secret from {where}", flush=True)
     env["FLOWLENS_DATA_DIR"] = str(settings.data_dir)
     # One metrics folder per instance (gunicorn_conf empties it at start): a second
-    # instance in the same data directory, on another port, has its own.
-    env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(settings.data_dir / "metrics" / str(port)))
-    env["FLOWLENS_BIND"] = f"{host}:{port}"
+    # instance in the same data directory, on another port, has its own. Set here for the
+    # files worker, which writes its metrics there too.
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(settings.metrics_folder(bind))
+    env["FLOWLENS_BIND"] = bind
     if workers:
         env["FLOWLENS_WORKERS"] = str(workers)
     if pending:

@@ -200,8 +200,8 @@ def test_help_shows_defaults_environment_and_examples():
     assert version.returncode == 0 and __version__ in version.stdout
 
     expected = {
-        "serve": ["default: 8000", "default: 127.0.0.1", "env var: FLOWLENS_WORKERS", "default: (cores + 1)"],
-        "send": ["env var: FLOWLENS_URL", "Examples:"],
+        "serve": ["default: 8000", "default: 127.0.0.1", "default: (FLOWLENS_WORKERS, else cores + 1)"],
+        "send": ["default: (FLOWLENS_URL, else", "Examples:"],
         "deliveries": ["--failed", "Only deliveries that failed", "default: 50"],
         "replay": ["--since", "ISO 8601", "Only deliveries that failed"],
         "prune": ["--older-than", "30d", "--include-failed", "Examples:"],
@@ -219,12 +219,14 @@ def test_help_shows_defaults_environment_and_examples():
     ("args", "env", "message"),
     [
         (["deliveries", "--limit", "-1"], {}, "Invalid value for '--limit'"),
-        (["serve"], {"FLOWLENS_WORKERS": "abc"}, "FLOWLENS_WORKERS"),
+        (["serve"], {"FLOWLENS_WORKERS": "abc"}, "FLOWLENS_WORKERS must be a whole number from 1 to 256"),
+        (["serve", "--workers", "257"], {}, "Invalid value for '--workers'"),
+        (["send", "f.json", "--event", "ping"], {"FLOWLENS_URL": "localhost:8000"}, "FLOWLENS_URL must be an http"),
         (["prune", "--older-than", "thirty"], {}, "use a number and d, h, m or s"),
         (["replay", "--failed", "--since", "2026-01-01"], {}, "--failed and --since cannot be used together"),
         (["nosuchcommand"], {}, "No such command"),
     ],
-    ids=["negative-limit", "workers-env", "duration", "replay-both", "unknown-command"],
+    ids=["negative-limit", "workers-env", "workers-option", "url-env", "duration", "replay-both", "unknown-command"],
 )
 def test_bad_input_is_one_line_never_a_traceback(args, env, message, tmp_path):
     result = cli(*args, FLOWLENS_DATA_DIR=str(tmp_path), **env)

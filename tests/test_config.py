@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from flowlens_ingest.app import create_app
-from flowlens_ingest.config import MIN_SECRET_BYTES, ConfigError, Settings
+from flowlens_ingest.config import MIB, MIN_SECRET_BYTES, ConfigError, Settings, writable_directory
 
 from .helpers import PREVIOUS_SECRET, SECRET, free_port, make_settings
 
 GOOD_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# Never reached: every command must refuse a bad setting before it connects.
+UNREACHABLE_URL = "postgresql://nobody@127.0.0.1:1/none"
 BAD_URLS = [
     "foo",
     "postgresql://:notaport/x",
@@ -120,7 +122,232 @@ def test_gunicorn_as_the_procfile_runs_it_refuses_to_start_with_one_clear_line(e
         cwd=tmp_path,
         **env,
     )
-    assert result.returncode != 0
-    assert f"Error: flowlens-ingest: {message}" in result.stderr
-    # Refused in the master, before any worker booted: no traceback, no "Booting worker".
-    assert "Traceback" not in result.stderr and "Booting worker" not in result.stderr
+    assert result.returncode == 2
+    # Refused in the master as it read its configuration, before any worker booted: one line.
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"flowlens-ingest: {message}")
+
+
+# --- every setting's range ------------------------------------------------------------------------
+
+# (variable, Settings attribute, values accepted (the bounds), values refused)
+RANGES = [
+    ("FLOWLENS_STATEMENT_TIMEOUT_MS", "statement_timeout_ms", ["100", "7000"], ["0", "-1", "99", "7001", "5s"]),
+    ("FLOWLENS_MAX_BODY_BYTES", "max_body_bytes", ["1024", str(25 * MIB)], ["0", "-1", "1023", str(25 * MIB + 1)]),
+    ("FLOWLENS_POOL_SIZE", "pool_size", ["1", "100"], ["0", "-3", "101", "five"]),
+    (
+        "FLOWLENS_SPOOL_MAX_BYTES",
+        "spool_max_bytes",
+        ["0", str(25 * MIB), str(10**12)],
+        ["-1", "512", str(25 * MIB - 1)],
+    ),
+    ("FLOWLENS_WORKERS", "workers", ["1", "256"], ["0", "257", "abc"]),
+    ("WEB_CONCURRENCY", "workers", ["1", "256"], ["0", "-2", "257"]),
+    ("FLOWLENS_THREADS", "threads", ["1", "64"], ["0", "65"]),
+    ("FLOWLENS_GRACEFUL_TIMEOUT", "graceful_timeout_s", ["10", "300"], ["0", "9", "301"]),
+    ("FLOWLENS_ENRICH_RATE_RESERVE", "enrich_rate_reserve", ["0", "4999"], ["-1", "5000"]),
+    ("FLOWLENS_ENRICH_LEASE_S", "enrich_lease_s", ["30", "3600"], ["0", "29", "3601"]),
+    ("FLOWLENS_ENRICH_MAX_ATTEMPTS", "enrich_max_attempts", ["1", "20"], ["0", "21"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "attribute", "value"),
+    [(name, attribute, value) for name, attribute, accepted, _ in RANGES for value in accepted],
+)
+def test_each_bound_of_a_range_is_accepted(name, attribute, value):
+    assert getattr(Settings.from_env({name: value}), attribute) == int(value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [(name, value) for name, _, _, refused in RANGES for value in refused],
+)
+def test_a_value_outside_its_range_is_one_line_naming_the_variable_and_its_range(name, value):
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({name: value})
+    message = str(refused.value)
+    assert message.startswith(f"{name} must be ") and message.endswith(f"got {value!r}") and "\n" not in message
+
+
+def test_the_defaults_are_inside_their_ranges():
+    settings = Settings.from_env({})
+    assert (settings.statement_timeout_ms, settings.max_body_bytes, settings.spool_max_bytes) == (
+        5000,
+        25 * MIB,
+        512 * MIB,
+    )
+    assert (settings.threads, settings.pool_size, settings.graceful_timeout_s) == (4, 5, 20)
+    assert 1 <= settings.workers <= 256 and settings.bind == "0.0.0.0:8000"
+    assert (settings.log_level, settings.log_format, settings.isolation_level) == ("INFO", "json", "READ COMMITTED")
+
+
+def test_the_pool_follows_the_threads_unless_set():
+    assert Settings.from_env({"FLOWLENS_THREADS": "8"}).pool_size == 9
+    assert Settings.from_env({"FLOWLENS_THREADS": "8", "FLOWLENS_POOL_SIZE": "3"}).pool_size == 3
+
+
+def test_flowlens_workers_wins_over_web_concurrency():
+    assert Settings.from_env({"WEB_CONCURRENCY": "3"}).workers == 3
+    assert Settings.from_env({"WEB_CONCURRENCY": "3", "FLOWLENS_WORKERS": "2"}).workers == 2
+
+
+def test_the_port_and_the_bind():
+    assert Settings.from_env({"PORT": "5123"}).bind == "0.0.0.0:5123"
+    assert Settings.from_env({"PORT": "5123", "FLOWLENS_BIND": "127.0.0.1:9000"}).bind == "127.0.0.1:9000"
+    for port in ("0", "65536", "http"):
+        with pytest.raises(ConfigError, match=r"^PORT must be a whole number from 1 to 65535"):
+            Settings.from_env({"PORT": port})
+
+
+@pytest.mark.parametrize(
+    ("name", "given", "read"),
+    [
+        ("FLOWLENS_LOG_LEVEL", "debug", "DEBUG"),
+        ("FLOWLENS_LOG_LEVEL", " Warning ", "WARNING"),
+        ("FLOWLENS_LOG_FORMAT", "TEXT", "text"),
+        ("FLOWLENS_ISOLATION_LEVEL", "repeatable_read", "REPEATABLE READ"),
+    ],
+)
+def test_a_choice_is_read_in_any_case(name, given, read):
+    attribute = {"FLOWLENS_LOG_LEVEL": "log_level", "FLOWLENS_LOG_FORMAT": "log_format"}.get(name, "isolation_level")
+    assert getattr(Settings.from_env({name: given}), attribute) == read
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "accepted"),
+    [
+        ("FLOWLENS_LOG_LEVEL", "BOGUS", "DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        ("FLOWLENS_LOG_LEVEL", "trace", "DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        ("FLOWLENS_LOG_FORMAT", "yaml", "json, text"),
+        ("FLOWLENS_ISOLATION_LEVEL", "SERIALIZABLE", "READ COMMITTED, REPEATABLE READ"),
+    ],
+)
+def test_a_choice_outside_its_list_is_refused_with_the_list(name, value, accepted):
+    with pytest.raises(ConfigError, match=f"^{name} must be one of {accepted}, got {value!r}$"):
+        Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize(
+    "name", ["FLOWLENS_JOURNAL_PAYLOADS", "FLOWLENS_JOURNAL_COMPRESSION", "FLOWLENS_PREPARED_STATEMENTS"]
+)
+def test_a_switch_is_true_or_false(name):
+    attribute = {
+        "FLOWLENS_JOURNAL_PAYLOADS": "store_payloads",
+        "FLOWLENS_JOURNAL_COMPRESSION": "journal_compression",
+        "FLOWLENS_PREPARED_STATEMENTS": "prepared_statements",
+    }[name]
+    assert getattr(Settings.from_env({name: "on"}), attribute) is True
+    assert getattr(Settings.from_env({name: "No"}), attribute) is False
+    with pytest.raises(ConfigError, match=f"^{name} must be true or false"):
+        Settings.from_env({name: "2"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GITHUB_API_URL", "api.github.com"),
+        ("GITHUB_API_URL", "ftp://ghe.example/api/v3"),
+        ("GITHUB_API_URL", "https://x-token:hunter2@"),
+        ("GITHUB_API_URL", "https://[::1/api"),
+        ("FLOWLENS_URL", "localhost:8000/webhook"),
+    ],
+)
+def test_a_url_must_be_http_and_is_not_repeated(name, value):
+    with pytest.raises(ConfigError, match=f"^{name} must be an http:// or https:// URL") as refused:
+        Settings.from_env({name: value})
+    assert value not in str(refused.value)
+
+
+def test_urls_as_given():
+    settings = Settings.from_env(
+        {"GITHUB_API_URL": "https://ghe.example/api/v3/", "FLOWLENS_URL": "http://[::1]:8000/webhook"}
+    )
+    assert (settings.github_api_url, settings.send_url) == ("https://ghe.example/api/v3", "http://[::1]:8000/webhook")
+
+
+def test_folders_are_made_at_start_or_named_in_one_line(tmp_path):
+    made = tmp_path / "new" / "spool"
+    writable_directory(made, "FLOWLENS_SPOOL_DIR")
+    assert made.is_dir()
+    (tmp_path / "a-file").write_text("")
+    for path in (Path("/dev/null/spool"), tmp_path / "a-file", tmp_path / "a-file" / "spool"):
+        with pytest.raises(ConfigError, match=rf"^FLOWLENS_SPOOL_DIR must be a folder this user can write; {path} "):
+            writable_directory(path, "FLOWLENS_SPOOL_DIR")
+
+
+def test_check_folders_names_the_variable_that_chose_each_folder(tmp_path):
+    bad = {"FLOWLENS_DATA_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError, match=r"^FLOWLENS_SPOOL_DIR "):
+        Settings.from_env({**bad, "FLOWLENS_SPOOL_DIR": "/dev/null/spool"}).check_folders("0.0.0.0:8000")
+    with pytest.raises(ConfigError, match=r"^PROMETHEUS_MULTIPROC_DIR "):
+        Settings.from_env({**bad, "PROMETHEUS_MULTIPROC_DIR": "/dev/null/metrics"}).check_folders("0.0.0.0:8000")
+    with pytest.raises(ConfigError, match=r"^FLOWLENS_DATA_DIR "):
+        Settings.from_env({"FLOWLENS_DATA_DIR": "/dev/null/data"}).check_folders("0.0.0.0:8000")
+    # No spool, nothing to make for it.
+    Settings.from_env({**bad, "FLOWLENS_SPOOL_DIR": "/dev/null/spool", "FLOWLENS_SPOOL_MAX_BYTES": "0"}).check_folders(
+        "0.0.0.0:8000"
+    )
+    assert (tmp_path / "metrics" / "8000").is_dir()
+
+
+# --- what an operator sees: every entry point refuses before it starts anything ------------------
+
+# The cases the attack scripts found: each started and printed "listening" before.
+BAD_SETTINGS = {
+    "statement-timeout-0": ("FLOWLENS_STATEMENT_TIMEOUT_MS", "0"),
+    "statement-timeout-negative": ("FLOWLENS_STATEMENT_TIMEOUT_MS", "-1"),
+    "body-limit-0": ("FLOWLENS_MAX_BODY_BYTES", "0"),
+    "pool-negative": ("FLOWLENS_POOL_SIZE", "-3"),
+    "pool-0": ("FLOWLENS_POOL_SIZE", "0"),
+    "spool-size-negative": ("FLOWLENS_SPOOL_MAX_BYTES", "-1"),
+    "log-level": ("FLOWLENS_LOG_LEVEL", "BOGUS"),
+}
+# Checked where the folder is used: by the service (`serve`, gunicorn), not by every command.
+BAD_FOLDERS = {
+    "spool-dir": ("FLOWLENS_SPOOL_DIR", "/dev/null/spool"),
+    "metrics-dir": ("PROMETHEUS_MULTIPROC_DIR", "/dev/null/metrics"),
+}
+GUNICORN = [str(Path(sys.executable).parent / "gunicorn"), "-c", "python:flowlens_ingest.gunicorn_conf"]
+
+
+def entry_point(name: str) -> list[str]:
+    """The command line of one entry point, as an operator or the Procfile runs it."""
+    cli = [sys.executable, "-m", "flowlens_ingest.cli"]
+    commands = {
+        "serve": [*cli, "serve", "--port", str(free_port())],
+        "db upgrade": [*cli, "db", "upgrade"],
+        "enrich": [*cli, "enrich", "--once"],
+        "deliveries": [*cli, "deliveries"],
+        "gunicorn": [*GUNICORN, "--bind", f"127.0.0.1:{free_port()}", "flowlens_ingest.wsgi:app"],
+    }
+    return commands[name]
+
+
+def assert_refused_in_one_line(result: subprocess.CompletedProcess, name: str) -> None:
+    """Exit 2, one stderr line naming the variable, no traceback, nothing served."""
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"flowlens-ingest: {name} must be ")
+    assert "Traceback" not in result.stdout + result.stderr and "listening" not in result.stdout
+
+
+@pytest.mark.parametrize("command", ["serve", "db upgrade", "enrich", "deliveries", "gunicorn"])
+@pytest.mark.parametrize(("name", "value"), BAD_SETTINGS.values(), ids=BAD_SETTINGS.keys())
+def test_every_entry_point_refuses_a_bad_setting_with_exit_2_and_one_line(command, name, value, tmp_path):
+    # A database URL nothing listens on, a secret, a GitHub token: the setting is the only fault.
+    env = {"DATABASE_URL": UNREACHABLE_URL, "GITHUB_WEBHOOK_SECRET": SECRET, "GITHUB_TOKEN": "t", name: value}
+    if command == "serve":
+        del env["DATABASE_URL"]  # embedded mode: nothing may be started either
+    assert_refused_in_one_line(run(*entry_point(command), cwd=tmp_path, **env), name)
+    assert not (tmp_path / ".flowlens" / "pgdata").exists()
+
+
+@pytest.mark.parametrize("command", ["serve", "gunicorn"])
+@pytest.mark.parametrize(("name", "value"), BAD_FOLDERS.values(), ids=BAD_FOLDERS.keys())
+def test_the_service_refuses_a_folder_it_cannot_write_with_exit_2_and_one_line(command, name, value, tmp_path):
+    env = {"DATABASE_URL": UNREACHABLE_URL, "GITHUB_WEBHOOK_SECRET": SECRET, name: value}
+    if command == "serve":
+        del env["DATABASE_URL"]
+    assert_refused_in_one_line(run(*entry_point(command), cwd=tmp_path, **env), name)
+    assert not (tmp_path / ".flowlens" / "pgdata").exists()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import selectors
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -16,6 +19,7 @@ from typing import BinaryIO
 import pytest
 import requests
 
+from flowlens_ingest.front import nginx_conf, nginx_size
 from flowlens_ingest.schema import webhook_deliveries
 
 from .helpers import free_port, github_headers, load_payload, rows
@@ -55,9 +59,35 @@ def test_the_body_limit_follows_flowlens_max_body_bytes():
     assert "client_max_body_size 1m;" in nginx_conf_output(
         "0.0.0.0:80", "127.0.0.1:8000", FLOWLENS_MAX_BODY_BYTES="1048576"
     )
-    assert "client_max_body_size 1000;" in nginx_conf_output(
-        "0.0.0.0:80", "127.0.0.1:8000", FLOWLENS_MAX_BODY_BYTES="1000"
+    assert "client_max_body_size 1500;" in nginx_conf_output(
+        "0.0.0.0:80", "127.0.0.1:8000", FLOWLENS_MAX_BODY_BYTES="1500"
     )
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "1023", str(LIMIT + 1)])
+def test_nginx_conf_never_prints_a_body_limit_outside_the_checked_range(size):
+    # client_max_body_size 0 is "unlimited" to nginx: refused with the setting, nothing printed.
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWLENS_", "GITHUB_", "DATABASE_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "flowlens_ingest.cli", "nginx-conf"],
+        env={**environment, "FLOWLENS_MAX_BODY_BYTES": size},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith("flowlens-ingest: FLOWLENS_MAX_BODY_BYTES must be a whole number from 1024 to ")
+
+
+@pytest.mark.parametrize(("size", "written"), [(1, "1"), (1024, "1k"), (1536, "1536"), (LIMIT, "25m")])
+def test_nginx_sizes_are_what_nginx_reads(size, written):
+    assert nginx_size(size) == written
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_a_body_limit_nginx_would_read_as_unlimited_is_never_written(size):
+    with pytest.raises(ValueError, match="at least 1 byte"):
+        nginx_conf(listen="0.0.0.0:80", upstream="127.0.0.1:8000", max_body_bytes=size)
 
 
 @needs_nginx

@@ -8,6 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from .helpers import SECRET
+
+# gunicorn_conf refuses to load without what the service needs (config.Settings.check_service).
+SERVICE = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres", "GITHUB_WEBHOOK_SECRET": SECRET}
+
 
 def load(cwd: Path, prelude: str = "", **env: str) -> subprocess.CompletedProcess:
     """Import gunicorn_conf in a new interpreter; print the settings a test looks at, as JSON."""
@@ -15,7 +22,7 @@ def load(cwd: Path, prelude: str = "", **env: str) -> subprocess.CompletedProces
         "import json, os, sys; import flowlens_ingest.gunicorn_conf as c;"
         "print(json.dumps({'workers': c.workers, 'threads': c.threads, 'bind': c.bind,"
         " 'graceful_timeout': c.graceful_timeout, 'timeout': c.timeout,"
-        " 'pool': os.environ['FLOWLENS_POOL_SIZE'], 'metrics_dir': os.environ['PROMETHEUS_MULTIPROC_DIR'],"
+        " 'pool': c.settings.pool_size, 'metrics_dir': os.environ['PROMETHEUS_MULTIPROC_DIR'],"
         " 'prometheus_imported': 'prometheus_client' in sys.modules, 'json_logs': hasattr(c, 'logconfig_dict')}))"
     )
     drop = (
@@ -30,6 +37,7 @@ def load(cwd: Path, prelude: str = "", **env: str) -> subprocess.CompletedProces
         "FLOWLENS_LOG_FORMAT",
     )
     environment = {k: v for k, v in os.environ.items() if k not in drop}
+    environment.update(SERVICE)
     environment.update(env)
     return subprocess.run(
         [sys.executable, "-c", code], cwd=cwd, env=environment, capture_output=True, text=True, timeout=60
@@ -56,10 +64,10 @@ def test_defaults_follow_the_platform(tmp_path):
 
 
 def test_the_pool_holds_a_connection_per_thread_and_one_for_the_drainer(tmp_path):
-    assert settings(tmp_path)["pool"] == "5"
-    assert settings(tmp_path, FLOWLENS_THREADS="8")["pool"] == "9"
+    assert settings(tmp_path)["pool"] == 5
+    assert settings(tmp_path, FLOWLENS_THREADS="8")["pool"] == 9
     # An operator's own choice stands.
-    assert settings(tmp_path, FLOWLENS_THREADS="8", FLOWLENS_POOL_SIZE="3")["pool"] == "3"
+    assert settings(tmp_path, FLOWLENS_THREADS="8", FLOWLENS_POOL_SIZE="3")["pool"] == 3
 
 
 def test_the_data_directory_and_text_logs(tmp_path):
@@ -81,12 +89,23 @@ def test_refuses_to_start_after_prometheus_client_was_imported(tmp_path):
     assert "prometheus_client was imported before gunicorn_conf set PROMETHEUS_MULTIPROC_DIR" in result.stderr
 
 
-def test_a_bad_number_is_one_line_not_a_traceback(tmp_path):
+@pytest.mark.parametrize(
+    ("name", "value", "accepted"),
+    [
+        ("FLOWLENS_WORKERS", "abc", "from 1 to 256 (worker processes)"),
+        ("WEB_CONCURRENCY", "0", "from 1 to 256 (worker processes)"),
+        ("FLOWLENS_THREADS", "0", "from 1 to 64 (threads)"),
+        ("FLOWLENS_GRACEFUL_TIMEOUT", "1", "from 10 to 300 (seconds)"),
+        ("PORT", "65536", "from 1 to 65535 (a TCP port)"),
+    ],
+)
+def test_a_bad_number_is_one_line_and_exit_2_not_a_traceback(tmp_path, name, value, accepted):
     # What gunicorn itself does with the Procfile's command: import this file, which exits.
-    for name in ("FLOWLENS_WORKERS", "FLOWLENS_THREADS", "PORT"):
-        result = load(tmp_path, **{name: "abc"})
-        assert result.returncode == 1
-        assert result.stderr.strip() == f"flowlens-ingest: {name} must be a positive integer, got 'abc'"
+    result = load(tmp_path, **{name: value})
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"flowlens-ingest: {name} must be a whole number {accepted}, got {value!r}"
+    # Refused before anything was written: not even the metrics folder.
+    assert not (tmp_path / ".flowlens").exists()
 
 
 ACCESS_PROBE = """
@@ -111,7 +130,7 @@ def access_line_built(cwd: Path, *settings: str, **env: str) -> bool:
     result = subprocess.run(
         [sys.executable, "-c", ACCESS_PROBE, *settings],
         cwd=cwd,
-        env={**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, **env},
+        env={**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, **SERVICE, **env},
         capture_output=True,
         text=True,
         timeout=60,

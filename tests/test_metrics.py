@@ -226,7 +226,7 @@ def test_unknown_event_names_do_not_become_label_values(client):
     assert (sample(text, "flowlens_deliveries_total", event="other", outcome="ignored") or 0) >= 1
 
 
-def test_a_metrics_file_a_starting_process_has_not_sized_yet_does_not_break_the_scrape(tmp_path, monkeypatch):
+def test_a_metrics_file_a_starting_process_has_not_sized_yet_does_not_break_the_scrape(tmp_path):
     # A replacement worker creates its file empty and sizes it a moment later; a scrape in
     # between made prometheus_client raise struct.error and /metrics answer 500.
     from prometheus_client.mmap_dict import MmapedDict, mmap_key
@@ -235,6 +235,5 @@ def test_a_metrics_file_a_starting_process_has_not_sized_yet_does_not_break_the_
     live.write_value(mmap_key("flowlens_probe", "flowlens_probe_total", [], [], "a live process's counter"), 3.0, 0.0)
     live.close()
     (tmp_path / "counter_4343.db").write_bytes(b"")
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    body, _content_type = metrics_module.render()
+    body, _content_type = metrics_module.render(tmp_path)
     assert "flowlens_probe_total 3.0" in body.decode()
