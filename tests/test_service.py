@@ -50,7 +50,7 @@ OPENED = load_payload("pull_request/opened.payload.json")
 CLOSED = load_payload("pull_request/closed.payload.json")
 # How long the deliveries stay blocked after SIGTERM: longer than a worker would
 # live if shutdown were not graceful (FLOWLENS_GRACEFUL_TIMEOUT=1 fails this test).
-HELD_AFTER_TERM_S = 2.5
+HELD_AFTER_TERM_S = 1.5
 OTHER_PR = dict(OPENED, number=3, pull_request=dict(OPENED["pull_request"], number=3))
 
 
@@ -183,8 +183,8 @@ def test_procfile_release_then_web_and_a_graceful_stop_mid_delivery(fresh_databa
         # Running the release step again (every deploy does) changes nothing.
         assert run_release(fresh_database, tmp_path).returncode == 0
 
-        # Plenty of lock wait: the deliveries must outwait the test, however slow the machine.
-        service = ProcfileService(fresh_database, tmp_path, env={"FLOWLENS_STATEMENT_TIMEOUT_MS": "60000"})
+        # The longest lock wait allowed (7 s): the deliveries must outwait the shutdown below.
+        service = ProcfileService(fresh_database, tmp_path, env={"FLOWLENS_STATEMENT_TIMEOUT_MS": "7000"})
         with running(service):
             assert requests.get(service.url + "/readyz", timeout=10).status_code == 200
             assert service.post(OPENED, "pull_request").json()["outcome"] == "applied"
@@ -234,8 +234,8 @@ def test_procfile_release_then_web_and_a_graceful_stop_mid_delivery(fresh_databa
 
 
 def test_graceful_shutdown_finishes_the_delivery_in_flight(db, database_url, tmp_path):
-    # A long lock timeout: the delivery must wait for the test, however slow the machine.
-    service = Service(database_url, tmp_path, env={"FLOWLENS_STATEMENT_TIMEOUT_MS": "60000"})
+    # The longest lock timeout allowed (7 s): the delivery must wait for the shutdown below.
+    service = Service(database_url, tmp_path, env={"FLOWLENS_STATEMENT_TIMEOUT_MS": "7000"})
     answers: list[requests.Response] = []
     try:
         service.wait_ready()
