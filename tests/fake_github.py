@@ -1,8 +1,10 @@
 """A fake GitHub REST API on a real loopback port, for tests of the files enrichment.
 
 It serves a pull request's file list (paginated with `Link`, ETags and 304s, rate-limit
-headers), mints App installation tokens against a JWT it really verifies, and fails on demand
-(rate limits, 5xx, 403, 404, 401, bad JSON). In process:
+headers), mints App installation tokens against a JWT it really verifies, fails on demand
+(rate limits, 5xx, 403, 404, 401, bad JSON), and misbehaves on demand: answers that never end,
+trickle, run to hundreds of megabytes or decode to nothing (`stream_files`), pages ignoring
+`per_page` (`page_size`), absurd rate-limit headers (`primary_reset`, `retry_after`). In process:
 
     with serve_fake_github() as fake:
         fake.set_files("octo/repo", 7, make_files(250))
@@ -186,13 +188,14 @@ class FakeGitHub:
             self.remaining = 5000
             self.reset_at = self.clock() + 3600
             self.reset_in = 2.0  # seconds until the reset a "primary" fault announces
-            self.retry_after = 30  # the `retry-after` of a "secondary" fault
+            self.retry_after: int | str = 30  # the `retry-after` of a "secondary" fault
             self.token_ttl = 3600.0  # lifetime of installation tokens
             self.link_style = "repos"  # or "repositories": next links in GitHub's /repositories/{id}/ form
             self.installations: set[int] | None = None  # None: any installation id exists
-            self.ignore_per_page = False  # True: the whole list on one page, as a server ignoring `per_page`
+            self.page_size: int | None = None  # pages of this size whatever `per_page` asks, as a server ignoring it
             self.primary_reset: str | None = None  # a "primary" fault's `x-ratelimit-reset`, verbatim
-            self._streams: dict[tuple[str, int], tuple[Body, dict[str, str]]] = {}
+            self._streams: dict[tuple[str, int], tuple[Body, int, dict[str, str]]] = {}
+            self._renamed: dict[str, tuple[str, Body | None]] = {}
 
     # -- programming the fake ---------------------------------------------------------------
 
@@ -203,10 +206,17 @@ class FakeGitHub:
             self._files[(key, int(number))] = list(files)
             self._repo_ids.setdefault(key, 1000 + len(self._repo_ids))
 
-    def stream_files(self, full_name: str, number: int, body: Body, *, headers: dict[str, str] | None = None) -> None:
-        """Answer that pull request's file list (200) with the bytes `body()` yields, each sent as it comes."""
+    def stream_files(
+        self, full_name: str, number: int, body: Body, *, status: int = 200, headers: dict[str, str] | None = None
+    ) -> None:
+        """Answer that pull request's file list with `status` and the bytes `body()` yields, each sent as it comes."""
         with self._lock:
-            self._streams[(full_name.lower(), int(number))] = (body, headers or {})
+            self._streams[(full_name.lower(), int(number))] = (body, status, headers or {})
+
+    def rename(self, old: str, new: str, *, body: Body | None = None) -> None:
+        """Answer requests for repository `old` with a 301 to `new`, as GitHub does for a renamed one; `body` streams the 301's body."""
+        with self._lock:
+            self._renamed[old.lower()] = (new, body)
 
     def fail_next(self, kind: str, times: int = 1, *, route: str = "files", after: int = 0) -> None:
         """Answer `times` requests of `route` ("files" or "access_tokens") with fault `kind`, once `after` have passed."""
@@ -252,6 +262,13 @@ class FakeGitHub:
             )
         if request.method == "GET" and (match := _FILES_PATH.match(path)):
             full_name = f"{match['owner']}/{match['repo']}".lower()
+            with self._lock:
+                renamed = self._renamed.get(full_name)
+            if renamed is not None:
+                new, body = renamed
+                location = f"{self.url}/repos/{new}/pulls/{match['number']}/files?{request.query_string.decode()}"
+                content = body() if body is not None else json.dumps({"message": "Moved Permanently", "url": location})
+                return Response(content, status=301, headers={"Location": location}, content_type="application/json")
             return self._files_route(request, full_name, int(match["number"]))
         if request.method == "GET" and (match := _FILES_BY_ID_PATH.match(path)):
             with self._lock:
@@ -331,11 +348,11 @@ class FakeGitHub:
             exhausted = self.remaining <= 0
             stream = self._streams.get((full_name, number))
         if stream is not None:
-            body, headers = stream
+            body, status, headers = stream
             # No length: the answer goes out chunked, each piece as the body yields it.
             return Response(
                 body(),
-                status=200,
+                status=status,
                 headers={**self._rate_headers(spend=True), **headers},
                 content_type="application/json; charset=utf-8",
             )
@@ -347,8 +364,8 @@ class FakeGitHub:
         if _etag_matches(request.headers.get("If-None-Match"), etag):
             # GitHub does not charge a 304 against the primary limit.
             return Response(status=304, headers={"ETag": etag, **self._rate_headers(spend=False)})
-        if self.ignore_per_page:
-            per_page = max(1, len(files))
+        if self.page_size is not None:
+            per_page = self.page_size
         else:
             per_page = min(100, max(1, _int(request.args.get("per_page"), 30)))
         page = max(1, _int(request.args.get("page"), 1))
