@@ -3,7 +3,9 @@
 One job at a time per worker: claim (short transaction) -> GitHub (no transaction
 open) -> settle or reschedule (short transaction). Rate limits reschedule the job
 to GitHub's reset time and pause this worker's claims until then; the thread only
-ever waits in short polls, so a stop request is honoured at once.
+ever waits in short polls, so a stop request is honoured at once. Whatever goes
+wrong while a job is worked (a bug, the database failing after the fetch), the job
+goes back to the queue with backoff: it never waits out its lease.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ import logging
 import random
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from . import files, jobs
 from .config import Settings
 from .database import Database, DatabaseUnavailable
 from .github import Forbidden, GitHubClient, GitHubError, NotFound, RateLimited
+from .ingest import describe
 from .metrics import Metrics
 from .values import FilesStatus
 
@@ -27,6 +33,8 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 900.0
 # How often the queue gauges are refreshed.
 GAUGE_INTERVAL_S = 10.0
+# The outcome of a job another worker took over meanwhile: this worker's result was not kept.
+LEASE_LOST = "lease_lost"
 
 
 def client_for(settings: Settings) -> GitHubClient:
@@ -50,19 +58,21 @@ class Enricher:
         metrics: Metrics,
         *,
         retry_base_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.database = database
         self.client = client
         self.metrics = metrics
         self.retry_base_s = retry_base_s
+        self._clock = clock
         # No claims before this time (epoch seconds): GitHub's limit is the client's, not one job's.
         self.paused_until = 0.0
         self._gauges_at = 0.0
 
     def run_once(self) -> bool:
         """Claim and work one due job; False when none is due (or claims are paused)."""
-        if time.time() < self.paused_until:
+        if self._clock() < self.paused_until:
             return False
         job = jobs.claim(self.database, timedelta(seconds=self.settings.enrich_lease_s))
         if job is None:
@@ -71,37 +81,14 @@ class Enricher:
         return True
 
     def work(self, job: jobs.Job) -> None:
-        """Fetch one job's list and settle or reschedule it."""
+        """Fetch one job's list and settle or reschedule it; on any error, reschedule it. Logs one line."""
         started = time.perf_counter()
-        # A 304 is only as good as the stored list it vouches for.
-        etag = job.etag if job.etag_sha is not None and job.etag_sha == job.stored_sha else None
-        outcome, detail = "", ""
+        error: Exception | None = None
         try:
-            page = self.client.list_files(job.full_name, job.pr_number, installation_id=job.installation_id, etag=etag)
-        except RateLimited as exc:
-            self.paused_until = max(self.paused_until, exc.retry_at)
-            at = datetime.fromtimestamp(exc.retry_at, tz=UTC)
-            jobs.reschedule(self.database, job, at, f"rate limited ({exc.reason})", refund=True)
-            outcome, detail = "rescheduled", f"rate_limit_{exc.reason}"
-            self.metrics.github_requests.labels(str(exc.status or "rate_limited")).inc()
-        except (NotFound, Forbidden) as exc:
-            status = FilesStatus.NOT_FOUND if isinstance(exc, NotFound) else FilesStatus.FORBIDDEN
-            self.metrics.github_requests.labels(str(exc.status or exc.reason)).inc()
-            jobs.settle(self.database, job, status, error=str(exc))
-            outcome, detail = status.value, exc.reason or ""
-        except GitHubError as exc:
-            self.metrics.github_requests.labels(str(exc.status or exc.reason)).inc()
-            outcome, detail = self._failed(job, exc), exc.reason or ""
-        else:
-            self.metrics.github_requests.labels("304" if page.not_modified else "200").inc(page.requests)
-            if page.not_modified:
-                status = FilesStatus(job.result or FilesStatus.FETCHED)
-                jobs.settle(self.database, job, status, not_modified=True, etag=page.etag)
-                outcome, detail = status.value, "not_modified"
-            else:
-                shaped = files.shape(page.entries, expected=job.changed_files)
-                jobs.settle(self.database, job, shaped.status, files=shaped.files, etag=page.etag)
-                outcome, detail = shaped.status.value, f"{len(shaped.files)} files"
+            outcome, detail = self._fetch_and_settle(job)
+        except Exception as exc:  # a bug, an overflow, the database failing after the fetch
+            error = exc
+            outcome, detail = self._after_error(job, exc)
         self.metrics.files_jobs.labels(outcome).inc()
         limit = self.client.rate_limit
         if limit.remaining is not None:
@@ -109,29 +96,66 @@ class Enricher:
         reset = self.client.reserve_exhausted(self.settings.enrich_rate_reserve)
         if reset is not None:
             self.paused_until = max(self.paused_until, reset)
-        log.info(
-            "files job",
-            extra={
-                "repository": job.full_name,
-                "pr": job.pr_number,
-                "head": job.head_sha[:12],
-                "attempt": job.attempts,
-                "outcome": outcome,
-                "detail": detail,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-            },
-        )
+        extra = {
+            "repository": job.full_name,
+            "pr": job.pr_number,
+            "head": job.head_sha[:12],
+            "attempt": job.attempts,
+            "outcome": outcome,
+            "detail": detail,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        if error is None:
+            log.info("files job", extra=extra)
+        else:
+            # One line, no traceback: an exception's text may carry payload (a failing row),
+            # `describe` keeps its type and primary message, `where` the line that raised.
+            log.warning("files job error", extra={**extra, "error": describe(error), "where": _where(error)})
 
-    def _failed(self, job: jobs.Job, exc: GitHubError) -> str:
+    def _fetch_and_settle(self, job: jobs.Job) -> tuple[str, str]:
+        """Fetch the job's list, then settle or reschedule it; its outcome and a detail."""
+        # A 304 is only as good as the stored list it vouches for.
+        etag = job.etag if job.etag_sha is not None and job.etag_sha == job.stored_sha else None
+        try:
+            page = self.client.list_files(job.full_name, job.pr_number, installation_id=job.installation_id, etag=etag)
+        except RateLimited as exc:
+            self.metrics.github_requests.labels(str(exc.status or "rate_limited")).inc()
+            self.paused_until = max(self.paused_until, exc.retry_at)
+            at = datetime.fromtimestamp(exc.retry_at, tz=UTC)
+            released = jobs.reschedule(self.database, job, at, f"rate limited ({exc.reason})", refund=True)
+            return ("rescheduled" if released else LEASE_LOST), f"rate_limit_{exc.reason}"
+        except (NotFound, Forbidden) as exc:
+            status = FilesStatus.NOT_FOUND if isinstance(exc, NotFound) else FilesStatus.FORBIDDEN
+            self.metrics.github_requests.labels(str(exc.status or exc.reason)).inc()
+            return _settled(jobs.settle(self.database, job, status, error=str(exc)), status), exc.reason or ""
+        except GitHubError as exc:
+            self.metrics.github_requests.labels(str(exc.status or exc.reason)).inc()
+            return self._retry(job, str(exc)), exc.reason or ""
+        self.metrics.github_requests.labels("304" if page.not_modified else "200").inc(page.requests)
+        if page.not_modified:
+            status = FilesStatus(job.result or FilesStatus.FETCHED)
+            settled = jobs.settle(self.database, job, status, not_modified=True, etag=page.etag)
+            return _settled(settled, status), "not_modified"
+        shaped = files.shape(page.entries, expected=job.changed_files, truncated=page.truncated)
+        settled = jobs.settle(self.database, job, shaped.status, files=shaped.files, etag=page.etag)
+        return _settled(settled, shaped.status), f"{len(shaped.files)} files"
+
+    def _retry(self, job: jobs.Job, error: str) -> str:
         """Retry with backoff, or settle as failed once the attempts are spent."""
         if job.attempts >= self.settings.enrich_max_attempts:
-            jobs.settle(self.database, job, FilesStatus.FAILED, error=str(exc))
-            return FilesStatus.FAILED.value
+            return _settled(jobs.settle(self.database, job, FilesStatus.FAILED, error=error), FilesStatus.FAILED)
         delay = min(MAX_BACKOFF_S, self.retry_base_s * 2 ** (job.attempts - 1))
         # Jitter: jobs that failed together do not all come back together.
-        at = datetime.now(UTC) + timedelta(seconds=random.uniform(delay / 2, delay))
-        jobs.reschedule(self.database, job, at, str(exc))
-        return "retry"
+        at = datetime.fromtimestamp(self._clock() + random.uniform(delay / 2, delay), tz=UTC)
+        return "retry" if jobs.reschedule(self.database, job, at, error) else LEASE_LOST
+
+    def _after_error(self, job: jobs.Job, exc: Exception) -> tuple[str, str]:
+        """Put the job back after an unexpected error: retried with backoff like a failed fetch."""
+        try:
+            return self._retry(job, describe(exc)), "error"
+        except Exception:  # the database is unreachable too
+            # Nothing more to do here: the lease runs out and the job is claimed again.
+            return "error", "lease_expires"
 
     def refresh_gauges(self) -> None:
         """Queue depth and the oldest pending job's age, for /metrics."""
@@ -165,3 +189,16 @@ class Enricher:
             if not worked:
                 stop.wait(self.settings.enrich_poll_s)
         log.info("files worker stopped")
+
+
+def _settled(settled: bool, status: FilesStatus) -> str:
+    """The outcome of a settle: its status, or LEASE_LOST when it was refused (another worker holds the job now)."""
+    return status.value if settled else LEASE_LOST
+
+
+def _where(exc: BaseException) -> str:
+    """Where an exception was raised, as `file:line` (no values, unlike its message)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "unknown"
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}"

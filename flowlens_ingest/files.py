@@ -34,15 +34,19 @@ def shape(
     entries: Iterable[dict[str, Any]],
     *,
     expected: int | None,
+    truncated: bool = False,
     max_patch_chars: int = MAX_PATCH_CHARS,
     max_total_patch_chars: int = MAX_TOTAL_PATCH_CHARS,
 ) -> FileList:
-    """Keep the stored fields of GitHub's file entries, cap patches and the list, and say if anything was cut."""
+    """Keep the stored fields of GitHub's file entries, cap patches and the list, and say if anything was cut.
+
+    `truncated`: the entries are already known to be a cut list (the fetch stopped early).
+    """
     if max_patch_chars < 0 or max_total_patch_chars < 0:
         raise ValueError("patch caps must not be negative")
     files: list[dict[str, Any]] = []
     received = 0
-    cut = False
+    cut = truncated
     total_patch = 0
     # Once one patch overflows the per-PR budget, later ones are dropped too, even small ones:
     # which patches survive then depends only on the order, never on their sizes further down.

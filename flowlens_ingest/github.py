@@ -4,13 +4,21 @@ It never sleeps and never retries a failed request by itself (except one re-mint
 installation token): rate limits and server errors come back as typed exceptions carrying what the
 caller needs to reschedule its job. No secret (token, JWT, private key) ever goes into a log line
 or an exception message.
+
+Every request is bounded, whatever the server does: a deadline for the whole exchange, a byte cap
+on each answer (checked as it streams in), and at most 3,000 file entries ever held. A list cut by
+one of these says so (`FilesPage.truncated`).
 """
 
 from __future__ import annotations
 
 import email.utils
+import json
+import math
+import re
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +39,24 @@ PER_PAGE = 100
 # With `per_page=100`, 30 pages hold GitHub's 3,000 files; the higher bound only guards against
 # a server that ignores `per_page` or links pages in a loop.
 MAX_PAGES = 100
+# Each request: connected within 5 s, never silent for more than 10 s (GitHub itself ends a request
+# it takes more than 10 s to process: https://docs.github.com/en/rest/using-the-rest-api/troubleshooting-the-rest-api#timeouts),
+# and the whole exchange, answer included, over within 30 s. httpx's timeouts are per socket
+# operation: a server trickling a byte at a time never trips them, the deadline does.
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 10.0
+REQUEST_DEADLINE_S = 30.0
+# An answer is read up to 16 MiB. A page holds at most 100 entries, and GitHub cuts a pull
+# request's diff at 1 MB of raw diff data (500 KB for one file) "for both GitHub and the API":
+# https://docs.github.com/en/repositories/creating-and-managing-repositories/repository-limits#diff-limits
+# so a real page, patches and metadata, stays within a few MiB. A longer one is cut there.
+MAX_PAGE_BYTES = 16 * 1024 * 1024
+# A whole list is read up to 32 MiB: 3,000 entries of metadata are ~2.5 MB, plus the same 1 MB of
+# patches. This bounds what the pages before the last hold in memory (100 pages of 16 MiB would not).
+MAX_LIST_BYTES = 32 * 1024 * 1024
+# Redirects (renamed or transferred repositories) are followed by hand, so a redirect's own body is
+# never read: httpx would read it whole, without a cap.
+MAX_REDIRECTS = 5
 # Re-mint an installation token this long before GitHub says it expires, so a token never
 # expires between our check and GitHub's.
 TOKEN_REFRESH_MARGIN = 300.0
@@ -40,7 +66,15 @@ JWT_BACKDATE = 60
 JWT_LIFETIME = 540
 # GitHub's advice when a secondary limit comes without `retry-after`: wait at least a minute.
 SECONDARY_DEFAULT_WAIT = 60.0
+# GitHub's primary window is an hour: a reset or `retry-after` further ahead is not believable, and
+# would park the job and pause every claim for nothing. A reset already past (our clock ahead of
+# GitHub's) waits a second, not a pause, and not a retry loop either.
+MAX_RATE_WAIT_S = 3600.0
+MIN_RATE_WAIT_S = 1.0
 _MESSAGE_CHARS = 200
+# JSON's whitespace, between the items of a page.
+_SPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
 
 
 class GitHubError(Exception):
@@ -99,12 +133,28 @@ class RateLimit:
 
 @dataclass(frozen=True)
 class FilesPage:
-    """A pull request's file entries (every page), or `not_modified` when the ETag still matched."""
+    """A pull request's file entries (every page), or `not_modified` when the ETag still matched.
+
+    `truncated`: the list was cut while reading (more than 3,000 entries, an answer over the byte
+    cap, the page limit), so it is not the whole list.
+    """
 
     entries: list[dict[str, Any]]
     etag: str | None
     not_modified: bool
     requests: int
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """One response: its status, headers, `Link: rel="next"` and body (decoded, cut at the byte cap when `cut`)."""
+
+    status_code: int
+    headers: httpx.Headers
+    next_url: str | None
+    body: bytes
+    cut: bool
 
 
 @dataclass(frozen=True)
@@ -113,39 +163,106 @@ class _CachedToken:
     expires_at: float
 
 
-def _header_number(response: httpx.Response, name: str) -> float | None:
-    value = response.headers.get(name)
-    if value is None:
-        return None
+def _finite(value: str) -> float | None:
+    """A header's number; None when it is not one, or not finite (`nan`, `inf`)."""
     try:
-        return float(value.strip())
+        number = float(value.strip())
     except ValueError:
         return None
+    return number if math.isfinite(number) else None
 
 
-def _retry_after_seconds(value: str) -> float | None:
-    """`retry-after` as seconds: GitHub sends an integer, HTTP also allows a date."""
-    value = value.strip()
+def _header_number(headers: httpx.Headers, name: str) -> float | None:
+    value = headers.get(name)
+    return None if value is None else _finite(value)
+
+
+def _retry_after_seconds(value: str, now: float) -> float | None:
+    """`retry-after` as seconds from `now`: GitHub sends an integer, HTTP also allows a date. None if unreadable."""
+    seconds = _finite(value)
+    if seconds is not None:
+        return seconds
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(value.strip())
+        return when.timestamp() - now
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
-    return max(0.0, when.timestamp() - time.time())
 
 
-def _message(response: httpx.Response) -> str:
+def _retry_at(now: float, wait: float) -> float:
+    """`now + wait`, the wait held between MIN_RATE_WAIT_S and MAX_RATE_WAIT_S whatever the header said."""
+    return now + min(max(wait, MIN_RATE_WAIT_S), MAX_RATE_WAIT_S)
+
+
+def _message(answer: _Answer) -> str:
     """GitHub's `message` of an error answer, shortened; empty when the body says none."""
     try:
-        body = response.json()
+        body = json.loads(answer.body)
     except ValueError:
         return ""
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         return str(body["message"])[:_MESSAGE_CHARS]
     return ""
+
+
+def _decoder(encoding: str | None) -> Callable[[bytes, int], bytes]:
+    """Decode a body's chunks into at most `limit` bytes each: identity, or gzip (the one encoding we accept).
+
+    Decoding here rather than in httpx keeps a gzip bomb to the byte cap, and lets the deadline be
+    checked on every chunk the network delivers, even one that decodes to nothing.
+    """
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return lambda data, limit: data[:limit]
+    if encoding == "gzip":
+        inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
+        return inflater.decompress
+    raise Transient("bad_encoding", "GitHub answered in an encoding we did not ask for")
+
+
+def _skip_space(text: str, index: int) -> int:
+    """The index of the first character at or after `index` that is not JSON whitespace."""
+    match = _SPACE.match(text, index)
+    return match.end() if match else index
+
+
+def _entries(answer: _Answer, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    """The file entries (objects) of a page, at most `limit`; and whether they are all of the page's.
+
+    The JSON array is read one item at a time, so a page far longer than `limit` (a server
+    ignoring `per_page`) never becomes that many objects in memory. A body cut at the byte cap
+    ends inside an item: the items before it are whole, and kept.
+    """
+    # A cut body may also end inside a UTF-8 character: that item is incomplete, and dropped, anyway.
+    text = answer.body.decode("utf-8", "replace" if answer.cut else "strict")
+    entries: list[dict[str, Any]] = []
+    index = _skip_space(text, 0)
+    if not text.startswith("[", index):
+        raise Transient("bad_json", "GitHub's file list was not a JSON array", status=200)
+    index = _skip_space(text, index + 1)
+    if text.startswith("]", index):
+        return entries, True
+    while True:
+        try:
+            item, index = _DECODER.raw_decode(text, index)
+        except json.JSONDecodeError:
+            if answer.cut:
+                return entries, False
+            raise Transient("bad_json", "GitHub's file list was not JSON", status=200) from None
+        # Anything but an object is noise from a misbehaving server: skipped, not counted.
+        if isinstance(item, dict):
+            if len(entries) == limit:
+                return entries, False
+            entries.append(item)
+        index = _skip_space(text, index)
+        if text.startswith(",", index):
+            index = _skip_space(text, index + 1)
+        elif text.startswith("]", index):
+            return entries, True
+        elif answer.cut and index == len(text):
+            return entries, False
+        else:
+            raise Transient("bad_json", "GitHub's file list was not JSON", status=200)
 
 
 def _load_app_key(private_key: str) -> RSAPrivateKey:
@@ -164,7 +281,11 @@ def _load_app_key(private_key: str) -> RSAPrivateKey:
 
 
 class GitHubClient:
-    """GitHub REST client for the files enrichment: App installation tokens or a token, typed errors, no sleeping."""
+    """GitHub REST client for the files enrichment: App installation tokens or a token, typed errors, no sleeping.
+
+    `timeout` (the longest silence), `connect_timeout`, `deadline` (a whole request), `max_page_bytes`
+    (one answer) and `max_list_bytes` (a whole list) default to the module's constants; tests make them small.
+    """
 
     def __init__(
         self,
@@ -175,8 +296,20 @@ class GitHubClient:
         private_key: str | None = None,
         client: httpx.Client | None = None,
         clock: Callable[[], float] = time.time,
-        timeout: float = 10.0,
+        timeout: float = READ_TIMEOUT_S,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        deadline: float = REQUEST_DEADLINE_S,
+        max_page_bytes: int = MAX_PAGE_BYTES,
+        max_list_bytes: int = MAX_LIST_BYTES,
     ) -> None:
+        if min(timeout, connect_timeout, deadline) <= 0 or min(max_page_bytes, max_list_bytes) <= 0:
+            raise ValueError("timeouts, deadline and byte caps must be positive")
+        # No single wait is longer than the whole request may take. Passed with every request,
+        # so a caller's own httpx client is bounded too.
+        self._timeouts = httpx.Timeout(min(timeout, deadline), connect=min(connect_timeout, deadline))
+        self.deadline = deadline
+        self.max_page_bytes = max_page_bytes
+        self.max_list_bytes = max_list_bytes
         self.api_url = api_url.rstrip("/")
         self._origin = self._origin_of(self.api_url)
         self._token = token or None
@@ -187,7 +320,7 @@ class GitHubClient:
         self._clock = clock
         self._own_client = client is None
         self._http = client or httpx.Client(
-            timeout=timeout,
+            timeout=self._timeouts,
             headers={"User-Agent": "flowlens-ingest", "Accept": "application/vnd.github+json"},
         )
         self._lock = threading.Lock()
@@ -235,24 +368,25 @@ class GitHubClient:
             return self._rate_limit
 
     def reserve_exhausted(self, reserve: int) -> float | None:
-        """The reset time when fewer than `reserve` requests remain until a future reset; else None."""
+        """The reset time (at most an hour ahead) when fewer than `reserve` requests remain until a future reset; else None."""
         limit = self.rate_limit
         if limit.remaining is None or limit.reset is None:
             return None
-        if limit.remaining < reserve and limit.reset > self._clock():
-            return limit.reset
+        now = self._clock()
+        if limit.remaining < reserve and limit.reset > now:
+            return min(limit.reset, now + MAX_RATE_WAIT_S)
         return None
 
-    def _record_rate_limit(self, response: httpx.Response) -> None:
-        remaining = _header_number(response, "x-ratelimit-remaining")
-        limit = _header_number(response, "x-ratelimit-limit")
+    def _record_rate_limit(self, headers: httpx.Headers) -> None:
+        remaining = _header_number(headers, "x-ratelimit-remaining")
+        limit = _header_number(headers, "x-ratelimit-limit")
         if remaining is None and limit is None:
             # An answer from a proxy or load balancer (a bare 502) says nothing of the budget:
             # keep what GitHub last told us.
             return
         observed = RateLimit(
             remaining=None if remaining is None else int(remaining),
-            reset=_header_number(response, "x-ratelimit-reset"),
+            reset=_header_number(headers, "x-ratelimit-reset"),
             limit=None if limit is None else int(limit),
         )
         with self._lock:
@@ -291,16 +425,16 @@ class GitHubClient:
 
     def _mint(self, installation_id: int) -> _CachedToken:
         url = f"{self.api_url}/app/installations/{int(installation_id)}/access_tokens"
-        response = self._send("POST", url, {"Authorization": f"Bearer {self._jwt()}"})
+        answer = self._send("POST", url, {"Authorization": f"Bearer {self._jwt()}"}, self.max_page_bytes)
         # Not recorded in `rate_limit`: App (JWT) requests draw on another budget than the installation's.
-        if response.status_code == 401:
+        if answer.status_code == 401:
             raise Unauthorized("GitHub rejected the App's JWT (wrong key, app id or clock)", status=401)
-        if response.status_code == 404:
+        if answer.status_code == 404:
             raise Forbidden("the GitHub App installation was not found", reason="no_installation", status=404)
-        if response.status_code not in (200, 201):
-            self._raise_for(response)
+        if answer.status_code not in (200, 201):
+            self._raise_for(answer)
         try:
-            body = response.json()
+            body = json.loads(answer.body)
             token = body["token"]
             expiry = datetime.fromisoformat(body["expires_at"])
             # GitHub writes UTC ("…Z"); a stamp without zone is read as UTC too, never as local time.
@@ -326,13 +460,35 @@ class GitHubClient:
         parts = urlsplit(url)
         return parts.scheme.lower(), parts.netloc.lower()
 
-    def _send(self, method: str, url: str, headers: dict[str, str]) -> httpx.Response:
-        """One HTTP exchange; transport failures become `Transient` without the request (and its headers) attached."""
-        headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": API_VERSION, **headers}
+    def _send(self, method: str, url: str, headers: dict[str, str], max_bytes: int) -> _Answer:
+        """One HTTP exchange within the deadline, its body read up to `max_bytes`.
+
+        Transport failures become `Transient` without the request (and its headers) attached.
+        """
+        headers = {
+            "Accept": "application/vnd.github+json",
+            "Accept-Encoding": "gzip",
+            "X-GitHub-Api-Version": API_VERSION,
+            **headers,
+        }
+        deadline = time.monotonic() + self.deadline
+        request = self._http.build_request(method, url, headers=headers, timeout=self._timeouts)
         try:
-            # Redirects stay on GitHub (renamed or transferred repositories); httpx drops
-            # `Authorization` should one ever lead to another host.
-            return self._http.request(method, url, headers=headers, follow_redirects=True)
+            for _ in range(MAX_REDIRECTS + 1):
+                self._check_deadline(deadline)
+                response = self._http.send(request, stream=True, follow_redirects=False)
+                try:
+                    if response.next_request is None:
+                        body, cut = self._read_body(response, max_bytes, deadline)
+                        next_link = response.links.get("next")
+                        next_url = next_link.get("url") if next_link else None
+                        return _Answer(response.status_code, response.headers, next_url, body, cut)
+                    # Redirects stay on GitHub (renamed or transferred repositories); httpx drops
+                    # `Authorization` should one ever lead to another host.
+                    request = response.next_request
+                finally:
+                    response.close()
+            raise GitHubError("GitHub redirected too many times", reason="redirects")
         except httpx.TimeoutException as exc:
             failure = Transient("timeout", f"GitHub request timed out ({type(exc).__name__})")
         except httpx.TransportError as exc:
@@ -342,46 +498,70 @@ class GitHubClient:
         # Raised outside the `except`: the httpx exception holds the request, headers included.
         raise failure
 
-    def _get(self, url: str, installation_id: int | None, headers: dict[str, str]) -> tuple[httpx.Response, int]:
-        """GET with our credential, re-minting a rejected installation token once; the response and the GETs sent."""
+    def _check_deadline(self, deadline: float) -> None:
+        """Raise `Transient` once the request's deadline (a `time.monotonic()` value) has passed."""
+        if time.monotonic() > deadline:
+            raise Transient("timeout", f"GitHub request timed out (over its {self.deadline:g} s deadline)")
+
+    def _read_body(self, response: httpx.Response, max_bytes: int, deadline: float) -> tuple[bytes, bool]:
+        """The body, decoded, up to `max_bytes`, and whether there was more; `Transient` past the deadline."""
+        decode = _decoder(response.headers.get("content-encoding"))
+        body = bytearray()
+        # Raw chunks, as the network delivers them: the deadline is checked on each.
+        for chunk in response.iter_raw():
+            self._check_deadline(deadline)
+            try:
+                body += decode(chunk, max_bytes + 1 - len(body))
+            except zlib.error:
+                raise Transient("bad_encoding", "GitHub's gzip answer was unreadable") from None
+            if len(body) > max_bytes:
+                del body[max_bytes:]
+                return bytes(body), True
+        return bytes(body), False
+
+    def _get(
+        self, url: str, installation_id: int | None, headers: dict[str, str], max_bytes: int
+    ) -> tuple[_Answer, int]:
+        """GET with our credential, re-minting a rejected installation token once; the answer and the GETs sent."""
         credential, installation = self._credential(installation_id)
-        response = self._send("GET", url, {**headers, "Authorization": f"Bearer {credential}"})
-        self._record_rate_limit(response)
-        if response.status_code != 401 or installation is None:
-            return response, 1
+        answer = self._send("GET", url, {**headers, "Authorization": f"Bearer {credential}"}, max_bytes)
+        self._record_rate_limit(answer.headers)
+        if answer.status_code != 401 or installation is None:
+            return answer, 1
         # Revoked, or expired earlier than announced: mint once more, then give up.
         self._forget_token(installation, credential)
         credential, _ = self._credential(installation)
-        response = self._send("GET", url, {**headers, "Authorization": f"Bearer {credential}"})
-        self._record_rate_limit(response)
-        return response, 2
+        answer = self._send("GET", url, {**headers, "Authorization": f"Bearer {credential}"}, max_bytes)
+        self._record_rate_limit(answer.headers)
+        return answer, 2
 
-    def _raise_for(self, response: httpx.Response) -> NoReturn:
+    def _raise_for(self, answer: _Answer) -> NoReturn:
         """Turn an unsuccessful answer into the matching `GitHubError`."""
-        status = response.status_code
+        status = answer.status_code
         now = self._clock()
         if status in (403, 429):
-            message = _message(response).lower()
-            if response.headers.get("x-ratelimit-remaining", "").strip() == "0":
-                reset = _header_number(response, "x-ratelimit-reset")
-                raise RateLimited(
-                    reset if reset is not None else now + SECONDARY_DEFAULT_WAIT, "primary", status=status
-                )
-            retry_after = response.headers.get("retry-after")
-            wait = _retry_after_seconds(retry_after) if retry_after is not None else None
-            if wait is not None:
-                raise RateLimited(now + wait, "secondary", status=status)
+            message = _message(answer).lower()
+            if answer.headers.get("x-ratelimit-remaining", "").strip() == "0":
+                reset = _header_number(answer.headers, "x-ratelimit-reset")
+                wait = SECONDARY_DEFAULT_WAIT if reset is None else reset - now
+                raise RateLimited(_retry_at(now, wait), "primary", status=status)
+            retry_after = answer.headers.get("retry-after")
+            if retry_after is not None:
+                # Present but unreadable ("soon"): still GitHub asking us to wait, so we wait its minute.
+                seconds = _retry_after_seconds(retry_after, now)
+                wait = SECONDARY_DEFAULT_WAIT if seconds is None else seconds
+                raise RateLimited(_retry_at(now, wait), "secondary", status=status)
             if status == 429 or "secondary rate limit" in message or "abuse detection" in message:
-                raise RateLimited(now + SECONDARY_DEFAULT_WAIT, "secondary", status=status)
-            raise Forbidden(f"GitHub refused access (403): {_message(response) or 'no message'}", status=status)
+                raise RateLimited(_retry_at(now, SECONDARY_DEFAULT_WAIT), "secondary", status=status)
+            raise Forbidden(f"GitHub refused access (403): {_message(answer) or 'no message'}", status=status)
         if status in (404, 410):
-            raise NotFound(f"GitHub answered {status}: {_message(response) or 'not found'}", status=status)
+            raise NotFound(f"GitHub answered {status}: {_message(answer) or 'not found'}", status=status)
         if status == 401:
             raise Unauthorized("GitHub rejected the credential (401)", status=status)
         if status >= 500:
             raise Transient("server_error", f"GitHub answered {status}", status=status)
         raise GitHubError(
-            f"GitHub answered {status}: {_message(response) or 'unexpected status'}",
+            f"GitHub answered {status}: {_message(answer) or 'unexpected status'}",
             reason="unexpected_status",
             status=status,
         )
@@ -403,41 +583,48 @@ class GitHubClient:
         first_etag: str | None = None
         requests = 0
         pages = 0
+        budget = self.max_list_bytes
+        truncated = False
         seen: set[str] = set()
-        while url is not None and pages < MAX_PAGES and len(entries) < MAX_FILES:
+        while url is not None:
+            if len(entries) >= MAX_FILES or pages >= MAX_PAGES or budget <= 0:
+                # A next page is announced, but the list already holds all we take: GitHub's
+                # 3,000-file cap, a server ignoring `per_page` or linking pages without end.
+                truncated = True
+                break
             seen.add(url)
             headers = {"If-None-Match": etag} if etag and pages == 0 else {}
-            response, sent = self._get(url, installation_id, headers)
+            answer, sent = self._get(url, installation_id, headers, min(self.max_page_bytes, budget))
             requests += sent
-            if pages == 0 and response.status_code == 304:
+            if pages == 0 and answer.status_code == 304:
                 # A 304 does not count against the primary limit: the cheap way to re-check a list.
                 return FilesPage(
-                    entries=[], etag=response.headers.get("etag") or etag, not_modified=True, requests=requests
+                    entries=[], etag=answer.headers.get("etag") or etag, not_modified=True, requests=requests
                 )
-            if response.status_code != 200:
-                self._raise_for(response)
-            try:
-                page = response.json()
-            except ValueError:
-                raise Transient("bad_json", "GitHub's file list was not JSON", status=200) from None
-            if not isinstance(page, list):
-                raise Transient("bad_json", "GitHub's file list was not a JSON array", status=200)
+            if answer.status_code != 200:
+                self._raise_for(answer)
+            budget -= len(answer.body)
+            page, whole = _entries(answer, MAX_FILES - len(entries))
             if pages == 0:
-                first_etag = response.headers.get("etag")
+                first_etag = answer.headers.get("etag")
             pages += 1
-            entries.extend(item for item in page if isinstance(item, dict))
-            url = self._next_url(response, seen) if page else None
-        if pages > 1 or len(entries) >= PER_PAGE:
+            entries.extend(page)
+            if not whole:
+                # More entries than we take, or an answer cut at the byte cap: later pages
+                # would leave a hole in the list, so the list ends here, flagged.
+                truncated = True
+                break
+            url = self._next_url(answer, seen) if page else None
+        if truncated or pages > 1 or len(entries) >= PER_PAGE:
             # GitHub's ETag covers the body of one page. A 304 on page 1 says nothing about
             # later pages (a file changed or added past the first 100), so it would hide a
-            # change: only a list that fits on one, not full, page gets an ETag to re-check with.
+            # change: only a whole list that fits on one, not full, page gets an ETag to re-check with.
             first_etag = None
-        return FilesPage(entries=entries[:MAX_FILES], etag=first_etag, not_modified=False, requests=requests)
+        return FilesPage(entries=entries, etag=first_etag, not_modified=False, requests=requests, truncated=truncated)
 
-    def _next_url(self, response: httpx.Response, seen: set[str]) -> str | None:
+    def _next_url(self, answer: _Answer, seen: set[str]) -> str | None:
         """The `rel="next"` page to fetch, exactly as GitHub gave it (it may use the `/repositories/{id}/` form)."""
-        link = response.links.get("next")
-        url = link.get("url") if link else None
+        url = answer.next_url
         if not url or url in seen:
             return None
         if self._origin_of(url) != self._origin:

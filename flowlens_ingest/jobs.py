@@ -99,11 +99,17 @@ def _pr_of_job() -> list[sa.ColumnElement[bool]]:
 
 
 def write_list() -> sa.Executable:
-    """Store a fetched list for the job's head, if the PR's head is still that and anything changed."""
+    """Store a fetched list for the job's head, if the PR's head is still that and anything changed.
+
+    A stored list is never replaced by an empty one (an answer cut before its first entry, say):
+    the status is recorded, the stored list and the head it describes stay.
+    """
     t = pull_requests
+    # `empty` comes as a parameter of its own: the list, the bulk of the statement, is sent only once.
+    keep = sa.and_(param("empty"), t.c.files_changed.is_not(None))
     new: dict[str, Any] = {
-        "files_changed": sa.cast(param("files"), t.c.files_changed.type),
-        "files_changed_sha": param("head_sha"),
+        "files_changed": sa.case((keep, t.c.files_changed), else_=sa.cast(param("files"), t.c.files_changed.type)),
+        "files_changed_sha": sa.case((keep, t.c.files_changed_sha), else_=param("head_sha")),
         "files_status": param("status"),
     }
     return (
@@ -181,6 +187,7 @@ def settle(
         head_sha=job.head_sha,
         status=status.value,
         files=files,
+        empty=not files,
         etag_sha=job.etag_sha,
         job_id=job.id,
         lease_token=job.lease_token,
@@ -192,10 +199,13 @@ def settle(
     return database.run(batch) is not None
 
 
-def reschedule(database: Database, job: Job, at: datetime, error: str, *, refund: bool = False) -> None:
-    """Release the job until `at`; `refund` gives back the attempt (a rate limit is not a failure)."""
+def reschedule(database: Database, job: Job, at: datetime, error: str, *, refund: bool = False) -> bool:
+    """Release the job until `at`; `refund` gives back the attempt (a rate limit is not a failure).
+
+    False if the lease was lost (another worker holds the job now): nothing changed.
+    """
     j = files_jobs
-    database.execute(
+    changed = database.execute(
         sa.update(j)
         .where(j.c.id == job.id, j.c.lease_token == job.lease_token)
         .values(
@@ -207,6 +217,7 @@ def reschedule(database: Database, job: Job, at: datetime, error: str, *, refund
             updated_at=sa.func.now(),
         )
     )
+    return changed == 1
 
 
 @dataclass(frozen=True)

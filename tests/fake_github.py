@@ -1,8 +1,10 @@
 """A fake GitHub REST API on a real loopback port, for tests of the files enrichment.
 
 It serves a pull request's file list (paginated with `Link`, ETags and 304s, rate-limit
-headers), mints App installation tokens against a JWT it really verifies, and fails on demand
-(rate limits, 5xx, 403, 404, 401, bad JSON). In process:
+headers), mints App installation tokens against a JWT it really verifies, fails on demand
+(rate limits, 5xx, 403, 404, 401, bad JSON), and misbehaves on demand: answers that never end,
+trickle, run to hundreds of megabytes or decode to nothing (`stream_files`), pages ignoring
+`per_page` (`page_size`), absurd rate-limit headers (`primary_reset`, `retry_after`). In process:
 
     with serve_fake_github() as fake:
         fake.set_files("octo/repo", 7, make_files(250))
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import re
 import secrets
@@ -92,6 +95,49 @@ def make_files(count: int, prefix: str = "src/f", repo: str = "octo/repo") -> li
     return files
 
 
+Body = Callable[[], Iterable[bytes]]
+
+
+def endless_body() -> Iterator[bytes]:
+    """A JSON array of file entries that never ends, sent as fast as the client reads."""
+    yield b"["
+    chunk = b"".join(json.dumps(entry).encode() + b"," for entry in make_files(100))
+    yield from itertools.repeat(chunk)
+
+
+def huge_body(total_bytes: int) -> Body:
+    """A well-formed JSON array of file entries of about `total_bytes`, streamed without being built whole."""
+
+    def body() -> Iterator[bytes]:
+        entries = [json.dumps(entry).encode() for entry in make_files(100)]
+        chunk = b",".join(entries)
+        yield b"[" + chunk
+        for _ in range(total_bytes // len(chunk)):
+            yield b"," + chunk
+        yield b"]"
+
+    return body
+
+
+def trickle_body(interval: float) -> Body:
+    """`[` and then one space every `interval` seconds, for ever: an answer that never finishes."""
+
+    def body() -> Iterator[bytes]:
+        yield b"["
+        while True:
+            time.sleep(interval)  # the fake's pace, not a test waiting
+            yield b" "
+
+    return body
+
+
+def empty_gzip_body() -> Iterator[bytes]:
+    """A gzip stream of empty deflate blocks, for ever: bytes keep coming, and decode to nothing."""
+    yield b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    # A stored block, not the last one, of length 0 (RFC 1951, 3.2.4).
+    yield from itertools.repeat(b"\x00\x00\x00\xff\xff" * 1000)
+
+
 def etag_of(files: list[dict[str, Any]]) -> str:
     """The fake's ETag of a file list: a weak tag over the whole list, like GitHub's `W/"…"`."""
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
@@ -142,10 +188,14 @@ class FakeGitHub:
             self.remaining = 5000
             self.reset_at = self.clock() + 3600
             self.reset_in = 2.0  # seconds until the reset a "primary" fault announces
-            self.retry_after = 30  # the `retry-after` of a "secondary" fault
+            self.retry_after: int | str = 30  # the `retry-after` of a "secondary" fault
             self.token_ttl = 3600.0  # lifetime of installation tokens
             self.link_style = "repos"  # or "repositories": next links in GitHub's /repositories/{id}/ form
             self.installations: set[int] | None = None  # None: any installation id exists
+            self.page_size: int | None = None  # pages of this size whatever `per_page` asks, as a server ignoring it
+            self.primary_reset: str | None = None  # a "primary" fault's `x-ratelimit-reset`, verbatim
+            self._streams: dict[tuple[str, int], tuple[Body, int, dict[str, str]]] = {}
+            self._renamed: dict[str, tuple[str, Body | None]] = {}
 
     # -- programming the fake ---------------------------------------------------------------
 
@@ -155,6 +205,18 @@ class FakeGitHub:
             key = full_name.lower()
             self._files[(key, int(number))] = list(files)
             self._repo_ids.setdefault(key, 1000 + len(self._repo_ids))
+
+    def stream_files(
+        self, full_name: str, number: int, body: Body, *, status: int = 200, headers: dict[str, str] | None = None
+    ) -> None:
+        """Answer that pull request's file list with `status` and the bytes `body()` yields, each sent as it comes."""
+        with self._lock:
+            self._streams[(full_name.lower(), int(number))] = (body, status, headers or {})
+
+    def rename(self, old: str, new: str, *, body: Body | None = None) -> None:
+        """Answer requests for repository `old` with a 301 to `new`, as GitHub does for a renamed one; `body` streams the 301's body."""
+        with self._lock:
+            self._renamed[old.lower()] = (new, body)
 
     def fail_next(self, kind: str, times: int = 1, *, route: str = "files", after: int = 0) -> None:
         """Answer `times` requests of `route` ("files" or "access_tokens") with fault `kind`, once `after` have passed."""
@@ -200,6 +262,13 @@ class FakeGitHub:
             )
         if request.method == "GET" and (match := _FILES_PATH.match(path)):
             full_name = f"{match['owner']}/{match['repo']}".lower()
+            with self._lock:
+                renamed = self._renamed.get(full_name)
+            if renamed is not None:
+                new, body = renamed
+                location = f"{self.url}/repos/{new}/pulls/{match['number']}/files?{request.query_string.decode()}"
+                content = body() if body is not None else json.dumps({"message": "Moved Permanently", "url": location})
+                return Response(content, status=301, headers={"Location": location}, content_type="application/json")
             return self._files_route(request, full_name, int(match["number"]))
         if request.method == "GET" and (match := _FILES_BY_ID_PATH.match(path)):
             with self._lock:
@@ -221,11 +290,11 @@ class FakeGitHub:
                 "x-ratelimit-resource": "core",
             }
 
-    def _primary_limited(self, reset: float) -> Response:
+    def _primary_limited(self, reset: str) -> Response:
         headers = {
             "x-ratelimit-limit": str(self.limit),
             "x-ratelimit-remaining": "0",
-            "x-ratelimit-reset": str(int(reset)),
+            "x-ratelimit-reset": reset,
             "x-ratelimit-used": str(self.limit),
             "x-ratelimit-resource": "core",
         }
@@ -237,7 +306,7 @@ class FakeGitHub:
         if kind is None:
             return None
         if kind == "primary":
-            return self._primary_limited(self.clock() + self.reset_in)
+            return self._primary_limited(self.primary_reset or str(int(self.clock() + self.reset_in)))
         if kind == "secondary":
             headers = {**self._rate_headers(spend=False), "retry-after": str(self.retry_after)}
             message = "You have exceeded a secondary rate limit. Please wait a few minutes before you try again."
@@ -277,15 +346,28 @@ class FakeGitHub:
             files = self._files.get((full_name, number))
             repo_id = self._repo_ids.get(full_name)
             exhausted = self.remaining <= 0
+            stream = self._streams.get((full_name, number))
+        if stream is not None:
+            body, status, headers = stream
+            # No length: the answer goes out chunked, each piece as the body yields it.
+            return Response(
+                body(),
+                status=status,
+                headers={**self._rate_headers(spend=True), **headers},
+                content_type="application/json; charset=utf-8",
+            )
         if exhausted:
-            return self._primary_limited(self.reset_at)
+            return self._primary_limited(str(int(self.reset_at)))
         if files is None:
             return _json(404, {"message": "Not Found", "documentation_url": DOCS}, self._rate_headers(spend=True))
         etag = etag_of(files)
         if _etag_matches(request.headers.get("If-None-Match"), etag):
             # GitHub does not charge a 304 against the primary limit.
             return Response(status=304, headers={"ETag": etag, **self._rate_headers(spend=False)})
-        per_page = min(100, max(1, _int(request.args.get("per_page"), 30)))
+        if self.page_size is not None:
+            per_page = self.page_size
+        else:
+            per_page = min(100, max(1, _int(request.args.get("per_page"), 30)))
         page = max(1, _int(request.args.get("page"), 1))
         last = max(1, -(-len(files) // per_page))
         body = files[(page - 1) * per_page : page * per_page]

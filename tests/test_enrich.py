@@ -6,24 +6,29 @@ enqueues the job; the worker then fetches from the fake and writes the list back
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
+import psutil
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 from sqlalchemy.engine import Engine
 
 from flowlens_ingest import jobs
 from flowlens_ingest.config import Settings
 from flowlens_ingest.enrich import Enricher
+from flowlens_ingest.files import MAX_FILES
 from flowlens_ingest.github import GitHubClient
 from flowlens_ingest.metrics import instruments
 from flowlens_ingest.schema import files_jobs, pull_requests
 from flowlens_ingest.values import FilesStatus
 
-from .fake_github import FakeGitHub, make_files, serve_fake_github
+from .fake_github import FakeGitHub, endless_body, huge_body, make_files, serve_fake_github, trickle_body
 from .helpers import database_of, rows, wait_for
 from .serving import Service, metric
 from .stories import START, apply, pull_request, repository, sha_for
@@ -46,11 +51,30 @@ def github() -> Iterator[FakeGitHub]:
         yield fake
 
 
-def make_enricher(db: Engine, github: FakeGitHub, **settings: Any) -> Enricher:
+class Clock:
+    """Wall-clock time that also moves when told: a pause of an hour is over without waiting it."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def make_enricher(
+    db: Engine,
+    github: FakeGitHub,
+    *,
+    clock: Callable[[], float] = time.time,
+    bounds: dict[str, Any] | None = None,
+    retry_base_s: float = 0.05,
+    **settings: Any,
+) -> Enricher:
+    """A worker on the fake; `bounds` are its GitHub client's (deadline, byte caps)."""
     values: dict[str, Any] = {"github_api_url": github.url, "github_token": github.token, **settings}
     config = Settings(**values)
-    client = GitHubClient(api_url=github.url, token=github.token)
-    return Enricher(config, database_of(db), client, instruments(), retry_base_s=0.05)
+    client = GitHubClient(api_url=github.url, token=github.token, clock=clock, **(bounds or {}))
+    return Enricher(config, database_of(db), client, instruments(), retry_base_s=retry_base_s, clock=clock)
 
 
 def pr_row(db: Engine, number: int = 1) -> dict[str, Any]:
@@ -74,6 +98,46 @@ def pr_row(db: Engine, number: int = 1) -> dict[str, Any]:
 
 def job_rows(db: Engine) -> list[dict[str, Any]]:
     return rows(db, files_jobs, "pr_number", "head_sha", "state", "result", "attempts")
+
+
+def job_timing(db: Engine, number: int = 1) -> dict[str, Any]:
+    """A job's lease and how far ahead it is due, in seconds from the database's now."""
+    j = files_jobs
+    ahead = sa.func.extract("epoch", j.c.run_after - sa.func.now()).label("due_in_s")
+    with db.connect() as conn:
+        row = conn.execute(
+            sa.select(j.c.state, j.c.leased_until, j.c.lease_token, j.c.attempts, j.c.last_error, ahead).where(
+                j.c.pr_number == number
+            )
+        ).one()
+    return dict(row._mapping)
+
+
+def outcomes(outcome: str) -> float:
+    """How many files jobs this process has counted with `outcome`."""
+    return REGISTRY.get_sample_value("flowlens_files_jobs_total", {"outcome": outcome}) or 0.0
+
+
+def peak_rss_growth(work: Callable[[], Any]) -> int:
+    """Run `work`; how far above its starting point the process's resident memory went meanwhile (sampled)."""
+    process = psutil.Process()
+    start = process.memory_info().rss
+    peak, done = start, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            done.wait(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        work()
+    finally:
+        done.set()
+        sampler.join()
+    return peak - start
 
 
 def file_requests(github: FakeGitHub) -> int:
@@ -287,6 +351,190 @@ def test_an_app_installation_token_reads_the_files(db, github):
     assert drain(enricher) == 1
     assert pr_row(db)["files_status"] == "fetched"
     assert len(github.calls("POST", contains="/app/installations/4242/access_tokens")) == 1
+
+
+# --- a broken or hostile GitHub: bounded, never stuck, never a job left leased --------------------
+
+MIB = 1024 * 1024
+
+
+def test_a_trickling_answer_gives_up_at_its_deadline_and_the_job_waits_its_retry(db, github):
+    github.stream_files("octo/enrich", 1, trickle_body(0.02))
+    apply(db, "pull_request", opened())
+    enricher = make_enricher(db, github, bounds={"deadline": 0.5}, retry_base_s=60)
+    started = time.monotonic()
+    assert enricher.run_once()
+    assert time.monotonic() - started < 0.5 + 5  # the deadline, and a generous margin
+    job = job_timing(db)
+    assert (job["state"], job["leased_until"], job["lease_token"], job["attempts"]) == ("pending", None, None, 1)
+    assert 30 - 5 <= job["due_in_s"] <= 60  # the first retry's backoff: base/2 to base
+    assert "timed out" in job["last_error"]
+    assert pr_row(db)["files_status"] == "pending"
+
+
+def test_an_endless_answer_is_cut_in_bounded_memory_and_stored_truncated(db, github):
+    github.stream_files("octo/enrich", 1, endless_body)
+    apply(db, "pull_request", opened())
+    enricher = make_enricher(db, github, bounds={"max_page_bytes": MIB})
+    growth = peak_rss_growth(lambda: drain(enricher))
+    assert growth < 64 * MIB
+    row = pr_row(db)
+    assert row["files_status"] == "truncated" and 0 < len(row["files_changed"]) < MAX_FILES
+    assert job_rows(db)[0]["state"] == "done"
+
+
+def test_a_200_mb_answer_is_cut_at_the_page_cap_and_stored_truncated(db, github):
+    # The default caps. Before they existed, this answer took the worker past a gigabyte.
+    github.stream_files("octo/enrich", 1, huge_body(200 * MIB))
+    apply(db, "pull_request", opened())
+    growth = peak_rss_growth(lambda: drain(make_enricher(db, github)))
+    assert growth < 160 * MIB  # the 16 MiB page, its text and 3,000 entries; not the 200 MB
+    row = pr_row(db)
+    assert (row["files_status"], len(row["files_changed"])) == ("truncated", MAX_FILES)
+    assert job_rows(db)[0]["result"] == "truncated"
+
+
+def test_a_page_of_100000_entries_stores_3000_truncated(db, github):
+    files = [{"filename": f"src/{i:06d}.py", "status": "added", "additions": 1} for i in range(100_000)]
+    github.set_files("octo/enrich", 1, files)
+    github.page_size = len(files)  # a server ignoring per_page
+    apply(db, "pull_request", opened())
+    assert drain(make_enricher(db, github)) == 1
+    row = pr_row(db)
+    assert row["files_changed"] == files[:MAX_FILES]
+    assert row["files_status"] == "truncated"
+    assert file_requests(github) == 1
+
+
+def test_an_answer_cut_before_its_first_entry_keeps_the_stored_list(db, github):
+    github.set_files("octo/enrich", 1, make_files(5))
+    apply(db, "pull_request", opened())
+    drain(make_enricher(db, github))
+    stored = pr_row(db)["files_changed"]
+    assert len(stored) == 5
+    # The same head is fetched again; this time the answer is cut inside its first entry.
+    apply(db, "pull_request", pull_request("reopened", REPO, 1, SHA_A, at(30)))
+    github.stream_files("octo/enrich", 1, endless_body)
+    assert drain(make_enricher(db, github, bounds={"max_page_bytes": 100})) == 1
+    row = pr_row(db)
+    assert (row["files_changed"], row["files_changed_sha"], row["files_status"]) == (stored, SHA_A, "truncated")
+
+
+@pytest.mark.parametrize(
+    ("fault", "knob", "value"),
+    [
+        ("primary", "primary_reset", "1000000000000"),
+        ("primary", "primary_reset", "4102444800"),  # 2100-01-01
+        ("primary", "primary_reset", "nan"),
+        ("secondary", "retry_after", "1e300"),
+        ("secondary", "retry_after", "soon"),
+    ],
+)
+def test_absurd_rate_limit_headers_reschedule_within_an_hour_and_the_worker_goes_on(db, github, fault, knob, value):
+    for number in (1, 2):
+        github.set_files("octo/enrich", number, make_files(2))
+        apply(db, "pull_request", opened(number, sha_for("absurd", number)))
+    setattr(github, knob, value)
+    github.fail_next(fault)
+    clock = Clock()
+    enricher = make_enricher(db, github, clock=clock)
+    assert enricher.run_once()  # no crash
+    limited = job_timing(db, 1)
+    assert (limited["state"], limited["leased_until"], limited["attempts"]) == ("pending", None, 0)
+    assert 0 < limited["due_in_s"] <= 3600 + 5
+    assert enricher.paused_until <= clock() + 3600
+    # Claims pause no longer than that: past it, the worker takes the other job.
+    clock.offset += 3601
+    assert enricher.run_once()
+    assert pr_row(db, 2)["files_status"] == "fetched"
+    assert job_timing(db, 1)["state"] == "pending"
+
+
+def test_a_reset_in_2100_pauses_claims_for_an_hour_at_most(db, github):
+    for number in (1, 2):
+        github.set_files("octo/enrich", number, make_files(2))
+        apply(db, "pull_request", opened(number, sha_for("reset-2100", number)))
+    github.remaining = 10  # under the worker's reserve: it pauses until the reset
+    github.reset_at = 4_102_444_800
+    clock = Clock()
+    enricher = make_enricher(db, github, clock=clock)
+    assert enricher.run_once()
+    assert clock() < enricher.paused_until <= clock() + 3600
+    assert not enricher.run_once()
+    clock.offset += 3601
+    assert enricher.run_once()
+    assert {r["files_status"] for r in rows(db, pull_requests, "files_status")} == {"fetched"}
+
+
+@pytest.fixture
+def refuse_fetched(db: Engine) -> Iterator[Callable[[], None]]:
+    """The database refuses to store a `fetched` list (a failure after the fetch) until `fix()` runs."""
+    with db.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE pull_requests ADD CONSTRAINT test_refuse CHECK (files_status <> 'fetched')"))
+
+    def fix() -> None:
+        with db.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE pull_requests DROP CONSTRAINT IF EXISTS test_refuse"))
+
+    yield fix
+    fix()
+
+
+class Records(logging.Handler):
+    """Keeps the records of a logger, whatever the service's logging set-up did to propagation."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def enrich_log() -> Iterator[Records]:
+    """The files worker's log records, INFO and above, while the test runs."""
+    logger, handler = logging.getLogger("flowlens_ingest.enrich"), Records()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_an_error_after_the_fetch_reschedules_the_job_and_logs_one_line(db, github, refuse_fetched, enrich_log):
+    files = make_files(3)
+    github.set_files("octo/enrich", 1, files)
+    apply(db, "pull_request", opened())
+    enricher = make_enricher(db, github)
+    assert enricher.run_once()  # the worker goes on
+    job = job_timing(db)
+    assert (job["state"], job["leased_until"], job["lease_token"], job["attempts"]) == ("pending", None, None, 1)
+    assert "test_refuse" in job["last_error"]
+    (record,) = enrich_log.records
+    assert (record.levelname, record.getMessage(), record.outcome) == ("WARNING", "files job error", "retry")
+    assert "IntegrityError" in record.error and record.where
+    # Neither the failing row nor any of the list is in the log line.
+    line = str(vars(record))
+    assert not any(f["filename"] in line or f["sha"] in line for f in files)
+    refuse_fetched()
+    wait_for(lambda: drain(enricher) >= 0 and pr_row(db)["files_status"] == "fetched", what="the retried job")
+
+
+def test_a_job_taken_over_meanwhile_is_not_counted_settled(db, github):
+    github.set_files("octo/enrich", 1, make_files(2))
+    apply(db, "pull_request", opened())
+    slow = jobs.claim(database_of(db), timedelta(seconds=60))
+    assert slow is not None
+    # Its lease runs out (a fetch slower than the lease), and another worker takes and settles the job.
+    with db.begin() as conn:
+        conn.execute(sa.update(files_jobs).values(leased_until=sa.func.now() - timedelta(seconds=1)))
+    fetched, lost = outcomes("fetched"), outcomes("lease_lost")
+    assert drain(make_enricher(db, github)) == 1
+    make_enricher(db, github).work(slow)
+    assert (outcomes("fetched") - fetched, outcomes("lease_lost") - lost) == (1, 1)
+    assert job_rows(db)[0]["state"] == "done"
 
 
 # --- through a real `flowlens-ingest serve` -----------------------------------------------------

@@ -107,6 +107,16 @@ def test_the_list_is_cut_at_githubs_cap() -> None:
     assert shape(make_files(MAX_FILES), expected=MAX_FILES).status is FilesStatus.FETCHED
 
 
+def test_a_list_cut_while_fetching_is_truncated_even_when_it_looks_whole() -> None:
+    # The fetch stopped early (an answer cut at the byte cap): nothing in the entries shows it.
+    entries = make_files(3)
+    assert shape(entries, expected=None).status is FilesStatus.FETCHED
+    assert shape(entries, expected=None, truncated=True) == FileList(
+        files=shape(entries, expected=None).files, status=FilesStatus.TRUNCATED
+    )
+    assert shape([], expected=None, truncated=True) == FileList(files=[], status=FilesStatus.TRUNCATED)
+
+
 def test_entries_that_are_not_files_are_ignored() -> None:
     junk: list[Any] = ["a.py", None, {"status": "added"}, {"filename": 3}, entry("ok.py")]
     result = shape(junk, expected=None)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import email.utils
+import gzip
+import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,15 +22,29 @@ from flowlens_ingest.github import (
     GitHubClient,
     GitHubError,
     NotFound,
+    RateLimit,
     RateLimited,
     Transient,
     Unauthorized,
 )
 
-from .fake_github import FakeGitHub, generate_private_key_pem, make_files, serve_fake_github
+from .fake_github import (
+    FakeGitHub,
+    empty_gzip_body,
+    endless_body,
+    generate_private_key_pem,
+    huge_body,
+    make_files,
+    serve_fake_github,
+    trickle_body,
+)
 
 T0 = 1_700_000_000.0
 REPO = "octo/repo"
+# Small bounds for the tests of misbehaving servers; GIVE_UP is how late giving up may be, generously.
+DEADLINE = 0.5
+GIVE_UP = DEADLINE + 5.0
+HOUR = 3600
 
 
 class Clock:
@@ -97,7 +115,7 @@ def test_every_page_is_fetched_in_order(fake: FakeGitHub, github: GitHubClient) 
     page = github.list_files(REPO, 7, installation_id=None)
     assert page.entries == files
     assert page.requests == 3
-    assert not page.not_modified
+    assert not page.not_modified and not page.truncated
     gets = fake.calls("GET")
     assert [r.query for r in gets] == ["per_page=100", "per_page=100&page=2", "per_page=100&page=3"]
     for request in gets:
@@ -129,7 +147,8 @@ def test_githubs_3000_file_cap(fake: FakeGitHub, github: GitHubClient) -> None:
     fake.set_files(REPO, 9, make_files(MAX_FILES + 100))
     page = github.list_files(REPO, 9, installation_id=None)
     assert len(page.entries) == MAX_FILES
-    assert page.requests == 30
+    assert page.requests == 30  # page 31 is announced, but not fetched
+    assert page.truncated
     shaped = shape(page.entries, expected=MAX_FILES + 100)
     assert len(shaped.files) == MAX_FILES
     assert shaped.status is FilesStatus.TRUNCATED
@@ -167,6 +186,205 @@ def test_quoting_and_bad_names(fake: FakeGitHub, github: GitHubClient) -> None:
     with pytest.raises(NotFound):
         github.list_files("octo/re po?x", 1, installation_id=None)
     assert fake.calls("GET")[0].path == "/repos/octo/re po?x/pulls/1/files"
+
+
+# -- bounds: what a broken or hostile server cannot do to the worker ------------------------------
+
+
+def bounded(fake: FakeGitHub, clock: Clock, **bounds: float) -> GitHubClient:
+    return GitHubClient(api_url=fake.url, token=fake.token, clock=clock, **bounds)  # type: ignore[arg-type]
+
+
+def test_a_trickling_answer_gives_up_at_its_deadline(fake: FakeGitHub, clock: Clock) -> None:
+    # A byte every 20 ms: no socket read ever waits long enough to time out.
+    fake.stream_files(REPO, 7, trickle_body(0.02))
+    started = time.monotonic()
+    with bounded(fake, clock, deadline=DEADLINE) as github, pytest.raises(Transient) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert time.monotonic() - started < GIVE_UP
+    assert caught.value.reason == "timeout"
+    assert_no_secret(caught.value, fake)
+
+
+def test_an_answer_that_decodes_to_nothing_gives_up_at_its_deadline(fake: FakeGitHub, clock: Clock) -> None:
+    # Bytes keep coming and none of them is content: the deadline is checked on what the network delivers.
+    fake.stream_files(REPO, 7, empty_gzip_body, headers={"Content-Encoding": "gzip"})
+    started = time.monotonic()
+    with bounded(fake, clock, deadline=DEADLINE) as github, pytest.raises(Transient) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert time.monotonic() - started < GIVE_UP
+    assert caught.value.reason == "timeout"
+
+
+def test_an_endless_answer_is_cut_at_the_byte_cap(fake: FakeGitHub, clock: Clock) -> None:
+    fake.stream_files(REPO, 7, endless_body)
+    with bounded(fake, clock, max_page_bytes=32 * 1024) as github:
+        page = github.list_files(REPO, 7, installation_id=None)
+    assert page.truncated and page.etag is None
+    # The whole entries before the cut are kept, exactly as sent.
+    sent = make_files(100)
+    assert 0 < len(page.entries) < 100
+    assert page.entries == sent[: len(page.entries)]
+
+
+def test_a_huge_answer_keeps_3000_entries_and_says_truncated(fake: FakeGitHub, github: GitHubClient) -> None:
+    fake.stream_files(REPO, 7, huge_body(200 * 1024 * 1024))
+    page = github.list_files(REPO, 7, installation_id=None)
+    assert len(page.entries) == MAX_FILES and page.truncated
+    assert shape(page.entries, expected=None, truncated=page.truncated).status is FilesStatus.TRUNCATED
+
+
+def test_a_gzip_answer_is_read_and_capped_after_decoding(fake: FakeGitHub, clock: Clock) -> None:
+    files = make_files(40)
+    body = json.dumps(files).encode()
+    fake.stream_files(REPO, 7, lambda: [gzip.compress(body)], headers={"Content-Encoding": "gzip"})
+    with bounded(fake, clock) as github:
+        assert github.list_files(REPO, 7, installation_id=None).entries == files
+    # A bomb: ~70 MB of entries that travel as well under a megabyte, cut once decoded past the cap.
+    entry = json.dumps(files[0]).encode()
+    bomb = gzip.compress(b"[" + b",".join([entry] * 120_000) + b"]", compresslevel=1)
+    assert len(bomb) < 1024 * 1024
+    fake.stream_files(REPO, 7, lambda: [bomb], headers={"Content-Encoding": "gzip"})
+    with bounded(fake, clock, max_page_bytes=1024 * 1024) as github:
+        page = github.list_files(REPO, 7, installation_id=None)
+    assert page.truncated and 0 < len(page.entries) < 1024 * 1024 // len(entry)
+
+
+def test_a_page_of_100000_entries_keeps_3000(fake: FakeGitHub, github: GitHubClient) -> None:
+    # The server ignores `per_page` and sends every entry on one page.
+    files = [{"filename": f"src/{i:06d}.py", "status": "added"} for i in range(100_000)]
+    fake.set_files(REPO, 7, files)
+    fake.page_size = len(files)
+    page = github.list_files(REPO, 7, installation_id=None)
+    assert page.entries == files[:MAX_FILES]
+    assert page.truncated and page.requests == 1
+
+
+def test_pages_past_the_page_limit_are_not_fetched(fake: FakeGitHub, github: GitHubClient) -> None:
+    # One entry per page, whatever `per_page` says: 150 pages announced, 100 fetched.
+    files = make_files(150)
+    fake.set_files(REPO, 7, files)
+    fake.page_size = 1
+    page = github.list_files(REPO, 7, installation_id=None)
+    assert page.entries == files[:100]
+    assert page.truncated and page.requests == 100
+
+
+def test_a_list_past_the_list_budget_is_cut(fake: FakeGitHub, clock: Clock) -> None:
+    files = make_files(250)
+    fake.set_files(REPO, 7, files)
+    page_bytes = len(json.dumps(files[:100]))
+    with bounded(fake, clock, max_list_bytes=page_bytes + 5000) as github:
+        page = github.list_files(REPO, 7, installation_id=None)
+    # Page 1 whole, page 2 read up to what is left of the budget, page 3 never asked for.
+    assert 100 < len(page.entries) < 200 and page.entries == files[: len(page.entries)]
+    assert page.truncated and page.requests == 2
+
+
+def test_a_renamed_repository_is_followed_with_the_token(fake: FakeGitHub, github: GitHubClient) -> None:
+    files = make_files(150)
+    fake.set_files("octo/new-name", 7, files)
+    fake.rename(REPO, "octo/new-name")
+    page = github.list_files(REPO, 7, installation_id=None)
+    assert page.entries == files and page.requests == 2  # one per page, redirects included
+    gets = fake.calls("GET")
+    old, new = "/repos/octo/repo/pulls/7/files", "/repos/octo/new-name/pulls/7/files"
+    assert [r.path for r in gets] == [old, new, new]
+    assert all(r.headers["authorization"] == f"Bearer {fake.token}" for r in gets)
+
+
+def test_a_redirects_body_is_never_read(fake: FakeGitHub, clock: Clock) -> None:
+    # A 301 whose body never ends: following it must not wait for that body.
+    fake.set_files("octo/new-name", 7, make_files(3))
+    fake.rename(REPO, "octo/new-name", body=endless_body)
+    started = time.monotonic()
+    with bounded(fake, clock, deadline=DEADLINE) as github:
+        assert len(github.list_files(REPO, 7, installation_id=None).entries) == 3
+    assert time.monotonic() - started < GIVE_UP
+
+
+def test_bounds_must_be_positive() -> None:
+    for bounds in ({"deadline": 0}, {"timeout": -1}, {"max_page_bytes": 0}, {"max_list_bytes": 0}):
+        with pytest.raises(ValueError):
+            GitHubClient(**bounds)  # type: ignore[arg-type]
+
+
+# -- rate limits a server should never send: clamped, never a crash ------------------------------
+
+
+def http_date(epoch: float) -> str:
+    return email.utils.formatdate(epoch, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("reset", "retry_at"),
+    [
+        ("1000000000000", T0 + HOUR),  # milliseconds, or a typo: clamped to an hour
+        (str(int(T0) + 76 * 365 * 86400), T0 + HOUR),  # seventy-six years ahead
+        ("1e300", T0 + HOUR),
+        ("nan", T0 + 60),  # unreadable: GitHub's advice of a minute
+        ("inf", T0 + 60),
+        ("-5", T0 + 1),  # in the past: again in a second, not a pause
+        (str(int(T0) - 100), T0 + 1),
+        (str(int(T0) + 42), T0 + 42),
+    ],
+)
+def test_an_absurd_primary_reset_is_clamped(
+    fake: FakeGitHub, github: GitHubClient, reset: str, retry_at: float
+) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+    fake.primary_reset = reset
+    fake.fail_next("primary")
+    with pytest.raises(RateLimited) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert (caught.value.reason, caught.value.retry_at) == ("primary", retry_at)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "retry_at"),
+    [
+        ("1e300", T0 + HOUR),
+        ("soon", T0 + 60),
+        ("inf", T0 + 60),
+        ("-30", T0 + 1),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", T0 + HOUR),
+        (http_date(T0 + 600), T0 + 600),
+        (http_date(T0 - 600), T0 + 1),
+    ],
+)
+def test_an_absurd_retry_after_is_clamped(
+    fake: FakeGitHub, github: GitHubClient, retry_after: str, retry_at: float
+) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+    fake.retry_after = retry_after
+    fake.fail_next("secondary")
+    with pytest.raises(RateLimited) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert (caught.value.reason, caught.value.retry_at) == ("secondary", retry_at)
+
+
+def test_an_unreadable_retry_after_on_a_403_is_still_a_rate_limit(fake: FakeGitHub, github: GitHubClient) -> None:
+    # No word of a rate limit in the message: the header alone says "wait", not "forbidden".
+    fake.stream_files(REPO, 7, lambda: [b'{"message": "Forbidden"}'], status=403, headers={"retry-after": "soon"})
+    with pytest.raises(RateLimited) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert (caught.value.reason, caught.value.retry_at, caught.value.status) == ("secondary", T0 + 60, 403)
+
+
+def test_a_far_reset_pauses_for_an_hour_at_most(fake: FakeGitHub, github: GitHubClient, clock: Clock) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+    fake.remaining = 10
+    fake.reset_at = 4_102_444_800  # 2100-01-01
+    github.list_files(REPO, 7, installation_id=None)
+    assert github.reserve_exhausted(100) == T0 + HOUR
+
+
+def test_rate_limit_headers_that_are_not_numbers_are_ignored(fake: FakeGitHub, github: GitHubClient) -> None:
+    headers = {"x-ratelimit-remaining": "nan", "x-ratelimit-limit": "inf", "x-ratelimit-reset": "1e999"}
+    fake.stream_files(REPO, 7, lambda: [b"[]"], headers=headers)
+    assert github.list_files(REPO, 7, installation_id=None).entries == []
+    assert github.rate_limit == RateLimit(remaining=None, reset=None, limit=None)
+    assert github.reserve_exhausted(100) is None
 
 
 # -- errors -----------------------------------------------------------------------------------
