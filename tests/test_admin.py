@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from flowlens_ingest import admin
 from flowlens_ingest.batch import compiled, values
+from flowlens_ingest.cli import main
 from flowlens_ingest.config import Settings, normalize_database_url
 from flowlens_ingest.database import Database
 from flowlens_ingest.journal import JOURNAL_BUCKETS
@@ -85,6 +86,33 @@ def test_prune_goes_past_entries_received_at_the_same_instant_and_failed_ones(db
     fill_journal(db, 120, age="40 days", outcome="failed", prefix="failed", bucket=3, step="0 s")
     assert admin.prune(database_of(db), timedelta(days=30), batch=100) == 250
     assert {r["delivery_id"].split("-")[0] for r in rows(db, webhook_deliveries, "delivery_id")} == {"failed"}
+
+
+def test_a_statement_timeout_is_reported_as_such_not_as_an_outage(db, database_url, monkeypatch, capsys):
+    fill_journal(db, 10, age="40 days", bucket=0)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("FLOWLENS_STATEMENT_TIMEOUT_MS", "200")
+    # Another session holds the old rows: the prune's first batch waits on them past its timeout.
+    with db.connect() as holder:
+        holder.execute(sa.select(webhook_deliveries.c.delivery_id).with_for_update())
+        status = main(["prune", "--older-than", "30d"])
+        holder.rollback()
+    assert status == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "flowlens-ingest: the database's statement timeout (200 ms) cut a prune batch;"
+        " what is pruned so far stays pruned; retry, or raise FLOWLENS_STATEMENT_TIMEOUT_MS"
+    )
+    assert len(rows(db, webhook_deliveries, "delivery_id")) == 10
+
+
+def test_prune_of_everything_asks_for_yes(db, database_url, monkeypatch, capsys):
+    fill_journal(db, 10, age="1 hour")
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    assert main(["prune", "--older-than", "0d"]) == 2
+    assert "--older-than 0 deletes the whole journal; add --yes" in capsys.readouterr().err
+    assert len(rows(db, webhook_deliveries, "delivery_id")) == 10
+    assert main(["prune", "--older-than", "0d", "--yes"]) == 0
+    assert rows(db, webhook_deliveries, "delivery_id") == []
 
 
 def test_prune_picks_up_where_an_interrupted_one_stopped(db):
