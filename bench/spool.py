@@ -3,10 +3,11 @@
 1. Put latency: for each depth (`--depths`, default 0, 2,000 and 20,000 deliveries
    already spooled), `--puts` calls of Spool.put with a real ~13 KB delivery body,
    one after another, in this process; their p50, p99 and max. The files already
-   there are written directly, in the spool's own format, as earlier writes (of any
-   worker, or of an older version) would have left them; writing them through put
-   would make the old O(n) put take minutes to set up 20,000.
-2. The drainer's tick at the deepest depth: one Spool.depth() (a listing of the folder).
+   there are written directly, in the spool's own format, as earlier writes of any
+   worker would have left them; writing them through put would make an O(n) put
+   (as it was before the estimate) take minutes to set up 20,000.
+2. The drainer's tick at the deepest depth: one Spool.depth() (a listing of the folder)
+   and one Spool.used_bytes() (the listing and every file's size: the tick's scan).
 3. Drain rate, spool side: one Spool.drain of the deepest folder with a handler that
    does nothing (read, unlink, in arrival order).
 4. Drain rate against a real database: `--drain` signed deliveries of the ci mix
@@ -52,8 +53,9 @@ def prefill(directory: Path, count: int, body: bytes) -> None:
     start = time.time_ns() - 10**12
     for n in range(count):
         header = json.dumps({"delivery_id": f"prefill-{n}", **HEADER, "received_ns": start + n}).encode()
-        name = f"{start + n:020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}{SUFFIX}"
-        (directory / name).write_bytes(header + b"\n" + body)
+        data = header + b"\n" + body
+        name = f"{start + n:020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{len(data)}{SUFFIX}"
+        (directory / name).write_bytes(data)
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -85,17 +87,21 @@ def put_latency(root: Path, depth: int, puts: int, body: bytes) -> dict[str, Any
 
 
 def spool_side(root: Path, depth: int) -> dict[str, Any]:
-    """The drainer's tick (a depth) and a drain that applies nothing, on the folder of `depth`."""
+    """A listing (depth), a scan (used_bytes) and a drain that applies nothing, on the folder of `depth`."""
     spool = Spool(root / f"depth-{depth}", 1 << 40)
     began = time.perf_counter()
     held = spool.depth()
-    tick = time.perf_counter() - began
+    listing = time.perf_counter() - began
+    began = time.perf_counter()
+    spool.used_bytes()
+    scan = time.perf_counter() - began
     began = time.perf_counter()
     drained = spool.drain(lambda item: None)
     elapsed = time.perf_counter() - began
     return {
         "depth": held,
-        "tick_ms": round(tick * 1000, 2),
+        "listing_ms": round(listing * 1000, 2),
+        "scan_ms": round(scan * 1000, 2),
         "drained": drained,
         "per_s": round(drained / elapsed),
     }
