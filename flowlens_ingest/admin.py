@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
+from .batch import compiled, values
 from .database import Database
 from .delivery import Delivery
 from .ingest import ingest
 from .journal import JOURNAL_BUCKETS
 from .plan import decode_body
 from .schema import webhook_deliveries as wd
+from .sql import param
 from .values import Outcome
 
 MAX_REPORTED_ERRORS = 20
@@ -158,6 +160,40 @@ def replay(database: Database, *, failed_only: bool = False, since: datetime | N
 
 # Rows deleted per transaction: each batch is well inside the statement timeout.
 PRUNE_BATCH = 2000
+# Below any received_at: where each bucket's walk starts.
+BEGINNING = datetime.min.replace(tzinfo=UTC)
+
+
+def _index_order_only() -> sa.Select[Any]:
+    """Forbid sorts for the rest of the transaction, so the next statement reads the index in order."""
+    return sa.select(sa.func.set_config("enable_sort", "off", True))
+
+
+def _prune_batch(include_failed: bool) -> sa.Select[Any]:
+    """Delete the oldest `p_batch` entries of bucket `p_bucket` in [`p_after`, `p_cutoff`); their count and last time.
+
+    The equality on the bucket and the range on received_at make it one ordered
+    range read of the bucket's (bucket, received_at) index, stopped after `p_batch`
+    rows. The lower bound `p_after` (where the previous batch ended) skips the failed
+    entries that stay and the index entries of rows already deleted (dead until
+    VACUUM on PostgreSQL, tombstones until compaction on YugabyteDB), so a batch
+    costs the same at the end of a bucket as at its start.
+    """
+    doomed = (
+        sa.select(wd.c.delivery_id, wd.c.hook_id)
+        .where(wd.c.bucket == param("bucket"), wd.c.received_at >= param("after"), wd.c.received_at < param("cutoff"))
+        .order_by(wd.c.received_at)
+        .limit(param("batch"))
+    )
+    if not include_failed:
+        doomed = doomed.where(wd.c.outcome != Outcome.FAILED.value)
+    gone = (
+        sa.delete(wd)
+        .where(sa.tuple_(wd.c.delivery_id, wd.c.hook_id).in_(doomed))
+        .returning(wd.c.received_at)
+        .cte("gone")
+    )
+    return sa.select(sa.func.count(), sa.func.max(gone.c.received_at))
 
 
 def prune(
@@ -172,24 +208,30 @@ def prune(
 
     Each batch is its own transaction, so a journal of millions of rows prunes under
     the statement timeout, and an interrupted prune resumes where it stopped.
-    `progress` is told the running total after each batch.
+    `progress` is told the running total after each batch. Raises
+    DatabaseUnavailable, whose reason is the SQLSTATE (57014: the statement
+    timeout cut a batch).
+
+    Sorts are switched off for each batch's transaction: planned without
+    statistics (a table loaded or bucketed since its last ANALYZE, as migration
+    0004 left old rows all in bucket 0), PostgreSQL takes a bucket of a million rows
+    for a few hundred and prefers to collect and sort them all, which no statement
+    timeout survives. With sorts off, reading the index in its own order is the plan.
     """
     (cutoff,) = database.read(sa.select(sa.func.now() - older_than))[0]
     removed = 0
     for bucket in range(JOURNAL_BUCKETS):
+        after = BEGINNING
         while True:
-            doomed = (
-                sa.select(wd.c.delivery_id, wd.c.hook_id)
-                .where(wd.c.bucket == bucket, wd.c.received_at < cutoff)
-                .order_by(wd.c.received_at)
-                .limit(batch)
+            bound = values(bucket=bucket, after=after, cutoff=cutoff, batch=batch)
+            row = database.run(
+                [compiled(_index_order_only).bind({}), compiled(_prune_batch, include_failed).bind(bound)]
             )
-            if not include_failed:
-                doomed = doomed.where(wd.c.outcome != Outcome.FAILED.value)
-            done = database.execute(sa.delete(wd).where(sa.tuple_(wd.c.delivery_id, wd.c.hook_id).in_(doomed)))
+            done, last = row if row is not None else (0, None)
             removed += done
             if done and progress is not None:
                 progress(removed)
             if done < batch:
                 break
+            after = last
     return removed

@@ -257,6 +257,7 @@ def replay_command(failed: bool, since: datetime | None) -> int:
 Examples:
   flowlens-ingest prune --older-than 30d
   flowlens-ingest prune --older-than 12h --include-failed
+  flowlens-ingest prune --older-than 0d --yes   (the whole journal)
 """,
 )
 @click.option(
@@ -268,8 +269,11 @@ Examples:
 @click.option(
     "--include-failed", is_flag=True, help="Delete failed entries too (kept by default: they can be replayed)."
 )
-def prune_command(older_than: timedelta, include_failed: bool) -> int:
+@click.option("--yes", is_flag=True, help="Confirm --older-than 0, which deletes every entry.")
+def prune_command(older_than: timedelta, include_failed: bool, yes: bool) -> int:
     """Delete old journal entries, in short batches (progress on stderr)."""
+    if not older_than and not yes:
+        raise click.UsageError("--older-than 0 deletes the whole journal; add --yes to do that")
     return prune(older_than, include_failed)
 
 

@@ -311,9 +311,10 @@ def prune(older_than: timedelta, include_failed: bool) -> int:
     import sqlalchemy as sa
 
     from .admin import prune as prune_journal
-    from .database import DatabaseUnavailable
+    from .database import TIMEOUT_SQLSTATES, DatabaseUnavailable
 
-    database, _server = _database(load_settings())
+    settings = load_settings()
+    database, _server = _database(settings)
     interactive = sys.stderr.isatty()
 
     def progress(removed: int) -> None:
@@ -326,7 +327,16 @@ def prune(older_than: timedelta, include_failed: bool) -> int:
 
     try:
         removed = prune_journal(database, older_than, include_failed=include_failed, progress=progress)
-    except (DatabaseUnavailable, sa.exc.OperationalError):
+    except DatabaseUnavailable as exc:
+        # The reason is the SQLSTATE: a batch that outlived the statement (or lock) timeout
+        # is not an outage, and the operator's fix for it is not to wait for the database.
+        if str(exc) in TIMEOUT_SQLSTATES:
+            return fail(
+                f"the database's statement timeout ({settings.statement_timeout_ms} ms) cut a prune batch;"
+                " what is pruned so far stays pruned; retry, or raise FLOWLENS_STATEMENT_TIMEOUT_MS"
+            )
+        return fail("database unavailable; what is pruned so far stays pruned, run it again")
+    except sa.exc.OperationalError:
         return fail("database unavailable; what is pruned so far stays pruned, run it again")
     finally:
         if interactive:

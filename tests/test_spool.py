@@ -7,13 +7,16 @@ an app on the real scratch database, sharing the same spool folder, drains it.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
@@ -25,7 +28,7 @@ from flowlens_ingest import background
 from flowlens_ingest.app import create_app, services
 from flowlens_ingest.database import DatabaseUnavailable
 from flowlens_ingest.schema import pull_requests, repositories, webhook_deliveries
-from flowlens_ingest.spool import PARTIAL_AT_START_S, SUFFIX, UNUSABLE_SUFFIX, Spool
+from flowlens_ingest.spool import PARTIAL_AT_START_S, SUFFIX, UNUSABLE_SUFFIX, Drainer, Spool, Spooled
 
 from .databases import app_on_scratch_database
 from .helpers import free_port, github_headers, load_payload, make_settings, rows, wait_for
@@ -104,20 +107,120 @@ def test_put_refuses_what_would_go_over_the_size_bound(tmp_path):
     assert list((tmp_path / "spool").glob(".*.tmp")) == []
 
 
-def test_concurrent_puts_keep_the_bound(tmp_path):
-    spools = [Spool(tmp_path / "spool", 2000) for _ in range(4)]
+def test_concurrent_puts_of_one_worker_keep_the_bound(tmp_path):
+    spool = Spool(tmp_path / "spool", 2000)
     results: list[bool] = []
 
-    def fill(spool: Spool, worker: int) -> None:
-        results.extend(spool.put(f"{worker}-{n}", 0, "ping", "application/json", b"y" * 100) for n in range(20))
+    def fill(thread: int) -> None:
+        results.extend(spool.put(f"{thread}-{n}", 0, "ping", "application/json", b"y" * 100) for n in range(20))
 
-    threads = [threading.Thread(target=fill, args=(s, i)) for i, s in enumerate(spools)]
+    threads = [threading.Thread(target=fill, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert spools[0].used_bytes() <= 2000
-    assert results.count(True) == spools[0].depth() > 0
+    assert 0 < spool.used_bytes() <= 2000
+    assert results.count(True) == spool.depth()
+
+
+def spooled_file(directory: Path, n: int, body: bytes, *, sized: bool = True) -> Path:
+    """A spooled delivery written straight into `directory`, as a put would have (`sized=False`: as before sizes)."""
+    data = json.dumps(
+        {"delivery_id": f"earlier-{n}", "hook_id": 0, "event": "ping", "content_type": "application/json"}
+    ).encode()
+    data += b"\n" + body
+    name = f"{1_000_000 + n:020d}-1-{n:08x}" + (f"-{len(data)}" if sized else "")
+    path = directory / (name + SUFFIX)
+    path.write_bytes(data)
+    return path
+
+
+def test_put_lists_and_stats_nothing_however_much_is_spooled(tmp_path, monkeypatch):
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    earlier = [spooled_file(folder, n, b"{}" * 50, sized=n % 2 == 0) for n in range(3000)]
+    held = sum(p.stat().st_size for p in earlier)
+    probe = Spool(tmp_path / "probe", 1 << 20)
+    assert probe.put("d-9", 0, "ping", "application/json", b"{}" * 50)
+    one = probe.used_bytes()  # one spooled delivery: its header line and its body
+    spool = Spool(folder, held + 2 * one + one // 2)  # room for two more
+    calls: Counter[str] = Counter()
+
+    def counted(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    for owner, name in [(os, "scandir"), (os, "listdir"), (os, "stat"), (os, "lstat"), (Path, "iterdir")]:
+        monkeypatch.setattr(owner, name, counted(name, getattr(owner, name)))
+    for owner, name in [(Path, "glob"), (Path, "stat"), (Path, "exists"), (Path, "is_dir")]:
+        monkeypatch.setattr(owner, name, counted(name, getattr(owner, name)))
+    accepted = [spool.put(f"d-{n}", 0, "ping", "application/json", b"{}" * 50) for n in range(4)]
+    assert calls == Counter()
+    monkeypatch.undo()
+    # The earlier files count: full after two more, as a scan would say.
+    assert accepted == [True, True, False, False]
+    assert spool.depth() == 3002 and spool.used_bytes() == held + 2 * one
+
+
+def test_two_workers_pass_the_bound_by_at_most_what_the_other_put_since_its_last_scan(tmp_path):
+    folder = tmp_path / "spool"
+    probe = Spool(tmp_path / "probe", 1 << 20)
+    assert probe.put("probe-0", 0, "ping", "application/json", b"z" * 100)
+    one = probe.used_bytes()
+    first, second = Spool(folder, 10 * one), Spool(folder, 10 * one)
+    ids = itertools.count()
+
+    def put(spool: Spool, count: int) -> int:
+        accepted = [spool.put(f"d-{next(ids):05d}", 0, "ping", "application/json", b"z" * 100) for _ in range(count)]
+        return accepted.count(True)
+
+    assert put(first, 6) == 6
+    # Until its next scan the second worker knows only its own puts.
+    assert put(second, 6) == 6
+    assert first.used_bytes() == 12 * one <= 10 * one + 6 * one
+    # The next tick of each worker's drainer (a scan) shows the folder full to both.
+    assert first.refresh() == second.refresh() == 12
+    assert put(first, 1) == put(second, 1) == 0
+    # The drain makes room, and the next scan lets puts in again.
+    assert first.drain(lambda item: None) == 12
+    second.refresh()
+    assert put(second, 10) == 10 and put(second, 1) == 0
+
+
+def test_the_drainer_tick_refreshes_the_estimate_while_the_database_is_down(tmp_path):
+    folder = tmp_path / "spool"
+    worker, other = Spool(folder, 1 << 20), Spool(folder, 1 << 20)
+    assert other.put("by-the-other-worker", 0, "ping", "application/json", b"{}")
+    assert worker.estimate() == 0
+
+    def down(item: Spooled) -> None:
+        raise DatabaseUnavailable("08006")
+
+    drainer = Drainer(worker, down, interval=0.05)
+    drainer.start()
+    try:
+        wait_for(lambda: worker.estimate() == other.used_bytes(), what="the tick to count the other worker's file")
+    finally:
+        drainer.stop()
+    assert worker.depth() == 1
+
+
+def test_files_named_before_sizes_were_still_count_and_drain_in_arrival_order(tmp_path):
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    legacy = spooled_file(folder, 1, b'{"old": true}', sized=False)
+    spool = Spool(folder, 1 << 20)
+    assert spool.estimate() == legacy.stat().st_size
+    assert spool.put("new", 0, "ping", "application/json", b'{"new": true}')
+    (new,) = [p for p in folder.glob("*" + SUFFIX) if p != legacy]
+    assert int(new.name.removesuffix(SUFFIX).rsplit("-", 1)[1]) == new.stat().st_size
+    assert spool.used_bytes() == legacy.stat().st_size + new.stat().st_size
+    drained: list[bytes] = []
+    assert spool.drain(lambda item: drained.append(item.body)) == 2
+    assert drained == [b'{"old": true}', b'{"new": true}']
 
 
 # --- while the database is down ---------------------------------------------------------
