@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import context
 
 from flowlens_ingest.config import normalize_database_url
-from flowlens_ingest.schema import metadata
+from flowlens_ingest.store.schema import metadata
 
 config = context.config
 if config.config_file_name is not None:

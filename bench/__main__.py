@@ -41,9 +41,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from flowlens_ingest import migrate
 from flowlens_ingest.config import normalize_database_url
-from flowlens_ingest.schema import metadata
+from flowlens_ingest.store import migrate
+from flowlens_ingest.store.schema import metadata
 
 from . import dblimit, pgbench
 from .payloads import MIXES, Generator, Shape, bodies, default_payload_dir, load_templates, write_requests

@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import sqlalchemy as sa
 
-    from flowlens_ingest.app import create_app, services
     from flowlens_ingest.config import Settings
-    from flowlens_ingest.signature import sign
+    from flowlens_ingest.events.signature import sign
+    from flowlens_ingest.web.app import create_app, services
 
     from .__main__ import scratch_database
     from .payloads import MIXES, Generator, Shape, bodies, default_payload_dir, load_templates

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from flowlens_ingest.signature import sign
+from flowlens_ingest.events.signature import sign
 
 # Weighted like a busy organisation's traffic: every push fans out into many
 # check runs and workflow jobs, then PR updates, suites, runs, statuses, reviews.

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flowlens_ingest import batch, delivery
+from flowlens_ingest.events import delivery
+from flowlens_ingest.store import wire
 
 
 def _lines(function: Callable[..., Any], *needles: str) -> str:
@@ -35,13 +36,13 @@ RULES: list[tuple[str, re.Pattern[str]]] = [
     for label, pattern in [
         (
             "psycopg2 execute (send, server work, receive)",
-            rf"CountingCursor\.execute|wait_until_deadline|run_batch \(flowlens_ingest/batch\.py:({_lines(batch.run_batch, '.execute(')})\)",
+            rf"CountingCursor\.execute|wait_until_deadline|run_batch \(flowlens_ingest/batch\.py:({_lines(wire.run_batch, '.execute(')})\)",
         ),
         (
             "quote parameters into the EXECUTEs (mogrify; incl. the journal body)",
             (
                 r"\(flowlens_ingest/literals\.py|run_batch\.<locals>\.<listcomp>"
-                rf"|run_batch \(flowlens_ingest/batch\.py:({_lines(batch.run_batch, 'mogrify')})\)"
+                rf"|run_batch \(flowlens_ingest/batch\.py:({_lines(wire.run_batch, 'mogrify')})\)"
             ),
         ),
         (

@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flowlens_ingest.spool import SUFFIX, Spool, Spooled
+from flowlens_ingest.spool.folder import SUFFIX, Spool, Spooled
 
 from .payloads import MIXES, Generator, Shape, bodies, default_payload_dir, load_templates
 
@@ -109,9 +109,9 @@ def spool_side(root: Path, depth: int) -> dict[str, Any]:
 
 def against_database(admin_url: str, root: Path, count: int) -> dict[str, Any]:
     """Spool `count` real deliveries, then drain them into a scratch database with the service's handler."""
-    from flowlens_ingest.app import create_app, services
-    from flowlens_ingest.background import spool_handler
     from flowlens_ingest.config import Settings
+    from flowlens_ingest.spool.drainer import spool_handler
+    from flowlens_ingest.web.app import create_app, services
 
     from .__main__ import scratch_database
 

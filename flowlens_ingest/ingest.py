@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from .database import Database, DatabaseUnavailable, OnRetry
-from .delivery import Delivery
-from .mappers import map_delivery
-from .plan import FAILURE, Plan
-from .schema import webhook_deliveries
-from .values import Outcome
+from flowlens_ingest.events.delivery import Delivery
+from flowlens_ingest.events.enums import Outcome
+from flowlens_ingest.events.mappers import map_delivery
+from flowlens_ingest.store.database import Database, DatabaseUnavailable, OnRetry
+from flowlens_ingest.store.plan import FAILURE, Plan
+from flowlens_ingest.store.schema import webhook_deliveries
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-from .config import Settings
+from flowlens_ingest.config import Settings
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # Only events we know become label values: a signed sender could invent any name.
-from .mappers import KNOWN_EVENTS
+from flowlens_ingest.events.mappers import KNOWN_EVENTS
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

@@ -21,11 +21,11 @@ import sqlalchemy as sa
 from hypothesis import settings
 from sqlalchemy.engine import Engine
 
-from flowlens_ingest import migrate
-from flowlens_ingest.app import create_app, services
 from flowlens_ingest.config import Settings, normalize_database_url
-from flowlens_ingest.database import make_engine
-from flowlens_ingest.schema import metadata
+from flowlens_ingest.store import migrate
+from flowlens_ingest.store.database import make_engine
+from flowlens_ingest.store.schema import metadata
+from flowlens_ingest.web.app import create_app, services
 
 from .databases import create_scratch_database, drop_database
 from .helpers import DEV_MIN_EXAMPLES, HYPOTHESIS_PROFILE, github_headers, make_settings
@@ -46,7 +46,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if configured:
         yield normalize_database_url(configured)
         return
-    from flowlens_ingest import embedded
+    from flowlens_ingest.cli import embedded
 
     server, url = embedded.start(tmp_path_factory.mktemp("embedded"))
     yield url

@@ -13,8 +13,8 @@ import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy.engine import make_url
 
-from flowlens_ingest import migrate
-from flowlens_ingest.app import create_app, services
+from flowlens_ingest.store import migrate
+from flowlens_ingest.web.app import create_app, services
 
 from .helpers import free_port, make_settings
 
@@ -66,7 +66,7 @@ class ThrowawayPostgres:
     """A PostgreSQL server of our own on a TCP port of 127.0.0.1, to stop and start at will."""
 
     def __init__(self) -> None:
-        from flowlens_ingest import embedded
+        from flowlens_ingest.cli import embedded
 
         self.root = Path(tempfile.mkdtemp(prefix="flowlens-throwaway-pg-"))
         self.pgdata = self.root / "pgdata"

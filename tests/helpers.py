@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from flowlens_ingest.config import Settings
-from flowlens_ingest.database import Database
-from flowlens_ingest.signature import sign
+from flowlens_ingest.events.signature import sign
+from flowlens_ingest.store.database import Database
 
 PAYLOADS = Path(__file__).parent / "payloads"
 # At least 16 bytes each (config.MIN_SECRET_BYTES); one is not ASCII, as GitHub allows.

@@ -28,9 +28,9 @@ from typing import Any, Protocol, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from flowlens_ingest.delivery import Delivery
+from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.ingest import ingest
-from flowlens_ingest.schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories
+from flowlens_ingest.store.schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories
 
 from .helpers import database_of, load_payload
 

@@ -7,13 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
-from flowlens_ingest import admin
-from flowlens_ingest.batch import compiled, values
-from flowlens_ingest.cli import main
+from flowlens_ingest.cli import admin
+from flowlens_ingest.cli.main import main
 from flowlens_ingest.config import Settings, normalize_database_url
-from flowlens_ingest.database import Database
-from flowlens_ingest.journal import JOURNAL_BUCKETS
-from flowlens_ingest.schema import pipeline_runs, webhook_deliveries
+from flowlens_ingest.store.database import Database
+from flowlens_ingest.store.journal import JOURNAL_BUCKETS
+from flowlens_ingest.store.schema import pipeline_runs, webhook_deliveries
+from flowlens_ingest.store.wire import compiled, values
 
 from .helpers import database_of, rows
 

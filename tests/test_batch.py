@@ -17,12 +17,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
-from flowlens_ingest import derived, migrate
-from flowlens_ingest.batch import compiled, prepared_form
 from flowlens_ingest.config import Settings, normalize_database_url
-from flowlens_ingest.database import make_engine
-from flowlens_ingest.literals import Bytea
-from flowlens_ingest.schema import pipeline_runs, webhook_deliveries
+from flowlens_ingest.store import derived, migrate
+from flowlens_ingest.store.bytea import Bytea
+from flowlens_ingest.store.database import make_engine
+from flowlens_ingest.store.schema import pipeline_runs, webhook_deliveries
+from flowlens_ingest.store.wire import compiled, prepared_form
 
 from .databases import create_scratch_database, drop_database
 from .helpers import rows

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowlens_ingest import signature
-from flowlens_ingest.body import CHUNK_BYTES, MEMORY_BYTES, read_signed
-from flowlens_ingest.signature import StreamingVerifier
+from flowlens_ingest.events import signature
+from flowlens_ingest.events.signature import StreamingVerifier
+from flowlens_ingest.web.signed_body import CHUNK_BYTES, MEMORY_BYTES, read_signed
 
 from .helpers import examples
 

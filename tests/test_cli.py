@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from flowlens_ingest import __version__, migrate
-from flowlens_ingest.schema import pull_requests, webhook_deliveries
+from flowlens_ingest import __version__
+from flowlens_ingest.store import migrate
+from flowlens_ingest.store.schema import pull_requests, webhook_deliveries
 
 from .databases import create_scratch_database, drop_database
 from .helpers import PAYLOADS, SECRET, free_port, load_payload, rows, wait_for

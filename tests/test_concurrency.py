@@ -14,9 +14,16 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from flowlens_ingest.mappers import map_delivery
-from flowlens_ingest.plan import Plan
-from flowlens_ingest.schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories, webhook_deliveries
+from flowlens_ingest.events.mappers import map_delivery
+from flowlens_ingest.store.plan import Plan
+from flowlens_ingest.store.schema import (
+    ci_checks,
+    pipeline_runs,
+    pr_reviews,
+    pull_requests,
+    repositories,
+    webhook_deliveries,
+)
 
 from .helpers import rows, wait_for
 from .serving import Service, metric

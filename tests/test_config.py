@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flowlens_ingest.app import create_app
 from flowlens_ingest.config import MIB, MIN_SECRET_BYTES, ConfigError, Settings, writable_directory
+from flowlens_ingest.web.app import create_app
 
 from .helpers import PREVIOUS_SECRET, SECRET, free_port, make_settings
 
@@ -115,10 +115,10 @@ def test_gunicorn_as_the_procfile_runs_it_refuses_to_start_with_one_clear_line(e
     result = run(
         str(gunicorn),
         "-c",
-        "python:flowlens_ingest.gunicorn_conf",
+        "python:flowlens_ingest.web.gunicorn_conf",
         "--bind",
         f"127.0.0.1:{free_port()}",
-        "flowlens_ingest.wsgi:app",
+        "flowlens_ingest.web.wsgi:app",
         cwd=tmp_path,
         **env,
     )
@@ -308,7 +308,7 @@ BAD_FOLDERS = {
     "spool-dir": ("FLOWLENS_SPOOL_DIR", "/dev/null/spool"),
     "metrics-dir": ("PROMETHEUS_MULTIPROC_DIR", "/dev/null/metrics"),
 }
-GUNICORN = [str(Path(sys.executable).parent / "gunicorn"), "-c", "python:flowlens_ingest.gunicorn_conf"]
+GUNICORN = [str(Path(sys.executable).parent / "gunicorn"), "-c", "python:flowlens_ingest.web.gunicorn_conf"]
 
 
 def entry_point(name: str) -> list[str]:
@@ -319,7 +319,7 @@ def entry_point(name: str) -> list[str]:
         "db upgrade": [*cli, "db", "upgrade"],
         "enrich": [*cli, "enrich", "--once"],
         "deliveries": [*cli, "deliveries"],
-        "gunicorn": [*GUNICORN, "--bind", f"127.0.0.1:{free_port()}", "flowlens_ingest.wsgi:app"],
+        "gunicorn": [*GUNICORN, "--bind", f"127.0.0.1:{free_port()}", "flowlens_ingest.web.wsgi:app"],
     }
     return commands[name]
 

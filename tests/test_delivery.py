@@ -9,8 +9,8 @@ from urllib.parse import urlencode
 
 import pytest
 
-from flowlens_ingest.delivery import Delivery
-from flowlens_ingest.parse import BadPayload, UnsupportedMediaType
+from flowlens_ingest.events.delivery import Delivery
+from flowlens_ingest.events.parse import BadPayload, UnsupportedMediaType
 
 from .helpers import PAYLOADS
 

@@ -12,7 +12,7 @@ import psutil
 import psycopg2
 import pytest
 
-from flowlens_ingest import embedded
+from flowlens_ingest.cli import embedded
 from flowlens_ingest.config import ConfigError
 
 from .helpers import wait_for
@@ -65,7 +65,7 @@ def keepers(data_dir: Path) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if "flowlens_ingest.embedded" in cmdline and str(data_dir.resolve()) in cmdline:
+        if "flowlens_ingest.cli.embedded" in cmdline and str(data_dir.resolve()) in cmdline:
             found.append(process)
     return found
 

@@ -19,14 +19,14 @@ import sqlalchemy as sa
 from prometheus_client import REGISTRY
 from sqlalchemy.engine import Engine
 
-from flowlens_ingest import jobs
 from flowlens_ingest.config import Settings
-from flowlens_ingest.enrich import Enricher
-from flowlens_ingest.files import MAX_FILES
-from flowlens_ingest.github import GitHubClient
+from flowlens_ingest.events.enums import FilesStatus
+from flowlens_ingest.github import jobs
+from flowlens_ingest.github.client import GitHubClient
+from flowlens_ingest.github.enrich import Enricher
+from flowlens_ingest.github.files import MAX_FILES
 from flowlens_ingest.metrics import instruments
-from flowlens_ingest.schema import files_jobs, pull_requests
-from flowlens_ingest.values import FilesStatus
+from flowlens_ingest.store.schema import files_jobs, pull_requests
 
 from .fake_github import FakeGitHub, endless_body, huge_body, make_files, serve_fake_github, trickle_body
 from .helpers import database_of, rows, wait_for
@@ -494,7 +494,7 @@ class Records(logging.Handler):
 @pytest.fixture
 def enrich_log() -> Iterator[Records]:
     """The files worker's log records, INFO and above, while the test runs."""
-    logger, handler = logging.getLogger("flowlens_ingest.enrich"), Records()
+    logger, handler = logging.getLogger("flowlens_ingest.github.enrich"), Records()
     level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from flowlens_ingest.files import KEPT_FIELDS, MAX_FILES, FileList, shape
-from flowlens_ingest.values import FilesStatus
+from flowlens_ingest.events.enums import FilesStatus
+from flowlens_ingest.github.files import KEPT_FIELDS, MAX_FILES, FileList, shape
 
 from .fake_github import make_files
 

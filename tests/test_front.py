@@ -19,8 +19,8 @@ from typing import BinaryIO
 import pytest
 import requests
 
-from flowlens_ingest.front import nginx_conf, nginx_size
-from flowlens_ingest.schema import webhook_deliveries
+from flowlens_ingest.cli.nginx import nginx_conf, nginx_size
+from flowlens_ingest.store.schema import webhook_deliveries
 
 from .helpers import free_port, github_headers, load_payload, rows
 from .nginx import NGINX, Nginx, check, nginx_conf_output

@@ -22,9 +22,9 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowlens_ingest.mappers import MAPPERS, Changes, MappingError, map_delivery
-from flowlens_ingest.parse import BadPayload, UnsupportedMediaType, json_text, loads
-from flowlens_ingest.schema import (
+from flowlens_ingest.events.mappers import MAPPERS, Changes, MappingError, map_delivery
+from flowlens_ingest.events.parse import BadPayload, UnsupportedMediaType, json_text, loads
+from flowlens_ingest.store.schema import (
     ci_checks,
     pipeline_runs,
     pr_reviews,
@@ -176,7 +176,7 @@ def test_mappers_map_or_raise_mapping_error_on_any_shape(delivery):
 @pytest.fixture(scope="module")
 def fuzz_client(engine, database_url, tmp_path_factory):
     """One app for the whole module: hypothesis runs many examples per test function."""
-    from flowlens_ingest.app import create_app, services
+    from flowlens_ingest.web.app import create_app, services
 
     app = create_app(make_settings(database_url, tmp_path_factory.mktemp("fuzz")))
     yield app.test_client()

@@ -16,8 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flowlens_ingest.files import MAX_FILES, FilesStatus, shape
-from flowlens_ingest.github import (
+from flowlens_ingest.github.client import (
     Forbidden,
     GitHubClient,
     GitHubError,
@@ -27,6 +26,7 @@ from flowlens_ingest.github import (
     Transient,
     Unauthorized,
 )
+from flowlens_ingest.github.files import MAX_FILES, FilesStatus, shape
 
 from .fake_github import (
     FakeGitHub,

@@ -19,7 +19,7 @@ SERVICE = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres", "GIT
 def load(cwd: Path, prelude: str = "", **env: str) -> subprocess.CompletedProcess:
     """Import gunicorn_conf in a new interpreter; print the settings a test looks at, as JSON."""
     code = prelude + (
-        "import json, os, sys; import flowlens_ingest.gunicorn_conf as c;"
+        "import json, os, sys; import flowlens_ingest.web.gunicorn_conf as c;"
         "print(json.dumps({'workers': c.workers, 'threads': c.threads, 'bind': c.bind,"
         " 'graceful_timeout': c.graceful_timeout, 'timeout': c.timeout,"
         " 'pool': c.settings.pool_size, 'metrics_dir': os.environ['PROMETHEUS_MULTIPROC_DIR'],"
@@ -111,7 +111,7 @@ def test_a_bad_number_is_one_line_and_exit_2_not_a_traceback(tmp_path, name, val
 ACCESS_PROBE = """
 import json, sys
 from gunicorn.config import Config
-import flowlens_ingest.gunicorn_conf as c
+import flowlens_ingest.web.gunicorn_conf as c
 cfg = Config()
 for name in ("logconfig_dict", "accesslog", "errorlog", "loglevel"):
     if hasattr(c, name):

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from flowlens_ingest.schema import pull_requests, webhook_deliveries
+from flowlens_ingest.store.schema import pull_requests, webhook_deliveries
 
 from .helpers import load_payload, rows, wait_for
 from .proxy import FreezingProxy

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from flowlens_ingest.app import create_app, services
 from flowlens_ingest.config import Settings
-from flowlens_ingest.database import MAX_ATTEMPTS, Database, make_engine
-from flowlens_ingest.delivery import Delivery
+from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.ingest import ingest
-from flowlens_ingest.plan import decode_body
-from flowlens_ingest.schema import metadata, pipeline_runs, pull_requests, repositories, webhook_deliveries
+from flowlens_ingest.store.database import MAX_ATTEMPTS, Database, make_engine
+from flowlens_ingest.store.plan import decode_body
+from flowlens_ingest.store.schema import metadata, pipeline_runs, pull_requests, repositories, webhook_deliveries
+from flowlens_ingest.web.app import create_app, services
 
 from .helpers import PAYLOADS, github_headers, load_payload, make_settings, rows
 

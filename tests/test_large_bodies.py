@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from flowlens_ingest.schema import webhook_deliveries
+from flowlens_ingest.store.schema import webhook_deliveries
 
 from .helpers import github_headers, load_payload, rows
 from .serving import Service, metric, running, workers

@@ -24,7 +24,7 @@ MARKER = "payload-text-that-must-never-reach-a-log"
 
 def record(msg: str = "delivery", **extra: object) -> logging.LogRecord:
     """A log record as webhook.py makes one."""
-    entry = logging.LogRecord("flowlens_ingest.webhook", logging.INFO, __file__, 1, msg, None, None)
+    entry = logging.LogRecord("flowlens_ingest.web.webhook", logging.INFO, __file__, 1, msg, None, None)
     entry.__dict__.update(extra)
     return entry
 
@@ -33,7 +33,7 @@ def test_json_lines_carry_the_extras_as_fields():
     line = logs.JsonFormatter().format(record(delivery="abc", event="ping", outcome="ignored", duration_ms=1.5))
     entry = json.loads(line)
     assert "\n" not in line
-    assert entry["msg"] == "delivery" and entry["level"] == "info" and entry["logger"] == "flowlens_ingest.webhook"
+    assert entry["msg"] == "delivery" and entry["level"] == "info" and entry["logger"] == "flowlens_ingest.web.webhook"
     assert (entry["delivery"], entry["event"], entry["outcome"], entry["duration_ms"]) == (
         "abc",
         "ping",
@@ -61,10 +61,10 @@ def test_text_lines_read_as_key_value_pairs():
 
 
 def test_text_log_format_is_readable():
-    record = logging.LogRecord("flowlens_ingest.webhook", logging.INFO, __file__, 1, "delivery", None, None)
+    record = logging.LogRecord("flowlens_ingest.web.webhook", logging.INFO, __file__, 1, "delivery", None, None)
     record.delivery, record.outcome = "abc-123", "applied"
     line = logs.TextFormatter().format(record)
-    assert "INFO" in line and "flowlens_ingest.webhook: delivery" in line
+    assert "INFO" in line and "flowlens_ingest.web.webhook: delivery" in line
     assert "delivery=abc-123" in line and "outcome=applied" in line
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flowlens_ingest.mappers import (
+from flowlens_ingest.events.mappers import (
     Changes,
     CheckRow,
     MappingError,

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowlens_ingest import metrics as metrics_module
-from flowlens_ingest.spool import SUFFIX
+from flowlens_ingest.spool.folder import SUFFIX
 
 from .helpers import free_port, github_headers, load_payload, wait_for
 from .serving import ProcfileService, Service, log_entries, metric, running, sample, workers

@@ -8,9 +8,9 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from flowlens_ingest import migrate
-from flowlens_ingest.schema import metadata
-from flowlens_ingest.values import JOURNALED_OUTCOMES, BuildStatus, CheckSource
+from flowlens_ingest.events.enums import JOURNALED_OUTCOMES, BuildStatus, CheckSource
+from flowlens_ingest.store import migrate
+from flowlens_ingest.store.schema import metadata
 
 from .databases import create_scratch_database, drop_database
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import requests
 
-from flowlens_ingest import migrate
-from flowlens_ingest.app import create_app
+from flowlens_ingest.store import migrate
+from flowlens_ingest.web.app import create_app
 
 from .databases import ThrowawayPostgres, app_on_scratch_database, create_scratch_database, drop_database
 from .helpers import make_settings, wait_for

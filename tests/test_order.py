@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
-from flowlens_ingest import admin
+from flowlens_ingest.cli import admin
 from flowlens_ingest.ingest import ingest
-from flowlens_ingest.schema import (
+from flowlens_ingest.store.schema import (
     ci_checks,
     files_jobs,
     metadata,

@@ -19,8 +19,8 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from flowlens_ingest import migrate
-from flowlens_ingest.schema import pipeline_runs, pull_requests, webhook_deliveries
+from flowlens_ingest.store import migrate
+from flowlens_ingest.store.schema import pipeline_runs, pull_requests, webhook_deliveries
 
 from .databases import ThrowawayPostgres
 from .helpers import load_payload, rows, wait_for

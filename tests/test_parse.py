@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flowlens_ingest import parse as parse_module
-from flowlens_ingest.parse import MAX_DEPTH, BadPayload, UnsupportedMediaType, json_text, loads
+from flowlens_ingest.events import parse as parse_module
+from flowlens_ingest.events.parse import MAX_DEPTH, BadPayload, UnsupportedMediaType, json_text, loads
 
 
 def parse(content_type: str | None, body: bytes) -> dict:

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from flowlens_ingest import admin
-from flowlens_ingest.schema import metadata, pipeline_runs, pull_requests, webhook_deliveries
+from flowlens_ingest.cli import admin
+from flowlens_ingest.store.schema import metadata, pipeline_runs, pull_requests, webhook_deliveries
 
 from .helpers import PAYLOADS, SECRET, database_of, load_payload, rows
 

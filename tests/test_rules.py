@@ -11,8 +11,8 @@ import itertools
 
 import pytest
 
-from flowlens_ingest.rules import approval_status, build_status, merge_status, pr_status
-from flowlens_ingest.values import ApprovalStatus, BuildStatus, MergeStatus, PrState, PrStatus, ReviewState
+from flowlens_ingest.events.enums import ApprovalStatus, BuildStatus, MergeStatus, PrState, PrStatus, ReviewState
+from flowlens_ingest.events.rules import approval_status, build_status, merge_status, pr_status
 
 # status_pr: `opened` after opened/reopened, `updated` after any later change of the PR.
 PR_STATUS = [

@@ -27,9 +27,10 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from flowlens_ingest import embedded, migrate
-from flowlens_ingest.schema import pipeline_runs, pull_requests, webhook_deliveries
-from flowlens_ingest.signature import sign
+from flowlens_ingest.cli import embedded
+from flowlens_ingest.events.signature import sign
+from flowlens_ingest.store import migrate
+from flowlens_ingest.store.schema import pipeline_runs, pull_requests, webhook_deliveries
 
 from .databases import create_scratch_database, drop_database
 from .helpers import PREVIOUS_SECRET, SECRET, free_port, github_headers, load_payload, rows, wait_for

@@ -1,6 +1,6 @@
 import pytest
 
-from flowlens_ingest.signature import SignatureError, sign, verify
+from flowlens_ingest.events.signature import SignatureError, sign, verify
 
 # https://docs.github.com/en/webhooks/using-webhooks/validating-webhook-deliveries#testing-the-webhook-payload-validation
 GITHUB_VECTOR = {

@@ -24,11 +24,11 @@ import sqlalchemy as sa
 from flask import Flask
 from prometheus_client import REGISTRY
 
-from flowlens_ingest import background
-from flowlens_ingest.app import create_app, services
-from flowlens_ingest.database import DatabaseUnavailable
-from flowlens_ingest.schema import pull_requests, repositories, webhook_deliveries
-from flowlens_ingest.spool import PARTIAL_AT_START_S, SUFFIX, UNUSABLE_SUFFIX, Drainer, Spool, Spooled
+from flowlens_ingest.spool import drainer as spool_drainer
+from flowlens_ingest.spool.folder import PARTIAL_AT_START_S, SUFFIX, UNUSABLE_SUFFIX, Drainer, Spool, Spooled
+from flowlens_ingest.store.database import DatabaseUnavailable
+from flowlens_ingest.store.schema import pull_requests, repositories, webhook_deliveries
+from flowlens_ingest.web.app import create_app, services
 
 from .databases import app_on_scratch_database
 from .helpers import free_port, github_headers, load_payload, make_settings, rows, wait_for
@@ -66,7 +66,7 @@ def drain(apps) -> Iterator[Callable[[Flask], None]]:
     drainers = []
 
     def start(app: Flask) -> None:
-        drainer = background.start(app, interval=0.05)
+        drainer = spool_drainer.start(app, interval=0.05)
         assert drainer is not None
         drainers.append(drainer)
 
@@ -412,7 +412,7 @@ def test_the_drain_stops_rather_than_set_aside_when_the_journal_is_missing(apps,
         conn.execute(sa.text("ALTER TABLE webhook_deliveries RENAME TO webhook_deliveries_away"))
     try:
         up = apps(down=False)
-        handle = background.spool_handler(up)
+        handle = spool_drainer.spool_handler(up)
         (path,) = services(up).spool.directory.glob("*" + SUFFIX)
         # An unmigrated (or moved) journal is the database's fault: the delivery stays spooled.
         with pytest.raises(DatabaseUnavailable):

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from flowlens_ingest.schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories
+from flowlens_ingest.store.schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories
 
 from .helpers import load_payload, rows
 from .stories import (

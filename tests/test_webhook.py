@@ -7,9 +7,9 @@ from urllib.parse import urlencode
 
 import pytest
 
-from flowlens_ingest.app import create_app
-from flowlens_ingest.schema import pull_requests, repositories, webhook_deliveries
-from flowlens_ingest.signature import sign
+from flowlens_ingest.events.signature import sign
+from flowlens_ingest.store.schema import pull_requests, repositories, webhook_deliveries
+from flowlens_ingest.web.app import create_app
 
 from .helpers import PREVIOUS_SECRET, SECRET, github_headers, load_payload, make_settings, rows
 from .serving import sample

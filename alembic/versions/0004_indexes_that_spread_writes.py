@@ -8,14 +8,13 @@ YugabyteDB shards an index by a hash of its first column, so an index leading wi
 `processed` or `outcome` puts every write on one tablet. The poller's indexes become
 partial indexes on the unprocessed rows, led by `updated_at`; the journal's time
 index is led by a small bucket (a hash of the delivery id), read bucket by bucket in
-time order. Every index is built online (flowlens_ingest.online) and every step can
+time order. Every index is built online (the helpers below) and every step can
 be run again after a partial failure. Existing journal rows keep bucket 0: reads
 cover every bucket, so no backfill of a live table is needed.
 """
 
-from alembic import op
-
-from flowlens_ingest.online import create_index, drop_index
+import sqlalchemy as sa
+from alembic import context, op
 
 revision = "0004"
 down_revision = "0003"
@@ -23,6 +22,55 @@ branch_labels = None
 depends_on = None
 
 POLLED = ("pull_requests", "pipeline_runs", "insights")
+
+# Indexes on live tables. YugabyteDB's DDL is not transactional (a migration that fails
+# half-way leaves what it did), and `CREATE INDEX` inside a transaction block is built
+# without online backfill. So an index on a live table is created outside the
+# migration's transaction, `CONCURRENTLY` (PostgreSQL; YSQL's default is online anyway),
+# with `IF NOT EXISTS`; an INVALID index left by an interrupted concurrent build is
+# dropped and built again. PostgreSQL 11 syntax. Defined here, not imported: a migration
+# must do tomorrow what it did the day it was written (copy them into a new migration).
+
+
+def is_yugabyte() -> bool:
+    """The migration runs against YugabyteDB's YSQL (False when rendering SQL offline)."""
+    if context.is_offline_mode():
+        return False
+    version = op.get_bind().execute(sa.text("SELECT version()")).scalar()
+    return "-YB-" in str(version)
+
+
+def _invalid(name: str) -> bool:
+    if context.is_offline_mode():
+        return False
+    found = op.get_bind().execute(
+        sa.text(
+            "SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " WHERE c.relname = :name AND pg_table_is_visible(c.oid)"
+        ),
+        {"name": name},
+    )
+    return bool(found.scalar())
+
+
+def create_index(name: str, table: str, columns: str, *, yugabyte_columns: str | None = None, where: str = "") -> None:
+    """CREATE INDEX CONCURRENTLY IF NOT EXISTS, outside the migration transaction, re-runnable.
+
+    `yugabyte_columns` is the column list for YSQL when it differs (e.g. `bucket HASH,
+    received_at ASC`: PostgreSQL has no HASH column option).
+    """
+    with op.get_context().autocommit_block():
+        if _invalid(name):
+            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+        listed = yugabyte_columns if yugabyte_columns and is_yugabyte() else columns
+        condition = f" WHERE {where}" if where else ""
+        op.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} ({listed}){condition}")
+
+
+def drop_index(name: str) -> None:
+    """DROP INDEX CONCURRENTLY IF EXISTS, outside the migration transaction."""
+    with op.get_context().autocommit_block():
+        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
 
 
 def upgrade() -> None:

@@ -1,0 +1,346 @@
+"""What each `flowlens-ingest` command does (cli.py is its command line): migrate, send, inspect, replay."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flowlens_ingest.config import ConfigError, Settings, child_environment
+
+if TYPE_CHECKING:
+    from flowlens_ingest.github.client import GitHubClient
+    from flowlens_ingest.store.database import Database
+
+GUNICORN_CONF = "python:flowlens_ingest.web.gunicorn_conf"
+DEFAULT_URL = "http://127.0.0.1:8000/webhook"
+# Outcomes after which GitHub would consider the delivery done; `send` exits 1 on any other.
+SETTLED = frozenset({"applied", "ignored", "duplicate", "stale"})
+
+
+def fail(message: str) -> int:
+    """Say `message` on stderr as the command's one-line error; the exit code for it."""
+    print(f"flowlens-ingest: {message}", file=sys.stderr)
+    return 2
+
+
+class NoDatabase(Exception):
+    """An operator command found no usable database (none, unreachable, or not migrated)."""
+
+
+def load_settings() -> Settings:
+    """The environment's settings (ConfigError, one line and exit 2, for a value out of range)."""
+    return Settings.from_env()
+
+
+def github_client(settings: Settings) -> GitHubClient:
+    """The files worker's GitHub client; ConfigError naming the variable when the App's key is unusable."""
+    from flowlens_ingest.github.enrich import client_for
+
+    try:
+        return client_for(settings)
+    except ValueError as exc:  # the key: Settings has checked everything else the client takes
+        raise ConfigError(f"GITHUB_APP_PRIVATE_KEY (or _FILE): {exc}") from None
+
+
+# --- operator commands ----------------------------------------------------------------------
+
+
+def _require_embedded(settings: Settings) -> None:
+    if not (settings.data_dir / "pgdata").is_dir():
+        raise NoDatabase(
+            f"no database: DATABASE_URL is not set and FLOWLENS_DATA_DIR ({settings.data_dir}) holds no"
+            " embedded database (set FLOWLENS_DATA_DIR to the folder `serve` used)"
+        )
+
+
+def _database(settings: Settings) -> tuple[Database, object | None]:
+    """The database of an operator command: DATABASE_URL, or the embedded database `serve` made.
+
+    Never a new embedded database, and never a migration: run from the wrong folder,
+    a new database would list an empty journal as if nothing had been received, and
+    migrating is `db upgrade`'s job, not a side effect of reading.
+    """
+    import sqlalchemy as sa
+
+    from flowlens_ingest.store import migrate
+    from flowlens_ingest.store.database import Database
+
+    server = None
+    url = settings.database_url
+    if not url:
+        _require_embedded(settings)
+        from flowlens_ingest.cli import embedded
+
+        server, url = embedded.start(settings.data_dir, create=False)
+    database = Database(settings, url, application_name="flowlens-ingest-admin")
+    try:
+        with database.bounded():
+            problem = migrate.pending(database.engine)
+    except sa.exc.SQLAlchemyError:
+        raise NoDatabase("database unavailable") from None
+    if problem:
+        raise NoDatabase(problem)
+    return database, server
+
+
+def enrich(once: bool, status: bool) -> int:
+    """The files worker: fetch queued PR file lists from GitHub until stopped (or, with --once, until idle)."""
+    import threading
+
+    from flowlens_ingest import logs
+    from flowlens_ingest.github import jobs
+    from flowlens_ingest.github.enrich import Enricher
+    from flowlens_ingest.metrics import instruments
+
+    settings = load_settings()
+    if not status and not settings.github_credentials:
+        return fail("no GitHub credential: set GITHUB_TOKEN, or GITHUB_APP_ID and GITHUB_APP_PRIVATE_KEY")
+    database, _server = _database(settings)
+    if status:
+        queue = jobs.status(database)
+        for label, count in sorted(queue.counts.items()):
+            print(f"{label:<10} {count}")
+        if queue.oldest_pending_s is not None:
+            print(f"oldest pending job: {queue.oldest_pending_s:.0f} s")
+        for row in jobs.recent_errors(database):
+            print(f"{row.full_name}#{row.pr_number} {row.head_sha[:12]} {row.state}/{row.result}: {row.last_error}")
+        return 0
+    logs.configure(settings)
+    enricher = Enricher(settings, database, github_client(settings), instruments())
+    if once:
+        while enricher.run_once():
+            pass
+        return 0
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
+    enricher.run(stop)
+    return 0
+
+
+def db_upgrade(revision: str) -> int:
+    """alembic upgrade on DATABASE_URL, or on the embedded database."""
+    import sqlalchemy as sa
+    from alembic.util import CommandError
+
+    from flowlens_ingest.store import migrate
+
+    settings = load_settings()
+    url = settings.database_url
+    server = None
+    where = "DATABASE_URL"
+    if not url:
+        from flowlens_ingest.cli import embedded
+
+        # Run from the wrong folder, this must not make a new database: `serve` makes it.
+        _require_embedded(settings)
+        server, url = embedded.start(settings.data_dir)
+        where = f"the embedded database in {settings.data_dir / 'pgdata'}"
+    try:
+        command = migrate.release(url, revision)
+    except CommandError as exc:
+        return fail(f"cannot upgrade to {revision!r}: {exc}")
+    except sa.exc.OperationalError:
+        return fail(f"database unavailable ({where}); nothing migrated")
+    if server is not None:
+        server.close()
+    print(f"flowlens-ingest: {where} at {revision}")
+    if command is not None:
+        print(
+            "flowlens-ingest: this role may not keep its failing statements' text (payload values) out of"
+            f" the server log; have an administrator run:\n  {command}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _libpq(url: str) -> tuple[str, dict[str, str]]:
+    """A SQLAlchemy URL as a libpq one for psql, its password moved to PGPASSWORD (not in `ps`)."""
+    import sqlalchemy as sa
+
+    parsed = sa.engine.make_url(url)
+    env = {"PGPASSWORD": parsed.password} if parsed.password else {}
+    plain = parsed.set(drivername="postgresql", password=None)
+    return plain.render_as_string(hide_password=False), env
+
+
+def db_shell(arguments: Sequence[str]) -> int:
+    """psql on DATABASE_URL, or on the embedded database with the psql bundled with it."""
+    import shutil
+
+    settings = load_settings()
+    server = None
+    if settings.database_url:
+        url = settings.database_url
+        psql = shutil.which("psql")
+        if psql is None:
+            try:
+                from flowlens_ingest.cli import embedded
+
+                psql = str(embedded.psql_path())
+            except ConfigError:
+                return fail("psql not found: install PostgreSQL's client (e.g. apt install postgresql-client)")
+    else:
+        _require_embedded(settings)
+        from flowlens_ingest.cli import embedded
+
+        server, url = embedded.start(settings.data_dir, create=False)
+        psql = str(embedded.psql_path())
+    dsn, extra = _libpq(url)
+    # Ctrl-C belongs to psql (it cancels the query), not to us.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = subprocess.call([psql, dsn, *arguments], env=child_environment(**extra))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if server is not None:
+        server.close()
+    return code
+
+
+def _default_url(settings: Settings) -> str:
+    """Where `send` posts: the URL the data directory's running `serve` wrote, else port 8000."""
+    try:
+        written = (settings.data_dir / "url").read_text().strip()
+    except OSError:
+        return DEFAULT_URL
+    return written or DEFAULT_URL
+
+
+def send(file: str, event: str, url: str | None, delivery: str | None) -> int:
+    """Sign a payload file with the service's secret and POST it like GitHub; 0 on a 2xx that settled it."""
+    import urllib.error
+    import urllib.request
+
+    from flowlens_ingest.events.signature import sign
+
+    settings = load_settings()
+    secret = settings.secrets[0] if settings.secrets else None
+    if secret is None:
+        path = settings.data_dir / "webhook-secret"
+        if not path.exists():
+            return fail(
+                f"GITHUB_WEBHOOK_SECRET is not set and FLOWLENS_DATA_DIR ({settings.data_dir}) holds no"
+                " webhook-secret: set one, or FLOWLENS_DATA_DIR to the folder `serve` used"
+            )
+        secret = path.read_text().strip().encode()
+    url = url or settings.send_url or _default_url(settings)
+    if not url.startswith(("http://", "https://")):
+        return fail(f"--url must be an http:// or https:// URL, got {url!r}")
+    try:
+        body = Path(file).read_bytes()
+    except OSError as exc:
+        return fail(f"cannot read {file}: {exc.strerror}")
+    request = urllib.request.Request(  # noqa: S310 (the scheme is checked above)
+        url,
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "User-Agent": "GitHub-Hookshot/flowlens-send",
+            "X-GitHub-Event": event,
+            "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
+            "X-Hub-Signature-256": sign(body, secret),
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=15) as response:  # noqa: S310
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode()
+    except urllib.error.URLError as exc:
+        return fail(f"cannot reach {url}: {exc.reason}")
+    except OSError as exc:  # a timeout or a reset connection while reading the answer
+        return fail(f"no answer from {url}: {exc}")
+    print(f"{status} {text.strip()}")
+    try:
+        outcome = json.loads(text).get("outcome")
+    except (ValueError, AttributeError):
+        outcome = None
+    # A 202 `failed` or `spooled` is accepted, not applied: a script must not take it for done.
+    return 0 if 200 <= status < 300 and outcome in SETTLED else 1
+
+
+def deliveries(failed: bool, limit: int) -> int:
+    """List the journal, newest first."""
+    import sqlalchemy as sa
+
+    from flowlens_ingest.cli.admin import list_deliveries
+
+    database, _server = _database(load_settings())
+    try:
+        rows = list_deliveries(database, failed_only=failed, limit=limit)
+    except sa.exc.OperationalError:
+        return fail("database unavailable")
+    for row in rows:
+        # UTC, ISO 8601 with its zone: the form `replay --since` takes.
+        line = f"{row.received_at.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ} {row.delivery_id} {row.event}"
+        line += f"/{row.action}" if row.action else ""
+        line += f" {row.outcome} attempts={row.attempts}"
+        line += f" error={row.error}" if row.error else ""
+        print(line)
+    print(f"({len(rows)} deliveries)", file=sys.stderr)
+    return 0
+
+
+def replay(failed: bool, since: datetime | None) -> int:
+    """Re-apply journaled deliveries."""
+    import sqlalchemy as sa
+
+    from flowlens_ingest.cli.admin import replay as replay_journal
+    from flowlens_ingest.store.database import DatabaseUnavailable
+
+    database, _server = _database(load_settings())
+    try:
+        report = replay_journal(database, failed_only=failed, since=since)
+    except (DatabaseUnavailable, sa.exc.OperationalError):
+        # Every delivery replayed so far is committed, and replaying again is idempotent.
+        return fail("database unavailable; run the replay again once it is back")
+    print(json.dumps(vars(report)))
+    return 0 if report.failed == 0 else 1
+
+
+def prune(older_than: timedelta, include_failed: bool) -> int:
+    """Delete old journal entries, showing progress on stderr."""
+    import sqlalchemy as sa
+
+    from flowlens_ingest.cli.admin import prune as prune_journal
+    from flowlens_ingest.store.database import TIMEOUT_SQLSTATES, DatabaseUnavailable
+
+    settings = load_settings()
+    database, _server = _database(settings)
+    interactive = sys.stderr.isatty()
+
+    def progress(removed: int) -> None:
+        # On a terminal one line rewritten in place; in a log, a line per batch.
+        line = f"flowlens-ingest: pruned {removed} so far"
+        if interactive:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    try:
+        removed = prune_journal(database, older_than, include_failed=include_failed, progress=progress)
+    except DatabaseUnavailable as exc:
+        # The reason is the SQLSTATE: a batch that outlived the statement (or lock) timeout
+        # is not an outage, and the operator's fix for it is not to wait for the database.
+        if str(exc) in TIMEOUT_SQLSTATES:
+            return fail(
+                f"the database's statement timeout ({settings.statement_timeout_ms} ms) cut a prune batch;"
+                " what is pruned so far stays pruned; retry, or raise FLOWLENS_STATEMENT_TIMEOUT_MS"
+            )
+        return fail("database unavailable; what is pruned so far stays pruned, run it again")
+    except sa.exc.OperationalError:
+        return fail("database unavailable; what is pruned so far stays pruned, run it again")
+    finally:
+        if interactive:
+            print(file=sys.stderr)
+    print(f"flowlens-ingest: pruned {removed} journal entries")
+    return 0

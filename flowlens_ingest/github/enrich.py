@@ -1,0 +1,204 @@
+"""The files worker: fetch each queued PR head's file list from GitHub and write it back.
+
+One job at a time per worker: claim (short transaction) -> GitHub (no transaction
+open) -> settle or reschedule (short transaction). Rate limits reschedule the job
+to GitHub's reset time and pause this worker's claims until then; the thread only
+ever waits in short polls, so a stop request is honoured at once. Whatever goes
+wrong while a job is worked (a bug, the database failing after the fetch), the job
+goes back to the queue with backoff: it never waits out its lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from flowlens_ingest.config import Settings
+from flowlens_ingest.events.enums import FilesStatus
+from flowlens_ingest.github import files, jobs
+from flowlens_ingest.github.client import Forbidden, GitHubClient, GitHubError, NotFound, RateLimited
+from flowlens_ingest.ingest import describe
+from flowlens_ingest.metrics import Metrics
+from flowlens_ingest.store.database import Database, DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+# Retries of a failing fetch: base * 2^(attempt-1), jittered, capped.
+MAX_BACKOFF_S = 900.0
+# How often the queue gauges are refreshed.
+GAUGE_INTERVAL_S = 10.0
+# The outcome of a job another worker took over meanwhile: this worker's result was not kept.
+LEASE_LOST = "lease_lost"
+
+
+def client_for(settings: Settings) -> GitHubClient:
+    """The GitHub client the settings describe (App, token, or both)."""
+    return GitHubClient(
+        api_url=settings.github_api_url,
+        token=settings.github_token,
+        app_id=settings.github_app_id,
+        private_key=settings.github_app_private_key,
+    )
+
+
+class Enricher:
+    """Works the files queue with one GitHub client."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        client: GitHubClient,
+        metrics: Metrics,
+        *,
+        retry_base_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.database = database
+        self.client = client
+        self.metrics = metrics
+        self.retry_base_s = retry_base_s
+        self._clock = clock
+        # No claims before this time (epoch seconds): GitHub's limit is the client's, not one job's.
+        self.paused_until = 0.0
+        self._gauges_at = 0.0
+
+    def run_once(self) -> bool:
+        """Claim and work one due job; False when none is due (or claims are paused)."""
+        if self._clock() < self.paused_until:
+            return False
+        job = jobs.claim(self.database, timedelta(seconds=self.settings.enrich_lease_s))
+        if job is None:
+            return False
+        self.work(job)
+        return True
+
+    def work(self, job: jobs.Job) -> None:
+        """Fetch one job's list and settle or reschedule it; on any error, reschedule it. Logs one line."""
+        started = time.perf_counter()
+        error: Exception | None = None
+        try:
+            outcome, detail = self._fetch_and_settle(job)
+        except Exception as exc:  # a bug, an overflow, the database failing after the fetch
+            error = exc
+            outcome, detail = self._after_error(job, exc)
+        self.metrics.files_jobs.labels(outcome).inc()
+        limit = self.client.rate_limit
+        if limit.remaining is not None:
+            self.metrics.github_rate_remaining.set(limit.remaining)
+        reset = self.client.reserve_exhausted(self.settings.enrich_rate_reserve)
+        if reset is not None:
+            self.paused_until = max(self.paused_until, reset)
+        extra = {
+            "repository": job.full_name,
+            "pr": job.pr_number,
+            "head": job.head_sha[:12],
+            "attempt": job.attempts,
+            "outcome": outcome,
+            "detail": detail,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        if error is None:
+            log.info("files job", extra=extra)
+        else:
+            # One line, no traceback: an exception's text may carry payload (a failing row),
+            # `describe` keeps its type and primary message, `where` the line that raised.
+            log.warning("files job error", extra={**extra, "error": describe(error), "where": _where(error)})
+
+    def _fetch_and_settle(self, job: jobs.Job) -> tuple[str, str]:
+        """Fetch the job's list, then settle or reschedule it; its outcome and a detail."""
+        # A 304 is only as good as the stored list it vouches for.
+        etag = job.etag if job.etag_sha is not None and job.etag_sha == job.stored_sha else None
+        try:
+            page = self.client.list_files(job.full_name, job.pr_number, installation_id=job.installation_id, etag=etag)
+        except RateLimited as exc:
+            self.metrics.github_requests.labels(str(exc.status or "rate_limited")).inc()
+            self.paused_until = max(self.paused_until, exc.retry_at)
+            at = datetime.fromtimestamp(exc.retry_at, tz=UTC)
+            released = jobs.reschedule(self.database, job, at, f"rate limited ({exc.reason})", refund=True)
+            return ("rescheduled" if released else LEASE_LOST), f"rate_limit_{exc.reason}"
+        except (NotFound, Forbidden) as exc:
+            status = FilesStatus.NOT_FOUND if isinstance(exc, NotFound) else FilesStatus.FORBIDDEN
+            self.metrics.github_requests.labels(str(exc.status or exc.reason)).inc()
+            return _settled(jobs.settle(self.database, job, status, error=str(exc)), status), exc.reason or ""
+        except GitHubError as exc:
+            self.metrics.github_requests.labels(str(exc.status or exc.reason)).inc()
+            return self._retry(job, str(exc)), exc.reason or ""
+        self.metrics.github_requests.labels("304" if page.not_modified else "200").inc(page.requests)
+        if page.not_modified:
+            status = FilesStatus(job.result or FilesStatus.FETCHED)
+            settled = jobs.settle(self.database, job, status, not_modified=True, etag=page.etag)
+            return _settled(settled, status), "not_modified"
+        shaped = files.shape(page.entries, expected=job.changed_files, truncated=page.truncated)
+        settled = jobs.settle(self.database, job, shaped.status, files=shaped.files, etag=page.etag)
+        return _settled(settled, shaped.status), f"{len(shaped.files)} files"
+
+    def _retry(self, job: jobs.Job, error: str) -> str:
+        """Retry with backoff, or settle as failed once the attempts are spent."""
+        if job.attempts >= self.settings.enrich_max_attempts:
+            return _settled(jobs.settle(self.database, job, FilesStatus.FAILED, error=error), FilesStatus.FAILED)
+        delay = min(MAX_BACKOFF_S, self.retry_base_s * 2 ** (job.attempts - 1))
+        # Jitter: jobs that failed together do not all come back together.
+        at = datetime.fromtimestamp(self._clock() + random.uniform(delay / 2, delay), tz=UTC)
+        return "retry" if jobs.reschedule(self.database, job, at, error) else LEASE_LOST
+
+    def _after_error(self, job: jobs.Job, exc: Exception) -> tuple[str, str]:
+        """Put the job back after an unexpected error: retried with backoff like a failed fetch."""
+        try:
+            return self._retry(job, describe(exc)), "error"
+        except Exception:  # the database is unreachable too
+            # Nothing more to do here: the lease runs out and the job is claimed again.
+            return "error", "lease_expires"
+
+    def refresh_gauges(self) -> None:
+        """Queue depth and the oldest pending job's age, for /metrics."""
+        queue = jobs.status(self.database)
+        self.metrics.files_pending.set(queue.counts.get("pending", 0) + queue.counts.get("leased", 0))
+        self.metrics.files_oldest_pending.set(queue.oldest_pending_s or 0)
+
+    def run(self, stop: threading.Event) -> None:
+        """Work the queue until `stop` is set; between jobs, wait at most one poll interval."""
+        log.info(
+            "files worker started",
+            extra={"credential": self.client.describe(), "api": self.settings.github_api_url},
+        )
+        unavailable = False
+        while not stop.is_set():
+            try:
+                if time.monotonic() - self._gauges_at >= GAUGE_INTERVAL_S:
+                    self._gauges_at = time.monotonic()
+                    self.refresh_gauges()
+                worked = self.run_once()
+                unavailable = False
+            except DatabaseUnavailable as exc:
+                # Once per outage, not once per poll.
+                if not unavailable:
+                    log.warning("files worker waiting for the database", extra={"reason": str(exc)})
+                unavailable, worked = True, False
+            except Exception:  # an unmigrated database, a bug: keep the worker alive, say it once
+                if not unavailable:
+                    log.exception("files worker error; retrying")
+                unavailable, worked = True, False
+            if not worked:
+                stop.wait(self.settings.enrich_poll_s)
+        log.info("files worker stopped")
+
+
+def _settled(settled: bool, status: FilesStatus) -> str:
+    """The outcome of a settle: its status, or LEASE_LOST when it was refused (another worker holds the job now)."""
+    return status.value if settled else LEASE_LOST
+
+
+def _where(exc: BaseException) -> str:
+    """Where an exception was raised, as `file:line` (no values, unlike its message)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "unknown"
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}"

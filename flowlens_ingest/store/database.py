@@ -1,0 +1,382 @@
+"""The one owner of database transactions: a per-process engine, the batch, the retry loop.
+
+Callers hand `Database` statements (a delivery's batch, one Core statement, a
+query) and get results back; none of them ever holds a connection or a
+transaction. No Flask here: the app, the CLI and the workers share this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import select
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.extensions
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from flowlens_ingest.config import Settings
+from flowlens_ingest.store.wire import CountingConnection, Statement, lost_prepared_statement, run_batch
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# SQLSTATEs after which the whole transaction is safe to run again: YugabyteDB
+# raises them far more often than PostgreSQL (conflicts, leader moves, restarts).
+# https://docs.yugabyte.com/preview/architecture/transactions/concurrency-control/
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+# The server is gone, restarting, or too slow to answer inside the statement timeout.
+UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57014", "55P03", "08000", "08003", "08006"})
+# statement_timeout and lock_timeout: one such wait already spent the answer's time budget.
+TIMEOUT_SQLSTATES = frozenset({"57014", "55P03"})
+# Conflicts (40001/40P01) are retried until this many attempts or this much time, with
+# full-jitter exponential backoff: under a burst for one repository (every delivery
+# writes its repository row) contention calls for more patience than a blip does,
+# while the answer still leaves well inside GitHub's 10 s (a statement timeout is 5 s).
+MAX_ATTEMPTS = 12
+RETRY_BUDGET_S = 4.0
+BASE_DELAY_S = 0.005
+MAX_DELAY_S = 0.5
+
+# Past the server's own statement timeout, how long a client waits for its answer before
+# giving the connection up: the server should have answered (even if only to say it
+# cancelled the statement) by then, unless it or the network hangs.
+DEADLINE_MARGIN_S = 1.0
+# Once the database let a deadline pass, every call of the next SUSPECT_FOR_S seconds gets
+# at most SUSPECT_DEADLINE_S: while a server hangs, requests queued behind the first
+# ones are spooled in a moment instead of each waiting out a full deadline. An answer
+# in time ends the suspicion.
+SUSPECT_FOR_S = 10.0
+SUSPECT_DEADLINE_S = 0.5
+# A pooled connection is waited for at most this long (a request holds one at a time,
+# and the pool has one per thread: a wait means connections stuck on a hung server).
+POOL_TIMEOUT_S = 3.0
+
+OnRetry = Callable[[str], None]
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached, was too slow, or kept conflicting."""
+
+
+# --- a client-side deadline on every wait for the database ---------------------------------------
+
+# The time.monotonic() by which this thread's database work must end; None: no limit.
+_DEADLINE: ContextVar[float | None] = ContextVar("flowlens_database_deadline", default=None)
+
+
+class DeadlinePassed(psycopg2.OperationalError):
+    """The database did not answer before the deadline; psycopg2 closes the connection."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[float]:
+    """Every database wait of this thread inside the block ends within `seconds` (or an outer deadline)."""
+    at = time.monotonic() + seconds
+    outer = _DEADLINE.get()
+    token = _DEADLINE.set(at if outer is None else min(at, outer))
+    try:
+        yield at if outer is None else min(at, outer)
+    finally:
+        _DEADLINE.reset(token)
+
+
+def remaining() -> float | None:
+    """Seconds left before this thread's database deadline; None when it has none."""
+    at = _DEADLINE.get()
+    return None if at is None else at - time.monotonic()
+
+
+def wait_until_deadline(conn: Any) -> None:
+    """psycopg2's wait callback: wait on the socket for the server, up to the thread's deadline.
+
+    Installed process-wide (psycopg2.extensions.set_wait_callback), so every
+    connect and query of the process waits here instead of blocking inside libpq.
+    Past the deadline it raises DeadlinePassed, and psycopg2 closes the connection:
+    a connection whose server went silent (a partition, a hung node, a proxy that
+    holds every byte) is never used again. Without a deadline it waits as long as
+    libpq would.
+    """
+    poller = select.poll()
+    fd = conn.fileno()
+    while True:
+        state = conn.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        if state == psycopg2.extensions.POLL_READ:
+            events = select.POLLIN
+        elif state == psycopg2.extensions.POLL_WRITE:
+            events = select.POLLOUT
+        else:
+            raise psycopg2.OperationalError(f"unexpected poll state {state}")
+        left = remaining()
+        if left is not None and left <= 0:
+            raise DeadlinePassed("the database did not answer before the deadline")
+        poller.register(fd, events)
+        poller.poll(None if left is None else max(1, int(left * 1000)))
+        poller.unregister(fd)
+
+
+def install_deadlines() -> None:
+    """Make every psycopg2 wait of this process go through wait_until_deadline (idempotent)."""
+    if psycopg2.extensions.get_wait_callback() is not wait_until_deadline:
+        psycopg2.extensions.set_wait_callback(wait_until_deadline)
+
+
+def make_engine(settings: Settings, url: str | None = None, *, application_name: str = "flowlens-ingest") -> Engine:
+    """An engine tuned for short webhook transactions; create it after a fork, never at import.
+
+    `application_name` tells the service's sessions from others in pg_stat_activity.
+    """
+    url = url or settings.database_url
+    if not url:
+        raise ValueError("no database URL")
+    install_deadlines()
+    engine = sa.create_engine(
+        url,
+        pool_size=settings.pool_size,
+        max_overflow=0,
+        pool_timeout=POOL_TIMEOUT_S,
+        # A dropped connection is caught by the transaction retry loop below, which
+        # invalidates the pool; a pre-ping would cost every delivery a round trip.
+        pool_pre_ping=False,
+        pool_recycle=300,
+        # Deliveries rely on READ COMMITTED plus a repository row lock (see statements.py);
+        # on YugabyteDB without read committed this is snapshot isolation, where the
+        # same lock turns a conflict into a 40001 that the retry loop absorbs.
+        isolation_level=settings.isolation_level,
+        connect_args={
+            "connect_timeout": 3,
+            # A connection whose peer vanished is noticed by the kernel too: unacknowledged
+            # data for tcp_user_timeout, or an idle pooled one without keepalive answers.
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 10000,
+            "application_name": application_name,
+            "connection_factory": CountingConnection,
+            "options": (
+                f"-c statement_timeout={settings.statement_timeout_ms}"
+                f" -c lock_timeout={settings.statement_timeout_ms}"
+                " -c idle_in_transaction_session_timeout=30000"
+            ),
+        },
+    )
+    if settings.prepared_statements:
+
+        @sa.event.listens_for(engine, "connect")
+        def _prepare_on_this_session(dbapi_connection: Any, _record: Any) -> None:
+            if isinstance(dbapi_connection, CountingConnection):
+                dbapi_connection.prepared = set()
+
+    sa.event.listen(engine, "connect", compress_with_lz4)
+    return engine
+
+
+def compress_with_lz4(dbapi_connection: Any, _record: Any = None) -> None:
+    """Have this session TOAST-compress what it writes with lz4 where the server can (PostgreSQL 14+).
+
+    Every delivery writes a ~12 KB journal body, which PostgreSQL compresses before
+    storing it; its default, pglz, spent ~0.13 ms of server CPU per delivery on
+    that alone, lz4 a small fraction of it, for the same size on disk. The setting
+    only changes how this session's new values are compressed: every reader
+    decompresses either kind transparently. One round trip per new connection, none
+    per delivery. Skipped on servers before 14 and on YugabyteDB (no TOAST there:
+    DocDB compresses its files itself); a server built without lz4 keeps pglz.
+    """
+    version = dbapi_connection.get_parameter_status("server_version") or ""
+    server = (dbapi_connection.info.host, dbapi_connection.info.port, version)
+    if dbapi_connection.server_version < 140000 or "YB" in version or server in _WITHOUT_LZ4:
+        return
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        with dbapi_connection.cursor() as cursor:
+            # Asked, not tried: a refused SET would be an error in the server's log.
+            cursor.execute(
+                "SELECT set_config('default_toast_compression', 'lz4', false) FROM pg_settings"
+                " WHERE name = 'default_toast_compression' AND 'lz4' = ANY(enumvals)"
+            )
+            if cursor.fetchone() is None:
+                # Said once per process and server, and not asked again on its next connections.
+                _WITHOUT_LZ4.add(server)
+                log.info("this PostgreSQL was built without lz4: its TOAST compression stays pglz")
+    finally:
+        dbapi_connection.autocommit = autocommit
+
+
+_WITHOUT_LZ4: set[tuple[str, int, str]] = set()
+
+
+def is_retryable(exc: DBAPIError) -> bool:
+    """A serialization failure, a deadlock, or a connection that went away."""
+    code = getattr(exc.orig, "pgcode", None)
+    return code in RETRYABLE_SQLSTATES or bool(exc.connection_invalidated)
+
+
+def is_unreachable(exc: DBAPIError) -> bool:
+    """The server did not answer in time or at all: worth spooling, not worth a 5xx."""
+    code = getattr(exc.orig, "pgcode", None)
+    if code in UNAVAILABLE_SQLSTATES:
+        return True
+    return isinstance(exc, sa.exc.OperationalError) and code is None
+
+
+class Database:
+    """The database of this process: its engine (rebuilt after a fork) and its transactions."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        url: str | None = None,
+        *,
+        application_name: str = "flowlens-ingest",
+        engine: Engine | None = None,
+    ) -> None:
+        """`engine`: use this process's existing engine (tools, tests) instead of making one."""
+        self.settings = settings
+        self.url = url or settings.database_url
+        self.application_name = application_name
+        self._engine = engine
+        self._pid = os.getpid() if engine is not None else 0
+        self._lock = threading.Lock()
+        # Each call's deadline, unless the caller set a shorter one (a request's answer time).
+        self.budget_s = settings.statement_timeout_ms / 1000 + DEADLINE_MARGIN_S
+        # Until when (time.monotonic()) calls get SUSPECT_DEADLINE_S: the server missed a deadline.
+        self._suspect_until = 0.0
+
+    def _budget(self) -> float:
+        """This call's deadline: the full budget, or a short one while the server is suspected of hanging."""
+        if time.monotonic() < self._suspect_until:
+            return min(self.budget_s, SUSPECT_DEADLINE_S)
+        return self.budget_s
+
+    @property
+    def engine(self) -> Engine:
+        """The engine of this process, created on first use after any fork."""
+        pid = os.getpid()
+        if self._engine is None or self._pid != pid:
+            with self._lock:
+                if self._engine is None or self._pid != pid:
+                    if self._engine is not None:
+                        # Pooled connections belong to the parent: drop them without closing.
+                        self._engine.dispose(close=False)
+                    self._engine = make_engine(self.settings, self.url, application_name=self.application_name)
+                    self._pid = pid
+        return self._engine
+
+    def dispose(self) -> None:
+        """Close this process's pooled connections."""
+        if self._engine is not None and self._pid == os.getpid():
+            self._engine.dispose()
+        self._engine = None
+
+    def bounded(self) -> contextlib.AbstractContextManager[float]:
+        """A block whose database waits (through `engine`, e.g. alembic's) end within this Database's budget."""
+        return deadline(self._budget())
+
+    # --- what callers hand in -------------------------------------------------------------
+
+    def run(self, statements: Sequence[Statement], *, on_retry: OnRetry | None = None) -> tuple[Any, ...] | None:
+        """Run a batch as one transaction; return the last statement's first row, or None.
+
+        Two round trips: the transaction commits when that row exists and rolls back
+        when it does not (a duplicate delivery, a job whose lease was lost; see
+        batch.run_batch). Retried as a whole on transient failures.
+        """
+        return self._retrying(lambda: self._batch(list(statements)), on_retry)
+
+    def execute(self, statement: sa.Executable, *, on_retry: OnRetry | None = None) -> int:
+        """Run one Core statement in a transaction of its own; return its row count."""
+        return self._retrying(lambda: self._in_transaction(lambda c: c.execute(statement).rowcount), on_retry)
+
+    def read(self, query: sa.Executable) -> list[sa.Row[Any]]:
+        """The rows of a query, read in a transaction of its own (not retried, but within the deadline)."""
+        with deadline(self._budget()):
+            return self._in_transaction(lambda c: list(c.execute(query)))
+
+    def first(self, query: sa.Executable, *, on_retry: OnRetry | None = None) -> sa.Row[Any] | None:
+        """The first row of a statement (a query, or DML with RETURNING), committed, retried."""
+        return self._retrying(lambda: self._in_transaction(lambda c: c.execute(query).first()), on_retry)
+
+    # --- how -----------------------------------------------------------------------------------
+
+    def _in_transaction(self, work: Callable[[Connection], T]) -> T:
+        with self.engine.begin() as conn:
+            return work(conn)
+
+    def _batch(self, statements: list[Statement]) -> tuple[Any, ...] | None:
+        # Checked out through a Connection, not raw_connection(): a failure to connect
+        # then arrives wrapped as an OperationalError, which the retry loop knows.
+        with self.engine.connect() as conn:
+            dbapi = conn.connection.dbapi_connection
+            try:
+                return run_batch(dbapi, statements, self.settings.isolation_level)
+            except psycopg2.Error as exc:
+                disconnected = dbapi is None or dbapi.closed != 0 or conn.dialect.is_disconnect(exc, dbapi, None)  # type: ignore[arg-type]
+                if disconnected:
+                    conn.invalidate()
+                    # The server went away: its other pooled connections are dead too. Drop
+                    # them now rather than spend the next deliveries' attempts finding out.
+                    self.engine.dispose()
+                elif getattr(dbapi, "prepared", None) is not None and lost_prepared_statement(exc):
+                    # Retried on a new session, which prepares afresh.
+                    conn.invalidate()
+                    disconnected = True
+                raise DBAPIError.instance(None, None, exc, psycopg2.Error, connection_invalidated=disconnected) from exc
+
+    def _retrying(self, attempt_once: Callable[[], T], on_retry: OnRetry | None) -> T:
+        """Run `attempt_once`, again on transient failures, with full-jitter backoff.
+
+        Raises DatabaseUnavailable when the database is down, too slow, or still
+        conflicting after the last attempt, or when the deadline (this Database's
+        budget, or a shorter one the caller set) leaves no time for another attempt;
+        other database errors propagate.
+        """
+        with deadline(self._budget()) as ends:
+            return self._attempts(attempt_once, on_retry, min(ends, time.monotonic() + RETRY_BUDGET_S))
+
+    def _attempts(self, attempt_once: Callable[[], T], on_retry: OnRetry | None, retry_until: float) -> T:
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                result = attempt_once()
+            except sa.exc.TimeoutError as exc:
+                # Every pooled connection stayed busy for pool_timeout: treat as unavailable.
+                raise DatabaseUnavailable("pool_timeout") from exc
+            except DBAPIError as exc:
+                unreachable = is_unreachable(exc)
+                if not (unreachable or is_retryable(exc)):
+                    raise
+                reason = getattr(exc.orig, "pgcode", None) or "disconnect"
+                # A server that refuses connections gets one more try, not six, and a
+                # timeout none: the answer has to reach GitHub well inside its 10 s.
+                # Full jitter keeps colliding workers from retrying in lockstep.
+                delay = random.uniform(0, min(MAX_DELAY_S, BASE_DELAY_S * 2**attempt))
+                if isinstance(exc.orig, DeadlinePassed):
+                    # The connection is gone and so is the time: no second try.
+                    self._suspect_until = time.monotonic() + SUSPECT_FOR_S
+                    raise DatabaseUnavailable("deadline") from exc
+                if (
+                    attempt == MAX_ATTEMPTS
+                    or time.monotonic() + delay > retry_until
+                    or (unreachable and (attempt >= 2 or reason in TIMEOUT_SQLSTATES))
+                ):
+                    raise DatabaseUnavailable(reason) from exc
+                if on_retry is not None:
+                    on_retry(reason)
+                time.sleep(delay)
+            else:
+                self._suspect_until = 0.0
+                return result
+        raise AssertionError("unreachable")

@@ -1,0 +1,71 @@
+"""The Flask app factory, and typed access to what it wires (settings, database, metrics, spool)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from flask import Flask, Response, current_app, jsonify
+from werkzeug.exceptions import HTTPException
+
+from flowlens_ingest import logs, metrics
+from flowlens_ingest.config import Settings
+from flowlens_ingest.metrics import Metrics
+from flowlens_ingest.spool.folder import Spool
+from flowlens_ingest.store.database import Database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Services:
+    """What one app holds for its requests and background threads."""
+
+    settings: Settings
+    database: Database
+    metrics: Metrics
+    spool: Spool | None
+
+
+def services(app: Flask | None = None) -> Services:
+    """The services of `app`, or of the current app."""
+    found: Services = (app or current_app).extensions["flowlens"]
+    return found
+
+
+def create_app(config: Settings | None = None) -> Flask:
+    """Build the app: settings from the environment unless given, one blueprint per concern."""
+    settings = config if config is not None else Settings.from_env()
+    settings.check_service()
+    logs.configure(settings)
+
+    app = Flask(__name__)
+    # Werkzeug refuses a larger body with 413 from its Content-Length, before reading it.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    spool = (
+        Spool(settings.spool_dir, settings.spool_max_bytes) if settings.spool_dir and settings.spool_enabled else None
+    )
+    app.extensions["flowlens"] = Services(settings, Database(settings), metrics.instruments(), spool)
+
+    from flowlens_ingest.web import probes, webhook
+
+    app.register_blueprint(webhook.bp)
+    app.register_blueprint(probes.bp)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        response = jsonify({"error": exc.description or exc.name})
+        response.status_code = exc.code or 500
+        # Keep the exception's own headers (405's Allow, a Retry-After), not its HTML type.
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Response, int]:
+        # Never a stack trace in an answer; the log has it.
+        log.exception("unexpected error")
+        return jsonify({"error": "internal error"}), 500
+
+    return app

@@ -1,0 +1,182 @@
+"""gunicorn settings shared by `flowlens-ingest serve` and the Procfile.
+
+`gunicorn -c python:flowlens_ingest.web.gunicorn_conf flowlens_ingest.web.wsgi:app`.
+Everything comes from config.Settings (the README's Configuration); GUNICORN_CMD_ARGS
+overrides anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import IO, Any
+
+from gunicorn import glogging
+
+from flowlens_ingest.config import ConfigError, Settings
+
+
+def _checked_settings() -> Settings:
+    """The settings, or one line on stderr and exit 2: gunicorn's master imports this before any worker exists.
+
+    gunicorn turns an exception raised here into a traceback (or "Error:" and exit 1); a
+    SystemExit passes through it untouched, so nothing binds, forks or logs after the line.
+    """
+    try:
+        settings = Settings.from_env()
+        settings.check_service()
+        settings.check_folders(settings.bind)
+    except ConfigError as exc:
+        print(f"flowlens-ingest: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return settings
+
+
+settings = _checked_settings()
+bind = settings.bind
+
+# Metrics from every worker are summed through files in this folder. prometheus_client
+# reads the variable once, when first imported: set it here, in the master, before any
+# worker (which inherits it) creates a metric. flowlens_ingest imports it lazily for this.
+# One folder per instance (its port): on_starting empties it, and two instances sharing
+# one would wipe and sum each other's counters.
+_metrics_dir = settings.metrics_folder(bind)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
+_multiprocess: Any = None
+_metrics_lock: IO[bytes] | None = None
+if "prometheus_client.values" in sys.modules:
+    # Too late: workers would inherit per-process values and /metrics would show
+    # one worker's share. Refuse to start rather than serve wrong numbers.
+    raise RuntimeError("prometheus_client was imported before gunicorn_conf set PROMETHEUS_MULTIPROC_DIR")
+
+workers = settings.workers
+# Threads overlap the database round trips of one worker.
+worker_class = "gthread"
+threads = settings.threads
+# GitHub gives up after 10 s: a worker silent for that long is stuck, not busy
+# (a delivery ends within its statement timeout, at most 7 s: config.STATEMENT_TIMEOUT_MS).
+timeout = 10
+# On SIGTERM a worker stops accepting and finishes what it holds; the longest
+# delivery is one statement timeout plus a few retries, well inside this.
+graceful_timeout = settings.graceful_timeout_s
+# Idle keep-alive connections (nginx's, in production) are closed after 5 s; nginx-conf
+# makes nginx drop its own idle ones after 4 s, so it never reuses one being closed here.
+keepalive = 5
+# No preload: each worker imports the app and builds its engine and pool after the fork.
+preload_app = False
+# The heartbeat file is touched every second per worker: keep it off disk where possible.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108 (gunicorn's advice)
+# No worker recycling (max_requests): every recycled worker leaves its metric files
+# behind to be read on each scrape, and the workers hold no growing state.
+accesslog = None
+errorlog = "-"
+
+
+class Logger(glogging.Logger):  # type: ignore[misc]
+    """gunicorn's logger, minus the access line's cost while no access log is kept.
+
+    With a logging configuration (the JSON one below), gunicorn builds every request's
+    access-log atoms (a dict of its headers, times, sizes) before handing them to the
+    `gunicorn.access` logger, which is off (CRITICAL): ~4 % of a worker's CPU spent
+    on a line nobody writes. Asked first here; an access log turned on (its level, or
+    `--access-logfile` through GUNICORN_CMD_ARGS) is written as before.
+    """
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        """Write the access line, if anything would keep it."""
+        if self.access_log.isEnabledFor(logging.INFO) and (
+            self.cfg.accesslog or self.access_log.handlers or self.access_log.propagate
+        ):
+            super().access(resp, req, environ, request_time)
+
+
+logger_class = Logger
+loglevel = settings.log_level.lower()
+if settings.log_format == "json":
+    # gunicorn's own lines (boot, signals, worker exits) as JSON on stderr too, like the
+    # service's. gunicorn merges this over its defaults key by key. No access log: the
+    # service writes one line per delivery itself.
+    logconfig_dict = {
+        "root": {"level": "WARNING", "handlers": ["error_console"]},
+        "loggers": {
+            "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False},
+            "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
+        },
+        "formatters": {"generic": {"()": "flowlens_ingest.logs.JsonFormatter"}},
+    }
+
+
+def on_starting(server: Any) -> None:
+    """Start every run with an empty metrics folder and no half-written spool files (settings are checked above)."""
+    if settings.spool_dir is not None and settings.spool_enabled:
+        from flowlens_ingest.spool.folder import PARTIAL_AT_START_S, Spool
+
+        # Half-written spool files of a process that crashed (never promised to anyone).
+        Spool(settings.spool_dir, settings.spool_max_bytes).remove_partial_files(PARTIAL_AT_START_S)
+    _claim_metrics_dir()
+    # A previous run's metric files would be summed with this one's.
+    # Only prometheus_client's files: the folder may be one an operator chose.
+    for path in _metrics_dir.glob("*.db"):
+        path.unlink(missing_ok=True)
+    problem = _schema_problem(settings.database_url)
+    if problem:
+        server.log.warning("flowlens-ingest: %s", problem)
+    # Imported now, in the master, not first in child_exit: that runs in a SIGCHLD
+    # handler, and a second worker exiting mid-import re-entered the half-imported
+    # package (ImportError, master exiting 1 at shutdown).
+    global _multiprocess
+    from prometheus_client import multiprocess as _multiprocess
+
+
+def _claim_metrics_dir() -> None:
+    """Hold a lock on the metrics folder for this instance's life; refuse to start if another holds it."""
+    import fcntl
+
+    global _metrics_lock
+    lock = open(_metrics_dir / ".lock", "ab")  # noqa: SIM115 (held open, by the master and its workers, until exit)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise RuntimeError(
+            f"flowlens-ingest: another instance is running with the metrics folder {_metrics_dir}"
+            " (PROMETHEUS_MULTIPROC_DIR): stop it, or give this one another port or folder"
+        ) from None
+    _metrics_lock = lock
+
+
+def _schema_problem(url: str | None) -> str | None:
+    """Say once, at start, that the database needs migrating (workers would fail every delivery)."""
+    import sqlalchemy as sa
+
+    from flowlens_ingest.store import migrate
+
+    if not url:
+        return None
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 3})
+    try:
+        return migrate.pending(engine)
+    except sa.exc.SQLAlchemyError:
+        return None  # unreachable now: /readyz says so, and the spool holds deliveries
+    finally:
+        engine.dispose()
+
+
+def post_worker_init(worker: Any) -> None:
+    """Start the worker's spool drainer once its app exists."""
+    from flowlens_ingest.spool.drainer import start
+
+    worker.flowlens_drainer = start(worker.wsgi)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Let the drainer finish the spooled delivery it is applying before the worker goes."""
+    drainer = getattr(worker, "flowlens_drainer", None)
+    if drainer is not None:
+        drainer.stop()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Drop a dead worker's live gauge samples (its counters still count)."""
+    _multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,46 @@
+"""Unsigned operational routes: liveness, readiness, metrics."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from flowlens_ingest import metrics
+from flowlens_ingest.store import migrate
+from flowlens_ingest.web.app import services
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """The process is alive and serving."""
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """Ready when the database answers and its schema is at this release's head or newer.
+
+    Newer happens in a rolling deploy: the release step has migrated for the next
+    release while this VM still runs the previous one. Migrations are additive, so
+    the old code keeps working and is not reported as broken.
+    """
+    try:
+        database = services().database
+        with database.bounded():
+            current, head = migrate.revisions(database.engine)
+    except Exception:  # any failure to reach or read the database means "not ready"
+        return jsonify({"status": "unavailable", "database": "unreachable"}), 503
+    if current == head:
+        return jsonify({"status": "ready", "revision": current}), 200
+    if current is not None and not migrate.is_known(current):
+        return jsonify({"status": "ready", "revision": current, "schema": "newer than this release"}), 200
+    reason = {"status": "unavailable", "database": "migrations pending", "fix": f"run `{migrate.UPGRADE_COMMAND}`"}
+    return jsonify(reason), 503
+
+
+@bp.get("/metrics")
+def prometheus() -> Response:
+    """Prometheus text exposition."""
+    body, content_type = metrics.render(services().settings.metrics_dir)
+    return Response(body, content_type=content_type)

@@ -1,0 +1,181 @@
+"""The `/webhook` blueprint: verify, parse, hand over, answer. No SQL and no rules here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import IO
+
+from flask import Blueprint, Response, g, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from flowlens_ingest.events import parse, signature
+from flowlens_ingest.events.delivery import Delivery
+from flowlens_ingest.events.enums import Outcome
+from flowlens_ingest.ingest import ingest
+from flowlens_ingest.store.database import DatabaseUnavailable, deadline
+from flowlens_ingest.web.app import services
+from flowlens_ingest.web.signed_body import read_signed
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("webhook", __name__)
+
+# GitHub gives up on an answer after 10 s. A delivery's database work (pool checkout,
+# connect, the batch, its retries, a failure record) ends this long after the request
+# began, whatever the database does; the delivery is then spooled (202) or refused (503).
+DATABASE_DEADLINE_S = 8.0
+
+
+def error(status: int, message: str, **headers: str) -> Response:
+    """A JSON error answer; never carries a stack trace or a payload."""
+    response = jsonify({"error": message})
+    response.status_code = status
+    response.headers.update(headers)
+    return response
+
+
+@bp.before_request
+def verify_signature() -> Response | None:
+    """Refuse any request not signed with a secret we hold, before looking at it.
+
+    The body is read once, in chunks, through the HMACs into a spooled file (body.py):
+    a worker never holds an unsigned body whole. The view reads it back once signed.
+    """
+    g.started = time.perf_counter()
+    settings = services().settings
+    try:
+        # Werkzeug refuses a Content-Length over MAX_CONTENT_LENGTH here (413), reading
+        # nothing, before the signature is looked at; a chunked body, once it runs past the limit.
+        read = _bounded_read()
+        g.body = read_signed(read, request.headers.get("X-Hub-Signature-256"), settings.secrets)
+    except RequestEntityTooLarge:
+        # Not a signature failure: a body cut at the limit cannot be verified at all.
+        log.warning(
+            "body over the limit",
+            extra={"delivery": request.headers.get("X-GitHub-Delivery", "")[:100], "bytes": request.content_length},
+        )
+        raise
+    except signature.SignatureError as exc:
+        # The ids are unverified text: logged cut short, for matching GitHub's delivery page.
+        log.warning(
+            "signature refused",
+            extra={
+                "reason": exc.reason,
+                "delivery": request.headers.get("X-GitHub-Delivery", "")[:100],
+                "event": request.headers.get("X-GitHub-Event", "")[:100],
+            },
+        )
+        services().metrics.signature_failure(exc.reason)
+        return error(401, "invalid or missing X-Hub-Signature-256")
+    return None
+
+
+def _bounded_read() -> Callable[[int], bytes]:
+    """`read(n)` over the request body, raising RequestEntityTooLarge past MAX_CONTENT_LENGTH."""
+    stream = request.stream
+
+    def read(size: int) -> bytes:
+        try:
+            return stream.read(size)
+        except RequestEntityTooLarge:
+            # Werkzeug refuses any read of a chunked body once it gave the limit's worth,
+            # though that body may end right there: a body of exactly the limit is allowed.
+            if request.environ["wsgi.input"].read(1):
+                raise
+            return b""
+
+    return read
+
+
+@bp.teardown_request
+def close_body(_exc: BaseException | None) -> None:
+    """Drop the spooled body (and its temporary file) once the request is over."""
+    spooled = g.pop("body", None)
+    if spooled is not None:
+        spooled.close()
+
+
+def signed_body() -> bytes:
+    """The exact bytes verify_signature found signed."""
+    spooled: IO[bytes] = g.body
+    spooled.seek(0)
+    return spooled.read()
+
+
+def _hook_id(raw: str | None) -> int | None:
+    """X-GitHub-Hook-ID as a BIGINT (0 when absent); None unless it is ASCII digits."""
+    if not raw:
+        return 0
+    # str.isdigit() alone accepts other digits ("²", "٣") that int() refuses or reads.
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
+
+
+def _answer(outcome: Outcome, status: int, event: str, delivery_id: str, action: str | None = None) -> None:
+    """Count and log one answered signed delivery: exactly one log line each, ids only."""
+    elapsed = time.perf_counter() - g.started
+    services().metrics.delivery(event, outcome, elapsed)
+    log.log(
+        logging.ERROR
+        if status >= 500
+        else logging.WARNING
+        if status >= 400 or outcome is Outcome.FAILED
+        else logging.INFO,
+        "delivery",
+        extra={
+            "delivery": delivery_id[:200],
+            "event": event[:100],
+            "action": action[:100] if action else action,
+            "outcome": outcome.value,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 2),
+        },
+    )
+
+
+@bp.post("/webhook")
+def receive() -> tuple[Response, int] | Response:
+    """Answer one signed GitHub delivery."""
+    svc = services()
+    event = request.headers.get("X-GitHub-Event", "").strip()
+    delivery_id = request.headers.get("X-GitHub-Delivery", "").strip()
+    hook_id = _hook_id(request.headers.get("X-GitHub-Hook-ID", "").strip())
+    if not event or not delivery_id:
+        _answer(Outcome.REJECTED, 400, event, delivery_id)
+        return error(400, "X-GitHub-Event and X-GitHub-Delivery are required")
+    # Header values arrive as WSGI's latin-1 text. GitHub's are ASCII (an event name, a
+    # GUID): anything else is refused, never stored as mangled text.
+    if len(event) > 100 or len(delivery_id) > 200 or hook_id is None or not (event + delivery_id).isascii():
+        _answer(Outcome.REJECTED, 400, event, delivery_id)
+        return error(400, "malformed X-GitHub-* header")
+    body = signed_body()
+    try:
+        delivery = Delivery.from_http(
+            delivery_id=delivery_id, hook_id=hook_id, event=event, content_type=request.content_type, body=body
+        )
+    except parse.UnsupportedMediaType:
+        _answer(Outcome.REJECTED, 415, event, delivery_id)
+        return error(415, "use application/json or application/x-www-form-urlencoded")
+    except parse.BadPayload as exc:
+        _answer(Outcome.REJECTED, 400, event, delivery_id)
+        return error(400, str(exc))
+    try:
+        with deadline(DATABASE_DEADLINE_S - (time.perf_counter() - g.started)):
+            outcome = ingest(
+                svc.database,
+                delivery,
+                store_payload=svc.settings.store_payloads,
+                compress=svc.settings.journal_compression,
+                on_retry=svc.metrics.db_retry,
+            ).outcome
+    except DatabaseUnavailable:
+        spool = svc.spool
+        if spool is None or not spool.put(delivery_id, hook_id, event, request.content_type or "", body):
+            _answer(Outcome.UNAVAILABLE, 503, event, delivery_id, delivery.action)
+            return error(503, "database unavailable, retry later", **{"Retry-After": "30"})
+        outcome = Outcome.SPOOLED
+    status = 202 if outcome in (Outcome.FAILED, Outcome.SPOOLED) else 200
+    _answer(outcome, status, event, delivery_id, delivery.action)
+    answer = {"delivery": delivery_id, "event": event, "action": delivery.action, "outcome": outcome.value}
+    return jsonify(answer), status
