@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from flowlens_ingest.config import Settings
     from flowlens_ingest.events.signature import sign
-    from flowlens_ingest.web.app import create_app, services
+    from flowlens_ingest.web.app import create_app
+    from flowlens_ingest.web.services import services
 
     from .__main__ import scratch_database
     from .payloads import MIXES, Generator, Shape, bodies, default_payload_dir, load_templates

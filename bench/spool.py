@@ -12,7 +12,7 @@
    does nothing (read, unlink, in arrival order).
 4. Drain rate against a real database: `--drain` signed deliveries of the ci mix
    (bench/payloads.py) put into an empty spool, then one Spool.drain with the
-   service's own handler (background.spool_handler) on a scratch database.
+   service's own handler (spool.drainer.spool_handler) on a scratch database.
 
 Prints one JSON line (progress on stderr). The spool folder is a temporary one under
 `--dir` (default: the system's), so its file system decides what an fsync costs.
@@ -35,7 +35,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flowlens_ingest.spool.folder import SUFFIX, Spool, Spooled
+from flowlens_ingest.events.enums import Outcome
+from flowlens_ingest.ingest import Result
+from flowlens_ingest.spool.folder import SUFFIX, Spool
 
 from .payloads import MIXES, Generator, Shape, bodies, default_payload_dir, load_templates
 
@@ -96,7 +98,7 @@ def spool_side(root: Path, depth: int) -> dict[str, Any]:
     spool.used_bytes()
     scan = time.perf_counter() - began
     began = time.perf_counter()
-    drained = spool.drain(lambda item: None)
+    drained, _ = spool.drain(lambda item: Result.stored(Outcome.APPLIED))
     elapsed = time.perf_counter() - began
     return {
         "depth": held,
@@ -111,7 +113,8 @@ def against_database(admin_url: str, root: Path, count: int) -> dict[str, Any]:
     """Spool `count` real deliveries, then drain them into a scratch database with the service's handler."""
     from flowlens_ingest.config import Settings
     from flowlens_ingest.spool.drainer import spool_handler
-    from flowlens_ingest.web.app import create_app, services
+    from flowlens_ingest.web.app import create_app
+    from flowlens_ingest.web.services import services
 
     from .__main__ import scratch_database
 
@@ -124,15 +127,10 @@ def against_database(admin_url: str, root: Path, count: int) -> dict[str, Any]:
         app = create_app(settings)
         # A line per applied delivery would drown the progress lines.
         logging.getLogger("flowlens_ingest").setLevel(logging.WARNING)
-        handle = spool_handler(app)
-        applied: list[Spooled] = []
-
-        def apply(item: Spooled) -> None:
-            handle(item)
-            applied.append(item)
-
+        svc = services(app)
+        handle = spool_handler(svc.database, svc.settings, svc.metrics)
         began = time.perf_counter()
-        drained = spool.drain(apply)
+        drained, _ = spool.drain(handle)
         elapsed = time.perf_counter() - began
         services(app).database.dispose()
     return {"spooled": count, "drained": drained, "per_s": round(drained / elapsed), "left": spool.depth()}

@@ -1,13 +1,16 @@
-"""One verified delivery, from parsed payload to a durable outcome: the only orchestration.
+"""One verified delivery, from parsed payload to what became of it: the only orchestration.
 
-map (pure) -> plan -> one transaction (apply + journal) -> outcome. A mapping or
+map (pure) -> plan -> one transaction (apply + journal) -> a Result. A mapping or
 data error is journaled as `failed` in a transaction of its own, so the delivery
-can be replayed after a fix; a database outage raises DatabaseUnavailable, which
-the caller answers by spooling. Used by the view, the spool drainer and replay.
+can be replayed after a fix. The view, the spool drainer and replay all call
+`ingest` and act on its disposition: done (stored with an outcome), retry later
+(the database is down or too slow: keep the delivery), or set aside (the database
+works but will not keep this one, not even as failed).
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass
 
@@ -25,16 +28,29 @@ log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 2000
 
 
-class JournalRefused(DatabaseUnavailable):
-    """The database answered, but would not journal this delivery even as failed."""
+class Disposition(enum.Enum):
+    """What the caller does with a delivery once `ingest` returns."""
+
+    # Stored: applied, ignored, stale, duplicate, or journaled as failed (Result.outcome says which).
+    DONE = "done"
+    # The database is unreachable, too slow or not migrated: keep the delivery and try again.
+    RETRY_LATER = "retry_later"
+    # The database works but refuses even a failure record of this delivery: keep it apart.
+    SET_ASIDE = "set_aside"
 
 
 @dataclass(frozen=True)
 class Result:
-    """A delivery's outcome, and why it failed to apply if it did."""
+    """What became of one delivery: its disposition, its stored outcome, and why it failed if it did."""
 
-    outcome: Outcome
+    disposition: Disposition
+    outcome: Outcome | None = None
     error: str | None = None
+
+    @classmethod
+    def stored(cls, outcome: Outcome, error: str | None = None) -> Result:
+        """A delivery the journal holds, with this outcome."""
+        return cls(Disposition.DONE, outcome, error)
 
 
 def describe(exc: BaseException) -> str:
@@ -61,7 +77,7 @@ def ingest(
     replay: bool = False,
     on_retry: OnRetry | None = None,
 ) -> Result:
-    """Apply and journal one delivery; return its outcome (applied, ignored, stale, duplicate, failed).
+    """Apply and journal one delivery; say what became of it.
 
     `replay` re-applies a journaled delivery: a failed entry takes the new outcome,
     any other keeps its first one, and nothing is a duplicate.
@@ -71,15 +87,14 @@ def ingest(
     except Exception as exc:  # any shape we did not foresee: journal it, keep serving
         return record_failure(database, delivery, describe(exc), compress=compress, on_retry=on_retry)
     journal = plan.journal(delivery, store_payload=store_payload, replay=replay, compress=compress)
-    batch = [*plan.statements, journal]
     try:
-        row = database.run(batch, on_retry=on_retry)
-    except DatabaseUnavailable:
-        raise
+        row = database.run([*plan.statements, journal], on_retry=on_retry)
+    except DatabaseUnavailable as exc:
+        return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})")
     except Exception as exc:
         log.warning("delivery %s failed to apply: %s", delivery.delivery_id, describe(exc))
         return record_failure(database, delivery, describe(exc), compress=compress, on_retry=on_retry)
-    return Result(Outcome.DUPLICATE if row is None else Outcome(row[0]))
+    return Result.stored(Outcome.DUPLICATE if row is None else Outcome(row[0]))
 
 
 def record_failure(
@@ -87,20 +102,22 @@ def record_failure(
 ) -> Result:
     """Journal a delivery that could not be applied, with its payload, for a later replay.
 
-    An entry already settled keeps its outcome (the answer is then `duplicate`). If
-    even the journal refuses the delivery (a database without our schema, say),
-    raise JournalRefused, a DatabaseUnavailable: the view spools the delivery rather
-    than lose it, and the drainer asks `journal_works` whether the fault is the
-    database's or this delivery's.
+    An entry already settled keeps its outcome (the answer is then `duplicate`). When
+    even the journal refuses the delivery, the journal table is asked whether it
+    answers at all: if not (unreachable, unmigrated), the fault is the database's and
+    the delivery is retried later; if it does, the delivery is set aside.
     """
     try:
         row = database.run([FAILURE.journal(delivery, error=error, compress=compress)], on_retry=on_retry)
-    except DatabaseUnavailable:
-        raise
+    except DatabaseUnavailable as exc:
+        return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})")
     except Exception as exc:
-        log.error("delivery %s cannot be journaled: %s", delivery.delivery_id, describe(exc))  # noqa: TRY400 (no payload in the log)
-        raise JournalRefused(describe(exc)) from exc
-    return Result(Outcome.DUPLICATE if row is None else Outcome.FAILED, error)
+        refusal = describe(exc)
+        log.error("delivery %s cannot be journaled: %s", delivery.delivery_id, refusal)  # noqa: TRY400 (no payload in the log)
+        if journal_works(database):
+            return Result(Disposition.SET_ASIDE, error=refusal)
+        return Result(Disposition.RETRY_LATER, error=refusal)
+    return Result.stored(Outcome.DUPLICATE if row is None else Outcome.FAILED, error)
 
 
 def journal_works(database: Database) -> bool:

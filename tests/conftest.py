@@ -25,7 +25,8 @@ from flowlens_ingest.config import Settings, normalize_database_url
 from flowlens_ingest.store import migrate
 from flowlens_ingest.store.database import make_engine
 from flowlens_ingest.store.schema import metadata
-from flowlens_ingest.web.app import create_app, services
+from flowlens_ingest.web.app import create_app
+from flowlens_ingest.web.services import services
 
 from .databases import create_scratch_database, drop_database
 from .helpers import DEV_MIN_EXAMPLES, HYPOTHESIS_PROFILE, github_headers, make_settings

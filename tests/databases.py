@@ -14,7 +14,8 @@ from flask import Flask
 from sqlalchemy.engine import make_url
 
 from flowlens_ingest.store import migrate
-from flowlens_ingest.web.app import create_app, services
+from flowlens_ingest.web.app import create_app
+from flowlens_ingest.web.services import services
 
 from .helpers import free_port, make_settings
 

@@ -176,7 +176,8 @@ def test_mappers_map_or_raise_mapping_error_on_any_shape(delivery):
 @pytest.fixture(scope="module")
 def fuzz_client(engine, database_url, tmp_path_factory):
     """One app for the whole module: hypothesis runs many examples per test function."""
-    from flowlens_ingest.web.app import create_app, services
+    from flowlens_ingest.web.app import create_app
+    from flowlens_ingest.web.services import services
 
     app = create_app(make_settings(database_url, tmp_path_factory.mktemp("fuzz")))
     yield app.test_client()

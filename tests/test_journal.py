@@ -18,7 +18,8 @@ from flowlens_ingest.ingest import ingest
 from flowlens_ingest.store.database import MAX_ATTEMPTS, Database, make_engine
 from flowlens_ingest.store.plan import decode_body
 from flowlens_ingest.store.schema import metadata, pipeline_runs, pull_requests, repositories, webhook_deliveries
-from flowlens_ingest.web.app import create_app, services
+from flowlens_ingest.web.app import create_app
+from flowlens_ingest.web.services import services
 
 from .helpers import PAYLOADS, github_headers, load_payload, make_settings, rows
 

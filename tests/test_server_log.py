@@ -18,7 +18,8 @@ import sqlalchemy as sa
 
 from flowlens_ingest.cli import admin
 from flowlens_ingest.store import migrate
-from flowlens_ingest.web.app import create_app, services
+from flowlens_ingest.web.app import create_app
+from flowlens_ingest.web.services import services
 
 from .databases import ThrowawayPostgres, create_scratch_database, drop_database
 from .helpers import github_headers, load_payload, make_settings

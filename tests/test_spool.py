@@ -24,11 +24,13 @@ import sqlalchemy as sa
 from flask import Flask
 from prometheus_client import REGISTRY
 
-from flowlens_ingest.spool import drainer as spool_drainer
-from flowlens_ingest.spool.folder import PARTIAL_AT_START_S, SUFFIX, UNUSABLE_SUFFIX, Drainer, Spool, Spooled
-from flowlens_ingest.store.database import DatabaseUnavailable
+from flowlens_ingest.events.enums import Outcome
+from flowlens_ingest.ingest import Disposition, Result
+from flowlens_ingest.spool.drainer import Drainer, spool_handler
+from flowlens_ingest.spool.folder import PARTIAL_AT_START_S, SUFFIX, UNUSABLE_SUFFIX, Spool, Spooled
 from flowlens_ingest.store.schema import pull_requests, repositories, webhook_deliveries
-from flowlens_ingest.web.app import create_app, services
+from flowlens_ingest.web.app import create_app
+from flowlens_ingest.web.services import services, start_drainer
 
 from .databases import app_on_scratch_database
 from .helpers import free_port, github_headers, load_payload, make_settings, rows, wait_for
@@ -60,13 +62,17 @@ def post(app: Flask, payload: dict | bytes, event: str, **kwargs):
     return app.test_client().post("/webhook", data=body, headers=github_headers(body, event, **kwargs))
 
 
+# What a handler says of a delivery it stored.
+DONE = Result.stored(Outcome.APPLIED)
+
+
 @pytest.fixture
 def drain(apps) -> Iterator[Callable[[Flask], None]]:
     """Start an app's background drainer, as gunicorn's post_worker_init does; stopped afterwards."""
     drainers = []
 
     def start(app: Flask) -> None:
-        drainer = spool_drainer.start(app, interval=0.05)
+        drainer = start_drainer(app, interval=0.05)
         assert drainer is not None
         drainers.append(drainer)
 
@@ -185,7 +191,7 @@ def test_two_workers_pass_the_bound_by_at_most_what_the_other_put_since_its_last
     assert first.refresh() == second.refresh() == 12
     assert put(first, 1) == put(second, 1) == 0
     # The drain makes room, and the next scan lets puts in again.
-    assert first.drain(lambda item: None) == 12
+    assert first.drain(lambda item: DONE) == (12, None)
     second.refresh()
     assert put(second, 10) == 10 and put(second, 1) == 0
 
@@ -196,8 +202,8 @@ def test_the_drainer_tick_refreshes_the_estimate_while_the_database_is_down(tmp_
     assert other.put("by-the-other-worker", 0, "ping", "application/json", b"{}")
     assert worker.estimate() == 0
 
-    def down(item: Spooled) -> None:
-        raise DatabaseUnavailable("08006")
+    def down(item: Spooled) -> Result:
+        return Result(Disposition.RETRY_LATER, error="database unavailable (08006)")
 
     drainer = Drainer(worker, down, interval=0.05)
     drainer.start()
@@ -219,7 +225,12 @@ def test_files_named_before_sizes_were_still_count_and_drain_in_arrival_order(tm
     assert int(new.name.removesuffix(SUFFIX).rsplit("-", 1)[1]) == new.stat().st_size
     assert spool.used_bytes() == legacy.stat().st_size + new.stat().st_size
     drained: list[bytes] = []
-    assert spool.drain(lambda item: drained.append(item.body)) == 2
+
+    def keep(item: Spooled) -> Result:
+        drained.append(item.body)
+        return DONE
+
+    assert spool.drain(keep) == (2, None)
     assert drained == [b'{"old": true}', b'{"new": true}']
 
 
@@ -412,11 +423,11 @@ def test_the_drain_stops_rather_than_set_aside_when_the_journal_is_missing(apps,
         conn.execute(sa.text("ALTER TABLE webhook_deliveries RENAME TO webhook_deliveries_away"))
     try:
         up = apps(down=False)
-        handle = spool_drainer.spool_handler(up)
-        (path,) = services(up).spool.directory.glob("*" + SUFFIX)
+        svc = services(up)
+        handle = spool_handler(svc.database, svc.settings, svc.metrics)
+        (path,) = svc.spool.directory.glob("*" + SUFFIX)
         # An unmigrated (or moved) journal is the database's fault: the delivery stays spooled.
-        with pytest.raises(DatabaseUnavailable):
-            handle(Spool.read(path))
+        assert handle(Spool.read(path)).disposition is Disposition.RETRY_LATER
     finally:
         with db.begin() as conn:
             conn.execute(sa.text("ALTER TABLE webhook_deliveries_away RENAME TO webhook_deliveries"))

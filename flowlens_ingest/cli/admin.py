@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
-from flowlens_ingest.ingest import ingest
+from flowlens_ingest.ingest import Disposition, ingest
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.expressions import param
 from flowlens_ingest.store.journal import JOURNAL_BUCKETS
@@ -71,6 +71,8 @@ class ReplayReport:
     failed: int = 0
     skipped_no_payload: int = 0
     errors: list[str] = field(default_factory=list)
+    # Why the replay stopped before the end (the database went away), else None.
+    stopped: str | None = None
 
 
 # Keys are read in pages (keyset pagination, one short query each), never all at once.
@@ -139,7 +141,8 @@ def replay(database: Database, *, failed_only: bool = False, since: datetime | N
 
     A failed entry takes the outcome of its replay; any other keeps its first final
     outcome. A delivery that fails again stays journaled as failed, and the replay
-    goes on. Raises DatabaseUnavailable when the database goes away.
+    goes on; it stops, saying why, when the database goes away (what it replayed so
+    far stays, and replaying again is idempotent).
     """
     report = ReplayReport()
     for delivery_id, hook_id in _keys(database, failed_only=failed_only, since=since):
@@ -149,6 +152,9 @@ def replay(database: Database, *, failed_only: bool = False, since: datetime | N
             continue
         # store_payload=False: the journal keeps the payload it has, not a copy sent back.
         result = ingest(database, delivery, store_payload=False, replay=True)
+        if result.disposition is Disposition.RETRY_LATER:
+            report.stopped = result.error
+            break
         if result.error is not None:
             report.failed += 1
             if len(report.errors) < MAX_REPORTED_ERRORS:

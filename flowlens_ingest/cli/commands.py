@@ -294,6 +294,7 @@ def replay(failed: bool, since: datetime | None) -> int:
     """Re-apply journaled deliveries."""
     import sqlalchemy as sa
 
+    from flowlens_ingest.cli.admin import ReplayReport
     from flowlens_ingest.cli.admin import replay as replay_journal
     from flowlens_ingest.store.database import DatabaseUnavailable
 
@@ -301,8 +302,10 @@ def replay(failed: bool, since: datetime | None) -> int:
     try:
         report = replay_journal(database, failed_only=failed, since=since)
     except (DatabaseUnavailable, sa.exc.OperationalError):
+        report = ReplayReport(stopped="database unavailable")
+    if report.stopped is not None:
         # Every delivery replayed so far is committed, and replaying again is idempotent.
-        return fail("database unavailable; run the replay again once it is back")
+        return fail(f"{report.stopped}; run the replay again once it is back")
     print(json.dumps(vars(report)))
     return 0 if report.failed == 0 else 1
 

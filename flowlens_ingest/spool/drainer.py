@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
-from flask import Flask
-
+from flowlens_ingest.config import Settings
 from flowlens_ingest.events.delivery import Delivery
-from flowlens_ingest.ingest import JournalRefused, describe, ingest, journal_works
-from flowlens_ingest.spool.folder import Drainer, Spooled, Unusable
+from flowlens_ingest.ingest import Disposition, Result, describe, ingest
+from flowlens_ingest.metrics import Metrics
+from flowlens_ingest.spool.folder import Spool, Spooled
 from flowlens_ingest.store import migrate
-from flowlens_ingest.store.database import DatabaseUnavailable
-from flowlens_ingest.web.app import services
+from flowlens_ingest.store.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -24,37 +24,34 @@ DRAIN_INTERVAL_S = 1.0
 SCHEMA_RECHECK_S = 10.0
 
 
-class SchemaPending(DatabaseUnavailable):
-    """The database answers but is not migrated: keep the spool until it is."""
-
-
-def spool_handler(app: Flask) -> Callable[[Spooled], None]:
-    """Apply one spooled delivery exactly as the view would have; raise to keep it spooled."""
-    svc = services(app)
+def spool_handler(database: Database, settings: Settings, metrics: Metrics) -> Callable[[Spooled], Result]:
+    """Apply one spooled delivery exactly as the view would have, and say what became of it."""
     said: list[str] = []  # the last problem logged: said once, not on every tick
     checked_at = [-SCHEMA_RECHECK_S]
 
-    def check_schema() -> None:
+    def schema_problem() -> str | None:
         # Without this every tick would log the missing table's error (twice a second with
         # two workers) instead of the one thing to do about it. Once a pass, not once a file.
         if time.monotonic() - checked_at[0] < SCHEMA_RECHECK_S:
-            return
+            return None
         try:
-            with svc.database.bounded():
-                problem = migrate.pending(svc.database.engine)
+            with database.bounded():
+                problem = migrate.pending(database.engine)
         except Exception as exc:  # unreachable: the drain pauses, the drainer says so once
-            raise DatabaseUnavailable(type(exc).__name__) from exc
+            return f"database unavailable ({type(exc).__name__})"
         if problem is None:
             said.clear()
             checked_at[0] = time.monotonic()
-            return
+            return None
         if problem not in said:
             log.warning("spool kept: %s", problem)
             said[:] = [problem]
-        raise SchemaPending(problem)
+        return problem
 
-    def handle(item: Spooled) -> None:
-        check_schema()
+    def handle(item: Spooled) -> Result:
+        problem = schema_problem()
+        if problem is not None:
+            return Result(Disposition.RETRY_LATER, error=problem)
         try:
             delivery = Delivery.from_http(
                 delivery_id=item.delivery_id,
@@ -64,38 +61,70 @@ def spool_handler(app: Flask) -> Callable[[Spooled], None]:
                 body=item.body,
                 received_at=item.received_at,
             )
-            outcome = ingest(
-                svc.database,
+            result = ingest(
+                database,
                 delivery,
-                store_payload=svc.settings.store_payloads,
-                compress=svc.settings.journal_compression,
-                on_retry=svc.metrics.db_retry,
-            ).outcome
-        except JournalRefused as exc:
-            # The database answers, yet will not keep even a failure record of this one:
-            # it must not hold up the deliveries behind it.
-            if journal_works(svc.database):
-                raise Unusable(str(exc)) from exc
-            raise
-        except DatabaseUnavailable:
-            raise
+                store_payload=settings.store_payloads,
+                compress=settings.journal_compression,
+                on_retry=metrics.db_retry,
+            )
         except Exception as exc:  # a file no code version will ever apply must not block the rest
-            raise Unusable(describe(exc)) from exc
-        svc.metrics.spool_drained.labels(outcome.value).inc()
-        log.info(
-            "spooled delivery applied",
-            extra={"delivery": item.delivery_id, "event": item.event, "outcome": outcome.value},
-        )
+            return Result(Disposition.SET_ASIDE, error=describe(exc))
+        if result.outcome is not None:
+            metrics.spool_drained.labels(result.outcome.value).inc()
+            log.info(
+                "spooled delivery applied",
+                extra={"delivery": item.delivery_id, "event": item.event, "outcome": result.outcome.value},
+            )
+        return result
 
     return handle
 
 
-def start(app: Flask, interval: float = DRAIN_INTERVAL_S) -> Drainer | None:
-    """Start this worker's spool drainer (a daemon thread); None when the spool is off."""
-    svc = services(app)
-    if svc.spool is None:
-        return None
-    svc.spool.on_set_aside = svc.metrics.spool_set_aside.inc
-    drainer = Drainer(svc.spool, spool_handler(app), interval=interval, on_depth=svc.metrics.spool_depth.set)
+class Drainer(threading.Thread):
+    """A worker's background thread that empties the spool once the database is back."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        handle: Callable[[Spooled], Result],
+        interval: float = DRAIN_INTERVAL_S,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__(name="flowlens-spool-drainer", daemon=True)
+        self.spool = spool
+        self.handle = handle
+        self.interval = interval
+        self.on_depth = on_depth
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        """Every `interval` seconds, drain what the spool holds, until stopped."""
+        paused = False
+        while not self.stopping.wait(self.interval):
+            try:
+                depth = self.spool.refresh()
+                if self.on_depth is not None:
+                    self.on_depth(depth)
+                drained, stopped = self.spool.drain(self.handle) if depth else (0, None)
+            except Exception as exc:  # keep the thread alive; the next tick tries again
+                drained, stopped = 0, type(exc).__name__
+            if drained:
+                log.info("spool drained", extra={"drained": drained})
+            # Once per outage, not once per tick.
+            if stopped is not None and not paused:
+                log.warning("spool drain paused: %s", stopped)
+            paused = stopped is not None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the thread to stop after its current delivery, and wait for it."""
+        self.stopping.set()
+        self.join(timeout)
+
+
+def start(spool: Spool, handle: Callable[[Spooled], Result], metrics: Metrics, interval: float) -> Drainer:
+    """Start a spool drainer (a daemon thread) that reports the spool's depth and set-aside files."""
+    spool.on_set_aside = metrics.spool_set_aside.inc
+    drainer = Drainer(spool, handle, interval=interval, on_depth=metrics.spool_depth.set)
     drainer.start()
     return drainer

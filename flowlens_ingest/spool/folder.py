@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from flowlens_ingest.ingest import Disposition, Result
+
 log = logging.getLogger(__name__)
 
 SUFFIX = ".delivery"
@@ -52,7 +54,7 @@ PARTIAL_AT_START_S = 60.0
 
 
 class Unusable(Exception):
-    """A spooled delivery that can never be applied: set it aside and keep draining."""
+    """A file in the spool that is not a spooled delivery (Spool.read)."""
 
 
 @dataclass(frozen=True)
@@ -256,18 +258,19 @@ class Spool:
                 if now - path.stat().st_mtime >= older_than:
                     path.unlink()
 
-    def drain(self, handle: Callable[[Spooled], None]) -> int:
-        """Hand each spooled delivery, oldest first, to `handle`; remove it once handled.
+    def drain(self, handle: Callable[[Spooled], Result]) -> tuple[int, str | None]:
+        """Hand each spooled delivery, oldest first, to `handle`, and act on its disposition.
 
-        Only one drain per folder runs at a time (others return 0 at once), so the
-        host applies its spool in arrival order. `handle` raising Unusable sets the
-        file aside; any other exception stops the drain (the database went away
-        again) and keeps the file. Returns how many deliveries were handled.
+        Done: the file is removed. Set aside: it is renamed out of the drain's way.
+        Retry later: the drain stops there and keeps the file (the database went away
+        again). Only one drain per folder runs at a time (others return at once), so
+        the host applies its spool in arrival order. Returns how many deliveries were
+        done, and why the drain stopped early (None when it went through).
         """
         done = 0
         with self._flock(DRAIN_LOCK, wait=False) as mine:
             if not mine:
-                return 0
+                return 0, None
             self.remove_partial_files()
             for name in sorted(self._names()):
                 path = self.directory / name
@@ -278,57 +281,19 @@ class Spool:
                 except Unusable as exc:
                     self.set_aside(path, str(exc))
                     continue
-                try:
-                    handle(item)
-                except Unusable as exc:
-                    self.set_aside(path, str(exc))
+                result = handle(item)
+                if result.disposition is Disposition.RETRY_LATER:
+                    stopped = result.error or "retry later"
+                    break
+                if result.disposition is Disposition.SET_ASIDE:
+                    self.set_aside(path, result.error or "refused")
                     continue
                 # Applied and journaled: a crash before this unlink only means the
                 # journal answers `duplicate` on the next drain.
                 path.unlink(missing_ok=True)
                 done += 1
+            else:
+                stopped = None
             if done:
                 _fsync_dir(self.directory)
-        return done
-
-
-class Drainer(threading.Thread):
-    """A worker's background thread that empties the spool once the database is back."""
-
-    def __init__(
-        self,
-        spool: Spool,
-        handle: Callable[[Spooled], None],
-        interval: float = 1.0,
-        on_depth: Callable[[int], None] | None = None,
-    ) -> None:
-        super().__init__(name="flowlens-spool-drainer", daemon=True)
-        self.spool = spool
-        self.handle = handle
-        self.interval = interval
-        self.on_depth = on_depth
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        """Every `interval` seconds, drain what the spool holds, until stopped."""
-        paused = False
-        while not self.stopping.wait(self.interval):
-            try:
-                depth = self.spool.refresh()
-                if self.on_depth is not None:
-                    self.on_depth(depth)
-                if depth:
-                    drained = self.spool.drain(self.handle)
-                    if drained:
-                        log.info("spool drained", extra={"drained": drained})
-                paused = False
-            except Exception as exc:  # keep the thread alive; the next tick tries again
-                # Once per outage, not once per tick.
-                if not paused:
-                    log.warning("spool drain paused: %s", type(exc).__name__)
-                paused = True
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask the thread to stop after its current delivery, and wait for it."""
-        self.stopping.set()
-        self.join(timeout)
+        return done, stopped

@@ -1,36 +1,19 @@
-"""The Flask app factory, and typed access to what it wires (settings, database, metrics, spool)."""
+"""The Flask app factory: settings, services (web/services.py) and one blueprint per concern."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-from flask import Flask, Response, current_app, jsonify
+from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
 from flowlens_ingest import logs, metrics
 from flowlens_ingest.config import Settings
-from flowlens_ingest.metrics import Metrics
 from flowlens_ingest.spool.folder import Spool
 from flowlens_ingest.store.database import Database
+from flowlens_ingest.web.services import Services, init_app
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Services:
-    """What one app holds for its requests and background threads."""
-
-    settings: Settings
-    database: Database
-    metrics: Metrics
-    spool: Spool | None
-
-
-def services(app: Flask | None = None) -> Services:
-    """The services of `app`, or of the current app."""
-    found: Services = (app or current_app).extensions["flowlens"]
-    return found
 
 
 def create_app(config: Settings | None = None) -> Flask:
@@ -45,7 +28,7 @@ def create_app(config: Settings | None = None) -> Flask:
     spool = (
         Spool(settings.spool_dir, settings.spool_max_bytes) if settings.spool_dir and settings.spool_enabled else None
     )
-    app.extensions["flowlens"] = Services(settings, Database(settings), metrics.instruments(), spool)
+    init_app(app, Services(settings, Database(settings), metrics.instruments(), spool))
 
     from flowlens_ingest.web import probes, webhook
 

@@ -146,28 +146,40 @@ def _claim_metrics_dir() -> None:
     _metrics_lock = lock
 
 
+# How long the master waits, once at start, for the database to say where its schema is.
+START_CHECK_S = 5.0
+
+
 def _schema_problem(url: str | None) -> str | None:
-    """Say once, at start, that the database needs migrating (workers would fail every delivery)."""
+    """Say once, at start, what is wrong with the database: unreachable, or not migrated."""
     import sqlalchemy as sa
 
     from flowlens_ingest.store import migrate
+    from flowlens_ingest.store.deadline import deadline, install_deadlines
 
     if not url:
         return None
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 3})
+    install_deadlines()
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
-        return migrate.pending(engine)
-    except sa.exc.SQLAlchemyError:
-        return None  # unreachable now: /readyz says so, and the spool holds deliveries
+        with deadline(START_CHECK_S):
+            return migrate.pending(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        # Never the URL (it may hold a password): the kind of failure is enough to act on.
+        reason = getattr(getattr(exc, "orig", None), "pgcode", None) or type(getattr(exc, "orig", exc)).__name__
+        return (
+            f"the database (DATABASE_URL) does not answer now ({reason}): deliveries are spooled"
+            " until it does, and /readyz answers 503"
+        )
     finally:
         engine.dispose()
 
 
 def post_worker_init(worker: Any) -> None:
     """Start the worker's spool drainer once its app exists."""
-    from flowlens_ingest.spool.drainer import start
+    from flowlens_ingest.web.services import start_drainer
 
-    worker.flowlens_drainer = start(worker.wsgi)
+    worker.flowlens_drainer = start_drainer(worker.wsgi)
 
 
 def worker_exit(server: Any, worker: Any) -> None:

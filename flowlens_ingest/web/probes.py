@@ -6,7 +6,7 @@ from flask import Blueprint, Response, jsonify
 
 from flowlens_ingest import metrics
 from flowlens_ingest.store import migrate
-from flowlens_ingest.web.app import services
+from flowlens_ingest.web.services import services
 
 bp = Blueprint("ops", __name__)
 

@@ -14,8 +14,8 @@ from flowlens_ingest.events import parse, signature
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
 from flowlens_ingest.ingest import ingest
-from flowlens_ingest.store.database import DatabaseUnavailable, deadline
-from flowlens_ingest.web.app import services
+from flowlens_ingest.store.deadline import deadline
+from flowlens_ingest.web.services import services
 from flowlens_ingest.web.signed_body import read_signed
 
 log = logging.getLogger(__name__)
@@ -160,16 +160,18 @@ def receive() -> tuple[Response, int] | Response:
     except parse.BadPayload as exc:
         _answer(Outcome.REJECTED, 400, event, delivery_id)
         return error(400, str(exc))
-    try:
-        with deadline(DATABASE_DEADLINE_S - (time.perf_counter() - g.started)):
-            outcome = ingest(
-                svc.database,
-                delivery,
-                store_payload=svc.settings.store_payloads,
-                compress=svc.settings.journal_compression,
-                on_retry=svc.metrics.db_retry,
-            ).outcome
-    except DatabaseUnavailable:
+    with deadline(DATABASE_DEADLINE_S - (time.perf_counter() - g.started)):
+        result = ingest(
+            svc.database,
+            delivery,
+            store_payload=svc.settings.store_payloads,
+            compress=svc.settings.journal_compression,
+            on_retry=svc.metrics.db_retry,
+        )
+    outcome = result.outcome
+    if outcome is None:
+        # Not stored (retry later, or refused even as failed): the spool keeps it, and its
+        # drainer applies it or sets it aside. Never dropped: without the spool, a 503.
         spool = svc.spool
         if spool is None or not spool.put(delivery_id, hook_id, event, request.content_type or "", body):
             _answer(Outcome.UNAVAILABLE, 503, event, delivery_id, delivery.action)

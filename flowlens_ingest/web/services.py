@@ -1,0 +1,49 @@
+"""What an app wires for its requests and background threads, and typed access to it.
+
+In a module of its own, as flaskr keeps its wiring in db.py: the blueprints reach
+the services through here, never through the app factory that registers them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask, current_app
+
+from flowlens_ingest.config import Settings
+from flowlens_ingest.metrics import Metrics
+from flowlens_ingest.spool import drainer
+from flowlens_ingest.spool.folder import Spool
+from flowlens_ingest.store.database import Database
+
+EXTENSION = "flowlens"
+
+
+@dataclass(frozen=True)
+class Services:
+    """What one app holds for its requests and background threads."""
+
+    settings: Settings
+    database: Database
+    metrics: Metrics
+    spool: Spool | None
+
+
+def init_app(app: Flask, services: Services) -> None:
+    """Wire `services` into `app`."""
+    app.extensions[EXTENSION] = services
+
+
+def services(app: Flask | None = None) -> Services:
+    """The services of `app`, or of the current app."""
+    found: Services = (app or current_app).extensions[EXTENSION]
+    return found
+
+
+def start_drainer(app: Flask, interval: float = drainer.DRAIN_INTERVAL_S) -> drainer.Drainer | None:
+    """Start this worker's spool drainer (a daemon thread); None when the spool is off."""
+    svc = services(app)
+    if svc.spool is None:
+        return None
+    handle = drainer.spool_handler(svc.database, svc.settings, svc.metrics)
+    return drainer.start(svc.spool, handle, svc.metrics, interval)
