@@ -36,43 +36,46 @@ RULES: list[tuple[str, re.Pattern[str]]] = [
     for label, pattern in [
         (
             "psycopg2 execute (send, server work, receive)",
-            rf"CountingCursor\.execute|wait_until_deadline|run_batch \(flowlens_ingest/batch\.py:({_lines(wire.run_batch, '.execute(')})\)",
+            rf"CountingCursor\.execute|wait_until_deadline|run_batch \(flowlens_ingest/store/wire\.py:({_lines(wire.run_batch, '.execute(')})\)",
         ),
         (
             "quote parameters into the EXECUTEs (mogrify; incl. the journal body)",
             (
-                r"\(flowlens_ingest/literals\.py|run_batch\.<locals>\.<listcomp>"
-                rf"|run_batch \(flowlens_ingest/batch\.py:({_lines(wire.run_batch, 'mogrify')})\)"
+                r"\(flowlens_ingest/store/bytea\.py|run_batch\.<locals>\.<listcomp>"
+                rf"|run_batch \(flowlens_ingest/store/wire\.py:({_lines(wire.run_batch, 'mogrify')})\)"
             ),
         ),
         (
             "psycopg2 autocommit toggles, commit, cursor",
-            r"CountingConnection\.commit|run_batch \(flowlens_ingest/batch\.py",
+            r"CountingConnection\.commit|run_batch \(flowlens_ingest/store/wire\.py",
         ),
         ("JSON encode (row digests, the log line, the answer)", r"json/encoder\.py|dumps \(json/__init__\.py"),
-        ("JSON parse + checks (parse.py, orjson)", r"flowlens_ingest/parse\.py|json/decoder\.py|json/__init__\.py"),
-        ("signature HMAC (signature.py)", r"flowlens_ingest/signature\.py|hmac\.py"),
         (
-            "payload sha256 (delivery.py)",
-            rf"from_http \(flowlens_ingest/delivery\.py:({_lines(delivery.Delivery.from_http, 'sha256(')})\)",
+            "JSON parse + checks (events/parse.py, orjson)",
+            r"flowlens_ingest/events/parse\.py|json/decoder\.py|json/__init__\.py",
+        ),
+        ("signature HMAC (events/signature.py)", r"flowlens_ingest/events/signature\.py|hmac\.py"),
+        (
+            "payload sha256 (events/delivery.py)",
+            rf"from_http \(flowlens_ingest/events/delivery\.py:({_lines(delivery.Delivery.from_http, 'sha256(')})\)",
         ),
         (
-            "request body read (body.py, Werkzeug's stream, gunicorn's body reader)",
-            r"flowlens_ingest/body\.py|tempfile\.py|_bounded_read|gunicorn/http/(body|unreader)\.py|LimitedStream",
+            "request body read (web/signed_body.py, Werkzeug's stream, gunicorn's body reader)",
+            r"flowlens_ingest/web/signed_body\.py|tempfile\.py|_bounded_read|gunicorn/http/(body|unreader)\.py|LimitedStream",
         ),
-        ("map (mappers.py)", r"flowlens_ingest/(mappers|readers)\.py"),
+        ("map (events: mappers, readers)", r"flowlens_ingest/events/(mappers|repository|pulls|checks|readers)\.py"),
         (
             "plan: rows to parameters, digests, uuid4",
             (
-                r"flowlens_ingest/(plan|rows|statements|derived|journal|sql)\.py"
-                r"|(params|values|_adapt|_parameter_names|compiled) \(flowlens_ingest/batch\.py|uuid\.py"
+                r"flowlens_ingest/(store/(plan|statements|derived|journal|expressions)|events/rows)\.py"
+                r"|(params|values|_adapt|_parameter_names|compiled) \(flowlens_ingest/store/wire\.py|uuid\.py"
             ),
         ),
         ("SQLAlchemy compile", r"sqlalchemy/sql/"),
-        ("SQLAlchemy engine, pool, transaction", r"sqlalchemy/|flowlens_ingest/database\.py"),
+        ("SQLAlchemy engine, pool, transaction", r"sqlalchemy/|flowlens_ingest/store/(database|deadline)\.py"),
         ("metrics (prometheus_client)", r"prometheus_client/|flowlens_ingest/metrics\.py|_round_trip"),
         ("logging", r"logging/|flowlens_ingest/logs\.py"),
-        ("Flask / Werkzeug (routing, request, response)", r"flask/|werkzeug/|flowlens_ingest/webhook\.py"),
+        ("Flask / Werkzeug (routing, request, response)", r"flask/|werkzeug/|flowlens_ingest/web/webhook\.py"),
         ("gunicorn (HTTP parse, socket I/O, accept)", r"gunicorn/|selectors\.py|socket\.py"),
         ("threads waiting (pool, queue)", r"threading\.py|concurrent/futures"),
     ]

@@ -9,15 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flowlens_ingest.events.mappers import (
-    Changes,
-    CheckRow,
-    MappingError,
-    PipelineRow,
-    RepositoryRow,
-    ReviewRow,
-    map_delivery,
-)
+from flowlens_ingest.events.mappers import Changes, MappingError, map_delivery
+from flowlens_ingest.events.rows import CheckRow, PipelineRow, RepositoryRow, ReviewRow
 
 from .helpers import PAYLOADS, load_payload
 
