@@ -11,7 +11,6 @@ import copy
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import psutil
@@ -19,10 +18,8 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from flowlens_ingest.store import migrate
 from flowlens_ingest.store.schema import pipeline_runs, pull_requests, webhook_deliveries
 
-from .databases import ThrowawayPostgres
 from .helpers import load_payload, rows, wait_for
 from .serving import Service
 
@@ -30,17 +27,6 @@ pytestmark = pytest.mark.slow
 
 OPENED = load_payload("pull_request/opened.payload.json")
 CLOSED = load_payload("pull_request/closed.payload.json")
-
-
-@pytest.fixture
-def throwaway() -> Iterator[ThrowawayPostgres]:
-    server = ThrowawayPostgres()
-    try:
-        server.start()
-        migrate.upgrade(server.url)
-        yield server
-    finally:
-        server.remove()
 
 
 def pr_payload(number: int) -> dict:

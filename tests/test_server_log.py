@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -21,23 +20,12 @@ from flowlens_ingest.store import migrate
 from flowlens_ingest.web.app import create_app
 from flowlens_ingest.web.services import services
 
-from .databases import ThrowawayPostgres, create_scratch_database, drop_database
+from .databases import create_scratch_database, drop_database
 from .helpers import github_headers, load_payload, make_settings
 
 pytestmark = pytest.mark.slow
 
 OPENED = load_payload("pull_request/opened.payload.json")
-
-
-@pytest.fixture
-def throwaway() -> Iterator[ThrowawayPostgres]:
-    server = ThrowawayPostgres()
-    try:
-        server.start()
-        migrate.upgrade(server.url)
-        yield server
-    finally:
-        server.remove()
 
 
 def test_duplicates_stale_failed_and_replayed_deliveries_leave_no_payload_in_the_server_log(throwaway, tmp_path):
