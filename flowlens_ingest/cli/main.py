@@ -6,16 +6,11 @@ import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from flowlens_ingest import __version__
-from flowlens_ingest.config import WORKERS, ConfigError
-
-if TYPE_CHECKING:
-    pass
-
 from flowlens_ingest.cli.commands import (
     DEFAULT_URL,
     NoDatabase,
@@ -30,6 +25,7 @@ from flowlens_ingest.cli.commands import (
     send,
 )
 from flowlens_ingest.cli.serve import serve
+from flowlens_ingest.config import WORKERS, ConfigError
 
 # --- argument types ---------------------------------------------------------------------------
 

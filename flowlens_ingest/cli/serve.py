@@ -8,14 +8,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-from flowlens_ingest.config import Settings, child_environment, writable_directory
-
-if TYPE_CHECKING:
-    pass
 
 from flowlens_ingest.cli.commands import GUNICORN_CONF, fail, github_client, load_settings
+from flowlens_ingest.config import Settings, child_environment, writable_directory
 
 # --- serve -------------------------------------------------------------------------------
 
