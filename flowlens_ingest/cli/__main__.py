@@ -1,5 +1,7 @@
 """`python -m flowlens_ingest.cli`: the `flowlens-ingest` command."""
 
+import sys
+
 from flowlens_ingest.cli.main import main
 
-main()
+sys.exit(main())
