@@ -16,16 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flowlens_ingest.github.client import (
-    Forbidden,
-    GitHubClient,
-    GitHubError,
-    NotFound,
-    RateLimit,
-    RateLimited,
-    Transient,
-    Unauthorized,
-)
+from flowlens_ingest.github.answers import RateLimit
+from flowlens_ingest.github.client import GitHubClient
+from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited, Transient, Unauthorized
 from flowlens_ingest.github.files import MAX_FILES, FilesStatus, shape
 
 from .fake_github import (

@@ -22,7 +22,8 @@ from pathlib import Path
 from flowlens_ingest.config import Settings
 from flowlens_ingest.events.enums import FilesStatus
 from flowlens_ingest.github import files, jobs
-from flowlens_ingest.github.client import Forbidden, GitHubClient, GitHubError, NotFound, RateLimited
+from flowlens_ingest.github.client import GitHubClient
+from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited
 from flowlens_ingest.ingest import describe
 from flowlens_ingest.metrics import Metrics
 from flowlens_ingest.store.database import Database, DatabaseUnavailable

@@ -1,0 +1,201 @@
+"""Reading GitHub's answers, with no I/O of its own: what one HTTP exchange brought back and what it means.
+
+`Answer` (one response, its body already read within its byte cap), `body_decoder` (the chunks of a
+body decoded within that cap), `file_entries` (a file list's JSON array read one item at a time),
+`rate_limit_of` (the primary rate-limit headers) and `raise_for` (the typed error an unsuccessful
+answer means, with the wait a rate limit asks for).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import re
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import httpx
+
+from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited, Transient, Unauthorized
+
+# GitHub's advice when a secondary limit comes without `retry-after`: wait at least a minute.
+SECONDARY_DEFAULT_WAIT = 60.0
+# GitHub's primary window is an hour: a reset or `retry-after` further ahead is not believable, and
+# would park the job and pause every claim for nothing. A reset already past (our clock ahead of
+# GitHub's) waits a second, not a pause, and not a retry loop either.
+MAX_RATE_WAIT_S = 3600.0
+MIN_RATE_WAIT_S = 1.0
+_MESSAGE_CHARS = 200
+# JSON's whitespace, between the items of a page.
+_SPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One response: its status, headers, `Link: rel="next"` and body (decoded, cut at the byte cap when `cut`)."""
+
+    status_code: int
+    headers: httpx.Headers
+    next_url: str | None
+    body: bytes
+    cut: bool
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """The primary rate-limit headers of the latest response (None where absent, e.g. on GHES with limits off)."""
+
+    remaining: int | None
+    reset: float | None
+    limit: int | None
+
+
+def _finite(value: str) -> float | None:
+    """A header's number; None when it is not one, or not finite (`nan`, `inf`)."""
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _header_number(headers: httpx.Headers, name: str) -> float | None:
+    value = headers.get(name)
+    return None if value is None else _finite(value)
+
+
+def rate_limit_of(headers: httpx.Headers) -> RateLimit | None:
+    """The primary rate-limit headers of an answer; None when it carries none."""
+    remaining = _header_number(headers, "x-ratelimit-remaining")
+    limit = _header_number(headers, "x-ratelimit-limit")
+    if remaining is None and limit is None:
+        # An answer from a proxy or load balancer (a bare 502) says nothing of the budget.
+        return None
+    return RateLimit(
+        remaining=None if remaining is None else int(remaining),
+        reset=_header_number(headers, "x-ratelimit-reset"),
+        limit=None if limit is None else int(limit),
+    )
+
+
+def _retry_after_seconds(value: str, now: float) -> float | None:
+    """`retry-after` as seconds from `now`: GitHub sends an integer, HTTP also allows a date. None if unreadable."""
+    seconds = _finite(value)
+    if seconds is not None:
+        return seconds
+    try:
+        when = email.utils.parsedate_to_datetime(value.strip())
+        return when.timestamp() - now
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
+
+
+def _retry_at(now: float, wait: float) -> float:
+    """`now + wait`, the wait held between MIN_RATE_WAIT_S and MAX_RATE_WAIT_S whatever the header said."""
+    return now + min(max(wait, MIN_RATE_WAIT_S), MAX_RATE_WAIT_S)
+
+
+def _message(answer: Answer) -> str:
+    """GitHub's `message` of an error answer, shortened; empty when the body says none."""
+    try:
+        body = json.loads(answer.body)
+    except ValueError:
+        return ""
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])[:_MESSAGE_CHARS]
+    return ""
+
+
+def raise_for(answer: Answer, now: float) -> NoReturn:
+    """Turn an unsuccessful answer into the matching `GitHubError`; a rate limit's `retry_at` counts from `now`."""
+    status = answer.status_code
+    if status in (403, 429):
+        message = _message(answer).lower()
+        if answer.headers.get("x-ratelimit-remaining", "").strip() == "0":
+            reset = _header_number(answer.headers, "x-ratelimit-reset")
+            wait = SECONDARY_DEFAULT_WAIT if reset is None else reset - now
+            raise RateLimited(_retry_at(now, wait), "primary", status=status)
+        retry_after = answer.headers.get("retry-after")
+        if retry_after is not None:
+            # Present but unreadable ("soon"): still GitHub asking us to wait, so we wait its minute.
+            seconds = _retry_after_seconds(retry_after, now)
+            wait = SECONDARY_DEFAULT_WAIT if seconds is None else seconds
+            raise RateLimited(_retry_at(now, wait), "secondary", status=status)
+        if status == 429 or "secondary rate limit" in message or "abuse detection" in message:
+            raise RateLimited(_retry_at(now, SECONDARY_DEFAULT_WAIT), "secondary", status=status)
+        raise Forbidden(f"GitHub refused access (403): {_message(answer) or 'no message'}", status=status)
+    if status in (404, 410):
+        raise NotFound(f"GitHub answered {status}: {_message(answer) or 'not found'}", status=status)
+    if status == 401:
+        raise Unauthorized("GitHub rejected the credential (401)", status=status)
+    if status >= 500:
+        raise Transient("server_error", f"GitHub answered {status}", status=status)
+    raise GitHubError(
+        f"GitHub answered {status}: {_message(answer) or 'unexpected status'}",
+        reason="unexpected_status",
+        status=status,
+    )
+
+
+def body_decoder(encoding: str | None) -> Callable[[bytes, int], bytes]:
+    """Decode a body's chunks into at most `limit` bytes each: identity, or gzip (the one encoding we accept).
+
+    Decoding here rather than in httpx keeps a gzip bomb to the byte cap, and lets the deadline be
+    checked on every chunk the network delivers, even one that decodes to nothing.
+    """
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return lambda data, limit: data[:limit]
+    if encoding == "gzip":
+        inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
+        return inflater.decompress
+    raise Transient("bad_encoding", "GitHub answered in an encoding we did not ask for")
+
+
+def _skip_space(text: str, index: int) -> int:
+    """The index of the first character at or after `index` that is not JSON whitespace."""
+    match = _SPACE.match(text, index)
+    return match.end() if match else index
+
+
+def file_entries(answer: Answer, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    """The file entries (objects) of a page, at most `limit`; and whether they are all of the page's.
+
+    The JSON array is read one item at a time, so a page far longer than `limit` (a server
+    ignoring `per_page`) never becomes that many objects in memory. A body cut at the byte cap
+    ends inside an item: the items before it are whole, and kept.
+    """
+    # A cut body may also end inside a UTF-8 character: that item is incomplete, and dropped, anyway.
+    text = answer.body.decode("utf-8", "replace" if answer.cut else "strict")
+    entries: list[dict[str, Any]] = []
+    index = _skip_space(text, 0)
+    if not text.startswith("[", index):
+        raise Transient("bad_json", "GitHub's file list was not a JSON array", status=200)
+    index = _skip_space(text, index + 1)
+    if text.startswith("]", index):
+        return entries, True
+    while True:
+        try:
+            item, index = _DECODER.raw_decode(text, index)
+        except json.JSONDecodeError:
+            if answer.cut:
+                return entries, False
+            raise Transient("bad_json", "GitHub's file list was not JSON", status=200) from None
+        # Anything but an object is noise from a misbehaving server: skipped, not counted.
+        if isinstance(item, dict):
+            if len(entries) == limit:
+                return entries, False
+            entries.append(item)
+        index = _skip_space(text, index)
+        if text.startswith(",", index):
+            index = _skip_space(text, index + 1)
+        elif text.startswith("]", index):
+            return entries, True
+        elif answer.cut and index == len(text):
+            return entries, False
+        else:
+            raise Transient("bad_json", "GitHub's file list was not JSON", status=200)

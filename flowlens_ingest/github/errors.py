@@ -1,0 +1,54 @@
+"""The typed errors of a call to GitHub: what failed, as a class, and a short `reason` label for metrics and logs.
+
+Raised by the REST client (client), the App's token mint (auth) and the reading of answers (answers).
+A message never holds a secret (token, JWT, private key): it may be logged as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+
+class GitHubError(Exception):
+    """A failed call to GitHub; `reason` is a short, bounded label for metrics and logs."""
+
+    reason: str = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+        self.status = status
+
+
+class RateLimited(GitHubError):
+    """GitHub asked us to wait: retry no earlier than `retry_at` (epoch seconds)."""
+
+    def __init__(self, retry_at: float, reason: Literal["primary", "secondary"], *, status: int | None = None) -> None:
+        super().__init__(f"GitHub {reason} rate limit: retry at {retry_at:.0f}", reason=reason, status=status)
+        self.retry_at = retry_at
+
+
+class NotFound(GitHubError):
+    """The repository or pull request does not exist, or is gone (404, 410)."""
+
+    reason = "not_found"
+
+
+class Forbidden(GitHubError):
+    """No access: GitHub refused (403 without a rate-limit sign) or we hold no credential for the repository."""
+
+    reason = "forbidden"
+
+
+class Transient(GitHubError):
+    """A failure worth retrying later: 5xx, timeout, connection error, unreadable answer."""
+
+    def __init__(self, reason: str, message: str | None = None, *, status: int | None = None) -> None:
+        super().__init__(message or f"GitHub request failed: {reason}", reason=reason, status=status)
+
+
+class Unauthorized(GitHubError):
+    """GitHub rejected our credential (a bad token, or an installation token refused even after a re-mint)."""
+
+    reason = "unauthorized"
