@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 
 def script_location() -> Path:
     """The migrations folder: installed as flowlens_ingest/migrations, or alembic/ in a checkout."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent
     for candidate in (package / "migrations", package.parent / "alembic"):
         if (candidate / "env.py").is_file():
             return candidate
