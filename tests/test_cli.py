@@ -253,6 +253,23 @@ def unmigrated(server_url):
     drop_database(url)
 
 
+def test_db_upgrade_says_from_which_revision_to_which(unmigrated):
+    head = migrate.head()
+
+    def upgrade(*revision: str) -> str:
+        result = cli("db", "upgrade", *revision, DATABASE_URL=unmigrated)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    assert upgrade("0002") == "flowlens-ingest: DATABASE_URL upgraded from no revision (never migrated) to 0002"
+    assert upgrade() == f"flowlens-ingest: DATABASE_URL upgraded from revision 0002 to {head} (head)"
+    assert upgrade() == f"flowlens-ingest: DATABASE_URL already at {head} (head), nothing to do"
+    # An older revision: nothing done, and said so, not "at 0002".
+    assert upgrade("0002") == (
+        f"flowlens-ingest: DATABASE_URL already at {head} (head), past 0002: nothing to do (db upgrade never downgrades)"
+    )
+
+
 @pytest.mark.parametrize("command", [["deliveries"], ["replay", "--failed"], ["prune", "--older-than", "30d"]])
 def test_operator_commands_never_migrate_and_say_what_does(command, unmigrated):
     result = cli(*command, DATABASE_URL=unmigrated)

@@ -144,14 +144,16 @@ def db_upgrade(revision: str) -> int:
         server, url = embedded.start(settings.data_dir)
         where = f"the embedded database in {settings.data_dir / 'pgdata'}"
     try:
+        before = _revision(url)
         command = migrate.release(url, revision)
+        after = _revision(url)
     except CommandError as exc:
         return fail(f"cannot upgrade to {revision!r}: {exc}")
     except sa.exc.OperationalError:
         return fail(f"database unavailable ({where}); nothing migrated")
     if server is not None:
         server.close()
-    print(f"flowlens-ingest: {where} at {revision}")
+    print(f"flowlens-ingest: {where} {_upgraded(revision, before, after)}")
     if command is not None:
         print(
             "flowlens-ingest: this role may not keep its failing statements' text (payload values) out of"
@@ -159,6 +161,35 @@ def db_upgrade(revision: str) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _revision(url: str) -> str | None:
+    """The database's alembic revision (None: never migrated)."""
+    import sqlalchemy as sa
+
+    from flowlens_ingest.store import migrate
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        return migrate.revisions(engine)[0]
+    finally:
+        engine.dispose()
+
+
+def _upgraded(asked: str, before: str | None, after: str | None) -> str:
+    """What `db upgrade` did, from the revisions before and after it."""
+    from flowlens_ingest.store import migrate
+
+    def name(revision: str | None) -> str:
+        return f"{revision} (head)" if revision is not None and revision == migrate.head() else str(revision)
+
+    if before != after:
+        start = f"revision {before}" if before is not None else "no revision (never migrated)"
+        return f"upgraded from {start} to {name(after)}"
+    if asked not in ("head", "heads", after):
+        # Asked for an older revision: upgrade never goes down (alembic does nothing).
+        return f"already at {name(after)}, past {asked}: nothing to do (db upgrade never downgrades)"
+    return f"already at {name(after)}, nothing to do"
 
 
 def _libpq(url: str) -> tuple[str, dict[str, str]]:
