@@ -294,6 +294,20 @@ def test_prune_shows_its_progress(deliver, db, database_url):
     assert pruned.stdout.strip() == "flowlens-ingest: pruned 3 journal entries"
 
 
+def test_counts_agree_with_their_nouns(deliver, db, database_url):
+    deliver(load_payload("ping/payload.json"), "ping", delivery="only-one")
+    listed = cli("deliveries", DATABASE_URL=database_url)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stderr.strip() == "(1 delivery)"
+    with db.begin() as conn:
+        conn.execute(sa.update(webhook_deliveries).values(received_at=sa.func.now() - timedelta(days=40)))
+    pruned = cli("prune", "--older-than", "30d", DATABASE_URL=database_url)
+    assert pruned.returncode == 0, pruned.stderr
+    assert pruned.stdout.strip() == "flowlens-ingest: pruned 1 journal entry"
+    none = cli("deliveries", DATABASE_URL=database_url)
+    assert none.returncode == 0 and none.stderr.strip() == "(0 deliveries)"
+
+
 def test_db_shell_runs_psql_on_the_database(db, database_url):
     result = cli("db", "shell", "-At", "-c", "SELECT count(*) FROM webhook_deliveries", DATABASE_URL=database_url)
     assert result.returncode == 0, result.stderr

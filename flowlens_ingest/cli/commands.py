@@ -30,6 +30,11 @@ def fail(message: str) -> int:
     return 2
 
 
+def counted(count: int, singular: str, plural: str) -> str:
+    """`1 delivery`, `2 deliveries`, `0 deliveries`: a count with its noun agreeing."""
+    return f"{count} {singular if count == 1 else plural}"
+
+
 class NoDatabase(Exception):
     """An operator command found no usable database (none, unreachable, or not migrated)."""
 
@@ -317,7 +322,7 @@ def deliveries(failed: bool, limit: int) -> int:
         line += f" {row.outcome} attempts={row.attempts}"
         line += f" error={row.error}" if row.error else ""
         print(line)
-    print(f"({len(rows)} deliveries)", file=sys.stderr)
+    print(f"({counted(len(rows), 'delivery', 'deliveries')})", file=sys.stderr)
     return 0
 
 
@@ -376,5 +381,5 @@ def prune(older_than: timedelta, include_failed: bool) -> int:
     finally:
         if interactive:
             print(file=sys.stderr)
-    print(f"flowlens-ingest: pruned {removed} journal entries")
+    print(f"flowlens-ingest: pruned {counted(removed, 'journal entry', 'journal entries')}")
     return 0
