@@ -28,7 +28,7 @@ from flowlens_ingest.store.schema import metadata
 from flowlens_ingest.web.app import create_app
 from flowlens_ingest.web.services import services
 
-from .databases import create_scratch_database, drop_database
+from .databases import ThrowawayPostgres, create_scratch_database, drop_database
 from .helpers import DEV_MIN_EXAMPLES, HYPOTHESIS_PROFILE, github_headers, make_settings
 from .serving import Service
 
@@ -69,6 +69,18 @@ def engine(database_url: str) -> Iterator[Engine]:
     eng = make_engine(Settings(database_url=normalize_database_url(database_url)), application_name="flowlens-tests")
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def throwaway() -> Iterator[ThrowawayPostgres]:
+    """A migrated PostgreSQL server of the test's own (TCP, its log in a file), to stop and start at will."""
+    server = ThrowawayPostgres()
+    try:
+        server.start()
+        migrate.upgrade(server.url)
+        yield server
+    finally:
+        server.remove()
 
 
 @pytest.fixture

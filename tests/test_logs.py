@@ -56,7 +56,9 @@ def test_json_keeps_an_exception_inside_its_one_line():
 
 def test_text_lines_read_as_key_value_pairs():
     line = logs.TextFormatter().format(record(delivery="abc-123", outcome="applied", reason="two words", action=None))
-    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[\d+\] INFO    flowlens_ingest\.webhook: delivery ", line)
+    assert re.match(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[\d+\] INFO    flowlens_ingest\.web\.webhook: delivery ", line
+    )
     assert line.endswith('delivery=abc-123 outcome=applied reason="two words"')
 
 
@@ -176,7 +178,7 @@ def test_text_format_for_development(db, database_url, tmp_path):
     text = service.logs()
     line = next(line for line in text.splitlines() if "delivery=log-415" in line)
     assert re.search(
-        r"\[\d+\] WARNING flowlens_ingest\.webhook: delivery delivery=log-415 event=pull_request "
+        r"\[\d+\] WARNING flowlens_ingest\.web\.webhook: delivery delivery=log-415 event=pull_request "
         r"outcome=rejected status=415 duration_ms=[\d.]+$",
         line,
     ), line
