@@ -203,8 +203,8 @@ def test_help_shows_defaults_environment_and_examples():
     expected = {
         "serve": ["default: 8000", "default: 127.0.0.1", "default: (FLOWLENS_WORKERS, else cores + 1)"],
         "send": ["default: (FLOWLENS_URL, else", "Examples:"],
-        "deliveries": ["--failed", "Only deliveries that failed", "default: 50"],
-        "replay": ["--since", "ISO 8601", "Only deliveries that failed"],
+        "deliveries": ["--failed", "Only deliveries that failed", "default: 50", "--json"],
+        "replay": ["--since", "ISO 8601", "Only deliveries that failed", "--json", "Exit status"],
         "prune": ["--older-than", "30d", "--include-failed", "Examples:"],
         "nginx-conf": ["default: 0.0.0.0:80", "default: 127.0.0.1:8000"],
     }

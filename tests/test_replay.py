@@ -190,15 +190,37 @@ def test_operator_commands(deliver, db, database_url, refuse_title):
     assert "broken-one" in failed.stdout and "ping-one" not in failed.stdout
     assert "test_refuse" in failed.stdout
 
+    as_json = cli(database_url, "deliveries", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    listed_json = {e["delivery_id"]: e for e in json.loads(as_json.stdout)}
+    assert set(listed_json) == {"broken-one", "ping-one"}
+    assert listed_json["broken-one"]["outcome"] == "failed" and "test_refuse" in listed_json["broken-one"]["error"]
+    assert TIMESTAMP.match(listed_json["ping-one"]["received_at"]) and listed_json["ping-one"]["event"] == "ping"
+
+    # Text like the other commands, JSON for scripts; the same exit codes either way.
     still = cli(database_url, "replay", "--failed")
-    assert still.returncode == 1 and json.loads(still.stdout)["failed"] == 1
+    assert still.returncode == 1
+    summary, error = still.stdout.splitlines()
+    assert summary == "flowlens-ingest: replayed 0 deliveries, 1 failed"
+    assert error.startswith("  failed broken-one: IntegrityError 23514") and "test_refuse" in error
+    still_json = cli(database_url, "replay", "--failed", "--json")
+    assert still_json.returncode == 1 and json.loads(still_json.stdout)["failed"] == 1
     refuse_title()
-    fixed = cli(database_url, "replay", "--failed")
+    fixed = cli(database_url, "replay", "--failed", "--json")
     assert fixed.returncode == 0, fixed.stderr
     assert json.loads(fixed.stdout) == {"replayed": 1, "failed": 0, "skipped_no_payload": 0, "errors": []}
     since = cli(database_url, "replay", "--since", "2000-01-01T00:00:00Z")
-    assert json.loads(since.stdout)["replayed"] == 2
+    assert since.returncode == 0, since.stderr
+    assert since.stdout.strip() == "flowlens-ingest: replayed 2 deliveries, 0 failed"
     assert outcomes(db) == {"broken-one": "applied", "ping-one": "ignored"}
+    with db.begin() as conn:
+        conn.execute(
+            sa.update(webhook_deliveries).where(webhook_deliveries.c.delivery_id == "ping-one").values(body=None)
+        )
+    one = cli(database_url, "replay", "--since", "2000-01-01T00:00:00Z")
+    assert (
+        one.stdout.strip() == "flowlens-ingest: replayed 1 delivery, 0 failed, 1 skipped (journaled without a payload)"
+    )
 
     assert cli(database_url, "replay", "--since", "yesterday").returncode == 2
     assert cli(database_url, "prune", "--older-than", "thirty").returncode == 2
@@ -209,3 +231,18 @@ def test_operator_commands(deliver, db, database_url, refuse_title):
     pruned = cli(database_url, "prune", "--older-than", "30d")
     assert "pruned 2 journal entries" in pruned.stdout
     assert rows(db, webhook_deliveries) == []
+
+
+@pytest.mark.slow
+def test_replay_names_the_first_failures_and_counts_the_rest(deliver, db, database_url, refuse_title):
+    refused = copy.deepcopy(OPENED)
+    refused["pull_request"]["title"] = "refused"
+    count = admin.MAX_REPORTED_ERRORS + 1
+    for number in range(count):
+        assert deliver(refused, "pull_request", delivery=f"broken-{number:02}").status_code == 202
+    replayed = cli(database_url, "replay", "--failed")
+    assert replayed.returncode == 1
+    summary, *named, rest = replayed.stdout.splitlines()
+    assert summary == f"flowlens-ingest: replayed 0 deliveries, {count} failed"
+    assert [line.split(":")[0] for line in named] == [f"  failed broken-{n:02}" for n in range(count - 1)]
+    assert rest == "  and 1 more: `flowlens-ingest deliveries --failed` lists them"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from flowlens_ingest.config import ConfigError, Settings, child_environment
 
 if TYPE_CHECKING:
+    from flowlens_ingest.cli.admin import ReplayReport
     from flowlens_ingest.github.client import GitHubClient
     from flowlens_ingest.store.database import Database
 
@@ -304,8 +305,13 @@ def send(file: str, event: str, url: str | None, delivery: str | None) -> int:
     return 0 if 200 <= status < 300 and outcome in SETTLED else 1
 
 
-def deliveries(failed: bool, limit: int) -> int:
-    """List the journal, newest first."""
+def _utc(moment: datetime) -> str:
+    """UTC, ISO 8601 with its zone: the form `replay --since` takes."""
+    return f"{moment.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+
+def deliveries(failed: bool, limit: int, as_json: bool = False) -> int:
+    """List the journal, newest first: a line each, or (as_json) one JSON array."""
     import sqlalchemy as sa
 
     from flowlens_ingest.cli.admin import list_deliveries
@@ -315,9 +321,12 @@ def deliveries(failed: bool, limit: int) -> int:
         rows = list_deliveries(database, failed_only=failed, limit=limit)
     except sa.exc.OperationalError:
         return fail("database unavailable")
+    if as_json:
+        entries = [dict(row._mapping, received_at=_utc(row.received_at)) for row in rows]
+        print(json.dumps(entries))
+        return 0
     for row in rows:
-        # UTC, ISO 8601 with its zone: the form `replay --since` takes.
-        line = f"{row.received_at.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ} {row.delivery_id} {row.event}"
+        line = f"{_utc(row.received_at)} {row.delivery_id} {row.event}"
         line += f"/{row.action}" if row.action else ""
         line += f" {row.outcome} attempts={row.attempts}"
         line += f" error={row.error}" if row.error else ""
@@ -326,8 +335,8 @@ def deliveries(failed: bool, limit: int) -> int:
     return 0
 
 
-def replay(failed: bool, since: datetime | None) -> int:
-    """Re-apply journaled deliveries."""
+def replay(failed: bool, since: datetime | None, as_json: bool = False) -> int:
+    """Re-apply journaled deliveries; a summary (or, as_json, one JSON object); exit 1 if any failed."""
     import sqlalchemy as sa
 
     from flowlens_ingest.cli.admin import ReplayReport
@@ -342,8 +351,24 @@ def replay(failed: bool, since: datetime | None) -> int:
     if report.stopped is not None:
         # Every delivery replayed so far is committed, and replaying again is idempotent.
         return fail(f"{report.stopped}; run the replay again once it is back")
-    print(json.dumps(vars(report)))
+    if as_json:
+        print(json.dumps({k: v for k, v in vars(report).items() if k != "stopped"}))
+    else:
+        print(_replay_summary(report))
     return 0 if report.failed == 0 else 1
+
+
+def _replay_summary(report: ReplayReport) -> str:
+    """What a replay did, in a line, then a line per delivery that failed (the first ones)."""
+    line = f"flowlens-ingest: replayed {counted(report.replayed, 'delivery', 'deliveries')}, {report.failed} failed"
+    if report.skipped_no_payload:
+        line += f", {report.skipped_no_payload} skipped (journaled without a payload)"
+    lines = [line, *(f"  failed {error}" for error in report.errors)]
+    if report.failed > len(report.errors):
+        lines.append(
+            f"  and {report.failed - len(report.errors)} more: `flowlens-ingest deliveries --failed` lists them"
+        )
+    return "\n".join(lines)
 
 
 def prune(older_than: timedelta, include_failed: bool) -> int:

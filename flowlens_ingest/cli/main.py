@@ -214,9 +214,10 @@ def send_command(file: str, event: str, url: str | None, delivery: str | None) -
 @cli.command("deliveries", epilog=DATABASE_HELP)
 @click.option("--failed", is_flag=True, help="Only deliveries that failed to apply.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, help="At most this many.")
-def deliveries_command(failed: bool, limit: int) -> int:
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of objects (for scripts) instead of text.")
+def deliveries_command(failed: bool, limit: int, as_json: bool) -> int:
     """List recent deliveries from the journal, newest first (times in UTC)."""
-    return deliveries(failed, limit)
+    return deliveries(failed, limit, as_json)
 
 
 @cli.command(
@@ -228,6 +229,7 @@ def deliveries_command(failed: bool, limit: int) -> int:
 Examples:
   flowlens-ingest replay --failed
   flowlens-ingest replay --since 2026-11-28T10:00:00Z
+  flowlens-ingest replay --failed --json
 """,
 )
 @click.option("--failed", is_flag=True, help="Only deliveries that failed to apply.")
@@ -237,11 +239,21 @@ Examples:
     default=None,
     help="Only deliveries received at or after TIME (ISO 8601; UTC if no zone).",
 )
-def replay_command(failed: bool, since: datetime | None) -> int:
-    """Re-apply journaled deliveries (idempotent); all of them unless --failed or --since."""
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='One JSON object (for scripts) instead of text: {"replayed", "failed", "skipped_no_payload", "errors"}.',
+)
+def replay_command(failed: bool, since: datetime | None, as_json: bool) -> int:
+    """Re-apply journaled deliveries (idempotent); all of them unless --failed or --since.
+
+    Exit status: 0 when none failed, 1 when some did (the first ones named), 2 when the
+    replay could not run or stopped (the database went away: run it again).
+    """
     if failed and since is not None:
         raise click.UsageError("--failed and --since cannot be used together")
-    return replay(failed, since)
+    return replay(failed, since, as_json)
 
 
 @cli.command(
