@@ -30,6 +30,8 @@ def fill_journal(
 ) -> None:
     """`count` journal entries received `age` ago, `step` apart, in `bucket` or spread over all, in one statement."""
     with db.begin() as conn:
+        # A million rows take longer than the service's statement timeout on a busy machine.
+        conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
         conn.execute(
             sa.text(
                 "INSERT INTO webhook_deliveries"
@@ -112,6 +114,23 @@ def test_prune_of_everything_asks_for_yes(db, database_url, monkeypatch, capsys)
     assert "--older-than 0 deletes the whole journal; add --yes" in capsys.readouterr().err
     assert len(rows(db, webhook_deliveries, "delivery_id")) == 10
     assert main(["prune", "--older-than", "0d", "--yes"]) == 0
+    assert rows(db, webhook_deliveries, "delivery_id") == []
+
+
+def test_prune_of_the_last_day_asks_for_yes(db, database_url, monkeypatch, capsys):
+    fill_journal(db, 10, age="1 hour")
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    # 30m typed for 30d: refused, one line, nothing deleted.
+    assert main(["prune", "--older-than", "30m"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "flowlens-ingest: --older-than 30m deletes entries of the last day too; add --yes to do that"
+        " (see `flowlens-ingest prune --help`)"
+    )
+    assert len(rows(db, webhook_deliveries, "delivery_id")) == 10
+    # A day or more needs no confirmation (and deletes nothing this recent).
+    assert main(["prune", "--older-than", "1d"]) == 0
+    assert len(rows(db, webhook_deliveries, "delivery_id")) == 10
+    assert main(["prune", "--older-than", "30m", "--yes"]) == 0
     assert rows(db, webhook_deliveries, "delivery_id") == []
 
 
