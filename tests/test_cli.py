@@ -205,7 +205,7 @@ def test_help_shows_defaults_environment_and_examples():
         "send": ["default: (FLOWLENS_URL, else", "Examples:"],
         "deliveries": ["--failed", "Only deliveries that failed", "default: 50", "--json"],
         "replay": ["--since", "ISO 8601", "Only deliveries that failed", "--json", "Exit status"],
-        "prune": ["--older-than", "30d", "--include-failed", "Examples:"],
+        "prune": ["--older-than", "30d", "--include-failed", "Examples:", "Under 1d needs --yes"],
         "nginx-conf": ["default: 0.0.0.0:80", "default: 127.0.0.1:8000"],
     }
     for command, texts in expected.items():
@@ -224,10 +224,20 @@ def test_help_shows_defaults_environment_and_examples():
         (["serve", "--workers", "257"], {}, "Invalid value for '--workers'"),
         (["send", "f.json", "--event", "ping"], {"FLOWLENS_URL": "localhost:8000"}, "FLOWLENS_URL must be an http"),
         (["prune", "--older-than", "thirty"], {}, "use a number and d, h, m or s"),
+        (["prune", "--older-than", "12h"], {}, "--older-than 12h deletes entries of the last day too; add --yes"),
         (["replay", "--failed", "--since", "2026-01-01"], {}, "--failed and --since cannot be used together"),
         (["nosuchcommand"], {}, "No such command"),
     ],
-    ids=["negative-limit", "workers-env", "workers-option", "url-env", "duration", "replay-both", "unknown-command"],
+    ids=[
+        "negative-limit",
+        "workers-env",
+        "workers-option",
+        "url-env",
+        "duration",
+        "prune-under-a-day",
+        "replay-both",
+        "unknown-command",
+    ],
 )
 def test_bad_input_is_one_line_never_a_traceback(args, env, message, tmp_path):
     result = cli(*args, FLOWLENS_DATA_DIR=str(tmp_path), **env)

@@ -59,6 +59,15 @@ class Duration(click.ParamType[timedelta]):
         return timedelta(**{unit: int(match[1])})
 
 
+def _duration(span: timedelta) -> str:
+    """A timedelta the way --older-than takes it: 12h, 90m, 3600s in the largest unit that fits exactly."""
+    seconds = int(span.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 class Timestamp(click.ParamType[datetime]):
     """An ISO 8601 time (UTC when no offset is given)."""
 
@@ -75,6 +84,9 @@ class Timestamp(click.ParamType[datetime]):
 
 
 # --- the command line -------------------------------------------------------------------------
+
+# A prune window shorter than this needs --yes (see prune_command).
+RECENT = timedelta(days=1)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 DATABASE_HELP = (
@@ -264,7 +276,8 @@ def replay_command(failed: bool, since: datetime | None, as_json: bool) -> int:
 \b
 Examples:
   flowlens-ingest prune --older-than 30d
-  flowlens-ingest prune --older-than 12h --include-failed
+  flowlens-ingest prune --older-than 7d --include-failed
+  flowlens-ingest prune --older-than 12h --yes  (a window under 1d is asked for)
   flowlens-ingest prune --older-than 0d --yes   (the whole journal)
 """,
 )
@@ -272,16 +285,30 @@ Examples:
     "--older-than",
     type=Duration(),
     required=True,
-    help="Delete entries received before now minus this (30d, 12h, 90m, 3600s).",
+    help="Delete entries received before now minus this (30d, 12h, 90m, 3600s). Under 1d needs --yes.",
 )
 @click.option(
     "--include-failed", is_flag=True, help="Delete failed entries too (kept by default: they can be replayed)."
 )
-@click.option("--yes", is_flag=True, help="Confirm --older-than 0, which deletes every entry.")
+@click.option(
+    "--yes",
+    is_flag=True,
+    help="Confirm an --older-than under 1d, which deletes recent entries too (0: every entry).",
+)
 def prune_command(older_than: timedelta, include_failed: bool, yes: bool) -> int:
-    """Delete old journal entries, in short batches (progress on stderr)."""
-    if not older_than and not yes:
-        raise click.UsageError("--older-than 0 deletes the whole journal; add --yes to do that")
+    """Delete old journal entries, in short batches (progress on stderr).
+
+    A window under a day needs --yes: the last day's entries are the ones a replay
+    after a fix still needs, and such a window is more often a slip (30m for 30d)
+    than a wish.
+    """
+    if not yes:
+        if not older_than:
+            raise click.UsageError("--older-than 0 deletes the whole journal; add --yes to do that")
+        if older_than < RECENT:
+            raise click.UsageError(
+                f"--older-than {_duration(older_than)} deletes entries of the last day too; add --yes to do that"
+            )
     return prune(older_than, include_failed)
 
 
