@@ -406,7 +406,7 @@ def start_profiles(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line (every default is the README's configuration)."""
+    """The command line (every default is the service's own configuration)."""
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -721,7 +721,7 @@ def one_run(args: argparse.Namespace, templates: Any, secret: str, env: dict[str
     return summary
 
 
-# The figures the targets in the README are about, as paths into one run's summary.
+# The figures the targets in docs/benchmark.md are about, as paths into one run's summary.
 MEDIAN_FIGURES = (
     ("deliveries_per_s",),
     ("p50_ms",),

@@ -12,7 +12,7 @@ one GIL) holds one connection and, for `seconds`, runs:
 five round trips, over the same repositories and PRs shape as the service's
 traffic, with no Python framework around it. With `batched=True` the three
 statements travel as one multi-statement query opening the transaction, and
-COMMIT follows: two round trips, as store.py sends a delivery.
+COMMIT follows: two round trips, as store/wire.py sends a delivery.
 
 Plain SQL strings on purpose: this is the yardstick the service is compared
 against, so it carries none of the service's code.
@@ -104,7 +104,7 @@ def _loop(url: str, seconds: float, batched: bool, bodies: list[tuple[str, bytes
         }
         started = time.perf_counter()
         if batched:
-            # One query: the pipeline row finds the repository by github_id, as store.py does.
+            # One query: the pipeline row finds the repository by github_id, as store/statements.py does.
             repo_id = "(SELECT id FROM repositories WHERE github_id = %(github_id)s)"
             parts = [
                 b"BEGIN",

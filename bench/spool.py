@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     generator = Generator(load_templates(default_payload_dir()), Shape(), seed=2, mix=MIXES["ci"])
-    # One body of the usual size (~13 KB, see README) for every put.
+    # One body of the usual size (~13 KB, see docs/benchmark.md) for every put.
     body = min((b for _, b in bodies(generator, 0, 50)), key=lambda b: abs(len(b) - 13_000))
     result: dict[str, Any] = {"body_bytes": len(body)}
     with tempfile.TemporaryDirectory(prefix="flowlens-bench-spool-", dir=args.dir) as tmp:

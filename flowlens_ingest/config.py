@@ -1,6 +1,6 @@
 """Configuration: the one place the environment is read, each value checked against its range.
 
-`Settings.from_env()` reads every variable the service knows (the README's Configuration
+`Settings.from_env()` reads every variable the service knows (docs/operating.md, Configuration
 lists them, with their ranges) and raises ConfigError, one line naming the variable and
 what it accepts, for any value outside its range. Every entry point turns that into exit
 status 2 before anything starts: the command line's main(), and gunicorn_conf in
@@ -27,7 +27,7 @@ DRIVER = "postgresql+psycopg2"
 
 # --- ranges ---------------------------------------------------------------------------------------
 # Each is chosen so that no value can break an answer within GitHub's 10 s, let a body past
-# GitHub's cap, or start a service that fails every delivery. The README's Configuration
+# GitHub's cap, or start a service that fails every delivery. docs/operating.md's Configuration
 # repeats them.
 
 # Statement and lock timeout of every delivery. The server must give up before the client
@@ -317,7 +317,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read and check the FlowLens environment variables (see the README's Configuration)."""
+        """Read and check the FlowLens environment variables (see docs/operating.md, Configuration)."""
         env = os.environ if env is None else env
         secrets = _secrets(env)
         data_dir = _path(env, "FLOWLENS_DATA_DIR") or Path(".flowlens").resolve()

@@ -1,4 +1,4 @@
-"""body.py: the body read in chunks through the signature check agrees with signature.verify, byte for byte."""
+"""web/signed_body.py: the body read in chunks through the signature check agrees with signature.verify, byte for byte."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from .serving import Service, metric, running, workers
 
 OPENED = load_payload("pull_request/opened.payload.json")
 MIB = 1024 * 1024
-# A worker's resident memory after thousands of deliveries is 56-70 MB (README,
+# A worker's resident memory after thousands of deliveries is 56-70 MB (docs/benchmark.md,
 # Performance); holding a 24 MiB body (and Werkzeug's copy of it) four threads at a
 # time took it past 200 MB.
 RSS_BOUND_MB = 150

@@ -27,7 +27,7 @@ from .serving import ProcfileService, Service, log_entries, metric, running, sam
 OPENED = load_payload("pull_request/opened.payload.json")
 PING = load_payload("ping/payload.json")
 
-# The series the README's Operations section lists, with their types.
+# The series docs/operating.md's Metrics section lists, with their types.
 DOCUMENTED = {
     "flowlens_deliveries": "counter",
     "flowlens_delivery_duration_seconds": "histogram",

@@ -109,7 +109,7 @@ def live_check_values(url: str) -> dict[str, set[str]]:
 
 
 def model_check_values() -> dict[str, set[str]]:
-    """Each CHECK constraint schema.py declares (from the enums in values.py), by its database name."""
+    """Each CHECK constraint schema.py declares (from the enums in events/enums.py), by its database name."""
     values = {}
     for table in metadata.tables.values():
         for constraint in table.constraints:

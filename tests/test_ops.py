@@ -1,4 +1,4 @@
-"""The unsigned operational routes of ops.py: /healthz, /readyz, /metrics.
+"""The unsigned operational routes of web/probes.py: /healthz, /readyz, /metrics.
 
 In one process (the Flask test client) on databases in every state, and under a
 real `serve` whose database goes away, comes back, and loses its migrations.

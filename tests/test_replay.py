@@ -46,7 +46,7 @@ def as_history(payload: Any, at: datetime) -> Any:
 
     The samples are snapshots of a few objects taken at arbitrary times, several
     with equal timestamps and different contents; nobody can order those (see
-    README, Reliability). Giving each delivery its own later time makes them a
+    docs/reliability.md). Giving each delivery its own later time makes them a
     history GitHub could have sent.
     """
     if isinstance(payload, dict):

@@ -1,4 +1,4 @@
-"""What each `flowlens-ingest` command does (cli.py is its command line): migrate, send, inspect, replay."""
+"""What each `flowlens-ingest` command does (main.py is its command line): migrate, send, inspect, replay."""
 
 from __future__ import annotations
 

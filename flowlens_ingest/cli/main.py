@@ -98,7 +98,7 @@ DATABASE_HELP = (
 @click.group(
     context_settings=CONTEXT,
     epilog="""\b
-Environment (see the README's Configuration for all of them):
+Environment (docs/operating.md, Configuration, has all of them):
   DATABASE_URL            PostgreSQL/YugabyteDB URL; unset: the embedded PostgreSQL
   GITHUB_WEBHOOK_SECRET   the webhook secret; unset: generated in FLOWLENS_DATA_DIR (embedded mode)
   FLOWLENS_DATA_DIR       embedded database, secret, spool, metrics, url (default ./.flowlens)

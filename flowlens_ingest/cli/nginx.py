@@ -2,8 +2,8 @@
 
 gunicorn's threads must never wait on a slow client: nginx reads each request whole
 (headers within 5 s, each read of the body within 5 s, at most the body limit) and only
-then hands it to gunicorn over a kept-alive local connection. See the README's
-"Production front (nginx)".
+then hands it to gunicorn over a kept-alive local connection. See docs/deploying.md,
+"The nginx front".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Shaping a pull request's file list, as GitHub's REST API returns it, into what we store.
 
-Pure functions only: no I/O, no database, no HTTP. The fetching lives in `github.py`.
+Pure functions only: no I/O, no database, no HTTP. The fetching lives in `client.py`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The journal body's SQL literal: UTF-8 text the server converts back, where that reads back exactly.
 
-Every other parameter is quoted by psycopg2's own adapters (batch.py mogrifies
+Every other parameter is quoted by psycopg2's own adapters (wire.py mogrifies
 the EXECUTEs): no hand-written quoting to keep in step with psycopg2's.
 """
 

@@ -282,7 +282,7 @@ webhook_deliveries = sa.Table(
     one_of("body_encoding", BodyEncoding),
     # Time-ordered reads and deletes (deliveries, replay --since, prune) go by bucket,
     # so that on YugabyteDB the index is sharded over JOURNAL_BUCKETS hash values and
-    # each bucket is read in received_at order (see README, Deploying on YugabyteDB).
+    # each bucket is read in received_at order (see docs/deploying.md, YugabyteDB).
     sa.Index("ix_webhook_deliveries_bucket_received_at", "bucket", "received_at"),
     sa.Index(
         "ix_webhook_deliveries_failed", "received_at", postgresql_where=sa.text(f"outcome = '{Outcome.FAILED.value}'")

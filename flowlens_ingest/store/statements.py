@@ -1,7 +1,7 @@
 """What lands where: one SQLAlchemy Core statement per row kind, with its stale guard. No driver here.
 
-Every statement takes its values as named bind parameters (`p_<column>`, sql.py),
-so batch.py compiles it once per process. Later statements find the repository by
+Every statement takes its values as named bind parameters (`p_<column>`, expressions.py),
+so wire.py compiles it once per process. Later statements find the repository by
 `github_id` in a subquery, so no statement needs an earlier one's result in
 Python, and the journal's RETURNING (journal.py), last, tells the delivery's
 outcome. The pipeline_runs statements, derived from the stored rows, are in derived.py.

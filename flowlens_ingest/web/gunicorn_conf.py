@@ -1,7 +1,7 @@
 """gunicorn settings shared by `flowlens-ingest serve` and the Procfile.
 
 `gunicorn -c python:flowlens_ingest.web.gunicorn_conf flowlens_ingest.web.wsgi:app`.
-Everything comes from config.Settings (the README's Configuration); GUNICORN_CMD_ARGS
+Everything comes from config.Settings (docs/operating.md, Configuration); GUNICORN_CMD_ARGS
 overrides anything.
 """
 

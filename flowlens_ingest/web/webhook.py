@@ -40,7 +40,7 @@ def error(status: int, message: str, **headers: str) -> Response:
 def verify_signature() -> Response | None:
     """Refuse any request not signed with a secret we hold, before looking at it.
 
-    The body is read once, in chunks, through the HMACs into a spooled file (body.py):
+    The body is read once, in chunks, through the HMACs into a spooled file (signed_body.py):
     a worker never holds an unsigned body whole. The view reads it back once signed.
     """
     g.started = time.perf_counter()
