@@ -30,7 +30,8 @@ class Service:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
-        self.log_path = data_dir / "service.log"
+        # One log per instance: several may share a data directory.
+        self.log_path = data_dir / f"service-{self.port}.log"
         environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR")}
         environment.update(
             FLOWLENS_DATA_DIR=str(data_dir),

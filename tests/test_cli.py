@@ -171,10 +171,10 @@ def test_operator_commands_never_create_an_embedded_database(command, tmp_path):
 
 @pytest.mark.slow
 def test_send_finds_the_running_service_and_fails_on_a_failed_delivery(service, db, tmp_path):
-    # No --url: the URL the `serve` of this data directory wrote (not always port 8000).
-    url_file = tmp_path / "url"
-    wait_for(lambda: url_file.exists() and url_file.read_text().strip(), "serve to write its URL")
-    assert url_file.read_text().strip() == service.url + "/webhook"
+    # No --url: the URL the `serve` of this data directory recorded (not always port 8000).
+    record = tmp_path / "instances" / f"{service.port}.json"
+    wait_for(record.exists, "serve to record its URL")
+    assert json.loads(record.read_text())["url"] == service.url + "/webhook"
     data_dir = {"FLOWLENS_DATA_DIR": str(tmp_path), "GITHUB_WEBHOOK_SECRET": SECRET}
     sent = cli("send", str(OPENED_FILE), "--event", "pull_request", **data_dir)
     assert sent.returncode == 0, sent.stderr

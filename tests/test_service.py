@@ -472,6 +472,77 @@ def test_a_second_serve_in_the_same_folder_leaves_the_first_ones_metrics(db, dat
         assert first.stop() == 0
 
 
+def instance_record(service: Service) -> Path:
+    """Where `serve` records its address while it runs."""
+    return service.data_dir / "instances" / f"{service.port}.json"
+
+
+def send_ping(data_dir: Path) -> subprocess.CompletedProcess:
+    """`flowlens-ingest send` with no --url: to the `serve` it finds in `data_dir`."""
+    environment = _clean_env(FLOWLENS_DATA_DIR=str(data_dir), GITHUB_WEBHOOK_SECRET=SECRET)
+    environment.pop("FLOWLENS_URL", None)
+    ping = Path(__file__).parent / "payloads" / "ping" / "payload.json"
+    return subprocess.run(
+        [sys.executable, "-m", "flowlens_ingest.cli", "send", str(ping), "--event", "ping"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def pings(service: Service) -> float | None:
+    """The pings this instance answered (its own metrics)."""
+    return metric(service, "flowlens_deliveries_total", event="ping", outcome="ignored")
+
+
+def test_send_finds_a_live_serve_among_several_and_never_a_dead_ones_record(db, database_url, tmp_path):
+    first = Service(database_url, tmp_path)
+    with running(first):
+        wait_for(instance_record(first).exists, "the first serve's record")
+        with running(Service(database_url, tmp_path)) as second:
+            wait_for(instance_record(second).exists, "the second serve's record")
+            # Two live: the longest running one, and said which.
+            sent = send_ping(tmp_path)
+            assert sent.returncode == 0, sent.stderr
+            assert sent.stderr.strip() == (
+                f"flowlens-ingest: 2 instances serve FLOWLENS_DATA_DIR ({tmp_path}): sending to {first.url}/webhook,"
+                f" the longest running (--url for another: {second.url}/webhook)"
+            )
+            assert (pings(first), pings(second)) == (1, None)
+
+            # kill -9: the first leaves its record behind, which is never used, and removed.
+            master = gunicorn_master(first)
+            os.kill(first.process.pid, signal.SIGKILL)
+            first.process.wait(30)
+            assert instance_record(first).exists()
+            # A record whose pid runs but whose address does not answer (a pid reused): passed over, kept.
+            elsewhere = tmp_path / "instances" / f"{free_port()}.json"
+            forged = {"url": f"http://127.0.0.1:{free_port()}/webhook", "pid": os.getpid(), "started": 0}
+            elsewhere.write_text(json.dumps(forged))
+            unreadable = tmp_path / "instances" / "1.json"
+            unreadable.write_text("{")
+            sent = send_ping(tmp_path)
+            assert sent.returncode == 0, sent.stderr
+            assert sent.stderr == ""  # one live instance: nothing to say
+            assert pings(second) == 1
+            assert not instance_record(first).exists() and not unreadable.exists()
+            assert elsewhere.exists()
+            elsewhere.unlink()
+            wait_for(lambda: gone(master), "the killed serve's gunicorn to stop")
+
+            # A third starts, the second stops (TERM): its record goes with it; send reaches the third.
+            with running(Service(database_url, tmp_path)) as third:
+                wait_for(instance_record(third).exists, "the third serve's record")
+                assert second.stop() == 0
+                assert not instance_record(second).exists()
+                sent = send_ping(tmp_path)
+                assert sent.returncode == 0 and sent.stderr == "", sent.stderr
+                assert pings(third) == 1
+                assert third.stop() == 0
+            assert not instance_record(third).exists()
+
+
 def test_a_port_taken_by_another_program_is_one_line_and_no_listening(tmp_path, database_url):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

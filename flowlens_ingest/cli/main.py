@@ -101,7 +101,7 @@ DATABASE_HELP = (
 Environment (docs/operating.md, Configuration, has all of them):
   DATABASE_URL            PostgreSQL/YugabyteDB URL; unset: the embedded PostgreSQL
   GITHUB_WEBHOOK_SECRET   the webhook secret; unset: generated in FLOWLENS_DATA_DIR (embedded mode)
-  FLOWLENS_DATA_DIR       embedded database, secret, spool, metrics, url (default ./.flowlens)
+  FLOWLENS_DATA_DIR       embedded database, secret, spool, metrics, instances (default ./.flowlens)
   FLOWLENS_URL            where `send` posts
 
 \b
@@ -141,7 +141,8 @@ def serve_command(host: str, port: int, workers: int | None) -> int:
     With no DATABASE_URL: starts (and migrates) the embedded PostgreSQL in
     FLOWLENS_DATA_DIR and, with no GITHUB_WEBHOOK_SECRET, generates one there.
     With DATABASE_URL: uses it as is (migrate with `db upgrade`). Stops on
-    TERM, INT or HUP (a closed terminal); writes its URL to FLOWLENS_DATA_DIR/url.
+    TERM, INT or HUP (a closed terminal). While it runs, its URL is recorded in
+    FLOWLENS_DATA_DIR/instances/PORT.json, where `send` finds it.
     """
     return serve(host, port, workers)
 
@@ -211,7 +212,7 @@ Examples:
 @click.option(
     "--url",
     default=None,
-    show_default="FLOWLENS_URL, else the URL of the `serve` running in FLOWLENS_DATA_DIR, else " + DEFAULT_URL,
+    show_default="FLOWLENS_URL, else the longest running `serve` of FLOWLENS_DATA_DIR, else " + DEFAULT_URL,
     help="Where to POST.",
 )
 @click.option("--delivery", default=None, show_default="a new UUID", help="X-GitHub-Delivery.")

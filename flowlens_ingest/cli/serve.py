@@ -9,7 +9,15 @@ import sys
 import time
 from collections.abc import Callable
 
-from flowlens_ingest.cli.commands import GUNICORN_CONF, fail, github_client, load_settings
+from flowlens_ingest.cli.commands import (
+    GUNICORN_CONF,
+    fail,
+    forget_instance,
+    github_client,
+    instance_record,
+    load_settings,
+    record_instance,
+)
 from flowlens_ingest.config import Settings, child_environment, writable_directory
 
 # --- serve -------------------------------------------------------------------------------
@@ -90,6 +98,12 @@ def _listening(host: str, port: int, child: subprocess.Popen[bytes], timeout: fl
 
 def _reachable(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 (a wildcard bind is reached on loopback)
+
+
+def _url_host(host: str) -> str:
+    """The host of `host`'s URL: an IPv6 address in brackets."""
+    reachable = _reachable(host)
+    return f"[{reachable}]" if ":" in reachable else reachable
 
 
 def _start_files_worker(settings: Settings, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
@@ -173,25 +187,24 @@ def serve(host: str, port: int, workers: int | None) -> int:
     if pending:  # arrived between the check above and the start of gunicorn
         child.send_signal(TRANSLATED.get(pending[0], pending[0]))
     worker = None
-    url_file = settings.data_dir / "url"
-    webhook_url = f"http://{_reachable(host)}:{port}/webhook"
-    # Said once gunicorn has bound the port, not before: a failed bind prints no URL.
-    if _listening(host, port, child):
-        print(f"flowlens-ingest: listening on {webhook_url}", flush=True)
-        # For `send` (and people) to find this instance without being told its port.
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        url_file.write_text(webhook_url + "\n")
-        # After gunicorn is up: its start empties the metrics folder the worker writes to.
-        worker = _start_files_worker(settings, env)
-    code = child.wait()
+    record = instance_record(settings.data_dir, bind)
+    instance = None
+    webhook_url = f"http://{_url_host(host)}:{port}/webhook"
+    try:
+        # Said once gunicorn has bound the port, not before: a failed bind prints no URL.
+        if _listening(host, port, child):
+            print(f"flowlens-ingest: listening on {webhook_url}", flush=True)
+            # For `send` (and people) to find this instance without being told its port.
+            instance = record_instance(record, webhook_url)
+            # After gunicorn is up: its start empties the metrics folder the worker writes to.
+            worker = _start_files_worker(settings, env)
+        code = child.wait()
+    finally:
+        if instance is not None:
+            forget_instance(record, instance)
     if worker is not None:
         worker.terminate()
         worker.wait()
-    try:
-        if url_file.read_text().strip() == webhook_url:  # still ours, not a later instance's
-            url_file.unlink()
-    except OSError:
-        pass
     if server is not None:
         server.close()  # its keeper stops it once no other process uses it
     # A gunicorn killed by a signal: report it the way a shell would.
