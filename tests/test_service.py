@@ -669,3 +669,37 @@ def test_an_unmigrated_database_is_named_once_with_the_command_that_migrates(fre
         assert "does not exist" not in after
         assert requests.get(service.url + "/readyz", timeout=10).status_code == 200
         assert service.stop() == 0
+
+
+def test_an_unreachable_database_is_named_in_one_line_at_start_and_deliveries_are_spooled(tmp_path):
+    port = free_port()  # nobody listens there
+    url = f"postgresql://flowlens:not-this-password@127.0.0.1:{port}/flowlens"
+    with running(Service(url, tmp_path)) as service:
+        said = [e for e in log_entries(service) if "(DATABASE_URL)" in e["msg"]]
+        assert len(said) == 1, service.logs()
+        assert said[0]["level"] == "warning" and said[0]["logger"] == "gunicorn.error"  # the master's
+        assert re.fullmatch(
+            rf"flowlens-ingest: the database at 127\.0\.0\.1:{port}/flowlens \(DATABASE_URL\) is unavailable now"
+            r" \([^)]*refused[^)]*\): deliveries are spooled until it answers, and /readyz answers 503",
+            said[0]["msg"],
+            re.IGNORECASE,
+        ), said[0]["msg"]
+        assert "not-this-password" not in service.logs() and "flowlens:" not in said[0]["msg"]
+
+        # It still serves: deliveries are kept in the spool, readiness says it is not ready.
+        answer = service.post(OPENED, "pull_request")
+        assert (answer.status_code, answer.json()["outcome"]) == (202, "spooled")
+        assert requests.get(service.url + "/readyz", timeout=10).status_code == 503
+        assert service.stop() == 0
+    assert len([e for e in log_entries(service) if "(DATABASE_URL)" in e["msg"]]) == 1
+
+
+def test_an_unreachable_database_without_a_spool_says_deliveries_are_answered_503(tmp_path):
+    url = f"postgresql://flowlens@127.0.0.1:{free_port()}/flowlens"
+    with running(Service(url, tmp_path, workers=1, env={"FLOWLENS_SPOOL_MAX_BYTES": "0"})) as service:
+        (said,) = [e["msg"] for e in log_entries(service) if "(DATABASE_URL)" in e["msg"]]
+        assert said.endswith(
+            ": deliveries are answered 503 (the spool is off) until it answers, and /readyz answers 503"
+        )
+        assert service.post(OPENED, "pull_request").status_code == 503
+        assert service.stop() == 0

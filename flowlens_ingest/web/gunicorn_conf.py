@@ -119,7 +119,7 @@ def on_starting(server: Any) -> None:
     # Only prometheus_client's files: the folder may be one an operator chose.
     for path in _metrics_dir.glob("*.db"):
         path.unlink(missing_ok=True)
-    problem = _schema_problem(settings.database_url)
+    problem = _schema_problem(settings.database_url, spooled=settings.spool_enabled)
     if problem:
         server.log.warning("flowlens-ingest: %s", problem)
     # Imported now, in the master, not first in child_exit: that runs in a SIGCHLD
@@ -150,7 +150,7 @@ def _claim_metrics_dir() -> None:
 START_CHECK_S = 5.0
 
 
-def _schema_problem(url: str | None) -> str | None:
+def _schema_problem(url: str | None, *, spooled: bool = True) -> str | None:
     """Say once, at start, what is wrong with the database: unreachable, or not migrated."""
     import sqlalchemy as sa
 
@@ -165,14 +165,32 @@ def _schema_problem(url: str | None) -> str | None:
         with deadline(START_CHECK_S):
             return migrate.pending(engine)
     except sa.exc.SQLAlchemyError as exc:
-        # Never the URL (it may hold a password): the kind of failure is enough to act on.
-        reason = getattr(getattr(exc, "orig", None), "pgcode", None) or type(getattr(exc, "orig", exc)).__name__
+        meanwhile = "deliveries are spooled" if spooled else "deliveries are answered 503 (the spool is off)"
         return (
-            f"the database (DATABASE_URL) does not answer now ({reason}): deliveries are spooled"
-            " until it does, and /readyz answers 503"
+            f"the database {_named(url)} is unavailable now ({_reason(exc)}): {meanwhile} until it answers,"
+            " and /readyz answers 503"
         )
     finally:
         engine.dispose()
+
+
+def _named(url: str) -> str:
+    """`at HOST:PORT/DATABASE (DATABASE_URL)`: where it is, never the user or password (nor the query's)."""
+    import sqlalchemy as sa
+
+    parsed = sa.engine.make_url(url)
+    host = parsed.host or parsed.query.get("host") or "localhost"
+    host = host if isinstance(host, str) else host[0]
+    return f"at {host}:{parsed.port or 5432}/{parsed.database or ''} (DATABASE_URL)"
+
+
+def _reason(exc: BaseException) -> str:
+    """What the driver said, e.g. `Connection refused`: libpq's first line, past its `... failed: ` preamble."""
+    orig = getattr(exc, "orig", None) or exc
+    said = " ".join(str(orig).strip().split("\n", 1)[0].split())
+    # libpq: 'connection to server at "127.0.0.1", port 5433 failed: Connection refused'
+    said = said.rsplit(" failed: ", 1)[-1]
+    return said[:200] or getattr(orig, "pgcode", None) or type(orig).__name__
 
 
 def post_worker_init(worker: Any) -> None:
