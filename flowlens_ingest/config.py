@@ -262,6 +262,9 @@ class Settings:
     spool_max_bytes: int = 512 * MIB
     log_format: str = "json"
     log_level: str = "INFO"
+    # What gunicorn's master said about the database at start (FLOWLENS_SAID_AT_START, set by
+    # gunicorn_conf for its workers): the workers do not say it again, once each.
+    said_at_start: str | None = None
     # gunicorn (gunicorn_conf): gthread workers, their threads, the address, the time a
     # stopping worker has to finish its deliveries.
     workers: int = field(default_factory=_default_workers)
@@ -351,6 +354,7 @@ class Settings:
             spool_max_bytes=_spool_max_bytes(env, max_body_bytes),
             log_format=_choice(env, "FLOWLENS_LOG_FORMAT", LOG_FORMATS, "json"),
             log_level=_choice(env, "FLOWLENS_LOG_LEVEL", LOG_LEVELS, "INFO"),
+            said_at_start=env.get("FLOWLENS_SAID_AT_START") or None,
             workers=_int(env, workers, _default_workers(), WORKERS, "worker processes"),
             threads=threads,
             bind=env.get("FLOWLENS_BIND", "").strip() or f"0.0.0.0:{port}",

@@ -92,8 +92,13 @@ def ingest(
     except DatabaseUnavailable as exc:
         return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})")
     except Exception as exc:
-        log.warning("delivery %s failed to apply: %s", delivery.delivery_id, describe(exc))
-        return record_failure(database, delivery, describe(exc), compress=compress, on_retry=on_retry)
+        result = record_failure(database, delivery, describe(exc), compress=compress, on_retry=on_retry)
+        # Said of a delivery the journal now holds as failed. When the journal cannot take it
+        # either (not migrated, gone), the fault is the database's: said once at start by
+        # gunicorn's master, not once per delivery.
+        if result.outcome is Outcome.FAILED:
+            log.warning("delivery %s failed to apply: %s", delivery.delivery_id, result.error)
+        return result
     return Result.stored(Outcome.DUPLICATE if row is None else Outcome(row[0]))
 
 
@@ -113,8 +118,8 @@ def record_failure(
         return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})")
     except Exception as exc:
         refusal = describe(exc)
-        log.error("delivery %s cannot be journaled: %s", delivery.delivery_id, refusal)  # noqa: TRY400 (no payload in the log)
         if journal_works(database):
+            log.error("delivery %s cannot be journaled: %s", delivery.delivery_id, refusal)  # noqa: TRY400 (no payload in the log)
             return Result(Disposition.SET_ASIDE, error=refusal)
         return Result(Disposition.RETRY_LATER, error=refusal)
     return Result.stored(Outcome.DUPLICATE if row is None else Outcome.FAILED, error)

@@ -22,11 +22,20 @@ log = logging.getLogger(__name__)
 DRAIN_INTERVAL_S = 1.0
 # How long a schema found migrated is trusted before the drainer looks again.
 SCHEMA_RECHECK_S = 10.0
+# Where gunicorn's master leaves what it said about the database at start, for its workers
+# (Settings.said_at_start): a drainer does not say it again, once per worker.
+SAID_AT_START = "FLOWLENS_SAID_AT_START"
+# The reason of a pause the handler has already said (or the master): not said again.
+SAID = "the database schema is not ready (said above)"
 
 
 def spool_handler(database: Database, settings: Settings, metrics: Metrics) -> Callable[[Spooled], Result]:
     """Apply one spooled delivery exactly as the view would have, and say what became of it."""
-    said: list[str] = []  # the last problem logged: said once, not on every tick
+    said: list[str] = []  # the problem of this outage: said once, not on every tick
+    # The master said at start what is wrong with the database: not said again by each
+    # worker until the schema has been found ready once (a migration under way changes
+    # the revision the problem names, not the fix).
+    quiet = [settings.said_at_start is not None]
     checked_at = [-SCHEMA_RECHECK_S]
 
     def schema_problem() -> str | None:
@@ -41,17 +50,20 @@ def spool_handler(database: Database, settings: Settings, metrics: Metrics) -> C
             return f"database unavailable ({type(exc).__name__})"
         if problem is None:
             said.clear()
+            quiet[0] = False
             checked_at[0] = time.monotonic()
             return None
-        if problem not in said:
+        if not said and not quiet[0]:
+            # Once an outage: a migration under way moves the revision it names, the fix is the same.
             log.warning("spool kept: %s", problem)
-            said[:] = [problem]
+        said[:] = [problem]
         return problem
 
     def handle(item: Spooled) -> Result:
         problem = schema_problem()
         if problem is not None:
-            return Result(Disposition.RETRY_LATER, error=problem)
+            # A schema problem is said above (or by the master): the pause line would repeat it.
+            return Result(Disposition.RETRY_LATER, error=SAID if problem in said else problem)
         try:
             delivery = Delivery.from_http(
                 delivery_id=item.delivery_id,
@@ -111,8 +123,8 @@ class Drainer(threading.Thread):
                 drained, stopped = 0, type(exc).__name__
             if drained:
                 log.info("spool drained", extra={"drained": drained})
-            # Once per outage, not once per tick.
-            if stopped is not None and not paused:
+            # Once per outage, not once per tick; not at all when the handler said why.
+            if stopped is not None and not paused and stopped != SAID:
                 log.warning("spool drain paused: %s", stopped)
             paused = stopped is not None
 

@@ -122,6 +122,10 @@ def on_starting(server: Any) -> None:
     problem = _schema_problem(settings.database_url, spooled=settings.spool_enabled)
     if problem:
         server.log.warning("flowlens-ingest: %s", problem)
+        # Said once, here: the workers, forked after this, inherit it and do not repeat it.
+        from flowlens_ingest.spool.drainer import SAID_AT_START
+
+        os.environ[SAID_AT_START] = problem
     # Imported now, in the master, not first in child_exit: that runs in a SIGCHLD
     # handler, and a second worker exiting mid-import re-entered the half-imported
     # package (ImportError, master exiting 1 at shutdown).
