@@ -67,7 +67,7 @@ class ThrowawayPostgres:
     """A PostgreSQL server of our own on a TCP port of 127.0.0.1, to stop and start at will."""
 
     def __init__(self) -> None:
-        from flowlens_ingest.cli import embedded
+        from flowlens_ingest.cli import pg_programs
 
         self.root = Path(tempfile.mkdtemp(prefix="flowlens-throwaway-pg-"))
         self.pgdata = self.root / "pgdata"
@@ -75,7 +75,7 @@ class ThrowawayPostgres:
         self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
         self.pgdata.mkdir(mode=0o700)
         # The embedded database's way of running PostgreSQL's programs (never as root).
-        self.identity = embedded.identity_for(self.pgdata)
+        self.identity = pg_programs.identity_for(self.pgdata)
         self._run("initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8", "-U", "postgres")
 
     def _run(self, program: str, *args: str) -> None:

@@ -14,7 +14,7 @@ import psutil
 import psycopg2
 import pytest
 
-from flowlens_ingest.cli import embedded
+from flowlens_ingest.cli import embedded, pg_programs
 from flowlens_ingest.config import ConfigError
 
 from .helpers import SECRET, free_port, wait_for
@@ -103,7 +103,7 @@ def test_a_server_somebody_else_started_is_joined_and_left_running(tmp_path):
     first, _url = embedded.start(tmp_path)
     first.close(wait=True)
     pgdata = tmp_path.resolve() / "pgdata"
-    by_hand = embedded.identity_for(pgdata)
+    by_hand = pg_programs.identity_for(pgdata)
     by_hand.run(
         "pg_ctl", "-D", str(pgdata), "-w", "-l", str(tmp_path / "by-hand.log"), "-o", f"-h '' -k '{pgdata}'", "start"
     )
@@ -227,7 +227,7 @@ def test_as_root_nothing_outside_the_data_directory_changes(tmp_path):
     private = tmp_path / "home"
     private.mkdir(mode=0o700)
     data_dir = private / "project" / ".flowlens"
-    outside = [private, tmp_path, embedded.bin_dir(), embedded.bin_dir().parent / "lib"]
+    outside = [private, tmp_path, pg_programs.bin_dir(), pg_programs.bin_dir().parent / "lib"]
     modes = {path: path.stat().st_mode for path in outside}
     accounts = Path("/etc/passwd").read_text()
 
@@ -246,5 +246,5 @@ def test_as_root_nothing_outside_the_data_directory_changes(tmp_path):
 
 
 def test_the_bundled_psql_exists():
-    psql = embedded.psql_path()
+    psql = pg_programs.psql_path()
     assert psql.is_file() and os.access(psql, os.X_OK)

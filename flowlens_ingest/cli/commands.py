@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flowlens_ingest.config import ConfigError, Settings, child_environment, instance_name
+from flowlens_ingest.cli.instances import live_instances
+from flowlens_ingest.config import ConfigError, Settings
 
 if TYPE_CHECKING:
     from flowlens_ingest.cli.admin import ReplayReport
@@ -61,7 +57,7 @@ def github_client(settings: Settings) -> GitHubClient:
 # --- operator commands ----------------------------------------------------------------------
 
 
-def _require_embedded(settings: Settings) -> None:
+def require_embedded(settings: Settings) -> None:
     if not (settings.data_dir / "pgdata").is_dir():
         raise NoDatabase(
             f"no database: DATABASE_URL is not set and FLOWLENS_DATA_DIR ({settings.data_dir}) holds no"
@@ -69,7 +65,7 @@ def _require_embedded(settings: Settings) -> None:
         )
 
 
-def _database(settings: Settings) -> tuple[Database, object | None]:
+def open_database(settings: Settings) -> tuple[Database, object | None]:
     """The database of an operator command: DATABASE_URL, or the embedded database `serve` made.
 
     Never a new embedded database, and never a migration: run from the wrong folder,
@@ -84,7 +80,7 @@ def _database(settings: Settings) -> tuple[Database, object | None]:
     server = None
     url = settings.database_url
     if not url:
-        _require_embedded(settings)
+        require_embedded(settings)
         from flowlens_ingest.cli import embedded
 
         server, url = embedded.start(settings.data_dir, create=False)
@@ -111,7 +107,7 @@ def enrich(once: bool, status: bool) -> int:
     settings = load_settings()
     if not status and not settings.github_credentials:
         return fail("no GitHub credential: set GITHUB_TOKEN, or GITHUB_APP_ID and GITHUB_APP_PRIVATE_KEY")
-    database, _server = _database(settings)
+    database, _server = open_database(settings)
     if status:
         queue = jobs.status(database)
         for label, count in sorted(queue.counts.items()):
@@ -132,224 +128,6 @@ def enrich(once: bool, status: bool) -> int:
         signal.signal(signum, lambda _signum, _frame: stop.set())
     enricher.run(stop)
     return 0
-
-
-def db_upgrade(revision: str) -> int:
-    """alembic upgrade on DATABASE_URL, or on the embedded database."""
-    import sqlalchemy as sa
-    from alembic.util import CommandError
-
-    from flowlens_ingest.store import migrate
-
-    settings = load_settings()
-    url = settings.database_url
-    server = None
-    where = "DATABASE_URL"
-    if not url:
-        from flowlens_ingest.cli import embedded
-
-        # Run from the wrong folder, this must not make a new database: `serve` makes it.
-        _require_embedded(settings)
-        server, url = embedded.start(settings.data_dir)
-        where = f"the embedded database in {settings.data_dir / 'pgdata'}"
-    try:
-        before = _revision(url)
-        command = migrate.release(url, revision)
-        after = _revision(url)
-    except CommandError as exc:
-        return fail(f"cannot upgrade to {revision!r}: {exc}")
-    except sa.exc.OperationalError:
-        return fail(f"database unavailable ({where}); nothing migrated")
-    if server is not None:
-        server.close()
-    print(f"flowlens-ingest: {where} {_upgraded(revision, before, after)}")
-    if command is not None:
-        print(
-            "flowlens-ingest: this role may not keep its failing statements' text (payload values) out of"
-            f" the server log; have an administrator run:\n  {command}",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def _revision(url: str) -> str | None:
-    """The database's alembic revision (None: never migrated)."""
-    import sqlalchemy as sa
-
-    from flowlens_ingest.store import migrate
-
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        return migrate.revisions(engine)[0]
-    finally:
-        engine.dispose()
-
-
-def _upgraded(asked: str, before: str | None, after: str | None) -> str:
-    """What `db upgrade` did, from the revisions before and after it."""
-    from flowlens_ingest.store import migrate
-
-    def name(revision: str | None) -> str:
-        return f"{revision} (head)" if revision is not None and revision == migrate.head() else str(revision)
-
-    if before != after:
-        start = f"revision {before}" if before is not None else "no revision (never migrated)"
-        return f"upgraded from {start} to {name(after)}"
-    if asked not in ("head", "heads", after):
-        # Asked for an older revision: upgrade never goes down (alembic does nothing).
-        return f"already at {name(after)}, past {asked}: nothing to do (db upgrade never downgrades)"
-    return f"already at {name(after)}, nothing to do"
-
-
-def _libpq(url: str) -> tuple[str, dict[str, str]]:
-    """A SQLAlchemy URL as a libpq one for psql, its password moved to PGPASSWORD (not in `ps`)."""
-    import sqlalchemy as sa
-
-    parsed = sa.engine.make_url(url)
-    env = {"PGPASSWORD": parsed.password} if parsed.password else {}
-    plain = parsed.set(drivername="postgresql", password=None)
-    return plain.render_as_string(hide_password=False), env
-
-
-def db_shell(arguments: Sequence[str]) -> int:
-    """psql on DATABASE_URL, or on the embedded database with the psql bundled with it."""
-    import shutil
-
-    settings = load_settings()
-    server = None
-    if settings.database_url:
-        url = settings.database_url
-        psql = shutil.which("psql")
-        if psql is None:
-            try:
-                from flowlens_ingest.cli import embedded
-
-                psql = str(embedded.psql_path())
-            except ConfigError:
-                return fail("psql not found: install PostgreSQL's client (e.g. apt install postgresql-client)")
-    else:
-        _require_embedded(settings)
-        from flowlens_ingest.cli import embedded
-
-        server, url = embedded.start(settings.data_dir, create=False)
-        psql = str(embedded.psql_path())
-    dsn, extra = _libpq(url)
-    # Ctrl-C belongs to psql (it cancels the query), not to us.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        code = subprocess.call([psql, dsn, *arguments], env=child_environment(**extra))
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if server is not None:
-        server.close()
-    return code
-
-
-# --- where the running `serve`s are -------------------------------------------------------------
-
-# Each `serve` records where it listens in FLOWLENS_DATA_DIR/instances/PORT.json (one file per
-# port, like its metrics folder) while it runs, so that `send` finds one without being told
-# its port. A record is written whole or not at all, and removed by the `serve` that wrote it
-# when it stops; a record left by one that died (kill -9, a crash, a reboot) names a pid that
-# no longer runs, and is never used: `send` removes it.
-INSTANCES = "instances"
-# How long `send` waits for a recorded instance's /healthz before passing it over.
-HEALTH_CHECK_S = 1.0
-
-
-@dataclass(frozen=True)
-class Instance:
-    """A running `serve`, as its record says: its webhook URL, its pid, when it started."""
-
-    url: str
-    pid: int
-    started: float
-
-
-def instance_record(data_dir: Path, bind: str) -> Path:
-    """The record of the `serve` listening on `bind` in this data directory."""
-    return data_dir / INSTANCES / f"{instance_name(bind)}.json"
-
-
-def record_instance(path: Path, url: str) -> Instance:
-    """Record this process as the instance serving `url`: written aside, then renamed into place."""
-    instance = Instance(url=url, pid=os.getpid(), started=time.time())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{instance.pid}")  # not *.json: never read half written
-    partial.write_text(json.dumps(vars(instance)) + "\n")
-    os.replace(partial, path)
-    return instance
-
-
-def forget_instance(path: Path, instance: Instance) -> None:
-    """Remove `instance`'s record, unless another instance on the same port has replaced it since."""
-    _remove_if_unchanged(path, instance)
-
-
-def _read_instance(path: Path) -> Instance | None:
-    try:
-        record = json.loads(path.read_text())
-        return Instance(url=str(record["url"]), pid=int(record["pid"]), started=float(record["started"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _remove_if_unchanged(path: Path, seen: Instance | None) -> None:
-    try:
-        if _read_instance(path) == seen:
-            path.unlink()
-    except OSError:
-        pass  # gone already, or not ours to remove
-
-
-def _running(pid: int) -> bool:
-    """Whether process `pid` runs; a zombie (dead, not yet reaped by its parent) does not."""
-    if pid <= 0:  # kill(0) and kill(-1) would ask about whole groups
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): kill's word stands
-    return state != "Z"
-
-
-def _answers(url: str) -> bool:
-    """Whether the service whose webhook is `url` answers /healthz within HEALTH_CHECK_S."""
-    import urllib.request
-
-    if not url.startswith("http://"):
-        return False
-    health = url.removesuffix("/webhook") + "/healthz"
-    # Straight to it: a proxy from the environment has no business with a local instance.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(health, timeout=HEALTH_CHECK_S) as response:
-            return bool(response.status == 200)
-    except (OSError, ValueError):
-        return False
-
-
-def live_instances(data_dir: Path) -> list[Instance]:
-    """The `serve`s recorded in `data_dir` that run and answer, longest running first.
-
-    The record of a `serve` that no longer runs is removed. One whose pid runs but whose
-    address does not answer (stopping, or its pid reused since a reboot) is passed over.
-    """
-    live = []
-    for path in sorted((data_dir / INSTANCES).glob("*.json")):
-        instance = _read_instance(path)
-        if instance is None or not _running(instance.pid):
-            _remove_if_unchanged(path, instance)
-            continue
-        if _answers(instance.url):
-            live.append(instance)
-    return sorted(live, key=lambda i: (i.started, i.url))
 
 
 def _default_url(settings: Settings) -> str:
@@ -433,7 +211,7 @@ def deliveries(failed: bool, limit: int, as_json: bool = False) -> int:
 
     from flowlens_ingest.cli.admin import list_deliveries
 
-    database, _server = _database(load_settings())
+    database, _server = open_database(load_settings())
     try:
         rows = list_deliveries(database, failed_only=failed, limit=limit)
     except sa.exc.OperationalError:
@@ -460,7 +238,7 @@ def replay(failed: bool, since: datetime | None, as_json: bool = False) -> int:
     from flowlens_ingest.cli.admin import replay as replay_journal
     from flowlens_ingest.store.database import DatabaseUnavailable
 
-    database, _server = _database(load_settings())
+    database, _server = open_database(load_settings())
     try:
         report = replay_journal(database, failed_only=failed, since=since)
     except (DatabaseUnavailable, sa.exc.OperationalError):
@@ -496,7 +274,7 @@ def prune(older_than: timedelta, include_failed: bool) -> int:
     from flowlens_ingest.store.database import TIMEOUT_SQLSTATES, DatabaseUnavailable
 
     settings = load_settings()
-    database, _server = _database(settings)
+    database, _server = open_database(settings)
     interactive = sys.stderr.isatty()
 
     def progress(removed: int) -> None:

@@ -14,8 +14,6 @@ from flowlens_ingest import __version__
 from flowlens_ingest.cli.commands import (
     DEFAULT_URL,
     NoDatabase,
-    db_shell,
-    db_upgrade,
     deliveries,
     enrich,
     fail,
@@ -24,6 +22,7 @@ from flowlens_ingest.cli.commands import (
     replay,
     send,
 )
+from flowlens_ingest.cli.db import db_shell, db_upgrade
 from flowlens_ingest.cli.serve import serve
 from flowlens_ingest.config import WORKERS, ConfigError
 

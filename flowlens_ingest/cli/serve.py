@@ -12,12 +12,10 @@ from collections.abc import Callable
 from flowlens_ingest.cli.commands import (
     GUNICORN_CONF,
     fail,
-    forget_instance,
     github_client,
-    instance_record,
     load_settings,
-    record_instance,
 )
+from flowlens_ingest.cli.instances import forget_instance, instance_record, record_instance
 from flowlens_ingest.config import Settings, child_environment, writable_directory
 
 # --- serve -------------------------------------------------------------------------------

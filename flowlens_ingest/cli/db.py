@@ -1,0 +1,125 @@
+"""The `db` commands: migrate (`db upgrade`) and open psql (`db shell`)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from flowlens_ingest.config import ConfigError, child_environment
+
+if TYPE_CHECKING:
+    pass
+from flowlens_ingest.cli import pg_programs
+from flowlens_ingest.cli.commands import fail, load_settings, require_embedded
+
+
+def db_upgrade(revision: str) -> int:
+    """alembic upgrade on DATABASE_URL, or on the embedded database."""
+    import sqlalchemy as sa
+    from alembic.util import CommandError
+
+    from flowlens_ingest.store import migrate
+
+    settings = load_settings()
+    url = settings.database_url
+    server = None
+    where = "DATABASE_URL"
+    if not url:
+        from flowlens_ingest.cli import embedded
+
+        # Run from the wrong folder, this must not make a new database: `serve` makes it.
+        require_embedded(settings)
+        server, url = embedded.start(settings.data_dir)
+        where = f"the embedded database in {settings.data_dir / 'pgdata'}"
+    try:
+        before = _revision(url)
+        command = migrate.release(url, revision)
+        after = _revision(url)
+    except CommandError as exc:
+        return fail(f"cannot upgrade to {revision!r}: {exc}")
+    except sa.exc.OperationalError:
+        return fail(f"database unavailable ({where}); nothing migrated")
+    if server is not None:
+        server.close()
+    print(f"flowlens-ingest: {where} {_upgraded(revision, before, after)}")
+    if command is not None:
+        print(
+            "flowlens-ingest: this role may not keep its failing statements' text (payload values) out of"
+            f" the server log; have an administrator run:\n  {command}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _revision(url: str) -> str | None:
+    """The database's alembic revision (None: never migrated)."""
+    import sqlalchemy as sa
+
+    from flowlens_ingest.store import migrate
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        return migrate.revisions(engine)[0]
+    finally:
+        engine.dispose()
+
+
+def _upgraded(asked: str, before: str | None, after: str | None) -> str:
+    """What `db upgrade` did, from the revisions before and after it."""
+    from flowlens_ingest.store import migrate
+
+    def name(revision: str | None) -> str:
+        return f"{revision} (head)" if revision is not None and revision == migrate.head() else str(revision)
+
+    if before != after:
+        start = f"revision {before}" if before is not None else "no revision (never migrated)"
+        return f"upgraded from {start} to {name(after)}"
+    if asked not in ("head", "heads", after):
+        # Asked for an older revision: upgrade never goes down (alembic does nothing).
+        return f"already at {name(after)}, past {asked}: nothing to do (db upgrade never downgrades)"
+    return f"already at {name(after)}, nothing to do"
+
+
+def _libpq(url: str) -> tuple[str, dict[str, str]]:
+    """A SQLAlchemy URL as a libpq one for psql, its password moved to PGPASSWORD (not in `ps`)."""
+    import sqlalchemy as sa
+
+    parsed = sa.engine.make_url(url)
+    env = {"PGPASSWORD": parsed.password} if parsed.password else {}
+    plain = parsed.set(drivername="postgresql", password=None)
+    return plain.render_as_string(hide_password=False), env
+
+
+def db_shell(arguments: Sequence[str]) -> int:
+    """psql on DATABASE_URL, or on the embedded database with the psql bundled with it."""
+    import shutil
+
+    settings = load_settings()
+    server = None
+    if settings.database_url:
+        url = settings.database_url
+        psql = shutil.which("psql")
+        if psql is None:
+            try:
+                psql = str(pg_programs.psql_path())
+            except ConfigError:
+                return fail("psql not found: install PostgreSQL's client (e.g. apt install postgresql-client)")
+    else:
+        require_embedded(settings)
+        from flowlens_ingest.cli import embedded
+
+        server, url = embedded.start(settings.data_dir, create=False)
+        psql = str(pg_programs.psql_path())
+    dsn, extra = _libpq(url)
+    # Ctrl-C belongs to psql (it cancels the query), not to us.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = subprocess.call([psql, dsn, *arguments], env=child_environment(**extra))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if server is not None:
+        server.close()
+    return code
