@@ -29,12 +29,34 @@ SIGNATURE_REASONS = ("missing", "unsupported_algorithm", "mismatch")
 RETRY_REASONS = ("40001", "40P01", "disconnect")
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
+    from collections.abc import Callable
+
+    from prometheus_client import CollectorRegistry, Gauge
 
 
 def event_label(event: str) -> str:
     """The event name, or `other` for events outside KNOWN_EVENTS."""
     return event if event in KNOWN_EVENTS else "other"
+
+
+class SeenGauge:
+    """A gauge that exists from its first value on: until then absent, not 0.
+
+    Every process makes every instrument, and a gauge starts at 0: the rate limit would
+    read 0 ("exhausted", the lowest of all processes' values) from every web worker and
+    on every installation without a files worker, and FlowLensGitHubRateLimitLow would
+    fire for ever. Only the files worker, once GitHub has answered it, creates this one.
+    """
+
+    def __init__(self, make: Callable[[], Gauge]) -> None:
+        self._make = make
+        self._gauge: Gauge | None = None
+
+    def set(self, value: float) -> None:
+        """Set the gauge, creating it on the first call."""
+        if self._gauge is None:
+            self._gauge = self._make()
+        self._gauge.set(value)
 
 
 class Metrics:
@@ -121,11 +143,13 @@ class Metrics:
             ["code"],
             registry=reg,
         )
-        self.github_rate_remaining = Gauge(
-            "flowlens_github_rate_limit_remaining",
-            "GitHub's x-ratelimit-remaining on the files worker's latest response",
-            multiprocess_mode="livemin",
-            registry=reg,
+        self.github_rate_remaining = SeenGauge(
+            lambda: Gauge(
+                "flowlens_github_rate_limit_remaining",
+                "GitHub's x-ratelimit-remaining on the files worker's latest response",
+                multiprocess_mode="livemin",
+                registry=reg,
+            )
         )
         self.files_pending = Gauge(
             "flowlens_files_jobs_pending", "Files jobs waiting or leased", multiprocess_mode="livemax", registry=reg
