@@ -21,13 +21,42 @@ from typing import TYPE_CHECKING, Any
 # Only events we know become label values: a signed sender could invent any name.
 from flowlens_ingest.events.mappers import KNOWN_EVENTS
 
+# Label values created at 0 when a process starts, so an alert's increase() sees the first
+# one: a series that appears with the value 1 has no earlier sample to increase from, and
+# the first failed delivery after a restart would go unnoticed (deploy/prometheus/).
+WATCHED_OUTCOMES = ("failed", "unavailable")
+SIGNATURE_REASONS = ("missing", "unsupported_algorithm", "mismatch")
+RETRY_REASONS = ("40001", "40P01", "disconnect")
+
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
+    from collections.abc import Callable
+
+    from prometheus_client import CollectorRegistry, Gauge
 
 
 def event_label(event: str) -> str:
     """The event name, or `other` for events outside KNOWN_EVENTS."""
     return event if event in KNOWN_EVENTS else "other"
+
+
+class SeenGauge:
+    """A gauge that exists from its first value on: until then absent, not 0.
+
+    Every process makes every instrument, and a gauge starts at 0: the rate limit would
+    read 0 ("exhausted", the lowest of all processes' values) from every web worker and
+    on every installation without a files worker, and FlowLensGitHubRateLimitLow would
+    fire for ever. Only the files worker, once GitHub has answered it, creates this one.
+    """
+
+    def __init__(self, make: Callable[[], Gauge]) -> None:
+        self._make = make
+        self._gauge: Gauge | None = None
+
+    def set(self, value: float) -> None:
+        """Set the gauge, creating it on the first call."""
+        if self._gauge is None:
+            self._gauge = self._make()
+        self._gauge.set(value)
 
 
 class Metrics:
@@ -81,6 +110,25 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=reg,
         )
+        # The same tick measures the spool against its cap, and counts what waits set aside.
+        self.spool_size = Gauge(
+            "flowlens_spool_size_bytes",
+            "Bytes the deliveries waiting in the local spool take",
+            multiprocess_mode="livemax",
+            registry=reg,
+        )
+        self.spool_limit = Gauge(
+            "flowlens_spool_limit_bytes",
+            "The spool's cap (FLOWLENS_SPOOL_MAX_BYTES); past it deliveries are answered 503",
+            multiprocess_mode="livemax",
+            registry=reg,
+        )
+        self.spool_unusable = Gauge(
+            "flowlens_spool_unusable_files",
+            "Spooled deliveries set aside (*.unusable) that wait for an operator",
+            multiprocess_mode="livemax",
+            registry=reg,
+        )
 
         # The files worker (enrich.py).
         self.files_jobs = Counter(
@@ -95,11 +143,13 @@ class Metrics:
             ["code"],
             registry=reg,
         )
-        self.github_rate_remaining = Gauge(
-            "flowlens_github_rate_limit_remaining",
-            "GitHub's x-ratelimit-remaining on the files worker's latest response",
-            multiprocess_mode="livemin",
-            registry=reg,
+        self.github_rate_remaining = SeenGauge(
+            lambda: Gauge(
+                "flowlens_github_rate_limit_remaining",
+                "GitHub's x-ratelimit-remaining on the files worker's latest response",
+                multiprocess_mode="livemin",
+                registry=reg,
+            )
         )
         self.files_pending = Gauge(
             "flowlens_files_jobs_pending", "Files jobs waiting or leased", multiprocess_mode="livemax", registry=reg
@@ -110,6 +160,17 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=reg,
         )
+        self._watched_series_at_zero()
+
+    def _watched_series_at_zero(self) -> None:
+        """Create the series the alerting rules count increases of, at 0 (see WATCHED_OUTCOMES)."""
+        for event in (*sorted(KNOWN_EVENTS), "other"):
+            for outcome in WATCHED_OUTCOMES:
+                self.deliveries.labels(event, outcome)
+        for reason in SIGNATURE_REASONS:
+            self.signature_failures.labels(reason)
+        for reason in RETRY_REASONS:
+            self.retries.labels(reason)
 
     def delivery(self, event: str, outcome: str, seconds: float) -> None:
         """Count one answered delivery."""

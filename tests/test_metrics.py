@@ -36,6 +36,9 @@ DOCUMENTED = {
     "flowlens_signature_failures": "counter",
     "flowlens_spool_drained": "counter",
     "flowlens_spool_depth": "gauge",
+    "flowlens_spool_size_bytes": "gauge",
+    "flowlens_spool_limit_bytes": "gauge",
+    "flowlens_spool_unusable_files": "gauge",
 }
 
 

@@ -24,6 +24,7 @@ from flowlens_ingest.cli.commands import (
 )
 from flowlens_ingest.cli.db import db_shell, db_upgrade
 from flowlens_ingest.cli.serve import serve
+from flowlens_ingest.cli.status import DEFAULT_DEADLINE_S as DEFAULT_STATUS_DEADLINE_S
 from flowlens_ingest.config import WORKERS, ConfigError
 
 # --- argument types ---------------------------------------------------------------------------
@@ -109,6 +110,7 @@ Examples:
   flowlens-ingest send payload.json --event pull_request
   flowlens-ingest deliveries --failed
   flowlens-ingest replay --failed
+  flowlens-ingest status                       # what needs action (exit 1 if anything does)
   DATABASE_URL=postgresql://... flowlens-ingest db upgrade
 """,
 )
@@ -310,6 +312,39 @@ def prune_command(older_than: timedelta, include_failed: bool, yes: bool) -> int
                 f"--older-than {_duration(older_than)} deletes entries of the last day too; add --yes to do that"
             )
     return prune(older_than, include_failed)
+
+
+@cli.command(
+    "status",
+    epilog=DATABASE_HELP
+    + """
+
+\b
+Exit status: 0 when nothing needs action, 1 when something does (the lines under NEEDS ACTION
+say what, and which command shows more), 2 for a usage or configuration error.
+What each threshold means and what to do: docs/alerts.md.
+\b
+Examples:
+  flowlens-ingest status
+  flowlens-ingest status --json | jq .needs_action
+  flowlens-ingest status --deadline 5 || page-someone   # cron, or a deploy gate
+""",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (for scripts) instead of text.")
+@click.option(
+    "--deadline",
+    type=click.FloatRange(1, 300),
+    default=DEFAULT_STATUS_DEADLINE_S,
+    help="Seconds to answer in, whatever the database does (a database that has not answered by then is reported).",
+)
+def status_command(as_json: bool, deadline: float) -> int:
+    """One screen for someone on call: database, deliveries, failed ones, spool, files queue, GitHub, recovery.
+
+    Reads; never migrates, never creates a database, never changes anything.
+    """
+    from flowlens_ingest.cli.status import status
+
+    return status(load_settings(), json_output=as_json, deadline_s=deadline)
 
 
 @cli.command("nginx-conf")

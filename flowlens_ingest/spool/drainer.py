@@ -135,8 +135,16 @@ class Drainer(threading.Thread):
 
 
 def start(spool: Spool, handle: Callable[[Spooled], Result], metrics: Metrics, interval: float) -> Drainer:
-    """Start a spool drainer (a daemon thread) that reports the spool's depth and set-aside files."""
+    """Start a spool drainer (a daemon thread) that reports the spool's depth, bytes, cap and set-aside files."""
     spool.on_set_aside = metrics.spool_set_aside.inc
-    drainer = Drainer(spool, handle, interval=interval, on_depth=metrics.spool_depth.set)
+    metrics.spool_limit.set(spool.max_bytes)
+
+    def report(depth: int) -> None:
+        # Right after the tick's scan: its estimate is the folder's total.
+        metrics.spool_depth.set(depth)
+        metrics.spool_size.set(spool.estimate())
+        metrics.spool_unusable.set(spool.unusable)
+
+    drainer = Drainer(spool, handle, interval=interval, on_depth=report)
     drainer.start()
     return drainer

@@ -1,0 +1,362 @@
+"""`flowlens-ingest status`: one screen for someone on call, and an exit code for a cron or a deploy gate.
+
+It reads what an operator would otherwise look up in five places: the database
+(reachable, revision, pending migrations), the journal (the last hour by outcome,
+failed deliveries not yet replayed), this host's spool folder, the files queue,
+GitHub's rate limit as the running `serve` last saw it, and recovery. Each part
+says what in it needs action; the thresholds are the alerting rules' own
+(deploy/prometheus/flowlens-alerts.yml, docs/alerts.md). Exit 0: nothing needs
+action; 1: something does (the lines say what and which command shows more).
+
+It answers within `deadline_s` however the database behaves: the database's part
+runs in a thread of its own under a client-side deadline (store/deadline.py),
+and is reported as not answering when it is not back in time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flowlens_ingest.config import Settings
+
+# The thresholds, the same as the alerting rules' (docs/alerts.md says why each).
+# The spool holds deliveries only while the database is away: one older than this is an outage.
+SPOOL_OLDEST_S = 5 * 60
+# Room left in the spool below this share of its cap: deliveries will soon be answered 503.
+SPOOL_ROOM_SHARE = 0.2
+# A files job waiting this long: a credential, permission or rate-limit problem.
+FILES_OLDEST_S = 60 * 60
+# Fewer GitHub requests left than this: enrichment is about to stall until the reset.
+RATE_LIMIT_LOW = 500
+# How long the rate limit probe waits for a running `serve`'s /metrics.
+METRICS_TIMEOUT_S = 2.0
+DEFAULT_DEADLINE_S = 10.0
+# The parts, in the order they are shown (those the database gives are absent when it does not answer).
+PARTS = ("database", "deliveries_last_hour", "failed", "spool", "files", "github_rate_limit", "recovery")
+
+
+@dataclass
+class Report:
+    """What `status` found: one dict per part, and the lines that need action."""
+
+    parts: dict[str, Any] = field(default_factory=dict)
+    actions: list[str] = field(default_factory=list)
+
+    def act(self, line: str) -> None:
+        """Record something that needs an operator."""
+        self.actions.append(line)
+
+
+def _utc(moment: datetime | None) -> str | None:
+    return None if moment is None else f"{moment.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+
+def _age(seconds: float) -> str:
+    """A duration the way a person reads it: 45 s, 12 min, 3.5 h, 2.1 d."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+# --- the database: its own thread, under the deadline -----------------------------------------
+
+
+def _probe_database(settings: Settings, deadline_s: float, report: Report) -> None:
+    """The probe thread: the database's parts, or what stopped them (never an exception lost in a thread)."""
+    try:
+        _database_parts(settings, deadline_s, report)
+    except Exception as exc:  # an embedded server that will not start, a bug: still one line and exit 1
+        report.parts["database"] = {"reachable": False, "error": type(exc).__name__}
+        report.act(f"database: could not be asked ({type(exc).__name__}: {exc})")
+
+
+def _database_parts(settings: Settings, deadline_s: float, report: Report) -> None:
+    """Fill the database's, the journal's and the files queue's parts (runs in the probe thread)."""
+    import sqlalchemy as sa
+
+    from flowlens_ingest.store import migrate
+    from flowlens_ingest.store.database import Database, DatabaseUnavailable
+    from flowlens_ingest.store.deadline import deadline
+
+    database_part: dict[str, Any] = {"reachable": False}
+    report.parts["database"] = database_part
+    url = settings.database_url
+    database_part["where"] = "DATABASE_URL" if url else f"embedded in {settings.data_dir / 'pgdata'}"
+    with deadline(deadline_s):
+        if not url:
+            if not (settings.data_dir / "pgdata").is_dir():
+                database_part["error"] = "no database: DATABASE_URL is unset and FLOWLENS_DATA_DIR holds none"
+                report.act(f"database: none found ({database_part['error']}); set DATABASE_URL or FLOWLENS_DATA_DIR")
+                return
+            from flowlens_ingest.cli import embedded
+
+            # Its keeper stops it once no command uses it any more (cli/embedded.py).
+            _server, url = embedded.start(settings.data_dir, create=False)
+        database = Database(settings, url, application_name="flowlens-ingest-status")
+        try:
+            with database.bounded():
+                current, newest = migrate.revisions(database.engine)
+                problem = migrate.pending(database.engine)
+        except (sa.exc.SQLAlchemyError, DatabaseUnavailable) as exc:
+            database_part["error"] = _reason(exc)
+            report.act(f"database: unreachable ({database_part['error']}); deliveries are being spooled")
+            return
+        database_part.update(reachable=True, revision=current, head=newest, pending_migrations=problem is not None)
+        if problem is not None:
+            report.act(f"database: {problem}")
+            return
+        try:
+            _journal_parts(database, report)
+            _files_part(database, report)
+        except (sa.exc.SQLAlchemyError, DatabaseUnavailable) as exc:
+            database_part["error"] = _reason(exc)
+            report.act(f"database: stopped answering ({database_part['error']})")
+        finally:
+            database.dispose()
+
+
+def _reason(exc: Exception) -> str:
+    """A database error as a reason: its SQLSTATE or type, never its text (it may hold the URL)."""
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "pgcode", None)
+    return str(code or type(orig or exc).__name__)
+
+
+def _journal_parts(database: Any, report: Report) -> None:
+    """The last hour by outcome, and the failed deliveries a replay has not settled yet."""
+    import sqlalchemy as sa
+
+    from flowlens_ingest.events.enums import Outcome
+    from flowlens_ingest.store.journal import JOURNAL_BUCKETS
+    from flowlens_ingest.store.schema import webhook_deliveries as wd
+
+    # By bucket: the journal's time index leads with it (schema.py), so this is a range
+    # read per bucket, not a scan, on a journal of millions of rows.
+    recent = database.read(
+        sa.select(wd.c.outcome, sa.func.count())
+        .where(
+            wd.c.bucket.in_(range(JOURNAL_BUCKETS)), wd.c.received_at >= sa.func.now() - sa.text("interval '1 hour'")
+        )
+        .group_by(wd.c.outcome)
+    )
+    report.parts["deliveries_last_hour"] = {str(outcome): int(n) for outcome, n in recent}
+    # The partial index of failed entries holds only them.
+    count, oldest = database.read(
+        sa.select(sa.func.count(), sa.func.min(wd.c.received_at)).where(wd.c.outcome == Outcome.FAILED.value)
+    )[0]
+    report.parts["failed"] = {"count": int(count), "oldest": _utc(oldest)}
+    if count:
+        report.act(
+            f"journal: {count} failed {'delivery' if count == 1 else 'deliveries'} not replayed (oldest {_utc(oldest)}):"
+            " `flowlens-ingest deliveries --failed` says why; after the fix, `flowlens-ingest replay --failed`"
+        )
+
+
+def _files_part(database: Any, report: Report) -> None:
+    """The files queue: jobs by status, and how long the oldest pending one has waited."""
+    from flowlens_ingest.github import jobs
+
+    queue = jobs.status(database)
+    pending = queue.counts.get("pending", 0) + queue.counts.get("leased", 0)
+    report.parts["files"] = {"pending": pending, "oldest_pending_s": queue.oldest_pending_s, "by_status": queue.counts}
+    if queue.oldest_pending_s is not None and queue.oldest_pending_s > FILES_OLDEST_S:
+        report.act(
+            f"files: the oldest pending job has waited {_age(queue.oldest_pending_s)}"
+            " (a credential, permission or rate limit problem): `flowlens-ingest enrich --status`"
+        )
+
+
+# --- this host: the spool folder, the running serve's /metrics ----------------------------------
+
+
+def _spool_part(settings: Settings, report: Report) -> None:
+    """This host's spool: depth, oldest, set aside, bytes, and the room left (cap and disk)."""
+    from flowlens_ingest.spool.folder import Spool
+
+    if settings.spool_dir is None or settings.spool_max_bytes == 0:
+        report.parts["spool"] = {"enabled": False}
+        return
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+    depth = spool.refresh()
+    used = spool.estimate()
+    oldest = spool.oldest()
+    folder = next((p for p in (settings.spool_dir, *settings.spool_dir.parents) if p.exists()), Path("/"))
+    disk_free = shutil.disk_usage(folder).free
+    room = max(0, min(settings.spool_max_bytes - used, disk_free))
+    age = None if oldest is None else time.time() - oldest.timestamp()
+    report.parts["spool"] = {
+        "enabled": True,
+        "folder": str(settings.spool_dir),
+        "depth": depth,
+        "oldest": _utc(oldest),
+        "oldest_s": age,
+        "set_aside": spool.unusable,
+        "bytes": used,
+        "max_bytes": settings.spool_max_bytes,
+        "room_bytes": room,
+    }
+    if age is not None and age > SPOOL_OLDEST_S:
+        report.act(
+            f"spool: {depth} {'delivery' if depth == 1 else 'deliveries'} waiting, the oldest for {_age(age)}:"
+            " the database is down or refuses them (the service's log says `spool drain paused`)"
+        )
+    if spool.unusable:
+        report.act(
+            f"spool: {spool.unusable} set aside (*.unusable in {settings.spool_dir}): see docs/alerts.md,"
+            " FlowLensSpoolSetAside"
+        )
+    if room < SPOOL_ROOM_SHARE * settings.spool_max_bytes:
+        report.act(
+            f"spool: {room // (1 << 20)} MiB of room left (cap {settings.spool_max_bytes // (1 << 20)} MiB):"
+            " when it is full, deliveries are answered 503 and GitHub does not retry them"
+        )
+
+
+def _metrics_urls(settings: Settings) -> list[str]:
+    """The /metrics of the `serve`s running from this data folder, and of FLOWLENS_URL."""
+    from flowlens_ingest.cli.commands import live_instances
+
+    urls = [instance.url for instance in live_instances(settings.data_dir)]
+    if settings.send_url:
+        urls.append(settings.send_url)
+    return [url.removesuffix("/webhook").rstrip("/") + "/metrics" for url in dict.fromkeys(urls)]
+
+
+def _rate_limit_part(settings: Settings, report: Report) -> None:
+    """GitHub's rate limit as the files worker last saw it, from a running `serve`'s /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    part: dict[str, Any] = {"remaining": None, "source": None}
+    report.parts["github_rate_limit"] = part
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for url in _metrics_urls(settings):
+        try:
+            with opener.open(url, timeout=METRICS_TIMEOUT_S) as answer:
+                text = answer.read().decode()
+        except (OSError, ValueError):
+            continue
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "flowlens_github_rate_limit_remaining":
+                    part.update(remaining=sample.value, source=url)
+        if part["remaining"] is not None:
+            break
+    if part["remaining"] is None:
+        part["note"] = "not seen: no running serve here with a files worker that has asked GitHub yet"
+    elif part["remaining"] < RATE_LIMIT_LOW:
+        report.act(
+            f"github: {part['remaining']:.0f} requests left in the rate limit: files enrichment stalls until the"
+            " reset (`flowlens-ingest enrich --status`)"
+        )
+
+
+def _recovery_part(report: Report) -> None:
+    """Recovery (the last pass, how far back it has checked): not in this release.
+
+    Recovery lands with `flowlens-ingest recover` and the files worker's recovery pass
+    (DESIGN.md, Recovering and backfilling). Its facts go here, and a pass older than
+    GitHub's retention becomes an action, like FlowLensRecoveryBehind in docs/alerts.md.
+    """
+    report.parts["recovery"] = {"available": False, "note": "recovery is not in this release"}
+
+
+# --- the whole ---------------------------------------------------------------------------------
+
+
+def gather(settings: Settings, deadline_s: float = DEFAULT_DEADLINE_S) -> Report:
+    """Everything `status` shows, within `deadline_s` (the database's part is cut off there)."""
+    started = time.monotonic()
+    report = Report()
+    probe = Report()
+    # A daemon thread: if the database hangs past every deadline, the command still ends.
+    thread = threading.Thread(target=_probe_database, args=(settings, deadline_s, probe), daemon=True)
+    thread.start()
+    _spool_part(settings, report)
+    _rate_limit_part(settings, report)
+    _recovery_part(report)
+    thread.join(max(0.0, deadline_s - (time.monotonic() - started)))
+    if thread.is_alive():
+        report.parts["database"] = {"reachable": False, "error": f"no answer within {deadline_s:g} s"}
+        report.actions.insert(0, f"database: no answer within {deadline_s:g} s (hung, or a network partition)")
+    else:
+        report.parts.update(probe.parts)
+        report.actions[:0] = probe.actions
+    return report
+
+
+def as_json(report: Report) -> str:
+    """The report as one JSON object: `ok`, `needs_action` and each part."""
+    ordered = {name: report.parts[name] for name in PARTS if name in report.parts}
+    return json.dumps({"ok": not report.actions, "needs_action": report.actions, **ordered})
+
+
+def as_text(report: Report) -> str:
+    """The report as a screen: a line or two per part, then what needs action."""
+    parts = report.parts
+    lines = [_database_line(parts.get("database", {}))]
+    recent = parts.get("deliveries_last_hour")
+    if recent is not None:
+        shown = ", ".join(f"{n} {outcome}" for outcome, n in sorted(recent.items())) or "none"
+        lines.append(f"deliveries  last hour: {shown}")
+    failed = parts.get("failed")
+    if failed is not None:
+        since = f" (oldest {failed['oldest']})" if failed["count"] else ""
+        lines.append(f"failed      {failed['count']} not replayed{since}")
+    lines.append(_spool_line(parts["spool"]))
+    files = parts.get("files")
+    if files is not None:
+        oldest = "" if files["oldest_pending_s"] is None else f", oldest {_age(files['oldest_pending_s'])}"
+        statuses = ", ".join(f"{n} {label}" for label, n in sorted(files["by_status"].items())) or "no jobs"
+        lines.append(f"files       {files['pending']} pending{oldest} ({statuses})")
+    rate = parts["github_rate_limit"]
+    if rate["remaining"] is None:
+        lines.append(f"github      rate limit {rate['note']}")
+    else:
+        lines.append(f"github      rate limit: {rate['remaining']:.0f} left (from {rate['source']})")
+    lines.append(f"recovery    {parts['recovery']['note']}")
+    if report.actions:
+        lines.append(f"NEEDS ACTION ({len(report.actions)}):")
+        lines += [f"  - {action}" for action in report.actions]
+    else:
+        lines.append("OK: nothing needs action")
+    return "\n".join(lines)
+
+
+def _database_line(part: dict[str, Any]) -> str:
+    where = part.get("where", "")
+    if not part.get("reachable"):
+        return f"database    UNREACHABLE ({part.get('error', 'unknown')}) {where}".rstrip()
+    state = "migrations pending" if part["pending_migrations"] else "at head"
+    revision = part["revision"] or "none (never migrated)"
+    return f"database    reachable, revision {revision} ({state}; this release: {part['head']}), {where}"
+
+
+def _spool_line(part: dict[str, Any]) -> str:
+    if not part["enabled"]:
+        return "spool       off (FLOWLENS_SPOOL_MAX_BYTES=0)"
+    oldest = "" if part["oldest_s"] is None else f", oldest {_age(part['oldest_s'])}"
+    mib = 1 << 20
+    return (
+        f"spool       {part['depth']} waiting{oldest}, {part['set_aside']} set aside,"
+        f" {part['bytes'] / mib:.1f} of {part['max_bytes'] // mib} MiB, room {part['room_bytes'] // mib} MiB"
+    )
+
+
+def status(settings: Settings, *, json_output: bool, deadline_s: float) -> int:
+    """Print the report; 0 when nothing needs action, 1 when something does."""
+    report = gather(settings, deadline_s)
+    print(as_json(report) if json_output else as_text(report), flush=True)
+    return 1 if report.actions else 0

@@ -1,0 +1,170 @@
+"""`flowlens-ingest status`, run as on-call would: on a server database and on the embedded default,
+healthy (exit 0) and in each kind of trouble (exit 1), within its deadline when the database is down or hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from flowlens_ingest.spool.folder import SUFFIX, UNUSABLE_SUFFIX
+from flowlens_ingest.store.schema import webhook_deliveries
+
+from .databases import create_scratch_database, drop_database
+from .helpers import free_port, load_payload
+from .proxy import FreezingProxy
+from .serving import Service, running
+
+PING = load_payload("ping/payload.json")
+
+
+def status(data_dir: Path, *args: str, database_url: str | None = None) -> subprocess.CompletedProcess:
+    """Run `flowlens-ingest status ARGS` with only DATABASE_URL and FLOWLENS_DATA_DIR of FlowLens's variables."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWLENS_", "DATABASE_URL", "GITHUB_"))}
+    environment["FLOWLENS_DATA_DIR"] = str(data_dir)
+    if database_url:
+        environment["DATABASE_URL"] = database_url
+    return subprocess.run(
+        [sys.executable, "-m", "flowlens_ingest.cli", "status", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def report(data_dir: Path, database_url: str | None = None) -> tuple[int, dict]:
+    """`status --json`: its exit code and its object."""
+    done = status(data_dir, "--json", database_url=database_url)
+    assert done.returncode in (0, 1), done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def spool_file(spool: Path, age_s: float, suffix: str = SUFFIX) -> Path:
+    """A spooled delivery that arrived `age_s` ago, as the service writes one."""
+    spool.mkdir(parents=True, exist_ok=True)
+    header = json.dumps(
+        {"delivery_id": str(uuid.uuid4()), "hook_id": 1, "event": "ping", "content_type": "application/json"}
+    )
+    data = header.encode() + b"\n{}"
+    arrived = time.time_ns() - int(age_s * 1e9)
+    path = spool / f"{arrived:020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{len(data)}{suffix}"
+    path.write_bytes(data)
+    return path
+
+
+def journal_failed(db: sa.Engine) -> None:
+    """A delivery journaled as failed, waiting for a replay."""
+    with db.begin() as conn:
+        conn.execute(
+            sa.insert(webhook_deliveries).values(
+                delivery_id=str(uuid.uuid4()), hook_id=1, event="pull_request", payload_sha256="x", outcome="failed"
+            )
+        )
+
+
+def test_a_healthy_service_exits_0_and_says_nothing_needs_action(db, database_url, tmp_path):
+    with db.begin() as conn:
+        conn.execute(
+            sa.insert(webhook_deliveries).values(
+                delivery_id="ok-1", hook_id=1, event="ping", payload_sha256="x", outcome="ignored"
+            )
+        )
+    code, found = report(tmp_path, database_url)
+    assert (code, found["ok"], found["needs_action"]) == (0, True, [])
+    assert found["database"]["reachable"] and not found["database"]["pending_migrations"]
+    assert found["deliveries_last_hour"] == {"ignored": 1}
+    assert found["failed"] == {"count": 0, "oldest": None}
+    assert found["spool"]["depth"] == 0 and found["files"]["pending"] == 0
+    assert found["recovery"]["available"] is False
+    text = status(tmp_path, database_url=database_url)
+    assert text.returncode == 0 and text.stdout.splitlines()[-1] == "OK: nothing needs action"
+
+
+def test_failed_deliveries_an_old_spool_and_a_set_aside_file_each_need_action(db, database_url, tmp_path):
+    journal_failed(db)
+    spool_file(tmp_path / "spool", age_s=600)
+    spool_file(tmp_path / "spool", age_s=5, suffix=SUFFIX + UNUSABLE_SUFFIX)
+    code, found = report(tmp_path, database_url)
+    assert code == 1 and not found["ok"]
+    actions = "\n".join(found["needs_action"])
+    assert len(found["needs_action"]) == 3, actions
+    assert "1 failed delivery not replayed" in actions and "replay --failed" in actions
+    assert "1 delivery waiting, the oldest for 10 min" in actions
+    assert "1 set aside" in actions
+    assert (found["spool"]["depth"], found["spool"]["set_aside"]) == (1, 1)
+    text = status(tmp_path, database_url=database_url)
+    assert text.returncode == 1 and "NEEDS ACTION (3):" in text.stdout
+
+
+def test_a_spool_that_just_started_filling_is_shown_but_is_no_action_yet(db, database_url, tmp_path):
+    spool_file(tmp_path / "spool", age_s=10)
+    code, found = report(tmp_path, database_url)
+    assert (code, found["spool"]["depth"], found["needs_action"]) == (0, 1, [])
+
+
+def test_an_unmigrated_database_needs_action_and_names_the_command(server_url, tmp_path):
+    url = create_scratch_database(server_url, prefix="flowlens_status")
+    try:
+        code, found = report(tmp_path, url)
+    finally:
+        drop_database(url)
+    assert code == 1 and found["database"]["pending_migrations"] is True
+    assert found["needs_action"] == [
+        "database: the database is not migrated, this release needs 0004: run `flowlens-ingest db upgrade`"
+    ]
+
+
+def test_a_database_that_is_down_is_said_at_once_with_exit_1(tmp_path):
+    started = time.monotonic()
+    code, found = report(tmp_path, f"postgresql://postgres@127.0.0.1:{free_port()}/none")
+    assert time.monotonic() - started < 10
+    assert code == 1 and found["database"]["reachable"] is False
+    assert found["needs_action"][0].startswith("database: unreachable")
+    # What the host knows still shows.
+    assert found["spool"]["enabled"] is True and "failed" not in found
+
+
+@pytest.mark.slow
+def test_a_hung_database_is_said_within_the_deadline_with_exit_1(db, database_url, tmp_path):
+    proxy, url = FreezingProxy.to(database_url)
+    try:
+        proxy.freeze()
+        started = time.monotonic()
+        done = status(tmp_path, "--deadline", "3", database_url=url)
+        took = time.monotonic() - started
+    finally:
+        proxy.close()
+    assert done.returncode == 1, done.stderr
+    # The deadline, plus the interpreter's start.
+    assert took < 3 + 3, took
+    assert done.stdout.startswith("database    UNREACHABLE")
+    assert "NEEDS ACTION" in done.stdout
+
+
+@pytest.mark.slow
+def test_status_on_the_embedded_default_database(tmp_path):
+    with running(Service(None, tmp_path, workers=1)) as service:
+        assert service.post(PING, "ping").json()["outcome"] == "ignored"
+        code, found = report(tmp_path)
+        assert code == 0, found["needs_action"]
+        assert found["database"]["where"] == f"embedded in {tmp_path / 'pgdata'}"
+        assert found["deliveries_last_hour"] == {"ignored": 1}
+
+        spool_file(tmp_path / "spool", age_s=5, suffix=SUFFIX + UNUSABLE_SUFFIX)
+        code, found = report(tmp_path)
+        assert code == 1 and found["needs_action"][0].startswith("spool: 1 set aside")
+        assert service.stop() == 0
+
+
+def test_no_database_at_all_needs_action(tmp_path):
+    code, found = report(tmp_path / "nothing-here")
+    assert code == 1 and found["needs_action"][0].startswith("database: none found")
