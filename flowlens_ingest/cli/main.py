@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
 import click
 
 from flowlens_ingest import __version__
+from flowlens_ingest.cli.arguments import Duration, HostPort, Timestamp, duration_text
 from flowlens_ingest.cli.commands import (
     DEFAULT_URL,
     NoDatabase,
@@ -26,62 +25,6 @@ from flowlens_ingest.cli.db import db_shell, db_upgrade
 from flowlens_ingest.cli.serve import serve
 from flowlens_ingest.cli.status import DEFAULT_DEADLINE_S as DEFAULT_STATUS_DEADLINE_S
 from flowlens_ingest.config import WORKERS, ConfigError
-
-# --- argument types ---------------------------------------------------------------------------
-
-
-class HostPort(click.ParamType[str]):
-    """A HOST:PORT argument."""
-
-    name = "HOST:PORT"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from flowlens_ingest.cli.nginx import AddressError, address
-
-        try:
-            return address(str(value))
-        except AddressError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class Duration(click.ParamType[timedelta]):
-    """`30d`, `12h`, `90m`, `3600s` as a timedelta."""
-
-    name = "DURATION"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
-        if isinstance(value, timedelta):
-            return value
-        match = re.fullmatch(r"(\d+)([dhms])", str(value).strip())
-        if not match:
-            self.fail(f"{value!r}: use a number and d, h, m or s, like 30d", param, ctx)
-        unit = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}[match[2]]
-        return timedelta(**{unit: int(match[1])})
-
-
-def _duration(span: timedelta) -> str:
-    """A timedelta the way --older-than takes it: 12h, 90m, 3600s in the largest unit that fits exactly."""
-    seconds = int(span.total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-class Timestamp(click.ParamType[datetime]):
-    """An ISO 8601 time (UTC when no offset is given)."""
-
-    name = "TIME"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
-        if isinstance(value, datetime):
-            return value
-        try:
-            parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-        except ValueError:
-            self.fail(f"{value!r}: use ISO 8601, like 2026-11-28T10:00:00Z", param, ctx)
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
 
 # --- the command line -------------------------------------------------------------------------
 
@@ -309,7 +252,7 @@ def prune_command(older_than: timedelta, include_failed: bool, yes: bool) -> int
             raise click.UsageError("--older-than 0 deletes the whole journal; add --yes to do that")
         if older_than < RECENT:
             raise click.UsageError(
-                f"--older-than {_duration(older_than)} deletes entries of the last day too; add --yes to do that"
+                f"--older-than {duration_text(older_than)} deletes entries of the last day too; add --yes to do that"
             )
     return prune(older_than, include_failed)
 

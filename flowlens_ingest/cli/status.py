@@ -225,7 +225,7 @@ def _spool_part(settings: Settings, report: Report) -> None:
 
 def _metrics_urls(settings: Settings) -> list[str]:
     """The /metrics of the `serve`s running from this data folder, and of FLOWLENS_URL."""
-    from flowlens_ingest.cli.commands import live_instances
+    from flowlens_ingest.cli.instances import live_instances
 
     urls = [instance.url for instance in live_instances(settings.data_dir)]
     if settings.send_url:

@@ -1,0 +1,62 @@
+"""The command line's argument types: HOST:PORT, a duration like 30d, an ISO 8601 time."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import click
+
+
+class HostPort(click.ParamType[str]):
+    """A HOST:PORT argument."""
+
+    name = "HOST:PORT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from flowlens_ingest.cli.nginx import AddressError, address
+
+        try:
+            return address(str(value))
+        except AddressError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class Duration(click.ParamType[timedelta]):
+    """`30d`, `12h`, `90m`, `3600s` as a timedelta."""
+
+    name = "DURATION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        match = re.fullmatch(r"(\d+)([dhms])", str(value).strip())
+        if not match:
+            self.fail(f"{value!r}: use a number and d, h, m or s, like 30d", param, ctx)
+        unit = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}[match[2]]
+        return timedelta(**{unit: int(match[1])})
+
+
+def duration_text(span: timedelta) -> str:
+    """A timedelta the way --older-than takes it: 12h, 90m, 3600s in the largest unit that fits exactly."""
+    seconds = int(span.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+class Timestamp(click.ParamType[datetime]):
+    """An ISO 8601 time (UTC when no offset is given)."""
+
+    name = "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            self.fail(f"{value!r}: use ISO 8601, like 2026-11-28T10:00:00Z", param, ctx)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
