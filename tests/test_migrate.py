@@ -23,6 +23,8 @@ TABLES = {
     "insights",
     "webhook_deliveries",
     "files_jobs",
+    "webhook_hooks",
+    "leases",
 }
 
 
