@@ -111,6 +111,27 @@ class Metrics:
             registry=reg,
         )
 
+        # Recovery of missed deliveries (github/recover.py, its scheduled pass).
+        self.recovered = Counter(
+            "flowlens_recovered_deliveries",
+            "Deliveries missing from the journal that recovery brought in, by how (redelivered, fetched)",
+            ["how"],
+            registry=reg,
+        )
+        self.recovery_failures = Counter(
+            "flowlens_recovery_failures",
+            "Missing deliveries a recovery pass could not bring in (retried on the next pass)",
+            registry=reg,
+        )
+        self.recovery_gaps = Counter(
+            "flowlens_recovery_gaps",
+            "Recovery passes that found a hook unchecked for longer than GitHub keeps its delivery log",
+            registry=reg,
+        )
+        self.recovery_passes = Counter(
+            "flowlens_recovery_passes", "Scheduled recovery passes run, by result", ["result"], registry=reg
+        )
+
     def delivery(self, event: str, outcome: str, seconds: float) -> None:
         """Count one answered delivery."""
         label = event_label(event)

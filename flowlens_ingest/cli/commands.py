@@ -525,3 +525,45 @@ def prune(older_than: timedelta, include_failed: bool) -> int:
             print(file=sys.stderr)
     print(f"flowlens-ingest: pruned {counted(removed, 'journal entry', 'journal entries')}")
     return 0
+
+
+def recover(since: timedelta, dry_run: bool, fetch: bool) -> int:
+    """Compare GitHub's delivery logs with the journal and bring in what is missing (exit 0, 1 or 2)."""
+    from flowlens_ingest.github.recover import Mode, Recoverer, hooks_to_read, retention
+
+    settings = load_settings()
+    if not settings.github_credentials:
+        return fail(
+            "no GitHub credential: set GITHUB_TOKEN (repository and organization hooks) or GITHUB_APP_ID and"
+            " GITHUB_APP_PRIVATE_KEY (the App's webhook)"
+        )
+    database, _server = _database(settings)
+    hooks, skipped = hooks_to_read(settings, database)
+    for reason in skipped:
+        print(f"flowlens-ingest: skipped {reason}", file=sys.stderr)
+    if not hooks:
+        return fail("no hook to read: none has delivered yet; list them in GITHUB_WEBHOOKS (repos/OWNER/REPO/hooks/ID)")
+    kept = retention(settings.github_api_url)
+    if since > kept:
+        print(
+            f"flowlens-ingest: GitHub keeps delivery logs {kept.days} days: older deliveries are gone"
+            " (`backfill` lands the current state)",
+            file=sys.stderr,
+        )
+    start = datetime.now(UTC) - since
+    mode: Mode = "dry_run" if dry_run else "fetch" if fetch else "redeliver"
+    with github_client(settings) as client:
+        report = Recoverer(settings, database, client).run(lambda _hook: start, mode, hooks)
+    for path, why in report.unreadable:
+        print(f"flowlens-ingest: cannot read {path}: {why}", file=sys.stderr)
+    if dry_run:
+        for item in report.missing:
+            print(
+                f"{item.guid}  hook {item.hook_id}  {item.event:<20} {_utc(item.delivered_at)}  {item.attempts} attempt(s)"
+            )
+    for name, why in report.failed:
+        print(f"flowlens-ingest: not recovered: {name}: {why}", file=sys.stderr)
+    print(report.summary())
+    if report.credential_refused and not report.hooks:
+        return 2
+    return 0 if report.complete else 1

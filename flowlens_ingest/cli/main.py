@@ -21,6 +21,7 @@ from flowlens_ingest.cli.commands import (
     fail,
     load_settings,
     prune,
+    recover,
     replay,
     send,
 )
@@ -311,6 +312,43 @@ def prune_command(older_than: timedelta, include_failed: bool, yes: bool) -> int
                 f"--older-than {_duration(older_than)} deletes entries of the last day too; add --yes to do that"
             )
     return prune(older_than, include_failed)
+
+
+@cli.command(
+    "recover",
+    epilog=DATABASE_HELP
+    + """
+
+\b
+Hooks read: the GitHub App's webhook (GITHUB_APP_ID + key, its JWT); with GITHUB_TOKEN, every
+repository or organization hook the journal has seen, and those listed in GITHUB_WEBHOOKS.
+Exit status: 0 when nothing is left missing; 1 when some could not be recovered (named), or,
+with --dry-run, when some are missing; 2 for usage or credentials.
+\b
+Examples:
+  flowlens-ingest recover --dry-run
+  flowlens-ingest recover --since 24h
+  flowlens-ingest recover --fetch          # GitHub cannot reach the service: ingest what its API shows
+""",
+)
+@click.option(
+    "--since", type=Duration(), default="72h", help="How far back to read the logs (GitHub keeps 3 days; GHES 7)."
+)
+@click.option("--dry-run", is_flag=True, help="List the missing deliveries (GUIDs); change nothing.")
+@click.option(
+    "--fetch",
+    is_flag=True,
+    help="Ingest the payload GitHub's API shows (journaled as the API's JSON) instead of asking for a redelivery.",
+)
+def recover_command(since: timedelta, dry_run: bool, fetch: bool) -> int:
+    """Bring in every delivery GitHub logged that the journal lacks, once each.
+
+    Default: ask GitHub to redeliver each (signed, same GUID, through /webhook), one a
+    second, obeying its rate limits, then wait for them in the journal. Ends with a summary line.
+    """
+    if dry_run and fetch:
+        raise click.UsageError("--dry-run and --fetch cannot be used together")
+    return recover(since, dry_run, fetch)
 
 
 @cli.command("nginx-conf")

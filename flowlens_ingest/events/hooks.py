@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 APP_HOOK_PATH = "app/hook"
-# What GITHUB_WEBHOOKS lists, and what api_path() makes.
-_HOOK_PATH = re.compile(r"(?:repos/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+|orgs/[A-Za-z0-9_.-]+)/hooks/(?P<id>[0-9]{1,18})")
 
 
 @dataclass(frozen=True)
@@ -57,9 +55,3 @@ def api_path(hook_id: int, target: HookTarget, payload: dict[str, Any]) -> str |
         login = _login(org.get("login")) if isinstance(org, dict) else None
         return f"orgs/{login}/hooks/{hook_id}" if login else None
     return None
-
-
-def configured_hook(path: str) -> tuple[str, int] | None:
-    """A GITHUB_WEBHOOKS entry (`repos/O/R/hooks/ID` or `orgs/O/hooks/ID`) as (path, hook id); None if not one."""
-    match = _HOOK_PATH.fullmatch(path.strip().strip("/"))
-    return (match.group(0), int(match["id"])) if match else None
