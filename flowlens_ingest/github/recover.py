@@ -15,23 +15,21 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-import sqlalchemy as sa
-
-from flowlens_ingest.config import Settings, configured_hook
+from flowlens_ingest.config import Settings
 from flowlens_ingest.events import parse
 from flowlens_ingest.events.delivery import Delivery
-from flowlens_ingest.events.hooks import APP_HOOK_PATH, target_of
+from flowlens_ingest.events.hooks import target_of
 from flowlens_ingest.github.client import DEFAULT_API_URL, GitHubClient
 from flowlens_ingest.github.errors import Forbidden, GitHubError, RateLimited, Unauthorized
+from flowlens_ingest.github.hooks import Hook, hooks_to_read, journaled, parse_time, shown_header
 from flowlens_ingest.ingest import Disposition, ingest
 from flowlens_ingest.metrics import Metrics
 from flowlens_ingest.store.database import Database
-from flowlens_ingest.store.schema import webhook_deliveries, webhook_hooks
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +47,14 @@ SETTLE_S = 60.0
 POLL_S = 0.25
 # 100 deliveries a page: 1,000 pages is far beyond what 3 days of one hook hold.
 MAX_LOG_PAGES = 1000
-JOURNAL_CHUNK = 500
 
 Mode = Literal["redeliver", "fetch", "dry_run"]
+__all__ = ["Hook", "Missing", "Mode", "Recoverer", "Report", "hooks_to_read", "retention"]
 
 
 def retention(api_url: str) -> timedelta:
     """How long GitHub keeps delivery logs at this API: 3 days on github.com, 7 on Enterprise Server."""
     return RETENTION_GITHUB if api_url.rstrip("/") == DEFAULT_API_URL else RETENTION_GHES
-
-
-@dataclass(frozen=True)
-class Hook:
-    """A webhook whose delivery log is read: its API path, its id (None: the App's, not yet learned)."""
-
-    path: str
-    hook_id: int | None
-    app: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,60 +101,6 @@ class Report:
         hooks = f"{self.hooks} hook{'' if self.hooks == 1 else 's'} read"
         unreadable = f", {len(self.unreadable)} unreadable" if self.unreadable else ""
         return f"recover: {hooks}{unreadable}, {self.listed} logged deliveries, {len(self.missing)} missing ({what})"
-
-
-def hooks_to_read(settings: Settings, database: Database) -> tuple[list[Hook], list[str]]:
-    """The App's webhook (App mode), the repository and organization hooks seen or configured (token); and what is skipped."""
-    rows = database.read(sa.select(webhook_hooks).order_by(webhook_hooks.c.hook_id))
-    hooks: dict[str, Hook] = {}
-    skipped: list[str] = []
-    if settings.github_app_id and settings.github_app_private_key:
-        app_id = int(settings.github_app_id) if settings.github_app_id.isdigit() else None
-        known = [r.hook_id for r in rows if r.api_path == APP_HOOK_PATH and r.target_id in (None, app_id)]
-        hooks[APP_HOOK_PATH] = Hook(APP_HOOK_PATH, known[0] if known else None, app=True)
-    for row in rows:
-        if row.api_path == APP_HOOK_PATH:
-            continue
-        if settings.github_token:
-            hooks.setdefault(row.api_path, Hook(row.api_path, row.hook_id))
-        else:
-            skipped.append(f"{row.api_path}: a repository or organization hook needs GITHUB_TOKEN")
-    for entry in settings.github_webhooks:
-        configured = configured_hook(entry)
-        if configured is not None and settings.github_token:
-            hooks.setdefault(configured[0], Hook(configured[0], configured[1]))
-    return list(hooks.values()), skipped
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def _header(headers: Any, name: str) -> str | None:
-    """A request header GitHub showed, by case-insensitive name."""
-    if not isinstance(headers, dict):
-        return None
-    for key, value in headers.items():
-        if isinstance(key, str) and key.lower() == name.lower() and isinstance(value, str):
-            return value
-    return None
-
-
-def journaled(database: Database, hook_id: int, guids: Iterable[str]) -> set[str]:
-    """Which of these GUIDs the journal holds for this hook (by its primary key)."""
-    wanted = sorted(set(guids))
-    found: set[str] = set()
-    wd = webhook_deliveries
-    for start in range(0, len(wanted), JOURNAL_CHUNK):
-        chunk = wanted[start : start + JOURNAL_CHUNK]
-        query = sa.select(wd.c.delivery_id).where(wd.c.hook_id == hook_id, wd.c.delivery_id.in_(chunk))
-        found.update(row.delivery_id for row in database.read(query))
-    return found
 
 
 class Recoverer:
@@ -228,7 +163,7 @@ class Recoverer:
             page = answer.data if isinstance(answer.data, list) else []
             older = False
             for item in page:
-                at = _parse_time(item.get("delivered_at")) if isinstance(item, dict) else None
+                at = parse_time(item.get("delivered_at")) if isinstance(item, dict) else None
                 if at is None or not isinstance(item.get("guid"), str) or not isinstance(item.get("id"), int):
                     continue
                 if at < since:
@@ -257,7 +192,7 @@ class Recoverer:
         """The App hook's id, from one delivery's request headers (its log's entries do not carry it)."""
         detail = self.client.request_json("GET", f"{hook.path}/deliveries/{item['id']}", app=hook.app).data
         request = detail.get("request") if isinstance(detail, dict) else None
-        raw = _header(request.get("headers") if isinstance(request, dict) else None, "X-GitHub-Hook-ID")
+        raw = shown_header(request.get("headers") if isinstance(request, dict) else None, "X-GitHub-Hook-ID")
         if raw is None or not raw.isdigit():
             raise GitHubError("GitHub's delivery did not name its hook", reason="bad_json")
         self.learned[hook.path] = int(raw)
@@ -351,7 +286,7 @@ class Recoverer:
         payload = request.get("payload") if isinstance(request, dict) else None
         if not isinstance(payload, dict):
             raise GitHubError("GitHub showed no payload for this delivery", reason="no_payload")
-        event = _header(headers, "X-GitHub-Event") or item.event
+        event = shown_header(headers, "X-GitHub-Event") or item.event
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         return Delivery.from_http(
             delivery_id=item.guid,
@@ -360,8 +295,8 @@ class Recoverer:
             content_type="application/json",
             body=body,
             hook_target=target_of(
-                _header(headers, "X-GitHub-Hook-Installation-Target-Type"),
-                _header(headers, "X-GitHub-Hook-Installation-Target-ID"),
+                shown_header(headers, "X-GitHub-Hook-Installation-Target-Type"),
+                shown_header(headers, "X-GitHub-Hook-Installation-Target-ID"),
             ),
             body_from_api=True,
         )
