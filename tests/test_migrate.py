@@ -25,6 +25,7 @@ TABLES = {
     "files_jobs",
     "webhook_hooks",
     "leases",
+    "backfill_progress",
 }
 
 

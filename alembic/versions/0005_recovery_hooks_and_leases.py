@@ -9,7 +9,8 @@ records each (from the X-GitHub-Hook-Installation-Target-Type/-ID headers) with 
 API path and how far the scheduled pass has checked it. `webhook_deliveries.body_from_api`
 marks a journal body that is GitHub's API JSON (`recover --fetch`), not the signed bytes:
 a constant default, so no table rewrite (PostgreSQL 11+) and no scan of the live journal.
-`leases` lets one worker across all VMs run the scheduled pass. New tables, keyed by
+`leases` lets one worker across all VMs run the scheduled pass; `backfill_progress` is where
+an interrupted `backfill` resumes. New tables, keyed by
 their primary keys only: no index on a live table, PostgreSQL 11 syntax.
 """
 
@@ -45,9 +46,19 @@ def upgrade() -> None:
         sa.Column("leased_until", sa.TIMESTAMP(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_leases")),
     )
+    op.create_table(
+        "backfill_progress",
+        sa.Column("full_name", sa.Text(), nullable=False),
+        sa.Column("scope", sa.Text(), nullable=False),
+        sa.Column("done_through", sa.Integer(), nullable=False),
+        sa.Column("created_at", sa.TIMESTAMP(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column("updated_at", sa.TIMESTAMP(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.PrimaryKeyConstraint("full_name", "scope", name=op.f("pk_backfill_progress")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("backfill_progress")
     op.drop_table("leases")
     op.drop_table("webhook_hooks")
     op.execute("ALTER TABLE webhook_deliveries DROP COLUMN IF EXISTS body_from_api")

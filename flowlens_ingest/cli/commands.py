@@ -9,11 +9,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from flowlens_ingest.config import ConfigError, Settings, child_environment, instance_name
 
@@ -567,3 +567,67 @@ def recover(since: timedelta, dry_run: bool, fetch: bool) -> int:
     if report.credential_refused and not report.hooks:
         return 2
     return 0 if report.complete else 1
+
+
+def _progress(stream: TextIO) -> Callable[[int, int, str], None]:
+    """Progress of a backfill on `stream`: a bar redrawn in place on a terminal, else a line every tenth."""
+    terminal = stream.isatty()
+
+    def show(done: int, total: int, what: str) -> None:
+        if terminal:
+            filled = 30 * done // max(total, 1)
+            end = "\n" if done == total else ""
+            stream.write(f"\r{what} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} pull requests{end}")
+            stream.flush()
+        elif done == total or done % max(total // 10, 1) == 0:
+            print(f"flowlens-ingest: {what}: {done}/{total} pull requests", file=stream)
+
+    return show
+
+
+def backfill(repos: Sequence[str], state: str, since: datetime | None) -> int:
+    """Land the current state of repositories through the webhook path (exit 0, 1 or 2)."""
+    import threading
+
+    from flowlens_ingest.github.backfill import Backfiller, BackfillStopped
+    from flowlens_ingest.github.errors import GitHubError
+
+    settings = load_settings()
+    if not settings.github_credentials:
+        return fail("no GitHub credential: set GITHUB_TOKEN, or GITHUB_APP_ID and GITHUB_APP_PRIVATE_KEY")
+    if not repos and not (settings.github_app_id and settings.github_app_private_key):
+        return fail("name the repositories (OWNER/REPO ...): only a GitHub App can list its installations' own")
+    database, _server = _database(settings)
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda _s, _f: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    problems: list[str] = []
+    try:
+        with github_client(settings) as client:
+            filler = Backfiller(
+                settings,
+                database,
+                client,
+                say=lambda line: print(f"flowlens-ingest: {line}", file=sys.stderr),
+                progress=_progress(sys.stderr),
+                stop=stop,
+            )
+            try:
+                targets = filler.targets(list(repos))
+            except GitHubError as exc:
+                return fail(f"cannot list the repositories to backfill: {exc}")
+            for target in targets:
+                try:
+                    filler.repository(target, state, since)
+                except GitHubError as exc:
+                    problems.append(f"{target.full_name}: {exc}")
+    except BackfillStopped as exc:
+        print(f"flowlens-ingest: backfill stopped: {exc}", file=sys.stderr)
+        print(filler.tally.summary())
+        return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for problem in problems + filler.tally.failed:
+        print(f"flowlens-ingest: not landed: {problem}", file=sys.stderr)
+    print(filler.tally.summary())
+    return 1 if problems or filler.tally.failed else 0

@@ -14,6 +14,7 @@ from flowlens_ingest import __version__
 from flowlens_ingest.cli.commands import (
     DEFAULT_URL,
     NoDatabase,
+    backfill,
     db_shell,
     db_upgrade,
     deliveries,
@@ -349,6 +350,48 @@ def recover_command(since: timedelta, dry_run: bool, fetch: bool) -> int:
     if dry_run and fetch:
         raise click.UsageError("--dry-run and --fetch cannot be used together")
     return recover(since, dry_run, fetch)
+
+
+def _repositories(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    for name in value:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", name):
+            raise click.BadParameter(f"{name!r}: use OWNER/REPO, like octo/app")
+    return value
+
+
+@cli.command(
+    "backfill",
+    epilog=DATABASE_HELP
+    + """
+
+\b
+Every snapshot goes through the webhook path (same mappers, same guards): newer webhook state is
+never overwritten, and running it again changes and flags nothing. Progress on stderr; an
+interrupted run resumes where it stopped. Exit status: 0 when everything landed, 1 when some did
+not (named), 2 for usage or credentials.
+\b
+Examples:
+  flowlens-ingest backfill octo/app octo/lib
+  flowlens-ingest backfill --state all --since 2026-01-01 octo/app
+  flowlens-ingest backfill                  # GitHub App: every repository of every installation
+""",
+)
+@click.argument("repositories", nargs=-1, metavar="[OWNER/REPO]...", callback=_repositories)
+@click.option(
+    "--state", type=click.Choice(["open", "all"]), default="open", help="Open pull requests, or closed ones too."
+)
+@click.option(
+    "--since",
+    type=Timestamp(),
+    default=None,
+    help="Only pull requests updated at or after TIME (ISO 8601; UTC if no zone).",
+)
+def backfill_command(repositories: tuple[str, ...], state: str, since: datetime | None) -> int:
+    """Land the current state of repositories: pull requests, reviews, checks, statuses, and a files job per head.
+
+    With no repository named, in GitHub App mode: every repository of every installation.
+    """
+    return backfill(repositories, state, since)
 
 
 @cli.command("nginx-conf")

@@ -346,3 +346,14 @@ leases = sa.Table(
     sa.Column("holder", UUID(as_uuid=True), nullable=False),
     sa.Column("leased_until", _Ts, nullable=False),
 )
+
+# Where an interrupted `backfill` resumes: per repository and scope (its --state and --since), the
+# highest pull request number landed. Removed once the repository is done.
+backfill_progress = sa.Table(
+    "backfill_progress",
+    metadata,
+    sa.Column("full_name", sa.Text, primary_key=True),
+    sa.Column("scope", sa.Text, primary_key=True),
+    sa.Column("done_through", sa.Integer, nullable=False),
+    *_row_times(),
+)
