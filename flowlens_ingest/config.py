@@ -246,7 +246,9 @@ _HOOK_PATH = re.compile(r"(?:repos/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+|orgs/[A-Za-z0
 def configured_hook(path: str) -> tuple[str, int] | None:
     """A GITHUB_WEBHOOKS entry (`repos/O/R/hooks/ID` or `orgs/O/hooks/ID`) as (path, hook id); None if not one."""
     match = _HOOK_PATH.fullmatch(path.strip().strip("/"))
-    return (match.group(0), int(match["id"])) if match else None
+    if match is None or any(not part.strip(".") for part in match.group(0).split("/")):
+        return None  # `.` or `..` as a name would walk the URL path
+    return match.group(0), int(match["id"])
 
 
 def _webhooks(env: Mapping[str, str]) -> tuple[str, ...]:

@@ -264,3 +264,4 @@ def test_the_backfill_command(db, github, monkeypatch, capsys):
 
     assert main(["backfill"]) == 2  # a token cannot list repositories: name them
     assert main(["backfill", "not-a-repo"]) == 2
+    assert main(["backfill", "../etc"]) == 2

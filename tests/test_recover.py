@@ -21,6 +21,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from flowlens_ingest.cli.main import main
 from flowlens_ingest.config import ConfigError, Settings
+from flowlens_ingest.events.hooks import HookTarget, api_path, target_of
 from flowlens_ingest.github.client import GitHubClient
 from flowlens_ingest.github.recover import Mode, Recoverer, Report, hooks_to_read, retention
 from flowlens_ingest.store.schema import pull_requests, webhook_deliveries, webhook_hooks
@@ -273,8 +274,9 @@ def test_recovery_settings_are_checked_at_start():
         "repos/acme/app/hooks/123",
         "orgs/acme/hooks/456",
     )
-    with pytest.raises(ConfigError, match="GITHUB_WEBHOOKS"):
-        Settings.from_env({"GITHUB_WEBHOOKS": "https://github.com/acme/app/settings/hooks/123"})
+    for bad in ("https://github.com/acme/app/settings/hooks/123", "repos/../x/hooks/1", "orgs/acme/hooks/x"):
+        with pytest.raises(ConfigError, match="GITHUB_WEBHOOKS"):
+            Settings.from_env({"GITHUB_WEBHOOKS": bad})
     assert retention("https://api.github.com") == timedelta(days=3)
     assert retention("https://ghe.example/api/v3") == timedelta(days=7)
 
@@ -288,3 +290,16 @@ def test_the_journal_is_compared_by_guid_and_hook(db, github, webhook, hook):
         conn.execute(sa.update(webhook_deliveries).where(webhook_deliveries.c.delivery_id == guid).values(hook_id=99))
     report = run(db, github, "dry_run")
     assert [m.guid for m in report.missing] == [guid]
+
+
+def test_a_hooks_api_path_comes_from_its_target_headers_and_the_payload():
+    repo_payload = {"repository": {"full_name": "octo/app"}, "organization": {"login": "octo"}}
+    assert api_path(11, target_of("repository", "42"), repo_payload) == "repos/octo/app/hooks/11"
+    assert api_path(12, target_of("organization", "7"), repo_payload) == "orgs/octo/hooks/12"
+    assert api_path(13, target_of("integration", "424242"), {}) == "app/hook"
+    # No hook id, an unknown target, a payload that does not name the repository: nothing to record.
+    assert api_path(0, target_of("integration", "1"), {}) is None
+    assert api_path(14, target_of("business", "1"), repo_payload) is None
+    assert api_path(15, target_of("repository", "42"), {"repository": {"full_name": "../x"}}) is None
+    assert target_of("Repository\u00e9", "1") is None and target_of(None, None) is None
+    assert target_of("repository", "x") == HookTarget("repository", None)

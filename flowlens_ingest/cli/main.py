@@ -354,7 +354,7 @@ def recover_command(since: timedelta, dry_run: bool, fetch: bool) -> int:
 
 def _repositories(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     for name in value:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", name):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", name) or any(not p.strip(".") for p in name.split("/")):
             raise click.BadParameter(f"{name!r}: use OWNER/REPO, like octo/app")
     return value
 

@@ -34,15 +34,17 @@ def target_of(target_type: str | None, target_id: str | None) -> HookTarget | No
 
 
 def _login(value: Any) -> str | None:
-    return value if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", value) else None
+    """An owner or repository name fit for a URL path: GitHub's characters, never `.` or `..`."""
+    fits = isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", value) and value.strip(".")
+    return value if fits else None
 
 
 def api_path(hook_id: int, target: HookTarget, payload: dict[str, Any]) -> str | None:
     """The hook's API path (`repos/O/R/hooks/ID`, `orgs/O/hooks/ID`, `app/hook`); None when the payload cannot say."""
-    if target.type == "integration":
-        return APP_HOOK_PATH
     if hook_id <= 0:
         return None
+    if target.type == "integration":
+        return APP_HOOK_PATH
     if target.type == "repository":
         repo = payload.get("repository")
         full_name = repo.get("full_name") if isinstance(repo, dict) else None

@@ -253,7 +253,7 @@ class Backfiller:
 
 def _path(full_name: str) -> str:
     owner, _, repo = full_name.partition("/")
-    if not owner or not repo or "/" in repo:
+    if not owner.strip(".") or not repo.strip(".") or "/" in repo:
         raise ValueError(f"not an OWNER/REPO name: {full_name!r}")
     return f"{quote(owner, safe='')}/{quote(repo, safe='')}"
 

@@ -24,7 +24,7 @@ from flowlens_ingest.config import Settings
 from flowlens_ingest.events import parse
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.hooks import target_of
-from flowlens_ingest.github.client import DEFAULT_API_URL, GitHubClient
+from flowlens_ingest.github.client import DEFAULT_API_URL, GitHubClient, JsonAnswer
 from flowlens_ingest.github.errors import Forbidden, GitHubError, RateLimited, Unauthorized
 from flowlens_ingest.github.hooks import Hook, hooks_to_read, journaled, parse_time, shown_header
 from flowlens_ingest.ingest import Disposition, ingest
@@ -159,7 +159,7 @@ class Recoverer:
         for _ in range(MAX_LOG_PAGES):
             if url is None:
                 break
-            answer = self.client.request_json("GET", url, app=hook.app)
+            answer = self._call("GET", url, hook)
             page = answer.data if isinstance(answer.data, list) else []
             older = False
             for item in page:
@@ -190,7 +190,7 @@ class Recoverer:
 
     def _learn_hook_id(self, hook: Hook, item: dict[str, Any]) -> int:
         """The App hook's id, from one delivery's request headers (its log's entries do not carry it)."""
-        detail = self.client.request_json("GET", f"{hook.path}/deliveries/{item['id']}", app=hook.app).data
+        detail = self._call("GET", f"{hook.path}/deliveries/{item['id']}", hook).data
         request = detail.get("request") if isinstance(detail, dict) else None
         raw = shown_header(request.get("headers") if isinstance(request, dict) else None, "X-GitHub-Hook-ID")
         if raw is None or not raw.isdigit():
@@ -221,16 +221,18 @@ class Recoverer:
                     self.metrics.recovered.labels("redelivered").inc()
 
     def _post_attempt(self, item: Missing) -> None:
-        """POST …/attempts for one delivery, at least `pace_s` after the last POST, waiting out short rate limits."""
+        """POST …/attempts for one delivery (GitHub answers 202 and redelivers)."""
+        self._call("POST", f"{item.hook.path}/deliveries/{item.log_id}/attempts", item.hook)
+
+    def _call(self, method: str, path: str, hook: Hook) -> JsonAnswer:
+        """One request; a POST at least `pace_s` after the last one; short rate limits waited out."""
         for _ in range(RATE_LIMITS_PER_REQUEST):
-            if self.stop.wait(max(0.0, self._last_post + self.pace_s - time.monotonic())):
-                raise GitHubError("stopped", reason="stopped")
-            self._last_post = time.monotonic()
+            if method == "POST":
+                if self.stop.wait(max(0.0, self._last_post + self.pace_s - time.monotonic())):
+                    raise GitHubError("stopped", reason="stopped")
+                self._last_post = time.monotonic()
             try:
-                self.client.request_json(
-                    "POST", f"{item.hook.path}/deliveries/{item.log_id}/attempts", app=item.hook.app
-                )
-                return
+                return self.client.request_json(method, path, app=hook.app)
             except RateLimited as exc:
                 wait = exc.retry_at - self._clock()
                 if wait > MAX_RATE_WAIT_S:
@@ -280,7 +282,7 @@ class Recoverer:
 
     def _shown(self, item: Missing) -> Delivery:
         """The delivery as GitHub's API shows it: its request headers and parsed payload."""
-        detail = self.client.request_json("GET", f"{item.hook.path}/deliveries/{item.log_id}", app=item.hook.app).data
+        detail = self._call("GET", f"{item.hook.path}/deliveries/{item.log_id}", item.hook).data
         request = detail.get("request") if isinstance(detail, dict) else None
         headers = request.get("headers") if isinstance(request, dict) else None
         payload = request.get("payload") if isinstance(request, dict) else None
