@@ -20,7 +20,14 @@ from flowlens_ingest.cli.main import main
 from flowlens_ingest.config import Settings
 from flowlens_ingest.github.backfill import Backfiller, Target
 from flowlens_ingest.github.client import GitHubClient
-from flowlens_ingest.store.schema import backfill_progress, files_jobs, pipeline_runs, pull_requests, repositories
+from flowlens_ingest.store.schema import (
+    backfill_progress,
+    ci_checks,
+    files_jobs,
+    pipeline_runs,
+    pull_requests,
+    repositories,
+)
 
 from .fake_github import FakeGitHub, app_private_key_pem, serve_fake_github
 from .fake_repos import RepoData
@@ -265,3 +272,21 @@ def test_the_backfill_command(db, github, monkeypatch, capsys):
     assert main(["backfill"]) == 2  # a token cannot list repositories: name them
     assert main(["backfill", "not-a-repo"]) == 2
     assert main(["backfill", "../etc"]) == 2
+
+
+def test_check_runs_are_read_page_after_page_inside_their_wrapper(db, github):
+    repo = repository(9_300_009, "octo/many-checks")
+    data = github.repositories.add(repo)
+    serve_state(data, story(repo, 3))  # its one check run completes with success
+    sha = sha_for(repo["full_name"], 3)
+    for k in range(1, 150):
+        run = check_run(repo, sha, f"shard {k}", 7_100_000 + k, "completed", at(100), prs=[3], conclusion="success")
+        data.check_runs[sha].append(run["check_run"])
+    data.check_runs[sha][-1]["conclusion"] = "failure"
+
+    filler(db, github).repository(Target("octo/many-checks"), "open", None)
+
+    assert len(github.calls("GET", f"/commits/{sha}/check-runs")) == 2
+    with db.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(ci_checks)).scalar() == 150
+    assert statuses(db, repo)[3][1] == "failed"  # the last run, on the second page, failed
