@@ -8,7 +8,6 @@ logs as failed. `recover` then reads those logs and brings in what the journal l
 from __future__ import annotations
 
 import itertools
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from werkzeug.serving import BaseWSGIServer, make_server
 
 from flowlens_ingest.cli.main import main
 from flowlens_ingest.config import ConfigError, Settings
@@ -25,11 +23,11 @@ from flowlens_ingest.events.hooks import HookTarget, api_path, target_of
 from flowlens_ingest.github.client import GitHubClient
 from flowlens_ingest.github.recover import Mode, Recoverer, Report, hooks_to_read, retention
 from flowlens_ingest.store.schema import pull_requests, webhook_deliveries, webhook_hooks
-from flowlens_ingest.web.app import create_app
 from flowlens_ingest.web.services import services
 
 from .fake_github import FakeGitHub, app_private_key_pem, serve_fake_github
-from .helpers import SECRET, database_of, free_port, make_settings, rows, wait_for
+from .helpers import SECRET, database_of, rows, wait_for
+from .serving import Webhook
 from .stories import START, pull_request, repository, sha_for
 
 REPO = repository(9_200_001, "octo/recover")
@@ -39,29 +37,6 @@ HOOK_IDS = itertools.count(4242)
 
 def opened(number: int) -> dict[str, Any]:
     return pull_request("opened", REPO, number, sha_for("recover", number), START + timedelta(seconds=number))
-
-
-class Webhook:
-    """The service's /webhook on a fixed port: a real HTTP server, started and stopped at will."""
-
-    def __init__(self, database_url: str, tmp_path: Path) -> None:
-        self.app = create_app(make_settings(database_url, tmp_path))
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/webhook"
-        self._server: BaseWSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._server = make_server("127.0.0.1", self.port, self.app, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=10)
-            self._server = None
 
 
 @pytest.fixture

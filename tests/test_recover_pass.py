@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -24,13 +25,24 @@ from flowlens_ingest.github.client import GitHubClient
 from flowlens_ingest.github.enrich import Enricher
 from flowlens_ingest.github.recover_pass import RecoveryPass
 from flowlens_ingest.metrics import instruments
-from flowlens_ingest.store.schema import leases, webhook_hooks
+from flowlens_ingest.store.schema import leases, webhook_deliveries, webhook_hooks
 
 from .fake_github import FakeGitHub, serve_fake_github
 from .helpers import SECRET, database_of, rows, wait_for
-from .test_recover import REPO, Webhook, journal, opened
+from .serving import Webhook
+from .stories import START, pull_request, repository, sha_for
 
 HOOK_IDS = itertools.count(5151)
+REPO = repository(9_200_002, "octo/recover-pass")
+
+
+def opened(number: int) -> dict[str, Any]:
+    return pull_request("opened", REPO, number, sha_for("recover-pass", number), START + timedelta(seconds=number))
+
+
+def journal(db: Engine, hook_id: int) -> list[dict[str, Any]]:
+    found = rows(db, webhook_deliveries, "delivery_id", "hook_id")
+    return [row for row in found if row["hook_id"] == hook_id]
 
 
 class Clock:
@@ -64,7 +76,7 @@ def webhook(db: Engine, database_url: str, tmp_path: Path) -> Iterator[Webhook]:
 @pytest.fixture
 def hook(github: FakeGitHub, webhook: Webhook) -> tuple[str, int]:
     hook_id = next(HOOK_IDS)
-    path = f"repos/octo/recover/hooks/{hook_id}"
+    path = f"repos/octo/recover-pass/hooks/{hook_id}"
     github.hook_logs.add_hook(path, hook_id, webhook.url, SECRET, target_type="repository", target_id=REPO["id"])
     return path, hook_id
 
