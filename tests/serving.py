@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from flowlens_ingest.web.app import create_app
+from flowlens_ingest.web.services import services
 
 from .helpers import PREVIOUS_SECRET, SECRET, free_port, github_headers, make_settings, wait_for
 
@@ -250,3 +251,8 @@ class Webhook:
             self._server.server_close()
             self._thread.join(timeout=10)
             self._server = None
+
+    def close(self) -> None:
+        """Stop serving and close the app's database connections."""
+        self.stop()
+        services(self.app).database.dispose()

@@ -23,7 +23,6 @@ from flowlens_ingest.events.hooks import HookTarget, api_path, target_of
 from flowlens_ingest.github.client import GitHubClient
 from flowlens_ingest.github.recover import Mode, Recoverer, Report, hooks_to_read, retention
 from flowlens_ingest.store.schema import pull_requests, webhook_deliveries, webhook_hooks
-from flowlens_ingest.web.services import services
 
 from .fake_github import FakeGitHub, app_private_key_pem, serve_fake_github
 from .helpers import SECRET, database_of, rows, wait_for
@@ -49,8 +48,7 @@ def github() -> Iterator[FakeGitHub]:
 def webhook(db: Engine, database_url: str, tmp_path: Path) -> Iterator[Webhook]:
     hook = Webhook(database_url, tmp_path)
     yield hook
-    hook.stop()
-    services(hook.app).database.dispose()
+    hook.close()
 
 
 def settings_for(github: FakeGitHub, *, app: bool = False, token: bool = True, **extra: Any) -> Settings:

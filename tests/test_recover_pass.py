@@ -70,7 +70,7 @@ def github(clock: Clock) -> Iterator[FakeGitHub]:
 def webhook(db: Engine, database_url: str, tmp_path: Path) -> Iterator[Webhook]:
     hook = Webhook(database_url, tmp_path)
     yield hook
-    hook.stop()
+    hook.close()
 
 
 @pytest.fixture
