@@ -276,3 +276,28 @@ def test_a_hooks_api_path_comes_from_its_target_headers_and_the_payload():
     assert api_path(15, target_of("repository", "42"), {"repository": {"full_name": "../x"}}) is None
     assert target_of("Repository\u00e9", "1") is None and target_of(None, None) is None
     assert target_of("repository", "x") == HookTarget("repository", None)
+
+
+def test_the_recover_command_redelivers_and_a_second_run_finds_nothing_missing(
+    db, github, webhook, hook, capsys, monkeypatch
+):
+    path, hook_id = hook
+    webhook.start()
+    github.hook_logs.deliver(path, "pull_request", opened(1))
+    webhook.stop()
+    missed = missed_while_down(github, path, range(2, 4))
+    webhook.start()
+    monkeypatch.setenv("DATABASE_URL", str(db.url.render_as_string(hide_password=False)))
+    monkeypatch.setenv("GITHUB_API_URL", github.url)
+    monkeypatch.setenv("GITHUB_TOKEN", github.token or "")
+
+    assert main(["recover", "--since", "1h"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "recover: 1 hook read, 5 logged deliveries, 2 missing (2 redelivered, 0 not)"
+    )
+    assert {e["delivery_id"] for e in journal(db, hook_id)} >= set(missed)
+
+    github.hook_logs.wait_redeliveries()
+    assert main(["recover"]) == 0
+    assert "0 missing" in capsys.readouterr().out
+    assert attempts_posted(github) == 2
