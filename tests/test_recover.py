@@ -293,7 +293,7 @@ def test_the_recover_command_redelivers_and_a_second_run_finds_nothing_missing(
 
     assert main(["recover", "--since", "1h"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
-        "recover: 1 hook read, 5 logged deliveries, 2 missing (2 redelivered, 0 not)"
+        "recover: 1 hook read, 5 delivery attempts logged, 2 missing (2 redelivered, 0 not)"
     )
     assert {e["delivery_id"] for e in journal(db, hook_id)} >= set(missed)
 

@@ -100,7 +100,7 @@ class Report:
         what = "left to recover" if self.mode == "dry_run" else f"{len(self.recovered)} {done}, {len(self.failed)} not"
         hooks = f"{self.hooks} hook{'' if self.hooks == 1 else 's'} read"
         unreadable = f", {len(self.unreadable)} unreadable" if self.unreadable else ""
-        return f"recover: {hooks}{unreadable}, {self.listed} logged deliveries, {len(self.missing)} missing ({what})"
+        return f"recover: {hooks}{unreadable}, {self.listed} delivery attempts logged, {len(self.missing)} missing ({what})"
 
 
 class Recoverer:
