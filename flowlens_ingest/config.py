@@ -62,6 +62,9 @@ PORT = (1, 65535)
 ENRICH_RATE_RESERVE = (0, 4999)
 ENRICH_LEASE_S = (30, 3600)
 ENRICH_MAX_ATTEMPTS = (1, 20)
+# A scheduled recovery pass every 0 (off) or 1 minute to 1 day: GitHub keeps delivery logs 3 days,
+# so a day still leaves two passes' worth of margin; under a minute is a unit slip (10 meant as 10m).
+RECOVER_EVERY_S = (60, 86400)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "text")
 ISOLATION_LEVELS = ("READ COMMITTED", "REPEATABLE READ")
@@ -221,6 +224,45 @@ def instance_name(address: str) -> str:
     return port if port.isdigit() else re.sub(r"[^A-Za-z0-9_.-]", "_", address)
 
 
+def _duration_s(env: Mapping[str, str], name: str, default: int, bounds: tuple[int, int]) -> int:
+    """A duration (`10m`, `1h`, `90s`, `1d`, or seconds) as seconds: 0 (off) or within `bounds`."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    match = re.fullmatch(r"(\d{1,9})([dhms]?)", raw)
+    seconds = int(match[1]) * {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}[match[2]] if match else None
+    low, high = bounds
+    if seconds is None or (seconds != 0 and not low <= seconds <= high):
+        raise ConfigError(
+            f"{name} must be 0 (off) or a duration from {low // 60}m to {high // 3600}h, like 10m; got {raw!r}"
+        )
+    return seconds
+
+
+# A GITHUB_WEBHOOKS entry: a repository or organization hook's API path.
+_HOOK_PATH = re.compile(r"(?:repos/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+|orgs/[A-Za-z0-9_.-]+)/hooks/(?P<id>[0-9]{1,18})")
+
+
+def configured_hook(path: str) -> tuple[str, int] | None:
+    """A GITHUB_WEBHOOKS entry (`repos/O/R/hooks/ID` or `orgs/O/hooks/ID`) as (path, hook id); None if not one."""
+    match = _HOOK_PATH.fullmatch(path.strip().strip("/"))
+    if match is None or any(not part.strip(".") for part in match.group(0).split("/")):
+        return None  # `.` or `..` as a name would walk the URL path
+    return match.group(0), int(match["id"])
+
+
+def _webhooks(env: Mapping[str, str]) -> tuple[str, ...]:
+    """GITHUB_WEBHOOKS: comma-separated hook API paths, `repos/OWNER/REPO/hooks/ID` or `orgs/ORG/hooks/ID`."""
+    entries = [entry.strip().strip("/") for entry in env.get("GITHUB_WEBHOOKS", "").split(",") if entry.strip()]
+    for entry in entries:
+        if configured_hook(entry) is None:
+            raise ConfigError(
+                "GITHUB_WEBHOOKS must list hook API paths like repos/acme/app/hooks/123,orgs/acme/hooks/456;"
+                f" got {entry[:100]!r}"
+            )
+    return tuple(entries)
+
+
 def _private_key(env: Mapping[str, str]) -> str | None:
     """GITHUB_APP_PRIVATE_KEY (PEM text), or the file GITHUB_APP_PRIVATE_KEY_FILE names."""
     text = env.get("GITHUB_APP_PRIVATE_KEY", "").strip()
@@ -287,6 +329,9 @@ class Settings:
     enrich_lease_s: int = 120
     enrich_poll_s: float = 1.0
     enrich_max_attempts: int = 6
+    # Recovery: hooks to read besides those the journal has seen, and the scheduled pass's interval (0: off).
+    github_webhooks: tuple[str, ...] = ()
+    recover_every_s: int = 600
 
     @property
     def github_credentials(self) -> bool:
@@ -368,4 +413,6 @@ class Settings:
             enrich_rate_reserve=_int(env, "FLOWLENS_ENRICH_RATE_RESERVE", 100, ENRICH_RATE_RESERVE, "requests"),
             enrich_lease_s=_int(env, "FLOWLENS_ENRICH_LEASE_S", 120, ENRICH_LEASE_S, "seconds"),
             enrich_max_attempts=_int(env, "FLOWLENS_ENRICH_MAX_ATTEMPTS", 6, ENRICH_MAX_ATTEMPTS, "attempts"),
+            github_webhooks=_webhooks(env),
+            recover_every_s=_duration_s(env, "FLOWLENS_RECOVER_EVERY", 600, RECOVER_EVERY_S),
         )

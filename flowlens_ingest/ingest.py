@@ -20,12 +20,15 @@ from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
 from flowlens_ingest.events.mappers import map_delivery
 from flowlens_ingest.store.database import Database, DatabaseUnavailable, OnRetry
+from flowlens_ingest.store.hooks import RecordedHooks
 from flowlens_ingest.store.plan import FAILURE, Plan
 from flowlens_ingest.store.schema import webhook_deliveries
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 2000
+# The hooks this process has recorded in webhook_hooks (what `recover` reads the logs of).
+HOOKS = RecordedHooks()
 
 
 class Disposition(enum.Enum):
@@ -87,8 +90,9 @@ def ingest(
     except Exception as exc:  # any shape we did not foresee: journal it, keep serving
         return record_failure(database, delivery, describe(exc), compress=compress, on_retry=on_retry)
     journal = plan.journal(delivery, store_payload=store_payload, replay=replay, compress=compress)
+    hook = HOOKS.statement(delivery)
     try:
-        row = database.run([*plan.statements, journal], on_retry=on_retry)
+        row = database.run([*plan.statements, *([hook] if hook else []), journal], on_retry=on_retry)
     except DatabaseUnavailable as exc:
         return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})")
     except Exception as exc:
@@ -99,6 +103,8 @@ def ingest(
         if result.outcome is Outcome.FAILED:
             log.warning("delivery %s failed to apply: %s", delivery.delivery_id, result.error)
         return result
+    if row is not None and hook is not None:
+        HOOKS.recorded(delivery)
     return Result.stored(Outcome.DUPLICATE if row is None else Outcome(row[0]))
 
 

@@ -160,6 +160,37 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=reg,
         )
+
+        # Recovery of missed deliveries (github/recover.py, its scheduled pass).
+        self.recovered = Counter(
+            "flowlens_recovered_deliveries",
+            "Deliveries missing from the journal that recovery brought in, by how (redelivered, fetched)",
+            ["how"],
+            registry=reg,
+        )
+        self.recovery_failures = Counter(
+            "flowlens_recovery_failures",
+            "Missing deliveries a recovery pass could not bring in (retried on the next pass)",
+            registry=reg,
+        )
+        self.recovery_gaps = Counter(
+            "flowlens_recovery_gaps",
+            "Recovery passes that found a hook unchecked for longer than GitHub keeps its delivery log",
+            registry=reg,
+        )
+        # Absent until a pass completes (a SeenGauge): an installation without recovery must
+        # not read "never, i.e. 1970" and fire FlowLensRecoveryBehind for ever.
+        self.recovery_last_success = SeenGauge(
+            lambda: Gauge(
+                "flowlens_recovery_last_success_timestamp_seconds",
+                "Unix time of the last recovery pass that read every hook's log to its end",
+                multiprocess_mode="max",
+                registry=reg,
+            )
+        )
+        self.recovery_passes = Counter(
+            "flowlens_recovery_passes", "Scheduled recovery passes run, by result", ["result"], registry=reg
+        )
         self._watched_series_at_zero()
 
     def _watched_series_at_zero(self) -> None:

@@ -44,10 +44,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
+from .fake_hooks import HookLogs
+from .fake_repos import Repositories
+
 DEFAULT_TOKEN = "ghp_fakeFlowLensTestToken0000000000000000"
 DEFAULT_APP_ID = 424242
 FAULT_KINDS = ("primary", "secondary", "secondary_403", "server", "forbidden", "gone", "unauthorized", "bad_json")
-ROUTES = ("files", "access_tokens")
+ROUTES = ("files", "access_tokens", "repos")
 DOCS = "https://docs.github.com/rest"
 
 _FILES_PATH = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/pulls/(?P<number>\d+)/files$")
@@ -196,6 +199,10 @@ class FakeGitHub:
             self.primary_reset: str | None = None  # a "primary" fault's `x-ratelimit-reset`, verbatim
             self._streams: dict[tuple[str, int], tuple[Body, int, dict[str, str]]] = {}
             self._renamed: dict[str, tuple[str, Body | None]] = {}
+            # Webhooks that deliver, and their delivery logs (fake_hooks.py).
+            self.hook_logs = HookLogs(self)
+            # Repositories, pull requests, reviews, checks and statuses for backfill (fake_repos.py).
+            self.repositories = Repositories(self)
 
     # -- programming the fake ---------------------------------------------------------------
 
@@ -276,6 +283,12 @@ class FakeGitHub:
             return self._files_route(request, names[0] if names else "", int(match["number"]))
         if request.method == "POST" and (match := _TOKENS_PATH.match(path)):
             return self._tokens_route(request, int(match["installation"]))
+        hooks = self.hook_logs.route(request, path)
+        if hooks is not None:
+            return hooks
+        repos = self.repositories.route(request, path)
+        if repos is not None:
+            return repos
         return _json(404, {"message": "Not Found", "documentation_url": DOCS})
 
     def _rate_headers(self, *, spend: bool) -> dict[str, str]:

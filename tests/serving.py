@@ -1,4 +1,4 @@
-"""Helpers for tests of a running service: `serve` and the Procfile's commands, metrics, logs, processes."""
+"""Helpers for tests of a running service: `serve` and the Procfile's commands, metrics, logs, processes, a bare /webhook."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,8 +16,12 @@ from typing import Any
 import psutil
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+from werkzeug.serving import BaseWSGIServer, make_server
 
-from .helpers import PREVIOUS_SECRET, SECRET, free_port, github_headers, wait_for
+from flowlens_ingest.web.app import create_app
+from flowlens_ingest.web.services import services
+
+from .helpers import PREVIOUS_SECRET, SECRET, free_port, github_headers, make_settings, wait_for
 
 PROCFILE = Path(__file__).resolve().parent.parent / "Procfile"
 
@@ -219,3 +224,35 @@ def running(service: Service) -> Iterator[Service]:
         yield service
     finally:
         service.stop()
+
+
+class Webhook:
+    """The Flask app's /webhook under a real HTTP server (werkzeug's) on a fixed port, started and stopped at will.
+
+    What a GitHub hook delivers to in the recovery tests: down, it refuses connections as a
+    stopped service does; up again, on the same port.
+    """
+
+    def __init__(self, database_url: str, tmp_path: Path) -> None:
+        self.app = create_app(make_settings(database_url, tmp_path))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/webhook"
+        self._server: BaseWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._server = make_server("127.0.0.1", self.port, self.app, threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=10)
+            self._server = None
+
+    def close(self) -> None:
+        """Stop serving and close the app's database connections."""
+        self.stop()
+        services(self.app).database.dispose()

@@ -71,3 +71,12 @@ def test_every_alert_has_a_runbook_entry_that_its_annotation_names():
         for part in ("**Means**", "**Do**", "**More**"):
             assert part in entry, f"{name}'s entry lacks {part}"
         assert rule["labels"]["severity"] in ("warning", "critical")
+
+
+def test_the_rules_name_only_metrics_the_service_defines():
+    """Every series a rule watches is one metrics.py makes (with Prometheus's suffixes), even those not yet seen live."""
+    defined = set(re.findall(r'"(flowlens_[a-z0-9_]+)"', (ROOT / "flowlens_ingest" / "metrics.py").read_text()))
+    watched = {name for rule in alerts() for name in re.findall(r"\bflowlens_[a-z0-9_]+", rule["expr"])}
+    assert watched
+    bases = {re.sub(r"_(total|bucket|count|sum|created)$", "", name) for name in watched}
+    assert bases - defined == set()

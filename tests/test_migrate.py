@@ -23,6 +23,9 @@ TABLES = {
     "insights",
     "webhook_deliveries",
     "files_jobs",
+    "webhook_hooks",
+    "leases",
+    "backfill_progress",
 }
 
 

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from flowlens_ingest.spool.folder import SUFFIX, UNUSABLE_SUFFIX
-from flowlens_ingest.store.schema import webhook_deliveries
+from flowlens_ingest.store.schema import webhook_deliveries, webhook_hooks
 
 from .databases import create_scratch_database, drop_database
 from .helpers import free_port, load_payload
@@ -84,7 +84,7 @@ def test_a_healthy_service_exits_0_and_says_nothing_needs_action(db, database_ur
     assert found["deliveries_last_hour"] == {"ignored": 1}
     assert found["failed"] == {"count": 0, "oldest": None}
     assert found["spool"]["depth"] == 0 and found["files"]["pending"] == 0
-    assert found["recovery"]["available"] is False
+    assert found["recovery"]["hooks"] == {}
     text = status(tmp_path, database_url=database_url)
     assert text.returncode == 0 and text.stdout.splitlines()[-1] == "OK: nothing needs action"
 
@@ -105,6 +105,25 @@ def test_failed_deliveries_an_old_spool_and_a_set_aside_file_each_need_action(db
     assert text.returncode == 1 and "NEEDS ACTION (3):" in text.stdout
 
 
+def test_a_hook_log_unchecked_for_over_a_day_needs_action_before_github_forgets_it(db, database_url, tmp_path):
+    with db.begin() as conn:
+        for hook_id, path, checked in (
+            (11, "repos/acme/app/hooks/11", sa.func.now() - sa.text("interval '2 days'")),
+            (12, "repos/acme/api/hooks/12", sa.func.now() - sa.text("interval '5 minutes'")),
+        ):
+            conn.execute(
+                sa.insert(webhook_hooks).values(
+                    hook_id=hook_id, target_type="repository", target_id=hook_id, api_path=path, checked_through=checked
+                )
+            )
+    code, found = report(tmp_path, database_url)
+    assert code == 1 and set(found["recovery"]["hooks"]) == {"repos/acme/app/hooks/11", "repos/acme/api/hooks/12"}
+    (action,) = found["needs_action"]
+    assert (
+        action.startswith("recovery: 1 hook log(s) not checked for over a day") and "repos/acme/app/hooks/11" in action
+    )
+
+
 def test_a_spool_that_just_started_filling_is_shown_but_is_no_action_yet(db, database_url, tmp_path):
     spool_file(tmp_path / "spool", age_s=10)
     code, found = report(tmp_path, database_url)
@@ -119,7 +138,7 @@ def test_an_unmigrated_database_needs_action_and_names_the_command(server_url, t
         drop_database(url)
     assert code == 1 and found["database"]["pending_migrations"] is True
     assert found["needs_action"] == [
-        "database: the database is not migrated, this release needs 0004: run `flowlens-ingest db upgrade`"
+        "database: the database is not migrated, this release needs 0005: run `flowlens-ingest db upgrade`"
     ]
 
 

@@ -119,7 +119,13 @@ def _journaled(database: Database, delivery_id: str, hook_id: int) -> Delivery |
     """The delivery as the journal holds it, or None when it kept no payload."""
     row = database.first(
         sa.select(
-            wd.c.event, wd.c.body, wd.c.body_encoding, wd.c.content_type, wd.c.payload_sha256, wd.c.received_at
+            wd.c.event,
+            wd.c.body,
+            wd.c.body_encoding,
+            wd.c.content_type,
+            wd.c.payload_sha256,
+            wd.c.received_at,
+            wd.c.body_from_api,
         ).where(wd.c.delivery_id == delivery_id, wd.c.hook_id == hook_id)
     )
     if row is None or row.body is None:
@@ -133,6 +139,7 @@ def _journaled(database: Database, delivery_id: str, hook_id: int) -> Delivery |
         body=decode_body(bytes(row.body), row.body_encoding),
         payload_sha256=row.payload_sha256,
         received_at=row.received_at,
+        body_from_api=row.body_from_api,
     )
 
 

@@ -8,6 +8,12 @@ from typing import Any
 
 import click
 
+# The epilog of every command that reads the database.
+DATABASE_HELP = (
+    "Database: DATABASE_URL, or else the embedded database in FLOWLENS_DATA_DIR (default ./.flowlens)"
+    " that `serve` made; never a new one, never migrated here."
+)
+
 
 class HostPort(click.ParamType[str]):
     """A HOST:PORT argument."""

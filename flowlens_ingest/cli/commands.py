@@ -200,7 +200,7 @@ def send(file: str, event: str, url: str | None, delivery: str | None) -> int:
     return 0 if 200 <= status < 300 and outcome in SETTLED else 1
 
 
-def _utc(moment: datetime) -> str:
+def utc(moment: datetime) -> str:
     """UTC, ISO 8601 with its zone: the form `replay --since` takes."""
     return f"{moment.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
 
@@ -217,11 +217,11 @@ def deliveries(failed: bool, limit: int, as_json: bool = False) -> int:
     except sa.exc.OperationalError:
         return fail("database unavailable")
     if as_json:
-        entries = [dict(row._mapping, received_at=_utc(row.received_at)) for row in rows]
+        entries = [dict(row._mapping, received_at=utc(row.received_at)) for row in rows]
         print(json.dumps(entries))
         return 0
     for row in rows:
-        line = f"{_utc(row.received_at)} {row.delivery_id} {row.event}"
+        line = f"{utc(row.received_at)} {row.delivery_id} {row.event}"
         line += f"/{row.action}" if row.action else ""
         line += f" {row.outcome} attempts={row.attempts}"
         line += f" error={row.error}" if row.error else ""

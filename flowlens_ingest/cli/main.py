@@ -9,7 +9,8 @@ from datetime import datetime, timedelta
 import click
 
 from flowlens_ingest import __version__
-from flowlens_ingest.cli.arguments import Duration, HostPort, Timestamp, duration_text
+from flowlens_ingest.cli import recovery
+from flowlens_ingest.cli.arguments import DATABASE_HELP, Duration, HostPort, Timestamp, duration_text
 from flowlens_ingest.cli.commands import (
     DEFAULT_URL,
     NoDatabase,
@@ -32,10 +33,6 @@ from flowlens_ingest.config import WORKERS, ConfigError
 RECENT = timedelta(days=1)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
-DATABASE_HELP = (
-    "Database: DATABASE_URL, or else the embedded database in FLOWLENS_DATA_DIR (default ./.flowlens)"
-    " that `serve` made; never a new one, never migrated here."
-)
 
 
 @click.group(
@@ -288,6 +285,10 @@ def status_command(as_json: bool, deadline: float) -> int:
     from flowlens_ingest.cli.status import status
 
     return status(load_settings(), json_output=as_json, deadline_s=deadline)
+
+
+cli.add_command(recovery.recover_command)
+cli.add_command(recovery.backfill_command)
 
 
 @cli.command("nginx-conf")

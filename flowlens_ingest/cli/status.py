@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ SPOOL_OLDEST_S = 5 * 60
 SPOOL_ROOM_SHARE = 0.2
 # A files job waiting this long: a credential, permission or rate-limit problem.
 FILES_OLDEST_S = 60 * 60
+# A hook whose delivery log has not been checked for this long: two of GitHub's three days left.
+RECOVERY_BEHIND = timedelta(days=1)
 # Fewer GitHub requests left than this: enrichment is about to stall until the reset.
 RATE_LIMIT_LOW = 500
 # How long the rate limit probe waits for a running `serve`'s /metrics.
@@ -119,6 +121,7 @@ def _database_parts(settings: Settings, deadline_s: float, report: Report) -> No
         try:
             _journal_parts(database, report)
             _files_part(database, report)
+            _recovery_part(settings, database, report)
         except (sa.exc.SQLAlchemyError, DatabaseUnavailable) as exc:
             database_part["error"] = _reason(exc)
             report.act(f"database: stopped answering ({database_part['error']})")
@@ -263,14 +266,40 @@ def _rate_limit_part(settings: Settings, report: Report) -> None:
         )
 
 
-def _recovery_part(report: Report) -> None:
-    """Recovery (the last pass, how far back it has checked): not in this release.
+def _recovery_part(settings: Settings, database: Any, report: Report) -> None:
+    """Recovery: the hooks whose delivery logs are read, and how far back each has been checked.
 
-    Recovery lands with `flowlens-ingest recover` and the files worker's recovery pass
-    (DESIGN.md, Recovering and backfilling). Its facts go here, and a pass older than
-    GitHub's retention becomes an action, like FlowLensRecoveryBehind in docs/alerts.md.
+    A hook checked through a time older than a day is an action (FlowLensRecoveryNearRetention
+    in docs/alerts.md): GitHub keeps its delivery log 3 days (7 on GHES), so what was missed
+    before then is about to be gone for good.
     """
-    report.parts["recovery"] = {"available": False, "note": "recovery is not in this release"}
+    import sqlalchemy as sa
+
+    from flowlens_ingest.github.recover import retention
+    from flowlens_ingest.store.schema import webhook_hooks as wh
+
+    hooks = database.read(sa.select(wh.c.api_path, wh.c.checked_through).order_by(wh.c.api_path))
+    scheduled = settings.recover_every_s > 0 and settings.github_credentials
+    keeps = retention(settings.github_api_url)
+    part: dict[str, Any] = {
+        "scheduled_every_s": settings.recover_every_s if scheduled else None,
+        "github_keeps_days": keeps.days,
+        "hooks": {str(path): _utc(checked) for path, checked in hooks},
+    }
+    report.parts["recovery"] = part
+    if not hooks:
+        part["note"] = "no hook recorded yet (one is recorded from the first delivery that names it)"
+        return
+    if not scheduled:
+        part["note"] = "no scheduled pass (FLOWLENS_RECOVER_EVERY=0 or no GitHub credential): run `recover` by hand"
+    now = datetime.now(UTC)
+    behind = [path for path, checked in hooks if checked is None or now - checked > RECOVERY_BEHIND]
+    if behind:
+        report.act(
+            f"recovery: {len(behind)} hook log(s) not checked for over a day"
+            f" ({', '.join(str(p) for p in behind[:3])}); GitHub keeps {keeps.days} days:"
+            " `flowlens-ingest recover --dry-run` shows what is missing"
+        )
 
 
 # --- the whole ---------------------------------------------------------------------------------
@@ -286,7 +315,6 @@ def gather(settings: Settings, deadline_s: float = DEFAULT_DEADLINE_S) -> Report
     thread.start()
     _spool_part(settings, report)
     _rate_limit_part(settings, report)
-    _recovery_part(report)
     thread.join(max(0.0, deadline_s - (time.monotonic() - started)))
     if thread.is_alive():
         report.parts["database"] = {"reachable": False, "error": f"no answer within {deadline_s:g} s"}

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from flowlens_ingest.events import parse
+from flowlens_ingest.events.hooks import HookTarget, api_path
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class Delivery:
     content_type: str
     # When it first arrived, if not now (a spooled delivery drained later).
     received_at: datetime | None = None
+    # What the hook is installed on (X-GitHub-Hook-Installation-Target-Type/-ID), when sent.
+    hook_target: HookTarget | None = None
+    # The body is GitHub's API JSON of the delivery (`recover --fetch`), not bytes it signed.
+    body_from_api: bool = False
 
     @classmethod
     def from_http(
@@ -42,6 +47,8 @@ class Delivery:
         body: bytes,
         payload_sha256: str | None = None,
         received_at: datetime | None = None,
+        hook_target: HookTarget | None = None,
+        body_from_api: bool = False,
     ) -> Delivery:
         """Parse a delivery's raw body by its content type.
 
@@ -57,6 +64,8 @@ class Delivery:
             body=body,
             content_type=content_type or "",
             received_at=received_at,
+            hook_target=hook_target,
+            body_from_api=body_from_api,
         )
 
     @property
@@ -73,3 +82,10 @@ class Delivery:
         if isinstance(rid, int) and not isinstance(rid, bool) and -(2**63) <= rid < 2**63:
             return rid
         return None
+
+    @property
+    def hook_path(self) -> str | None:
+        """The API path of the hook this came from (its delivery log), when the headers and payload say."""
+        if self.hook_target is None:
+            return None
+        return api_path(self.hook_id, self.hook_target, self.payload)

@@ -94,15 +94,15 @@ class GitHubApp:
             if cached is not None and cached.token == token:
                 del self._tokens[installation_id]
 
-    def _jwt(self) -> str:
-        """A short-lived JWT identifying the App, to mint installation tokens with."""
+    def jwt(self) -> str:
+        """A short-lived JWT identifying the App: for the App's own endpoints (`/app/...`), and to mint tokens."""
         now = int(self._clock())
         claims = {"iat": now - JWT_BACKDATE, "exp": now + JWT_LIFETIME, "iss": self.app_id}
         return jwt.encode(claims, self._key, algorithm="RS256")
 
     def _mint(self, installation_id: int) -> _CachedToken:
         path = f"/app/installations/{int(installation_id)}/access_tokens"
-        answer = self._post(path, {"Authorization": f"Bearer {self._jwt()}"})
+        answer = self._post(path, {"Authorization": f"Bearer {self.jwt()}"})
         # Not recorded in the client's `rate_limit`: App (JWT) requests draw on another budget than the installation's.
         if answer.status_code == 401:
             raise Unauthorized("GitHub rejected the App's JWT (wrong key, app id or clock)", status=401)

@@ -13,6 +13,7 @@ ever held. A list cut by one of these says so (`FilesPage.truncated`).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import zlib
@@ -76,6 +77,15 @@ class FilesPage:
     not_modified: bool
     requests: int
     truncated: bool = False
+
+
+@dataclass(frozen=True)
+class JsonAnswer:
+    """A successful API answer: its status, its JSON body (None when empty) and its `Link: rel="next"` URL."""
+
+    status_code: int
+    data: Any
+    next_url: str | None
 
 
 class GitHubClient:
@@ -347,3 +357,38 @@ class GitHubClient:
             # Our token goes with every page: never send it to a host other than the API's.
             raise GitHubError("GitHub linked the next page to another host", reason="bad_link")
         return url
+
+    # -- any JSON endpoint ------------------------------------------------------------------
+
+    def request_json(
+        self, method: str, path: str, *, app: bool = False, installation_id: int | None = None
+    ) -> JsonAnswer:
+        """One request to the API (a path under it, or a URL it linked to), its JSON answer; typed errors unless 2xx.
+
+        `app`: authenticate as the GitHub App (its JWT: the `/app/...` endpoints); else with the
+        installation's token, or the plain token. Bounded like every request (deadline, byte cap).
+        """
+        url = path if path.startswith(("http://", "https://")) else f"{self.api_url}/{path.lstrip('/')}"
+        if self._origin_of(url) != self._origin:
+            # Our credential goes with the request: never to a host other than the API's.
+            raise GitHubError("GitHub linked to another host", reason="bad_link")
+        if app:
+            if self._app is None:
+                raise Forbidden("no GitHub App configured", reason="no_credential")
+            # Not recorded in `rate_limit`: the App's JWT draws on another budget than the installations'.
+            answer = self._send(method, url, {"Authorization": f"Bearer {self._app.jwt()}"}, self.max_page_bytes)
+        elif method == "GET":
+            answer, _ = self._get(url, installation_id, {}, self.max_page_bytes)
+        else:
+            credential, _ = self._credential(installation_id)
+            answer = self._send(method, url, {"Authorization": f"Bearer {credential}"}, self.max_page_bytes)
+            self._record_rate_limit(answer.headers)
+        if not 200 <= answer.status_code < 300:
+            raise_for(answer, self._clock())
+        if answer.cut:
+            raise Transient("too_large", f"GitHub's answer ran past {self.max_page_bytes} bytes", status=200)
+        try:
+            data = json.loads(answer.body) if answer.body.strip() else None
+        except ValueError:
+            raise Transient("bad_json", "GitHub's answer was not JSON", status=answer.status_code) from None
+        return JsonAnswer(answer.status_code, data, answer.next_url)

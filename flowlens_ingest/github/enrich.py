@@ -165,11 +165,31 @@ class Enricher:
         self.metrics.files_oldest_pending.set(queue.oldest_pending_s or 0)
 
     def run(self, stop: threading.Event) -> None:
-        """Work the queue until `stop` is set; between jobs, wait at most one poll interval."""
+        """Work the queue until `stop` is set; between jobs, wait at most one poll interval.
+
+        Beside it, in a thread of its own, the scheduled recovery pass (recover_pass), unless
+        FLOWLENS_RECOVER_EVERY is 0.
+        """
         log.info(
             "files worker started",
             extra={"credential": self.client.describe(), "api": self.settings.github_api_url},
         )
+        recovery = None
+        if self.settings.recover_every_s > 0:
+            from flowlens_ingest.github.recover_pass import RecoveryPass
+
+            passes = RecoveryPass(self.settings, self.database, self.client, self.metrics)
+            recovery = threading.Thread(target=passes.run, args=(stop,), name="recovery", daemon=True)
+            recovery.start()
+        try:
+            self._work_queue(stop)
+        finally:
+            if recovery is not None:
+                # The pass notices `stop` at its next wait; a request in flight ends within its deadline.
+                recovery.join(timeout=60)
+        log.info("files worker stopped")
+
+    def _work_queue(self, stop: threading.Event) -> None:
         unavailable = False
         while not stop.is_set():
             try:
@@ -189,7 +209,6 @@ class Enricher:
                 unavailable, worked = True, False
             if not worked:
                 stop.wait(self.settings.enrich_poll_s)
-        log.info("files worker stopped")
 
 
 def _settled(settled: bool, status: FilesStatus) -> str:

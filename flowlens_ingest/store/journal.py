@@ -35,6 +35,7 @@ _JOURNAL_COLUMNS = (
     "body_encoding",
     "content_type",
     "bucket",
+    "body_from_api",
 )
 
 
@@ -70,7 +71,10 @@ def journal(stale: StaleTest | None, replay: bool) -> sa.Executable:
             **outcome_set,
             "error": ex.error,
             # A body once kept stays (a replay sends none back).
-            **{c: sa.case((ex.body.is_(None), t.c[c]), else_=ex[c]) for c in ("body", "body_encoding", "content_type")},
+            **{
+                c: sa.case((ex.body.is_(None), t.c[c]), else_=ex[c])
+                for c in ("body", "body_encoding", "content_type", "body_from_api")
+            },
             "payload_sha256": ex.payload_sha256,
             "attempts": t.c.attempts + 1,
         },

@@ -90,6 +90,7 @@ class Plan:
                 "p_body": None if body is None else Bytea(body),
                 "p_body_encoding": encoding.value,
                 "p_content_type": delivery.content_type,
+                "p_body_from_api": delivery.body_from_api,
                 "p_received_at": delivery.received_at,
                 "p_error": error,
                 "p_applied": outcome is not Outcome.FAILED,

@@ -278,6 +278,8 @@ webhook_deliveries = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("applied_at", _Ts),
     sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("1")),
+    # The body is the JSON GitHub's API showed for the delivery (`recover --fetch`), not the signed bytes.
+    sa.Column("body_from_api", sa.Boolean, nullable=False, server_default=sa.false()),
     one_of("outcome", JOURNALED_OUTCOMES),
     one_of("body_encoding", BodyEncoding),
     # Time-ordered reads and deletes (deliveries, replay --since, prune) go by bucket,
@@ -318,4 +320,40 @@ files_jobs = sa.Table(
     one_of("result", FilesStatus),
     # The workers' claim: pending jobs in run_after order.
     sa.Index("ix_files_jobs_run_after_pending", "run_after", postgresql_where=sa.text("state = 'pending'")),
+)
+
+# The webhooks deliveries came from (X-GitHub-Hook-ID with -Installation-Target-Type and -ID),
+# and GITHUB_WEBHOOKS: the delivery logs `recover` reads, and how far the scheduled pass checked each.
+webhook_hooks = sa.Table(
+    "webhook_hooks",
+    metadata,
+    sa.Column("hook_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    # repository | organization | integration (a GitHub App's webhook) | ...
+    sa.Column("target_type", sa.Text, nullable=False),
+    sa.Column("target_id", sa.BigInteger),
+    # The hook's API path: repos/OWNER/REPO/hooks/ID, orgs/ORG/hooks/ID or app/hook.
+    sa.Column("api_path", sa.Text, nullable=False),
+    # Every delivery GitHub logged up to this time has been compared with the journal.
+    sa.Column("checked_through", _Ts),
+    *_row_times(),
+)
+
+# Named leases: one holder at a time across every VM (the scheduled recovery pass).
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("holder", UUID(as_uuid=True), nullable=False),
+    sa.Column("leased_until", _Ts, nullable=False),
+)
+
+# Where an interrupted `backfill` resumes: per repository and scope (its --state and --since), the
+# highest pull request number landed. Removed once the repository is done.
+backfill_progress = sa.Table(
+    "backfill_progress",
+    metadata,
+    sa.Column("full_name", sa.Text, primary_key=True),
+    sa.Column("scope", sa.Text, primary_key=True),
+    sa.Column("done_through", sa.Integer, nullable=False),
+    *_row_times(),
 )

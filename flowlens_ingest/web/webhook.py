@@ -13,6 +13,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from flowlens_ingest.events import parse, signature
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
+from flowlens_ingest.events.hooks import target_of
 from flowlens_ingest.ingest import ingest
 from flowlens_ingest.store.deadline import deadline
 from flowlens_ingest.web.services import services
@@ -152,7 +153,15 @@ def receive() -> tuple[Response, int] | Response:
     body = signed_body()
     try:
         delivery = Delivery.from_http(
-            delivery_id=delivery_id, hook_id=hook_id, event=event, content_type=request.content_type, body=body
+            delivery_id=delivery_id,
+            hook_id=hook_id,
+            event=event,
+            content_type=request.content_type,
+            body=body,
+            hook_target=target_of(
+                request.headers.get("X-GitHub-Hook-Installation-Target-Type"),
+                request.headers.get("X-GitHub-Hook-Installation-Target-ID"),
+            ),
         )
     except parse.UnsupportedMediaType:
         _answer(Outcome.REJECTED, 415, event, delivery_id)

@@ -1,0 +1,203 @@
+"""`recover` and `backfill`: nothing missed, from GitHub's delivery logs and its REST API."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TextIO
+
+import click
+
+from flowlens_ingest.cli.arguments import DATABASE_HELP, Duration, Timestamp
+from flowlens_ingest.cli.commands import fail, github_client, load_settings, open_database, utc
+
+
+def recover(since: timedelta, dry_run: bool, fetch: bool) -> int:
+    """Compare GitHub's delivery logs with the journal and bring in what is missing (exit 0, 1 or 2)."""
+    from flowlens_ingest.github.recover import Mode, Recoverer, hooks_to_read, retention
+
+    settings = load_settings()
+    if not settings.github_credentials:
+        return fail(
+            "no GitHub credential: set GITHUB_TOKEN (repository and organization hooks) or GITHUB_APP_ID and"
+            " GITHUB_APP_PRIVATE_KEY (the App's webhook)"
+        )
+    database, _server = open_database(settings)
+    hooks, skipped = hooks_to_read(settings, database)
+    for reason in skipped:
+        print(f"flowlens-ingest: skipped {reason}", file=sys.stderr)
+    if not hooks:
+        return fail("no hook to read: none has delivered yet; list them in GITHUB_WEBHOOKS (repos/OWNER/REPO/hooks/ID)")
+    kept = retention(settings.github_api_url)
+    if since > kept:
+        print(
+            f"flowlens-ingest: GitHub keeps delivery logs {kept.days} days: older deliveries are gone"
+            " (`backfill` lands the current state)",
+            file=sys.stderr,
+        )
+    start = datetime.now(UTC) - since
+    mode: Mode = "dry_run" if dry_run else "fetch" if fetch else "redeliver"
+    with github_client(settings) as client:
+        report = Recoverer(settings, database, client).run(lambda _hook: start, mode, hooks)
+    for path, why in report.unreadable:
+        print(f"flowlens-ingest: cannot read {path}: {why}", file=sys.stderr)
+    if dry_run:
+        for item in report.missing:
+            print(
+                f"{item.guid}  hook {item.hook_id}  {item.event:<20} {utc(item.delivered_at)}  {item.attempts} attempt(s)"
+            )
+    for name, why in report.failed:
+        print(f"flowlens-ingest: not recovered: {name}: {why}", file=sys.stderr)
+    print(report.summary())
+    if report.credential_refused and not report.hooks:
+        return 2
+    return 0 if report.complete else 1
+
+
+def _progress(stream: TextIO) -> Callable[[int, int, str], None]:
+    """Progress of a backfill on `stream`: a bar redrawn in place on a terminal, else a line every tenth."""
+    terminal = stream.isatty()
+
+    def show(done: int, total: int, what: str) -> None:
+        if terminal:
+            filled = 30 * done // max(total, 1)
+            end = "\n" if done == total else ""
+            stream.write(f"\r{what} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} pull requests{end}")
+            stream.flush()
+        elif done == total or done % max(total // 10, 1) == 0:
+            print(f"flowlens-ingest: {what}: {done}/{total} pull requests", file=stream)
+
+    return show
+
+
+def backfill(repos: Sequence[str], state: str, since: datetime | None) -> int:
+    """Land the current state of repositories through the webhook path (exit 0, 1 or 2)."""
+    import threading
+
+    from flowlens_ingest.github.backfill import Backfiller, BackfillStopped
+    from flowlens_ingest.github.errors import GitHubError
+
+    settings = load_settings()
+    if not settings.github_credentials:
+        return fail("no GitHub credential: set GITHUB_TOKEN, or GITHUB_APP_ID and GITHUB_APP_PRIVATE_KEY")
+    if not repos and not (settings.github_app_id and settings.github_app_private_key):
+        return fail("name the repositories (OWNER/REPO ...): only a GitHub App can list its installations' own")
+    database, _server = open_database(settings)
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda _s, _f: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    problems: list[str] = []
+    try:
+        with github_client(settings) as client:
+            filler = Backfiller(
+                settings,
+                database,
+                client,
+                say=lambda line: print(f"flowlens-ingest: {line}", file=sys.stderr),
+                progress=_progress(sys.stderr),
+                stop=stop,
+            )
+            try:
+                targets = filler.targets(list(repos))
+            except GitHubError as exc:
+                return fail(f"cannot list the repositories to backfill: {exc}")
+            for target in targets:
+                try:
+                    filler.repository(target, state, since)
+                except GitHubError as exc:
+                    problems.append(f"{target.full_name}: {exc}")
+    except BackfillStopped as exc:
+        print(f"flowlens-ingest: backfill stopped: {exc}", file=sys.stderr)
+        print(filler.tally.summary())
+        return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for problem in problems + filler.tally.failed:
+        print(f"flowlens-ingest: not landed: {problem}", file=sys.stderr)
+    print(filler.tally.summary())
+    return 1 if problems or filler.tally.failed else 0
+
+
+# --- the commands (main.py adds them to `flowlens-ingest`) ------------------------------------
+
+
+@click.command(
+    "recover",
+    epilog=DATABASE_HELP
+    + """
+
+\b
+Hooks read: the GitHub App's webhook (GITHUB_APP_ID + key, its JWT); with GITHUB_TOKEN, every
+repository or organization hook the journal has seen, and those listed in GITHUB_WEBHOOKS.
+Exit status: 0 when nothing is left missing; 1 when some could not be recovered (named), or,
+with --dry-run, when some are missing; 2 for usage or credentials.
+\b
+Examples:
+  flowlens-ingest recover --dry-run
+  flowlens-ingest recover --since 24h
+  flowlens-ingest recover --fetch          # GitHub cannot reach the service: ingest what its API shows
+""",
+)
+@click.option(
+    "--since", type=Duration(), default="72h", help="How far back to read the logs (GitHub keeps 3 days; GHES 7)."
+)
+@click.option("--dry-run", is_flag=True, help="List the missing deliveries (GUIDs); change nothing.")
+@click.option(
+    "--fetch",
+    is_flag=True,
+    help="Ingest the payload GitHub's API shows (journaled as the API's JSON) instead of asking for a redelivery.",
+)
+def recover_command(since: timedelta, dry_run: bool, fetch: bool) -> int:
+    """Bring in every delivery GitHub logged that the journal lacks, once each.
+
+    Default: ask GitHub to redeliver each (signed, same GUID, through /webhook), one a
+    second, obeying its rate limits, then wait for them in the journal. Ends with a summary line.
+    """
+    if dry_run and fetch:
+        raise click.UsageError("--dry-run and --fetch cannot be used together")
+    return recover(since, dry_run, fetch)
+
+
+def _repositories(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    for name in value:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", name) or any(not p.strip(".") for p in name.split("/")):
+            raise click.BadParameter(f"{name!r}: use OWNER/REPO, like octo/app")
+    return value
+
+
+@click.command(
+    "backfill",
+    epilog=DATABASE_HELP
+    + """
+
+\b
+Every snapshot goes through the webhook path (same mappers, same guards): newer webhook state is
+never overwritten, and running it again changes and flags nothing. Progress on stderr; an
+interrupted run resumes where it stopped. Exit status: 0 when everything landed, 1 when some did
+not (named), 2 for usage or credentials.
+\b
+Examples:
+  flowlens-ingest backfill octo/app octo/lib
+  flowlens-ingest backfill --state all --since 2026-01-01 octo/app
+  flowlens-ingest backfill                  # GitHub App: every repository of every installation
+""",
+)
+@click.argument("repositories", nargs=-1, metavar="[OWNER/REPO]...", callback=_repositories)
+@click.option(
+    "--state", type=click.Choice(["open", "all"]), default="open", help="Open pull requests, or closed ones too."
+)
+@click.option(
+    "--since",
+    type=Timestamp(),
+    default=None,
+    help="Only pull requests updated at or after TIME (ISO 8601; UTC if no zone).",
+)
+def backfill_command(repositories: tuple[str, ...], state: str, since: datetime | None) -> int:
+    """Land the current state of repositories: pull requests, reviews, checks, statuses, and a files job per head.
+
+    With no repository named, in GitHub App mode: every repository of every installation.
+    """
+    return backfill(repositories, state, since)

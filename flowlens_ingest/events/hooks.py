@@ -1,0 +1,59 @@
+"""Which webhook a delivery came from, and the API path of that hook's delivery log. Pure.
+
+GitHub names the hook in `X-GitHub-Hook-ID` and what it is installed on in
+`X-GitHub-Hook-Installation-Target-Type` (`repository`, `organization`, `integration` for a
+GitHub App's webhook, ...) and `-ID`. `recover` reads each hook's delivery log at its API path:
+https://docs.github.com/en/rest/repos/webhooks, /orgs/webhooks and /apps/webhooks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+APP_HOOK_PATH = "app/hook"
+
+
+@dataclass(frozen=True)
+class HookTarget:
+    """What a hook is installed on, from the delivery's headers."""
+
+    type: str
+    id: int | None
+
+
+def target_of(target_type: str | None, target_id: str | None) -> HookTarget | None:
+    """The headers' hook target; None when absent or not GitHub's plain ASCII forms."""
+    kind = (target_type or "").strip()
+    raw_id = (target_id or "").strip()
+    if not kind or len(kind) > 50 or not re.fullmatch(r"[a-z_]+", kind):
+        return None
+    number = int(raw_id) if raw_id.isascii() and raw_id.isdigit() and len(raw_id) < 19 else None
+    return HookTarget(kind, number)
+
+
+def _login(value: Any) -> str | None:
+    """An owner or repository name fit for a URL path: GitHub's characters, never `.` or `..`."""
+    fits = isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", value) and value.strip(".")
+    return value if fits else None
+
+
+def api_path(hook_id: int, target: HookTarget, payload: dict[str, Any]) -> str | None:
+    """The hook's API path (`repos/O/R/hooks/ID`, `orgs/O/hooks/ID`, `app/hook`); None when the payload cannot say."""
+    if hook_id <= 0:
+        return None
+    if target.type == "integration":
+        return APP_HOOK_PATH
+    if target.type == "repository":
+        repo = payload.get("repository")
+        full_name = repo.get("full_name") if isinstance(repo, dict) else None
+        owner, _, name = full_name.partition("/") if isinstance(full_name, str) else ("", "", "")
+        if _login(owner) and _login(name):
+            return f"repos/{owner}/{name}/hooks/{hook_id}"
+        return None
+    if target.type == "organization":
+        org = payload.get("organization")
+        login = _login(org.get("login")) if isinstance(org, dict) else None
+        return f"orgs/{login}/hooks/{hook_id}" if login else None
+    return None

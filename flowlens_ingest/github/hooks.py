@@ -1,0 +1,86 @@
+"""Which delivery logs recovery reads, and the journal's side of the comparison.
+
+hooks_to_read: the GitHub App's webhook (App mode), the repository and organization hooks the
+journal has seen (`webhook_hooks`) and those GITHUB_WEBHOOKS lists (a token). journaled: which
+GUIDs the journal holds for a hook, by its primary key. Reading GitHub's own answers (times,
+headers it shows) is done here too, with no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from flowlens_ingest.config import Settings, configured_hook
+from flowlens_ingest.events.hooks import APP_HOOK_PATH
+from flowlens_ingest.store.database import Database
+from flowlens_ingest.store.schema import webhook_deliveries, webhook_hooks
+
+JOURNAL_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A webhook whose delivery log is read: its API path, its id (None: the App's, not yet learned)."""
+
+    path: str
+    hook_id: int | None
+    app: bool = False
+
+
+def hooks_to_read(settings: Settings, database: Database) -> tuple[list[Hook], list[str]]:
+    """The App's webhook (App mode), the repository and organization hooks seen or configured (token); and what is skipped."""
+    rows = database.read(sa.select(webhook_hooks).order_by(webhook_hooks.c.hook_id))
+    hooks: dict[str, Hook] = {}
+    skipped: list[str] = []
+    if settings.github_app_id and settings.github_app_private_key:
+        app_id = int(settings.github_app_id) if settings.github_app_id.isdigit() else None
+        known = [r.hook_id for r in rows if r.api_path == APP_HOOK_PATH and r.target_id in (None, app_id)]
+        hooks[APP_HOOK_PATH] = Hook(APP_HOOK_PATH, known[0] if known else None, app=True)
+    for row in rows:
+        if row.api_path == APP_HOOK_PATH:
+            continue
+        if settings.github_token:
+            hooks.setdefault(row.api_path, Hook(row.api_path, row.hook_id))
+        else:
+            skipped.append(f"{row.api_path}: a repository or organization hook needs GITHUB_TOKEN")
+    for entry in settings.github_webhooks:
+        configured = configured_hook(entry)
+        if configured is not None and settings.github_token:
+            hooks.setdefault(configured[0], Hook(configured[0], configured[1]))
+    return list(hooks.values()), skipped
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def shown_header(headers: Any, name: str) -> str | None:
+    """A request header GitHub showed, by case-insensitive name."""
+    if not isinstance(headers, dict):
+        return None
+    for key, value in headers.items():
+        if isinstance(key, str) and key.lower() == name.lower() and isinstance(value, str):
+            return value
+    return None
+
+
+def journaled(database: Database, hook_id: int, guids: Iterable[str]) -> set[str]:
+    """Which of these GUIDs the journal holds for this hook (by its primary key)."""
+    wanted = sorted(set(guids))
+    found: set[str] = set()
+    wd = webhook_deliveries
+    for start in range(0, len(wanted), JOURNAL_CHUNK):
+        chunk = wanted[start : start + JOURNAL_CHUNK]
+        query = sa.select(wd.c.delivery_id).where(wd.c.hook_id == hook_id, wd.c.delivery_id.in_(chunk))
+        found.update(row.delivery_id for row in database.read(query))
+    return found

@@ -1,0 +1,56 @@
+"""The hooks deliveries came from (webhook_hooks): recorded once per process as deliveries name them."""
+
+from __future__ import annotations
+
+import threading
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+
+from flowlens_ingest.events.delivery import Delivery
+from flowlens_ingest.store.expressions import param
+from flowlens_ingest.store.schema import webhook_hooks
+from flowlens_ingest.store.wire import Statement, compiled, values
+
+
+def hook_seen() -> sa.Executable:
+    """Record a hook unless it is known: DO NOTHING, so a known hook's row is neither written nor locked."""
+    t = webhook_hooks
+    return (
+        insert(t)
+        .values(
+            hook_id=param("hook_id"),
+            target_type=param("target_type"),
+            target_id=param("target_id"),
+            api_path=param("api_path"),
+        )
+        .on_conflict_do_nothing(index_elements=[t.c.hook_id])
+    )
+
+
+class RecordedHooks:
+    """The hooks this process has recorded: each costs one statement in one delivery's batch, once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known: set[tuple[int, str]] = set()
+
+    def statement(self, delivery: Delivery) -> Statement | None:
+        """The statement recording the delivery's hook, or None when it names none or this process recorded it."""
+        path = delivery.hook_path
+        if path is None or delivery.hook_target is None:
+            return None
+        with self._lock:
+            if (delivery.hook_id, path) in self._known:
+                return None
+        target = delivery.hook_target
+        return compiled(hook_seen).bind(
+            values(hook_id=delivery.hook_id, target_type=target.type, target_id=target.id, api_path=path)
+        )
+
+    def recorded(self, delivery: Delivery) -> None:
+        """The delivery's batch committed: its hook is in the table."""
+        path = delivery.hook_path
+        if path is not None:
+            with self._lock:
+                self._known.add((delivery.hook_id, path))

@@ -1,0 +1,240 @@
+"""The fake GitHub's webhooks: hooks that really deliver signed bodies, and their delivery logs.
+
+A hook delivers by POSTing to its URL over HTTP, signed with its secret, and logs each attempt
+as GitHub does (`status_code` 0 and "failed to connect" when nobody listens). Its log is served
+as GitHub's REST API serves it: `GET …/deliveries` newest first with an opaque `cursor` in the
+`Link` header, `GET …/deliveries/{id}` with the request's headers and parsed payload, and
+`POST …/deliveries/{id}/attempts` (202), which sends the same signed bytes with the same GUID
+again, after answering. POSTs closer together than `min_post_interval` get a secondary rate limit
+(429, `retry-after`). The App's webhook (`app/hook`) takes the App's JWT only.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import requests
+from werkzeug.wrappers import Request, Response
+
+from flowlens_ingest.events.signature import sign
+
+if TYPE_CHECKING:
+    from .fake_github import FakeGitHub
+
+_ROUTE = re.compile(
+    r"^/(?P<hook>app/hook|(?:repos/[^/]+/[^/]+|orgs/[^/]+)/hooks/\d+)/deliveries(?:/(?P<id>\d+)(?P<attempts>/attempts)?)?$"
+)
+DOCS = "https://docs.github.com/rest/webhooks"
+
+
+@dataclass
+class Attempt:
+    """One logged attempt of a delivery: what was sent and what came back."""
+
+    id: int
+    guid: str
+    event: str
+    body: bytes
+    headers: dict[str, str]
+    delivered_at: float
+    redelivery: bool
+    status_code: int = 0
+    status: str = "failed to connect"
+
+
+@dataclass
+class Hook:
+    """A webhook: where it delivers, its secret, what it is installed on, and its log (oldest first)."""
+
+    path: str
+    hook_id: int
+    url: str
+    secret: str
+    target_type: str
+    target_id: int
+    log: list[Attempt] = field(default_factory=list)
+
+
+class HookLogs:
+    """Hooks and their delivery logs, served under the fake GitHub's API."""
+
+    def __init__(self, fake: FakeGitHub) -> None:
+        self.fake = fake
+        self._lock = threading.Lock()
+        self.hooks: dict[str, Hook] = {}
+        self._ids = iter(range(80_000_001, 10**12))
+        self.min_post_interval = 0.0
+        self._last_post = -1e9
+        self.rate_limited_posts = 0
+        self._threads: list[threading.Thread] = []
+
+    # -- programming ----------------------------------------------------------------------------
+
+    def add_hook(self, path: str, hook_id: int, url: str, secret: str, *, target_type: str, target_id: int) -> Hook:
+        """A hook at API path `path` (`repos/O/R/hooks/ID`, `orgs/O/hooks/ID`, `app/hook`) delivering to `url`."""
+        hook = Hook(path, hook_id, url, secret, target_type, target_id)
+        with self._lock:
+            self.hooks[path] = hook
+        return hook
+
+    def deliver(self, path: str, event: str, payload: dict[str, Any], *, guid: str | None = None) -> str:
+        """Deliver `payload` as GitHub would (signed, over HTTP), logging the attempt; its GUID."""
+        hook = self.hooks[path]
+        body, headers = self._signed(hook, event, payload, guid or str(uuid.uuid4()))
+        self._attempt(hook, headers["X-GitHub-Delivery"], event, body, headers, redelivery=False)
+        return headers["X-GitHub-Delivery"]
+
+    def log_only(self, path: str, event: str, payload: dict[str, Any], *, status_code: int = 200) -> str:
+        """Log a delivery as answered `status_code` without sending it (the answer came from a VM since lost)."""
+        hook = self.hooks[path]
+        body, headers = self._signed(hook, event, payload, str(uuid.uuid4()))
+        guid = headers["X-GitHub-Delivery"]
+        with self._lock:
+            hook.log.append(
+                Attempt(next(self._ids), guid, event, body, headers, self.fake.clock(), False, status_code, "OK")
+            )
+        return guid
+
+    @staticmethod
+    def _signed(hook: Hook, event: str, payload: dict[str, Any], guid: str) -> tuple[bytes, dict[str, str]]:
+        """The body GitHub sends for `payload`, and its headers, signed with the hook's secret."""
+        body = json.dumps(payload).encode()
+        headers = {
+            "Accept": "*/*",
+            "Content-Type": "application/json",
+            "User-Agent": "GitHub-Hookshot/fake",
+            "X-GitHub-Delivery": guid,
+            "X-GitHub-Event": event,
+            "X-GitHub-Hook-ID": str(hook.hook_id),
+            "X-GitHub-Hook-Installation-Target-ID": str(hook.target_id),
+            "X-GitHub-Hook-Installation-Target-Type": hook.target_type,
+            "X-Hub-Signature-256": sign(body, hook.secret.encode()),
+        }
+        return body, headers
+
+    def wait_redeliveries(self, timeout: float = 30) -> None:
+        """Wait for the redeliveries requested so far to have been sent and logged."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for thread in threads:
+            thread.join(timeout)
+
+    # -- delivering -----------------------------------------------------------------------------
+
+    def _attempt(
+        self, hook: Hook, guid: str, event: str, body: bytes, headers: dict[str, str], *, redelivery: bool
+    ) -> None:
+        attempt = Attempt(next(self._ids), guid, event, body, headers, self.fake.clock(), redelivery)
+        try:
+            answer = requests.post(hook.url, data=body, headers=headers, timeout=10)
+            attempt.status_code = answer.status_code
+            attempt.status = "OK" if 200 <= answer.status_code < 300 else f"Invalid HTTP Response: {answer.status_code}"
+        except requests.RequestException:
+            attempt.status_code, attempt.status = 0, "failed to connect"
+        with self._lock:
+            hook.log.append(attempt)
+
+    # -- the REST routes ------------------------------------------------------------------------
+
+    def route(self, request: Request, path: str) -> Response | None:
+        """Answer a delivery-log request, or None when `path` is not one."""
+        match = _ROUTE.match(path)
+        if match is None:
+            return None
+        with self._lock:
+            hook = self.hooks.get(match["hook"])
+        if not self._allowed(request, match["hook"]):
+            return _json(401, {"message": "Bad credentials", "documentation_url": DOCS})
+        if hook is None:
+            return _json(404, {"message": "Not Found", "documentation_url": DOCS})
+        if match["id"] is None and request.method == "GET":
+            return self._list(request, hook)
+        with self._lock:
+            attempt = next((a for a in hook.log if a.id == int(match["id"] or 0)), None)
+        if attempt is None:
+            return _json(404, {"message": "Not Found", "documentation_url": DOCS})
+        if match["attempts"] and request.method == "POST":
+            return self._redeliver(hook, attempt)
+        if not match["attempts"] and request.method == "GET":
+            return _json(200, self._detail(attempt))
+        return _json(404, {"message": "Not Found", "documentation_url": DOCS})
+
+    def _allowed(self, request: Request, hook_path: str) -> bool:
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if hook_path == "app/hook":
+            # The App's JWT only: installation tokens and personal tokens are refused.
+            return scheme.lower() == "bearer" and self.fake._jwt_valid(value)
+        return self.fake._authorized(request)
+
+    def _list(self, request: Request, hook: Hook) -> Response:
+        per_page = min(100, max(1, int(request.args.get("per_page", "30"))))
+        cursor = request.args.get("cursor")
+        start = int(base64.urlsafe_b64decode(cursor.encode()).decode().removeprefix("v1_")) if cursor else 0
+        with self._lock:
+            newest_first = list(reversed(hook.log))
+        page = newest_first[start : start + per_page]
+        headers = {}
+        if start + per_page < len(newest_first):
+            token = base64.urlsafe_b64encode(f"v1_{start + per_page}".encode()).decode()
+            headers["Link"] = f'<{self.fake.url}/{hook.path}/deliveries?per_page={per_page}&cursor={token}>; rel="next"'
+        return _json(200, [self._summary(a) for a in page], headers)
+
+    def _summary(self, attempt: Attempt) -> dict[str, Any]:
+        payload = json.loads(attempt.body)
+        return {
+            "id": attempt.id,
+            "guid": attempt.guid,
+            "delivered_at": datetime.fromtimestamp(int(attempt.delivered_at), UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "redelivery": attempt.redelivery,
+            "duration": 0.05,
+            "status": attempt.status,
+            "status_code": attempt.status_code,
+            "event": attempt.event,
+            "action": payload.get("action"),
+            "installation_id": (payload.get("installation") or {}).get("id"),
+            "repository_id": (payload.get("repository") or {}).get("id"),
+            "throttled_at": None,
+        }
+
+    def _detail(self, attempt: Attempt) -> dict[str, Any]:
+        return {
+            **self._summary(attempt),
+            "url": "https://flowlens.example/webhook",
+            "request": {"headers": attempt.headers, "payload": json.loads(attempt.body)},
+            "response": {"headers": {}, "payload": None},
+        }
+
+    def _redeliver(self, hook: Hook, attempt: Attempt) -> Response:
+        with self._lock:
+            now = self.fake.clock()
+            too_soon = now - self._last_post < self.min_post_interval
+            self._last_post = now
+            if too_soon:
+                self.rate_limited_posts += 1
+        if too_soon:
+            message = "You have exceeded a secondary rate limit. Please wait a few minutes before you try again."
+            return _json(429, {"message": message, "documentation_url": DOCS}, {"retry-after": "1"})
+        # Answered first, sent after, as GitHub does: the same bytes, the same GUID.
+        thread = threading.Thread(
+            target=self._attempt,
+            args=(hook, attempt.guid, attempt.event, attempt.body, attempt.headers),
+            kwargs={"redelivery": True},
+            daemon=True,
+        )
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+        return _json(202, {})
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(body), status=status, headers=headers or {}, content_type="application/json; charset=utf-8"
+    )

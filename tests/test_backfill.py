@@ -1,0 +1,292 @@
+"""Backfill against the fake GitHub on loopback and a real PostgreSQL.
+
+The same story (pull requests, check runs, reviews, commit statuses) is told twice: as webhooks
+to one repository, and as the REST API's current state of another. Backfilling the second must
+land the same statuses the webhooks gave the first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from flowlens_ingest.cli.main import main
+from flowlens_ingest.config import Settings
+from flowlens_ingest.github.backfill import Backfiller, Target
+from flowlens_ingest.github.client import GitHubClient
+from flowlens_ingest.store.schema import (
+    backfill_progress,
+    ci_checks,
+    files_jobs,
+    pipeline_runs,
+    pull_requests,
+    repositories,
+)
+
+from .fake_github import FakeGitHub, app_private_key_pem, serve_fake_github
+from .fake_repos import RepoData
+from .helpers import database_of, rows
+from .stories import START, apply, check_run, pull_request, repository, review, sha_for, status
+
+PULLS = 130
+Event = tuple[str, dict[str, Any]]
+
+
+def at(seconds: int) -> Any:
+    return START + timedelta(seconds=seconds)
+
+
+def story(repo: dict[str, Any], number: int) -> list[Event]:
+    """The webhooks one pull request's life sends, in order."""
+    sha = sha_for(repo["full_name"], number)
+    events: list[Event] = [("pull_request", pull_request("opened", repo, number, sha, START))]
+    if number % 4:
+        events.append(("pull_request", pull_request("synchronize", repo, number, sha, at(600 + number))))
+    conclusion = ("success", "failure", None)[number % 3]
+    run_id = 7_000_000 + number
+    events.append(("check_run", check_run(repo, sha, "build", run_id, "in_progress", at(100), prs=[number])))
+    if conclusion:
+        completed = check_run(repo, sha, "build", run_id, "completed", at(100), prs=[number], conclusion=conclusion)
+        completed["check_run"]["completed_at"] = at(200).strftime("%Y-%m-%dT%H:%M:%SZ")
+        events.append(("check_run", completed))
+    verdicts = {
+        0: [("alice", "approved")],
+        1: [("bob", "changes_requested"), ("bob", "approved")],
+        3: [("alice", "approved"), ("bob", "changes_requested"), ("dave", "commented")],
+    }
+    for k, (who, state) in enumerate(verdicts.get(number % 5, [])):
+        events.append(
+            (
+                "pull_request_review",
+                review("submitted", repo, number, sha, who, 900_000 + number * 10 + k, state, at(300 + k)),
+            )
+        )
+    if number % 5 == 2:
+        events.append(
+            (
+                "pull_request_review",
+                review("submitted", repo, number, sha, "carol", 800_000 + number, "approved", at(300)),
+            )
+        )
+        events.append(
+            (
+                "pull_request_review",
+                review("dismissed", repo, number, sha, "carol", 800_000 + number, "dismissed", at(300)),
+            )
+        )
+    if number % 2 == 0:
+        state = "failure" if number % 7 == 0 else "success"
+        events.append(("status", status(repo, sha, "ci/external", 500_000 + number, state, at(400))))
+    return events
+
+
+def serve_state(data: RepoData, events: list[Event]) -> None:
+    """What GitHub's REST API shows once those webhooks were sent: the latest of each object."""
+    for event, payload in events:
+        if event == "pull_request":
+            data.pulls[payload["number"]] = payload["pull_request"]
+        elif event == "check_run":
+            run = payload["check_run"]
+            runs = data.check_runs.setdefault(run["head_sha"], [])
+            runs[:] = [r for r in runs if r["id"] != run["id"]] + [run]
+        elif event == "pull_request_review":
+            rest = {**payload["review"], "state": payload["review"]["state"].upper()}
+            listed = data.reviews.setdefault(payload["pull_request"]["number"], [])
+            listed[:] = [r for r in listed if r["id"] != rest["id"]] + [rest]
+        elif event == "status":
+            fields = ("id", "state", "context", "target_url", "description", "created_at", "updated_at")
+            data.statuses.setdefault(payload["sha"], []).append({k: payload.get(k) for k in fields})
+
+
+@pytest.fixture
+def github() -> Iterator[FakeGitHub]:
+    with serve_fake_github() as fake:
+        yield fake
+
+
+def filler(db: Engine, github: FakeGitHub, *, app: bool = False, **options: Any) -> Backfiller:
+    settings = Settings(
+        github_api_url=github.url,
+        github_token=None if app else github.token,
+        github_app_id=str(github.app_id) if app else None,
+        github_app_private_key=app_private_key_pem() if app else None,
+        enrich_rate_reserve=0,
+    )
+    client = GitHubClient(
+        api_url=github.url,
+        token=settings.github_token,
+        app_id=settings.github_app_id,
+        private_key=settings.github_app_private_key,
+    )
+    return Backfiller(settings, database_of(db), client, **options)
+
+
+def statuses(db: Engine, repo: dict[str, Any]) -> dict[int, tuple[Any, ...]]:
+    with db.connect() as conn:
+        repo_id = conn.execute(sa.select(repositories.c.id).where(repositories.c.github_id == repo["id"])).scalar()
+        found = conn.execute(
+            sa.select(
+                pipeline_runs.c.pr_number,
+                pipeline_runs.c.commit_sha,
+                pipeline_runs.c.status_pr,
+                pipeline_runs.c.status_build,
+                pipeline_runs.c.status_approval,
+                pipeline_runs.c.status_merge,
+            ).where(pipeline_runs.c.repo_id == repo_id)
+        )
+        return {row[0]: tuple(row[2:]) for row in found}
+
+
+def versions(db: Engine) -> list[tuple[Any, ...]]:
+    with db.connect() as conn:
+        prs = conn.execute(sa.select(pull_requests.c.pr_number, pull_requests.c.version, pull_requests.c.processed))
+        runs = conn.execute(sa.select(pipeline_runs.c.pr_number, pipeline_runs.c.version, pipeline_runs.c.processed))
+        return sorted(prs.all()) + sorted(runs.all())
+
+
+def test_backfill_of_130_pull_requests_lands_what_the_webhooks_would_and_again_changes_nothing(db, github):
+    by_webhook, by_backfill = repository(9_300_001, "octo/webhooked"), repository(9_300_002, "octo/backfilled")
+    for number in range(1, PULLS + 1):
+        for event, payload in story(by_webhook, number):
+            apply(db, event, payload)
+    data = github.repositories.add(by_backfill)
+    for number in range(1, PULLS + 1):
+        serve_state(data, story(by_backfill, number))
+    seen: list[tuple[int, int]] = []
+
+    first = filler(db, github, progress=lambda done, total, _what: seen.append((done, total)))
+    first.repository(Target("octo/backfilled"), "open", None)
+
+    expected = statuses(db, by_webhook)
+    assert len(expected) == PULLS
+    assert statuses(db, by_backfill) == expected
+    assert {s[1] for s in expected.values()} == {"passed", "failed", "running"}
+    assert {s[2] for s in expected.values()} == {"approved", "changes_requested", "pending"}
+    assert {s[0] for s in expected.values()} == {"opened", "updated"}
+    # Each pull request was read in full (the list's simple one has no `additions`), and a files job queued per head.
+    assert len(github.calls("GET", "/pulls/")) >= PULLS
+    with db.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(files_jobs)).scalar() == 2 * PULLS
+        assert conn.execute(sa.select(sa.func.count()).where(pull_requests.c.additions.is_(None))).scalar() == 0
+    assert seen[-1] == (PULLS, PULLS)
+    assert rows(db, backfill_progress) == []
+
+    with db.begin() as conn:
+        conn.execute(sa.update(pull_requests).values(processed=True))
+        conn.execute(sa.update(pipeline_runs).values(processed=True))
+    before = versions(db)
+    again = filler(db, github)
+    again.repository(Target("octo/backfilled"), "open", None)
+    assert versions(db) == before
+    assert set(again.tally.outcomes) == {"duplicate"}
+
+
+def test_backfill_leaves_newer_webhook_state_alone(db, github):
+    repo = repository(9_300_003, "octo/newer")
+    data = github.repositories.add(repo)
+    serve_state(data, story(repo, 1))
+    sha = sha_for(repo["full_name"], 1)
+    newer = pull_request("edited", repo, 1, sha, at(5000), title="renamed after the snapshot")
+    apply(db, "pull_request", newer)
+    apply(
+        db, "check_run", check_run(repo, sha, "build", 7_000_001, "completed", at(4000), prs=[1], conclusion="success")
+    )
+
+    filler(db, github).repository(Target("octo/newer"), "open", None)
+
+    assert [r["title"] for r in rows(db, pull_requests, "title")] == ["renamed after the snapshot"]
+    assert statuses(db, repo)[1][1] == "passed"
+
+
+def test_a_primary_rate_limit_mid_backfill_is_waited_out(db, github):
+    repo = repository(9_300_004, "octo/limited")
+    data = github.repositories.add(repo)
+    for number in range(1, 11):
+        serve_state(data, story(repo, number))
+    github.reset_in = 1.0
+    github.fail_next("primary", route="repos", after=12)
+    said: list[str] = []
+
+    filler(db, github, say=said.append).repository(Target("octo/limited"), "open", None)
+
+    assert any("primary rate limit" in line for line in said)
+    assert len(statuses(db, repo)) == 10
+
+
+def test_an_interrupted_backfill_resumes_after_the_last_pull_request_it_landed(db, github):
+    repo = repository(9_300_005, "octo/resumed")
+    data = github.repositories.add(repo)
+    for number in range(1, 21):
+        serve_state(data, story(repo, number))
+    # GitHub fails once, part-way: the pull requests landed so far are recorded.
+    github.fail_next("gone", route="repos", after=30)
+    with pytest.raises(Exception, match="404"):
+        filler(db, github).repository(Target("octo/resumed"), "open", None)
+    (progress,) = rows(db, backfill_progress, "full_name", "done_through")
+    assert 0 < progress["done_through"] < 20
+    read_before = len(github.calls("GET", "/pulls/"))
+
+    filler(db, github).repository(Target("octo/resumed"), "open", None)
+
+    full_reads = {c.path for c in github.calls("GET", "/pulls/")[read_before:] if c.path.rsplit("/", 1)[-1].isdigit()}
+    assert full_reads == {f"/repos/octo/resumed/pulls/{n}" for n in range(progress["done_through"] + 1, 21)}
+    assert len(statuses(db, repo)) == 20
+    assert rows(db, backfill_progress) == []
+
+
+def test_in_app_mode_every_repository_of_every_installation_is_backfilled(db, github):
+    first, second = repository(9_300_006, "octo/one"), repository(9_300_007, "acme/two")
+    for repo, installation in ((first, 11), (second, 22)):
+        serve_state(github.repositories.add(repo, installation), story(repo, 1))
+    app = filler(db, github, app=True)
+
+    targets = app.targets([])
+    assert sorted(targets, key=lambda t: t.full_name) == [Target("acme/two", 22), Target("octo/one", 11)]
+    for target in targets:
+        app.repository(target, "open", None)
+
+    assert sorted(r["installation_id"] for r in rows(db, files_jobs, "installation_id")) == [11, 22]
+    assert app.targets(["octo/one"]) == [Target("octo/one", 11)]
+
+
+def test_the_backfill_command(db, github, monkeypatch, capsys):
+    repo = repository(9_300_008, "octo/cli")
+    serve_state(github.repositories.add(repo), story(repo, 1) + story(repo, 2))
+    monkeypatch.setenv("DATABASE_URL", str(db.url.render_as_string(hide_password=False)))
+    monkeypatch.setenv("GITHUB_API_URL", github.url)
+    monkeypatch.setenv("GITHUB_TOKEN", github.token or "")
+    assert threading.current_thread() is threading.main_thread()
+
+    assert main(["backfill", "octo/cli", "--state", "all", "--since", "2020-01-01"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1].startswith("backfill: 2 pull requests read")
+    assert "octo/cli: 2/2 pull requests" in err
+    assert len(statuses(db, repo)) == 2
+
+    assert main(["backfill"]) == 2  # a token cannot list repositories: name them
+    assert main(["backfill", "not-a-repo"]) == 2
+    assert main(["backfill", "../etc"]) == 2
+
+
+def test_check_runs_are_read_page_after_page_inside_their_wrapper(db, github):
+    repo = repository(9_300_009, "octo/many-checks")
+    data = github.repositories.add(repo)
+    serve_state(data, story(repo, 3))  # its one check run completes with success
+    sha = sha_for(repo["full_name"], 3)
+    for k in range(1, 150):
+        run = check_run(repo, sha, f"shard {k}", 7_100_000 + k, "completed", at(100), prs=[3], conclusion="success")
+        data.check_runs[sha].append(run["check_run"])
+    data.check_runs[sha][-1]["conclusion"] = "failure"
+
+    filler(db, github).repository(Target("octo/many-checks"), "open", None)
+
+    assert len(github.calls("GET", f"/commits/{sha}/check-runs")) == 2
+    with db.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(ci_checks)).scalar() == 150
+    assert statuses(db, repo)[3][1] == "failed"  # the last run, on the second page, failed

@@ -1,0 +1,172 @@
+"""The scheduled recovery pass: one worker across VMs, checkpoints, metrics, the retention warning.
+
+Against the fake GitHub on loopback, whose hooks really deliver to the service (a real HTTP
+server), and a real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import REGISTRY
+from sqlalchemy.engine import Engine
+
+from flowlens_ingest.config import Settings
+from flowlens_ingest.github.client import GitHubClient
+from flowlens_ingest.github.enrich import Enricher
+from flowlens_ingest.github.recover_pass import RecoveryPass
+from flowlens_ingest.metrics import instruments
+from flowlens_ingest.store.schema import leases, webhook_deliveries, webhook_hooks
+
+from .fake_github import FakeGitHub, serve_fake_github
+from .helpers import SECRET, database_of, rows, wait_for
+from .serving import Webhook
+from .stories import START, pull_request, repository, sha_for
+
+HOOK_IDS = itertools.count(5151)
+REPO = repository(9_200_002, "octo/recover-pass")
+
+
+def opened(number: int) -> dict[str, Any]:
+    return pull_request("opened", REPO, number, sha_for("recover-pass", number), START + timedelta(seconds=number))
+
+
+def journal(db: Engine, hook_id: int) -> list[dict[str, Any]]:
+    found = rows(db, webhook_deliveries, "delivery_id", "hook_id")
+    return [row for row in found if row["hook_id"] == hook_id]
+
+
+class Clock:
+    """Wall-clock time, shifted when told: GitHub's log can hold attempts of an hour ago."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def github(clock: Clock) -> Iterator[FakeGitHub]:
+    with serve_fake_github(clock=clock) as fake:
+        yield fake
+
+
+@pytest.fixture
+def webhook(db: Engine, database_url: str, tmp_path: Path) -> Iterator[Webhook]:
+    hook = Webhook(database_url, tmp_path)
+    yield hook
+    hook.close()
+
+
+@pytest.fixture
+def hook(github: FakeGitHub, webhook: Webhook) -> tuple[str, int]:
+    hook_id = next(HOOK_IDS)
+    path = f"repos/octo/recover-pass/hooks/{hook_id}"
+    github.hook_logs.add_hook(path, hook_id, webhook.url, SECRET, target_type="repository", target_id=REPO["id"])
+    return path, hook_id
+
+
+def make_pass(db: Engine, github: FakeGitHub, path: str, **settings: object) -> RecoveryPass:
+    config = Settings(
+        github_api_url=github.url, github_token=github.token, github_webhooks=(path,), recover_every_s=600, **settings
+    )
+    client = GitHubClient(api_url=github.url, token=github.token)
+    return RecoveryPass(config, database_of(db), client, instruments(), pace_s=0.01, settle_s=30)
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def expire_lease(db: Engine) -> None:
+    with db.begin() as conn:
+        conn.execute(sa.update(leases).values(leased_until=sa.func.now() - timedelta(seconds=1)))
+
+
+def test_one_worker_across_vms_recovers_and_the_next_pass_reads_only_what_is_new(db, github, webhook, hook, clock):
+    path, hook_id = hook
+    clock.offset = -3600  # these failed an hour ago
+    missed = [github.hook_logs.deliver(path, "pull_request", opened(n)) for n in (1, 2, 3)]
+    webhook.start()
+    first, second = make_pass(db, github, path), make_pass(db, github, path)
+    recovered_before = counter("flowlens_recovered_deliveries_total", how="redelivered")
+
+    report = first.run_once()
+    github.hook_logs.wait_redeliveries()
+
+    assert report is not None and sorted(m.guid for m in report.recovered) == sorted(missed)
+    assert second.run_once() is None  # the other VM's worker: the lease is held until the next pass is due
+    assert counter("flowlens_recovered_deliveries_total", how="redelivered") - recovered_before == 3
+    assert {e["delivery_id"] for e in journal(db, hook_id)} == set(missed)
+    (checked,) = [r["checked_through"] for r in rows(db, webhook_hooks, "hook_id", "checked_through")]
+    assert datetime.now(UTC) - timedelta(minutes=5) < checked < datetime.now(UTC)
+
+    clock.offset = 0.0
+    webhook.stop()
+    late = github.hook_logs.deliver(path, "pull_request", opened(4))
+    webhook.start()
+    expire_lease(db)
+    again = second.run_once()
+
+    # Only the attempt since the checkpoint is read: not the hour-old ones nor their redeliveries.
+    assert again is not None and again.listed == 1
+    assert [m.guid for m in again.recovered] == [late]
+
+
+def test_a_hook_unchecked_longer_than_githubs_retention_is_warned_about_loudly_and_counted(
+    db, github, webhook, hook, caplog
+):
+    path, _ = hook
+    webhook.start()
+    github.hook_logs.deliver(path, "pull_request", opened(1))
+    # The fake is not api.github.com: GitHub Enterprise Server's 7 days apply.
+    eight_days_ago = datetime.now(UTC) - timedelta(days=8)
+    with db.begin() as conn:
+        conn.execute(sa.update(webhook_hooks).values(checked_through=eight_days_ago))
+    gaps_before = counter("flowlens_recovery_gaps_total")
+
+    with caplog.at_level(logging.ERROR, logger="flowlens_ingest.github.recover_pass"):
+        report = make_pass(db, github, path).run_once()
+
+    assert report is not None and report.complete
+    assert counter("flowlens_recovery_gaps_total") - gaps_before == 1
+    assert any("older than GitHub's retention" in r.getMessage() for r in caplog.records)
+
+
+def test_the_files_worker_runs_the_pass_on_its_schedule(db, github, webhook, hook):
+    path, hook_id = hook
+    missed = github.hook_logs.deliver(path, "pull_request", opened(1))
+    webhook.start()
+    settings = Settings(
+        github_api_url=github.url,
+        github_token=github.token,
+        github_webhooks=(path,),
+        recover_every_s=600,
+        enrich_poll_s=0.05,
+    )
+    worker = Enricher(settings, database_of(db), GitHubClient(api_url=github.url, token=github.token), instruments())
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: {e["delivery_id"] for e in journal(db, hook_id)} == {missed}, "the redelivered delivery")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert len(github.calls("POST", "/attempts")) == 1
