@@ -331,6 +331,17 @@ def as_json(report: Report) -> str:
     return json.dumps({"ok": not report.actions, "needs_action": report.actions, **ordered})
 
 
+def _recovery_line(recovery: dict[str, Any]) -> str:
+    hooks = recovery["hooks"]
+    if not hooks:
+        return f"recovery    {recovery['note']}"
+    checked = [when for when in hooks.values() if when is not None]
+    oldest = f", every log checked through {min(checked)} or later" if len(checked) == len(hooks) else ""
+    every = recovery["scheduled_every_s"]
+    schedule = f"a pass every {_age(every)}" if every else recovery.get("note", "")
+    return f"recovery    {len(hooks)} hook log(s){oldest}; {schedule}"
+
+
 def as_text(report: Report) -> str:
     """The report as a screen: a line or two per part, then what needs action."""
     parts = report.parts
@@ -354,7 +365,9 @@ def as_text(report: Report) -> str:
         lines.append(f"github      rate limit {rate['note']}")
     else:
         lines.append(f"github      rate limit: {rate['remaining']:.0f} left (from {rate['source']})")
-    lines.append(f"recovery    {parts['recovery']['note']}")
+    recovery = parts.get("recovery")
+    if recovery is not None:
+        lines.append(_recovery_line(recovery))
     if report.actions:
         lines.append(f"NEEDS ACTION ({len(report.actions)}):")
         lines += [f"  - {action}" for action in report.actions]
