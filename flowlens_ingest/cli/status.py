@@ -15,7 +15,6 @@ and is reported as not answering when it is not back in time.
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -60,7 +59,7 @@ def _utc(moment: datetime | None) -> str | None:
     return None if moment is None else f"{moment.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
 
 
-def _age(seconds: float) -> str:
+def age(seconds: float) -> str:
     """A duration the way a person reads it: 45 s, 12 min, 3.5 h, 2.1 d."""
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -175,7 +174,7 @@ def _files_part(database: Any, report: Report) -> None:
     report.parts["files"] = {"pending": pending, "oldest_pending_s": queue.oldest_pending_s, "by_status": queue.counts}
     if queue.oldest_pending_s is not None and queue.oldest_pending_s > FILES_OLDEST_S:
         report.act(
-            f"files: the oldest pending job has waited {_age(queue.oldest_pending_s)}"
+            f"files: the oldest pending job has waited {age(queue.oldest_pending_s)}"
             " (a credential, permission or rate limit problem): `flowlens-ingest enrich --status`"
         )
 
@@ -197,21 +196,21 @@ def _spool_part(settings: Settings, report: Report) -> None:
     folder = next((p for p in (settings.spool_dir, *settings.spool_dir.parents) if p.exists()), Path("/"))
     disk_free = shutil.disk_usage(folder).free
     room = max(0, min(settings.spool_max_bytes - used, disk_free))
-    age = None if oldest is None else time.time() - oldest.timestamp()
+    oldest_s = None if oldest is None else time.time() - oldest.timestamp()
     report.parts["spool"] = {
         "enabled": True,
         "folder": str(settings.spool_dir),
         "depth": depth,
         "oldest": _utc(oldest),
-        "oldest_s": age,
+        "oldest_s": oldest_s,
         "set_aside": spool.unusable,
         "bytes": used,
         "max_bytes": settings.spool_max_bytes,
         "room_bytes": room,
     }
-    if age is not None and age > SPOOL_OLDEST_S:
+    if oldest_s is not None and oldest_s > SPOOL_OLDEST_S:
         report.act(
-            f"spool: {depth} {'delivery' if depth == 1 else 'deliveries'} waiting, the oldest for {_age(age)}:"
+            f"spool: {depth} {'delivery' if depth == 1 else 'deliveries'} waiting, the oldest for {age(oldest_s)}:"
             " the database is down or refuses them (the service's log says `spool drain paused`)"
         )
     if spool.unusable:
@@ -325,79 +324,10 @@ def gather(settings: Settings, deadline_s: float = DEFAULT_DEADLINE_S) -> Report
     return report
 
 
-def as_json(report: Report) -> str:
-    """The report as one JSON object: `ok`, `needs_action` and each part."""
-    ordered = {name: report.parts[name] for name in PARTS if name in report.parts}
-    return json.dumps({"ok": not report.actions, "needs_action": report.actions, **ordered})
-
-
-def _recovery_line(recovery: dict[str, Any]) -> str:
-    hooks = recovery["hooks"]
-    if not hooks:
-        return f"recovery    {recovery['note']}"
-    checked = [when for when in hooks.values() if when is not None]
-    oldest = f", every log checked through {min(checked)} or later" if len(checked) == len(hooks) else ""
-    every = recovery["scheduled_every_s"]
-    schedule = f"a pass every {_age(every)}" if every else recovery.get("note", "")
-    return f"recovery    {len(hooks)} hook log(s){oldest}; {schedule}"
-
-
-def as_text(report: Report) -> str:
-    """The report as a screen: a line or two per part, then what needs action."""
-    parts = report.parts
-    lines = [_database_line(parts.get("database", {}))]
-    recent = parts.get("deliveries_last_hour")
-    if recent is not None:
-        shown = ", ".join(f"{n} {outcome}" for outcome, n in sorted(recent.items())) or "none"
-        lines.append(f"deliveries  last hour: {shown}")
-    failed = parts.get("failed")
-    if failed is not None:
-        since = f" (oldest {failed['oldest']})" if failed["count"] else ""
-        lines.append(f"failed      {failed['count']} not replayed{since}")
-    lines.append(_spool_line(parts["spool"]))
-    files = parts.get("files")
-    if files is not None:
-        oldest = "" if files["oldest_pending_s"] is None else f", oldest {_age(files['oldest_pending_s'])}"
-        statuses = ", ".join(f"{n} {label}" for label, n in sorted(files["by_status"].items())) or "no jobs"
-        lines.append(f"files       {files['pending']} pending{oldest} ({statuses})")
-    rate = parts["github_rate_limit"]
-    if rate["remaining"] is None:
-        lines.append(f"github      rate limit {rate['note']}")
-    else:
-        lines.append(f"github      rate limit: {rate['remaining']:.0f} left (from {rate['source']})")
-    recovery = parts.get("recovery")
-    if recovery is not None:
-        lines.append(_recovery_line(recovery))
-    if report.actions:
-        lines.append(f"NEEDS ACTION ({len(report.actions)}):")
-        lines += [f"  - {action}" for action in report.actions]
-    else:
-        lines.append("OK: nothing needs action")
-    return "\n".join(lines)
-
-
-def _database_line(part: dict[str, Any]) -> str:
-    where = part.get("where", "")
-    if not part.get("reachable"):
-        return f"database    UNREACHABLE ({part.get('error', 'unknown')}) {where}".rstrip()
-    state = "migrations pending" if part["pending_migrations"] else "at head"
-    revision = part["revision"] or "none (never migrated)"
-    return f"database    reachable, revision {revision} ({state}; this release: {part['head']}), {where}"
-
-
-def _spool_line(part: dict[str, Any]) -> str:
-    if not part["enabled"]:
-        return "spool       off (FLOWLENS_SPOOL_MAX_BYTES=0)"
-    oldest = "" if part["oldest_s"] is None else f", oldest {_age(part['oldest_s'])}"
-    mib = 1 << 20
-    return (
-        f"spool       {part['depth']} waiting{oldest}, {part['set_aside']} set aside,"
-        f" {part['bytes'] / mib:.1f} of {part['max_bytes'] // mib} MiB, room {part['room_bytes'] // mib} MiB"
-    )
-
-
 def status(settings: Settings, *, json_output: bool, deadline_s: float) -> int:
     """Print the report; 0 when nothing needs action, 1 when something does."""
+    from flowlens_ingest.cli.status_screen import as_json, as_text
+
     report = gather(settings, deadline_s)
     print(as_json(report) if json_output else as_text(report), flush=True)
     return 1 if report.actions else 0
