@@ -14,7 +14,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+
+# Raised by every reader; importers keep naming it config.ConfigError (an explicit re-export).
+from flowlens_ingest.environment import ConfigError as ConfigError  # noqa: PLC0414
+from flowlens_ingest.environment import (
+    bool_value,
+    choice,
+    duration_s,
+    http_url,
+    int_value,
+    path_value,
+)
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -70,10 +80,6 @@ LOG_FORMATS = ("json", "text")
 ISOLATION_LEVELS = ("READ COMMITTED", "REPEATABLE READ")
 
 
-class ConfigError(Exception):
-    """The environment does not describe a service that can start."""
-
-
 def normalize_database_url(url: str) -> str:
     """Accept libpq-style `postgres://` URLs and pin the psycopg2 driver."""
     for prefix in ("postgres://", "postgresql://"):
@@ -123,64 +129,6 @@ def _secrets(env: Mapping[str, str]) -> tuple[bytes, ...]:
 # --- one reader per kind of value -----------------------------------------------------------------
 
 
-def _int(env: Mapping[str, str], name: str, default: int, bounds: tuple[int, int], unit: str) -> int:
-    """An integer within `bounds` (inclusive), else ConfigError saying the range and its `unit`."""
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    low, high = bounds
-    try:
-        value: int | None = int(raw)
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high:
-        raise ConfigError(f"{name} must be a whole number from {low} to {high} ({unit}), got {raw!r}")
-    return value
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
-
-
-def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
-    """One of `choices`, written in any case, `_` read as a space."""
-    raw = " ".join(env.get(name, "").replace("_", " ").split())
-    if not raw:
-        return default
-    for choice in choices:
-        if raw.upper() == choice.upper():
-            return choice
-    raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
-
-
-def _path(env: Mapping[str, str], name: str) -> Path | None:
-    """A path, absolute (`~` expanded), or None when unset. Whether it can be written is checked at start."""
-    raw = env.get(name, "").strip()
-    return Path(raw).expanduser().resolve() if raw else None
-
-
-def _http_url(env: Mapping[str, str], name: str, example: str) -> str | None:
-    """An http:// or https:// URL, or None when unset. Never repeated in a message: it may hold a token."""
-    raw = env.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        parts = urlsplit(raw)
-        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # e.g. an unclosed [ of an IPv6 address
-        usable = False
-    if not usable:
-        raise ConfigError(f"{name} must be an http:// or https:// URL, like {example}")
-    return raw
-
-
 def _spool_max_bytes(env: Mapping[str, str], max_body_bytes: int) -> int:
     """0 (no spool), or room for at least one delivery of the largest size."""
     name = "FLOWLENS_SPOOL_MAX_BYTES"
@@ -224,22 +172,6 @@ def instance_name(address: str) -> str:
     return port if port.isdigit() else re.sub(r"[^A-Za-z0-9_.-]", "_", address)
 
 
-def _duration_s(env: Mapping[str, str], name: str, default: int, bounds: tuple[int, int]) -> int:
-    """A duration (`10m`, `1h`, `90s`, `1d`, or seconds) as seconds: 0 (off) or within `bounds`."""
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    match = re.fullmatch(r"(\d{1,9})([dhms]?)", raw)
-    seconds = int(match[1]) * {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}[match[2]] if match else None
-    low, high = bounds
-    if seconds is None or (seconds != 0 and not low <= seconds <= high):
-        raise ConfigError(
-            f"{name} must be 0 (off) or a duration from {low // 60}m to {high // 3600}h, like 10m; got {raw!r}"
-        )
-    return seconds
-
-
-# A GITHUB_WEBHOOKS entry: a repository or organization hook's API path.
 _HOOK_PATH = re.compile(r"(?:repos/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+|orgs/[A-Za-z0-9_.-]+)/hooks/(?P<id>[0-9]{1,18})")
 
 
@@ -368,51 +300,53 @@ class Settings:
         """Read and check the FlowLens environment variables (see docs/operating.md, Configuration)."""
         env = os.environ if env is None else env
         secrets = _secrets(env)
-        data_dir = _path(env, "FLOWLENS_DATA_DIR") or Path(".flowlens").resolve()
+        data_dir = path_value(env, "FLOWLENS_DATA_DIR") or Path(".flowlens").resolve()
         url = env.get("DATABASE_URL", "").strip()
         app_id = env.get("GITHUB_APP_ID", "").strip() or None
         key = _private_key(env)
         if bool(app_id) != bool(key):
             raise ConfigError("a GitHub App needs both GITHUB_APP_ID and GITHUB_APP_PRIVATE_KEY (or _FILE)")
-        max_body_bytes = _int(
+        max_body_bytes = int_value(
             env, "FLOWLENS_MAX_BODY_BYTES", 25 * MIB, MAX_BODY_BYTES, "bytes: 1 KiB to 25 MiB, GitHub's cap"
         )
-        threads = _int(env, "FLOWLENS_THREADS", 4, THREADS, "threads")
+        threads = int_value(env, "FLOWLENS_THREADS", 4, THREADS, "threads")
         # FLOWLENS_WORKERS, else the platform's WEB_CONCURRENCY (Heroku's convention).
         workers = "FLOWLENS_WORKERS" if env.get("FLOWLENS_WORKERS", "").strip() else "WEB_CONCURRENCY"
-        port = _int(env, "PORT", 8000, PORT, "a TCP port")
-        api_url = _http_url(env, "GITHUB_API_URL", "https://HOST/api/v3") or "https://api.github.com"
+        port = int_value(env, "PORT", 8000, PORT, "a TCP port")
+        api_url = http_url(env, "GITHUB_API_URL", "https://HOST/api/v3") or "https://api.github.com"
         return cls(
             database_url=database_url(url) if url else None,
             secrets=secrets,
             data_dir=data_dir,
             max_body_bytes=max_body_bytes,
-            statement_timeout_ms=_int(env, "FLOWLENS_STATEMENT_TIMEOUT_MS", 5000, STATEMENT_TIMEOUT_MS, "milliseconds"),
+            statement_timeout_ms=int_value(
+                env, "FLOWLENS_STATEMENT_TIMEOUT_MS", 5000, STATEMENT_TIMEOUT_MS, "milliseconds"
+            ),
             # A connection per thread plus one for the spool drainer: with fewer, a request
             # waits for a connection and, after the pool's timeout, is spooled for nothing.
-            pool_size=_int(env, "FLOWLENS_POOL_SIZE", threads + 1, POOL_SIZE, "connections"),
-            store_payloads=_bool(env, "FLOWLENS_JOURNAL_PAYLOADS", True),
-            journal_compression=_bool(env, "FLOWLENS_JOURNAL_COMPRESSION", False),
-            isolation_level=_choice(env, "FLOWLENS_ISOLATION_LEVEL", ISOLATION_LEVELS, "READ COMMITTED"),
-            prepared_statements=_bool(env, "FLOWLENS_PREPARED_STATEMENTS", True),
-            spool_dir=_path(env, "FLOWLENS_SPOOL_DIR") or data_dir / "spool",
+            pool_size=int_value(env, "FLOWLENS_POOL_SIZE", threads + 1, POOL_SIZE, "connections"),
+            store_payloads=bool_value(env, "FLOWLENS_JOURNAL_PAYLOADS", True),
+            journal_compression=bool_value(env, "FLOWLENS_JOURNAL_COMPRESSION", False),
+            isolation_level=choice(env, "FLOWLENS_ISOLATION_LEVEL", ISOLATION_LEVELS, "READ COMMITTED"),
+            prepared_statements=bool_value(env, "FLOWLENS_PREPARED_STATEMENTS", True),
+            spool_dir=path_value(env, "FLOWLENS_SPOOL_DIR") or data_dir / "spool",
             spool_max_bytes=_spool_max_bytes(env, max_body_bytes),
-            log_format=_choice(env, "FLOWLENS_LOG_FORMAT", LOG_FORMATS, "json"),
-            log_level=_choice(env, "FLOWLENS_LOG_LEVEL", LOG_LEVELS, "INFO"),
+            log_format=choice(env, "FLOWLENS_LOG_FORMAT", LOG_FORMATS, "json"),
+            log_level=choice(env, "FLOWLENS_LOG_LEVEL", LOG_LEVELS, "INFO"),
             said_at_start=env.get("FLOWLENS_SAID_AT_START") or None,
-            workers=_int(env, workers, _default_workers(), WORKERS, "worker processes"),
+            workers=int_value(env, workers, _default_workers(), WORKERS, "worker processes"),
             threads=threads,
             bind=env.get("FLOWLENS_BIND", "").strip() or f"0.0.0.0:{port}",
-            graceful_timeout_s=_int(env, "FLOWLENS_GRACEFUL_TIMEOUT", 20, GRACEFUL_TIMEOUT_S, "seconds"),
-            metrics_dir=_path(env, "PROMETHEUS_MULTIPROC_DIR"),
-            send_url=_http_url(env, "FLOWLENS_URL", "http://127.0.0.1:8000/webhook"),
+            graceful_timeout_s=int_value(env, "FLOWLENS_GRACEFUL_TIMEOUT", 20, GRACEFUL_TIMEOUT_S, "seconds"),
+            metrics_dir=path_value(env, "PROMETHEUS_MULTIPROC_DIR"),
+            send_url=http_url(env, "FLOWLENS_URL", "http://127.0.0.1:8000/webhook"),
             github_api_url=api_url.rstrip("/"),
             github_token=env.get("GITHUB_TOKEN", "").strip() or None,
             github_app_id=app_id,
             github_app_private_key=key,
-            enrich_rate_reserve=_int(env, "FLOWLENS_ENRICH_RATE_RESERVE", 100, ENRICH_RATE_RESERVE, "requests"),
-            enrich_lease_s=_int(env, "FLOWLENS_ENRICH_LEASE_S", 120, ENRICH_LEASE_S, "seconds"),
-            enrich_max_attempts=_int(env, "FLOWLENS_ENRICH_MAX_ATTEMPTS", 6, ENRICH_MAX_ATTEMPTS, "attempts"),
+            enrich_rate_reserve=int_value(env, "FLOWLENS_ENRICH_RATE_RESERVE", 100, ENRICH_RATE_RESERVE, "requests"),
+            enrich_lease_s=int_value(env, "FLOWLENS_ENRICH_LEASE_S", 120, ENRICH_LEASE_S, "seconds"),
+            enrich_max_attempts=int_value(env, "FLOWLENS_ENRICH_MAX_ATTEMPTS", 6, ENRICH_MAX_ATTEMPTS, "attempts"),
             github_webhooks=_webhooks(env),
-            recover_every_s=_duration_s(env, "FLOWLENS_RECOVER_EVERY", 600, RECOVER_EVERY_S),
+            recover_every_s=duration_s(env, "FLOWLENS_RECOVER_EVERY", 600, RECOVER_EVERY_S),
         )
