@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -13,6 +12,7 @@ import click
 
 from flowlens_ingest.cli.arguments import DATABASE_HELP, Duration, Timestamp
 from flowlens_ingest.cli.commands import fail, github_client, load_settings, open_database, utc
+from flowlens_ingest.events.hooks import url_name
 
 
 def recover(since: timedelta, dry_run: bool, fetch: bool) -> int:
@@ -163,7 +163,8 @@ def recover_command(since: timedelta, dry_run: bool, fetch: bool) -> int:
 
 def _repositories(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     for name in value:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", name) or any(not p.strip(".") for p in name.split("/")):
+        owner, _, repo = name.partition("/")
+        if not (url_name(owner) and url_name(repo)):
             raise click.BadParameter(f"{name!r}: use OWNER/REPO, like octo/app")
     return value
 

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from flowlens_ingest.cli.commands import counted, utc
 from flowlens_ingest.config import Settings
 
 # The thresholds, the same as the alerting rules' (docs/alerts.md says why each).
@@ -56,7 +57,7 @@ class Report:
 
 
 def _utc(moment: datetime | None) -> str | None:
-    return None if moment is None else f"{moment.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+    return None if moment is None else utc(moment)
 
 
 def age(seconds: float) -> str:
@@ -160,7 +161,7 @@ def _journal_parts(database: Any, report: Report) -> None:
     report.parts["failed"] = {"count": int(count), "oldest": _utc(oldest)}
     if count:
         report.act(
-            f"journal: {count} failed {'delivery' if count == 1 else 'deliveries'} not replayed (oldest {_utc(oldest)}):"
+            f"journal: {counted(count, 'failed delivery', 'failed deliveries')} not replayed (oldest {_utc(oldest)}):"
             " `flowlens-ingest deliveries --failed` says why; after the fix, `flowlens-ingest replay --failed`"
         )
 
@@ -210,7 +211,7 @@ def _spool_part(settings: Settings, report: Report) -> None:
     }
     if oldest_s is not None and oldest_s > SPOOL_OLDEST_S:
         report.act(
-            f"spool: {depth} {'delivery' if depth == 1 else 'deliveries'} waiting, the oldest for {age(oldest_s)}:"
+            f"spool: {counted(depth, 'delivery', 'deliveries')} waiting, the oldest for {age(oldest_s)}:"
             " the database is down or refuses them (the service's log says `spool drain paused`)"
         )
     if spool.unusable:

@@ -23,20 +23,27 @@ class HookTarget:
     id: int | None
 
 
+def header_number(raw: str) -> int | None:
+    """A header's id (X-GitHub-Hook-ID, -Installation-Target-ID) as a BIGINT; None unless ASCII digits.
+
+    str.isdigit() alone accepts other digits ("²", "٣") that int() refuses or reads.
+    """
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
+
+
+def url_name(value: Any) -> str | None:
+    """An owner or repository name fit for a URL path: GitHub's characters, never `.` or `..`."""
+    fits = isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", value) and value.strip(".")
+    return value if fits else None
+
+
 def target_of(target_type: str | None, target_id: str | None) -> HookTarget | None:
     """The headers' hook target; None when absent or not GitHub's plain ASCII forms."""
     kind = (target_type or "").strip()
     raw_id = (target_id or "").strip()
     if not kind or len(kind) > 50 or not re.fullmatch(r"[a-z_]+", kind):
         return None
-    number = int(raw_id) if raw_id.isascii() and raw_id.isdigit() and len(raw_id) < 19 else None
-    return HookTarget(kind, number)
-
-
-def _login(value: Any) -> str | None:
-    """An owner or repository name fit for a URL path: GitHub's characters, never `.` or `..`."""
-    fits = isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", value) and value.strip(".")
-    return value if fits else None
+    return HookTarget(kind, header_number(raw_id))
 
 
 def api_path(hook_id: int, target: HookTarget, payload: dict[str, Any]) -> str | None:
@@ -49,11 +56,11 @@ def api_path(hook_id: int, target: HookTarget, payload: dict[str, Any]) -> str |
         repo = payload.get("repository")
         full_name = repo.get("full_name") if isinstance(repo, dict) else None
         owner, _, name = full_name.partition("/") if isinstance(full_name, str) else ("", "", "")
-        if _login(owner) and _login(name):
+        if url_name(owner) and url_name(name):
             return f"repos/{owner}/{name}/hooks/{hook_id}"
         return None
     if target.type == "organization":
         org = payload.get("organization")
-        login = _login(org.get("login")) if isinstance(org, dict) else None
+        login = url_name(org.get("login")) if isinstance(org, dict) else None
         return f"orgs/{login}/hooks/{hook_id}" if login else None
     return None

@@ -13,7 +13,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from flowlens_ingest.events import parse, signature
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
-from flowlens_ingest.events.hooks import target_of
+from flowlens_ingest.events.hooks import header_number, target_of
 from flowlens_ingest.ingest import ingest
 from flowlens_ingest.store.deadline import deadline
 from flowlens_ingest.web.services import services
@@ -107,10 +107,7 @@ def signed_body() -> bytes:
 
 def _hook_id(raw: str | None) -> int | None:
     """X-GitHub-Hook-ID as a BIGINT (0 when absent); None unless it is ASCII digits."""
-    if not raw:
-        return 0
-    # str.isdigit() alone accepts other digits ("²", "٣") that int() refuses or reads.
-    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
+    return header_number(raw) if raw else 0
 
 
 def _answer(outcome: Outcome, status: int, event: str, delivery_id: str, action: str | None = None) -> None:
