@@ -32,6 +32,9 @@ MIB = 1024 * KIB
 # string with high entropy", and an HMAC key is only as strong as it is long. The
 # generated default (embedded mode) is 64 hex characters.
 MIN_SECRET_BYTES = 16
+# Where gunicorn's master leaves what it said about the database at start, for its workers
+# (Settings.said_at_start): they do not say it again, once each.
+SAID_AT_START = "FLOWLENS_SAID_AT_START"
 # The one driver the service is built and tested with.
 DRIVER = "postgresql+psycopg2"
 
@@ -333,7 +336,7 @@ class Settings:
             spool_max_bytes=_spool_max_bytes(env, max_body_bytes),
             log_format=choice(env, "FLOWLENS_LOG_FORMAT", LOG_FORMATS, "json"),
             log_level=choice(env, "FLOWLENS_LOG_LEVEL", LOG_LEVELS, "INFO"),
-            said_at_start=env.get("FLOWLENS_SAID_AT_START") or None,
+            said_at_start=env.get(SAID_AT_START) or None,
             workers=int_value(env, workers, _default_workers(), WORKERS, "worker processes"),
             threads=threads,
             bind=env.get("FLOWLENS_BIND", "").strip() or f"0.0.0.0:{port}",

@@ -22,9 +22,6 @@ log = logging.getLogger(__name__)
 DRAIN_INTERVAL_S = 1.0
 # How long a schema found migrated is trusted before the drainer looks again.
 SCHEMA_RECHECK_S = 10.0
-# Where gunicorn's master leaves what it said about the database at start, for its workers
-# (Settings.said_at_start): a drainer does not say it again, once per worker.
-SAID_AT_START = "FLOWLENS_SAID_AT_START"
 # The reason of a pause the handler has already said (or the master): not said again.
 SAID = "the database schema is not ready (said above)"
 

@@ -14,7 +14,7 @@ from typing import IO, Any
 
 from gunicorn import glogging
 
-from flowlens_ingest.config import ConfigError, Settings
+from flowlens_ingest.config import SAID_AT_START, ConfigError, Settings
 
 
 def _checked_settings() -> Settings:
@@ -123,8 +123,6 @@ def on_starting(server: Any) -> None:
     if problem:
         server.log.warning("flowlens-ingest: %s", problem)
         # Said once, here: the workers, forked after this, inherit it and do not repeat it.
-        from flowlens_ingest.spool.drainer import SAID_AT_START
-
         os.environ[SAID_AT_START] = problem
     # Imported now, in the master, not first in child_exit: that runs in a SIGCHLD
     # handler, and a second worker exiting mid-import re-entered the half-imported
