@@ -238,7 +238,7 @@ class Database:
 
     def read(self, query: sa.Executable) -> list[sa.Row[Any]]:
         """The rows of a query, read in a transaction of its own (not retried, but within the deadline)."""
-        with deadline(self._budget()):
+        with self.bounded():
             return self._in_transaction(lambda c: list(c.execute(query)))
 
     def first(self, query: sa.Executable, *, on_retry: OnRetry | None = None) -> sa.Row[Any] | None:
@@ -279,7 +279,7 @@ class Database:
         budget, or a shorter one the caller set) leaves no time for another attempt;
         other database errors propagate.
         """
-        with deadline(self._budget()) as ends:
+        with self.bounded() as ends:
             return self._attempts(attempt_once, on_retry, min(ends, time.monotonic() + RETRY_BUDGET_S))
 
     def _attempts(self, attempt_once: Callable[[], T], on_retry: OnRetry | None, retry_until: float) -> T:
