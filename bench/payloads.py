@@ -1,6 +1,6 @@
 """Signed deliveries for the benchmark: real GitHub payloads, re-aimed at many repositories and PRs.
 
-Each body is one of the sample payloads in ../shared/github-payloads/, with its
+Each body is one of the sample payloads in tests/payloads/, with its
 repository, PR number, head sha, check name and GitHub timestamps rewritten, so
 that the upserts of a run really write rows (new checks, newer PR snapshots,
 new reviews) instead of re-applying one payload over and over. Timestamps grow
@@ -61,12 +61,11 @@ class Shape:
 
 
 def default_payload_dir() -> Path:
-    """../shared/github-payloads next to the repository, else the test suite's copy."""
-    root = Path(__file__).resolve().parent.parent
-    for candidate in (root.parent / "shared" / "github-payloads", root / "tests" / "payloads"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("no sample payloads: expected ../shared/github-payloads or tests/payloads")
+    """The test suite's real GitHub payloads (tests/payloads)."""
+    folder = Path(__file__).resolve().parent.parent / "tests" / "payloads"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no sample payloads: expected {folder}")
+    return folder
 
 
 def load_templates(payload_dir: Path) -> dict[str, list[dict[str, Any]]]:

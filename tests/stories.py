@@ -386,7 +386,7 @@ class ReplayPicker:
 
 @dataclass
 class Story:
-    """One PR's deliveries in GitHub's order, and what DESIGN.md says the statuses must end as."""
+    """One PR's deliveries in GitHub's order, and what docs/design.md says the statuses must end as."""
 
     repo_id: int
     number: int
@@ -400,7 +400,7 @@ class Story:
     status_merge: str = "pending"
 
     def expected_build(self) -> str:
-        """status_build by DESIGN.md's rule, for the PR's final head sha."""
+        """status_build by docs/design.md's rule, for the PR's final head sha."""
         states = [v for (sha, _s, _n), v in self.checks.items() if sha == self.head_sha]
         if not states:
             return "pending"
@@ -411,7 +411,7 @@ class Story:
         return "passed"
 
     def expected_approval(self) -> str:
-        """status_approval by DESIGN.md's rule."""
+        """status_approval by docs/design.md's rule."""
         verdicts = set(self.verdicts.values())
         if "changes_requested" in verdicts:
             return "changes_requested"

@@ -1,4 +1,4 @@
-"""The pure mappers over GitHub's own sample payloads (tests/payloads, copied from ../shared).
+"""The pure mappers over GitHub's own sample payloads (tests/payloads, from octokit/webhooks).
 
 Expected values are read off the payload files, not produced by running the code.
 """

@@ -76,7 +76,7 @@ def test_any_permutation_gives_the_in_order_rows(db, data):
     recorder = RecordingPicker(DrawPicker(data))
     story, expected = _in_order_rows(db, recorder)
 
-    # The in-order run itself follows DESIGN.md's status rules.
+    # The in-order run itself follows the status rules of docs/design.md.
     [pipeline] = as_dicts(pipeline_runs, expected["pipeline_runs"])
     assert pipeline["commit_sha"] == story.head_sha
     assert pipeline["status_build"] == story.expected_build()

@@ -1,4 +1,4 @@
-"""rules.py: DESIGN.md's status rules for pipeline_runs, as tables of inputs and the status they give.
+"""rules.py: the status rules of docs/design.md for pipeline_runs, as tables of inputs and the status they give.
 
 Pure functions: no database. statements.py evaluates status_build and
 status_approval in SQL from the same constants; test_statements.py checks the

@@ -1,4 +1,4 @@
-"""The status rules of DESIGN.md, in one place. Pure: no SQL, no I/O.
+"""The status rules of the contract (docs/design.md), in one place. Pure: no SQL, no I/O.
 
 status_pr and status_merge are decided from one pull request snapshot (mappers
 call them). status_build and status_approval are aggregates over stored rows:
