@@ -38,6 +38,19 @@ def test_promtool_finds_the_rules_valid():
 
 
 @needs_promtool
+def test_the_sample_prometheus_configuration_is_valid_and_loads_the_rules():
+    """deploy/prometheus/prometheus.yml, the one docs/alerts.md gives, loads the rules and scrapes the job they name."""
+    sample = RULES.parent / "prometheus.yml"
+    checked = subprocess.run(
+        ["promtool", "check", "config", sample.name], cwd=sample.parent, capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(alerts())} rules found" in checked.stdout
+    jobs = {job["job_name"] for job in yaml.safe_load(sample.read_text())["scrape_configs"]}
+    assert jobs == {"flowlens-ingest"}
+
+
+@needs_promtool
 def test_the_rules_unit_tests_pass():
     tested = subprocess.run(
         ["promtool", "test", "rules", RULE_TESTS.name],

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 import pytest
@@ -95,6 +96,37 @@ def test_nginx_accepts_the_printed_configuration(tmp_path):
     result = check(nginx_conf_output(f"127.0.0.1:{free_port()}", "[::1]:8000"), tmp_path / "nginx")
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
+
+
+def _private_nginx_steps() -> str:
+    """The shell block of docs/deploying.md that sets up an nginx of one's own."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "deploying.md").read_text()
+    after = doc.split("<!-- private-nginx:", 1)[1]
+    return after.split("```sh\n", 1)[1].split("\n```", 1)[0]
+
+
+@needs_nginx
+def test_the_documented_private_nginx_runs_as_written(tmp_path):
+    """docs/deploying.md's nginx of one's own: its block, run by bash, gives a running front on another port."""
+    port = free_port()
+    steps = _private_nginx_steps().replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+    front = tmp_path / "flowlens-nginx"
+    path = os.pathsep.join([str(Path(sys.executable).parent), str(Path(str(NGINX)).parent), os.environ["PATH"]])
+    env = {**os.environ, "HOME": str(tmp_path), "PATH": path}
+    ran = subprocess.run(["bash", "-euc", steps], env=env, capture_output=True, text=True, timeout=60)
+    try:
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        # Its own answer for a path the service does not serve; the upstream is not even running.
+        answer = requests.get(f"http://127.0.0.1:{port}/admin", timeout=10)
+        assert answer.status_code == 404
+        assert (front / "nginx.pid").is_file()
+    finally:
+        conf = ["-p", str(front), "-c", str(front / "nginx.conf"), "-e", str(front / "logs" / "error.log")]
+        subprocess.run([str(NGINX), *conf, "-s", "quit"], capture_output=True, timeout=30, check=False)
+    deadline = time.monotonic() + 30
+    while (front / "nginx.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (front / "nginx.pid").exists(), "nginx -s quit stops it"
 
 
 @pytest.fixture
