@@ -163,8 +163,9 @@ def test_serve_refuses_a_database_url_without_a_secret(database_url, tmp_path):
 def test_operator_commands_never_create_an_embedded_database(command, tmp_path):
     # Run from the wrong folder, a new empty database would pass for an empty journal.
     result = cli(*command, FLOWLENS_DATA_DIR=str(tmp_path))
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.startswith("flowlens-ingest: no database: DATABASE_URL is not set and ")
+    assert "run `flowlens-ingest serve` first" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "pgdata").exists()
 
@@ -190,7 +191,36 @@ def test_send_finds_the_running_service_and_fails_on_a_failed_delivery(service, 
     # FLOWLENS_URL wins over the data directory's URL.
     elsewhere = f"http://127.0.0.1:{free_port()}/webhook"
     missed = cli("send", str(OPENED_FILE), "--event", "pull_request", FLOWLENS_URL=elsewhere, **data_dir)
-    assert missed.returncode == 2 and f"cannot reach {elsewhere}" in missed.stderr
+    assert missed.returncode == 1 and f"cannot reach {elsewhere}" in missed.stderr
+
+
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [
+        ("port", "is unavailable (refused: Connection refused): check that the server runs and listens there"),
+        ("database", 'is unavailable (database missing: database "flowlens_no_such_db" does not exist): create it'),
+        ("role", 'is unavailable (authentication: role "flowlens_no_such_role" does not exist): check the user'),
+    ],
+)
+@pytest.mark.parametrize("command", [["deliveries"], ["replay", "--failed"], ["db", "upgrade"]])
+def test_a_database_that_cannot_be_used_is_named_with_its_cause_and_exit_1(server_url, command, fault, said):
+    url = sa.engine.make_url(server_url)
+    if fault == "port":
+        url = url.set(host="127.0.0.1", port=free_port())
+    elif fault == "database":
+        url = url.set(database="flowlens_no_such_db")
+    else:
+        url = url.set(username="flowlens_no_such_role", password=None)
+    if fault != "port" and not url.host:
+        pytest.skip("the embedded server is reached through its socket: no such port, and it trusts every role")
+    result = cli(*command, DATABASE_URL=url.render_as_string(hide_password=False), GITHUB_WEBHOOK_SECRET=SECRET)
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        f"flowlens-ingest: the database at {url.host}:{url.port or 5432}/{url.database} (DATABASE_URL)"
+    )
+    assert said in line
+    assert "Traceback" not in result.stderr
 
 
 def test_help_shows_defaults_environment_and_examples():
@@ -283,7 +313,7 @@ def test_db_upgrade_says_from_which_revision_to_which(unmigrated):
 @pytest.mark.parametrize("command", [["deliveries"], ["replay", "--failed"], ["prune", "--older-than", "30d"]])
 def test_operator_commands_never_migrate_and_say_what_does(command, unmigrated):
     result = cli(*command, DATABASE_URL=unmigrated)
-    assert result.returncode == 2
+    assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("flowlens-ingest: the database is not migrated") and "`flowlens-ingest db upgrade`" in line
     engine = sa.create_engine(unmigrated, poolclass=sa.pool.NullPool)

@@ -704,8 +704,9 @@ def test_an_unreachable_database_is_named_in_one_line_at_start_and_deliveries_ar
         assert len(said) == 1, service.logs()
         assert said[0]["level"] == "warning" and said[0]["logger"] == "gunicorn.error"  # the master's
         assert re.fullmatch(
-            rf"flowlens-ingest: the database at 127\.0\.0\.1:{port}/flowlens \(DATABASE_URL\) is unavailable now"
-            r" \([^)]*refused[^)]*\): deliveries are spooled until it answers, and /readyz answers 503",
+            rf"flowlens-ingest: the database at 127\.0\.0\.1:{port}/flowlens \(DATABASE_URL\) is unavailable"
+            r" \(refused: Connection refused\): check that the server runs and listens there;"
+            r" deliveries are spooled until it answers, and /readyz answers 503",
             said[0]["msg"],
             re.IGNORECASE,
         ), said[0]["msg"]
@@ -724,7 +725,7 @@ def test_an_unreachable_database_without_a_spool_says_deliveries_are_answered_50
     with running(Service(url, tmp_path, workers=1, env={"FLOWLENS_SPOOL_MAX_BYTES": "0"})) as service:
         (said,) = [e["msg"] for e in log_entries(service) if "(DATABASE_URL)" in e["msg"]]
         assert said.endswith(
-            ": deliveries are answered 503 (the spool is off) until it answers, and /readyz answers 503"
+            "; deliveries are answered 503 (the spool is off) until it answers, and /readyz answers 503"
         )
         assert service.post(OPENED, "pull_request").status_code == 503
         assert service.stop() == 0

@@ -144,10 +144,15 @@ def test_an_unmigrated_database_needs_action_and_names_the_command(server_url, t
 
 def test_a_database_that_is_down_is_said_at_once_with_exit_1(tmp_path):
     started = time.monotonic()
-    code, found = report(tmp_path, f"postgresql://postgres@127.0.0.1:{free_port()}/none")
+    port = free_port()
+    code, found = report(tmp_path, f"postgresql://postgres@127.0.0.1:{port}/none")
     assert time.monotonic() - started < 10
     assert code == 1 and found["database"]["reachable"] is False
-    assert found["needs_action"][0].startswith("database: unreachable")
+    # The cause and the next step, and no claim about deliveries when no `serve` runs here.
+    assert found["needs_action"][0] == (
+        f"database: the database at 127.0.0.1:{port}/none (DATABASE_URL) is unavailable (refused: Connection refused):"
+        f" check that the server runs and listens there (no `serve` runs from {tmp_path})"
+    )
     # What the host knows still shows.
     assert found["spool"]["enabled"] is True and "failed" not in found
 
@@ -186,4 +191,5 @@ def test_status_on_the_embedded_default_database(tmp_path):
 
 def test_no_database_at_all_needs_action(tmp_path):
     code, found = report(tmp_path / "nothing-here")
-    assert code == 1 and found["needs_action"][0].startswith("database: none found")
+    assert code == 1 and found["needs_action"][0].startswith("database: none here (DATABASE_URL is unset and ")
+    assert "run `flowlens-ingest serve` first (it makes one)" in found["needs_action"][0]

@@ -24,10 +24,18 @@ DEFAULT_URL = "http://127.0.0.1:8000/webhook"
 SETTLED = frozenset({"applied", "ignored", "duplicate", "stale"})
 
 
-def fail(message: str) -> int:
-    """Say `message` on stderr as the command's one-line error; the exit code for it."""
+# Exit statuses, the same for every command (docs/operating.md, "Exit status"): 0 done, or nothing
+# needs action; NOT_DONE the command ran but something is not done or needs action (a database
+# down, missing or not migrated, a delivery that failed, one not recovered); USAGE it was asked
+# wrong (an option, a setting out of range, a missing secret or credential).
+NOT_DONE = 1
+USAGE = 2
+
+
+def fail(message: str, status: int = USAGE) -> int:
+    """Say `message` on stderr as the command's one-line error; the exit status for it (usage, unless told)."""
     print(f"flowlens-ingest: {message}", file=sys.stderr)
-    return 2
+    return status
 
 
 def counted(count: int, singular: str, plural: str) -> str:
@@ -36,7 +44,7 @@ def counted(count: int, singular: str, plural: str) -> str:
 
 
 class NoDatabase(Exception):
-    """An operator command found no usable database (none, unreachable, or not migrated)."""
+    """An operator command found no usable database (none, unreachable, or not migrated): exit NOT_DONE."""
 
 
 def load_settings() -> Settings:
@@ -58,11 +66,30 @@ def github_client(settings: Settings) -> GitHubClient:
 
 
 def require_embedded(settings: Settings) -> None:
+    """NoDatabase, saying what to do, when DATABASE_URL is unset and FLOWLENS_DATA_DIR holds no embedded database."""
     if not (settings.data_dir / "pgdata").is_dir():
         raise NoDatabase(
             f"no database: DATABASE_URL is not set and FLOWLENS_DATA_DIR ({settings.data_dir}) holds no"
-            " embedded database (set FLOWLENS_DATA_DIR to the folder `serve` used)"
+            " embedded database: run `flowlens-ingest serve` first (it makes one there), or set"
+            " FLOWLENS_DATA_DIR to the folder `serve` ran in, or DATABASE_URL"
         )
+
+
+def database_label(settings: Settings) -> str:
+    """Where the command's database is, for a message: `at HOST:PORT/DB (DATABASE_URL)` or the embedded folder."""
+    from flowlens_ingest.store import reachable
+
+    if settings.database_url:
+        return reachable.where(settings.database_url)
+    return f"embedded in {settings.data_dir / 'pgdata'}"
+
+
+def unavailable(settings: Settings, exc: BaseException, then: str = "") -> int:
+    """Say why the database could not be used (the cause and the next step), and `then`; exit NOT_DONE."""
+    from flowlens_ingest.store import reachable
+
+    line = reachable.unavailable(exc).line(database_label(settings))
+    return fail(f"{line}{'; ' + then if then else ''}", NOT_DONE)
 
 
 def open_database(settings: Settings) -> tuple[Database, object | None]:
@@ -74,8 +101,8 @@ def open_database(settings: Settings) -> tuple[Database, object | None]:
     """
     import sqlalchemy as sa
 
-    from flowlens_ingest.store import migrate
-    from flowlens_ingest.store.database import Database
+    from flowlens_ingest.store import migrate, reachable
+    from flowlens_ingest.store.database import Database, DatabaseUnavailable
 
     server = None
     url = settings.database_url
@@ -88,8 +115,8 @@ def open_database(settings: Settings) -> tuple[Database, object | None]:
     try:
         with database.bounded():
             problem = migrate.pending(database.engine)
-    except sa.exc.SQLAlchemyError:
-        raise NoDatabase("database unavailable") from None
+    except (sa.exc.SQLAlchemyError, DatabaseUnavailable) as exc:
+        raise NoDatabase(reachable.unavailable(exc).line(database_label(settings))) from None
     if problem:
         raise NoDatabase(problem)
     return database, server
@@ -188,9 +215,9 @@ def send(file: str, event: str, url: str | None, delivery: str | None) -> int:
     except urllib.error.HTTPError as exc:
         status, text = exc.code, exc.read().decode()
     except urllib.error.URLError as exc:
-        return fail(f"cannot reach {url}: {exc.reason}")
+        return fail(f"cannot reach {url}: {exc.reason}", NOT_DONE)
     except OSError as exc:  # a timeout or a reset connection while reading the answer
-        return fail(f"no answer from {url}: {exc}")
+        return fail(f"no answer from {url}: {exc}", NOT_DONE)
     print(f"{status} {text.strip()}")
     try:
         outcome = json.loads(text).get("outcome")
@@ -210,12 +237,14 @@ def deliveries(failed: bool, limit: int, as_json: bool = False) -> int:
     import sqlalchemy as sa
 
     from flowlens_ingest.cli.admin import list_deliveries
+    from flowlens_ingest.store.database import DatabaseUnavailable
 
-    database, _server = open_database(load_settings())
+    settings = load_settings()
+    database, _server = open_database(settings)
     try:
         rows = list_deliveries(database, failed_only=failed, limit=limit)
-    except sa.exc.OperationalError:
-        return fail("database unavailable")
+    except (sa.exc.OperationalError, DatabaseUnavailable) as exc:
+        return unavailable(settings, exc)
     if as_json:
         entries = [dict(row._mapping, received_at=utc(row.received_at)) for row in rows]
         print(json.dumps(entries))
@@ -234,18 +263,19 @@ def replay(failed: bool, since: datetime | None, as_json: bool = False) -> int:
     """Re-apply journaled deliveries; a summary (or, as_json, one JSON object); exit 1 if any failed."""
     import sqlalchemy as sa
 
-    from flowlens_ingest.cli.admin import ReplayReport
     from flowlens_ingest.cli.admin import replay as replay_journal
     from flowlens_ingest.store.database import DatabaseUnavailable
 
-    database, _server = open_database(load_settings())
+    settings = load_settings()
+    database, _server = open_database(settings)
+    then = "what is replayed so far stays applied; run the replay again once it is back"
     try:
         report = replay_journal(database, failed_only=failed, since=since)
-    except (DatabaseUnavailable, sa.exc.OperationalError):
-        report = ReplayReport(stopped="database unavailable")
-    if report.stopped is not None:
+    except (DatabaseUnavailable, sa.exc.OperationalError) as exc:
         # Every delivery replayed so far is committed, and replaying again is idempotent.
-        return fail(f"{report.stopped}; run the replay again once it is back")
+        return unavailable(settings, exc, then)
+    if report.stopped is not None:
+        return fail(f"{report.stopped}; {then}", NOT_DONE)
     if as_json:
         print(json.dumps({k: v for k, v in vars(report).items() if k != "stopped"}))
     else:
@@ -293,11 +323,12 @@ def prune(older_than: timedelta, include_failed: bool) -> int:
         if str(exc) in TIMEOUT_SQLSTATES:
             return fail(
                 f"the database's statement timeout ({settings.statement_timeout_ms} ms) cut a prune batch;"
-                " what is pruned so far stays pruned; retry, or raise FLOWLENS_STATEMENT_TIMEOUT_MS"
+                " what is pruned so far stays pruned; retry, or raise FLOWLENS_STATEMENT_TIMEOUT_MS",
+                NOT_DONE,
             )
-        return fail("database unavailable; what is pruned so far stays pruned, run it again")
-    except sa.exc.OperationalError:
-        return fail("database unavailable; what is pruned so far stays pruned, run it again")
+        return unavailable(settings, exc, "what is pruned so far stays pruned; run it again")
+    except sa.exc.OperationalError as exc:
+        return unavailable(settings, exc, "what is pruned so far stays pruned; run it again")
     finally:
         if interactive:
             print(file=sys.stderr)

@@ -13,7 +13,7 @@ from flowlens_ingest.config import ConfigError, child_environment
 if TYPE_CHECKING:
     pass
 from flowlens_ingest.cli import pg_programs
-from flowlens_ingest.cli.commands import fail, load_settings, require_embedded
+from flowlens_ingest.cli.commands import fail, load_settings, require_embedded, unavailable
 
 
 def db_upgrade(revision: str) -> int:
@@ -40,8 +40,8 @@ def db_upgrade(revision: str) -> int:
         after = _revision(url)
     except CommandError as exc:
         return fail(f"cannot upgrade to {revision!r}: {exc}")
-    except sa.exc.OperationalError:
-        return fail(f"database unavailable ({where}); nothing migrated")
+    except sa.exc.OperationalError as exc:
+        return unavailable(settings, exc, "nothing migrated")
     if server is not None:
         server.close()
     print(f"flowlens-ingest: {where} {_upgraded(revision, before, after)}")

@@ -13,6 +13,7 @@ from flowlens_ingest.cli import recovery
 from flowlens_ingest.cli.arguments import DATABASE_HELP, Duration, HostPort, Timestamp, duration_text
 from flowlens_ingest.cli.commands import (
     DEFAULT_URL,
+    NOT_DONE,
     NoDatabase,
     deliveries,
     enrich,
@@ -326,8 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except (click.Abort, KeyboardInterrupt):
         return 130
-    except (ConfigError, NoDatabase) as exc:
+    except ConfigError as exc:
         return fail(str(exc))
+    except NoDatabase as exc:
+        return fail(str(exc), NOT_DONE)
     except Exception as exc:  # a bug or an environment we did not foresee: one line, not a traceback
         if _debugging():
             raise

@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from flowlens_ingest.cli.commands import counted, utc
+from flowlens_ingest.cli.commands import counted, database_label, utc
 from flowlens_ingest.config import Settings
 
 # The thresholds, the same as the alerting rules' (docs/alerts.md says why each).
@@ -99,7 +99,11 @@ def _database_parts(settings: Settings, deadline_s: float, report: Report) -> No
         if not url:
             if not (settings.data_dir / "pgdata").is_dir():
                 database_part["error"] = "no database: DATABASE_URL is unset and FLOWLENS_DATA_DIR holds none"
-                report.act(f"database: none found ({database_part['error']}); set DATABASE_URL or FLOWLENS_DATA_DIR")
+                report.act(
+                    f"database: none here (DATABASE_URL is unset and {settings.data_dir} holds no embedded database):"
+                    " run `flowlens-ingest serve` first (it makes one), or set FLOWLENS_DATA_DIR to the folder"
+                    " `serve` ran in, or DATABASE_URL"
+                )
                 return
             from flowlens_ingest.cli import embedded
 
@@ -112,7 +116,7 @@ def _database_parts(settings: Settings, deadline_s: float, report: Report) -> No
                 problem = migrate.pending(database.engine)
         except (sa.exc.SQLAlchemyError, DatabaseUnavailable) as exc:
             database_part["error"] = _reason(exc)
-            report.act(f"database: unreachable ({database_part['error']}); deliveries are being spooled")
+            report.act(f"database: {_unavailable(settings, exc)}")
             return
         database_part.update(reachable=True, revision=current, head=newest, pending_migrations=problem is not None)
         if problem is not None:
@@ -120,13 +124,25 @@ def _database_parts(settings: Settings, deadline_s: float, report: Report) -> No
             return
         try:
             _journal_parts(database, report)
-            _files_part(database, report)
+            _files_part(settings, database, report)
             _recovery_part(settings, database, report)
         except (sa.exc.SQLAlchemyError, DatabaseUnavailable) as exc:
             database_part["error"] = _reason(exc)
             report.act(f"database: stopped answering ({database_part['error']})")
         finally:
             database.dispose()
+
+
+def _unavailable(settings: Settings, exc: BaseException) -> str:
+    """Why the database could not be used and what to do; and what happens to deliveries meanwhile, if a `serve` runs here."""
+    from flowlens_ingest.cli.instances import live_instances
+    from flowlens_ingest.store import reachable
+
+    line = reachable.unavailable(exc).line(database_label(settings))
+    if not live_instances(settings.data_dir):
+        return f"{line} (no `serve` runs from {settings.data_dir})"
+    spooled = "spools" if settings.spool_max_bytes else "answers 503 to"
+    return f"{line} (the `serve` running here {spooled} deliveries until it answers)"
 
 
 def _reason(exc: Exception) -> str:
@@ -166,13 +182,19 @@ def _journal_parts(database: Any, report: Report) -> None:
         )
 
 
-def _files_part(database: Any, report: Report) -> None:
-    """The files queue: jobs by status, and how long the oldest pending one has waited."""
+def _files_part(settings: Settings, database: Any, report: Report) -> None:
+    """The files queue: jobs by status, how long the oldest pending one has waited, and whether a worker here can take them."""
     from flowlens_ingest.github import jobs
 
     queue = jobs.status(database)
     pending = queue.counts.get("pending", 0) + queue.counts.get("leased", 0)
-    report.parts["files"] = {"pending": pending, "oldest_pending_s": queue.oldest_pending_s, "by_status": queue.counts}
+    report.parts["files"] = {
+        "pending": pending,
+        "oldest_pending_s": queue.oldest_pending_s,
+        "by_status": queue.counts,
+        # A files worker needs a GitHub credential: without one here, none runs from this environment.
+        "credential_here": bool(settings.github_credentials),
+    }
     if queue.oldest_pending_s is not None and queue.oldest_pending_s > FILES_OLDEST_S:
         report.act(
             f"files: the oldest pending job has waited {age(queue.oldest_pending_s)}"

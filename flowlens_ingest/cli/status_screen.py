@@ -43,6 +43,11 @@ def as_text(report: Report) -> str:
         oldest = "" if files["oldest_pending_s"] is None else f", oldest {age(files['oldest_pending_s'])}"
         statuses = ", ".join(f"{n} {label}" for label, n in sorted(files["by_status"].items())) or "no jobs"
         lines.append(f"files       {files['pending']} pending{oldest} ({statuses})")
+        if files["pending"] and not files["credential_here"]:
+            lines.append(
+                "            no GitHub credential here, so no files worker runs from this environment:"
+                " set GITHUB_TOKEN (or the App), or run the worker where one is set"
+            )
     rate = parts["github_rate_limit"]
     if rate["remaining"] is None:
         lines.append(f"github      rate limit {rate['note']}")

@@ -156,7 +156,7 @@ def _schema_problem(url: str | None, *, spooled: bool = True) -> str | None:
     """Say once, at start, what is wrong with the database: unreachable, or not migrated."""
     import sqlalchemy as sa
 
-    from flowlens_ingest.store import migrate
+    from flowlens_ingest.store import migrate, reachable
     from flowlens_ingest.store.deadline import deadline, install_deadlines
 
     if not url:
@@ -168,31 +168,10 @@ def _schema_problem(url: str | None, *, spooled: bool = True) -> str | None:
             return migrate.pending(engine)
     except sa.exc.SQLAlchemyError as exc:
         meanwhile = "deliveries are spooled" if spooled else "deliveries are answered 503 (the spool is off)"
-        return (
-            f"the database {_named(url)} is unavailable now ({_reason(exc)}): {meanwhile} until it answers,"
-            " and /readyz answers 503"
-        )
+        problem = reachable.unavailable(exc).line(reachable.where(url))
+        return f"{problem}; {meanwhile} until it answers, and /readyz answers 503"
     finally:
         engine.dispose()
-
-
-def _named(url: str) -> str:
-    """`at HOST:PORT/DATABASE (DATABASE_URL)`: where it is, never the user or password (nor the query's)."""
-    import sqlalchemy as sa
-
-    parsed = sa.engine.make_url(url)
-    host = parsed.host or parsed.query.get("host") or "localhost"
-    host = host if isinstance(host, str) else host[0]
-    return f"at {host}:{parsed.port or 5432}/{parsed.database or ''} (DATABASE_URL)"
-
-
-def _reason(exc: BaseException) -> str:
-    """What the driver said, e.g. `Connection refused`: libpq's first line, past its `... failed: ` preamble."""
-    orig = getattr(exc, "orig", None) or exc
-    said = " ".join(str(orig).strip().split("\n", 1)[0].split())
-    # libpq: 'connection to server at "127.0.0.1", port 5433 failed: Connection refused'
-    said = said.rsplit(" failed: ", 1)[-1]
-    return said[:200] or getattr(orig, "pgcode", None) or type(orig).__name__
 
 
 def post_worker_init(worker: Any) -> None:
