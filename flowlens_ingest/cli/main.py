@@ -283,7 +283,7 @@ def status_command(as_json: bool, deadline: float) -> int:
 
     Reads; never migrates, never creates a database, never changes anything.
     """
-    from flowlens_ingest.cli.status import status
+    from flowlens_ingest.cli.status_screen import status
 
     return status(load_settings(), json_output=as_json, deadline_s=deadline)
 

@@ -1,4 +1,4 @@
-"""`flowlens-ingest status`: one screen for someone on call, and an exit code for a cron or a deploy gate.
+"""`flowlens-ingest status`, gathering: what one screen for someone on call shows (status_screen.py shows it).
 
 It reads what an operator would otherwise look up in five places: the database
 (reachable, revision, pending migrations), the journal (the last hour by outcome,
@@ -346,11 +346,3 @@ def gather(settings: Settings, deadline_s: float = DEFAULT_DEADLINE_S) -> Report
         report.actions[:0] = probe.actions
     return report
 
-
-def status(settings: Settings, *, json_output: bool, deadline_s: float) -> int:
-    """Print the report; 0 when nothing needs action, 1 when something does."""
-    from flowlens_ingest.cli.status_screen import as_json, as_text
-
-    report = gather(settings, deadline_s)
-    print(as_json(report) if json_output else as_text(report), flush=True)
-    return 1 if report.actions else 0

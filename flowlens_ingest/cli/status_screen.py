@@ -1,11 +1,19 @@
-"""How `flowlens-ingest status` shows its report: a screen of a line or two a part, or one JSON object."""
+"""How `flowlens-ingest status` shows its report (status.py gathers it): a screen of a line or two a part, or JSON."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from flowlens_ingest.cli.status import PARTS, Report, age
+from flowlens_ingest.cli.status import PARTS, Report, age, gather
+from flowlens_ingest.config import Settings
+
+
+def status(settings: Settings, *, json_output: bool, deadline_s: float) -> int:
+    """Gather the report and print it; 0 when nothing needs action, 1 when something does."""
+    report = gather(settings, deadline_s)
+    print(as_json(report) if json_output else as_text(report), flush=True)
+    return 1 if report.actions else 0
 
 
 def as_json(report: Report) -> str:
