@@ -1,30 +1,37 @@
-"""Configuration: the one place the environment is read, each value checked against its range.
+"""Configuration: every setting declared once (its variable, default, range and why), read in one place.
 
-`Settings.from_env()` reads every variable the service knows (docs/operating.md, Configuration
-lists them, with their ranges) and raises ConfigError, one line naming the variable and
-what it accepts, for any value outside its range. Every entry point turns that into exit
-status 2 before anything starts: the command line's main(), and gunicorn_conf in
-gunicorn's master, before a worker is forked.
+Each field of `Settings` carries its declaration (`setting(...)`): the variable(s) it reads, the
+reader that checks its range (environment.py), and the row docs/operating.md shows for it (the
+Configuration tables are generated from these rows: `python -m flowlens_ingest.config`, and a test
+keeps them equal). `Settings.from_env()` reads them all and raises ConfigError, one line naming the
+variable and what it accepts, for any value outside its range. Every entry point turns that into
+exit status 2 before anything starts. `unknown_variables()` names a FLOWLENS_* variable that is no
+setting (a typo would otherwise be ignored in silence), with the nearest known name.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 # Raised by every reader; importers keep naming it config.ConfigError (an explicit re-export).
 from flowlens_ingest.environment import ConfigError as ConfigError  # noqa: PLC0414
 from flowlens_ingest.environment import (
-    bool_value,
-    choice,
-    duration_s,
+    Reader,
+    boolean,
+    duration,
     http_url,
-    int_value,
-    path_value,
+    one_of,
+    path,
+    text,
+    whole,
 )
+from flowlens_ingest.names import hook_path
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -32,55 +39,83 @@ MIB = 1024 * KIB
 # string with high entropy", and an HMAC key is only as strong as it is long. The
 # generated default (embedded mode) is 64 hex characters.
 MIN_SECRET_BYTES = 16
-# Where gunicorn's master leaves what it said about the database at start, for its workers
-# (Settings.said_at_start): they do not say it again, once each.
-SAID_AT_START = "FLOWLENS_SAID_AT_START"
 # The one driver the service is built and tested with.
 DRIVER = "postgresql+psycopg2"
-
-# --- ranges ---------------------------------------------------------------------------------------
-# Each is chosen so that no value can break an answer within GitHub's 10 s, let a body past
-# GitHub's cap, or start a service that fails every delivery. docs/operating.md's Configuration
-# repeats them.
-
-# Statement and lock timeout of every delivery. The server must give up before the client
-# does (the request's database deadline is 8 s), leaving time to spool the delivery and
-# answer inside GitHub's 10 s. PostgreSQL reads 0 as "no timeout" (a delivery then waits
-# as long as a lock is held) and refuses a negative one on every connection; under 100 ms
-# a lock wait of an ordinary burst would already be cut.
-STATEMENT_TIMEOUT_MS = (100, 7000)
-# GitHub caps payloads at 25 MB (https://docs.github.com/en/webhooks/webhook-events-and-payloads#payload-cap):
-# a larger limit only lets an unsigned sender make a worker hold more before the signature
-# is checked. GitHub's smallest delivery (a ping) is ~2.7 KB: under 1 KiB every delivery
-# would get 413, a unit slip (25 meant as MiB) rather than a choice. 0 would be "refuse
-# everything" here and "unlimited" in nginx's client_max_body_size.
-MAX_BODY_BYTES = (KIB, 25 * MIB)
-# Connections per worker process. A pool of 0 can serve nothing; PostgreSQL's default
-# max_connections is 100, so one process's pool can never usefully be larger.
-POOL_SIZE = (1, 100)
-# gunicorn processes and threads per process. The upper bounds catch a typo, not a choice:
-# every thread holds a pooled connection, so workers x (threads + 1) is what one VM asks of
-# the database.
+# gunicorn processes: the bound catches a typo, not a choice (each holds a pool of connections).
 WORKERS = (1, 256)
-THREADS = (1, 64)
-# A stopping worker finishes what it holds: at least one whole delivery (GitHub's 10 s);
-# beyond 5 min a deploy waits on a worker that is stuck, not busy.
-GRACEFUL_TIMEOUT_S = (10, 300)
-PORT = (1, 65535)
-# The files worker. A reserve of a token's whole primary limit (5,000 an hour) or more
-# would never let it fetch; a lease shorter than a few GitHub requests (10 s timeout each)
-# has a second worker take a job the first is still working; an hour is the longest a
-# crashed worker's job should wait. With backoff capped at 15 min, 20 attempts retry a head
-# for over 3 hours.
-ENRICH_RATE_RESERVE = (0, 4999)
-ENRICH_LEASE_S = (30, 3600)
-ENRICH_MAX_ATTEMPTS = (1, 20)
-# A scheduled recovery pass every 0 (off) or 1 minute to 1 day: GitHub keeps delivery logs 3 days,
-# so a day still leaves two passes' worth of margin; under a minute is a unit slip (10 meant as 10m).
-RECOVER_EVERY_S = (60, 86400)
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-LOG_FORMATS = ("json", "text")
-ISOLATION_LEVELS = ("READ COMMITTED", "REPEATABLE READ")
+# FLOWLENS_* variables that are not settings of the service: the test suite's and the benchmark's.
+NOT_SETTINGS = frozenset({"FLOWLENS_TEST_DATABASE_URL", "FLOWLENS_BENCH_ADMIN_URL"})
+
+# The tables of docs/operating.md, Configuration, in their order.
+WEBHOOK = "The webhook and the database"
+PROCESSES = "Processes, logs and metrics"
+GITHUB = "The files worker (GitHub)"
+GROUPS = (WEBHOOK, PROCESSES, GITHUB)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A setting as docs/operating.md shows it: the variable(s), the default, what it accepts, what it means."""
+
+    variable: str
+    default: str
+    accepts: str
+    meaning: str
+
+
+# Reads a setting from the environment and the settings read before it; UNSET keeps the field's default.
+Read = Callable[[Mapping[str, str], dict[str, Any]], Any]
+UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class Declared:
+    """How one field is read: every variable it reads, the reading, its table and rows in the docs."""
+
+    names: tuple[str, ...]
+    read: Read
+    group: str
+    rows: tuple[Row, ...]
+
+
+def _raw(env: Mapping[str, str], name: str) -> str:
+    return env.get(name, "").strip()
+
+
+def reads(name: str, reader: Reader) -> Read:
+    """Read one variable with `reader`; unset (or blank) keeps the default."""
+
+    def read(env: Mapping[str, str], _: dict[str, Any]) -> Any:
+        raw = _raw(env, name)
+        return reader(name, raw) if raw else UNSET
+
+    return read
+
+
+def setting(
+    default: Any = None,
+    *,
+    env: str | tuple[str, ...],
+    group: str,
+    rows: tuple[Row, ...] | Row | None = None,
+    reader: Reader | None = None,
+    read: Read | None = None,
+    factory: Callable[[], Any] | None = None,
+    repr: bool = True,
+) -> Any:
+    """A field of Settings with its declaration: `reader` for one variable, or `read` for anything more."""
+    names = (env,) if isinstance(env, str) else env
+    if read is None:
+        assert reader is not None, "a setting needs a reader or a read"
+        read = reads(names[0], reader)
+    row_list = () if rows is None else (rows,) if isinstance(rows, Row) else rows
+    metadata = {"declared": Declared(names, read, group, row_list)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata, repr=repr)
+    return field(default=default, metadata=metadata, repr=repr)
+
+
+# --- readers that need more than one variable, or the settings before them ----------------------
 
 
 def normalize_database_url(url: str) -> str:
@@ -116,7 +151,7 @@ def database_url(raw: str) -> str:
     return url
 
 
-def _secrets(env: Mapping[str, str]) -> tuple[bytes, ...]:
+def _secrets(env: Mapping[str, str], _: dict[str, Any]) -> Any:
     """The current webhook secret, then the previous one while it is set (rotation)."""
     current = env.get("GITHUB_WEBHOOK_SECRET", "")
     previous = env.get("GITHUB_WEBHOOK_SECRET_PREVIOUS", "")
@@ -126,147 +161,482 @@ def _secrets(env: Mapping[str, str]) -> tuple[bytes, ...]:
             " (e.g. `openssl rand -hex 32`), set in GitHub and here"
         )
     # A short previous secret is accepted: it is the one being rotated away from.
-    return tuple(value.encode() for value in (current, previous) if value)
+    return tuple(value.encode() for value in (current, previous) if value) or UNSET
 
 
-# --- one reader per kind of value -----------------------------------------------------------------
-
-
-def _spool_max_bytes(env: Mapping[str, str], max_body_bytes: int) -> int:
+def _spool_max_bytes(env: Mapping[str, str], before: dict[str, Any]) -> Any:
     """0 (no spool), or room for at least one delivery of the largest size."""
     name = "FLOWLENS_SPOOL_MAX_BYTES"
-    raw = env.get(name, "").strip()
+    raw = _raw(env, name)
     if not raw:
-        return 512 * MIB
+        return UNSET
     try:
         value: int | None = int(raw)
     except ValueError:
         value = None
+    largest = before.get("max_body_bytes", 25 * MIB)
     # Between 1 and the body limit the spool cannot take the largest deliveries: most
     # likely a unit slip (512 meant as MiB) that would turn the spool off unsaid.
-    if value is None or (value != 0 and value < max_body_bytes):
+    if value is None or (value != 0 and value < largest):
         raise ConfigError(
-            f"{name} must be 0 (no spool) or a number of bytes from FLOWLENS_MAX_BODY_BYTES"
-            f" ({max_body_bytes}) up, got {raw!r}"
+            f"{name} must be 0 (no spool) or a number of bytes from FLOWLENS_MAX_BODY_BYTES ({largest}) up, got {raw!r}"
         )
     return value
 
 
-def writable_directory(path: Path, name: str) -> None:
-    """Create the folder `path` if need be; ConfigError naming `name` unless this process can write in it."""
+def _private_key(env: Mapping[str, str], _: dict[str, Any]) -> Any:
+    """GITHUB_APP_PRIVATE_KEY (PEM text), or the file GITHUB_APP_PRIVATE_KEY_FILE names."""
+    pem = _raw(env, "GITHUB_APP_PRIVATE_KEY")
+    file = _raw(env, "GITHUB_APP_PRIVATE_KEY_FILE")
+    if pem:
+        return pem
+    if not file:
+        return UNSET
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        return Path(file).expanduser().read_text()
     except OSError as exc:
-        raise ConfigError(
-            f"{name} must be a folder this user can write; {path} cannot be made: {exc.strerror}"
-        ) from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{name} must be a folder this user can write; {path} is not writable")
+        raise ConfigError(f"GITHUB_APP_PRIVATE_KEY_FILE cannot be read: {exc.strerror}") from None
 
 
-def child_environment(**overrides: str) -> dict[str, str]:
-    """This process's environment with `overrides` set: what a child process (gunicorn, psql, the files worker) gets."""
-    return {**os.environ, **overrides}
-
-
-def instance_name(address: str) -> str:
-    """A folder name for one instance: its port (or the whole address, e.g. a unix socket)."""
-    port = address.rsplit(":", 1)[-1]
-    return port if port.isdigit() else re.sub(r"[^A-Za-z0-9_.-]", "_", address)
-
-
-_HOOK_PATH = re.compile(r"(?:repos/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+|orgs/[A-Za-z0-9_.-]+)/hooks/(?P<id>[0-9]{1,18})")
-
-
-def configured_hook(path: str) -> tuple[str, int] | None:
-    """A GITHUB_WEBHOOKS entry (`repos/O/R/hooks/ID` or `orgs/O/hooks/ID`) as (path, hook id); None if not one."""
-    match = _HOOK_PATH.fullmatch(path.strip().strip("/"))
-    if match is None or any(not part.strip(".") for part in match.group(0).split("/")):
-        return None  # `.` or `..` as a name would walk the URL path
-    return match.group(0), int(match["id"])
-
-
-def _webhooks(env: Mapping[str, str]) -> tuple[str, ...]:
+def _webhooks(env: Mapping[str, str], _: dict[str, Any]) -> Any:
     """GITHUB_WEBHOOKS: comma-separated hook API paths, `repos/OWNER/REPO/hooks/ID` or `orgs/ORG/hooks/ID`."""
     entries = [entry.strip().strip("/") for entry in env.get("GITHUB_WEBHOOKS", "").split(",") if entry.strip()]
     for entry in entries:
-        if configured_hook(entry) is None:
+        if hook_path(entry) is None:
             raise ConfigError(
                 "GITHUB_WEBHOOKS must list hook API paths like repos/acme/app/hooks/123,orgs/acme/hooks/456;"
                 f" got {entry[:100]!r}"
             )
-    return tuple(entries)
+    return tuple(entries) or UNSET
 
 
-def _private_key(env: Mapping[str, str]) -> str | None:
-    """GITHUB_APP_PRIVATE_KEY (PEM text), or the file GITHUB_APP_PRIVATE_KEY_FILE names."""
-    text = env.get("GITHUB_APP_PRIVATE_KEY", "").strip()
-    path = env.get("GITHUB_APP_PRIVATE_KEY_FILE", "").strip()
-    if text:
-        return text
-    if not path:
-        return None
-    try:
-        return Path(path).expanduser().read_text()
-    except OSError as exc:
-        raise ConfigError(f"GITHUB_APP_PRIVATE_KEY_FILE cannot be read: {exc.strerror}") from None
+def _workers(env: Mapping[str, str], _: dict[str, Any]) -> Any:
+    """FLOWLENS_WORKERS, else the platform's WEB_CONCURRENCY (Heroku's convention)."""
+    name = "FLOWLENS_WORKERS" if _raw(env, "FLOWLENS_WORKERS") else "WEB_CONCURRENCY"
+    raw = _raw(env, name)
+    return whole(*WORKERS, "worker processes")(name, raw) if raw else UNSET
+
+
+def _bind(env: Mapping[str, str], _: dict[str, Any]) -> Any:
+    """FLOWLENS_BIND, else all addresses on the platform's PORT."""
+    if _raw(env, "FLOWLENS_BIND"):
+        return _raw(env, "FLOWLENS_BIND")
+    port = _raw(env, "PORT")
+    return f"0.0.0.0:{whole(1, 65535, 'a TCP port')('PORT', port)}" if port else UNSET
+
+
+def _pool_size(env: Mapping[str, str], before: dict[str, Any]) -> Any:
+    """FLOWLENS_POOL_SIZE, else a connection per thread plus one for the spool drainer."""
+    raw = _raw(env, "FLOWLENS_POOL_SIZE")
+    if raw:
+        return whole(1, 100, "connections")("FLOWLENS_POOL_SIZE", raw)
+    return before.get("threads", 4) + 1
+
+
+def _spool_dir(env: Mapping[str, str], before: dict[str, Any]) -> Any:
+    """FLOWLENS_SPOOL_DIR, else `spool` in the data folder."""
+    raw = _raw(env, "FLOWLENS_SPOOL_DIR")
+    return path("FLOWLENS_SPOOL_DIR", raw) if raw else before["data_dir"] / "spool"
 
 
 def _default_workers() -> int:
     return min(WORKERS[1], (os.cpu_count() or 1) + 1)
 
 
+def _data_dir() -> Path:
+    return Path(".flowlens").resolve()
+
+
+def _api_url(name: str, raw: str) -> str:
+    url: str = http_url("https://HOST/api/v3")(name, raw)
+    return url.rstrip("/")
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Everything the service reads from its environment, each value within its range."""
+    """Everything the service reads from its environment, each value within its range (see `setting`)."""
 
-    database_url: str | None = None
-    secrets: tuple[bytes, ...] = ()
-    data_dir: Path = Path(".flowlens")
-    max_body_bytes: int = 25 * MIB
-    statement_timeout_ms: int = 5000
+    # --- the webhook and the database --------------------------------------------------------
+    database_url: str | None = setting(
+        env="DATABASE_URL",
+        group=WEBHOOK,
+        reader=lambda name, raw: database_url(raw),
+        rows=Row(
+            "`DATABASE_URL`",
+            "unset: embedded PostgreSQL",
+            "a `postgres://`/`postgresql://` URL (psycopg2) with a numeric port",
+            "SQLAlchemy or libpq URL. A bad one is refused naming `DATABASE_URL`, never repeating the URL",
+        ),
+    )
+    secrets: tuple[bytes, ...] = setting(
+        (),
+        env=("GITHUB_WEBHOOK_SECRET", "GITHUB_WEBHOOK_SECRET_PREVIOUS"),
+        group=WEBHOOK,
+        read=_secrets,
+        repr=False,
+        rows=(
+            Row(
+                "`GITHUB_WEBHOOK_SECRET`",
+                "generated (64 hex characters) in embedded mode; required otherwise",
+                "at least 16 bytes (UTF-8)",
+                "the webhook secret",
+            ),
+            Row(
+                "`GITHUB_WEBHOOK_SECRET_PREVIOUS`",
+                "unset",
+                "any",
+                "also accepted while set (rotation); may be shorter than 16 bytes, so a short secret can be"
+                " rotated away from",
+            ),
+        ),
+    )
+    data_dir: Path = setting(
+        env="FLOWLENS_DATA_DIR",
+        group=WEBHOOK,
+        reader=path,
+        factory=_data_dir,
+        rows=Row(
+            "`FLOWLENS_DATA_DIR`",
+            "`./.flowlens`",
+            "a folder this user can create and write (checked by `serve`, and by gunicorn for the folders it defaults)",
+            "embedded database, generated secret, default spool, metrics folders, `instances/<port>.json` of each"
+            " running `serve`",
+        ),
+    )
+    send_url: str | None = setting(
+        env="FLOWLENS_URL",
+        group=WEBHOOK,
+        reader=http_url("http://127.0.0.1:8000/webhook"),
+        rows=Row(
+            "`FLOWLENS_URL`",
+            "unset",
+            "an `http://` or `https://` URL",
+            "where `send` posts (beats the instances recorded in `$FLOWLENS_DATA_DIR/instances/`)",
+        ),
+    )
+    # GitHub caps payloads at 25 MB (https://docs.github.com/en/webhooks/webhook-events-and-payloads#payload-cap).
+    max_body_bytes: int = setting(
+        25 * MIB,
+        env="FLOWLENS_MAX_BODY_BYTES",
+        group=WEBHOOK,
+        reader=whole(KIB, 25 * MIB, "bytes: 1 KiB to 25 MiB, GitHub's cap"),
+        rows=Row(
+            "`FLOWLENS_MAX_BODY_BYTES`",
+            "`26214400` (25 MiB)",
+            "`1024` (1 KiB) to `26214400` (25 MiB)",
+            "larger bodies get 413: from `Content-Length` before reading, a chunked one once it runs past the"
+            " limit; `nginx-conf` prints it as `client_max_body_size`. Not above GitHub's own cap (GitHub sends"
+            " nothing larger; a larger limit only lets an unsigned sender make a worker hold more). Not below"
+            " 1 KiB: GitHub's smallest delivery, a ping, is ~2.7 KB, so such a value is a unit slip that would"
+            " answer 413 to everything; `0` would also be *unlimited* to nginx",
+        ),
+    )
+    statement_timeout_ms: int = setting(
+        5000,
+        env="FLOWLENS_STATEMENT_TIMEOUT_MS",
+        group=WEBHOOK,
+        reader=whole(100, 7000, "milliseconds"),
+        rows=Row(
+            "`FLOWLENS_STATEMENT_TIMEOUT_MS`",
+            "`5000`",
+            "`100` to `7000`",
+            "statement and lock timeout of every delivery. At most 7 s: the server gives up before the request's"
+            " client-side database deadline (8 s), with time left to spool the delivery and answer inside"
+            " GitHub's 10 s. `0` would turn the timeouts off (a delivery waits as long as a lock is held), a"
+            " negative one is refused by PostgreSQL on every connection (every delivery spooled, the cause only"
+            " in the server's log); under 100 ms ordinary lock waits of a burst would be cut",
+        ),
+    )
+    # gunicorn (gunicorn_conf): threads per worker; read before the pool, whose default follows it.
+    threads: int = setting(
+        4,
+        env="FLOWLENS_THREADS",
+        group=PROCESSES,
+        reader=whole(1, 64, "threads"),
+        rows=Row("`FLOWLENS_THREADS`", "`4`", "`1` to `64`", "threads per worker, each with a pooled connection"),
+    )
     # gunicorn threads (4) plus the spool drainer: a request never waits for a connection.
-    pool_size: int = 5
-    store_payloads: bool = True
-    # gzip the journaled bytes (PostgreSQL's TOAST and YugabyteDB's SST compression already do).
-    journal_compression: bool = False
-    # READ COMMITTED in production. REPEATABLE READ is snapshot isolation: what YugabyteDB
-    # runs without yb_enable_read_committed_isolation, for testing that case on PostgreSQL.
-    isolation_level: str = "READ COMMITTED"
-    # Server-side PREPARE/EXECUTE: off behind a pooler that shares server sessions.
-    prepared_statements: bool = True
-    spool_dir: Path | None = None
-    spool_max_bytes: int = 512 * MIB
-    log_format: str = "json"
-    log_level: str = "INFO"
-    # What gunicorn's master said about the database at start (FLOWLENS_SAID_AT_START, set by
-    # gunicorn_conf for its workers): the workers do not say it again, once each.
-    said_at_start: str | None = None
-    # gunicorn (gunicorn_conf): gthread workers, their threads, the address, the time a
-    # stopping worker has to finish its deliveries.
-    workers: int = field(default_factory=_default_workers)
-    threads: int = 4
+    pool_size: int = setting(
+        5,
+        env="FLOWLENS_POOL_SIZE",
+        group=WEBHOOK,
+        read=_pool_size,
+        rows=Row(
+            "`FLOWLENS_POOL_SIZE`",
+            "`FLOWLENS_THREADS` + 1 (5)",
+            "`1` to `100`",
+            "connections per process: one per thread plus one for the spool drainer. At most PostgreSQL's"
+            " default `max_connections`",
+        ),
+    )
+    store_payloads: bool = setting(
+        True,
+        env="FLOWLENS_JOURNAL_PAYLOADS",
+        group=WEBHOOK,
+        reader=boolean,
+        rows=Row(
+            "`FLOWLENS_JOURNAL_PAYLOADS`",
+            "`true`",
+            "`true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`)",
+            "keep each delivery's payload in the journal (failed ones always are)",
+        ),
+    )
+    journal_compression: bool = setting(
+        False,
+        env="FLOWLENS_JOURNAL_COMPRESSION",
+        group=WEBHOOK,
+        reader=boolean,
+        rows=Row(
+            "`FLOWLENS_JOURNAL_COMPRESSION`",
+            "`false`",
+            "`true`/`false`",
+            "gzip the journaled bytes (TOAST and YugabyteDB's files compress them already: see"
+            " [reliability.md](reliability.md#the-journal))",
+        ),
+    )
+    # REPEATABLE READ is snapshot isolation: what YugabyteDB runs without yb_enable_read_committed_isolation.
+    isolation_level: str = setting(
+        "READ COMMITTED",
+        env="FLOWLENS_ISOLATION_LEVEL",
+        group=WEBHOOK,
+        reader=one_of("READ COMMITTED", "REPEATABLE READ"),
+        rows=Row(
+            "`FLOWLENS_ISOLATION_LEVEL`",
+            "`READ COMMITTED`",
+            "`READ COMMITTED`, `REPEATABLE READ` (any case, `_` for the space)",
+            "`REPEATABLE READ` reproduces YugabyteDB's snapshot isolation on PostgreSQL (tests, capacity checks)",
+        ),
+    )
+    prepared_statements: bool = setting(
+        True,
+        env="FLOWLENS_PREPARED_STATEMENTS",
+        group=WEBHOOK,
+        reader=boolean,
+        rows=Row(
+            "`FLOWLENS_PREPARED_STATEMENTS`",
+            "`true`",
+            "`true`/`false`",
+            "PREPARE each statement once per database session; `false` behind a pooler that shares server"
+            " sessions between clients (PgBouncer in transaction mode)",
+        ),
+    )
+    # None (no spool) when Settings are made in code without one; from the environment, always a folder.
+    spool_dir: Path | None = setting(
+        env="FLOWLENS_SPOOL_DIR",
+        group=WEBHOOK,
+        read=_spool_dir,
+        rows=Row(
+            "`FLOWLENS_SPOOL_DIR`",
+            "`$FLOWLENS_DATA_DIR/spool`",
+            "a folder this user can create and write (made at start)",
+            "where deliveries wait while the database is down",
+        ),
+    )
+    spool_max_bytes: int = setting(
+        512 * MIB,
+        env="FLOWLENS_SPOOL_MAX_BYTES",
+        group=WEBHOOK,
+        read=_spool_max_bytes,
+        rows=Row(
+            "`FLOWLENS_SPOOL_MAX_BYTES`",
+            "`536870912` (512 MiB)",
+            "`0`, or `FLOWLENS_MAX_BODY_BYTES` and up",
+            "spool bound (across workers, may be passed by about a second of traffic: see"
+            " [reliability.md](reliability.md#database-outages-and-the-spool)); `0` turns the spool off (503"
+            " instead). Between 1 and the body limit the spool could not take the largest deliveries: most"
+            " likely a unit slip (`512` meant as MiB), refused",
+        ),
+    )
+
+    # --- processes, logs and metrics -----------------------------------------------------------
+    log_format: str = setting(
+        "json",
+        env="FLOWLENS_LOG_FORMAT",
+        group=PROCESSES,
+        reader=one_of("json", "text"),
+        rows=Row("`FLOWLENS_LOG_FORMAT`", "`json`", "`json` (one object per line), `text`", "see [Logs](#logs)"),
+    )
+    log_level: str = setting(
+        "INFO",
+        env="FLOWLENS_LOG_LEVEL",
+        group=PROCESSES,
+        reader=one_of("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        rows=Row(
+            "`FLOWLENS_LOG_LEVEL`",
+            "`INFO`",
+            "`DEBUG`, `INFO`, `WARNING`, `ERROR`, `CRITICAL` (any case)",
+            "the service's and gunicorn's; `DEBUG` also shows the traceback of an unexpected error in a command",
+        ),
+    )
+    workers: int = setting(
+        env=("FLOWLENS_WORKERS", "WEB_CONCURRENCY"),
+        group=PROCESSES,
+        read=_workers,
+        factory=_default_workers,
+        rows=Row(
+            "`FLOWLENS_WORKERS` (else `WEB_CONCURRENCY`)",
+            "cores + 1 (at most 256)",
+            "`1` to `256`",
+            "gunicorn gthread workers; `serve --workers` beats both. The bound catches a typo: each worker"
+            " holds a pool of connections",
+        ),
+    )
+    # A stopping worker finishes what it holds: at least one whole delivery (GitHub's 10 s).
+    graceful_timeout_s: int = setting(
+        20,
+        env="FLOWLENS_GRACEFUL_TIMEOUT",
+        group=PROCESSES,
+        reader=whole(10, 300, "seconds"),
+        rows=Row(
+            "`FLOWLENS_GRACEFUL_TIMEOUT`",
+            "`20`",
+            "`10` to `300` (seconds)",
+            "seconds a stopping worker has to finish its deliveries: at least one whole delivery (GitHub's"
+            " 10 s); beyond 5 minutes a deploy waits on a stuck worker",
+        ),
+    )
     # The Procfile's web process listens on all addresses, on the platform's PORT.
-    bind: str = "0.0.0.0:8000"
-    graceful_timeout_s: int = 20
-    # Where gunicorn's workers sum their metrics (PROMETHEUS_MULTIPROC_DIR); None: not set.
-    metrics_dir: Path | None = None
-    # Where `send` posts (FLOWLENS_URL).
-    send_url: str | None = None
-    # Files enrichment: GitHub's REST API and a credential (an App, a token, or both).
-    github_api_url: str = "https://api.github.com"
-    github_token: str | None = field(default=None, repr=False)
-    github_app_id: str | None = None
-    github_app_private_key: str | None = field(default=None, repr=False)
-    # The worker keeps this many requests of the primary rate limit for others.
-    enrich_rate_reserve: int = 100
-    # A claimed job is taken again by another worker once its lease runs out.
-    enrich_lease_s: int = 120
+    bind: str = setting(
+        "0.0.0.0:8000",
+        env=("FLOWLENS_BIND", "PORT"),
+        group=PROCESSES,
+        read=_bind,
+        rows=Row(
+            "`FLOWLENS_BIND` / `PORT`",
+            "`0.0.0.0:$PORT` (8000)",
+            "`FLOWLENS_BIND`: gunicorn's bind syntax (checked by gunicorn); `PORT`: `1` to `65535`",
+            "gunicorn bind for the Procfile",
+        ),
+    )
+    # Where gunicorn's workers sum their metrics; None: one folder per port in the data folder.
+    metrics_dir: Path | None = setting(
+        env="PROMETHEUS_MULTIPROC_DIR",
+        group=PROCESSES,
+        reader=path,
+        rows=Row(
+            "`PROMETHEUS_MULTIPROC_DIR`",
+            "`$FLOWLENS_DATA_DIR/metrics/<port>`",
+            "a folder this user can create and write (made at start)",
+            "where this instance's workers' metric files are summed; emptied at start, locked for the"
+            " instance's life (a second instance on the same folder is refused in one line)",
+        ),
+    )
+
+    # --- the files worker and recovery (GitHub) -----------------------------------------------
+    github_api_url: str = setting(
+        "https://api.github.com",
+        env="GITHUB_API_URL",
+        group=GITHUB,
+        reader=_api_url,
+        rows=Row(
+            "`GITHUB_API_URL`",
+            "`https://api.github.com`",
+            "an `http://` or `https://` URL",
+            "GitHub's REST API; GitHub Enterprise Server: `https://HOST/api/v3`",
+        ),
+    )
+    github_token: str | None = setting(
+        env="GITHUB_TOKEN",
+        group=GITHUB,
+        reader=text,
+        repr=False,
+        rows=Row(
+            "`GITHUB_TOKEN`",
+            "unset",
+            "any",
+            "a token for the files worker (fine-grained: *Pull requests: read*, plus *Contents: read* for"
+            " private repositories)",
+        ),
+    )
+    github_app_id: str | None = setting(
+        env="GITHUB_APP_ID",
+        group=GITHUB,
+        reader=text,
+        rows=Row(
+            "`GITHUB_APP_ID`, `GITHUB_APP_PRIVATE_KEY` or `GITHUB_APP_PRIVATE_KEY_FILE`",
+            "unset",
+            "both or neither; an unencrypted RSA key in PEM (checked by `serve` and `enrich`), a file this user"
+            " can read",
+            "a GitHub App for the files worker (PEM text or a file); installation tokens for the"
+            " `installation.id` each delivery carries",
+        ),
+    )
+    github_app_private_key: str | None = setting(
+        env=("GITHUB_APP_PRIVATE_KEY", "GITHUB_APP_PRIVATE_KEY_FILE"),
+        group=GITHUB,
+        read=_private_key,
+        repr=False,
+    )
+    # A reserve of a token's whole primary limit (5,000 an hour) or more would never let it fetch.
+    enrich_rate_reserve: int = setting(
+        100,
+        env="FLOWLENS_ENRICH_RATE_RESERVE",
+        group=GITHUB,
+        reader=whole(0, 4999, "requests"),
+        rows=Row(
+            "`FLOWLENS_ENRICH_RATE_RESERVE`",
+            "`100`",
+            "`0` to `4999`",
+            "the files worker stops claiming jobs when fewer requests than this remain in GitHub's primary"
+            " limit, until its reset. Below a token's hourly 5,000, or the worker would never fetch",
+        ),
+    )
+    enrich_lease_s: int = setting(
+        120,
+        env="FLOWLENS_ENRICH_LEASE_S",
+        group=GITHUB,
+        reader=whole(30, 3600, "seconds"),
+        rows=Row(
+            "`FLOWLENS_ENRICH_LEASE_S`",
+            "`120`",
+            "`30` to `3600` (seconds)",
+            "how long a worker holds a claimed job; a crashed worker's job is taken again after it. At least a"
+            " few GitHub requests (10 s timeout each), at most an hour of waiting for a crashed worker's job",
+        ),
+    )
+    enrich_max_attempts: int = setting(
+        6,
+        env="FLOWLENS_ENRICH_MAX_ATTEMPTS",
+        group=GITHUB,
+        reader=whole(1, 20, "attempts"),
+        rows=Row(
+            "`FLOWLENS_ENRICH_MAX_ATTEMPTS`",
+            "`6`",
+            "`1` to `20`",
+            "fetches of one head that fail (5xx, timeouts) before it is settled `failed`; with backoff capped at"
+            " 15 minutes, 20 attempts already span over 3 hours",
+        ),
+    )
+    github_webhooks: tuple[str, ...] = setting(
+        (),
+        env="GITHUB_WEBHOOKS",
+        group=GITHUB,
+        read=_webhooks,
+        rows=Row(
+            "`GITHUB_WEBHOOKS`",
+            "unset",
+            "comma-separated hook API paths, `repos/OWNER/REPO/hooks/ID` or `orgs/ORG/hooks/ID`",
+            "repository and organization hooks whose delivery logs `recover` and the scheduled pass read,"
+            " besides those the journal has seen (needs `GITHUB_TOKEN` with admin of the hook: fine-grained"
+            " *Webhooks: read and write*, classic `admin:repo_hook` / `admin:org_hook`)",
+        ),
+    )
+    # GitHub keeps delivery logs 3 days: a pass at least daily leaves two passes' worth of margin.
+    recover_every_s: int = setting(
+        600,
+        env="FLOWLENS_RECOVER_EVERY",
+        group=GITHUB,
+        reader=duration(60, 86400),
+        rows=Row(
+            "`FLOWLENS_RECOVER_EVERY`",
+            "`10m`",
+            "`0` (off) or a duration from `1m` to `24h` (`90s`, `10m`, `1h`)",
+            "how often the files worker runs a recovery pass (one worker across all VMs); a day at most, so a"
+            " pass never risks GitHub's 3-day log retention",
+        ),
+    )
+    # How often the files worker looks for due jobs (not an environment setting).
     enrich_poll_s: float = 1.0
-    enrich_max_attempts: int = 6
-    # Recovery: hooks to read besides those the journal has seen, and the scheduled pass's interval (0: off).
-    github_webhooks: tuple[str, ...] = ()
-    recover_every_s: int = 600
 
     @property
     def github_credentials(self) -> bool:
@@ -300,56 +670,94 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read and check the FlowLens environment variables (see docs/operating.md, Configuration)."""
+        """Read and check every declared variable, in declaration order (see docs/operating.md, Configuration)."""
         env = os.environ if env is None else env
-        secrets = _secrets(env)
-        data_dir = path_value(env, "FLOWLENS_DATA_DIR") or Path(".flowlens").resolve()
-        url = env.get("DATABASE_URL", "").strip()
-        app_id = env.get("GITHUB_APP_ID", "").strip() or None
-        key = _private_key(env)
-        if bool(app_id) != bool(key):
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            declared = _declared(item)
+            if declared is None:
+                continue
+            value = declared.read(env, values)
+            values[item.name] = _default(item) if value is UNSET else value
+        if bool(values["github_app_id"]) != bool(values["github_app_private_key"]):
             raise ConfigError("a GitHub App needs both GITHUB_APP_ID and GITHUB_APP_PRIVATE_KEY (or _FILE)")
-        max_body_bytes = int_value(
-            env, "FLOWLENS_MAX_BODY_BYTES", 25 * MIB, MAX_BODY_BYTES, "bytes: 1 KiB to 25 MiB, GitHub's cap"
-        )
-        threads = int_value(env, "FLOWLENS_THREADS", 4, THREADS, "threads")
-        # FLOWLENS_WORKERS, else the platform's WEB_CONCURRENCY (Heroku's convention).
-        workers = "FLOWLENS_WORKERS" if env.get("FLOWLENS_WORKERS", "").strip() else "WEB_CONCURRENCY"
-        port = int_value(env, "PORT", 8000, PORT, "a TCP port")
-        api_url = http_url(env, "GITHUB_API_URL", "https://HOST/api/v3") or "https://api.github.com"
-        return cls(
-            database_url=database_url(url) if url else None,
-            secrets=secrets,
-            data_dir=data_dir,
-            max_body_bytes=max_body_bytes,
-            statement_timeout_ms=int_value(
-                env, "FLOWLENS_STATEMENT_TIMEOUT_MS", 5000, STATEMENT_TIMEOUT_MS, "milliseconds"
-            ),
-            # A connection per thread plus one for the spool drainer: with fewer, a request
-            # waits for a connection and, after the pool's timeout, is spooled for nothing.
-            pool_size=int_value(env, "FLOWLENS_POOL_SIZE", threads + 1, POOL_SIZE, "connections"),
-            store_payloads=bool_value(env, "FLOWLENS_JOURNAL_PAYLOADS", True),
-            journal_compression=bool_value(env, "FLOWLENS_JOURNAL_COMPRESSION", False),
-            isolation_level=choice(env, "FLOWLENS_ISOLATION_LEVEL", ISOLATION_LEVELS, "READ COMMITTED"),
-            prepared_statements=bool_value(env, "FLOWLENS_PREPARED_STATEMENTS", True),
-            spool_dir=path_value(env, "FLOWLENS_SPOOL_DIR") or data_dir / "spool",
-            spool_max_bytes=_spool_max_bytes(env, max_body_bytes),
-            log_format=choice(env, "FLOWLENS_LOG_FORMAT", LOG_FORMATS, "json"),
-            log_level=choice(env, "FLOWLENS_LOG_LEVEL", LOG_LEVELS, "INFO"),
-            said_at_start=env.get(SAID_AT_START) or None,
-            workers=int_value(env, workers, _default_workers(), WORKERS, "worker processes"),
-            threads=threads,
-            bind=env.get("FLOWLENS_BIND", "").strip() or f"0.0.0.0:{port}",
-            graceful_timeout_s=int_value(env, "FLOWLENS_GRACEFUL_TIMEOUT", 20, GRACEFUL_TIMEOUT_S, "seconds"),
-            metrics_dir=path_value(env, "PROMETHEUS_MULTIPROC_DIR"),
-            send_url=http_url(env, "FLOWLENS_URL", "http://127.0.0.1:8000/webhook"),
-            github_api_url=api_url.rstrip("/"),
-            github_token=env.get("GITHUB_TOKEN", "").strip() or None,
-            github_app_id=app_id,
-            github_app_private_key=key,
-            enrich_rate_reserve=int_value(env, "FLOWLENS_ENRICH_RATE_RESERVE", 100, ENRICH_RATE_RESERVE, "requests"),
-            enrich_lease_s=int_value(env, "FLOWLENS_ENRICH_LEASE_S", 120, ENRICH_LEASE_S, "seconds"),
-            enrich_max_attempts=int_value(env, "FLOWLENS_ENRICH_MAX_ATTEMPTS", 6, ENRICH_MAX_ATTEMPTS, "attempts"),
-            github_webhooks=_webhooks(env),
-            recover_every_s=duration_s(env, "FLOWLENS_RECOVER_EVERY", 600, RECOVER_EVERY_S),
-        )
+        return cls(**values)
+
+
+def _declared(item: Field[Any]) -> Declared | None:
+    declared = item.metadata.get("declared")
+    return declared if isinstance(declared, Declared) else None
+
+
+def _default(item: Field[Any]) -> Any:
+    return item.default if item.default_factory is MISSING else item.default_factory()
+
+
+def declarations() -> list[Declared]:
+    """Every setting's declaration, in order."""
+    return [declared for item in fields(Settings) if (declared := _declared(item)) is not None]
+
+
+def known_variables() -> frozenset[str]:
+    """Every environment variable a setting reads."""
+    return frozenset(name for declared in declarations() for name in declared.names)
+
+
+def unknown_names(env: Mapping[str, str] | None = None) -> list[str]:
+    """The FLOWLENS_* variables of `env` that are no setting (a typo, or one a newer release reads)."""
+    env = os.environ if env is None else env
+    known = known_variables() | NOT_SETTINGS
+    return sorted(name for name in env if name.startswith("FLOWLENS_") and name not in known)
+
+
+def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
+    """A line for each FLOWLENS_* variable that is no setting, naming the nearest known one."""
+    # Compared without the prefix every one shares, which would make any two look alike.
+    known = sorted(name.removeprefix("FLOWLENS_") for name in known_variables() if name.startswith("FLOWLENS_"))
+    lines = []
+    for name in unknown_names(env):
+        nearest = difflib.get_close_matches(name.removeprefix("FLOWLENS_"), known, n=1, cutoff=0.6)
+        hint = f" (did you mean FLOWLENS_{nearest[0]}?)" if nearest else ""
+        lines.append(f"{name} is not a setting and is ignored{hint}")
+    return lines
+
+
+def markdown_table(group: str) -> str:
+    """docs/operating.md's table of one group of settings, generated from the declarations."""
+    lines = ["| variable | default | accepts | meaning |", "| --- | --- | --- | --- |"]
+    for declared in declarations():
+        if declared.group == group:
+            lines += [f"| {r.variable} | {r.default} | {r.accepts} | {r.meaning} |" for r in declared.rows]
+    return "\n".join(lines)
+
+
+# --- folders and instances ---------------------------------------------------------------------
+
+
+def writable_directory(folder: Path, name: str) -> None:
+    """Create `folder` if need be; ConfigError naming `name` unless this process can write in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{name} must be a folder this user can write; {folder} cannot be made: {exc.strerror}"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} must be a folder this user can write; {folder} is not writable")
+
+
+def child_environment(**overrides: str) -> dict[str, str]:
+    """This process's environment with `overrides` set: what a child process (gunicorn, psql, the files worker) gets."""
+    return {**os.environ, **overrides}
+
+
+def instance_name(address: str) -> str:
+    """A folder name for one instance: its port (or the whole address, e.g. a unix socket)."""
+    port = address.rsplit(":", 1)[-1]
+    return port if port.isdigit() else re.sub(r"[^A-Za-z0-9_.-]", "_", address)
+
+
+if __name__ == "__main__":
+    # `python -m flowlens_ingest.config`: the Configuration tables of docs/operating.md.
+    for group in GROUPS:
+        print(f"### {group}\n\n{markdown_table(group)}\n")

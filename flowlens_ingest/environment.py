@@ -1,92 +1,112 @@
-"""Readers of environment values, one per kind: each returns the value or raises ConfigError.
+"""Readers of environment values, one per kind: each takes a variable's name and its (non-empty) text.
 
-config.Settings calls them with the environment it reads (the one place that reads it);
-they never read os.environ themselves.
+config.py declares every setting with one of them; they never read os.environ themselves. Each
+returns the value or raises ConfigError, one line naming the variable and what it accepts.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
+
+Reader = Callable[[str, str], Any]
+
+_DURATION = re.compile(r"(\d{1,9})([dhms]?)")
+_UNIT_S = {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}
 
 
 class ConfigError(Exception):
     """The environment does not describe a service that can start."""
 
 
-def int_value(env: Mapping[str, str], name: str, default: int, bounds: tuple[int, int], unit: str) -> int:
-    """An integer within `bounds` (inclusive), else ConfigError saying the range and its `unit`."""
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    low, high = bounds
-    try:
-        value: int | None = int(raw)
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high:
-        raise ConfigError(f"{name} must be a whole number from {low} to {high} ({unit}), got {raw!r}")
-    return value
+def duration_seconds(text: str, *, unit_required: bool = False) -> int | None:
+    """`30d`, `12h`, `90m`, `3600s` (or bare seconds, unless `unit_required`) as seconds; None if not one.
 
-
-def bool_value(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
-
-
-def choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
-    """One of `choices`, written in any case, `_` read as a space."""
-    raw = " ".join(env.get(name, "").replace("_", " ").split())
-    if not raw:
-        return default
-    for choice in choices:
-        if raw.upper() == choice.upper():
-            return choice
-    raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
-
-
-def path_value(env: Mapping[str, str], name: str) -> Path | None:
-    """A path, absolute (`~` expanded), or None when unset. Whether it can be written is checked at start."""
-    raw = env.get(name, "").strip()
-    return Path(raw).expanduser().resolve() if raw else None
-
-
-def http_url(env: Mapping[str, str], name: str, example: str) -> str | None:
-    """An http:// or https:// URL, or None when unset. Never repeated in a message: it may hold a token."""
-    raw = env.get(name, "").strip()
-    if not raw:
+    The one parser of durations: settings (FLOWLENS_RECOVER_EVERY) and the command line (--older-than, --since).
+    """
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None or (unit_required and not match[2]):
         return None
-    try:
-        parts = urlsplit(raw)
-        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # e.g. an unclosed [ of an IPv6 address
-        usable = False
-    if not usable:
-        raise ConfigError(f"{name} must be an http:// or https:// URL, like {example}")
+    return int(match[1]) * _UNIT_S[match[2]]
+
+
+def whole(low: int, high: int, unit: str) -> Reader:
+    """An integer from `low` to `high` (inclusive)."""
+
+    def read(name: str, raw: str) -> int:
+        try:
+            value: int | None = int(raw)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise ConfigError(f"{name} must be a whole number from {low} to {high} ({unit}), got {raw!r}")
+        return value
+
+    return read
+
+
+def boolean(name: str, raw: str) -> bool:
+    """true/false, 1/0, yes/no, on/off, in any case."""
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {lowered!r}")
+
+
+def one_of(*choices: str) -> Reader:
+    """One of `choices`, written in any case, `_` read as a space."""
+
+    def read(name: str, raw: str) -> str:
+        spoken = " ".join(raw.replace("_", " ").split())
+        for choice in choices:
+            if spoken.upper() == choice.upper():
+                return choice
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {spoken!r}")
+
+    return read
+
+
+def path(name: str, raw: str) -> Path:
+    """A path, absolute (`~` expanded). Whether it can be written is checked at start."""
+    return Path(raw).expanduser().resolve()
+
+
+def text(name: str, raw: str) -> str:
+    """Any text (a token, an id): taken as it is, stripped."""
     return raw
 
 
-def duration_s(env: Mapping[str, str], name: str, default: int, bounds: tuple[int, int]) -> int:
-    """A duration (`10m`, `1h`, `90s`, `1d`, or seconds) as seconds: 0 (off) or within `bounds`."""
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    match = re.fullmatch(r"(\d{1,9})([dhms]?)", raw)
-    seconds = int(match[1]) * {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}[match[2]] if match else None
-    low, high = bounds
-    if seconds is None or (seconds != 0 and not low <= seconds <= high):
-        raise ConfigError(
-            f"{name} must be 0 (off) or a duration from {low // 60}m to {high // 3600}h, like 10m; got {raw!r}"
-        )
-    return seconds
+def http_url(example: str) -> Reader:
+    """An http:// or https:// URL. Never repeated in a message: it may hold a token."""
+
+    def read(name: str, raw: str) -> str:
+        try:
+            parts = urlsplit(raw)
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:  # e.g. an unclosed [ of an IPv6 address
+            usable = False
+        if not usable:
+            raise ConfigError(f"{name} must be an http:// or https:// URL, like {example}")
+        return raw
+
+    return read
 
 
-# A GITHUB_WEBHOOKS entry: a repository or organization hook's API path.
+def duration(low: int, high: int) -> Reader:
+    """A duration (`10m`, `1h`, `90s`, `1d`, or seconds) as seconds: 0 (off) or from `low` to `high`."""
+
+    def read(name: str, raw: str) -> int:
+        seconds = duration_seconds(raw)
+        if seconds is None or (seconds != 0 and not low <= seconds <= high):
+            raise ConfigError(
+                f"{name} must be 0 (off) or a duration from {low // 60}m to {high // 3600}h, like 10m;"
+                f" got {raw.lower()!r}"
+            )
+        return seconds
+
+    return read

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from flowlens_ingest.config import MIB, MIN_SECRET_BYTES, ConfigError, Settings, writable_directory
+from flowlens_ingest.config import (
+    MIB,
+    MIN_SECRET_BYTES,
+    ConfigError,
+    Settings,
+    declarations,
+    unknown_variables,
+    writable_directory,
+)
 from flowlens_ingest.web.app import create_app
 
 from .helpers import PREVIOUS_SECRET, SECRET, free_port, make_settings
@@ -351,3 +359,34 @@ def test_the_service_refuses_a_folder_it_cannot_write_with_exit_2_and_one_line(c
         del env["DATABASE_URL"]
     assert_refused_in_one_line(run(*entry_point(command), cwd=tmp_path, **env), name)
     assert not (tmp_path / ".flowlens" / "pgdata").exists()
+
+
+def test_a_misspelled_variable_is_named_with_the_nearest_setting():
+    assert unknown_variables({"FLOWLENS_WORKER": "3", "FLOWLENS_WORKERS": "2", "FLOWLENS_TEST_DATABASE_URL": "x"}) == [
+        "FLOWLENS_WORKER is not a setting and is ignored (did you mean FLOWLENS_WORKERS?)"
+    ]
+    assert unknown_variables({"FLOWLENS_ZZZ": "1", "PATH": "/bin"}) == ["FLOWLENS_ZZZ is not a setting and is ignored"]
+
+
+def test_a_command_warns_once_of_a_variable_that_is_no_setting():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWLENS_", "DATABASE_URL"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "flowlens_ingest.cli", "nginx-conf"],
+        env={**env, "FLOWLENS_WORKER": "3"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "flowlens-ingest: warning: FLOWLENS_WORKER is not a setting and is ignored (did you mean FLOWLENS_WORKERS?)"
+    ]
+
+
+def test_every_setting_is_declared_once_with_its_rows():
+    """Each variable is read by one declaration, and each documented one has a row of the docs' tables."""
+    names = [name for declared in declarations() for name in declared.names]
+    assert len(names) == len(set(names))
+    documented = " ".join(row.variable for declared in declarations() for row in declared.rows)
+    assert [name for name in names if f"`{name}`" not in documented] == []

@@ -265,3 +265,15 @@ def test_every_quoted_output_line_is_one_the_code_prints() -> None:
                 if not any(pattern.search(line) for pattern in _printed_patterns()):
                     stale.append(f"{_relative(doc)}: {message}")
     assert stale == []
+
+
+def test_the_configuration_tables_are_the_declared_settings() -> None:
+    """docs/operating.md's Configuration tables are what config.py declares (`python -m flowlens_ingest.config`)."""
+    from flowlens_ingest.config import GROUPS, markdown_table
+
+    operating = (ROOT / "docs" / "operating.md").read_text()
+    for group in GROUPS:
+        assert f"### {group}\n\n{markdown_table(group)}\n" in operating, (
+            f"docs/operating.md's table {group!r} differs from config.py: regenerate it with"
+            " `python -m flowlens_ingest.config`"
+        )

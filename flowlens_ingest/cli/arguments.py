@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
+
+from flowlens_ingest.environment import duration_seconds
 
 # The epilog of every command that reads the database.
 DATABASE_HELP = (
@@ -37,11 +38,10 @@ class Duration(click.ParamType[timedelta]):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
         if isinstance(value, timedelta):
             return value
-        match = re.fullmatch(r"(\d+)([dhms])", str(value).strip())
-        if not match:
+        seconds = duration_seconds(str(value), unit_required=True)
+        if seconds is None:
             self.fail(f"{value!r}: use a number and d, h, m or s, like 30d", param, ctx)
-        unit = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}[match[2]]
-        return timedelta(**{unit: int(match[1])})
+        return timedelta(seconds=seconds)
 
 
 def duration_text(span: timedelta) -> str:

@@ -26,7 +26,7 @@ from flowlens_ingest.cli.commands import (
 from flowlens_ingest.cli.db import db_shell, db_upgrade
 from flowlens_ingest.cli.serve import serve
 from flowlens_ingest.cli.status import DEFAULT_DEADLINE_S as DEFAULT_STATUS_DEADLINE_S
-from flowlens_ingest.config import WORKERS, ConfigError
+from flowlens_ingest.config import WORKERS, ConfigError, unknown_variables
 
 # --- the command line -------------------------------------------------------------------------
 
@@ -314,6 +314,8 @@ def _debugging() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flowlens-ingest` console script: an exit status, never a traceback."""
     args = list(argv) if argv is not None else sys.argv[1:]
+    for line in unknown_variables():
+        print(f"flowlens-ingest: warning: {line}", file=sys.stderr)
     try:
         result = cli.main(args=args, prog_name="flowlens-ingest", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:

@@ -12,7 +12,7 @@ import click
 
 from flowlens_ingest.cli.arguments import DATABASE_HELP, Duration, Timestamp
 from flowlens_ingest.cli.commands import fail, github_client, load_settings, open_database, utc
-from flowlens_ingest.events.hooks import url_name
+from flowlens_ingest.names import url_name
 
 
 def recover(since: timedelta, dry_run: bool, fetch: bool) -> int:

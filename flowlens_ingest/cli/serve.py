@@ -16,7 +16,7 @@ from flowlens_ingest.cli.commands import (
     load_settings,
 )
 from flowlens_ingest.cli.instances import forget_instance, instance_record, record_instance
-from flowlens_ingest.config import Settings, child_environment, writable_directory
+from flowlens_ingest.config import Settings, child_environment, unknown_names, writable_directory
 
 # --- serve -------------------------------------------------------------------------------
 
@@ -150,7 +150,9 @@ def serve(host: str, port: int, workers: int | None) -> int:
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
 
-    env = child_environment()
+    # A variable that is no setting was named once, by main(): gunicorn and the files worker
+    # would say it again, each, so their environment goes without it.
+    env = {name: value for name, value in child_environment().items() if name not in unknown_names()}
     server = None
     if not settings.database_url:
         from flowlens_ingest.cli import embedded

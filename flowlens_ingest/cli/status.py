@@ -345,4 +345,3 @@ def gather(settings: Settings, deadline_s: float = DEFAULT_DEADLINE_S) -> Report
         report.parts.update(probe.parts)
         report.actions[:0] = probe.actions
     return report
-

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from flowlens_ingest.names import url_name
+
 APP_HOOK_PATH = "app/hook"
 
 
@@ -29,12 +31,6 @@ def header_number(raw: str) -> int | None:
     str.isdigit() alone accepts other digits ("²", "٣") that int() refuses or reads.
     """
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
-
-
-def url_name(value: Any) -> str | None:
-    """An owner or repository name fit for a URL path: GitHub's characters, never `.` or `..`."""
-    fits = isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", value) and value.strip(".")
-    return value if fits else None
 
 
 def target_of(target_type: str | None, target_id: str | None) -> HookTarget | None:

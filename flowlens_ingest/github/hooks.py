@@ -15,8 +15,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from flowlens_ingest.config import Settings, configured_hook
+from flowlens_ingest.config import Settings
 from flowlens_ingest.events.hooks import APP_HOOK_PATH
+from flowlens_ingest.names import hook_path
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.schema import webhook_deliveries, webhook_hooks
 
@@ -49,7 +50,7 @@ def hooks_to_read(settings: Settings, database: Database) -> tuple[list[Hook], l
         else:
             skipped.append(f"{row.api_path}: a repository or organization hook needs GITHUB_TOKEN")
     for entry in settings.github_webhooks:
-        configured = configured_hook(entry)
+        configured = hook_path(entry)
         if configured is not None and settings.github_token:
             hooks.setdefault(configured[0], Hook(configured[0], configured[1]))
     return list(hooks.values()), skipped

@@ -19,12 +19,13 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
-from flowlens_ingest.config import Settings, configured_hook
+from flowlens_ingest.config import Settings
 from flowlens_ingest.events.hooks import APP_HOOK_PATH
 from flowlens_ingest.github.client import GitHubClient
 from flowlens_ingest.github.recover import PACE_S, SETTLE_S, Hook, Recoverer, Report, hooks_to_read, retention
 from flowlens_ingest.ingest import describe
 from flowlens_ingest.metrics import Metrics
+from flowlens_ingest.names import hook_path
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.schema import leases, webhook_hooks
 
@@ -55,7 +56,7 @@ def take_lease(database: Database, holder: uuid.UUID, seconds: float) -> bool:
 
 def _record_hooks(database: Database, settings: Settings, learned: dict[str, int]) -> None:
     """Record GITHUB_WEBHOOKS' hooks and the App hook's learned id, so their checkpoints are kept."""
-    found = [configured_hook(entry) for entry in settings.github_webhooks]
+    found = [hook_path(entry) for entry in settings.github_webhooks]
     listed: list[tuple[str, int, str, int | None]] = [
         (path, hook_id, "organization" if path.startswith("orgs/") else "repository", None)
         for path, hook_id in (f for f in found if f is not None)

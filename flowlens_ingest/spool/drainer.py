@@ -26,13 +26,18 @@ SCHEMA_RECHECK_S = 10.0
 SAID = "the database schema is not ready (said above)"
 
 
-def spool_handler(database: Database, settings: Settings, metrics: Metrics) -> Callable[[Spooled], Result]:
-    """Apply one spooled delivery exactly as the view would have, and say what became of it."""
+def spool_handler(
+    database: Database, settings: Settings, metrics: Metrics, *, said_at_start: bool = False
+) -> Callable[[Spooled], Result]:
+    """Apply one spooled delivery exactly as the view would have, and say what became of it.
+
+    `said_at_start`: gunicorn's master said what is wrong with the database; not said again here.
+    """
     said: list[str] = []  # the problem of this outage: said once, not on every tick
     # The master said at start what is wrong with the database: not said again by each
     # worker until the schema has been found ready once (a migration under way changes
     # the revision the problem names, not the fix).
-    quiet = [settings.said_at_start is not None]
+    quiet = [said_at_start]
     checked_at = [-SCHEMA_RECHECK_S]
 
     def schema_problem() -> str | None:

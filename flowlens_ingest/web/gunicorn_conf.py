@@ -14,7 +14,7 @@ from typing import IO, Any
 
 from gunicorn import glogging
 
-from flowlens_ingest.config import SAID_AT_START, ConfigError, Settings
+from flowlens_ingest.config import ConfigError, Settings, unknown_variables
 
 
 def _checked_settings() -> Settings:
@@ -30,6 +30,8 @@ def _checked_settings() -> Settings:
     except ConfigError as exc:
         print(f"flowlens-ingest: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    for line in unknown_variables():
+        print(f"flowlens-ingest: warning: {line}", file=sys.stderr, flush=True)
     return settings
 
 
@@ -44,6 +46,9 @@ bind = settings.bind
 _metrics_dir = settings.metrics_folder(bind)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
 _multiprocess: Any = None
+# What the master said at start about the database (on_starting): its workers, forked after,
+# inherit this module's state and so do not say it again, once each.
+_said_at_start: str | None = None
 _metrics_lock: IO[bytes] | None = None
 if "prometheus_client.values" in sys.modules:
     # Too late: workers would inherit per-process values and /metrics would show
@@ -55,7 +60,7 @@ workers = settings.workers
 worker_class = "gthread"
 threads = settings.threads
 # GitHub gives up after 10 s: a worker silent for that long is stuck, not busy
-# (a delivery ends within its statement timeout, at most 7 s: config.STATEMENT_TIMEOUT_MS).
+# (a delivery ends within its statement timeout, at most 7 s: FLOWLENS_STATEMENT_TIMEOUT_MS's range).
 timeout = 10
 # On SIGTERM a worker stops accepting and finishes what it holds; the longest
 # delivery is one statement timeout plus a few retries, well inside this.
@@ -119,11 +124,12 @@ def on_starting(server: Any) -> None:
     # Only prometheus_client's files: the folder may be one an operator chose.
     for path in _metrics_dir.glob("*.db"):
         path.unlink(missing_ok=True)
+    global _said_at_start
     problem = _schema_problem(settings.database_url, spooled=settings.spool_enabled)
     if problem:
         server.log.warning("flowlens-ingest: %s", problem)
         # Said once, here: the workers, forked after this, inherit it and do not repeat it.
-        os.environ[SAID_AT_START] = problem
+        _said_at_start = problem
     # Imported now, in the master, not first in child_exit: that runs in a SIGCHLD
     # handler, and a second worker exiting mid-import re-entered the half-imported
     # package (ImportError, master exiting 1 at shutdown).
@@ -178,7 +184,7 @@ def post_worker_init(worker: Any) -> None:
     """Start the worker's spool drainer once its app exists."""
     from flowlens_ingest.web.services import start_drainer
 
-    worker.flowlens_drainer = start_drainer(worker.wsgi)
+    worker.flowlens_drainer = start_drainer(worker.wsgi, said_at_start=_said_at_start is not None)
 
 
 def worker_exit(server: Any, worker: Any) -> None:

@@ -40,10 +40,15 @@ def services(app: Flask | None = None) -> Services:
     return found
 
 
-def start_drainer(app: Flask, interval: float = drainer.DRAIN_INTERVAL_S) -> drainer.Drainer | None:
-    """Start this worker's spool drainer (a daemon thread); None when the spool is off."""
+def start_drainer(
+    app: Flask, interval: float = drainer.DRAIN_INTERVAL_S, *, said_at_start: bool = False
+) -> drainer.Drainer | None:
+    """Start this worker's spool drainer (a daemon thread); None when the spool is off.
+
+    `said_at_start`: gunicorn's master has already said what is wrong with the database.
+    """
     svc = services(app)
     if svc.spool is None:
         return None
-    handle = drainer.spool_handler(svc.database, svc.settings, svc.metrics)
+    handle = drainer.spool_handler(svc.database, svc.settings, svc.metrics, said_at_start=said_at_start)
     return drainer.start(svc.spool, handle, svc.metrics, interval)
