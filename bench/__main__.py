@@ -241,32 +241,55 @@ def free_port() -> int:
 
 
 class Service:
-    """`flowlens-ingest serve` on the scratch database, in its own process group."""
+    """`flowlens-ingest serve` on the scratch database, in its own process group.
 
-    def __init__(self, database_url: str, secret: str, workdir: Path, env: dict[str, str]) -> None:
+    `floor`: instead, gunicorn with the service's own configuration serving bench/floor.py's bare route.
+    """
+
+    def __init__(
+        self, database_url: str, secret: str, workdir: Path, env: dict[str, str], *, floor: bool = False
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "service.log"
+        self.floor = floor
+        name = "floor" if floor else "service"
+        self.log_path = workdir / f"{name}.log"
         environment = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "WEB_CONCURRENCY")}
         environment.update(
             DATABASE_URL=database_url,
             GITHUB_WEBHOOK_SECRET=secret,
-            FLOWLENS_DATA_DIR=str(workdir / "data"),
+            FLOWLENS_DATA_DIR=str(workdir / f"{name}-data"),
             **env,
         )
         self._log = self.log_path.open("wb")
-        command = [
-            sys.executable,
-            "-m",
-            "flowlens_ingest.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
+        if floor:
+            environment["FLOWLENS_BIND"] = f"127.0.0.1:{self.port}"
+            command = [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                "python:bench.floor_conf",
+                "bench.floor:app",
+            ]
+        else:
+            command = [
+                sys.executable,
+                "-m",
+                "flowlens_ingest.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ]
         self.process = subprocess.Popen(
-            command, env=environment, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=environment,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=HERE.parent,
         )
 
     def wait_ready(self, timeout: float = 60) -> None:
@@ -285,7 +308,9 @@ class Service:
         raise RuntimeError("service not ready in time")
 
     def master(self) -> int | None:
-        """The gunicorn master (the child of `flowlens-ingest serve`)."""
+        """The gunicorn master (the child of `flowlens-ingest serve`, or the floor's process itself)."""
+        if self.floor:
+            return self.process.pid
         found = children(self.process.pid)
         return found[0] if found else None
 
@@ -457,6 +482,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--keep-db", action="store_true", help="do not drop the scratch database")
     p.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the floor: a bare Flask route (bench/floor.py) under the same gunicorn configuration, "
+        "measured on the same bodies and connections right after the service",
+    )
+    p.add_argument(
         "--runs",
         type=int,
         default=1,
@@ -478,6 +509,46 @@ def service_env(args: argparse.Namespace) -> dict[str, str]:
         name, _, value = item.partition("=")
         env[name] = value
     return env
+
+
+def measure_floor(
+    args: argparse.Namespace, url: str, workdir: Path, secret: str, env: dict[str, str]
+) -> dict[str, Any]:
+    """The bare route under the service's gunicorn configuration, driven with the service's own records."""
+    floor = Service(url, secret, workdir, env, floor=True)
+    try:
+        floor.wait_ready()
+        run_wrk(
+            floor.url,
+            workdir / "warmup",
+            "floor-warm",
+            seconds=min(args.warmup, 3),
+            connections=args.connections,
+            threads=args.wrk_threads,
+        )
+        workers = floor.workers()
+        before = cpu_seconds(workers)
+        think_ms = 1000 * args.connections / args.rate if args.rate else 0
+        run = run_wrk(
+            floor.url,
+            workdir / "run",
+            "floor",
+            seconds=args.seconds,
+            connections=args.connections,
+            threads=args.wrk_threads,
+            think_ms=think_ms,
+        )
+        used = cpu_seconds(workers) - before
+    finally:
+        floor.stop()
+    seconds = run["duration_us"] / 1e6
+    return {
+        "requests_per_s": round(run["requests"] / seconds, 1),
+        "p50_ms": round(run["latency_us"]["p50"] / 1000, 2),
+        "p99_ms": round(run["latency_us"]["p99"] / 1000, 2),
+        "cpu_ms_per_request": round(1000 * used / run["requests"], 3) if run["requests"] else None,
+        "workers": len(workers),
+    }
 
 
 def measure_mix(
@@ -563,6 +634,7 @@ def measure_mix(
             proc.wait(timeout=60)
     finally:
         service.stop()
+    floor = None if args.no_floor else measure_floor(args, url, workdir, secret, env)
 
     seconds = run["duration_us"] / 1e6
     rate = run["requests"] / seconds
@@ -601,6 +673,7 @@ def measure_mix(
         if limit
         else None,
         "db_limit_two_round_trips_tx_per_s": round(batched.tx_per_s, 1) if batched else None,
+        "floor": floor,
         "service": {
             "workers": len(workers),
             "env": env,
@@ -709,14 +782,18 @@ def one_run(args: argparse.Namespace, templates: Any, secret: str, env: dict[str
                 "postgres": postgres_ms,
                 "postgres_backends": result["load"]["postgres_backends_cpu_ms_per_delivery"],
                 "total": round(worker_ms + postgres_ms, 2) if worker_ms and postgres_ms else None,
+                "floor": result["floor"]["cpu_ms_per_request"] if result["floor"] else None,
             }
+            floor_ms = result["cpu_ms_per_delivery"]["floor"]
+            # The goal of docs/benchmark.md: the worker's CPU per delivery as a multiple of the floor's.
+            result["ratio_to_floor"] = round(worker_ms / floor_ms, 2) if worker_ms and floor_ms else None
             if pg is not None:
                 result["ratio_to_pgbench"] = round(result["deliveries_per_s"] / pg.tx_per_s, 3)
             summary["mixes"][mix_name] = result
             log(
                 f"{mix_name}: {result['deliveries_per_s']:.0f} deliveries/s, p50 {result['p50_ms']} ms,"
                 f" p99 {result['p99_ms']} ms, ratio to pgbench {result.get('ratio_to_pgbench')},"
-                f" CPU/delivery {result['cpu_ms_per_delivery']}"
+                f" CPU/delivery {result['cpu_ms_per_delivery']}, worker CPU {result['ratio_to_floor']}x the floor's"
             )
     return summary
 
@@ -733,6 +810,8 @@ MEDIAN_FIGURES = (
     ("cpu_ms_per_delivery", "postgres"),
     ("cpu_ms_per_delivery", "postgres_backends"),
     ("cpu_ms_per_delivery", "total"),
+    ("cpu_ms_per_delivery", "floor"),
+    ("ratio_to_floor",),
 )
 
 
