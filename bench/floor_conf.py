@@ -11,9 +11,9 @@ from typing import Any
 from flowlens_ingest.web.gunicorn_conf import *  # noqa: F403 (every setting, as the service runs)
 
 
-def post_worker_init(worker: Any) -> None:  # type: ignore[no-redef]  (replaces the service's hook)
+def post_worker_init(worker: Any) -> None:  # type: ignore[no-redef]
     """No spool drainer: the floor's app has no services."""
 
 
-def worker_exit(server: Any, worker: Any) -> None:  # type: ignore[no-redef]  (replaces the service's hook)
+def worker_exit(server: Any, worker: Any) -> None:  # type: ignore[no-redef]
     """Nothing to let finish."""
