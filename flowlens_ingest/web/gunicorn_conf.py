@@ -14,7 +14,7 @@ from typing import IO, Any
 
 from gunicorn import glogging
 
-from flowlens_ingest.config import SAID_AT_START, ConfigError, Settings
+from flowlens_ingest.config import SAID_AT_START, ConfigError, Settings, database_location
 
 
 def _checked_settings() -> Settings:
@@ -177,13 +177,8 @@ def _schema_problem(url: str | None, *, spooled: bool = True) -> str | None:
 
 
 def _named(url: str) -> str:
-    """`at HOST:PORT/DATABASE (DATABASE_URL)`: where it is, never the user or password (nor the query's)."""
-    import sqlalchemy as sa
-
-    parsed = sa.engine.make_url(url)
-    host = parsed.host or parsed.query.get("host") or "localhost"
-    host = host if isinstance(host, str) else host[0]
-    return f"at {host}:{parsed.port or 5432}/{parsed.database or ''} (DATABASE_URL)"
+    """`at HOST:PORT/DATABASE (DATABASE_URL)`: where it is (every host of a list), never the user or password."""
+    return f"at {database_location(url)} (DATABASE_URL)"
 
 
 def _reason(exc: BaseException) -> str:
