@@ -168,17 +168,56 @@ def database_url(raw: str) -> str:
         )
     if parsed.port is not None and not 0 < parsed.port < 65536:
         raise ConfigError(f"DATABASE_URL has a port outside 1-65535 ({example})")
-    if "host" in parsed.query:
-        several = "like postgresql://user@/dbname?host=host1:5432&host=host2:5432&target_session_attrs=read-write"
-        if parsed.host:
-            # SQLAlchemy would silently connect to the query's hosts only.
-            raise ConfigError(f"DATABASE_URL names a host both before its database name and in ?host= ({several})")
-        try:
-            # How the driver will be called: the hosts and ports must pair up, each port a number.
-            parsed.get_dialect()().create_connect_args(parsed)
-        except ArgumentError:
-            raise ConfigError(f"DATABASE_URL has ?host= and ?port= values that do not pair up ({several})") from None
+    several = "like postgresql://user@/dbname?host=host1:5432&host=host2:5432&target_session_attrs=read-write"
+    if "host" in parsed.query and parsed.host:
+        # SQLAlchemy would silently connect to the query's hosts only.
+        raise ConfigError(f"DATABASE_URL names a host both before its database name and in ?host= ({several})")
+    try:
+        # How the driver will be called: the hosts and ports must pair up, each port a number.
+        keywords = parsed.get_dialect()().create_connect_args(parsed)[1]
+    except ArgumentError:
+        raise ConfigError(f"DATABASE_URL has ?host= and ?port= values that do not pair up ({several})") from None
+    _check_connection_options(keywords)
     return url
+
+
+# Options of YugabyteDB's psycopg2 fork (psycopg2-yugabytedb), which it takes out of the
+# connection string before libpq sees it; plain libpq refuses each as an unknown option.
+SMART_DRIVER_OPTIONS = frozenset(
+    {
+        "load_balance",
+        "topology_keys",
+        "yb_servers_refresh_interval",
+        "fallback_to_topology_keys_only",
+        "failed_host_reconnect_delay_secs",
+    }
+)
+
+
+def _check_connection_options(keywords: Mapping[str, object]) -> None:
+    """ConfigError for an option libpq does not know (a typo would fail every connection, after start)."""
+    import importlib.metadata
+
+    import psycopg2
+    from psycopg2.extensions import make_dsn, parse_dsn
+
+    smart = sorted(SMART_DRIVER_OPTIONS & keywords.keys())
+    if smart and not any(
+        "yugabyte" in name for name in importlib.metadata.packages_distributions().get("psycopg2", [])
+    ):
+        raise ConfigError(
+            f"DATABASE_URL has {smart[0]}=, an option of YugabyteDB's psycopg2 fork, which is not installed"
+            " (docs/deploying.md, Smart driver); with psycopg2-binary list the tservers with"
+            " ?host=t1:5433&host=t2:5433&load_balance_hosts=random instead"
+        )
+    plain = {key: str(value) for key, value in keywords.items() if key not in SMART_DRIVER_OPTIONS}
+    try:
+        parse_dsn(make_dsn(**plain))
+    except psycopg2.ProgrammingError as exc:
+        # Only the option's name: libpq's message is about keys, but the string holds the password.
+        named = re.search(r'option "([A-Za-z0-9_]{1,64})"', str(exc))
+        option = f" ({named[1]})" if named else ""
+        raise ConfigError(f"DATABASE_URL has a query option libpq does not know{option}") from None
 
 
 def database_location(url: str) -> str:

@@ -126,7 +126,11 @@ def command(database_url: str, data_dir: Path, *args: str) -> subprocess.Complet
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWLENS_", "DATABASE_URL", "GITHUB_"))}
     environment.update(DATABASE_URL=database_url, FLOWLENS_DATA_DIR=str(data_dir))
     return subprocess.run(
-        [sys.executable, "-m", "flowlens_ingest.cli", *args], env=environment, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "flowlens_ingest.cli", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
