@@ -33,8 +33,8 @@ from flowlens_ingest.store import migrate
 from flowlens_ingest.store.schema import pull_requests, webhook_deliveries
 
 from .databases import ThrowawayPostgres
-from .helpers import load_payload, rows, wait_for
-from .serving import Service, running
+from .helpers import free_port, load_payload, rows, wait_for
+from .serving import ProcfileService, Service, log_entries, running
 
 pytestmark = pytest.mark.slow
 
@@ -188,3 +188,18 @@ def test_a_crashed_primary_under_traffic_fails_over_to_the_promoted_standby_and_
         f" {sum(a[3] == 'spooled' for a in answers)} spooled in all, applied again {max(again, 0):.2f} s after"
         " the promote, every one journaled once on the promoted standby"
     )
+
+
+def test_the_procfile_gunicorn_names_every_host_of_a_list_nobody_answers_and_spools(tmp_path):
+    first, second = free_port(), free_port()  # nobody listens on either
+    url = f"postgresql://flowlens:not-this-password@127.0.0.1:{first},127.0.0.1:{second}/flowlens"
+    with running(ProcfileService(url, tmp_path, workers=1)) as service:
+        (said,) = [e["msg"] for e in log_entries(service) if "(DATABASE_URL)" in e["msg"]]
+        assert said.startswith(
+            f"flowlens-ingest: the database at 127.0.0.1:{first},127.0.0.1:{second}/flowlens (DATABASE_URL)"
+            " is unavailable now"
+        ), said
+        assert "not-this-password" not in service.logs()
+        answer = service.post(OPENED, "pull_request")
+        assert (answer.status_code, answer.json()["outcome"]) == (202, "spooled")
+        assert ready(service) == 503
