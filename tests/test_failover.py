@@ -181,6 +181,19 @@ def test_a_crashed_primary_under_traffic_fails_over_to_the_promoted_standby_and_
     done = command(url, tmp_path / "service", "status", "--json")
     assert done.returncode in (0, 1), done.stderr
     assert json.loads(done.stdout)["database"]["reachable"] is True
+    upgraded = command(url, tmp_path / "service", "db", "upgrade")
+    assert upgraded.returncode == 0 and "already at" in upgraded.stdout, upgraded.stderr
+    # alembic's own env.py, from the repository's root, reads the list the same way.
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWLENS_", "DATABASE_URL"))}
+    alembic = subprocess.run(
+        [str(Path(sys.executable).parent / "alembic"), "current"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**environment, "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert alembic.returncode == 0 and "(head)" in alembic.stdout, alembic.stderr
     # A figure, not a promise: printed with -s, never asserted.
     again = min(a[4] for a in answers if a[1] == "promoted" and a[3] == "applied") - promoted_at
     print(
