@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging.config
 import os
+import sys
 
 import sqlalchemy as sa
 from alembic import context
 
-from flowlens_ingest.config import normalize_database_url
+from flowlens_ingest.config import ConfigError, normalize_database_url
 from flowlens_ingest.store.schema import metadata
 
 config = context.config
@@ -24,7 +25,12 @@ def database_url() -> str:
     url = config.get_main_option("sqlalchemy.url") or os.environ.get("DATABASE_URL", "")
     if not url:
         raise SystemExit("DATABASE_URL is not set")
-    return normalize_database_url(url)
+    try:
+        return normalize_database_url(url)
+    except ConfigError as exc:
+        # One line and exit 2, as every entry point says a configuration error.
+        print(f"flowlens-ingest: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def run_offline() -> None:

@@ -66,7 +66,8 @@ def app_on_scratch_database(server_url: str, tmp_path: Path, *, revision: str | 
 class ThrowawayPostgres:
     """A PostgreSQL server of our own on a TCP port of 127.0.0.1, to stop and start at will."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, standby_of: ThrowawayPostgres | None = None) -> None:
+        """A new cluster (initdb), or with `standby_of` a streaming standby of that running one (pg_basebackup -R)."""
         from flowlens_ingest.cli import pg_programs
 
         self.root = Path(tempfile.mkdtemp(prefix="flowlens-throwaway-pg-"))
@@ -76,7 +77,16 @@ class ThrowawayPostgres:
         self.pgdata.mkdir(mode=0o700)
         # The embedded database's way of running PostgreSQL's programs (never as root).
         self.identity = pg_programs.identity_for(self.pgdata)
-        self._run("initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8", "-U", "postgres")
+        if standby_of is None:
+            self._run("initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8", "-U", "postgres")
+            return
+        # A copy of the primary as it is now, which starts as a hot standby streaming from it
+        # (-R: standby.signal and primary_conninfo; initdb's pg_hba lets local replication in).
+        self._run(
+            "pg_basebackup",
+            *("-D", str(self.pgdata), "-h", "127.0.0.1", "-p", str(standby_of.port), "-U", "postgres"),
+            *("-R", "-X", "stream", "-c", "fast", "--no-password"),
+        )
 
     def _run(self, program: str, *args: str) -> None:
         self.identity.run(program, *args)
@@ -98,9 +108,13 @@ class ThrowawayPostgres:
             "start",
         )
 
-    def stop(self) -> None:
-        """Stop it the way an outage looks: connections cut, new ones refused."""
-        self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-m", "fast", "stop")
+    def stop(self, mode: str = "fast") -> None:
+        """Stop it the way an outage looks: connections cut, new ones refused (`immediate`: a crash, no checkpoint)."""
+        self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-m", mode, "stop")
+
+    def promote(self) -> None:
+        """A standby becomes a primary; returns once it accepts writes."""
+        self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "promote")
 
     def running(self) -> bool:
         """Whether the postmaster is up."""

@@ -352,3 +352,23 @@ def test_db_shell_runs_psql_on_the_database(db, database_url):
     result = cli("db", "shell", "-At", "-c", "SELECT count(*) FROM webhook_deliveries", DATABASE_URL=database_url)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0"
+
+
+def with_a_dead_host_first(database_url: str) -> str:
+    """The same database as SQLAlchemy's multi-host query form, behind a host nobody listens on."""
+    parsed = sa.engine.make_url(database_url)
+    args = parsed.get_dialect()().create_connect_args(parsed)[1]
+    user = f"{parsed.username}:{parsed.password}" if parsed.password else parsed.username
+    hosts = f"host=127.0.0.1:{free_port()}&host={args.get('host', '127.0.0.1')}:{args.get('port', 5432)}"
+    return f"postgresql://{user}@/{parsed.database}?{hosts}&target_session_attrs=read-write"
+
+
+def test_commands_and_psql_take_the_multi_host_query_form(deliver, db, database_url):
+    url = with_a_dead_host_first(database_url)
+    deliver(load_payload("ping/payload.json"), "ping", delivery="multi-host")
+    listed = cli("deliveries", DATABASE_URL=url)
+    assert listed.returncode == 0, listed.stderr
+    assert "multi-host" in listed.stdout
+    # Passed to psql as a libpq URI, the repeated ?host= would be one host named `127.0.0.1:PORT`.
+    shell = cli("db", "shell", "-At", "-c", "SELECT count(*) FROM webhook_deliveries", DATABASE_URL=url)
+    assert (shell.returncode, shell.stdout.strip()) == (0, "1"), shell.stderr

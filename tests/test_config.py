@@ -14,6 +14,7 @@ from flowlens_ingest.config import (
     MIN_SECRET_BYTES,
     ConfigError,
     Settings,
+    database_location,
     declarations,
     unknown_variables,
     writable_directory,
@@ -53,6 +54,65 @@ def run(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 )
 def test_database_urls_are_normalized_for_psycopg2(url, normalized):
     assert Settings.from_env({"DATABASE_URL": url}).database_url == normalized
+
+
+@pytest.mark.parametrize(
+    ("url", "normalized"),
+    [
+        # libpq's own host list (what psql takes) is read as SQLAlchemy's query form, meaning what libpq means.
+        (
+            "postgresql://u:hunter2@db1:5432,db2:5433/flowlens?target_session_attrs=read-write",
+            "postgresql+psycopg2://u:hunter2@/flowlens?host=db1,db2&port=5432,5433&target_session_attrs=read-write",
+        ),
+        # A host without a port gets libpq's default, not its neighbour's.
+        ("postgres://u@db1,db2:5433/flowlens", "postgresql+psycopg2://u@/flowlens?host=db1,db2&port=,5433"),
+        ("postgresql://yugabyte@t1,t2,t3/yugabyte", "postgresql+psycopg2://yugabyte@/yugabyte?host=t1,t2,t3"),
+        ("postgresql://u@[::1]:5432,[fd00::2]/db", "postgresql+psycopg2://u@/db?host=::1,fd00::2&port=5432,"),
+        # The query forms are left as written.
+        (
+            "postgresql://u@/db?host=db1:5432&host=db2:5432&target_session_attrs=read-write",
+            "postgresql+psycopg2://u@/db?host=db1:5432&host=db2:5432&target_session_attrs=read-write",
+        ),
+        ("postgresql://u@/db?host=db1,db2&port=5432,5433", "postgresql+psycopg2://u@/db?host=db1,db2&port=5432,5433"),
+    ],
+)
+def test_a_libpq_host_list_is_accepted_as_the_query_form(url, normalized):
+    assert Settings.from_env({"DATABASE_URL": url}).database_url == normalized
+    # And the driver is handed both hosts, each with its port.
+    assert database_location(normalized).split("/")[0].count(",") >= 1
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        (
+            "postgresql://u:hunter2@db1:5432,db2:54x2/db",
+            (
+                "a port that is not a number from 1 to 65535 (write the hosts in the query instead,"
+                " like postgresql://USER@/DBNAME?host=db1:5432&host=db2:5432)"
+            ),
+        ),
+        ("postgresql://u:hunter2@db1:5432,db2:99999/db", "?host=db1:5432&host=db2:5432)"),
+        ("postgresql://u:hunter2@db1,,db2/db", "a host list that is not host:port,host:port"),
+        ("postgresql://u:hunter2@db1,db2/db?host=db3", "names hosts both before its database name and in its query"),
+        ("postgresql://u:hunter2@db1/db?host=db3", "names a host both before its database name and in ?host="),
+        ("postgresql://u:hunter2@/db?host=db1:5432&host=db2:x", "?host= and ?port= values that do not pair up"),
+        ("postgresql://u:hunter2@/db?host=db1,db2&port=1,2,3", "?host= and ?port= values that do not pair up"),
+        # A typo would fail every connection once started: refused before, by name.
+        (
+            "postgresql://u:hunter2@db1,db2/db?target_session_attr=read-write",
+            "libpq does not know (target_session_attr)",
+        ),
+        # The smart driver's option is not libpq's; libpq's own is named instead.
+        ("postgresql://u:hunter2@t1:5433/yugabyte?load_balance=true", "&load_balance_hosts=random instead"),
+    ],
+)
+def test_a_host_list_that_cannot_work_is_one_line_naming_the_form_to_use(url, said):
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"DATABASE_URL": url})
+    message = str(refused.value)
+    assert message.startswith("DATABASE_URL ") and "\n" not in message and said in message
+    assert "hunter2" not in message
 
 
 @pytest.mark.parametrize("url", BAD_URLS)
@@ -316,6 +376,7 @@ BAD_FOLDERS = {
     "spool-dir": ("FLOWLENS_SPOOL_DIR", "/dev/null/spool"),
     "metrics-dir": ("PROMETHEUS_MULTIPROC_DIR", "/dev/null/metrics"),
 }
+REPOSITORY = Path(__file__).resolve().parent.parent
 GUNICORN = [str(Path(sys.executable).parent / "gunicorn"), "-c", "python:flowlens_ingest.web.gunicorn_conf"]
 
 
@@ -328,6 +389,9 @@ def entry_point(name: str) -> list[str]:
         "enrich": [*cli, "enrich", "--once"],
         "deliveries": [*cli, "deliveries"],
         "gunicorn": [*GUNICORN, "--bind", f"127.0.0.1:{free_port()}", "flowlens_ingest.web.wsgi:app"],
+        "status": [*cli, "status"],
+        # `alembic upgrade head` from the repository's root (run there).
+        "alembic": [str(Path(sys.executable).parent / "alembic"), "upgrade", "head"],
     }
     return commands[name]
 
@@ -349,6 +413,17 @@ def test_every_entry_point_refuses_a_bad_setting_with_exit_2_and_one_line(comman
         del env["DATABASE_URL"]  # embedded mode: nothing may be started either
     assert_refused_in_one_line(run(*entry_point(command), cwd=tmp_path, **env), name)
     assert not (tmp_path / ".flowlens" / "pgdata").exists()
+
+
+@pytest.mark.parametrize("command", ["serve", "db upgrade", "enrich", "deliveries", "status", "gunicorn", "alembic"])
+def test_every_entry_point_refuses_a_broken_host_list_with_exit_2_and_one_line(command, tmp_path):
+    env = {"DATABASE_URL": "postgresql://nobody:hunter2@127.0.0.1:1,127.0.0.1:x/none", "GITHUB_WEBHOOK_SECRET": SECRET}
+    result = run(*entry_point(command), cwd=REPOSITORY if command == "alembic" else tmp_path, **env)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("flowlens-ingest: DATABASE_URL has a host list with a port that is not a number")
+    assert line.endswith("like postgresql://USER@/DBNAME?host=127.0.0.1:1&host=127.0.0.1:5432)")
+    assert "Traceback" not in result.stdout + result.stderr and "hunter2" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("command", ["serve", "gunicorn"])

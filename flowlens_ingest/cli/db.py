@@ -84,13 +84,20 @@ def _upgraded(asked: str, before: str | None, after: str | None) -> str:
 
 
 def _libpq(url: str) -> tuple[str, dict[str, str]]:
-    """A SQLAlchemy URL as a libpq one for psql, its password moved to PGPASSWORD (not in `ps`)."""
+    """A SQLAlchemy URL as the libpq connection string psql needs, its password moved to PGPASSWORD (not in `ps`).
+
+    Built from the very keywords the service's driver gets (SQLAlchemy's reading of the URL),
+    so psql goes where the service goes: `?host=h1:5432&host=h2:5432` as a libpq URI would
+    be one host named `h2:5432`, while the keywords say `host=h1,h2 port=5432,5432`.
+    """
     import sqlalchemy as sa
+    from psycopg2.extensions import make_dsn
 
     parsed = sa.engine.make_url(url)
-    env = {"PGPASSWORD": parsed.password} if parsed.password else {}
-    plain = parsed.set(drivername="postgresql", password=None)
-    return plain.render_as_string(hide_password=False), env
+    keywords = {key: str(value) for key, value in parsed.get_dialect()().create_connect_args(parsed)[1].items()}
+    password = keywords.pop("password", None)
+    env = {"PGPASSWORD": password} if password else {}
+    return make_dsn(**keywords), env
 
 
 def db_shell(arguments: Sequence[str]) -> int:

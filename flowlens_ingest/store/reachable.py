@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import sqlalchemy as sa
+from flowlens_ingest.config import database_location
 
 # libpq's words for each cause (its messages are stable across PostgreSQL releases), and what to do.
 _CAUSES: tuple[tuple[str, re.Pattern[str], str], ...] = (
@@ -75,14 +75,5 @@ def unavailable(exc: BaseException) -> Unavailable:
 
 
 def where(url: str) -> str:
-    """`at HOST:PORT/DATABASE (DATABASE_URL)`: where it is, never the user or password (nor the query's)."""
-    parsed = sa.engine.make_url(url)
-    hosts = parsed.query.get("host")
-    if parsed.host:
-        host = f"{parsed.host}:{parsed.port or 5432}"
-    elif hosts:
-        # The multi-host form (`?host=h1:5432&host=h2:5432`): every server it may use.
-        host = ",".join([hosts] if isinstance(hosts, str) else list(hosts))
-    else:
-        host = f"localhost:{parsed.port or 5432}"
-    return f"at {host}/{parsed.database or ''} (DATABASE_URL)"
+    """`at HOST:PORT/DATABASE (DATABASE_URL)`, every host of a list: where it is, never the user or password."""
+    return f"at {database_location(url)} (DATABASE_URL)"
