@@ -117,8 +117,10 @@ def backfill(repos: Sequence[str], state: str, since: datetime | None) -> int:
             signal.signal(signum, handler)
     for problem in problems + filler.tally.failed:
         print(f"flowlens-ingest: not landed: {problem}", file=sys.stderr)
+    for pull in filler.tally.unreadable:
+        print(f"flowlens-ingest: cannot read {pull}", file=sys.stderr)
     print(filler.tally.summary())
-    return 1 if problems or filler.tally.failed else 0
+    return 1 if problems or filler.tally.failed or filler.tally.unreadable else 0
 
 
 # --- the commands (main.py adds them to `flowlens-ingest`) ------------------------------------
