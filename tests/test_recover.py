@@ -252,6 +252,10 @@ def test_recovery_settings_are_checked_at_start():
             Settings.from_env({"GITHUB_WEBHOOKS": bad})
     assert retention("https://api.github.com") == timedelta(days=3)
     assert retention("https://ghe.example/api/v3") == timedelta(days=7)
+    # GHE.com (data residency): GitHub Enterprise Cloud, 3 days like github.com.
+    assert retention("https://api.octocorp.ghe.com") == timedelta(days=3)
+    assert retention("https://API.Octocorp.GHE.com/") == timedelta(days=3)
+    assert retention("https://octocorp.ghe.com.example/api/v3") == timedelta(days=7)
 
 
 def test_the_journal_is_compared_by_guid_and_hook(db, github, webhook, hook):

@@ -1,6 +1,7 @@
 """Recovering missed deliveries: each hook's delivery log on GitHub, compared with the journal.
 
-GitHub never retries a failed delivery and keeps each hook's log for 3 days (7 on GHES):
+GitHub never retries a failed delivery and keeps each hook's log for 3 days on github.com and GHE.com
+(data residency), 7 on GHES:
 https://docs.github.com/en/webhooks/using-webhooks/handling-failed-webhook-deliveries. A pass
 reads the logs newest first (cursor pages in `Link`), groups attempts by GUID, and brings in every
 `(GUID, hook)` the journal lacks, once however many attempts it has: redelivered by GitHub (signed,
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from flowlens_ingest.config import Settings
 from flowlens_ingest.events import parse
@@ -33,9 +35,12 @@ from flowlens_ingest.store.database import Database
 
 log = logging.getLogger(__name__)
 
-# How long GitHub keeps a hook's delivery log: github.com and GHE Cloud, GitHub Enterprise Server.
+# How long GitHub keeps a hook's delivery log: 3 days on github.com and GitHub Enterprise Cloud,
+# with data residency too (its API at api.SUBDOMAIN.ghe.com), 7 on GitHub Enterprise Server
+# (github/docs, data/variables/webhooks.yml: `retention`, 3 for fpt and ghec, else 7).
 RETENTION_GITHUB = timedelta(days=3)
 RETENTION_GHES = timedelta(days=7)
+GHE_COM = ".ghe.com"
 # GitHub asks for at least a second between mutating requests (secondary rate limits):
 # https://docs.github.com/en/rest/using-the-rest-api/best-practices-for-using-the-rest-api
 PACE_S = 1.0
@@ -53,8 +58,10 @@ __all__ = ["Hook", "Missing", "Mode", "Recoverer", "Report", "hooks_to_read", "r
 
 
 def retention(api_url: str) -> timedelta:
-    """How long GitHub keeps delivery logs at this API: 3 days on github.com, 7 on Enterprise Server."""
-    return RETENTION_GITHUB if api_url.rstrip("/") == DEFAULT_API_URL else RETENTION_GHES
+    """How long GitHub keeps delivery logs at this API: 3 days on github.com and GHE.com, 7 on Enterprise Server."""
+    host = (urlsplit(api_url).hostname or "").lower()
+    cloud = api_url.rstrip("/") == DEFAULT_API_URL or (host.startswith("api.") and host.endswith(GHE_COM))
+    return RETENTION_GITHUB if cloud else RETENTION_GHES
 
 
 @dataclass(frozen=True)
