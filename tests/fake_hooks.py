@@ -7,6 +7,11 @@ as GitHub's REST API serves it: `GET …/deliveries` newest first with an opaque
 `POST …/deliveries/{id}/attempts` (202), which sends the same signed bytes with the same GUID
 again, after answering. POSTs closer together than `min_post_interval` get a secondary rate limit
 (429, `retry-after`). The App's webhook (`app/hook`) takes the App's JWT only.
+
+The personal token can be made fine-grained (`token_owner`): like GitHub's, it reaches one
+owner's resources, so a hook of another owner answers 404 as if it did not exist; and without the
+*Webhooks* permission (`token_permissions` lacking `repository_hooks` or `organization_hooks`) a
+hook of its own owner answers 403 with `X-Accepted-GitHub-Permissions` naming the one it needs.
 """
 
 from __future__ import annotations
@@ -74,6 +79,10 @@ class HookLogs:
         self._last_post = -1e9
         self.rate_limited_posts = 0
         self._threads: list[threading.Thread] = []
+        # None: a classic token, every owner; else a fine-grained token's resource owner.
+        self.token_owner: str | None = None
+        # None: every permission; else the fine-grained token's (`repository_hooks`, `organization_hooks`).
+        self.token_permissions: set[str] | None = None
 
     # -- programming ----------------------------------------------------------------------------
 
@@ -152,6 +161,9 @@ class HookLogs:
             hook = self.hooks.get(match["hook"])
         if not self._allowed(request, match["hook"]):
             return _json(401, {"message": "Bad credentials", "documentation_url": DOCS})
+        refused = self._token_refusal(request, match["hook"])
+        if refused is not None:
+            return refused
         if hook is None:
             return _json(404, {"message": "Not Found", "documentation_url": DOCS})
         if match["id"] is None and request.method == "GET":
@@ -172,6 +184,21 @@ class HookLogs:
             # The App's JWT only: installation tokens and personal tokens are refused.
             return scheme.lower() == "bearer" and self.fake._jwt_valid(value)
         return self.fake._authorized(request)
+
+    def _token_refusal(self, request: Request, hook_path: str) -> Response | None:
+        """A fine-grained personal token's refusal: another owner's hook (404), or no *Webhooks* permission (403)."""
+        _, _, value = request.headers.get("Authorization", "").partition(" ")
+        if hook_path == "app/hook" or value != self.fake.token:
+            return None
+        kind, owner = hook_path.split("/")[:2]
+        if self.token_owner is not None and owner.lower() != self.token_owner.lower():
+            return _json(404, {"message": "Not Found", "documentation_url": DOCS})
+        needed = "organization_hooks" if kind == "orgs" else "repository_hooks"
+        if self.token_permissions is not None and needed not in self.token_permissions:
+            message = "Resource not accessible by personal access token"
+            headers = {"X-Accepted-GitHub-Permissions": f"{needed}=read"}
+            return _json(403, {"message": message, "documentation_url": DOCS}, headers)
+        return None
 
     def _list(self, request: Request, hook: Hook) -> Response:
         per_page = min(100, max(1, int(request.args.get("per_page", "30"))))

@@ -305,3 +305,41 @@ def test_the_recover_command_redelivers_and_a_second_run_finds_nothing_missing(
     assert main(["recover"]) == 0
     assert "0 missing" in capsys.readouterr().out
     assert attempts_posted(github) == 2
+
+
+def test_a_fine_grained_token_reads_its_owners_hooks_and_a_refusal_names_the_permission(
+    db, github, webhook, hook, capsys, monkeypatch
+):
+    path, hook_id = hook
+    missed = missed_while_down(github, path, range(1, 3))
+    other_repo, other_org = "repos/acme/app/hooks/5151", "orgs/acme/hooks/5252"
+    for other in (other_repo, other_org):
+        github.hook_logs.add_hook(
+            other, int(other.rsplit("/", 1)[1]), webhook.url, SECRET, target_type="x", target_id=1
+        )
+        github.hook_logs.log_only(other, "pull_request", opened(9), status_code=0)
+    github.hook_logs.token_owner = "octo"  # a fine-grained token whose resource owner is octo
+    webhook.start()
+    monkeypatch.setenv("DATABASE_URL", str(db.url.render_as_string(hide_password=False)))
+    monkeypatch.setenv("GITHUB_API_URL", github.url)
+    monkeypatch.setenv("GITHUB_TOKEN", github.token or "")
+    monkeypatch.setenv("GITHUB_WEBHOOKS", ",".join((path, other_repo, other_org)))
+
+    # octo's hook is read and recovered; acme's two are named with the permission each needs.
+    assert main(["recover"]) == 1
+    out, err = capsys.readouterr()
+    assert {e["delivery_id"] for e in journal(db, hook_id)} == set(missed)
+    assert f"cannot read {other_repo}: GitHub answered 404" in err
+    assert "repository permission Webhooks (read and write) on acme/app" in err
+    assert f"cannot read {other_org}: GitHub answered 404" in err
+    assert "organization permission Webhooks (read and write) on acme" in err
+    assert "is acme its resource owner? Hooks of several owners need the GitHub App" in err
+    assert out.splitlines()[-1].startswith("recover: 1 hook read, 2 unreadable")
+
+    # Its own owner's hook, without the Webhooks permission: 403, and the permission named.
+    github.hook_logs.token_permissions = {"organization_hooks"}
+    monkeypatch.setenv("GITHUB_WEBHOOKS", path)
+    assert main(["recover", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read {path}: GitHub refused access (403): Resource not accessible by personal access token" in err
+    assert "repository permission Webhooks (read and write) on octo/recover" in err
