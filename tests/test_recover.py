@@ -25,7 +25,7 @@ from flowlens_ingest.github.recover import Mode, Recoverer, Report, hooks_to_rea
 from flowlens_ingest.store.schema import pull_requests, webhook_deliveries, webhook_hooks
 
 from .fake_github import FakeGitHub, app_private_key_pem, serve_fake_github
-from .helpers import SECRET, database_of, rows, wait_for
+from .helpers import PAYLOADS, SECRET, database_of, rows, wait_for
 from .serving import Webhook
 from .stories import START, pull_request, repository, sha_for
 
@@ -343,3 +343,24 @@ def test_a_fine_grained_token_reads_its_owners_hooks_and_a_refusal_names_the_per
     err = capsys.readouterr().err
     assert f"cannot read {path}: GitHub refused access (403): Resource not accessible by personal access token" in err
     assert "repository permission Webhooks (read and write) on octo/recover" in err
+
+
+def test_recover_after_deliveries_without_hook_headers_says_why_there_is_no_hook(db, webhook, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", str(db.url.render_as_string(hide_password=False)))
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_x")
+    monkeypatch.setenv("GITHUB_WEBHOOK_SECRET", SECRET)
+    monkeypatch.delenv("GITHUB_WEBHOOKS", raising=False)
+    assert main(["recover"]) == 2
+    assert "no delivery from a GitHub hook has arrived yet" in capsys.readouterr().err
+    webhook.start()
+
+    # The README's first step: `send` signs and posts a sample, without GitHub's hook headers.
+    sample = str(PAYLOADS / "pull_request" / "opened.payload.json")
+    assert main(["send", sample, "--event", "pull_request", "--url", webhook.url]) == 0
+    capsys.readouterr()
+
+    assert main(["recover", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "deliveries arrived, but without GitHub's hook headers (X-GitHub-Hook-ID," in err
+    assert "set GITHUB_WEBHOOKS to the hooks to read" in err and "or let GitHub deliver" in err
+    assert "none has delivered yet" not in err

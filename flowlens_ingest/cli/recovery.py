@@ -29,8 +29,12 @@ def recover(since: timedelta, dry_run: bool, fetch: bool) -> int:
     hooks, skipped = hooks_to_read(settings, database)
     for reason in skipped:
         print(f"flowlens-ingest: skipped {reason}", file=sys.stderr)
+    if not hooks and skipped:
+        return fail("no hook this credential can read (the skipped ones above say what each needs)")
     if not hooks:
-        return fail("no hook to read: none has delivered yet; list them in GITHUB_WEBHOOKS (repos/OWNER/REPO/hooks/ID)")
+        from flowlens_ingest.github.hooks import no_hook_reason
+
+        return fail(no_hook_reason(database))
     kept = retention(settings.github_api_url)
     if since > kept:
         print(
