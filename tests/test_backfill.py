@@ -364,3 +364,18 @@ def test_progress_moves_past_a_pull_request_that_cannot_be_read(db, github):
     assert [n for n in reads if n.isdigit()] == ["3", "4", "5"]
     assert sorted(statuses(db, repo)) == [1, 3, 4, 5]
     assert again.tally.unreadable == []
+
+
+@pytest.mark.parametrize(
+    ("command", "needed"),
+    [
+        ("recover", ["repository permission Webhooks (read and write", "organization permission Webhooks"]),
+        ("backfill", ["Metadata, Pull requests, Checks, Commit statuses", "Contents"]),
+        ("enrich", ["Metadata, Pull requests, and Contents"]),
+    ],
+)
+def test_the_github_commands_help_names_its_credential_permissions_and_exit_codes(command, needed, capsys):
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ["GITHUB_TOKEN", "GitHub App (GITHUB_APP_ID", "Exit status: 0 when", "; 1 ", "; 2 for usage", *needed]:
+        assert words in text, (command, words)
