@@ -101,13 +101,17 @@ class HookLogs:
         return headers["X-GitHub-Delivery"]
 
     def log_only(self, path: str, event: str, payload: dict[str, Any], *, status_code: int = 200) -> str:
-        """Log a delivery as answered `status_code` without sending it (the answer came from a VM since lost)."""
+        """Log a delivery as answered `status_code` without sending it (2xx: the answer came from a VM since lost;
+        0: nobody listened, as while the service was down)."""
         hook = self.hooks[path]
         body, headers = self._signed(hook, event, payload, str(uuid.uuid4()))
         guid = headers["X-GitHub-Delivery"]
+        status = "failed to connect" if status_code == 0 else "OK"
+        if status_code and not 200 <= status_code < 300:
+            status = f"Invalid HTTP Response: {status_code}"
         with self._lock:
             hook.log.append(
-                Attempt(next(self._ids), guid, event, body, headers, self.fake.clock(), False, status_code, "OK")
+                Attempt(next(self._ids), guid, event, body, headers, self.fake.clock(), False, status_code, status)
             )
         return guid
 
