@@ -156,7 +156,10 @@ Examples:
 """,
 )
 @click.option(
-    "--since", type=Duration(), default="72h", help="How far back to read the logs (github.com and GHE.com keep 3 days; GHES 7)."
+    "--since",
+    type=Duration(),
+    default="72h",
+    help="How far back to read the logs (github.com and GHE.com keep 3 days; GHES 7).",
 )
 @click.option("--dry-run", is_flag=True, help="List the missing deliveries (GUIDs); change nothing.")
 @click.option(
