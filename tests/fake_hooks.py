@@ -145,14 +145,18 @@ class HookLogs:
         self, hook: Hook, guid: str, event: str, body: bytes, headers: dict[str, str], *, redelivery: bool
     ) -> None:
         attempt = Attempt(next(self._ids), guid, event, body, headers, self.fake.clock(), redelivery)
-        try:
-            answer = requests.post(hook.url, data=body, headers=headers, timeout=10)
-            attempt.status_code = answer.status_code
-            attempt.status = "OK" if 200 <= answer.status_code < 300 else f"Invalid HTTP Response: {answer.status_code}"
-        except requests.RequestException:
-            attempt.status_code, attempt.status = 0, "failed to connect"
+        # Logged as it is sent, its answer filled in once it came: whoever sees the delivery arrive
+        # (a journal entry) finds the attempt in the log too, however slow this thread is.
         with self._lock:
             hook.log.append(attempt)
+        try:
+            answer = requests.post(hook.url, data=body, headers=headers, timeout=10)
+            status_code = answer.status_code
+            status = "OK" if 200 <= status_code < 300 else f"Invalid HTTP Response: {status_code}"
+        except requests.RequestException:
+            status_code, status = 0, "failed to connect"
+        with self._lock:
+            attempt.status_code, attempt.status = status_code, status
 
     # -- the REST routes ------------------------------------------------------------------------
 
