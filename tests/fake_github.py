@@ -13,6 +13,7 @@ trickle, run to hundreds of megabytes or decode to nothing (`stream_files`), pag
 Standalone, for a separate `serve` process to talk to (prints its URL on the first line):
 
     python -m tests.fake_github --port 0 --files octo/repo#7=250 --write-private-key key.pem
+    python -m tests.fake_github --port 8900 --trial http://127.0.0.1:8000/webhook   # docs/recovering.md
 
 A standalone fake is driven over HTTP under `/_fake/`: `POST /_fake/files/{owner}/{repo}/{n}`
 (a JSON list of entries, or `{"count": N}`), `POST /_fake/fail` (`{"kind", "times", "route", "after"}`),
@@ -44,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
+from . import fake_trial
 from .fake_hooks import HookLogs
 from .fake_repos import Repositories
 
@@ -529,7 +531,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--files", action="append", default=[], metavar="OWNER/REPO#N=COUNT", help="serve COUNT files for that PR"
     )
+    fake_trial.add_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        secret = fake_trial.service_secret() if args.trial else ""
+    except fake_trial.TrialError as exc:
+        parser.exit(2, f"{parser.prog}: {exc}\n")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with serve_fake_github(
@@ -541,7 +548,10 @@ def main(argv: list[str] | None = None) -> None:
             pr, _, count = spec.partition("=")
             full_name, _, number = pr.partition("#")
             fake.set_files(full_name, int(number), make_files(int(count)))
+        said = fake_trial.seed(fake, args.trial, secret) if args.trial else []
         print(fake.url, flush=True)
+        for line in said:
+            print(line, flush=True)
         try:
             # A timed wait, so SIGTERM's handler gets to run in the main thread.
             while not stop.wait(0.5):

@@ -7,6 +7,11 @@ as GitHub's REST API serves it: `GET …/deliveries` newest first with an opaque
 `POST …/deliveries/{id}/attempts` (202), which sends the same signed bytes with the same GUID
 again, after answering. POSTs closer together than `min_post_interval` get a secondary rate limit
 (429, `retry-after`). The App's webhook (`app/hook`) takes the App's JWT only.
+
+The personal token can be made fine-grained (`token_owner`): like GitHub's, it reaches one
+owner's resources, so a hook of another owner answers 404 as if it did not exist; and without the
+*Webhooks* permission (`token_permissions` lacking `repository_hooks` or `organization_hooks`) a
+hook of its own owner answers 403 with `X-Accepted-GitHub-Permissions` naming the one it needs.
 """
 
 from __future__ import annotations
@@ -74,6 +79,10 @@ class HookLogs:
         self._last_post = -1e9
         self.rate_limited_posts = 0
         self._threads: list[threading.Thread] = []
+        # None: a classic token, every owner; else a fine-grained token's resource owner.
+        self.token_owner: str | None = None
+        # None: every permission; else the fine-grained token's (`repository_hooks`, `organization_hooks`).
+        self.token_permissions: set[str] | None = None
 
     # -- programming ----------------------------------------------------------------------------
 
@@ -92,13 +101,17 @@ class HookLogs:
         return headers["X-GitHub-Delivery"]
 
     def log_only(self, path: str, event: str, payload: dict[str, Any], *, status_code: int = 200) -> str:
-        """Log a delivery as answered `status_code` without sending it (the answer came from a VM since lost)."""
+        """Log a delivery as answered `status_code` without sending it (2xx: the answer came from a VM since lost;
+        0: nobody listened, as while the service was down)."""
         hook = self.hooks[path]
         body, headers = self._signed(hook, event, payload, str(uuid.uuid4()))
         guid = headers["X-GitHub-Delivery"]
+        status = "failed to connect" if status_code == 0 else "OK"
+        if status_code and not 200 <= status_code < 300:
+            status = f"Invalid HTTP Response: {status_code}"
         with self._lock:
             hook.log.append(
-                Attempt(next(self._ids), guid, event, body, headers, self.fake.clock(), False, status_code, "OK")
+                Attempt(next(self._ids), guid, event, body, headers, self.fake.clock(), False, status_code, status)
             )
         return guid
 
@@ -132,14 +145,18 @@ class HookLogs:
         self, hook: Hook, guid: str, event: str, body: bytes, headers: dict[str, str], *, redelivery: bool
     ) -> None:
         attempt = Attempt(next(self._ids), guid, event, body, headers, self.fake.clock(), redelivery)
-        try:
-            answer = requests.post(hook.url, data=body, headers=headers, timeout=10)
-            attempt.status_code = answer.status_code
-            attempt.status = "OK" if 200 <= answer.status_code < 300 else f"Invalid HTTP Response: {answer.status_code}"
-        except requests.RequestException:
-            attempt.status_code, attempt.status = 0, "failed to connect"
+        # Logged as it is sent, its answer filled in once it came: whoever sees the delivery arrive
+        # (a journal entry) finds the attempt in the log too, however slow this thread is.
         with self._lock:
             hook.log.append(attempt)
+        try:
+            answer = requests.post(hook.url, data=body, headers=headers, timeout=10)
+            status_code = answer.status_code
+            status = "OK" if 200 <= status_code < 300 else f"Invalid HTTP Response: {status_code}"
+        except requests.RequestException:
+            status_code, status = 0, "failed to connect"
+        with self._lock:
+            attempt.status_code, attempt.status = status_code, status
 
     # -- the REST routes ------------------------------------------------------------------------
 
@@ -152,6 +169,9 @@ class HookLogs:
             hook = self.hooks.get(match["hook"])
         if not self._allowed(request, match["hook"]):
             return _json(401, {"message": "Bad credentials", "documentation_url": DOCS})
+        refused = self._token_refusal(request, match["hook"])
+        if refused is not None:
+            return refused
         if hook is None:
             return _json(404, {"message": "Not Found", "documentation_url": DOCS})
         if match["id"] is None and request.method == "GET":
@@ -172,6 +192,21 @@ class HookLogs:
             # The App's JWT only: installation tokens and personal tokens are refused.
             return scheme.lower() == "bearer" and self.fake._jwt_valid(value)
         return self.fake._authorized(request)
+
+    def _token_refusal(self, request: Request, hook_path: str) -> Response | None:
+        """A fine-grained personal token's refusal: another owner's hook (404), or no *Webhooks* permission (403)."""
+        _, _, value = request.headers.get("Authorization", "").partition(" ")
+        if hook_path == "app/hook" or value != self.fake.token:
+            return None
+        kind, owner = hook_path.split("/")[:2]
+        if self.token_owner is not None and owner.lower() != self.token_owner.lower():
+            return _json(404, {"message": "Not Found", "documentation_url": DOCS})
+        needed = "organization_hooks" if kind == "orgs" else "repository_hooks"
+        if self.token_permissions is not None and needed not in self.token_permissions:
+            message = "Resource not accessible by personal access token"
+            headers = {"X-Accepted-GitHub-Permissions": f"{needed}=read"}
+            return _json(403, {"message": message, "documentation_url": DOCS}, headers)
+        return None
 
     def _list(self, request: Request, hook: Hook) -> Response:
         per_page = min(100, max(1, int(request.args.get("per_page", "30"))))

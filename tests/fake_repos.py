@@ -2,8 +2,10 @@
 
 `GET /repos/{o}/{r}` (the repository), `…/pulls` (GitHub's *simple* pull request: no `merged`,
 `additions`, `changed_files`…; `state`, `sort=created`, pages by `page` in `Link`),
-`…/pulls/{n}` (the full one), `…/pulls/{n}/reviews` (REST states upper case), `…/commits/{sha}/check-runs`
-(`{total_count, check_runs}`, paged), `…/commits/{sha}/status` (combined) and `…/statuses` (every
+`…/pulls/{n}` (the full one; `refused` ones answer 404, 410 or 403 though the list shows them),
+`…/pulls/{n}/reviews` (REST states upper case), `…/commits/{sha}/check-runs` (`{total_count, check_runs}`,
+paged), `…/commits/{sha}/status` (combined: the latest status of each context, paged past
+`per_page` contexts by `page` and `Link`, `total_count` the number of contexts) and `…/statuses` (every
 one, newest first), `…/installation` and `/app/installations` (App JWT), `/installation/repositories`
 (installation token, `{total_count, repositories}`). Faults of route `repos` (`fail_next`) apply,
 and an exhausted primary budget (`remaining`) answers 403 until its reset.
@@ -51,6 +53,8 @@ class RepoData:
     reviews: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     check_runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     statuses: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Pull requests the list shows but whose GET answers this status (404 deleted or transferred, 403, 410).
+    refused: dict[int, int] = field(default_factory=dict)
 
 
 class Repositories:
@@ -114,6 +118,12 @@ class Repositories:
             simple = [{k: v for k, v in p.items() if k not in SIMPLE_OMITS} for p in pulls]
             return self._page(request, simple)
         if name == "pull":
+            refused = data.refused.get(int(args["number"]))
+            if refused is not None:
+                message = "Resource not accessible by integration" if refused == 403 else "Not Found"
+                return _json(
+                    refused, {"message": message, "documentation_url": DOCS}, self.fake._rate_headers(spend=True)
+                )
             pull = data.pulls.get(int(args["number"]))
             return self._ok(pull) if pull is not None else _json(404, {"message": "Not Found"})
         if name == "reviews":
@@ -126,9 +136,12 @@ class Repositories:
         latest: dict[str, dict[str, Any]] = {}
         for item in statuses:
             latest.setdefault(item["context"], item)
-        return self._ok(
-            {"state": "success", "sha": args["sha"], "total_count": len(latest), "statuses": list(latest.values())}
-        )
+        # The combined object on every page; its `statuses` paged like a list, `total_count` all contexts.
+        answer = self._page(request, list(latest.values()), wrap="statuses")
+        combined = json.loads(answer.get_data())
+        combined.update(state=_combined_state(list(latest.values())), sha=args["sha"])
+        answer.set_data(json.dumps(combined))
+        return answer
 
     def _ok(self, body: Any) -> Response:
         return _json(200, body, self.fake._rate_headers(spend=True))
@@ -143,6 +156,14 @@ class Repositories:
             headers["Link"] = f'<{self.fake.url}{request.path}?{query}&page={page + 1}>; rel="next"'
         body: Any = {"total_count": len(items), wrap: chunk} if wrap else chunk
         return _json(200, body, headers)
+
+
+def _combined_state(latest: list[dict[str, Any]]) -> str:
+    """GitHub's combined `state`: failure if any context failed or errored, pending if none or one is pending, else success."""
+    states = {item.get("state") for item in latest}
+    if states & {"failure", "error"}:
+        return "failure"
+    return "pending" if not states or "pending" in states else "success"
 
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:

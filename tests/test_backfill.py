@@ -225,8 +225,8 @@ def test_an_interrupted_backfill_resumes_after_the_last_pull_request_it_landed(d
     for number in range(1, 21):
         serve_state(data, story(repo, number))
     # GitHub fails once, part-way: the pull requests landed so far are recorded.
-    github.fail_next("gone", route="repos", after=30)
-    with pytest.raises(Exception, match="404"):
+    github.fail_next("server", route="repos", after=30)
+    with pytest.raises(Exception, match="502"):
         filler(db, github).repository(Target("octo/resumed"), "open", None)
     (progress,) = rows(db, backfill_progress, "full_name", "done_through")
     assert 0 < progress["done_through"] < 20
@@ -290,3 +290,92 @@ def test_check_runs_are_read_page_after_page_inside_their_wrapper(db, github):
     with db.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(ci_checks)).scalar() == 150
     assert statuses(db, repo)[3][1] == "failed"  # the last run, on the second page, failed
+
+
+def test_combined_statuses_past_100_contexts_are_read_page_after_page(db, github):
+    repo = repository(9_300_010, "octo/many-statuses")
+    data = github.repositories.add(repo)
+    serve_state(data, story(repo, 3))  # its check run succeeds, and it has no status yet
+    sha = sha_for(repo["full_name"], 3)
+    for k in range(1, 151):
+        state = "failure" if k == 150 else "success"
+        payload = status(repo, sha, f"ci/shard-{k:03d}", 600_000 + k, state, at(400 + k))
+        serve_state(data, [("status", payload)])
+
+    filler(db, github).repository(Target("octo/many-statuses"), "open", None)
+
+    pages = github.calls("GET", f"/commits/{sha}/status")
+    assert [c.query for c in pages] == ["per_page=100", "per_page=100&page=2"]
+    with db.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(ci_checks)).scalar() == 151
+    # The oldest context, the one that failed, is on the second page only.
+    assert statuses(db, repo)[3][1] == "failed"
+
+
+def unreadable_story(github: FakeGitHub, full_name: str, github_id: int, refused: dict[int, int]) -> dict[str, Any]:
+    repo = repository(github_id, full_name)
+    data = github.repositories.add(repo)
+    for number in range(1, 6):
+        serve_state(data, story(repo, number))
+    data.refused.update(refused)
+    return repo
+
+
+def test_a_pull_request_github_will_not_show_is_named_skipped_and_the_rest_lands(db, github, monkeypatch, capsys):
+    gone = unreadable_story(github, "octo/gone", 9_300_011, {2: 404, 4: 403})
+    fine = unreadable_story(github, "octo/fine", 9_300_012, {})
+    monkeypatch.setenv("DATABASE_URL", str(db.url.render_as_string(hide_password=False)))
+    monkeypatch.setenv("GITHUB_API_URL", github.url)
+    monkeypatch.setenv("GITHUB_TOKEN", github.token or "")
+
+    assert main(["backfill", "octo/gone", "octo/fine"]) == 1
+
+    out, err = capsys.readouterr()
+    assert "cannot read octo/gone#2: GitHub answered 404" in err and "(deleted or transferred); skipped" in err
+    assert "cannot read octo/gone#4: GitHub refused access (403)" in err
+    assert out.splitlines()[-1].startswith("backfill: 8 pull requests read, 2 skipped (GitHub would not show them)")
+    assert sorted(statuses(db, gone)) == [1, 3, 5]
+    assert sorted(statuses(db, fine)) == [1, 2, 3, 4, 5]
+    assert rows(db, backfill_progress) == []
+
+    # Run again: the same two named again, nothing else changes.
+    assert main(["backfill", "octo/gone"]) == 1
+    assert err.count("cannot read") == 2 and capsys.readouterr().err.count("cannot read") == 2
+
+
+def test_progress_moves_past_a_pull_request_that_cannot_be_read(db, github):
+    repo = unreadable_story(github, "octo/gone-resumed", 9_300_013, {2: 410})
+    # The repository, the list, #1 (the pull request, its reviews, check runs, statuses), #2 refused:
+    # the next request, #3's, fails.
+    github.fail_next("server", route="repos", after=2 + 4 + 1)
+    first = filler(db, github)
+    with pytest.raises(Exception, match="502"):
+        first.repository(Target("octo/gone-resumed"), "open", None)
+    assert [p["done_through"] for p in rows(db, backfill_progress, "done_through")] == [2]
+    assert first.tally.unreadable == [
+        "octo/gone-resumed#2: GitHub answered 410: Not Found (deleted or transferred); skipped"
+    ]
+
+    before = len(github.calls("GET"))
+    again = filler(db, github)
+    again.repository(Target("octo/gone-resumed"), "open", None)
+
+    reads = [c.path.rsplit("/pulls/", 1)[-1] for c in github.calls("GET")[before:] if "/pulls/" in c.path]
+    assert [n for n in reads if n.isdigit()] == ["3", "4", "5"]
+    assert sorted(statuses(db, repo)) == [1, 3, 4, 5]
+    assert again.tally.unreadable == []
+
+
+@pytest.mark.parametrize(
+    ("command", "needed"),
+    [
+        ("recover", ["repository permission Webhooks (read and write", "organization permission Webhooks"]),
+        ("backfill", ["Metadata, Pull requests, Checks, Commit statuses", "Contents"]),
+        ("enrich", ["Metadata, Pull requests, and Contents"]),
+    ],
+)
+def test_the_github_commands_help_names_its_credential_permissions_and_exit_codes(command, needed, capsys):
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ["GITHUB_TOKEN", "GitHub App (GITHUB_APP_ID", "Exit status: 0 when", "; 1 ", "; 2 for usage", *needed]:
+        assert words in text, (command, words)

@@ -25,7 +25,7 @@ from flowlens_ingest.github.recover import Mode, Recoverer, Report, hooks_to_rea
 from flowlens_ingest.store.schema import pull_requests, webhook_deliveries, webhook_hooks
 
 from .fake_github import FakeGitHub, app_private_key_pem, serve_fake_github
-from .helpers import SECRET, database_of, rows, wait_for
+from .helpers import PAYLOADS, SECRET, database_of, rows, wait_for
 from .serving import Webhook
 from .stories import START, pull_request, repository, sha_for
 
@@ -252,6 +252,10 @@ def test_recovery_settings_are_checked_at_start():
             Settings.from_env({"GITHUB_WEBHOOKS": bad})
     assert retention("https://api.github.com") == timedelta(days=3)
     assert retention("https://ghe.example/api/v3") == timedelta(days=7)
+    # GHE.com (data residency): GitHub Enterprise Cloud, 3 days like github.com.
+    assert retention("https://api.octocorp.ghe.com") == timedelta(days=3)
+    assert retention("https://API.Octocorp.GHE.com/") == timedelta(days=3)
+    assert retention("https://octocorp.ghe.com.example/api/v3") == timedelta(days=7)
 
 
 def test_the_journal_is_compared_by_guid_and_hook(db, github, webhook, hook):
@@ -301,3 +305,62 @@ def test_the_recover_command_redelivers_and_a_second_run_finds_nothing_missing(
     assert main(["recover"]) == 0
     assert "0 missing" in capsys.readouterr().out
     assert attempts_posted(github) == 2
+
+
+def test_a_fine_grained_token_reads_its_owners_hooks_and_a_refusal_names_the_permission(
+    db, github, webhook, hook, capsys, monkeypatch
+):
+    path, hook_id = hook
+    missed = missed_while_down(github, path, range(1, 3))
+    other_repo, other_org = "repos/acme/app/hooks/5151", "orgs/acme/hooks/5252"
+    for other in (other_repo, other_org):
+        github.hook_logs.add_hook(
+            other, int(other.rsplit("/", 1)[1]), webhook.url, SECRET, target_type="x", target_id=1
+        )
+        github.hook_logs.log_only(other, "pull_request", opened(9), status_code=0)
+    github.hook_logs.token_owner = "octo"  # a fine-grained token whose resource owner is octo
+    webhook.start()
+    monkeypatch.setenv("DATABASE_URL", str(db.url.render_as_string(hide_password=False)))
+    monkeypatch.setenv("GITHUB_API_URL", github.url)
+    monkeypatch.setenv("GITHUB_TOKEN", github.token or "")
+    monkeypatch.setenv("GITHUB_WEBHOOKS", ",".join((path, other_repo, other_org)))
+
+    # octo's hook is read and recovered; acme's two are named with the permission each needs.
+    assert main(["recover"]) == 1
+    out, err = capsys.readouterr()
+    assert {e["delivery_id"] for e in journal(db, hook_id)} == set(missed)
+    assert f"cannot read {other_repo}: GitHub answered 404" in err
+    assert "repository permission Webhooks (read and write) on acme/app" in err
+    assert f"cannot read {other_org}: GitHub answered 404" in err
+    assert "organization permission Webhooks (read and write) on acme" in err
+    assert "is acme its resource owner? Hooks of several owners need the GitHub App" in err
+    assert out.splitlines()[-1].startswith("recover: 1 hook read, 2 unreadable")
+
+    # Its own owner's hook, without the Webhooks permission: 403, and the permission named.
+    github.hook_logs.token_permissions = {"organization_hooks"}
+    monkeypatch.setenv("GITHUB_WEBHOOKS", path)
+    assert main(["recover", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read {path}: GitHub refused access (403): Resource not accessible by personal access token" in err
+    assert "repository permission Webhooks (read and write) on octo/recover" in err
+
+
+def test_recover_after_deliveries_without_hook_headers_says_why_there_is_no_hook(db, webhook, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", str(db.url.render_as_string(hide_password=False)))
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_x")
+    monkeypatch.setenv("GITHUB_WEBHOOK_SECRET", SECRET)
+    monkeypatch.delenv("GITHUB_WEBHOOKS", raising=False)
+    assert main(["recover"]) == 2
+    assert "no delivery from a GitHub hook has arrived yet" in capsys.readouterr().err
+    webhook.start()
+
+    # The README's first step: `send` signs and posts a sample, without GitHub's hook headers.
+    sample = str(PAYLOADS / "pull_request" / "opened.payload.json")
+    assert main(["send", sample, "--event", "pull_request", "--url", webhook.url]) == 0
+    capsys.readouterr()
+
+    assert main(["recover", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "deliveries arrived, but without GitHub's hook headers (X-GitHub-Hook-ID," in err
+    assert "set GITHUB_WEBHOOKS to the hooks to read" in err and "or let GitHub deliver" in err
+    assert "none has delivered yet" not in err

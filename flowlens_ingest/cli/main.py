@@ -89,15 +89,27 @@ def serve_command(host: str, port: int, workers: int | None) -> int:
     return serve(host, port, workers)
 
 
-@cli.command("enrich", epilog=DATABASE_HELP)
+@cli.command(
+    "enrich",
+    epilog=DATABASE_HELP
+    + """
+
+\b
+Credential and permissions:
+  GitHub App (GITHUB_APP_ID + GITHUB_APP_PRIVATE_KEY or _FILE): a delivery's installation token;
+  GITHUB_TOKEN: deliveries without an installation (repository webhooks).
+  Repository permissions, read: Metadata, Pull requests, and Contents for private repositories.
+  Classic token: repo (public ones: public_repo). GITHUB_API_URL for GitHub Enterprise Server.
+\b
+Exit status: 0 when stopped (TERM, INT) or, with --once, when no job is due; 1 on an unexpected
+error; 2 for usage or credentials (none set). A failed job is no failure of the command: it is
+retried, and --status shows it.
+""",
+)
 @click.option("--once", is_flag=True, help="Work the due jobs, then exit.")
 @click.option("--status", is_flag=True, help="Show the queue and recent errors, then exit.")
 def enrich_command(once: bool, status: bool) -> int:
-    """The files worker: fetch PR file lists from GitHub's API.
-
-    Needs GITHUB_TOKEN, or GITHUB_APP_ID and GITHUB_APP_PRIVATE_KEY(_FILE); GITHUB_API_URL for GitHub
-    Enterprise Server.
-    """
+    """The files worker: fetch PR file lists from GitHub's API."""
     return enrich(once, status)
 
 

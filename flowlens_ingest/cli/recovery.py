@@ -29,8 +29,12 @@ def recover(since: timedelta, dry_run: bool, fetch: bool) -> int:
     hooks, skipped = hooks_to_read(settings, database)
     for reason in skipped:
         print(f"flowlens-ingest: skipped {reason}", file=sys.stderr)
+    if not hooks and skipped:
+        return fail("no hook this credential can read (the skipped ones above say what each needs)")
     if not hooks:
-        return fail("no hook to read: none has delivered yet; list them in GITHUB_WEBHOOKS (repos/OWNER/REPO/hooks/ID)")
+        from flowlens_ingest.github.hooks import no_hook_reason
+
+        return fail(no_hook_reason(database))
     kept = retention(settings.github_api_url)
     if since > kept:
         print(
@@ -117,8 +121,10 @@ def backfill(repos: Sequence[str], state: str, since: datetime | None) -> int:
             signal.signal(signum, handler)
     for problem in problems + filler.tally.failed:
         print(f"flowlens-ingest: not landed: {problem}", file=sys.stderr)
+    for pull in filler.tally.unreadable:
+        print(f"flowlens-ingest: cannot read {pull}", file=sys.stderr)
     print(filler.tally.summary())
-    return 1 if problems or filler.tally.failed else 0
+    return 1 if problems or filler.tally.failed or filler.tally.unreadable else 0
 
 
 # --- the commands (main.py adds them to `flowlens-ingest`) ------------------------------------
@@ -130,10 +136,18 @@ def backfill(repos: Sequence[str], state: str, since: datetime | None) -> int:
     + """
 
 \b
-Hooks read: the GitHub App's webhook (GITHUB_APP_ID + key, its JWT); with GITHUB_TOKEN, every
-repository or organization hook the journal has seen, and those listed in GITHUB_WEBHOOKS.
-Exit status: 0 when nothing is left missing; 1 when some could not be recovered (named), or,
-with --dry-run, when some are missing; 2 for usage or credentials.
+Credential and permissions:
+  GitHub App (GITHUB_APP_ID + GITHUB_APP_PRIVATE_KEY or _FILE): the App's own webhook, read and
+    redelivered with the App's JWT; no permission to grant.
+  GITHUB_TOKEN: every repository or organization hook the journal has seen, and those listed in
+    GITHUB_WEBHOOKS. Repository hooks need the repository permission Webhooks (read and write:
+    a redelivery is a write); organization hooks the organization permission Webhooks (read and
+    write). Classic token: admin:repo_hook, admin:org_hook. A fine-grained token reaches one
+    owner's hooks: hooks of several owners need the App (or a classic token of an admin of each).
+\b
+Exit status: 0 when nothing is left missing; 1 when some could not be recovered or a hook's log
+could not be read (each named, with the permission GitHub wanted), or, with --dry-run, when some
+are missing; 2 for usage or credentials (none set, no hook known, the credential refused).
 \b
 Examples:
   flowlens-ingest recover --dry-run
@@ -142,7 +156,10 @@ Examples:
 """,
 )
 @click.option(
-    "--since", type=Duration(), default="72h", help="How far back to read the logs (GitHub keeps 3 days; GHES 7)."
+    "--since",
+    type=Duration(),
+    default="72h",
+    help="How far back to read the logs (github.com and GHE.com keep 3 days; GHES 7).",
 )
 @click.option("--dry-run", is_flag=True, help="List the missing deliveries (GUIDs); change nothing.")
 @click.option(
@@ -177,8 +194,17 @@ def _repositories(_ctx: click.Context, _param: click.Parameter, value: tuple[str
 \b
 Every snapshot goes through the webhook path (same mappers, same guards): newer webhook state is
 never overwritten, and running it again changes and flags nothing. Progress on stderr; an
-interrupted run resumes where it stopped. Exit status: 0 when everything landed, 1 when some did
-not (named), 2 for usage or credentials.
+interrupted run resumes where it stopped.
+\b
+Credential and permissions:
+  GitHub App (GITHUB_APP_ID + GITHUB_APP_PRIVATE_KEY or _FILE): each repository read with its
+    installation's token; with no repository named, every installation's repositories.
+  GITHUB_TOKEN: the repositories named.
+  Repository permissions, read: Metadata, Pull requests, Checks, Commit statuses, and Contents
+  for private repositories (the files jobs). Classic token: repo (public ones: public_repo).
+\b
+Exit status: 0 when everything landed; 1 when something did not, or a pull request GitHub would
+not show (404, 410, 403) was skipped (each named: owner/repo#N and why); 2 for usage or credentials.
 \b
 Examples:
   flowlens-ingest backfill octo/app octo/lib

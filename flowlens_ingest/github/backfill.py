@@ -10,7 +10,9 @@ flags nothing; an older snapshot than what webhooks stored is `stale` and overwr
 
 One request at a time with the files worker's client; a rate limit is waited out, and the worker's
 reserve (FLOWLENS_ENRICH_RATE_RESERVE) is left to it. Resumable: per repository and scope, the
-highest pull request number landed (`backfill_progress`).
+highest pull request number landed (`backfill_progress`). A pull request GitHub will not show (its
+GET answers 404 or 410: deleted, transferred; or 403) is named, counted and skipped: the rest of
+the repository lands, progress moves past it, and the run ends incomplete (exit 1).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
 from flowlens_ingest.github import snapshots
 from flowlens_ingest.github.client import GitHubClient, JsonAnswer
-from flowlens_ingest.github.errors import GitHubError, RateLimited
+from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited
 from flowlens_ingest.github.hooks import parse_time
 from flowlens_ingest.ingest import Disposition, ingest
 from flowlens_ingest.store.database import Database
@@ -61,16 +63,18 @@ class Target:
 
 @dataclass
 class Tally:
-    """What one backfill landed: snapshots by outcome, and those that failed, named."""
+    """What one backfill landed: snapshots by outcome, those that failed, and the pull requests it could not read, named."""
 
     outcomes: dict[str, int] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
     pulls: int = 0
 
     def summary(self) -> str:
-        """One line: pull requests read, snapshots by outcome."""
+        """One line: pull requests read (and skipped), snapshots by outcome."""
         counts = ", ".join(f"{n} {o}" for o, n in sorted(self.outcomes.items())) or "nothing"
-        return f"backfill: {self.pulls} pull requests read; snapshots: {counts}"
+        skipped = f", {len(self.unreadable)} skipped (GitHub would not show them)" if self.unreadable else ""
+        return f"backfill: {self.pulls} pull requests read{skipped}; snapshots: {counts}"
 
 
 class Backfiller:
@@ -174,11 +178,26 @@ class Backfiller:
         )
         for index, number in enumerate(numbers, 1):
             if number > done:
-                self._pull(base, repo, number, target)
+                if self._readable_pull(base, repo, number, target):
+                    self.tally.pulls += 1
                 self._record(target.full_name, scope, number)
-            self.tally.pulls += 1
+            else:
+                self.tally.pulls += 1
             self.progress(index, len(numbers), target.full_name)
         self._forget(target.full_name, scope)
+
+    def _readable_pull(self, base: str, repo: dict[str, Any], number: int, target: Target) -> bool:
+        """Land one pull request; False when GitHub will not show it (named in the tally, skipped)."""
+        try:
+            self._pull(base, repo, number, target)
+        except (NotFound, Forbidden) as exc:
+            if exc.reason == "no_credential":
+                raise
+            why = "deleted or transferred" if isinstance(exc, NotFound) else "no access"
+            self.tally.unreadable.append(f"{target.full_name}#{number}: {exc} ({why}); skipped")
+            log.warning("backfill: a pull request cannot be read", extra={"pull": f"{target.full_name}#{number}"})
+            return False
+        return True
 
     def _pull(self, base: str, repo: dict[str, Any], number: int, target: Target) -> None:
         inst = target.installation_id
@@ -197,11 +216,11 @@ class Backfiller:
             f"{base}/commits/{head}/check-runs?per_page=100", inside="check_runs", installation_id=inst
         ):
             self._land("check_run", snapshots.check_run(repo, run, inst), target)
-        combined = self._request(f"{base}/commits/{head}/status?per_page=100", installation_id=inst).data
-        statuses = combined.get("statuses") if isinstance(combined, dict) else None
-        for rest in statuses if isinstance(statuses, list) else []:
-            if isinstance(rest, dict):
-                self._land("status", snapshots.status(repo, head, rest, inst), target)
+        # The combined status holds the latest status of each context, 100 a page at most; past
+        # 100 contexts it pages (`page`, `Link`) like any list:
+        # https://docs.github.com/en/rest/commits/statuses#get-the-combined-status-for-a-specific-reference
+        for rest in self._pages(f"{base}/commits/{head}/status?per_page=100", inside="statuses", installation_id=inst):
+            self._land("status", snapshots.status(repo, head, rest, inst), target)
 
     def _land(self, event: str, payload: dict[str, Any], target: Target) -> None:
         """Ingest one snapshot as a delivery (journal id from its content, body marked as the API's JSON)."""

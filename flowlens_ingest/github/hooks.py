@@ -56,6 +56,31 @@ def hooks_to_read(settings: Settings, database: Database) -> tuple[list[Hook], l
     return list(hooks.values()), skipped
 
 
+# Backfilled snapshots are journaled with hook 0 too: they are not deliveries that lost their hook.
+_BACKFILLED = "backfill-%"
+
+
+def no_hook_reason(database: Database) -> str:
+    """Why there is no hook to read, and the fix: nothing delivered yet, or deliveries without GitHub's hook headers."""
+    wd, wh = webhook_deliveries, webhook_hooks
+    unhooked = (
+        sa.select(wd.c.delivery_id)
+        .where(~wd.c.delivery_id.like(_BACKFILLED), wd.c.hook_id.not_in(sa.select(wh.c.hook_id)))
+        .limit(1)
+    )
+    fix = (
+        "set GITHUB_WEBHOOKS to the hooks to read (repos/OWNER/REPO/hooks/ID or orgs/ORG/hooks/ID, the ID"
+        " from the hook's settings page), or let GitHub deliver (a hook is recorded from its first delivery)"
+    )
+    if database.first(unhooked) is None:
+        return f"no hook to read: no delivery from a GitHub hook has arrived yet; {fix}"
+    return (
+        "no hook to read: deliveries arrived, but without GitHub's hook headers (X-GitHub-Hook-ID,"
+        " X-GitHub-Hook-Installation-Target-Type and -ID), as `flowlens-ingest send` or curl post them,"
+        f" so no hook was recorded; {fix}"
+    )
+
+
 def parse_time(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None

@@ -1,6 +1,7 @@
 """Recovering missed deliveries: each hook's delivery log on GitHub, compared with the journal.
 
-GitHub never retries a failed delivery and keeps each hook's log for 3 days (7 on GHES):
+GitHub never retries a failed delivery and keeps each hook's log for 3 days on github.com and GHE.com
+(data residency), 7 on GHES:
 https://docs.github.com/en/webhooks/using-webhooks/handling-failed-webhook-deliveries. A pass
 reads the logs newest first (cursor pages in `Link`), groups attempts by GUID, and brings in every
 `(GUID, hook)` the journal lacks, once however many attempts it has: redelivered by GitHub (signed,
@@ -19,13 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from flowlens_ingest.config import Settings
 from flowlens_ingest.events import parse
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.hooks import target_of
 from flowlens_ingest.github.client import DEFAULT_API_URL, GitHubClient, JsonAnswer
-from flowlens_ingest.github.errors import Forbidden, GitHubError, RateLimited, Unauthorized
+from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited, Unauthorized
 from flowlens_ingest.github.hooks import Hook, hooks_to_read, journaled, parse_time, shown_header
 from flowlens_ingest.ingest import Disposition, ingest
 from flowlens_ingest.metrics import Metrics
@@ -33,9 +35,12 @@ from flowlens_ingest.store.database import Database
 
 log = logging.getLogger(__name__)
 
-# How long GitHub keeps a hook's delivery log: github.com and GHE Cloud, GitHub Enterprise Server.
+# How long GitHub keeps a hook's delivery log: 3 days on github.com and GitHub Enterprise Cloud,
+# with data residency too (its API at api.SUBDOMAIN.ghe.com), 7 on GitHub Enterprise Server
+# (github/docs, data/variables/webhooks.yml: `retention`, 3 for fpt and ghec, else 7).
 RETENTION_GITHUB = timedelta(days=3)
 RETENTION_GHES = timedelta(days=7)
+GHE_COM = ".ghe.com"
 # GitHub asks for at least a second between mutating requests (secondary rate limits):
 # https://docs.github.com/en/rest/using-the-rest-api/best-practices-for-using-the-rest-api
 PACE_S = 1.0
@@ -53,8 +58,45 @@ __all__ = ["Hook", "Missing", "Mode", "Recoverer", "Report", "hooks_to_read", "r
 
 
 def retention(api_url: str) -> timedelta:
-    """How long GitHub keeps delivery logs at this API: 3 days on github.com, 7 on Enterprise Server."""
-    return RETENTION_GITHUB if api_url.rstrip("/") == DEFAULT_API_URL else RETENTION_GHES
+    """How long GitHub keeps delivery logs at this API: 3 days on github.com and GHE.com, 7 on Enterprise Server."""
+    host = (urlsplit(api_url).hostname or "").lower()
+    cloud = api_url.rstrip("/") == DEFAULT_API_URL or (host.startswith("api.") and host.endswith(GHE_COM))
+    return RETENTION_GITHUB if cloud else RETENTION_GHES
+
+
+def permission_needed(hook: Hook) -> str:
+    """The credential and permission that reads (and redelivers from) this hook's delivery log."""
+    if hook.app:
+        return "the GitHub App's own key (GITHUB_APP_ID and its private key): its JWT reads its webhook"
+    kind, owner = hook.path.split("/")[:2]
+    if kind == "orgs":
+        return (
+            f"GITHUB_TOKEN with the organization permission Webhooks (read and write) on {owner}"
+            " (classic token: admin:org_hook, by an owner of the organization)"
+        )
+    repo = hook.path.split("/")[2]
+    return (
+        f"GITHUB_TOKEN with the repository permission Webhooks (read and write) on {owner}/{repo}"
+        " (classic token: admin:repo_hook)"
+    )
+
+
+def refusal(hook: Hook, exc: GitHubError) -> str:
+    """Why a hook's log could not be read; when GitHub refused (403, 404), the permission it takes.
+
+    A fine-grained token reaches the resources of one owner, and GitHub answers 404 for what it
+    cannot see: https://docs.github.com/en/rest/authentication/permissions-required-for-fine-grained-personal-access-tokens
+    """
+    if not isinstance(exc, NotFound | Forbidden) or exc.reason == "no_credential":
+        return str(exc)
+    if hook.app:
+        return f"{exc}: reading it needs {permission_needed(hook)}"
+    owner = hook.path.split("/")[1]
+    return (
+        f"{exc}: GitHub would not show this hook's log (the hook may be gone); reading it needs"
+        f" {permission_needed(hook)}. A fine-grained token reaches one owner's hooks: is {owner} its resource"
+        " owner? Hooks of several owners need the GitHub App, or a classic token of an admin of each"
+    )
 
 
 @dataclass(frozen=True)
@@ -138,7 +180,7 @@ class Recoverer:
                 report.missing += self.missing(hook, since_for(hook), report)
                 report.hooks += 1
             except GitHubError as exc:
-                report.unreadable.append((hook.path, str(exc)))
+                report.unreadable.append((hook.path, refusal(hook, exc)))
                 report.credential_refused |= isinstance(exc, Unauthorized) or (
                     isinstance(exc, Forbidden) and exc.reason == "no_credential"
                 )
@@ -207,7 +249,7 @@ class Recoverer:
             try:
                 self._post_attempt(item)
             except GitHubError as exc:
-                self._failed(report, item, str(exc))
+                self._failed(report, item, refusal(item.hook, exc))
                 continue
             requested.append(item)
         pending = self._settle(requested)
