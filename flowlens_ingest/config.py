@@ -739,7 +739,9 @@ class Settings:
             "comma-separated hook API paths, `repos/OWNER/REPO/hooks/ID` or `orgs/ORG/hooks/ID`",
             "repository and organization hooks whose delivery logs `recover` and the scheduled pass read,"
             " besides those the journal has seen (needs `GITHUB_TOKEN` with admin of the hook: fine-grained"
-            " *Webhooks: read and write*, classic `admin:repo_hook` / `admin:org_hook`)",
+            " *Webhooks: read and write*, repository or organization, classic `admin:repo_hook` /"
+            " `admin:org_hook`; a fine-grained token reaches one owner's hooks, several owners need the App:"
+            " [recovering.md](recovering.md#credentials-and-permissions))",
         ),
     )
     # GitHub keeps delivery logs 3 days: a pass at least daily leaves two passes' worth of margin.
