@@ -5,10 +5,11 @@ those below it (import-linter checks it, see setup.cfg):
 
     cli       the `flowlens-ingest` command line
     web       /webhook, /readyz, /metrics: verify, parse, ingest, answer   | github  the REST API, the files worker
+              | postgres  the embedded database and PostgreSQL's programs
     spool     deliveries kept on disk while the database is down
     ingest    one delivery: map -> plan -> run -> its disposition
     store     tables, statements, the batch on the wire, the database
-    metrics, logs, config, environment   the foundations (settings and their readers)
+    metrics, logs, config, environment, names   the foundations (settings, their readers, GitHub's names)
     events    pure: signature, parse, delivery, mappers -> rows, rules
 
 Importing this package loads nothing else, so the pure layer stays free of Flask

@@ -47,7 +47,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if configured:
         yield normalize_database_url(configured)
         return
-    from flowlens_ingest.cli import embedded
+    from flowlens_ingest.postgres import embedded
 
     server, url = embedded.start(tmp_path_factory.mktemp("embedded"))
     yield url

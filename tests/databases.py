@@ -68,7 +68,7 @@ class ThrowawayPostgres:
 
     def __init__(self, *, standby_of: ThrowawayPostgres | None = None) -> None:
         """A new cluster (initdb), or with `standby_of` a streaming standby of that running one (pg_basebackup -R)."""
-        from flowlens_ingest.cli import pg_programs
+        from flowlens_ingest.postgres import programs as pg_programs
 
         self.root = Path(tempfile.mkdtemp(prefix="flowlens-throwaway-pg-"))
         self.pgdata = self.root / "pgdata"

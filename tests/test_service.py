@@ -27,8 +27,8 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from flowlens_ingest.cli import embedded
 from flowlens_ingest.events.signature import sign
+from flowlens_ingest.postgres import embedded
 from flowlens_ingest.store import migrate
 from flowlens_ingest.store.schema import pipeline_runs, pull_requests, webhook_deliveries
 

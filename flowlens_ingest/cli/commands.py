@@ -108,7 +108,7 @@ def open_database(settings: Settings) -> tuple[Database, object | None]:
     url = settings.database_url
     if not url:
         require_embedded(settings)
-        from flowlens_ingest.cli import embedded
+        from flowlens_ingest.postgres import embedded
 
         server, url = embedded.start(settings.data_dir, create=False)
     database = Database(settings, url, application_name="flowlens-ingest-admin")

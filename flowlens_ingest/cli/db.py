@@ -12,8 +12,8 @@ from flowlens_ingest.config import ConfigError, child_environment
 
 if TYPE_CHECKING:
     pass
-from flowlens_ingest.cli import pg_programs
 from flowlens_ingest.cli.commands import fail, load_settings, require_embedded, unavailable
+from flowlens_ingest.postgres import programs as pg_programs
 
 
 def db_upgrade(revision: str) -> int:
@@ -28,7 +28,7 @@ def db_upgrade(revision: str) -> int:
     server = None
     where = "DATABASE_URL"
     if not url:
-        from flowlens_ingest.cli import embedded
+        from flowlens_ingest.postgres import embedded
 
         # Run from the wrong folder, this must not make a new database: `serve` makes it.
         require_embedded(settings)
@@ -116,7 +116,7 @@ def db_shell(arguments: Sequence[str]) -> int:
                 return fail("psql not found: install PostgreSQL's client (e.g. apt install postgresql-client)")
     else:
         require_embedded(settings)
-        from flowlens_ingest.cli import embedded
+        from flowlens_ingest.postgres import embedded
 
         server, url = embedded.start(settings.data_dir, create=False)
         psql = str(pg_programs.psql_path())

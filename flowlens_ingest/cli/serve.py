@@ -155,7 +155,7 @@ def serve(host: str, port: int, workers: int | None) -> int:
     env = {name: value for name, value in child_environment().items() if name not in unknown_names()}
     server = None
     if not settings.database_url:
-        from flowlens_ingest.cli import embedded
+        from flowlens_ingest.postgres import embedded
         from flowlens_ingest.store import migrate
 
         server, url = embedded.start(settings.data_dir)

@@ -105,9 +105,9 @@ def _database_parts(settings: Settings, deadline_s: float, report: Report) -> No
                     " `serve` ran in, or DATABASE_URL"
                 )
                 return
-            from flowlens_ingest.cli import embedded
+            from flowlens_ingest.postgres import embedded
 
-            # Its keeper stops it once no command uses it any more (cli/embedded.py).
+            # Its keeper stops it once no command uses it any more (postgres/embedded.py).
             _server, url = embedded.start(settings.data_dir, create=False)
         database = Database(settings, url, application_name="flowlens-ingest-status")
         try:

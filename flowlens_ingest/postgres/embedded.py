@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowlens_ingest.cli.pg_programs import bin_dir, identity_for
 from flowlens_ingest.config import ConfigError
+from flowlens_ingest.postgres.programs import bin_dir, identity_for
 
 DATABASE = "flowlens"
 SUPERUSER = "postgres"
@@ -266,7 +266,7 @@ def _spawn_keeper(data_dir: Path) -> subprocess.Popen[bytes]:
     log = open(data_dir / "embedded" / "keeper.log", "ab")  # noqa: SIM115 (handed to the child)
     with log:
         keeper = subprocess.Popen(
-            [sys.executable, "-m", "flowlens_ingest.cli.embedded", str(data_dir)],
+            [sys.executable, "-m", "flowlens_ingest.postgres.embedded", str(data_dir)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -323,7 +323,7 @@ def load_or_create_secret(data_dir: Path) -> tuple[str, bool]:
 
 def main(argv: Sequence[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m flowlens_ingest.cli.embedded DATA_DIR  (the keeper; started by flowlens-ingest)")
+        print("usage: python -m flowlens_ingest.postgres.embedded DATA_DIR  (the keeper; started by flowlens-ingest)")
         return 2
     return keep(Path(argv[0]))
 
