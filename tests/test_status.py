@@ -191,5 +191,5 @@ def test_status_on_the_embedded_default_database(tmp_path):
 
 def test_no_database_at_all_needs_action(tmp_path):
     code, found = report(tmp_path / "nothing-here")
-    assert code == 1 and found["needs_action"][0].startswith("database: none here (DATABASE_URL is unset and ")
-    assert "run `flowlens-ingest serve` first (it makes one)" in found["needs_action"][0]
+    assert code == 1 and found["needs_action"][0].startswith("database: no database: DATABASE_URL is not set and ")
+    assert "run `flowlens-ingest serve` first (it makes one there)" in found["needs_action"][0]

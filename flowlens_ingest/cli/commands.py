@@ -1,4 +1,4 @@
-"""What each `flowlens-ingest` command does (main.py is its command line): migrate, send, inspect, replay."""
+"""What the commands on the journal and the queue do (main.py is the command line): send, deliveries, replay, prune, enrich."""
 
 from __future__ import annotations
 
@@ -6,120 +6,21 @@ import json
 import signal
 import sys
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flowlens_ingest.cli.connect import github_client, load_settings, open_database, unavailable
 from flowlens_ingest.cli.instances import live_instances
-from flowlens_ingest.config import ConfigError, Settings
+from flowlens_ingest.cli.output import NOT_DONE, counted, fail, utc
+from flowlens_ingest.config import Settings
 
 if TYPE_CHECKING:
     from flowlens_ingest.cli.admin import ReplayReport
-    from flowlens_ingest.github.client import GitHubClient
-    from flowlens_ingest.store.database import Database
 
-GUNICORN_CONF = "python:flowlens_ingest.web.gunicorn_conf"
 DEFAULT_URL = "http://127.0.0.1:8000/webhook"
 # Outcomes after which GitHub would consider the delivery done; `send` exits 1 on any other.
 SETTLED = frozenset({"applied", "ignored", "duplicate", "stale"})
-
-
-# Exit statuses, the same for every command (docs/operating.md, "Exit status"): 0 done, or nothing
-# needs action; NOT_DONE the command ran but something is not done or needs action (a database
-# down, missing or not migrated, a delivery that failed, one not recovered); USAGE it was asked
-# wrong (an option, a setting out of range, a missing secret or credential).
-NOT_DONE = 1
-USAGE = 2
-
-
-def fail(message: str, status: int = USAGE) -> int:
-    """Say `message` on stderr as the command's one-line error; the exit status for it (usage, unless told)."""
-    print(f"flowlens-ingest: {message}", file=sys.stderr)
-    return status
-
-
-def counted(count: int, singular: str, plural: str) -> str:
-    """`1 delivery`, `2 deliveries`, `0 deliveries`: a count with its noun agreeing."""
-    return f"{count} {singular if count == 1 else plural}"
-
-
-class NoDatabase(Exception):
-    """An operator command found no usable database (none, unreachable, or not migrated): exit NOT_DONE."""
-
-
-def load_settings() -> Settings:
-    """The environment's settings (ConfigError, one line and exit 2, for a value out of range)."""
-    return Settings.from_env()
-
-
-def github_client(settings: Settings) -> GitHubClient:
-    """The files worker's GitHub client; ConfigError naming the variable when the App's key is unusable."""
-    from flowlens_ingest.github.enrich import client_for
-
-    try:
-        return client_for(settings)
-    except ValueError as exc:  # the key: Settings has checked everything else the client takes
-        raise ConfigError(f"GITHUB_APP_PRIVATE_KEY (or _FILE): {exc}") from None
-
-
-# --- operator commands ----------------------------------------------------------------------
-
-
-def require_embedded(settings: Settings) -> None:
-    """NoDatabase, saying what to do, when DATABASE_URL is unset and FLOWLENS_DATA_DIR holds no embedded database."""
-    if not (settings.data_dir / "pgdata").is_dir():
-        raise NoDatabase(
-            f"no database: DATABASE_URL is not set and FLOWLENS_DATA_DIR ({settings.data_dir}) holds no"
-            " embedded database: run `flowlens-ingest serve` first (it makes one there), or set"
-            " FLOWLENS_DATA_DIR to the folder `serve` ran in, or DATABASE_URL"
-        )
-
-
-def database_label(settings: Settings) -> str:
-    """Where the command's database is, for a message: `at HOST:PORT/DB (DATABASE_URL)` or the embedded folder."""
-    from flowlens_ingest.store import reachable
-
-    if settings.database_url:
-        return reachable.where(settings.database_url)
-    return f"embedded in {settings.data_dir / 'pgdata'}"
-
-
-def unavailable(settings: Settings, exc: BaseException, then: str = "") -> int:
-    """Say why the database could not be used (the cause and the next step), and `then`; exit NOT_DONE."""
-    from flowlens_ingest.store import reachable
-
-    line = reachable.unavailable(exc).line(database_label(settings))
-    return fail(f"{line}{'; ' + then if then else ''}", NOT_DONE)
-
-
-def open_database(settings: Settings) -> tuple[Database, object | None]:
-    """The database of an operator command: DATABASE_URL, or the embedded database `serve` made.
-
-    Never a new embedded database, and never a migration: run from the wrong folder,
-    a new database would list an empty journal as if nothing had been received, and
-    migrating is `db upgrade`'s job, not a side effect of reading.
-    """
-    import sqlalchemy as sa
-
-    from flowlens_ingest.store import migrate, reachable
-    from flowlens_ingest.store.database import Database, DatabaseUnavailable
-
-    server = None
-    url = settings.database_url
-    if not url:
-        require_embedded(settings)
-        from flowlens_ingest.postgres import embedded
-
-        server, url = embedded.start(settings.data_dir, create=False)
-    database = Database(settings, url, application_name="flowlens-ingest-admin")
-    try:
-        with database.bounded():
-            problem = migrate.pending(database.engine)
-    except (sa.exc.SQLAlchemyError, DatabaseUnavailable) as exc:
-        raise NoDatabase(reachable.unavailable(exc).line(database_label(settings))) from None
-    if problem:
-        raise NoDatabase(problem)
-    return database, server
 
 
 def enrich(once: bool, status: bool) -> int:
@@ -225,11 +126,6 @@ def send(file: str, event: str, url: str | None, delivery: str | None) -> int:
         outcome = None
     # A 202 `failed` or `spooled` is accepted, not applied: a script must not take it for done.
     return 0 if 200 <= status < 300 and outcome in SETTLED else 1
-
-
-def utc(moment: datetime) -> str:
-    """UTC, ISO 8601 with its zone: the form `replay --since` takes."""
-    return f"{moment.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
 
 
 def deliveries(failed: bool, limit: int, as_json: bool = False) -> int:

@@ -12,7 +12,8 @@ from flowlens_ingest.config import ConfigError, child_environment
 
 if TYPE_CHECKING:
     pass
-from flowlens_ingest.cli.commands import fail, load_settings, require_embedded, unavailable
+from flowlens_ingest.cli.connect import load_settings, require_embedded, unavailable
+from flowlens_ingest.cli.output import fail
 from flowlens_ingest.postgres import programs as pg_programs
 
 

@@ -11,19 +11,10 @@ import click
 from flowlens_ingest import __version__
 from flowlens_ingest.cli import recovery
 from flowlens_ingest.cli.arguments import DATABASE_HELP, Duration, HostPort, Timestamp, duration_text
-from flowlens_ingest.cli.commands import (
-    DEFAULT_URL,
-    NOT_DONE,
-    NoDatabase,
-    deliveries,
-    enrich,
-    fail,
-    load_settings,
-    prune,
-    replay,
-    send,
-)
+from flowlens_ingest.cli.commands import DEFAULT_URL, deliveries, enrich, prune, replay, send
+from flowlens_ingest.cli.connect import NoDatabase, load_settings
 from flowlens_ingest.cli.db import db_shell, db_upgrade
+from flowlens_ingest.cli.output import NOT_DONE, fail
 from flowlens_ingest.cli.serve import serve
 from flowlens_ingest.cli.status import DEFAULT_DEADLINE_S as DEFAULT_STATUS_DEADLINE_S
 from flowlens_ingest.config import WORKERS, ConfigError, unknown_variables

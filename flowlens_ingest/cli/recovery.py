@@ -11,7 +11,8 @@ from typing import TextIO
 import click
 
 from flowlens_ingest.cli.arguments import DATABASE_HELP, Duration, Timestamp
-from flowlens_ingest.cli.commands import fail, github_client, load_settings, open_database, utc
+from flowlens_ingest.cli.connect import github_client, load_settings, open_database
+from flowlens_ingest.cli.output import fail, utc
 from flowlens_ingest.names import url_name
 
 

@@ -9,14 +9,12 @@ import sys
 import time
 from collections.abc import Callable
 
-from flowlens_ingest.cli.commands import (
-    GUNICORN_CONF,
-    fail,
-    github_client,
-    load_settings,
-)
+from flowlens_ingest.cli.connect import github_client, load_settings
 from flowlens_ingest.cli.instances import forget_instance, instance_record, record_instance
+from flowlens_ingest.cli.output import fail
 from flowlens_ingest.config import Settings, child_environment, unknown_names, writable_directory
+
+GUNICORN_CONF = "python:flowlens_ingest.web.gunicorn_conf"
 
 # --- serve -------------------------------------------------------------------------------
 

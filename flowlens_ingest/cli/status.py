@@ -23,7 +23,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from flowlens_ingest.cli.commands import counted, database_label, utc
+from flowlens_ingest.cli.connect import NoDatabase, connect, database_label
+from flowlens_ingest.cli.output import counted, utc
 from flowlens_ingest.config import Settings
 
 # The thresholds, the same as the alerting rules' (docs/alerts.md says why each).
@@ -88,7 +89,7 @@ def _database_parts(settings: Settings, deadline_s: float, report: Report) -> No
     import sqlalchemy as sa
 
     from flowlens_ingest.store import migrate
-    from flowlens_ingest.store.database import Database, DatabaseUnavailable
+    from flowlens_ingest.store.database import DatabaseUnavailable
     from flowlens_ingest.store.deadline import deadline
 
     database_part: dict[str, Any] = {"reachable": False}
@@ -96,20 +97,12 @@ def _database_parts(settings: Settings, deadline_s: float, report: Report) -> No
     url = settings.database_url
     database_part["where"] = "DATABASE_URL" if url else f"embedded in {settings.data_dir / 'pgdata'}"
     with deadline(deadline_s):
-        if not url:
-            if not (settings.data_dir / "pgdata").is_dir():
-                database_part["error"] = "no database: DATABASE_URL is unset and FLOWLENS_DATA_DIR holds none"
-                report.act(
-                    f"database: none here (DATABASE_URL is unset and {settings.data_dir} holds no embedded database):"
-                    " run `flowlens-ingest serve` first (it makes one), or set FLOWLENS_DATA_DIR to the folder"
-                    " `serve` ran in, or DATABASE_URL"
-                )
-                return
-            from flowlens_ingest.postgres import embedded
-
-            # Its keeper stops it once no command uses it any more (postgres/embedded.py).
-            _server, url = embedded.start(settings.data_dir, create=False)
-        database = Database(settings, url, application_name="flowlens-ingest-status")
+        try:
+            database, _server = connect(settings, "flowlens-ingest-status")
+        except NoDatabase as exc:
+            database_part["error"] = "no database: DATABASE_URL is unset and FLOWLENS_DATA_DIR holds none"
+            report.act(f"database: {exc}")
+            return
         try:
             with database.bounded():
                 current, newest = migrate.revisions(database.engine)

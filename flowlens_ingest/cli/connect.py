@@ -1,0 +1,103 @@
+"""What the commands stand on: the settings, the GitHub client, and the database they open (never made, never migrated)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flowlens_ingest.cli.output import NOT_DONE, fail
+from flowlens_ingest.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from flowlens_ingest.github.client import GitHubClient
+    from flowlens_ingest.store.database import Database
+
+
+class NoDatabase(Exception):
+    """An operator command found no usable database (none, unreachable, or not migrated): exit NOT_DONE."""
+
+
+def load_settings() -> Settings:
+    """The environment's settings (ConfigError, one line and exit 2, for a value out of range)."""
+    return Settings.from_env()
+
+
+def github_client(settings: Settings) -> GitHubClient:
+    """The files worker's GitHub client; ConfigError naming the variable when the App's key is unusable."""
+    from flowlens_ingest.github.enrich import client_for
+
+    try:
+        return client_for(settings)
+    except ValueError as exc:  # the key: Settings has checked everything else the client takes
+        raise ConfigError(f"GITHUB_APP_PRIVATE_KEY (or _FILE): {exc}") from None
+
+
+# --- operator commands ----------------------------------------------------------------------
+
+
+def require_embedded(settings: Settings) -> None:
+    """NoDatabase, saying what to do, when DATABASE_URL is unset and FLOWLENS_DATA_DIR holds no embedded database."""
+    if not (settings.data_dir / "pgdata").is_dir():
+        raise NoDatabase(
+            f"no database: DATABASE_URL is not set and FLOWLENS_DATA_DIR ({settings.data_dir}) holds no"
+            " embedded database: run `flowlens-ingest serve` first (it makes one there), or set"
+            " FLOWLENS_DATA_DIR to the folder `serve` ran in, or DATABASE_URL"
+        )
+
+
+def database_label(settings: Settings) -> str:
+    """Where the command's database is, for a message: `at HOST:PORT/DB (DATABASE_URL)` or the embedded folder."""
+    from flowlens_ingest.store import reachable
+
+    if settings.database_url:
+        return reachable.where(settings.database_url)
+    return f"embedded in {settings.data_dir / 'pgdata'}"
+
+
+def unavailable(settings: Settings, exc: BaseException, then: str = "") -> int:
+    """Say why the database could not be used (the cause and the next step), and `then`; exit NOT_DONE."""
+    from flowlens_ingest.store import reachable
+
+    line = reachable.unavailable(exc).line(database_label(settings))
+    return fail(f"{line}{'; ' + then if then else ''}", NOT_DONE)
+
+
+def connect(settings: Settings, application_name: str) -> tuple[Database, object | None]:
+    """The command's database, not yet asked anything; and the embedded server kept running for it, if any.
+
+    DATABASE_URL, or else the embedded database `serve` made in FLOWLENS_DATA_DIR (NoDatabase, saying
+    what to do, when there is none: a command never makes one).
+    """
+    from flowlens_ingest.store.database import Database
+
+    server = None
+    url = settings.database_url
+    if not url:
+        require_embedded(settings)
+        from flowlens_ingest.postgres import embedded
+
+        # Its keeper stops it once no command uses it any more (postgres/embedded.py).
+        server, url = embedded.start(settings.data_dir, create=False)
+    return Database(settings, url, application_name=application_name), server
+
+
+def open_database(settings: Settings) -> tuple[Database, object | None]:
+    """The database of an operator command: DATABASE_URL, or the embedded database `serve` made.
+
+    Never a new embedded database, and never a migration: run from the wrong folder,
+    a new database would list an empty journal as if nothing had been received, and
+    migrating is `db upgrade`'s job, not a side effect of reading.
+    """
+    import sqlalchemy as sa
+
+    from flowlens_ingest.store import migrate, reachable
+    from flowlens_ingest.store.database import DatabaseUnavailable
+
+    database, server = connect(settings, "flowlens-ingest-admin")
+    try:
+        with database.bounded():
+            problem = migrate.pending(database.engine)
+    except (sa.exc.SQLAlchemyError, DatabaseUnavailable) as exc:
+        raise NoDatabase(reachable.unavailable(exc).line(database_label(settings))) from None
+    if problem:
+        raise NoDatabase(problem)
+    return database, server
