@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
-from flowlens_ingest.cli import admin
 from flowlens_ingest.cli.main import main
 from flowlens_ingest.config import Settings, normalize_database_url
+from flowlens_ingest.store import journal_admin
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.journal import JOURNAL_BUCKETS
 from flowlens_ingest.store.schema import pipeline_runs, webhook_deliveries
@@ -62,22 +62,22 @@ def test_prune_of_a_million_unanalyzed_entries_in_one_bucket_fits_a_200_ms_state
     database = Database(settings, application_name="flowlens-tests-prune")
     seen: list[int] = []
     try:
-        removed = admin.prune(database, timedelta(days=30), progress=seen.append)
+        removed = journal_admin.prune(database, timedelta(days=30), progress=seen.append)
     finally:
         database.dispose()
     assert removed == 1_000_000
-    assert seen == sorted(seen) and seen[-1] == 1_000_000 and len(seen) == 1_000_000 // admin.PRUNE_BATCH
+    assert seen == sorted(seen) and seen[-1] == 1_000_000 and len(seen) == 1_000_000 // journal_admin.PRUNE_BATCH
     left = {r["delivery_id"].split("-")[0] for r in rows(db, webhook_deliveries, "delivery_id")}
     assert left == {"failed", "recent"}
 
 
 def test_a_prune_batch_reads_the_bucket_index_in_order_and_never_sorts(db):
     fill_journal(db, 50_000, age="40 days", bucket=0)
-    batch = compiled(admin._prune_batch, False).bind(
-        values(bucket=0, after=admin.BEGINNING, cutoff=datetime.now(UTC) - timedelta(days=30), batch=2000)
+    batch = compiled(journal_admin._prune_batch, False).bind(
+        values(bucket=0, after=journal_admin.BEGINNING, cutoff=datetime.now(UTC) - timedelta(days=30), batch=2000)
     )
     with db.connect() as conn:  # one transaction, as prune's batch; rolled back
-        conn.exec_driver_sql(*compiled(admin._index_order_only).bind({}))
+        conn.exec_driver_sql(*compiled(journal_admin._index_order_only).bind({}))
         plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + batch[0], batch[1]).scalars())
     assert "Index Scan using ix_webhook_deliveries_bucket_received_at" in plan, plan
     assert "Sort" not in plan, plan
@@ -86,7 +86,7 @@ def test_a_prune_batch_reads_the_bucket_index_in_order_and_never_sorts(db):
 def test_prune_goes_past_entries_received_at_the_same_instant_and_failed_ones(db):
     fill_journal(db, 250, age="40 days", bucket=3, step="0 s")
     fill_journal(db, 120, age="40 days", outcome="failed", prefix="failed", bucket=3, step="0 s")
-    assert admin.prune(database_of(db), timedelta(days=30), batch=100) == 250
+    assert journal_admin.prune(database_of(db), timedelta(days=30), batch=100) == 250
     assert {r["delivery_id"].split("-")[0] for r in rows(db, webhook_deliveries, "delivery_id")} == {"failed"}
 
 
@@ -144,17 +144,17 @@ def test_prune_picks_up_where_an_interrupted_one_stopped(db):
         raise KeyboardInterrupt
 
     with contextlib.suppress(KeyboardInterrupt):
-        admin.prune(database, timedelta(days=30), batch=100, progress=stop_after_first_batch)
+        journal_admin.prune(database, timedelta(days=30), batch=100, progress=stop_after_first_batch)
     # Each batch is committed on its own: the first one is gone, the rest waits.
     assert first == [100]
     assert len(rows(db, webhook_deliveries, "delivery_id")) == 2_900
-    assert admin.prune(database, timedelta(days=30), batch=100) == 2_900
+    assert journal_admin.prune(database, timedelta(days=30), batch=100) == 2_900
     assert rows(db, webhook_deliveries, "delivery_id") == []
 
 
 def test_deliveries_lists_the_newest_across_every_bucket(db):
     fill_journal(db, 1_000, age="1 hour")
-    listed = admin.list_deliveries(database_of(db), limit=30)
+    listed = journal_admin.list_deliveries(database_of(db), limit=30)
     newest = sorted(rows(db, webhook_deliveries, "received_at", "delivery_id"), key=lambda r: r["received_at"])[-30:]
     assert [r.delivery_id for r in listed] == [r["delivery_id"] for r in reversed(newest)]
     assert len({r.delivery_id for r in listed}) == 30
@@ -162,8 +162,8 @@ def test_deliveries_lists_the_newest_across_every_bucket(db):
 
 def test_replay_pages_through_the_journal_in_arrival_order(db, monkeypatch):
     fill_journal(db, 1_234, age="1 hour")
-    monkeypatch.setattr(admin, "REPLAY_PAGE", 100)
-    keys = list(admin._keys(database_of(db), failed_only=False, since=None))
+    monkeypatch.setattr(journal_admin, "REPLAY_PAGE", 100)
+    keys = list(journal_admin.journal_keys(database_of(db), failed_only=False, since=None))
     expected = sorted(
         rows(db, webhook_deliveries, "received_at", "delivery_id", "hook_id"), key=lambda r: r["received_at"]
     )

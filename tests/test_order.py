@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
-from flowlens_ingest.cli import admin
+from flowlens_ingest import replay
 from flowlens_ingest.ingest import ingest
 from flowlens_ingest.store.schema import (
     ci_checks,
@@ -156,7 +156,7 @@ def test_replaying_everything_twice_changes_and_flags_nothing(db):
         for table in (pull_requests, pipeline_runs):
             conn.execute(sa.update(table).values(processed=True))
     for _ in range(2):
-        report = admin.replay(database)
+        report = replay.replay(database)
         assert report.failed == 0 and report.replayed == len(CORPUS)
     assert state(db) == before
     assert {t.name: rows(db, t, "id", "version") for t in (pull_requests, pipeline_runs)} == versions

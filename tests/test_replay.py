@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from flowlens_ingest.cli import admin
+from flowlens_ingest import replay
+from flowlens_ingest.store import journal_admin
 from flowlens_ingest.store.schema import metadata, pipeline_runs, pull_requests, webhook_deliveries
 
 from .helpers import PAYLOADS, SECRET, database_of, load_payload, rows
@@ -76,18 +77,18 @@ def test_replay_of_a_failed_delivery_applies_it_after_the_fix(deliver, db, refus
     payload["pull_request"]["title"] = "refused"
     assert deliver(payload, "pull_request", delivery="x").status_code == 202
     assert deliver(OPENED, "ping", delivery="p").status_code == 200
-    report = admin.replay(database_of(db), failed_only=True)
+    report = replay.replay(database_of(db), failed_only=True)
     assert (report.replayed, report.failed) == (0, 1)
     assert outcomes(db) == {"x": "failed", "p": "ignored"}
     refuse_title()
-    report = admin.replay(database_of(db), failed_only=True)
+    report = replay.replay(database_of(db), failed_only=True)
     assert (report.replayed, report.failed, report.skipped_no_payload) == (1, 0, 0)
     assert outcomes(db) == {"x": "applied", "p": "ignored"}
     (entry,) = rows(db, webhook_deliveries, "error", "attempts", "applied_at", "delivery_id")[1:]
     assert entry["error"] is None and entry["attempts"] == 3 and entry["applied_at"] is not None
     assert rows(db, pull_requests, "title", "version") == [{"title": "refused", "version": 1}]
     # Nothing failed is left to replay.
-    assert admin.replay(database_of(db), failed_only=True).replayed == 0
+    assert replay.replay(database_of(db), failed_only=True).replayed == 0
 
 
 def test_replay_of_everything_twice_changes_nothing(deliver, db):
@@ -97,7 +98,7 @@ def test_replay_of_everything_twice_changes_nothing(deliver, db):
         conn.execute(sa.update(pipeline_runs).values(processed=True))
     before, before_outcomes = data(db), outcomes(db)
     for _ in range(2):
-        report = admin.replay(database_of(db))
+        report = replay.replay(database_of(db))
         assert (report.replayed, report.failed, report.skipped_no_payload) == (count, 0, 0)
         assert data(db) == before
     # Replayed in arrival order, every delivery still carries the outcome it had.
@@ -112,7 +113,7 @@ def test_replay_rebuilds_the_rows_from_the_journal_alone(deliver, db):
         for table in reversed(metadata.sorted_tables):
             if table is not webhook_deliveries:
                 conn.execute(sa.delete(table))
-    report = admin.replay(database_of(db))
+    report = replay.replay(database_of(db))
     assert report.failed == 0
     assert rebuildable(db) == expected
 
@@ -135,7 +136,7 @@ def test_replay_since_takes_only_later_deliveries(deliver, db):
             .where(webhook_deliveries.c.delivery_id == "old")
             .values(received_at=sa.func.now() - timedelta(days=2))
         )
-    report = admin.replay(database_of(db), since=datetime.now(UTC) - timedelta(days=1))
+    report = replay.replay(database_of(db), since=datetime.now(UTC) - timedelta(days=1))
     assert report.replayed == 1
     attempts = {e["delivery_id"]: e["attempts"] for e in rows(db, webhook_deliveries, "delivery_id", "attempts")}
     assert attempts == {"old": 1, "new": 2}
@@ -145,7 +146,7 @@ def test_replay_skips_entries_journaled_without_payload(deliver, db):
     deliver(OPENED, "pull_request", delivery="kept")
     with db.begin() as conn:
         conn.execute(sa.update(webhook_deliveries).values(body=None))
-    report = admin.replay(database_of(db))
+    report = replay.replay(database_of(db))
     assert (report.replayed, report.skipped_no_payload) == (0, 1)
 
 
@@ -159,9 +160,9 @@ def test_prune_removes_old_entries_but_keeps_failed_ones(deliver, db):
             .where(webhook_deliveries.c.delivery_id.like("old-%"))
             .values(received_at=sa.func.now() - timedelta(days=31))
         )
-    assert admin.prune(database_of(db), timedelta(days=30)) == 1
+    assert journal_admin.prune(database_of(db), timedelta(days=30)) == 1
     assert sorted(outcomes(db)) == ["old-failed", "recent"]
-    assert admin.prune(database_of(db), timedelta(days=30), include_failed=True) == 1
+    assert journal_admin.prune(database_of(db), timedelta(days=30), include_failed=True) == 1
     assert sorted(outcomes(db)) == ["recent"]
 
 
@@ -237,7 +238,7 @@ def test_operator_commands(deliver, db, database_url, refuse_title):
 def test_replay_names_the_first_failures_and_counts_the_rest(deliver, db, database_url, refuse_title):
     refused = copy.deepcopy(OPENED)
     refused["pull_request"]["title"] = "refused"
-    count = admin.MAX_REPORTED_ERRORS + 1
+    count = replay.MAX_REPORTED_ERRORS + 1
     for number in range(count):
         assert deliver(refused, "pull_request", delivery=f"broken-{number:02}").status_code == 202
     replayed = cli(database_url, "replay", "--failed")

@@ -15,7 +15,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from flowlens_ingest.cli import admin
+from flowlens_ingest import replay
 from flowlens_ingest.store import migrate
 from flowlens_ingest.web.app import create_app
 from flowlens_ingest.web.services import services
@@ -57,7 +57,7 @@ def test_duplicates_stale_failed_and_replayed_deliveries_leave_no_payload_in_the
         assert deliver(beyond_integer, "beyond-integer") == (202, "failed")
         assert deliver(beyond_integer, "beyond-integer") == (202, "failed")
         assert deliver(long_head, "long-head") == (202, "failed")
-        report = admin.replay(services(app).database)
+        report = replay.replay(services(app).database)
         assert (report.replayed, report.failed) == (2, 2)
     finally:
         services(app).database.dispose()

@@ -16,7 +16,7 @@ from flowlens_ingest.cli.output import NOT_DONE, counted, fail, utc
 from flowlens_ingest.config import Settings
 
 if TYPE_CHECKING:
-    from flowlens_ingest.cli.admin import ReplayReport
+    from flowlens_ingest.replay import ReplayReport
 
 DEFAULT_URL = "http://127.0.0.1:8000/webhook"
 # Outcomes after which GitHub would consider the delivery done; `send` exits 1 on any other.
@@ -132,8 +132,8 @@ def deliveries(failed: bool, limit: int, as_json: bool = False) -> int:
     """List the journal, newest first: a line each, or (as_json) one JSON array."""
     import sqlalchemy as sa
 
-    from flowlens_ingest.cli.admin import list_deliveries
     from flowlens_ingest.store.database import DatabaseUnavailable
+    from flowlens_ingest.store.journal_admin import list_deliveries
 
     settings = load_settings()
     database, _server = open_database(settings)
@@ -159,7 +159,7 @@ def replay(failed: bool, since: datetime | None, as_json: bool = False) -> int:
     """Re-apply journaled deliveries; a summary (or, as_json, one JSON object); exit 1 if any failed."""
     import sqlalchemy as sa
 
-    from flowlens_ingest.cli.admin import replay as replay_journal
+    from flowlens_ingest.replay import replay as replay_journal
     from flowlens_ingest.store.database import DatabaseUnavailable
 
     settings = load_settings()
@@ -196,8 +196,8 @@ def prune(older_than: timedelta, include_failed: bool) -> int:
     """Delete old journal entries, showing progress on stderr."""
     import sqlalchemy as sa
 
-    from flowlens_ingest.cli.admin import prune as prune_journal
     from flowlens_ingest.store.database import TIMEOUT_SQLSTATES, DatabaseUnavailable
+    from flowlens_ingest.store.journal_admin import prune as prune_journal
 
     settings = load_settings()
     database, _server = open_database(settings)

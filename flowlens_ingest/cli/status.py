@@ -147,26 +147,10 @@ def _reason(exc: Exception) -> str:
 
 def _journal_parts(database: Any, report: Report) -> None:
     """The last hour by outcome, and the failed deliveries a replay has not settled yet."""
-    import sqlalchemy as sa
+    from flowlens_ingest.store.journal_admin import failed_entries, outcomes_last_hour
 
-    from flowlens_ingest.events.enums import Outcome
-    from flowlens_ingest.store.journal import JOURNAL_BUCKETS
-    from flowlens_ingest.store.schema import webhook_deliveries as wd
-
-    # By bucket: the journal's time index leads with it (schema.py), so this is a range
-    # read per bucket, not a scan, on a journal of millions of rows.
-    recent = database.read(
-        sa.select(wd.c.outcome, sa.func.count())
-        .where(
-            wd.c.bucket.in_(range(JOURNAL_BUCKETS)), wd.c.received_at >= sa.func.now() - sa.text("interval '1 hour'")
-        )
-        .group_by(wd.c.outcome)
-    )
-    report.parts["deliveries_last_hour"] = {str(outcome): int(n) for outcome, n in recent}
-    # The partial index of failed entries holds only them.
-    count, oldest = database.read(
-        sa.select(sa.func.count(), sa.func.min(wd.c.received_at)).where(wd.c.outcome == Outcome.FAILED.value)
-    )[0]
+    report.parts["deliveries_last_hour"] = outcomes_last_hour(database)
+    count, oldest = failed_entries(database)
     report.parts["failed"] = {"count": int(count), "oldest": _utc(oldest)}
     if count:
         report.act(
@@ -288,12 +272,10 @@ def _recovery_part(settings: Settings, database: Any, report: Report) -> None:
     in docs/alerts.md): GitHub keeps its delivery log 3 days (7 on GHES), so what was missed
     before then is about to be gone for good.
     """
-    import sqlalchemy as sa
-
     from flowlens_ingest.github.recover import retention
-    from flowlens_ingest.store.schema import webhook_hooks as wh
+    from flowlens_ingest.store.hooks import checked_through
 
-    hooks = database.read(sa.select(wh.c.api_path, wh.c.checked_through).order_by(wh.c.api_path))
+    hooks = checked_through(database)
     scheduled = settings.recover_every_s > 0 and settings.github_credentials
     keeps = retention(settings.github_api_url)
     part: dict[str, Any] = {

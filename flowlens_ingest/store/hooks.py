@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from flowlens_ingest.events.delivery import Delivery
+from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.expressions import param
 from flowlens_ingest.store.schema import webhook_hooks
 from flowlens_ingest.store.wire import Statement, compiled, values
@@ -54,3 +56,11 @@ class RecordedHooks:
         if path is not None:
             with self._lock:
                 self._known.add((delivery.hook_id, path))
+
+
+def checked_through(database: Database) -> list[tuple[str, datetime | None]]:
+    """Each recorded hook's API path and how far back recovery has checked its delivery log (None: never)."""
+    rows = database.read(
+        sa.select(webhook_hooks.c.api_path, webhook_hooks.c.checked_through).order_by(webhook_hooks.c.api_path)
+    )
+    return [(str(path), checked) for path, checked in rows]

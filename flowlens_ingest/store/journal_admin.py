@@ -1,26 +1,24 @@
-"""Operator actions on the journal: list, replay, prune."""
+"""The journal for operators: list it, walk its keys for a replay, read one entry back, prune it in
+batches, and the counts `status` shows. Every read goes through the journal's bucketed indexes
+(schema.py), so each costs the same on a journal of millions of rows.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
-from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
-from flowlens_ingest.ingest import Disposition, ingest
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.expressions import param
 from flowlens_ingest.store.journal import JOURNAL_BUCKETS
 from flowlens_ingest.store.plan import decode_body
 from flowlens_ingest.store.schema import webhook_deliveries as wd
 from flowlens_ingest.store.wire import compiled, values
-
-MAX_REPORTED_ERRORS = 20
-
 
 _LISTED = (
     wd.c.received_at,
@@ -63,24 +61,12 @@ def list_deliveries(database: Database, *, failed_only: bool = False, limit: int
     return database.read(merged.limit(limit))
 
 
-@dataclass
-class ReplayReport:
-    """What a replay did; `errors` names the first deliveries that could not be re-applied."""
-
-    replayed: int = 0
-    failed: int = 0
-    skipped_no_payload: int = 0
-    errors: list[str] = field(default_factory=list)
-    # Why the replay stopped before the end (the database went away), else None.
-    stopped: str | None = None
-
-
 # Keys are read in pages (keyset pagination, one short query each), never all at once.
 REPLAY_PAGE = 500
 
 
-def _keys(database: Database, *, failed_only: bool, since: datetime | None) -> Iterator[tuple[str, int]]:
-    """Journal keys in arrival order, a page at a time.
+def journal_keys(database: Database, *, failed_only: bool, since: datetime | None) -> Iterator[tuple[str, int]]:
+    """Journal keys (delivery id, hook id) in arrival order, a page at a time.
 
     Entries that fail again during the replay keep their place, behind the cursor,
     so none is taken twice.
@@ -115,8 +101,22 @@ def _keys(database: Database, *, failed_only: bool, since: datetime | None) -> I
         after = tuple(rows[-1])
 
 
-def _journaled(database: Database, delivery_id: str, hook_id: int) -> Delivery | None:
-    """The delivery as the journal holds it, or None when it kept no payload."""
+@dataclass(frozen=True)
+class JournalEntry:
+    """What the journal keeps of one delivery: enough to build it again, exactly as it arrived."""
+
+    delivery_id: str
+    hook_id: int
+    event: str
+    body: bytes
+    content_type: str
+    payload_sha256: str
+    received_at: datetime
+    body_from_api: bool
+
+
+def journal_entry(database: Database, delivery_id: str, hook_id: int) -> JournalEntry | None:
+    """One delivery as the journal holds it (its body decoded), or None when it kept no payload."""
     row = database.first(
         sa.select(
             wd.c.event,
@@ -130,45 +130,16 @@ def _journaled(database: Database, delivery_id: str, hook_id: int) -> Delivery |
     )
     if row is None or row.body is None:
         return None
-    # Parsed from exactly the bytes GitHub sent, as the view parsed them.
-    return Delivery.from_http(
+    return JournalEntry(
         delivery_id=delivery_id,
         hook_id=hook_id,
         event=row.event,
-        content_type=row.content_type,
         body=decode_body(bytes(row.body), row.body_encoding),
+        content_type=row.content_type,
         payload_sha256=row.payload_sha256,
         received_at=row.received_at,
         body_from_api=row.body_from_api,
     )
-
-
-def replay(database: Database, *, failed_only: bool = False, since: datetime | None = None) -> ReplayReport:
-    """Re-apply journaled payloads in arrival order; idempotent, as every upsert is guarded.
-
-    A failed entry takes the outcome of its replay; any other keeps its first final
-    outcome. A delivery that fails again stays journaled as failed, and the replay
-    goes on; it stops, saying why, when the database goes away (what it replayed so
-    far stays, and replaying again is idempotent).
-    """
-    report = ReplayReport()
-    for delivery_id, hook_id in _keys(database, failed_only=failed_only, since=since):
-        delivery = _journaled(database, delivery_id, hook_id)
-        if delivery is None:
-            report.skipped_no_payload += 1
-            continue
-        # store_payload=False: the journal keeps the payload it has, not a copy sent back.
-        result = ingest(database, delivery, store_payload=False, replay=True)
-        if result.disposition is Disposition.RETRY_LATER:
-            report.stopped = result.error
-            break
-        if result.error is not None:
-            report.failed += 1
-            if len(report.errors) < MAX_REPORTED_ERRORS:
-                report.errors.append(f"{delivery_id}: {result.error}")
-            continue
-        report.replayed += 1
-    return report
 
 
 # Rows deleted per transaction: each batch is well inside the statement timeout.
@@ -248,3 +219,26 @@ def prune(
                 break
             after = last
     return removed
+
+
+def outcomes_last_hour(database: Database) -> dict[str, int]:
+    """How many deliveries arrived in the last hour, by outcome."""
+    # By bucket: the journal's time index leads with it (schema.py), so this is a range
+    # read per bucket, not a scan, on a journal of millions of rows.
+    recent = database.read(
+        sa.select(wd.c.outcome, sa.func.count())
+        .where(
+            wd.c.bucket.in_(range(JOURNAL_BUCKETS)), wd.c.received_at >= sa.func.now() - sa.text("interval '1 hour'")
+        )
+        .group_by(wd.c.outcome)
+    )
+    return {str(outcome): int(n) for outcome, n in recent}
+
+
+def failed_entries(database: Database) -> tuple[int, datetime | None]:
+    """How many journal entries are failed (not replayed since), and when the oldest arrived."""
+    # The partial index of failed entries holds only them.
+    count, oldest = database.read(
+        sa.select(sa.func.count(), sa.func.min(wd.c.received_at)).where(wd.c.outcome == Outcome.FAILED.value)
+    )[0]
+    return int(count), oldest
