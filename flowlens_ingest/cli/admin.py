@@ -11,12 +11,14 @@ import sqlalchemy as sa
 
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
+from flowlens_ingest.events.envelope import Envelope
 from flowlens_ingest.ingest import Disposition, ingest
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.expressions import param
 from flowlens_ingest.store.journal import JOURNAL_BUCKETS
 from flowlens_ingest.store.plan import decode_body
 from flowlens_ingest.store.schema import webhook_deliveries as wd
+from flowlens_ingest.store.schema import webhook_hooks
 from flowlens_ingest.store.wire import compiled, values
 
 MAX_REPORTED_ERRORS = 20
@@ -116,9 +118,12 @@ def _keys(database: Database, *, failed_only: bool, since: datetime | None) -> I
 
 
 def _journaled(database: Database, delivery_id: str, hook_id: int) -> Delivery | None:
-    """The delivery as the journal holds it, or None when it kept no payload."""
+    """The delivery as the journal holds it (with its hook's target, when recorded), or None when it kept no payload."""
+    hooks = webhook_hooks
     row = database.first(
         sa.select(
+            wd.c.delivery_id,
+            wd.c.hook_id,
             wd.c.event,
             wd.c.body,
             wd.c.body_encoding,
@@ -126,21 +131,16 @@ def _journaled(database: Database, delivery_id: str, hook_id: int) -> Delivery |
             wd.c.payload_sha256,
             wd.c.received_at,
             wd.c.body_from_api,
-        ).where(wd.c.delivery_id == delivery_id, wd.c.hook_id == hook_id)
+            hooks.c.target_type,
+            hooks.c.target_id,
+        )
+        .select_from(wd.outerjoin(hooks, hooks.c.hook_id == wd.c.hook_id))
+        .where(wd.c.delivery_id == delivery_id, wd.c.hook_id == hook_id)
     )
     if row is None or row.body is None:
         return None
     # Parsed from exactly the bytes GitHub sent, as the view parsed them.
-    return Delivery.from_http(
-        delivery_id=delivery_id,
-        hook_id=hook_id,
-        event=row.event,
-        content_type=row.content_type,
-        body=decode_body(bytes(row.body), row.body_encoding),
-        payload_sha256=row.payload_sha256,
-        received_at=row.received_at,
-        body_from_api=row.body_from_api,
-    )
+    return Delivery.parse(Envelope.from_journal(row), decode_body(bytes(row.body), row.body_encoding))
 
 
 def replay(database: Database, *, failed_only: bool = False, since: datetime | None = None) -> ReplayReport:
