@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -26,10 +27,11 @@ from prometheus_client import REGISTRY
 
 from flowlens_ingest.events.enums import Outcome
 from flowlens_ingest.events.envelope import Envelope
+from flowlens_ingest.github.hooks import hooks_to_read
 from flowlens_ingest.ingest import Disposition, Result
 from flowlens_ingest.spool.drainer import Drainer, spool_handler
 from flowlens_ingest.spool.folder import PARTIAL_AT_START_S, SUFFIX, UNUSABLE_SUFFIX, Spool, Spooled
-from flowlens_ingest.store.schema import pull_requests, repositories, webhook_deliveries
+from flowlens_ingest.store.schema import pull_requests, repositories, webhook_deliveries, webhook_hooks
 from flowlens_ingest.web.app import create_app
 from flowlens_ingest.web.services import services, start_drainer
 
@@ -314,6 +316,99 @@ def test_drainer_applies_the_spool_in_arrival_order_exactly_once(apps, drain, db
     (entry,) = [e for e in rows(db, webhook_deliveries) if e["delivery_id"] == "form"]
     assert (bytes(entry["body"]), entry["content_type"]) == (form, "application/x-www-form-urlencoded")
     assert REGISTRY.get_sample_value("flowlens_spool_drained_total", {"outcome": "duplicate"}) >= 1
+
+
+def test_a_delivery_spooled_while_the_database_is_down_is_journaled_with_its_hook_and_target(apps, drain, db, tmp_path):
+    # No live delivery named these hooks: only the spooled ones can teach recovery their logs.
+    down = apps(down=True)
+    org = dict(PING, organization={"login": "octo-org", "id": 9919})
+    answers = [
+        post(down, OPENED, "pull_request", delivery="from-repo-hook", hook_id="555", target=("repository", "1296269")),
+        post(down, org, "ping", delivery="from-org-hook", hook_id="777", target=("organization", "9919")),
+        post(down, PING, "ping", delivery="from-app-hook", hook_id="888", target=("integration", "31337")),
+    ]
+    assert [a.get_json()["outcome"] for a in answers] == ["spooled"] * 3
+    up = apps(down=False)
+    drain(up)
+    wait_for(lambda: services(up).spool.depth() == 0, what="the spool to empty")
+    entries = rows(db, webhook_deliveries, "delivery_id", "hook_id", "outcome", "received_at")
+    assert {(e["delivery_id"], e["hook_id"]) for e in entries} == {
+        ("from-repo-hook", 555),
+        ("from-org-hook", 777),
+        ("from-app-hook", 888),
+    }
+    assert rows(db, webhook_hooks, "hook_id", "target_type", "target_id", "api_path") == [
+        {
+            "hook_id": 555,
+            "target_type": "repository",
+            "target_id": 1296269,
+            "api_path": "repos/Codertocat/Hello-World/hooks/555",
+        },
+        {"hook_id": 777, "target_type": "organization", "target_id": 9919, "api_path": "orgs/octo-org/hooks/777"},
+        {"hook_id": 888, "target_type": "integration", "target_id": 31337, "api_path": "app/hook"},
+    ]
+    # So recovery reads these hooks' logs (a token reads repository and organization hooks).
+    settings = make_settings("postgresql://unused", tmp_path, github_token="ghp_test")
+    hooks, skipped = hooks_to_read(settings, services(up).database)
+    assert {h.path for h in hooks} == {"repos/Codertocat/Hello-World/hooks/555", "orgs/octo-org/hooks/777"}
+    assert skipped == []
+
+
+# Spool files exactly as earlier versions wrote them: their header line (json.dumps with its
+# default separators), a newline, the body; named `{ns:020d}-{pid}-{hex8}[-{size}].delivery`.
+EARLIER_FORMATS = [
+    # The first spool: arrival only in the name, no size in it.
+    (
+        b'{"delivery_id": "first", "hook_id": 0, "event": "ping", "content_type": "application/json"}',
+        "01764982800000000000-4242-0a1b2c3d",
+    ),
+    # received_ns (the journal's received_at) added; still no size in the name.
+    (
+        (
+            b'{"delivery_id": "received_ns", "hook_id": 123456, "event": "ping", "content_type": "application/json",'
+            b' "received_ns": 1764982800100000000}'
+        ),
+        "01764982800100000000-4242-1a1b2c3d",
+    ),
+    # The size in the name (a flat-cost put), the line unchanged: the format before this codec.
+    (
+        (
+            b'{"delivery_id": "sized", "hook_id": 123456, "event": "ping", "content_type": "application/json",'
+            b' "received_ns": 1764982800200000000}'
+        ),
+        "01764982800200000000-4242-2a1b2c3d-{size}",
+    ),
+]
+
+
+def test_spool_files_of_every_earlier_format_drain_into_the_journal(apps, drain, db):
+    up = apps(down=False)
+    folder = services(up).spool.directory
+    folder.mkdir(parents=True, exist_ok=True)
+    body = json.dumps(PING).encode()
+    for header, name in EARLIER_FORMATS:
+        data = header + b"\n" + body
+        (folder / (name.format(size=len(data)) + SUFFIX)).write_bytes(data)
+    assert services(up).spool.refresh() == 3
+    drain(up)
+    wait_for(lambda: services(up).spool.depth() == 0, what="the spool to empty")
+    assert services(up).spool.unusable == 0
+    entries = {
+        e["delivery_id"]: e
+        for e in rows(
+            db, webhook_deliveries, "delivery_id", "hook_id", "outcome", "received_at", "body", "content_type"
+        )
+    }
+    assert {k: (e["hook_id"], e["outcome"]) for k, e in entries.items()} == {
+        "first": (0, "ignored"),
+        "received_ns": (123456, "ignored"),
+        "sized": (123456, "ignored"),
+    }
+    assert all((bytes(e["body"]), e["content_type"]) == (body, "application/json") for e in entries.values())
+    # When each arrived, where the file said it.
+    assert entries["received_ns"]["received_at"] == datetime(2025, 12, 6, 1, 0, 0, 100000, tzinfo=UTC)
+    assert entries["sized"]["received_at"] == datetime(2025, 12, 6, 1, 0, 0, 200000, tzinfo=UTC)
+    assert rows(db, webhook_hooks) == []
 
 
 def test_two_hosts_draining_copies_of_the_same_deliveries_apply_each_once(apps, drain, db, tmp_path):

@@ -184,6 +184,9 @@ class Envelope:
         ValueError (or KeyError, TypeError) when the line is not a spooled delivery's.
         """
         meta = json.loads(line)
+        if not isinstance(meta, dict):
+            # Not a mapping: .get would raise AttributeError, which the drain does not set aside.
+            raise TypeError("not a JSON object")
         received_ns = meta.get("received_ns")
         target_type = meta.get("target_type")
         target_id = meta.get("target_id")
@@ -192,11 +195,11 @@ class Envelope:
         digest = meta.get("payload_sha256")
         return cls(
             delivery_id=str(meta["delivery_id"]),
-            hook_id=int(meta["hook_id"]),
+            hook_id=_integer(meta["hook_id"]),
             event=str(meta["event"]),
             content_type=str(meta["content_type"]),
-            hook_target=None if target_type is None else HookTarget(target_type, _optional_int(target_id)),
-            received_at=None if received_ns is None else _EPOCH + timedelta(microseconds=int(received_ns) // 1000),
+            hook_target=None if target_type is None else HookTarget(target_type, _optional_integer(target_id)),
+            received_at=None if received_ns is None else _EPOCH + timedelta(microseconds=_integer(received_ns) // 1000),
             body_from_api=meta.get("body_from_api") is True,
             payload_sha256=None if digest is None else str(digest),
         )
@@ -214,12 +217,15 @@ def _target_headers(by_name: dict[str, str]) -> HookTarget | None:
     )
 
 
-def _optional_int(value: Any) -> int | None:
-    if value is None:
-        return None
+def _integer(value: Any) -> int:
+    """A JSON integer (every version wrote ids and times as integers; `Infinity` or `true` is not one)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError("target_id")
+        raise TypeError(f"not an integer: {type(value).__name__}")
     return value
+
+
+def _optional_integer(value: Any) -> int | None:
+    return None if value is None else _integer(value)
 
 
 def _ns(moment: datetime) -> int:
