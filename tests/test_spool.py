@@ -320,12 +320,15 @@ def test_drainer_applies_the_spool_in_arrival_order_exactly_once(apps, drain, db
 
 def test_a_delivery_spooled_while_the_database_is_down_is_journaled_with_its_hook_and_target(apps, drain, db, tmp_path):
     # No live delivery named these hooks: only the spooled ones can teach recovery their logs.
+    # Hook ids of this test only: a process records a hook once (ingest.HOOKS), tests empty the tables.
     down = apps(down=True)
     org = dict(PING, organization={"login": "octo-org", "id": 9919})
     answers = [
-        post(down, OPENED, "pull_request", delivery="from-repo-hook", hook_id="555", target=("repository", "1296269")),
-        post(down, org, "ping", delivery="from-org-hook", hook_id="777", target=("organization", "9919")),
-        post(down, PING, "ping", delivery="from-app-hook", hook_id="888", target=("integration", "31337")),
+        post(
+            down, OPENED, "pull_request", delivery="from-repo-hook", hook_id="61001", target=("repository", "1296269")
+        ),
+        post(down, org, "ping", delivery="from-org-hook", hook_id="61002", target=("organization", "9919")),
+        post(down, PING, "ping", delivery="from-app-hook", hook_id="61003", target=("integration", "31337")),
     ]
     assert [a.get_json()["outcome"] for a in answers] == ["spooled"] * 3
     up = apps(down=False)
@@ -333,24 +336,24 @@ def test_a_delivery_spooled_while_the_database_is_down_is_journaled_with_its_hoo
     wait_for(lambda: services(up).spool.depth() == 0, what="the spool to empty")
     entries = rows(db, webhook_deliveries, "delivery_id", "hook_id", "outcome", "received_at")
     assert {(e["delivery_id"], e["hook_id"]) for e in entries} == {
-        ("from-repo-hook", 555),
-        ("from-org-hook", 777),
-        ("from-app-hook", 888),
+        ("from-repo-hook", 61001),
+        ("from-org-hook", 61002),
+        ("from-app-hook", 61003),
     }
     assert rows(db, webhook_hooks, "hook_id", "target_type", "target_id", "api_path") == [
         {
-            "hook_id": 555,
+            "hook_id": 61001,
             "target_type": "repository",
             "target_id": 1296269,
-            "api_path": "repos/Codertocat/Hello-World/hooks/555",
+            "api_path": "repos/Codertocat/Hello-World/hooks/61001",
         },
-        {"hook_id": 777, "target_type": "organization", "target_id": 9919, "api_path": "orgs/octo-org/hooks/777"},
-        {"hook_id": 888, "target_type": "integration", "target_id": 31337, "api_path": "app/hook"},
+        {"hook_id": 61002, "target_type": "organization", "target_id": 9919, "api_path": "orgs/octo-org/hooks/61002"},
+        {"hook_id": 61003, "target_type": "integration", "target_id": 31337, "api_path": "app/hook"},
     ]
     # So recovery reads these hooks' logs (a token reads repository and organization hooks).
     settings = make_settings("postgresql://unused", tmp_path, github_token="ghp_test")
     hooks, skipped = hooks_to_read(settings, services(up).database)
-    assert {h.path for h in hooks} == {"repos/Codertocat/Hello-World/hooks/555", "orgs/octo-org/hooks/777"}
+    assert {h.path for h in hooks} == {"repos/Codertocat/Hello-World/hooks/61001", "orgs/octo-org/hooks/61002"}
     assert skipped == []
 
 
