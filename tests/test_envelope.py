@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import pytest
+from werkzeug.datastructures import Headers
 
-from flowlens_ingest.events.envelope import API_CONTENT_TYPE, BadHeaders, Envelope
+from flowlens_ingest.events.envelope import API_CONTENT_TYPE, BadHeaders, Caseless, Envelope
 from flowlens_ingest.events.hooks import HookTarget
 
 # What GitHub sends with a repository hook's delivery (https://docs.github.com/en/webhooks/webhook-events-and-payloads#delivery-headers).
@@ -25,7 +26,7 @@ HEADERS = {
 
 
 def test_the_headers_give_every_field():
-    envelope = Envelope.from_headers(HEADERS)
+    envelope = Envelope.from_headers(Headers(HEADERS))
     assert envelope == Envelope(
         delivery_id="72d3162e-cc78-11e3-81ab-4c9367dc0958",
         hook_id=292430182,
@@ -38,28 +39,28 @@ def test_the_headers_give_every_field():
 
 def test_header_names_are_case_insensitive_and_values_trimmed():
     lowered = {name.lower(): f" {value} " for name, value in HEADERS.items()}
-    assert Envelope.from_headers(lowered) == dataclasses.replace(
-        Envelope.from_headers(HEADERS), content_type=" application/json "
+    assert Envelope.from_headers(Headers(lowered)) == dataclasses.replace(
+        Envelope.from_headers(Headers(HEADERS)), content_type=" application/json "
     )
 
 
 def test_without_hook_headers_the_hook_is_0_and_no_target():
     bare = {k: v for k, v in HEADERS.items() if "Hook-" not in k}
-    envelope = Envelope.from_headers(bare)
+    envelope = Envelope.from_headers(Headers(bare))
     assert (envelope.hook_id, envelope.hook_target) == (0, None)
 
 
 def test_without_a_content_type_it_is_empty():
-    assert Envelope.from_headers({k: v for k, v in HEADERS.items() if k != "Content-Type"}).content_type == ""
+    assert Envelope.from_headers(Headers({k: v for k, v in HEADERS.items() if k != "Content-Type"})).content_type == ""
 
 
 @pytest.mark.parametrize("missing", ["X-GitHub-Event", "X-GitHub-Delivery"])
 def test_a_missing_event_or_delivery_is_refused(missing):
     headers = dict(HEADERS, **{missing: "  "})
     with pytest.raises(BadHeaders, match="X-GitHub-Event and X-GitHub-Delivery are required"):
-        Envelope.from_headers(headers)
+        Envelope.from_headers(Headers(headers))
     with pytest.raises(BadHeaders):
-        Envelope.from_headers({k: v for k, v in HEADERS.items() if k != missing})
+        Envelope.from_headers(Headers({k: v for k, v in HEADERS.items() if k != missing}))
 
 
 @pytest.mark.parametrize(
@@ -77,7 +78,7 @@ def test_a_missing_event_or_delivery_is_refused(missing):
 )
 def test_a_header_not_in_githubs_form_is_refused_naming_what_was_sent(name, value):
     with pytest.raises(BadHeaders, match="malformed X-GitHub-\\* header") as refused:
-        Envelope.from_headers(dict(HEADERS, **{name: value}))
+        Envelope.from_headers(Headers(dict(HEADERS, **{name: value})))
     # The refusal's log line names what came, cut short by the view.
     assert (refused.value.event, refused.value.delivery_id) == (
         dict(HEADERS, **{name: value})["X-GitHub-Event"],
@@ -101,7 +102,14 @@ def test_a_hook_target_is_kept_only_in_githubs_form(kind, raw_id, expected):
         HEADERS,
         **{"X-GitHub-Hook-Installation-Target-Type": kind, "X-GitHub-Hook-Installation-Target-ID": raw_id},
     )
-    assert Envelope.from_headers(headers).hook_target == expected
+    assert Envelope.from_headers(Headers(headers)).hook_target == expected
+
+
+def test_a_plain_mapping_is_read_caseless():
+    # GitHub shows a delivery's request headers as a JSON object; any case of a name is the header.
+    shown = {name.upper(): value for name, value in HEADERS.items()} | {"X-Other": 5, 7: "seven"}
+    assert Envelope.from_headers(Caseless(shown)) == Envelope.from_headers(Headers(HEADERS))
+    assert Caseless(None).get("X-GitHub-Event") is None
 
 
 # --- the spool's header line ------------------------------------------------------------
@@ -110,7 +118,7 @@ ARRIVED_NS = 1_764_982_800_123_456_789
 
 
 def test_the_spool_line_keeps_every_field():
-    envelope = Envelope.from_headers(HEADERS)
+    envelope = Envelope.from_headers(Headers(HEADERS))
     line = envelope.spool_header(ARRIVED_NS)
     assert b"\n" not in line and line.isascii()
     decoded = Envelope.from_spool_header(line)
@@ -132,7 +140,7 @@ def test_the_spool_line_keeps_every_field():
 
 def test_each_field_of_an_envelope_is_in_the_spool_line():
     # A field added to Envelope without its spool key would be dropped by the spool again.
-    keys = set(json.loads(Envelope.from_headers(HEADERS).spool_header(ARRIVED_NS)))
+    keys = set(json.loads(Envelope.from_headers(Headers(HEADERS)).spool_header(ARRIVED_NS)))
     encoded = {"received_at": "received_ns", "hook_target": "target_type"}
     assert {encoded.get(f.name, f.name) for f in dataclasses.fields(Envelope)} <= keys
 
