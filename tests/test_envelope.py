@@ -175,6 +175,8 @@ def test_lines_of_earlier_versions_decode_with_the_later_fields_defaulted():
         b'{"delivery_id": "d", "hook_id": Infinity, "event": "ping", "content_type": "application/json"}',
         b'{"delivery_id": "d", "hook_id": 1.5, "event": "ping", "content_type": "application/json"}',
         b'{"delivery_id": "d", "hook_id": 0, "event": "ping", "content_type": "", "received_ns": "soon"}',
+        b'{"delivery_id": "d", "hook_id": 0, "event": "ping", "content_type": "", "received_ns": 1e400}',
+        b'{"delivery_id": "d", "hook_id": 0, "event": "ping", "content_type": "", "received_ns": 10000000000000000000000000000}',
         b'{"delivery_id": "d", "hook_id": 0, "event": "ping", "content_type": "", "target_type": 5}',
         (
             b'{"delivery_id": "d", "hook_id": 0, "event": "ping", "content_type": "",'

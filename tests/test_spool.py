@@ -444,13 +444,21 @@ def test_a_file_that_can_never_apply_is_set_aside_and_the_rest_drains(apps, drai
         json.dumps({"delivery_id": "b", "hook_id": 0, "event": "ping", "content_type": "application/json"}).encode()
         + b"\n\xff\xfe"
     )
+    # JSON, but not a spooled delivery's line: these once raised what the drain did not set aside,
+    # so it stopped at them on every tick.
+    (spool_dir / f"{2:020d}-1-array{SUFFIX}").write_bytes(b"[1, 2]\n{}")
+    (spool_dir / f"{3:020d}-1-farfuture{SUFFIX}").write_bytes(
+        b'{"delivery_id": "f", "hook_id": 0, "event": "ping", "content_type": "", "received_ns": 10000000000000000000000000000}\n{}'
+    )
     assert post(down, OPENED, "pull_request", delivery="good").status_code == 202
     up = apps(down=False)
     drain(up)
     wait_for(lambda: services(up).spool.depth() == 0, what="the spool to empty")
     assert journal(db) == {"good": ("applied", 1)}
     assert sorted(p.name.split("-")[2] for p in spool_dir.glob("*" + UNUSABLE_SUFFIX)) == [
+        "array" + SUFFIX + UNUSABLE_SUFFIX,
         "badbody" + SUFFIX + UNUSABLE_SUFFIX,
+        "farfuture" + SUFFIX + UNUSABLE_SUFFIX,
         "garbage" + SUFFIX + UNUSABLE_SUFFIX,
     ]
 

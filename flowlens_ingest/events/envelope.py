@@ -220,7 +220,7 @@ class Envelope:
             event=str(meta["event"]),
             content_type=str(meta["content_type"]),
             hook_target=None if target_type is None else HookTarget(target_type, _optional_integer(target_id)),
-            received_at=None if received_ns is None else _EPOCH + timedelta(microseconds=_integer(received_ns) // 1000),
+            received_at=None if received_ns is None else _moment(_integer(received_ns)),
             body_from_api=meta.get("body_from_api") is True,
             payload_sha256=None if digest is None else str(digest),
         )
@@ -241,6 +241,14 @@ def _integer(value: Any) -> int:
 
 def _optional_integer(value: Any) -> int | None:
     return None if value is None else _integer(value)
+
+
+def _moment(ns: int) -> datetime:
+    """The UTC time `ns` nanoseconds after the epoch; ValueError past what a datetime holds."""
+    try:
+        return _EPOCH + timedelta(microseconds=ns // 1000)
+    except OverflowError:  # not a ValueError: said as one, so the spool sets the file aside
+        raise ValueError("received_ns out of range") from None
 
 
 def _ns(moment: datetime) -> int:
