@@ -57,7 +57,7 @@ RULES: list[tuple[str, re.Pattern[str]]] = [
         ("signature HMAC (events/signature.py)", r"flowlens_ingest/events/signature\.py|hmac\.py"),
         (
             "payload sha256 (events/delivery.py)",
-            rf"from_http \(flowlens_ingest/events/delivery\.py:({_lines(delivery.Delivery.from_http, 'sha256(')})\)",
+            rf"parse \(flowlens_ingest/events/delivery\.py:({_lines(delivery.Delivery.parse, 'sha256(')})\)",
         ),
         (
             "request body read (web/signed_body.py, Werkzeug's stream, gunicorn's body reader)",

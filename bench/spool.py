@@ -36,12 +36,22 @@ from pathlib import Path
 from typing import Any
 
 from flowlens_ingest.events.enums import Outcome
+from flowlens_ingest.events.envelope import Envelope
+from flowlens_ingest.events.hooks import HookTarget
 from flowlens_ingest.ingest import Result
 from flowlens_ingest.spool.folder import SUFFIX, Spool
 
 from .payloads import MIXES, Generator, Shape, bodies, default_payload_dir, load_templates
 
-HEADER = {"hook_id": 123456, "event": "check_run", "content_type": "application/json"}
+# A repository hook's delivery, as GitHub's headers name it.
+TARGET = HookTarget("repository", 1296269)
+
+
+def envelope(delivery_id: str, event: str = "check_run") -> Envelope:
+    """The envelope of a bench delivery from a repository hook."""
+    return Envelope(
+        delivery_id=delivery_id, hook_id=123456, event=event, content_type="application/json", hook_target=TARGET
+    )
 
 
 def log(message: str) -> None:
@@ -54,7 +64,7 @@ def prefill(directory: Path, count: int, body: bytes) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     start = time.time_ns() - 10**12
     for n in range(count):
-        header = json.dumps({"delivery_id": f"prefill-{n}", **HEADER, "received_ns": start + n}).encode()
+        header = envelope(f"prefill-{n}").spool_header(start + n)
         data = header + b"\n" + body
         name = f"{start + n:020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{len(data)}{SUFFIX}"
         (directory / name).write_bytes(data)
@@ -75,7 +85,7 @@ def put_latency(root: Path, depth: int, puts: int, body: bytes) -> dict[str, Any
     samples = []
     for n in range(puts):
         began = time.perf_counter()
-        accepted = spool.put(f"bench-{depth}-{n}", 123456, "check_run", "application/json", body)
+        accepted = spool.put(envelope(f"bench-{depth}-{n}"), body)
         samples.append(time.perf_counter() - began)
         if not accepted:
             raise SystemExit(f"bench.spool: put refused at depth {depth}")
@@ -121,7 +131,7 @@ def against_database(admin_url: str, root: Path, count: int) -> dict[str, Any]:
     generator = Generator(load_templates(default_payload_dir()), Shape(), seed=1, mix=MIXES["ci"])
     spool = Spool(root / "drain", 1 << 40)
     for event, body in bodies(generator, 0, count):
-        spool.put(str(uuid.uuid4()), 123456, event, "application/json", body)
+        spool.put(envelope(str(uuid.uuid4()), event), body)
     with scratch_database(admin_url, keep=False) as url:
         settings = Settings(database_url=url, secrets=(b"bench-spool-secret-0123456789",), data_dir=root)
         app = create_app(settings)

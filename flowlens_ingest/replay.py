@@ -12,7 +12,7 @@ from datetime import datetime
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.ingest import Disposition, ingest
 from flowlens_ingest.store.database import Database
-from flowlens_ingest.store.journal_admin import JournalEntry, journal_entry, journal_keys
+from flowlens_ingest.store.journal_admin import journal_entry, journal_keys
 
 MAX_REPORTED_ERRORS = 20
 
@@ -29,20 +29,6 @@ class ReplayReport:
     stopped: str | None = None
 
 
-def _delivery(entry: JournalEntry) -> Delivery:
-    """The delivery again, parsed from exactly the bytes GitHub sent, as the view parsed them."""
-    return Delivery.from_http(
-        delivery_id=entry.delivery_id,
-        hook_id=entry.hook_id,
-        event=entry.event,
-        content_type=entry.content_type,
-        body=entry.body,
-        payload_sha256=entry.payload_sha256,
-        received_at=entry.received_at,
-        body_from_api=entry.body_from_api,
-    )
-
-
 def replay(database: Database, *, failed_only: bool = False, since: datetime | None = None) -> ReplayReport:
     """Re-apply journaled payloads in arrival order; idempotent, as every upsert is guarded.
 
@@ -57,7 +43,8 @@ def replay(database: Database, *, failed_only: bool = False, since: datetime | N
         if entry is None:
             report.skipped_no_payload += 1
             continue
-        delivery = _delivery(entry)
+        # Parsed from exactly the bytes GitHub sent, as the view parsed them.
+        delivery = Delivery.parse(*entry)
         # store_payload=False: the journal keeps the payload it has, not a copy sent back.
         result = ingest(database, delivery, store_payload=False, replay=True)
         if result.disposition is Disposition.RETRY_LATER:

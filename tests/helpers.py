@@ -63,8 +63,9 @@ def github_headers(
     secret: str = SECRET,
     hook_id: str | None = "123456",
     content_type: str = "application/json",
+    target: tuple[str, str] | None = None,
 ) -> Headers:
-    """The headers GitHub sends with a delivery of `body`."""
+    """The headers GitHub sends with a delivery of `body` (`target`: the hook's installation target type and id)."""
     headers = {
         "Content-Type": content_type,
         "User-Agent": "GitHub-Hookshot/test",
@@ -74,6 +75,8 @@ def github_headers(
     }
     if hook_id is not None:
         headers["X-GitHub-Hook-ID"] = hook_id
+    if target is not None:
+        headers["X-GitHub-Hook-Installation-Target-Type"], headers["X-GitHub-Hook-Installation-Target-ID"] = target
     return headers
 
 

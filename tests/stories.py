@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from flowlens_ingest.events.delivery import Delivery
+from flowlens_ingest.events.envelope import Envelope
 from flowlens_ingest.ingest import ingest
 from flowlens_ingest.store.schema import ci_checks, pipeline_runs, pr_reviews, pull_requests, repositories
 
@@ -283,13 +284,8 @@ def review(
 
 def delivery(event: str, payload: dict[str, Any], delivery_id: str | None = None) -> Delivery:
     """A verified delivery of `payload`, as the webhook view builds it."""
-    return Delivery.from_http(
-        delivery_id=delivery_id or str(uuid.uuid4()),
-        hook_id=1,
-        event=event,
-        content_type="application/json",
-        body=json.dumps(payload).encode(),
-    )
+    envelope = Envelope(delivery_id or str(uuid.uuid4()), hook_id=1, event=event, content_type="application/json")
+    return Delivery.parse(envelope, json.dumps(payload).encode())
 
 
 def apply(engine: Engine, event: str, payload: dict[str, Any]) -> str:

@@ -1,15 +1,19 @@
-"""Delivery.from_http: one parse of what came over HTTP, shared by the view, the drainer and replay."""
+"""Delivery.parse: one parse of an envelope and its body, shared by the view, the drainer, replay, recover and backfill."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 
 from flowlens_ingest.events.delivery import Delivery
+from flowlens_ingest.events.envelope import Envelope
+from flowlens_ingest.events.hooks import HookTarget
 from flowlens_ingest.events.parse import BadPayload, UnsupportedMediaType
 
 from .helpers import PAYLOADS
@@ -18,15 +22,14 @@ OPENED_BODY = (PAYLOADS / "pull_request" / "opened.payload.json").read_bytes()
 OPENED = json.loads(OPENED_BODY)
 
 
-def from_http(body: bytes, content_type: str | None = "application/json", **kwargs: object) -> Delivery:
+def delivery_of(body: bytes, content_type: str | None = "application/json", **kwargs: Any) -> Delivery:
     """A delivery of `body` with fixed headers."""
-    return Delivery.from_http(
-        delivery_id="d-1", hook_id=123456, event="pull_request", content_type=content_type, body=body, **kwargs
-    )
+    envelope = Envelope("d-1", hook_id=123456, event="pull_request", content_type=content_type or "", **kwargs)
+    return Delivery.parse(envelope, body)
 
 
 def test_a_json_body_is_parsed_and_kept_as_received():
-    delivery = from_http(OPENED_BODY, "application/json; charset=utf-8")
+    delivery = delivery_of(OPENED_BODY, "application/json; charset=utf-8")
     assert (delivery.delivery_id, delivery.hook_id, delivery.event) == ("d-1", 123456, "pull_request")
     assert delivery.payload == OPENED
     assert (delivery.body, delivery.content_type) == (OPENED_BODY, "application/json; charset=utf-8")
@@ -36,7 +39,7 @@ def test_a_json_body_is_parsed_and_kept_as_received():
 def test_a_form_body_is_parsed_from_its_payload_field_and_hashed_as_sent():
     text = json.dumps({"action": "created", "zen": "caf\u00e9"})
     body = urlencode({"payload": text}).encode()
-    delivery = from_http(body, "application/x-www-form-urlencoded")
+    delivery = delivery_of(body, "application/x-www-form-urlencoded")
     assert delivery.payload == {"action": "created", "zen": "caf\u00e9"}
     # The journal keeps the bytes the signature covered, the form encoding included.
     assert (delivery.body, delivery.content_type) == (body, "application/x-www-form-urlencoded")
@@ -47,18 +50,20 @@ def test_a_form_body_is_parsed_from_its_payload_field_and_hashed_as_sent():
 def test_a_given_payload_sha256_is_kept():
     # Replay passes the digest first journaled, whatever the bytes it parses now.
     first = "ab" * 32
-    assert from_http(OPENED_BODY, payload_sha256=first).payload_sha256 == first
+    assert delivery_of(OPENED_BODY, payload_sha256=first).payload_sha256 == first
 
 
 def test_a_body_it_cannot_parse_raises_what_the_view_answers_with():
     with pytest.raises(UnsupportedMediaType):
-        from_http(OPENED_BODY, "text/plain")
+        delivery_of(OPENED_BODY, "text/plain")
     with pytest.raises(BadPayload):
-        from_http(b"[1, 2]")
+        delivery_of(b"[1, 2]")
+    with pytest.raises(UnsupportedMediaType):
+        delivery_of(OPENED_BODY, None)
 
 
 def test_a_delivery_is_frozen():
-    delivery = from_http(b'{"zen": "ok"}')
+    delivery = delivery_of(b'{"zen": "ok"}')
     with pytest.raises(dataclasses.FrozenInstanceError):
         delivery.event = "ping"  # type: ignore[misc]
 
@@ -75,7 +80,7 @@ def test_a_delivery_is_frozen():
     ],
 )
 def test_action_is_the_payloads_action_when_it_is_a_string(payload, expected):
-    assert from_http(json.dumps(payload).encode()).action == expected
+    assert delivery_of(json.dumps(payload).encode()).action == expected
 
 
 @pytest.mark.parametrize(
@@ -95,11 +100,11 @@ def test_action_is_the_payloads_action_when_it_is_a_string(payload, expected):
     ],
 )
 def test_repository_github_id_is_an_id_a_bigint_column_can_hold(payload, expected):
-    assert from_http(json.dumps(payload).encode()).repository_github_id == expected
+    assert delivery_of(json.dumps(payload).encode()).repository_github_id == expected
 
 
 def test_the_sample_names_its_action_and_repository():
-    delivery = from_http(OPENED_BODY)
+    delivery = delivery_of(OPENED_BODY)
     assert delivery.action == "opened"
     assert delivery.repository_github_id == OPENED["repository"]["id"]
 
@@ -108,12 +113,36 @@ def test_the_sample_names_its_action_and_repository():
 def test_repository_github_id_outside_bigint_is_none(rid):
     # The parser reads such numbers as null; a delivery built otherwise still never names one.
     delivery = Delivery(
-        delivery_id="d-1",
-        hook_id=0,
-        event="push",
+        envelope=Envelope("d-1", hook_id=0, event="push", content_type="application/json"),
         payload={"repository": {"id": rid}},
         payload_sha256="0" * 64,
         body=b"",
-        content_type="application/json",
     )
     assert delivery.repository_github_id is None
+
+
+def test_the_envelopes_fields_are_the_deliverys():
+    target = HookTarget("repository", 1296269)
+    envelope = Envelope(
+        "d-9",
+        hook_id=42,
+        event="pull_request",
+        content_type="application/json",
+        hook_target=target,
+        received_at=datetime(2026, 12, 6, 1, 2, 3, 456789, tzinfo=UTC),
+        body_from_api=True,
+    )
+    delivery = Delivery.parse(envelope, OPENED_BODY)
+    assert delivery.envelope is envelope
+    assert (delivery.delivery_id, delivery.hook_id, delivery.event, delivery.content_type) == (
+        "d-9",
+        42,
+        "pull_request",
+        "application/json",
+    )
+    assert (delivery.hook_target, delivery.received_at, delivery.body_from_api) == (
+        target,
+        envelope.received_at,
+        True,
+    )
+    assert delivery.hook_path == "repos/Codertocat/Hello-World/hooks/42"

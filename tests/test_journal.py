@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from flowlens_ingest.config import Settings
 from flowlens_ingest.events.delivery import Delivery
+from flowlens_ingest.events.envelope import Envelope
 from flowlens_ingest.ingest import ingest
 from flowlens_ingest.store.database import MAX_ATTEMPTS, Database, make_engine
 from flowlens_ingest.store.plan import decode_body
@@ -170,9 +171,7 @@ def test_racing_copies_of_one_delivery_apply_once(db, database_url, tmp_path: Pa
     engine = make_engine(Settings(database_url=database_url, pool_size=8))
     database = Database(Settings(), engine=engine)
     body = json.dumps(OPENED).encode()
-    delivery = Delivery.from_http(
-        delivery_id="race", hook_id=7, event="pull_request", content_type="application/json", body=body
-    )
+    delivery = Delivery.parse(Envelope("race", hook_id=7, event="pull_request", content_type="application/json"), body)
     outcomes: list[str] = []
     start = threading.Barrier(8)
 

@@ -18,7 +18,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from flowlens_ingest.store.schema import pipeline_runs, pull_requests, webhook_deliveries
+from flowlens_ingest.store.schema import pipeline_runs, pull_requests, webhook_deliveries, webhook_hooks
 
 from .helpers import load_payload, rows, wait_for
 from .serving import Service
@@ -155,6 +155,39 @@ def test_database_outage_under_traffic_loses_nothing_and_applies_everything_once
             f" spool drained {drain_s:.1f} s after the database was back,"
             f" {sum(a.outcome == 'spooled' for a in answers)} spooled in all, every one applied once"
         )
+    finally:
+        service.stop()
+        engine.dispose()
+
+
+def test_a_delivery_spooled_during_an_outage_is_journaled_with_its_hook_and_target(throwaway, tmp_path):
+    """The spool keeps GitHub's hook headers: recovery learns the hook from the spooled delivery alone."""
+    (tmp_path / "service").mkdir()
+    service = Service(throwaway.url, tmp_path / "service", workers=2)
+    engine = sa.create_engine(throwaway.url, poolclass=sa.pool.NullPool)
+    spool_dir = tmp_path / "service" / "spool"
+    try:
+        service.wait_ready()
+        throwaway.stop()
+        wait_for(lambda: ready(service) == 503, what="/readyz 503 while the database is down")
+        response = service.post(
+            OPENED, "pull_request", delivery="spooled", hook_id="4242", target=("repository", "1296269")
+        )
+        assert (response.status_code, response.json()["outcome"]) == (202, "spooled")
+        assert len(list(spool_dir.glob("*.delivery"))) == 1
+        throwaway.start()
+        wait_for(lambda: not list(spool_dir.glob("*.delivery")), what="the spool to drain")
+        assert rows(engine, webhook_deliveries, "delivery_id", "hook_id", "outcome") == [
+            {"delivery_id": "spooled", "hook_id": 4242, "outcome": "applied"}
+        ]
+        assert rows(engine, webhook_hooks, "hook_id", "target_type", "target_id", "api_path") == [
+            {
+                "hook_id": 4242,
+                "target_type": "repository",
+                "target_id": 1296269,
+                "api_path": "repos/Codertocat/Hello-World/hooks/4242",
+            }
+        ]
     finally:
         service.stop()
         engine.dispose()

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from flowlens_ingest import replay
 from flowlens_ingest.store import journal_admin
-from flowlens_ingest.store.schema import metadata, pipeline_runs, pull_requests, webhook_deliveries
+from flowlens_ingest.store.schema import metadata, pipeline_runs, pull_requests, webhook_deliveries, webhook_hooks
 
 from .helpers import PAYLOADS, SECRET, database_of, load_payload, rows
 
@@ -140,6 +140,23 @@ def test_replay_since_takes_only_later_deliveries(deliver, db):
     assert report.replayed == 1
     attempts = {e["delivery_id"]: e["attempts"] for e in rows(db, webhook_deliveries, "delivery_id", "attempts")}
     assert attempts == {"old": 1, "new": 2}
+
+
+def test_replay_reads_each_delivery_whole_whether_or_not_its_hook_is_recorded(deliver, db):
+    # One from a repository hook (recorded, with its target), one sent without GitHub's hook headers.
+    # A hook id of this test only: a process records a hook once (ingest.HOOKS), tests empty the tables.
+    hooked = deliver(OPENED, "pull_request", delivery="hooked", hook_id="62001", target=("repository", "1296269"))
+    assert hooked.status_code == 200
+    assert deliver(OPENED, "pull_request", delivery="bare", hook_id=None).status_code == 200
+    with db.begin() as conn:
+        conn.execute(sa.update(webhook_hooks).values(checked_through=datetime(2026, 12, 1, tzinfo=UTC)))
+    kept = ("delivery_id", "hook_id", "received_at", "payload_sha256", "content_type", "body_from_api", "outcome")
+    journaled, hooks = rows(db, webhook_deliveries, *kept), rows(db, webhook_hooks)
+    report = replay.replay(database_of(db))
+    assert (report.replayed, report.failed, report.skipped_no_payload) == (2, 0, 0)
+    assert rows(db, webhook_deliveries, *kept) == journaled
+    # The recorded hook is neither duplicated nor reset (recovery's place in its log stays).
+    assert rows(db, webhook_hooks) == hooks and len(hooks) == 1
 
 
 def test_replay_skips_entries_journaled_without_payload(deliver, db):

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -25,10 +26,12 @@ from flask import Flask
 from prometheus_client import REGISTRY
 
 from flowlens_ingest.events.enums import Outcome
+from flowlens_ingest.events.envelope import Envelope
+from flowlens_ingest.github.hooks import hooks_to_read
 from flowlens_ingest.ingest import Disposition, Result
 from flowlens_ingest.spool.drainer import Drainer, spool_handler
 from flowlens_ingest.spool.folder import PARTIAL_AT_START_S, SUFFIX, UNUSABLE_SUFFIX, Spool, Spooled
-from flowlens_ingest.store.schema import pull_requests, repositories, webhook_deliveries
+from flowlens_ingest.store.schema import pull_requests, repositories, webhook_deliveries, webhook_hooks
 from flowlens_ingest.web.app import create_app
 from flowlens_ingest.web.services import services, start_drainer
 
@@ -62,6 +65,11 @@ def post(app: Flask, payload: dict | bytes, event: str, **kwargs):
     return app.test_client().post("/webhook", data=body, headers=github_headers(body, event, **kwargs))
 
 
+def ping(delivery_id: str, hook_id: int = 0) -> Envelope:
+    """The envelope of a ping delivery."""
+    return Envelope(delivery_id, hook_id=hook_id, event="ping", content_type="application/json")
+
+
 # What a handler says of a delivery it stored.
 DONE = Result.stored(Outcome.APPLIED)
 
@@ -92,10 +100,10 @@ def journal(engine) -> dict[str, tuple[str, int]]:
 def test_put_writes_one_private_file_per_delivery_in_arrival_order(tmp_path):
     spool = Spool(tmp_path / "spool", 1 << 20)
     for n in range(5):
-        assert spool.put(f"d-{n}", n, "ping", "application/json", b'{"n": %d}' % n)
+        assert spool.put(ping(f"d-{n}", n), b'{"n": %d}' % n)
     files = sorted((tmp_path / "spool").glob("*" + SUFFIX))
-    assert [Spool.read(p).delivery_id for p in files] == [f"d-{n}" for n in range(5)]
-    assert Spool.read(files[3]).body == b'{"n": 3}' and Spool.read(files[3]).hook_id == 3
+    assert [Spool.read(p).envelope.delivery_id for p in files] == [f"d-{n}" for n in range(5)]
+    assert Spool.read(files[3]).body == b'{"n": 3}' and Spool.read(files[3]).envelope.hook_id == 3
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
     assert list((tmp_path / "spool").glob("*.tmp")) == []
     assert spool.depth() == 5 and spool.used_bytes() == sum(p.stat().st_size for p in files)
@@ -104,10 +112,10 @@ def test_put_writes_one_private_file_per_delivery_in_arrival_order(tmp_path):
 def test_put_refuses_what_would_go_over_the_size_bound(tmp_path):
     body = b"x" * 100
     probe = Spool(tmp_path / "probe", 10_000)
-    assert probe.put("d-0", 0, "ping", "application/json", body)
+    assert probe.put(ping("d-0"), body)
     one = probe.used_bytes()  # one spooled delivery: its header line and its body
     spool = Spool(tmp_path / "spool", 2 * one + one // 2)
-    accepted = [spool.put(f"d-{n}", 0, "ping", "application/json", body) for n in range(6)]
+    accepted = [spool.put(ping(f"d-{n}"), body) for n in range(6)]
     assert accepted == [True, True, False, False, False, False]
     assert spool.used_bytes() <= 2 * one + one // 2
     assert list((tmp_path / "spool").glob(".*.tmp")) == []
@@ -118,7 +126,7 @@ def test_concurrent_puts_of_one_worker_keep_the_bound(tmp_path):
     results: list[bool] = []
 
     def fill(thread: int) -> None:
-        results.extend(spool.put(f"{thread}-{n}", 0, "ping", "application/json", b"y" * 100) for n in range(20))
+        results.extend(spool.put(ping(f"{thread}-{n}"), b"y" * 100) for n in range(20))
 
     threads = [threading.Thread(target=fill, args=(i,)) for i in range(8)]
     for t in threads:
@@ -147,7 +155,7 @@ def test_put_lists_and_stats_nothing_however_much_is_spooled(tmp_path, monkeypat
     earlier = [spooled_file(folder, n, b"{}" * 50, sized=n % 2 == 0) for n in range(3000)]
     held = sum(p.stat().st_size for p in earlier)
     probe = Spool(tmp_path / "probe", 1 << 20)
-    assert probe.put("d-9", 0, "ping", "application/json", b"{}" * 50)
+    assert probe.put(ping("d-9"), b"{}" * 50)
     one = probe.used_bytes()  # one spooled delivery: its header line and its body
     spool = Spool(folder, held + 2 * one + one // 2)  # room for two more
     calls: Counter[str] = Counter()
@@ -163,7 +171,7 @@ def test_put_lists_and_stats_nothing_however_much_is_spooled(tmp_path, monkeypat
         monkeypatch.setattr(owner, name, counted(name, getattr(owner, name)))
     for owner, name in [(Path, "glob"), (Path, "stat"), (Path, "exists"), (Path, "is_dir")]:
         monkeypatch.setattr(owner, name, counted(name, getattr(owner, name)))
-    accepted = [spool.put(f"d-{n}", 0, "ping", "application/json", b"{}" * 50) for n in range(4)]
+    accepted = [spool.put(ping(f"d-{n}"), b"{}" * 50) for n in range(4)]
     assert calls == Counter()
     monkeypatch.undo()
     # The earlier files count: full after two more, as a scan would say.
@@ -174,13 +182,13 @@ def test_put_lists_and_stats_nothing_however_much_is_spooled(tmp_path, monkeypat
 def test_two_workers_pass_the_bound_by_at_most_what_the_other_put_since_its_last_scan(tmp_path):
     folder = tmp_path / "spool"
     probe = Spool(tmp_path / "probe", 1 << 20)
-    assert probe.put("probe-0", 0, "ping", "application/json", b"z" * 100)
+    assert probe.put(ping("probe-0"), b"z" * 100)
     one = probe.used_bytes()
     first, second = Spool(folder, 10 * one), Spool(folder, 10 * one)
     ids = itertools.count()
 
     def put(spool: Spool, count: int) -> int:
-        accepted = [spool.put(f"d-{next(ids):05d}", 0, "ping", "application/json", b"z" * 100) for _ in range(count)]
+        accepted = [spool.put(ping(f"d-{next(ids):05d}"), b"z" * 100) for _ in range(count)]
         return accepted.count(True)
 
     assert put(first, 6) == 6
@@ -199,7 +207,7 @@ def test_two_workers_pass_the_bound_by_at_most_what_the_other_put_since_its_last
 def test_the_drainer_tick_refreshes_the_estimate_while_the_database_is_down(tmp_path):
     folder = tmp_path / "spool"
     worker, other = Spool(folder, 1 << 20), Spool(folder, 1 << 20)
-    assert other.put("by-the-other-worker", 0, "ping", "application/json", b"{}")
+    assert other.put(ping("by-the-other-worker"), b"{}")
     assert worker.estimate() == 0
 
     def down(item: Spooled) -> Result:
@@ -220,7 +228,7 @@ def test_files_named_before_sizes_were_still_count_and_drain_in_arrival_order(tm
     legacy = spooled_file(folder, 1, b'{"old": true}', sized=False)
     spool = Spool(folder, 1 << 20)
     assert spool.estimate() == legacy.stat().st_size
-    assert spool.put("new", 0, "ping", "application/json", b'{"new": true}')
+    assert spool.put(ping("new"), b'{"new": true}')
     (new,) = [p for p in folder.glob("*" + SUFFIX) if p != legacy]
     assert int(new.name.removesuffix(SUFFIX).rsplit("-", 1)[1]) == new.stat().st_size
     assert spool.used_bytes() == legacy.stat().st_size + new.stat().st_size
@@ -243,7 +251,7 @@ def test_unreachable_database_spools_the_delivery_and_readyz_says_503(apps, db):
     assert response.status_code == 202
     assert response.get_json() == {"delivery": "s-1", "event": "pull_request", "action": "opened", "outcome": "spooled"}
     (item,) = [Spool.read(p) for p in services(down).spool.directory.glob("*" + SUFFIX)]
-    assert (item.delivery_id, item.hook_id, item.event) == ("s-1", 123456, "pull_request")
+    assert (item.envelope.delivery_id, item.envelope.hook_id, item.envelope.event) == ("s-1", 123456, "pull_request")
     assert json.loads(item.body) == OPENED
     ready = down.test_client().get("/readyz")
     assert ready.status_code == 503 and ready.get_json()["status"] == "unavailable"
@@ -310,6 +318,102 @@ def test_drainer_applies_the_spool_in_arrival_order_exactly_once(apps, drain, db
     assert REGISTRY.get_sample_value("flowlens_spool_drained_total", {"outcome": "duplicate"}) >= 1
 
 
+def test_a_delivery_spooled_while_the_database_is_down_is_journaled_with_its_hook_and_target(apps, drain, db, tmp_path):
+    # No live delivery named these hooks: only the spooled ones can teach recovery their logs.
+    # Hook ids of this test only: a process records a hook once (ingest.HOOKS), tests empty the tables.
+    down = apps(down=True)
+    org = dict(PING, organization={"login": "octo-org", "id": 9919})
+    answers = [
+        post(
+            down, OPENED, "pull_request", delivery="from-repo-hook", hook_id="61001", target=("repository", "1296269")
+        ),
+        post(down, org, "ping", delivery="from-org-hook", hook_id="61002", target=("organization", "9919")),
+        post(down, PING, "ping", delivery="from-app-hook", hook_id="61003", target=("integration", "31337")),
+    ]
+    assert [a.get_json()["outcome"] for a in answers] == ["spooled"] * 3
+    up = apps(down=False)
+    drain(up)
+    wait_for(lambda: services(up).spool.depth() == 0, what="the spool to empty")
+    entries = rows(db, webhook_deliveries, "delivery_id", "hook_id", "outcome", "received_at")
+    assert {(e["delivery_id"], e["hook_id"]) for e in entries} == {
+        ("from-repo-hook", 61001),
+        ("from-org-hook", 61002),
+        ("from-app-hook", 61003),
+    }
+    assert rows(db, webhook_hooks, "hook_id", "target_type", "target_id", "api_path") == [
+        {
+            "hook_id": 61001,
+            "target_type": "repository",
+            "target_id": 1296269,
+            "api_path": "repos/Codertocat/Hello-World/hooks/61001",
+        },
+        {"hook_id": 61002, "target_type": "organization", "target_id": 9919, "api_path": "orgs/octo-org/hooks/61002"},
+        {"hook_id": 61003, "target_type": "integration", "target_id": 31337, "api_path": "app/hook"},
+    ]
+    # So recovery reads these hooks' logs (a token reads repository and organization hooks).
+    settings = make_settings("postgresql://unused", tmp_path, github_token="ghp_test")
+    hooks, skipped = hooks_to_read(settings, services(up).database)
+    assert {h.path for h in hooks} == {"repos/Codertocat/Hello-World/hooks/61001", "orgs/octo-org/hooks/61002"}
+    assert skipped == []
+
+
+# Spool files exactly as earlier versions wrote them: their header line (json.dumps with its
+# default separators), a newline, the body; named `{ns:020d}-{pid}-{hex8}[-{size}].delivery`.
+EARLIER_FORMATS = [
+    # The first spool: arrival only in the name, no size in it.
+    (
+        b'{"delivery_id": "first", "hook_id": 0, "event": "ping", "content_type": "application/json"}',
+        "01764982800000000000-4242-0a1b2c3d",
+    ),
+    # received_ns (the journal's received_at) added; still no size in the name.
+    (
+        (
+            b'{"delivery_id": "received_ns", "hook_id": 123456, "event": "ping", "content_type": "application/json",'
+            b' "received_ns": 1764982800100000000}'
+        ),
+        "01764982800100000000-4242-1a1b2c3d",
+    ),
+    # The size in the name (a flat-cost put), the line unchanged: the format before this codec.
+    (
+        (
+            b'{"delivery_id": "sized", "hook_id": 123456, "event": "ping", "content_type": "application/json",'
+            b' "received_ns": 1764982800200000000}'
+        ),
+        "01764982800200000000-4242-2a1b2c3d-{size}",
+    ),
+]
+
+
+def test_spool_files_of_every_earlier_format_drain_into_the_journal(apps, drain, db):
+    up = apps(down=False)
+    folder = services(up).spool.directory
+    folder.mkdir(parents=True, exist_ok=True)
+    body = json.dumps(PING).encode()
+    for header, name in EARLIER_FORMATS:
+        data = header + b"\n" + body
+        (folder / (name.format(size=len(data)) + SUFFIX)).write_bytes(data)
+    assert services(up).spool.refresh() == 3
+    drain(up)
+    wait_for(lambda: services(up).spool.depth() == 0, what="the spool to empty")
+    assert services(up).spool.unusable == 0
+    entries = {
+        e["delivery_id"]: e
+        for e in rows(
+            db, webhook_deliveries, "delivery_id", "hook_id", "outcome", "received_at", "body", "content_type"
+        )
+    }
+    assert {k: (e["hook_id"], e["outcome"]) for k, e in entries.items()} == {
+        "first": (0, "ignored"),
+        "received_ns": (123456, "ignored"),
+        "sized": (123456, "ignored"),
+    }
+    assert all((bytes(e["body"]), e["content_type"]) == (body, "application/json") for e in entries.values())
+    # When each arrived, where the file said it.
+    assert entries["received_ns"]["received_at"] == datetime(2025, 12, 6, 1, 0, 0, 100000, tzinfo=UTC)
+    assert entries["sized"]["received_at"] == datetime(2025, 12, 6, 1, 0, 0, 200000, tzinfo=UTC)
+    assert rows(db, webhook_hooks) == []
+
+
 def test_two_hosts_draining_copies_of_the_same_deliveries_apply_each_once(apps, drain, db, tmp_path):
     deliveries = []
     for number in range(1, 31):
@@ -340,13 +444,21 @@ def test_a_file_that_can_never_apply_is_set_aside_and_the_rest_drains(apps, drai
         json.dumps({"delivery_id": "b", "hook_id": 0, "event": "ping", "content_type": "application/json"}).encode()
         + b"\n\xff\xfe"
     )
+    # JSON, but not a spooled delivery's line: these once raised what the drain did not set aside,
+    # so it stopped at them on every tick.
+    (spool_dir / f"{2:020d}-1-array{SUFFIX}").write_bytes(b"[1, 2]\n{}")
+    (spool_dir / f"{3:020d}-1-farfuture{SUFFIX}").write_bytes(
+        b'{"delivery_id": "f", "hook_id": 0, "event": "ping", "content_type": "", "received_ns": 10000000000000000000000000000}\n{}'
+    )
     assert post(down, OPENED, "pull_request", delivery="good").status_code == 202
     up = apps(down=False)
     drain(up)
     wait_for(lambda: services(up).spool.depth() == 0, what="the spool to empty")
     assert journal(db) == {"good": ("applied", 1)}
     assert sorted(p.name.split("-")[2] for p in spool_dir.glob("*" + UNUSABLE_SUFFIX)) == [
+        "array" + SUFFIX + UNUSABLE_SUFFIX,
         "badbody" + SUFFIX + UNUSABLE_SUFFIX,
+        "farfuture" + SUFFIX + UNUSABLE_SUFFIX,
         "garbage" + SUFFIX + UNUSABLE_SUFFIX,
     ]
 
@@ -412,7 +524,7 @@ def test_a_delivery_that_can_never_be_stored_is_set_aside_and_the_rest_drain(app
     assert entries == {f"genuine-{n}": ("applied", 1) for n in range(genuine)}
     assert len(rows(db, pull_requests, "pr_number")) == genuine
     (aside,) = services(up).spool.directory.glob("*" + UNUSABLE_SUFFIX)
-    assert Spool.read(aside).delivery_id == poison_refused
+    assert Spool.read(aside).envelope.delivery_id == poison_refused
     assert (REGISTRY.get_sample_value("flowlens_spool_set_aside_total") or 0) == before + 1
 
 
@@ -436,7 +548,7 @@ def test_the_drain_stops_rather_than_set_aside_when_the_journal_is_missing(apps,
 
 def test_partial_files_of_a_crashed_write_are_removed_but_a_live_one_is_not(tmp_path):
     spool = Spool(tmp_path / "spool", 1 << 20)
-    assert spool.put("kept", 0, "ping", "application/json", b"{}")
+    assert spool.put(ping("kept"), b"{}")
     crashed, live = tmp_path / "spool" / ".1-crashed.tmp", tmp_path / "spool" / ".2-live.tmp"
     crashed.write_bytes(b'{"delivery_id": "half')
     live.write_bytes(b'{"delivery_id": "being written')

@@ -1,8 +1,8 @@
-"""A verified delivery, built once from what came over HTTP and used by everything after.
+"""A verified delivery: its envelope (envelope.py), its exact bytes, and the object they parse to.
 
-The view, the spool drainer and replay all construct it with `Delivery.from_http`
-from the headers and the raw body, so each parses a delivery exactly the same way.
-Pure: no Flask, no database.
+Every path (the view, the spool drainer, replay, `recover --fetch`, backfill) makes an
+`Envelope` from what it holds and calls `Delivery.parse(envelope, body)`: one parse, the
+same for all. Pure: no Flask, no database.
 """
 
 from __future__ import annotations
@@ -13,60 +13,69 @@ from datetime import datetime
 from typing import Any
 
 from flowlens_ingest.events import parse
+from flowlens_ingest.events.envelope import Envelope
 from flowlens_ingest.events.hooks import HookTarget, api_path
 
 
 @dataclass(frozen=True)
 class Delivery:
-    """A signed delivery: its headers, its exact bytes, and the object they parse to."""
+    """A signed delivery: its envelope, its exact bytes, and the object they parse to."""
 
-    delivery_id: str
-    hook_id: int
-    event: str
+    envelope: Envelope
     # The parsed body, with text PostgreSQL cannot store already replaced (parse.py).
     payload: dict[str, Any]
     payload_sha256: str
-    # The exact bytes the signature covered, and their content type: what the journal keeps.
+    # The exact bytes the signature covered: what the journal keeps.
     body: bytes
-    content_type: str
-    # When it first arrived, if not now (a spooled delivery drained later).
-    received_at: datetime | None = None
-    # What the hook is installed on (X-GitHub-Hook-Installation-Target-Type/-ID), when sent.
-    hook_target: HookTarget | None = None
-    # The body is GitHub's API JSON of the delivery (`recover --fetch`), not bytes it signed.
-    body_from_api: bool = False
 
     @classmethod
-    def from_http(
-        cls,
-        *,
-        delivery_id: str,
-        hook_id: int,
-        event: str,
-        content_type: str | None,
-        body: bytes,
-        payload_sha256: str | None = None,
-        received_at: datetime | None = None,
-        hook_target: HookTarget | None = None,
-        body_from_api: bool = False,
-    ) -> Delivery:
-        """Parse a delivery's raw body by its content type.
+    def parse(cls, envelope: Envelope, body: bytes) -> Delivery:
+        """Parse a delivery's raw body by its envelope's content type.
 
-        Raises parse.UnsupportedMediaType or parse.BadPayload. `payload_sha256`
-        defaults to the body's digest.
+        Raises parse.UnsupportedMediaType or parse.BadPayload. The digest is the
+        envelope's (the one first journaled) or the body's.
         """
         return cls(
-            delivery_id=delivery_id,
-            hook_id=hook_id,
-            event=event,
-            payload=parse.loads(parse.json_text(content_type, body)),
-            payload_sha256=payload_sha256 or hashlib.sha256(body).hexdigest(),
+            envelope=envelope,
+            payload=parse.loads(parse.json_text(envelope.content_type, body)),
+            payload_sha256=envelope.payload_sha256 or hashlib.sha256(body).hexdigest(),
             body=body,
-            content_type=content_type or "",
-            received_at=received_at,
-            hook_target=hook_target,
-            body_from_api=body_from_api,
         )
+
+    @property
+    def delivery_id(self) -> str:
+        """X-GitHub-Delivery: the GUID (with hook_id, the journal's key)."""
+        return self.envelope.delivery_id
+
+    @property
+    def hook_id(self) -> int:
+        """X-GitHub-Hook-ID, 0 when none was sent."""
+        return self.envelope.hook_id
+
+    @property
+    def event(self) -> str:
+        """X-GitHub-Event."""
+        return self.envelope.event
+
+    @property
+    def content_type(self) -> str:
+        """The body's content type as sent (what the journal keeps beside the bytes)."""
+        return self.envelope.content_type
+
+    @property
+    def received_at(self) -> datetime | None:
+        """When it first arrived, if not now (a spooled delivery drained later)."""
+        return self.envelope.received_at
+
+    @property
+    def hook_target(self) -> HookTarget | None:
+        """What the hook is installed on, when the headers said."""
+        return self.envelope.hook_target
+
+    @property
+    def body_from_api(self) -> bool:
+        """The body is GitHub's API JSON of the delivery, not bytes it signed."""
+        return self.envelope.body_from_api
 
     @property
     def action(self) -> str | None:

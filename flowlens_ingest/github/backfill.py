@@ -32,6 +32,7 @@ from sqlalchemy.dialects.postgresql import insert
 from flowlens_ingest.config import Settings
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
+from flowlens_ingest.events.envelope import Envelope
 from flowlens_ingest.github import snapshots
 from flowlens_ingest.github.client import GitHubClient, JsonAnswer
 from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited
@@ -225,14 +226,7 @@ class Backfiller:
     def _land(self, event: str, payload: dict[str, Any], target: Target) -> None:
         """Ingest one snapshot as a delivery (journal id from its content, body marked as the API's JSON)."""
         body = snapshots.body_of(payload)
-        delivery = Delivery.from_http(
-            delivery_id=snapshots.delivery_id(event, body),
-            hook_id=0,
-            event=event,
-            content_type="application/json",
-            body=body,
-            body_from_api=True,
-        )
+        delivery = Delivery.parse(Envelope.from_api(delivery_id=snapshots.delivery_id(event, body), event=event), body)
         result = ingest(
             self.database,
             delivery,

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from flowlens_ingest.config import Settings
 from flowlens_ingest.events import parse
 from flowlens_ingest.events.delivery import Delivery
-from flowlens_ingest.events.hooks import target_of
+from flowlens_ingest.events.envelope import Envelope
 from flowlens_ingest.github.client import DEFAULT_API_URL, GitHubClient, JsonAnswer
 from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited, Unauthorized
 from flowlens_ingest.github.hooks import Hook, hooks_to_read, journaled, parse_time, shown_header
@@ -330,20 +330,9 @@ class Recoverer:
         payload = request.get("payload") if isinstance(request, dict) else None
         if not isinstance(payload, dict):
             raise GitHubError("GitHub showed no payload for this delivery", reason="no_payload")
-        event = shown_header(headers, "X-GitHub-Event") or item.event
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        return Delivery.from_http(
-            delivery_id=item.guid,
-            hook_id=item.hook_id,
-            event=event,
-            content_type="application/json",
-            body=body,
-            hook_target=target_of(
-                shown_header(headers, "X-GitHub-Hook-Installation-Target-Type"),
-                shown_header(headers, "X-GitHub-Hook-Installation-Target-ID"),
-            ),
-            body_from_api=True,
-        )
+        envelope = Envelope.from_shown(headers, delivery_id=item.guid, hook_id=item.hook_id, event=item.event)
+        return Delivery.parse(envelope, body)
 
     def _failed(self, report: Report, item: Missing, why: str) -> None:
         report.failed.append((item.name, why))

@@ -67,14 +67,7 @@ def spool_handler(
             # A schema problem is said above (or by the master): the pause line would repeat it.
             return Result(Disposition.RETRY_LATER, error=SAID if problem in said else problem)
         try:
-            delivery = Delivery.from_http(
-                delivery_id=item.delivery_id,
-                hook_id=item.hook_id,
-                event=item.event,
-                content_type=item.content_type,
-                body=item.body,
-                received_at=item.received_at,
-            )
+            delivery = Delivery.parse(item.envelope, item.body)
             result = ingest(
                 database,
                 delivery,
@@ -88,7 +81,7 @@ def spool_handler(
             metrics.spool_drained.labels(result.outcome.value).inc()
             log.info(
                 "spooled delivery applied",
-                extra={"delivery": item.delivery_id, "event": item.event, "outcome": result.outcome.value},
+                extra={"delivery": delivery.delivery_id, "event": delivery.event, "outcome": result.outcome.value},
             )
         return result
 

@@ -8,6 +8,11 @@ folder's total is read from a listing without a stat per file. Names without the
 size (`{ns:020d}-{pid}-{hex8}.delivery`, written before it was added) are still
 drained; only they are stat'ed.
 
+A file holds the delivery's envelope as one JSON line (every field: ids, event,
+content type, hook target, arrival; `Envelope.spool_header` in events/envelope.py),
+a newline, then the body exactly as signed. Files of earlier versions, whose line
+lacks the later fields, decode with those fields' defaults.
+
 The size bound costs a put nothing that grows with the spool: each process keeps
 an estimate, the folder's total at its last scan plus what it has put since, and a
 put compares with that under a lock of this process only. The scan is the drainer's
@@ -26,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import threading
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from flowlens_ingest.events.envelope import Envelope
 from flowlens_ingest.ingest import Disposition, Result
 
 log = logging.getLogger(__name__)
@@ -59,16 +64,11 @@ class Unusable(Exception):
 
 @dataclass(frozen=True)
 class Spooled:
-    """One spooled delivery: its headers and the raw body as received."""
+    """One spooled delivery: its envelope (every header field, and when it arrived) and the raw body."""
 
     path: Path
-    delivery_id: str
-    hook_id: int
-    event: str
-    content_type: str
+    envelope: Envelope
     body: bytes
-    # When the delivery arrived (the journal's received_at once it is applied).
-    received_at: datetime | None = None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -174,22 +174,14 @@ class Spool:
         with self._lock:
             return self._scanned + self._added + self._writing
 
-    def put(self, delivery_id: str, hook_id: int, event: str, content_type: str, body: bytes) -> bool:
-        """Store a delivery durably; False when the spool is full or cannot be written.
+    def put(self, envelope: Envelope, body: bytes) -> bool:
+        """Store a delivery durably, every field of its envelope kept; False when the spool is full or cannot be written.
 
         No listing, no stat of other files and no lock shared with other workers:
         the cost does not grow with what the spool holds.
         """
         arrived = time.time_ns()
-        header = json.dumps(
-            {
-                "delivery_id": delivery_id,
-                "hook_id": hook_id,
-                "event": event,
-                "content_type": content_type,
-                "received_ns": arrived,
-            }
-        ).encode()
+        header = envelope.spool_header(arrived)
         data = header + b"\n" + body
         size = len(data)
         with self._lock:
@@ -236,21 +228,11 @@ class Spool:
 
     @staticmethod
     def read(path: Path) -> Spooled:
-        """Load one spooled delivery; Unusable when the file is not one."""
+        """Load one spooled delivery, of this version's format or an earlier one; Unusable when the file is not one."""
         data = path.read_bytes()
         header, _newline, body = data.partition(b"\n")
         try:
-            meta = json.loads(header)
-            arrived = meta.get("received_ns")
-            return Spooled(
-                path=path,
-                delivery_id=str(meta["delivery_id"]),
-                hook_id=int(meta["hook_id"]),
-                event=str(meta["event"]),
-                content_type=str(meta["content_type"]),
-                body=body,
-                received_at=None if arrived is None else datetime.fromtimestamp(int(arrived) / 1e9, tz=UTC),
-            )
+            return Spooled(path=path, envelope=Envelope.from_spool_header(header), body=body)
         except (ValueError, KeyError, TypeError) as exc:
             raise Unusable(f"not a spooled delivery: {type(exc).__name__}") from None
 

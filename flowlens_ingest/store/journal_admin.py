@@ -6,18 +6,19 @@ batches, and the counts `status` shows. Every read goes through the journal's bu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
 from flowlens_ingest.events.enums import Outcome
+from flowlens_ingest.events.envelope import Envelope
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.expressions import param
 from flowlens_ingest.store.journal import JOURNAL_BUCKETS
 from flowlens_ingest.store.plan import decode_body
 from flowlens_ingest.store.schema import webhook_deliveries as wd
+from flowlens_ingest.store.schema import webhook_hooks
 from flowlens_ingest.store.wire import compiled, values
 
 _LISTED = (
@@ -101,24 +102,14 @@ def journal_keys(database: Database, *, failed_only: bool, since: datetime | Non
         after = tuple(rows[-1])
 
 
-@dataclass(frozen=True)
-class JournalEntry:
-    """What the journal keeps of one delivery: enough to build it again, exactly as it arrived."""
-
-    delivery_id: str
-    hook_id: int
-    event: str
-    body: bytes
-    content_type: str
-    payload_sha256: str
-    received_at: datetime
-    body_from_api: bool
-
-
-def journal_entry(database: Database, delivery_id: str, hook_id: int) -> JournalEntry | None:
-    """One delivery as the journal holds it (its body decoded), or None when it kept no payload."""
+def journal_entry(database: Database, delivery_id: str, hook_id: int) -> tuple[Envelope, bytes] | None:
+    """One delivery as the journal holds it: its envelope (with its hook's target, when recorded) and its
+    exact bytes; None when the journal kept no payload."""
+    hooks = webhook_hooks
     row = database.first(
         sa.select(
+            wd.c.delivery_id,
+            wd.c.hook_id,
             wd.c.event,
             wd.c.body,
             wd.c.body_encoding,
@@ -126,20 +117,15 @@ def journal_entry(database: Database, delivery_id: str, hook_id: int) -> Journal
             wd.c.payload_sha256,
             wd.c.received_at,
             wd.c.body_from_api,
-        ).where(wd.c.delivery_id == delivery_id, wd.c.hook_id == hook_id)
+            hooks.c.target_type,
+            hooks.c.target_id,
+        )
+        .select_from(wd.outerjoin(hooks, hooks.c.hook_id == wd.c.hook_id))
+        .where(wd.c.delivery_id == delivery_id, wd.c.hook_id == hook_id)
     )
     if row is None or row.body is None:
         return None
-    return JournalEntry(
-        delivery_id=delivery_id,
-        hook_id=hook_id,
-        event=row.event,
-        body=decode_body(bytes(row.body), row.body_encoding),
-        content_type=row.content_type,
-        payload_sha256=row.payload_sha256,
-        received_at=row.received_at,
-        body_from_api=row.body_from_api,
-    )
+    return Envelope.from_journal(row), decode_body(bytes(row.body), row.body_encoding)
 
 
 # Rows deleted per transaction: each batch is well inside the statement timeout.

@@ -13,7 +13,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from flowlens_ingest.events import parse, signature
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
-from flowlens_ingest.events.hooks import header_number, target_of
+from flowlens_ingest.events.envelope import BadHeaders, Envelope
 from flowlens_ingest.ingest import ingest
 from flowlens_ingest.store.deadline import deadline
 from flowlens_ingest.web.services import services
@@ -105,11 +105,6 @@ def signed_body() -> bytes:
     return spooled.read()
 
 
-def _hook_id(raw: str | None) -> int | None:
-    """X-GitHub-Hook-ID as a BIGINT (0 when absent); None unless it is ASCII digits."""
-    return header_number(raw) if raw else 0
-
-
 def _answer(outcome: Outcome, status: int, event: str, delivery_id: str, action: str | None = None) -> None:
     """Count and log one answered signed delivery: exactly one log line each, ids only."""
     elapsed = time.perf_counter() - g.started
@@ -136,30 +131,15 @@ def _answer(outcome: Outcome, status: int, event: str, delivery_id: str, action:
 def receive() -> tuple[Response, int] | Response:
     """Answer one signed GitHub delivery."""
     svc = services()
-    event = request.headers.get("X-GitHub-Event", "").strip()
-    delivery_id = request.headers.get("X-GitHub-Delivery", "").strip()
-    hook_id = _hook_id(request.headers.get("X-GitHub-Hook-ID", "").strip())
-    if not event or not delivery_id:
-        _answer(Outcome.REJECTED, 400, event, delivery_id)
-        return error(400, "X-GitHub-Event and X-GitHub-Delivery are required")
-    # Header values arrive as WSGI's latin-1 text. GitHub's are ASCII (an event name, a
-    # GUID): anything else is refused, never stored as mangled text.
-    if len(event) > 100 or len(delivery_id) > 200 or hook_id is None or not (event + delivery_id).isascii():
-        _answer(Outcome.REJECTED, 400, event, delivery_id)
-        return error(400, "malformed X-GitHub-* header")
+    try:
+        envelope = Envelope.from_headers(request.headers)
+    except BadHeaders as exc:
+        _answer(Outcome.REJECTED, 400, exc.event, exc.delivery_id)
+        return error(400, str(exc))
+    event, delivery_id = envelope.event, envelope.delivery_id
     body = signed_body()
     try:
-        delivery = Delivery.from_http(
-            delivery_id=delivery_id,
-            hook_id=hook_id,
-            event=event,
-            content_type=request.content_type,
-            body=body,
-            hook_target=target_of(
-                request.headers.get("X-GitHub-Hook-Installation-Target-Type"),
-                request.headers.get("X-GitHub-Hook-Installation-Target-ID"),
-            ),
-        )
+        delivery = Delivery.parse(envelope, body)
     except parse.UnsupportedMediaType:
         _answer(Outcome.REJECTED, 415, event, delivery_id)
         return error(415, "use application/json or application/x-www-form-urlencoded")
@@ -179,7 +159,7 @@ def receive() -> tuple[Response, int] | Response:
         # Not stored (retry later, or refused even as failed): the spool keeps it, and its
         # drainer applies it or sets it aside. Never dropped: without the spool, a 503.
         spool = svc.spool
-        if spool is None or not spool.put(delivery_id, hook_id, event, request.content_type or "", body):
+        if spool is None or not spool.put(envelope, body):
             _answer(Outcome.UNAVAILABLE, 503, event, delivery_id, delivery.action)
             return error(503, "database unavailable, retry later", **{"Retry-After": "30"})
         outcome = Outcome.SPOOLED
