@@ -38,7 +38,7 @@ from sqlalchemy.dialects.postgresql.base import PGCompiler
 from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from flowlens_ingest.store.batch import Batch
+from flowlens_ingest.store.batch import Batch, Statement
 from flowlens_ingest.store.bytea import Bytea
 
 # --- compiled once ------------------------------------------------------------------------------
@@ -130,6 +130,12 @@ def _adapt(value: Any) -> Any:
         # The journal body: as text where it reads back exactly (bytea.py).
         return Bytea(value)
     return value
+
+
+def plain_sql(statement: Statement) -> tuple[str, tuple[Any, ...]]:
+    """A statement as SQL text (%s placeholders) and its values, for a cursor of one's own (tests, EXPLAIN)."""
+    sent = form(statement.builder, statement.args, False)
+    return sent.text, tuple(_adapt(statement.values[name]) for name in sent.names)
 
 
 # --- round trips, counted at the driver -------------------------------------------------------
