@@ -8,7 +8,6 @@ names given to `expressions.param`, without the `p_` prefix.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,18 +26,3 @@ class Statement:
 
 # The statements of one transaction, in order; the last one's first row decides COMMIT.
 Batch = Sequence[Statement]
-
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
-
-
-def row_values(row: Any, **extra: Any) -> dict[str, Any]:
-    """A row dataclass's fields (and `extra`) as a statement's values."""
-    names = _FIELD_NAMES.get(type(row))
-    if names is None:
-        # dataclasses.fields() rebuilds its tuple on every call: once per row type is enough.
-        names = _FIELD_NAMES[type(row)] = tuple(f.name for f in dataclasses.fields(row))
-    # Shallow on purpose: dataclasses.asdict deep-copies every label and file list.
-    values = {name: getattr(row, name) for name in names}
-    if extra:
-        values.update(extra)
-    return values
