@@ -7,8 +7,11 @@ migration changing a result type): deliveries must still apply, exactly once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -16,8 +19,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
+from flowlens_ingest.cli import admin
 from flowlens_ingest.config import Settings, normalize_database_url
-from flowlens_ingest.store import derived, migrate
+from flowlens_ingest.github import jobs
+from flowlens_ingest.store import derived, hooks, journal, migrate, statements
 from flowlens_ingest.store.batch import Statement
 from flowlens_ingest.store.bytea import Bytea
 from flowlens_ingest.store.database import Database, make_engine
@@ -226,3 +231,39 @@ def test_a_text_body_travels_as_text_not_hex(engine):
     finally:
         dbapi.close()
     assert sent == b"""convert_to('{"title": "it''s"}', 'UTF8')"""
+
+
+def _every_statement_sent() -> list[tuple[Callable[..., sa.Executable], tuple[Any, ...]]]:
+    kinds = [(kind.upsert, variant) for kind in statements.KINDS.values() for variant in ((), (True,), (False,))]
+    return [
+        *((builder, args) for builder, args in kinds if _takes(builder, len(args))),
+        *((statements.repository_upsert, (deleted,)) for deleted in (True, False)),
+        *((journal.journal, (stale, replay)) for stale in _STALE_TESTS for replay in (True, False)),
+        (derived.pipeline_if_missing, ()),
+        (derived.refresh_by_head, ()),
+        (derived.refresh_by_number, ()),
+        (hooks.hook_seen, ()),
+        *((builder, ()) for builder in (jobs.write_list, jobs.write_unchanged, jobs.write_status, jobs.settle_job)),
+        (admin._index_order_only, ()),
+        *((admin._prune_batch, (include_failed,)) for include_failed in (True, False)),
+    ]
+
+
+_STALE_TESTS = (None, *(kind.stale for kind in statements.KINDS.values() if kind.stale is not None))
+
+
+def _takes(builder: Callable[..., Any], count: int) -> bool:
+    return len(inspect.signature(builder).parameters) == count
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "plain"])
+def test_every_statement_the_service_sends_compiles_with_its_constants_inline(prepared):
+    # A constant SQLAlchemy cannot write as a faithful literal fails here, not on a delivery.
+    for builder, args in _every_statement_sent():
+        sent = form(builder, args, prepared)
+        if prepared:
+            assert sent.prepare is not None
+            numbers = {int(n) for n in re.findall(rb"\$(\d+)", sent.prepare)}
+            assert numbers == set(range(1, len(sent.names) + 1)), builder.__name__
+        else:
+            assert sent.text.replace("%%", "").count("%s") == len(sent.names), builder.__name__
