@@ -36,18 +36,18 @@ RULES: list[tuple[str, re.Pattern[str]]] = [
     for label, pattern in [
         (
             "psycopg2 execute (send, server work, receive)",
-            rf"CountingCursor\.execute|wait_until_deadline|run_batch \(flowlens_ingest/store/wire\.py:({_lines(wire.run_batch, '.execute(')})\)",
+            rf"CountingCursor\.execute|wait_until_deadline|send \(flowlens_ingest/store/wire\.py:({_lines(wire.send, '.execute(')})\)",
         ),
         (
             "quote parameters into the EXECUTEs (mogrify; incl. the journal body)",
             (
-                r"\(flowlens_ingest/store/bytea\.py|run_batch\.<locals>\.<listcomp>"
-                rf"|run_batch \(flowlens_ingest/store/wire\.py:({_lines(wire.run_batch, 'mogrify')})\)"
+                r"\(flowlens_ingest/store/bytea\.py|send\.<locals>\.<listcomp>"
+                rf"|send \(flowlens_ingest/store/wire\.py:({_lines(wire.send, 'mogrify')})\)"
             ),
         ),
         (
             "psycopg2 autocommit toggles, commit, cursor",
-            r"CountingConnection\.commit|run_batch \(flowlens_ingest/store/wire\.py",
+            r"CountingConnection\.commit|send \(flowlens_ingest/store/wire\.py",
         ),
         ("JSON encode (row digests, the log line, the answer)", r"json/encoder\.py|dumps \(json/__init__\.py"),
         (
@@ -67,8 +67,8 @@ RULES: list[tuple[str, re.Pattern[str]]] = [
         (
             "plan: rows to parameters, digests, uuid4",
             (
-                r"flowlens_ingest/(store/(plan|statements|derived|journal|expressions)|events/rows)\.py"
-                r"|(params|values|_adapt|_parameter_names|compiled) \(flowlens_ingest/store/wire\.py|uuid\.py"
+                r"flowlens_ingest/(store/(plan|batch|statements|derived|journal|expressions)|events/rows)\.py"
+                r"|(_adapt|form) \(flowlens_ingest/store/wire\.py|uuid\.py"
             ),
         ),
         ("SQLAlchemy compile", r"sqlalchemy/sql/"),

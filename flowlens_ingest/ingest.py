@@ -21,7 +21,7 @@ from flowlens_ingest.events.enums import Outcome
 from flowlens_ingest.events.mappers import map_delivery
 from flowlens_ingest.store.database import Database, DatabaseUnavailable, OnRetry
 from flowlens_ingest.store.hooks import RecordedHooks
-from flowlens_ingest.store.plan import FAILURE, Plan
+from flowlens_ingest.store.plan import Plan, failed_journal_entry
 from flowlens_ingest.store.schema import webhook_deliveries
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def record_failure(
     the delivery is retried later; if it does, the delivery is set aside.
     """
     try:
-        row = database.run([FAILURE.journal(delivery, error=error, compress=compress)], on_retry=on_retry)
+        row = database.run([failed_journal_entry(delivery, error, compress=compress)], on_retry=on_retry)
     except DatabaseUnavailable as exc:
         return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})")
     except Exception as exc:

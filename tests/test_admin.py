@@ -10,10 +10,11 @@ import sqlalchemy as sa
 from flowlens_ingest.cli.main import main
 from flowlens_ingest.config import Settings, normalize_database_url
 from flowlens_ingest.store import journal_admin
+from flowlens_ingest.store.batch import Statement
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.journal import JOURNAL_BUCKETS
 from flowlens_ingest.store.schema import pipeline_runs, webhook_deliveries
-from flowlens_ingest.store.wire import compiled, values
+from flowlens_ingest.store.wire import plain_sql
 
 from .helpers import database_of, rows
 
@@ -73,12 +74,16 @@ def test_prune_of_a_million_unanalyzed_entries_in_one_bucket_fits_a_200_ms_state
 
 def test_a_prune_batch_reads_the_bucket_index_in_order_and_never_sorts(db):
     fill_journal(db, 50_000, age="40 days", bucket=0)
-    batch = compiled(journal_admin._prune_batch, False).bind(
-        values(bucket=0, after=journal_admin.BEGINNING, cutoff=datetime.now(UTC) - timedelta(days=30), batch=2000)
-    )
+    values = {
+        "bucket": 0,
+        "after": journal_admin.BEGINNING,
+        "cutoff": datetime.now(UTC) - timedelta(days=30),
+        "batch": 2000,
+    }
+    sql, bound = plain_sql(Statement(journal_admin._prune_batch, values, (False,)))
     with db.connect() as conn:  # one transaction, as prune's batch; rolled back
-        conn.exec_driver_sql(*compiled(journal_admin._index_order_only).bind({}))
-        plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + batch[0], batch[1]).scalars())
+        conn.exec_driver_sql(*plain_sql(Statement(journal_admin._index_order_only, {})))
+        plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + sql, bound).scalars())
     assert "Index Scan using ix_webhook_deliveries_bucket_received_at" in plan, plan
     assert "Sort" not in plan, plan
 

@@ -7,9 +7,11 @@ migration changing a result type): deliveries must still apply, exactly once.
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -18,11 +20,14 @@ from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
 from flowlens_ingest.config import Settings, normalize_database_url
-from flowlens_ingest.store import derived, migrate
+from flowlens_ingest.github import jobs
+from flowlens_ingest.store import derived, hooks, journal, journal_admin, migrate, statements
+from flowlens_ingest.store.batch import Statement
 from flowlens_ingest.store.bytea import Bytea
-from flowlens_ingest.store.database import make_engine
+from flowlens_ingest.store.database import Database, make_engine
+from flowlens_ingest.store.expressions import param
 from flowlens_ingest.store.schema import pipeline_runs, webhook_deliveries
-from flowlens_ingest.store.wire import compiled, prepared_form
+from flowlens_ingest.store.wire import form
 
 from .databases import create_scratch_database, drop_database
 from .helpers import rows
@@ -63,12 +68,56 @@ def assert_synchronized_once(db: Engine) -> None:
     assert journal == [{"outcome": "applied", "attempts": 1}] * 2
 
 
-def test_prepared_form_numbers_each_parameter_once():
-    form = prepared_form("SELECT %(p_a)s, %(p_b)s WHERE x = %(p_a)s AND y LIKE 'a%%'")
-    assert form.prepare == f"PREPARE {form.name} AS SELECT $1, $2 WHERE x = $1 AND y LIKE 'a%'".encode()
-    assert form.execute == f"EXECUTE {form.name}(%(p_a)s, %(p_b)s)"
-    assert prepared_form("SELECT 1").execute == f"EXECUTE {prepared_form('SELECT 1').name}"
-    assert prepared_form("SELECT 2").name != prepared_form("SELECT 1").name
+def _echo() -> sa.Executable:
+    # Constants that look like psycopg2 placeholders, an escaped one, a percent sign,
+    # and one parameter used twice: SQLAlchemy writes the SQL, nothing rewrites it.
+    return sa.select(
+        sa.literal("%(x)s"),
+        sa.literal("%%(x)s"),
+        sa.literal("50%"),
+        param("a"),
+        sa.cast(param("a"), sa.Text) + sa.literal("%s"),
+        param("b"),
+    )
+
+
+def _one() -> sa.Executable:
+    return sa.select(sa.literal(1))
+
+
+def test_a_prepared_statement_numbers_each_parameter_once():
+    prepared = form(_echo, (), prepared=True)
+    assert prepared.names == ("a", "b")
+    assert prepared.prepare is not None
+    assert prepared.prepare.startswith(f"PREPARE {prepared.name} AS SELECT '%(x)s' AS ".encode())
+    assert b"'%%(x)s'" in prepared.prepare and b"'50%'" in prepared.prepare
+    assert b"$1" in prepared.prepare and b"$2" in prepared.prepare and b"$3" not in prepared.prepare
+    assert prepared.text == f"EXECUTE {prepared.name}(%s, %s)"
+    assert form(_one, (), prepared=True).text == f"EXECUTE {form(_one, (), prepared=True).name}"
+    assert form(_one, (), prepared=True).name != prepared.name
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "plain"])
+def test_constants_that_look_like_placeholders_reach_the_server_as_written(database_url, prepared):
+    # Regression: the regex that numbered placeholders ignored `%%` escapes and
+    # turned `'%%(x)s', %(a)s` into `'%$1', $2`.
+    settings = Settings(database_url=normalize_database_url(database_url), pool_size=1, prepared_statements=prepared)
+    database = Database(settings, application_name="flowlens-tests-echo")
+    try:
+        row = database.run([Statement(_echo, {"a": "it's 100%", "b": "%(a)s"})])
+        assert row == ("%(x)s", "%%(x)s", "50%", "it's 100%", "it's 100%%s", "%(a)s")
+        # Again, on the same session: EXECUTE only, the same answer.
+        assert database.run([Statement(_echo, {"a": "it's 100%", "b": "%(a)s"})]) == row
+    finally:
+        database.dispose()
+
+
+def test_a_constant_without_a_faithful_literal_is_refused_when_compiled():
+    def backslash() -> sa.Executable:
+        return sa.select(sa.literal("a\\b"))
+
+    with pytest.raises(sa.exc.CompileError, match="literal"):
+        form(backslash, (), prepared=True)
 
 
 def test_a_session_prepares_each_statement_once(db, database_url):
@@ -137,25 +186,21 @@ def test_a_migration_under_a_running_worker_does_not_fail_its_deliveries(server_
 def test_statement_constants_are_written_into_the_sql_not_sent_per_delivery():
     # The status names, `version + 1` and the failing conclusions are part of the
     # prepared text; only the delivery's own values travel with each EXECUTE.
-    pipeline = compiled(derived.pipeline_upsert)
-    assert pipeline.constants == {}
-    assert "THEN 'failed'" in pipeline.sql and "ARRAY['failure','timed_out'" in pipeline.sql
-    placeholders = set(re.findall(r"%\((\w+)\)s", pipeline.sql))
-    assert placeholders == {
-        f"p_{c}"
-        for c in (
-            "id",
-            "repo_github_id",
-            "pr_number",
-            "commit_sha",
-            "author",
-            "avatar_url",
-            "title",
-            "status_pr",
-            "status_merge",
-            "pr_updated_at",
-            "digest",
-        )
+    pipeline = form(derived.pipeline_upsert, (), prepared=True)
+    assert pipeline.prepare is not None
+    assert b"THEN 'failed'" in pipeline.prepare and b"ARRAY['failure', 'timed_out'" in pipeline.prepare
+    assert set(pipeline.names) == {
+        "id",
+        "repo_github_id",
+        "pr_number",
+        "commit_sha",
+        "author",
+        "avatar_url",
+        "title",
+        "status_pr",
+        "status_merge",
+        "pr_updated_at",
+        "digest",
     }
 
 
@@ -185,3 +230,39 @@ def test_a_text_body_travels_as_text_not_hex(engine):
     finally:
         dbapi.close()
     assert sent == b"""convert_to('{"title": "it''s"}', 'UTF8')"""
+
+
+def _every_statement_sent() -> list[tuple[Callable[..., sa.Executable], tuple[Any, ...]]]:
+    kinds = [(kind.upsert, variant) for kind in statements.KINDS.values() for variant in ((), (True,), (False,))]
+    return [
+        *((builder, args) for builder, args in kinds if _takes(builder, len(args))),
+        *((statements.repository_upsert, (deleted,)) for deleted in (True, False)),
+        *((journal.journal, (stale, replay)) for stale in _STALE_TESTS for replay in (True, False)),
+        (derived.pipeline_if_missing, ()),
+        (derived.refresh_by_head, ()),
+        (derived.refresh_by_number, ()),
+        (hooks.hook_seen, ()),
+        *((builder, ()) for builder in (jobs.write_list, jobs.write_unchanged, jobs.write_status, jobs.settle_job)),
+        (journal_admin._index_order_only, ()),
+        *((journal_admin._prune_batch, (include_failed,)) for include_failed in (True, False)),
+    ]
+
+
+_STALE_TESTS = (None, *(kind.stale for kind in statements.KINDS.values() if kind.stale is not None))
+
+
+def _takes(builder: Callable[..., Any], count: int) -> bool:
+    return len(inspect.signature(builder).parameters) == count
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "plain"])
+def test_every_statement_the_service_sends_compiles_with_its_constants_inline(prepared):
+    # A constant SQLAlchemy cannot write as a faithful literal fails here, not on a delivery.
+    for builder, args in _every_statement_sent():
+        sent = form(builder, args, prepared)
+        if prepared:
+            assert sent.prepare is not None
+            numbers = {int(n) for n in re.findall(rb"\$(\d+)", sent.prepare)}
+            assert numbers == set(range(1, len(sent.names) + 1)), builder.__name__
+        else:
+            assert sent.text.replace("%%", "").count("%s") == len(sent.names), builder.__name__

@@ -24,6 +24,7 @@ from flowlens_ingest.store.schema import (
     repositories,
     webhook_deliveries,
 )
+from flowlens_ingest.store.wire import plain_sql
 
 from .helpers import rows, wait_for
 from .serving import Service, metric
@@ -130,8 +131,8 @@ def _interleave(db, first: tuple[str, dict], second: tuple[str, dict]) -> None:
     statements = Plan(map_delivery(*first)).statements
     with db.connect() as conn:
         tx = conn.begin()
-        for sql, params in statements:
-            conn.exec_driver_sql(sql, params)
+        for statement in statements:
+            conn.exec_driver_sql(*plain_sql(statement))
         (pid,) = conn.exec_driver_sql("SELECT pg_backend_pid()").one()
         outcome: list[str] = []
         worker = threading.Thread(target=lambda: outcome.append(apply(db, *second)))

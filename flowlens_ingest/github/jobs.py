@@ -16,10 +16,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from flowlens_ingest.events.enums import FilesStatus, JobState
+from flowlens_ingest.store.batch import Statement
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.expressions import flag_changed, param
 from flowlens_ingest.store.schema import files_jobs, pull_requests, repositories
-from flowlens_ingest.store.wire import compiled, values
 
 
 @dataclass(frozen=True)
@@ -181,21 +181,21 @@ def settle(
         write = write_list
     else:
         write = write_status
-    params = values(
-        repo_id=job.repo_id,
-        pr_number=job.pr_number,
-        head_sha=job.head_sha,
-        status=status.value,
-        files=files,
-        empty=not files,
-        etag_sha=job.etag_sha,
-        job_id=job.id,
-        lease_token=job.lease_token,
-        etag=etag,
-        etag_sha_new=job.head_sha if etag else None,
-        error=error,
-    )
-    batch = [compiled(write).bind(params), compiled(settle_job).bind(params)]
+    params = {
+        "repo_id": job.repo_id,
+        "pr_number": job.pr_number,
+        "head_sha": job.head_sha,
+        "status": status.value,
+        "files": files,
+        "empty": not files,
+        "etag_sha": job.etag_sha,
+        "job_id": job.id,
+        "lease_token": job.lease_token,
+        "etag": etag,
+        "etag_sha_new": job.head_sha if etag else None,
+        "error": error,
+    }
+    batch = [Statement(write, params), Statement(settle_job, params)]
     return database.run(batch) is not None
 
 

@@ -13,7 +13,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg2
@@ -23,8 +23,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from flowlens_ingest.config import Settings
+from flowlens_ingest.store.batch import Batch
 from flowlens_ingest.store.deadline import DeadlinePassed, deadline, install_deadlines
-from flowlens_ingest.store.wire import CountingConnection, Statement, lost_prepared_statement, run_batch
+from flowlens_ingest.store.wire import CountingConnection, lost_prepared_statement, send
 
 log = logging.getLogger(__name__)
 
@@ -223,14 +224,14 @@ class Database:
 
     # --- what callers hand in -------------------------------------------------------------
 
-    def run(self, statements: Sequence[Statement], *, on_retry: OnRetry | None = None) -> tuple[Any, ...] | None:
+    def run(self, batch: Batch, *, on_retry: OnRetry | None = None) -> tuple[Any, ...] | None:
         """Run a batch as one transaction; return the last statement's first row, or None.
 
         Two round trips: the transaction commits when that row exists and rolls back
         when it does not (a duplicate delivery, a job whose lease was lost; see
-        batch.run_batch). Retried as a whole on transient failures.
+        wire.send). Retried as a whole on transient failures.
         """
-        return self._retrying(lambda: self._batch(list(statements)), on_retry)
+        return self._retrying(lambda: self._batch(batch), on_retry)
 
     def execute(self, statement: sa.Executable, *, on_retry: OnRetry | None = None) -> int:
         """Run one Core statement in a transaction of its own; return its row count."""
@@ -251,13 +252,13 @@ class Database:
         with self.engine.begin() as conn:
             return work(conn)
 
-    def _batch(self, statements: list[Statement]) -> tuple[Any, ...] | None:
+    def _batch(self, batch: Batch) -> tuple[Any, ...] | None:
         # Checked out through a Connection, not raw_connection(): a failure to connect
         # then arrives wrapped as an OperationalError, which the retry loop knows.
         with self.engine.connect() as conn:
             dbapi = conn.connection.dbapi_connection
             try:
-                return run_batch(dbapi, statements, self.settings.isolation_level)
+                return send(dbapi, batch, self.settings.isolation_level)
             except psycopg2.Error as exc:
                 disconnected = dbapi is None or dbapi.closed != 0 or conn.dialect.is_disconnect(exc, dbapi, None)  # type: ignore[arg-type]
                 if disconnected:

@@ -1,7 +1,8 @@
 """Shared pieces of the service's Core statements: parameters, the repository lookup, the flags.
 
 Every statement takes its values as named bind parameters (`p_<column>`), so
-wire.py compiles it once per process and binds each delivery's values.
+wire.py compiles it once per process and binds each delivery's values (batch.Statement.values,
+keyed by the name without its prefix).
 """
 
 from __future__ import annotations

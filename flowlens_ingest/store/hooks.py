@@ -9,10 +9,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from flowlens_ingest.events.delivery import Delivery
+from flowlens_ingest.store.batch import Statement
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.expressions import param
 from flowlens_ingest.store.schema import webhook_hooks
-from flowlens_ingest.store.wire import Statement, compiled, values
 
 
 def hook_seen() -> sa.Executable:
@@ -46,8 +46,9 @@ class RecordedHooks:
             if (delivery.hook_id, path) in self._known:
                 return None
         target = delivery.hook_target
-        return compiled(hook_seen).bind(
-            values(hook_id=delivery.hook_id, target_type=target.type, target_id=target.id, api_path=path)
+        return Statement(
+            hook_seen,
+            {"hook_id": delivery.hook_id, "target_type": target.type, "target_id": target.id, "api_path": path},
         )
 
     def recorded(self, delivery: Delivery) -> None:

@@ -13,13 +13,13 @@ import sqlalchemy as sa
 
 from flowlens_ingest.events.enums import Outcome
 from flowlens_ingest.events.envelope import Envelope
+from flowlens_ingest.store.batch import Statement
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.expressions import param
 from flowlens_ingest.store.journal import JOURNAL_BUCKETS
 from flowlens_ingest.store.plan import decode_body
 from flowlens_ingest.store.schema import webhook_deliveries as wd
 from flowlens_ingest.store.schema import webhook_hooks
-from flowlens_ingest.store.wire import compiled, values
 
 _LISTED = (
     wd.c.received_at,
@@ -193,10 +193,8 @@ def prune(
     for bucket in range(JOURNAL_BUCKETS):
         after = BEGINNING
         while True:
-            bound = values(bucket=bucket, after=after, cutoff=cutoff, batch=batch)
-            row = database.run(
-                [compiled(_index_order_only).bind({}), compiled(_prune_batch, include_failed).bind(bound)]
-            )
+            bound = {"bucket": bucket, "after": after, "cutoff": cutoff, "batch": batch}
+            row = database.run([Statement(_index_order_only, {}), Statement(_prune_batch, bound, (include_failed,))])
             done, last = row if row is not None else (0, None)
             removed += done
             if done and progress is not None:

@@ -1,4 +1,4 @@
-"""A delivery's changes as the bound statements of its one transaction, journal last.
+"""A delivery's changes as the statements of its one transaction, journal last. Plain data, no driver.
 
 Generic over the row kinds statements.KINDS declares: the repository first (the
 per-repository lock), each row's upsert, the pipeline rows an event names, each
@@ -7,6 +7,7 @@ distinct refresh once, then the journal, whose RETURNING is the outcome.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import uuid
 from typing import Any
@@ -15,11 +16,25 @@ from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import BodyEncoding, Outcome
 from flowlens_ingest.events.rows import Changes, digest
 from flowlens_ingest.store import statements as s
-from flowlens_ingest.store.bytea import Bytea
+from flowlens_ingest.store.batch import Statement
 from flowlens_ingest.store.derived import pipeline_if_missing
 from flowlens_ingest.store.expressions import Builder, StaleTest
 from flowlens_ingest.store.journal import bucket_of, journal
-from flowlens_ingest.store.wire import Statement, compiled, params
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def row_values(row: Any, **extra: Any) -> dict[str, Any]:
+    """A row dataclass's fields (and `extra`) as a statement's values."""
+    names = _FIELD_NAMES.get(type(row))
+    if names is None:
+        # dataclasses.fields() rebuilds its tuple on every call: once per row type is enough.
+        names = _FIELD_NAMES[type(row)] = tuple(f.name for f in dataclasses.fields(row))
+    # Shallow on purpose: dataclasses.asdict deep-copies every label and file list.
+    values = {name: getattr(row, name) for name in names}
+    if extra:
+        values.update(extra)
+    return values
 
 
 class Plan:
@@ -34,15 +49,15 @@ class Plan:
             self.outcome = Outcome.IGNORED
             return
         self.outcome = Outcome.APPLIED
-        rid = {"p_repo_github_id": repo.github_id}
+        rid = {"repo_github_id": repo.github_id}
         self.statements.append(
-            compiled(s.repository_upsert, repo.deleted).bind(params(repo, id=uuid.uuid4(), digest=digest(repo)))
+            Statement(s.repository_upsert, row_values(repo, id=uuid.uuid4(), digest=digest(repo)), (repo.deleted,))
         )
         refreshes: dict[tuple[str, tuple[tuple[str, Any], ...]], tuple[Builder, dict[str, Any]]] = {}
         for row in changes.rows:
             kind = s.KINDS[type(row)]
-            values = params(row, id=uuid.uuid4(), repo_github_id=repo.github_id, digest=digest(row))
-            self.statements.append(compiled(kind.upsert, *kind.variant(row)).bind(values))
+            values = row_values(row, id=uuid.uuid4(), repo_github_id=repo.github_id, digest=digest(row))
+            self.statements.append(Statement(kind.upsert, values, kind.variant(row)))
             if kind.stale is not None and self.stale is None:
                 # The first row with a stale test speaks for the delivery.
                 self.stale, self.stale_params = kind.stale, values
@@ -53,12 +68,10 @@ class Plan:
         # the existing rows they touch, in a fixed order.
         for number, sha in sorted(set(changes.pr_heads)):
             self.statements.append(
-                compiled(pipeline_if_missing).bind(
-                    {"p_id": str(uuid.uuid4()), "p_pr_number": number, "p_commit_sha": sha, **rid}
-                )
+                Statement(pipeline_if_missing, {"id": uuid.uuid4(), "pr_number": number, "commit_sha": sha, **rid})
             )
         for _, (builder, key) in sorted(refreshes.items()):
-            self.statements.append(compiled(builder).bind({**{f"p_{k}": v for k, v in key.items()}, **rid}))
+            self.statements.append(Statement(builder, {**key, **rid}))
         self.stale_params = {**self.stale_params, **rid}
 
     def journal(
@@ -71,34 +84,61 @@ class Plan:
         compress: bool = False,
     ) -> Statement:
         """The journal upsert of the delivery; its RETURNING gives the final outcome."""
-        outcome = Outcome.FAILED if error is not None else self.outcome
-        body, encoding = None, BodyEncoding.IDENTITY
-        if store_payload or outcome is Outcome.FAILED:
-            body, encoding = encode_body(delivery.body, compress)
         stale = None if error is not None else self.stale
-        return compiled(journal, stale, replay).bind(
-            {
-                **(self.stale_params if stale is not None else {}),
-                "p_outcome": outcome.value,
-                "p_delivery_id": delivery.delivery_id,
-                "p_bucket": bucket_of(delivery.delivery_id),
-                "p_hook_id": delivery.hook_id,
-                "p_event": delivery.event,
-                "p_action": delivery.action,
-                "p_repository_github_id": delivery.repository_github_id,
-                "p_payload_sha256": delivery.payload_sha256,
-                "p_body": None if body is None else Bytea(body),
-                "p_body_encoding": encoding.value,
-                "p_content_type": delivery.content_type,
-                "p_body_from_api": delivery.body_from_api,
-                "p_received_at": delivery.received_at,
-                "p_error": error,
-                "p_applied": outcome is not Outcome.FAILED,
-            }
+        return journal_entry(
+            delivery,
+            Outcome.FAILED if error is not None else self.outcome,
+            stale=stale,
+            stale_params=self.stale_params if stale is not None else {},
+            error=error,
+            store_payload=store_payload,
+            replay=replay,
+            compress=compress,
         )
 
 
-FAILURE = Plan(Changes())
+def failed_journal_entry(delivery: Delivery, error: str, *, compress: bool = False) -> Statement:
+    """The journal upsert of a delivery that could not be applied: outcome failed, body kept for a replay."""
+    return journal_entry(delivery, Outcome.FAILED, error=error, compress=compress)
+
+
+def journal_entry(
+    delivery: Delivery,
+    outcome: Outcome,
+    *,
+    stale: StaleTest | None = None,
+    stale_params: dict[str, Any] | None = None,
+    error: str | None = None,
+    store_payload: bool = True,
+    replay: bool = False,
+    compress: bool = False,
+) -> Statement:
+    """The journal upsert of a delivery with this outcome, unless `stale` (with its values) says stale."""
+    body, encoding = None, BodyEncoding.IDENTITY
+    if store_payload or outcome is Outcome.FAILED:
+        body, encoding = encode_body(delivery.body, compress)
+    return Statement(
+        journal,
+        {
+            **(stale_params or {}),
+            "outcome": outcome.value,
+            "delivery_id": delivery.delivery_id,
+            "bucket": bucket_of(delivery.delivery_id),
+            "hook_id": delivery.hook_id,
+            "event": delivery.event,
+            "action": delivery.action,
+            "repository_github_id": delivery.repository_github_id,
+            "payload_sha256": delivery.payload_sha256,
+            "body": body,
+            "body_encoding": encoding.value,
+            "content_type": delivery.content_type,
+            "body_from_api": delivery.body_from_api,
+            "received_at": delivery.received_at,
+            "error": error,
+            "applied": outcome is not Outcome.FAILED,
+        },
+        (stale, replay),
+    )
 
 
 def encode_body(body: bytes, compress: bool) -> tuple[bytes, BodyEncoding]:

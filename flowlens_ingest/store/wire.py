@@ -1,105 +1,120 @@
-"""How statements travel: compiled once, PREPAREd once per session, sent as one batch, counted.
+"""How a batch travels: each statement compiled once per process, PREPAREd once per session, sent as one query.
 
-A delivery's statements are compiled once per process (constants written into
-the SQL as literals), bound to the delivery's values (psycopg2's own adapters
-quote them into the EXECUTEs), and sent as one multi-statement query that opens
-the transaction, followed by its COMMIT or ROLLBACK: two round trips (see
-run_batch). psycopg2 alone would send BEGIN, each statement and COMMIT
-separately: each a round trip, about a millisecond apiece on a multi-node
-YugabyteDB.
+`send` is the one way in (database.py calls it with a connection it checked out
+for one batch). A statement is compiled by SQLAlchemy, once per process, into its
+final SQL: its constants (the status names of a CASE, `version + 1`, the failing
+conclusions) written in as literals by SQLAlchemy's own literal rendering, its
+parameters numbered `$1, $2...` by the `numeric_dollar` paramstyle for PREPARE
+(or `%s` by the `format` paramstyle when prepared statements are off), with the
+parameters' order in `positiontup`. Nothing here edits SQL text.
+
+Compiling once pays: SQLAlchemy 2.0 cannot cache an ON CONFLICT statement
+(sqlalchemy#10445) and would compile every upsert on every delivery (measured
++3.2 ms of worker CPU per delivery), and PREPARE spares the server parsing and
+planning them every time (-0.6 ms of its CPU per delivery).
+
+The values are quoted by psycopg2's own adapters (mogrify) into the EXECUTEs, and
+BEGIN, the statements and the journal's RETURNING go as one query, followed by its
+COMMIT or ROLLBACK: two round trips. psycopg2 alone would send BEGIN, each
+statement and COMMIT separately: each a round trip, about a millisecond apiece on a
+multi-node YugabyteDB.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
-import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import psycopg2
 import psycopg2.extensions
-from psycopg2.extensions import adapt
+import sqlalchemy as sa
 from psycopg2.extras import Json
-from sqlalchemy.dialects import postgresql
-from sqlalchemy.sql.expression import ClauseElement
+from sqlalchemy.dialects.postgresql.base import PGCompiler
+from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
+from sqlalchemy.sql.compiler import SQLCompiler
 
-_DIALECT = postgresql.psycopg2.dialect()  # type: ignore[no-untyped-call]
+from flowlens_ingest.store.batch import Batch, Statement
+from flowlens_ingest.store.bytea import Bytea
 
-# One statement of a batch: SQL with %(name)s placeholders, and its parameters.
-Statement = tuple[str, dict[str, Any]]
+# --- compiled once ------------------------------------------------------------------------------
+
+# A constant is written into the SQL when its literal reads the same under every server
+# setting: SQLAlchemy's dialect, never connected, assumes standard_conforming_strings
+# off and would double a backslash, which the server (on, the default) would keep.
+_LITERAL_TYPES: dict[type, sa.types.TypeEngine[Any]] = {bool: sa.Boolean(), int: sa.Integer(), str: sa.String()}
 
 
-@dataclass(frozen=True)
-class Template:
-    """A Core statement compiled once: SQL with %(name)s placeholders and its constant binds."""
+def _inlinable(value: Any) -> bool:
+    return all(
+        isinstance(v, (bool, int)) or (isinstance(v, str) and "\\" not in v and "\x00" not in v)
+        for v in (value if isinstance(value, list) else [value])
+    )
 
-    sql: str
-    constants: dict[str, Any]
 
-    def bind(self, params: dict[str, Any]) -> Statement:
-        """This statement with its parameters, ready for the batch."""
-        return self.sql, {**self.constants, **params} if self.constants else params
+class _Compiler(PGCompiler):
+    """PostgreSQL's compiler, rendering the constants of a statement as literals and leaving its parameters."""
+
+    # The one hook SQLAlchemy gives for how a bind renders; its own signature is untyped.
+    def visit_bindparam(self, bindparam: sa.BindParameter[Any], **kw: Any) -> str:  # type: ignore[override]
+        value = bindparam.value
+        if value is None or bindparam.callable is not None:
+            # A parameter: bound per delivery (expressions.param names them p_<name>).
+            if not bindparam.key.startswith("p_"):
+                raise sa.exc.CompileError(f"parameter {bindparam.key!r} is not named by expressions.param")
+            return str(super().visit_bindparam(bindparam, **kw))  # type: ignore[no-untyped-call]
+        if not _inlinable(value):
+            raise sa.exc.CompileError(f"constant {value!r} has no literal that reads the same on every server")
+        if isinstance(bindparam.type, sa.types.NullType) and not isinstance(value, list):
+            # Compared with a parameter (a rank table's keys, str enums): typed by its plain value.
+            plain = value if isinstance(value, (bool, int)) else str.__str__(value)
+            bindparam = sa.literal(plain, _LITERAL_TYPES[type(plain)])
+        return str(super().visit_bindparam(bindparam, **{**kw, "literal_binds": True}))  # type: ignore[no-untyped-call]
+
+
+class _Dialect(PGDialect_psycopg2):
+    statement_compiler = _Compiler
+
+
+_PREPARED_DIALECT = _Dialect(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
+_PLAIN_DIALECT = _Dialect(paramstyle="format")  # type: ignore[no-untyped-call]
+
+
+class Form(NamedTuple):
+    """A statement as sent: the text to mogrify with its values, and its PREPARE when prepared."""
+
+    # The statement's values, in the order of its placeholders.
+    names: tuple[str, ...]
+    # EXECUTE name(%s, ...) for a prepared statement, else the SQL itself; %s placeholders.
+    text: str
+    name: str | None = None
+    prepare: bytes | None = None
 
 
 @functools.cache
-def compiled(builder: Callable[..., ClauseElement], *args: Any) -> Template:
-    """`builder(*args)` compiled once per process.
+def form(builder: Callable[..., sa.Executable], args: tuple[Any, ...], prepared: bool) -> Form:
+    """`builder(*args)` compiled by SQLAlchemy, once per process: PREPAREd, or plain SQL text.
 
-    Constants of the statement (the status names of a CASE, `version + 1`, the
-    failing conclusions) are written into its SQL as literals, exactly as psycopg2
-    would quote them, instead of being quoted again as parameters on every delivery.
+    Parameter types are left to PostgreSQL's inference from context, as they are
+    for the literals psycopg2 would otherwise inline; EXECUTE coerces its
+    arguments to them as an INSERT coerces its values. A prepared statement's name
+    is its text's hash, so one name always means one statement.
     """
-    stmt = builder(*args).compile(dialect=_DIALECT)
-    sql, constants = str(stmt), {}
-    for name, value in stmt.params.items():
-        if value is None:
-            continue
-        literal = _literal(value)
-        if literal is None:
-            constants[name] = value
-        else:
-            sql = sql.replace(f"%({name})s", literal.replace("%", "%%"))
-    return Template(sql, constants)
+    statement = cast(sa.ClauseElement, builder(*args))
+    compiled = cast(SQLCompiler, statement.compile(dialect=_PREPARED_DIALECT if prepared else _PLAIN_DIALECT))
+    names = tuple(key.removeprefix("p_") for key in compiled.positiontup or ())
+    if not prepared:
+        return Form(names, compiled.string)
+    name = "flowlens_" + hashlib.sha1(compiled.string.encode(), usedforsecurity=False).hexdigest()[:16]
+    execute = f"EXECUTE {name}({', '.join(['%s'] * len(names))})" if names else f"EXECUTE {name}"
+    return Form(names, execute, name, f"PREPARE {name} AS {compiled.string}".encode())
 
 
-def _literal(value: Any) -> str | None:
-    """`value` as an SQL literal, for the plain types whose quoting needs no connection."""
-    plain = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, (bool, int)) or (isinstance(v, str) and v.isascii() and "\\" not in v) for v in plain):
-        return None
-    return str(adapt(value).getquoted().decode("ascii"))
-
-
-_PARAMETER_NAMES: dict[type, tuple[tuple[str, str], ...]] = {}
-
-
-def _parameter_names(row_type: type) -> tuple[tuple[str, str], ...]:
-    # (field, parameter) names of a row type: dataclasses.fields() rebuilds its tuple on every call.
-    names = _PARAMETER_NAMES.get(row_type)
-    if names is None:
-        names = _PARAMETER_NAMES[row_type] = tuple((f.name, f"p_{f.name}") for f in dataclasses.fields(row_type))
-    return names
-
-
-def params(row: Any, **extra: Any) -> dict[str, Any]:
-    """A row dataclass's fields (and `extra`) as `p_<name>` parameters, adapted for psycopg2."""
-    # Shallow on purpose: dataclasses.asdict deep-copies every label and file list.
-    bound = {parameter: _adapt(getattr(row, name)) for name, parameter in _parameter_names(type(row))}
-    if extra:
-        bound.update(values(**extra))
-    return bound
-
-
-def values(**named: Any) -> dict[str, Any]:
-    """Named values as `p_<name>` parameters, adapted for psycopg2."""
-    return {f"p_{k}": _adapt(v) for k, v in named.items()}
-
+# --- values, adapted for psycopg2 ---------------------------------------------------------------
 
 _PLAIN = frozenset({str, int, bool, float, type(None), datetime})
 
@@ -111,7 +126,16 @@ def _adapt(value: Any) -> Any:
         return Json(value)
     if isinstance(value, uuid.UUID):
         return str(value)
+    if isinstance(value, bytes):
+        # The journal body: as text where it reads back exactly (bytea.py).
+        return Bytea(value)
     return value
+
+
+def plain_sql(statement: Statement) -> tuple[str, tuple[Any, ...]]:
+    """A statement as SQL text (%s placeholders) and its values, for a cursor of one's own (tests, EXPLAIN)."""
+    sent = form(statement.builder, statement.args, False)
+    return sent.text, tuple(_adapt(statement.values[name]) for name in sent.names)
 
 
 # --- round trips, counted at the driver -------------------------------------------------------
@@ -155,7 +179,7 @@ class CountingCursor(psycopg2.extensions.cursor):
 class CountingConnection(psycopg2.extensions.connection):
     """A psycopg2 connection that counts what it sends, so /metrics shows round trips per delivery.
 
-    Counted at the driver, not with SQLAlchemy events: run_batch talks to the
+    Counted at the driver, not with SQLAlchemy events: send talks to the
     DBAPI cursor directly, and psycopg2 sends BEGIN and skips an idle COMMIT on
     its own, which SQLAlchemy's events cannot see.
     """
@@ -182,40 +206,6 @@ class CountingConnection(psycopg2.extensions.connection):
 # --- prepared statements ------------------------------------------------------------------------
 
 
-class PreparedForm(NamedTuple):
-    """A statement's server-side prepared form: PREPARE once per session, then EXECUTE."""
-
-    name: str
-    prepare: bytes
-    # EXECUTE with psycopg2 %(name)s placeholders, for mogrify.
-    execute: str
-
-
-_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
-
-
-@functools.lru_cache(maxsize=256)
-def prepared_form(sql: str) -> PreparedForm:
-    """`sql` (psycopg2 %(name)s placeholders) as PREPARE text and an EXECUTE to mogrify.
-
-    Parameter types are left to PostgreSQL's inference from context, as they are
-    for the literals psycopg2 would otherwise inline; EXECUTE coerces its
-    arguments to them as an INSERT coerces its values. The name is the text's
-    hash, so one name always means one statement.
-    """
-    order: list[str] = []
-
-    def number(match: re.Match[str]) -> str:
-        if match.group(1) not in order:
-            order.append(match.group(1))
-        return f"${order.index(match.group(1)) + 1}"
-
-    text = _PLACEHOLDER.sub(number, sql).replace("%%", "%")
-    name = "flowlens_" + hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:16]
-    execute = f"EXECUTE {name}({', '.join(f'%({p})s' for p in order)})" if order else f"EXECUTE {name}"
-    return PreparedForm(name, f"PREPARE {name} AS {text}".encode(), execute)
-
-
 def lost_prepared_statement(exc: psycopg2.Error) -> bool:
     """The session no longer holds the statements we PREPAREd, or one changed under us."""
     # The session forgot its prepared statements (a pooler or DISCARD ALL), holds one
@@ -231,8 +221,8 @@ def lost_prepared_statement(exc: psycopg2.Error) -> bool:
 # --- the batch ----------------------------------------------------------------------------------
 
 
-def run_batch(dbapi: Any, statements: list[Statement], isolation: str = "READ COMMITTED") -> tuple[Any, ...] | None:
-    """Run `statements` as one transaction; return the last one's first row.
+def send(dbapi: Any, batch: Batch, isolation: str = "READ COMMITTED") -> tuple[Any, ...] | None:
+    """Run `batch` as one transaction; return the last statement's first row.
 
     `dbapi` is a psycopg2 connection outside any transaction; only database.py
     calls this, with a pooled connection it checked out for this one batch.
@@ -254,12 +244,12 @@ def run_batch(dbapi: Any, statements: list[Statement], isolation: str = "READ CO
     try:
         parts = [f"BEGIN ISOLATION LEVEL {isolation}".encode()]
         missing: dict[str, bytes] = {}
-        if prepared is None:
-            parts += [cursor.mogrify(sql, values) for sql, values in statements]
-        else:
-            forms = [prepared_form(sql) for sql, _ in statements]
-            parts += [cursor.mogrify(form.execute, values) for form, (_, values) in zip(forms, statements, strict=True)]
-            missing = {form.name: form.prepare for form in forms if form.name not in prepared}
+        for statement in batch:
+            sent = form(statement.builder, statement.args, prepared is not None)
+            values = statement.values
+            parts.append(cursor.mogrify(sent.text, [_adapt(values[name]) for name in sent.names]))
+            if prepared is not None and sent.name not in prepared:
+                missing[cast(str, sent.name)] = cast(bytes, sent.prepare)
         dbapi.autocommit = True
         try:
             if prepared is not None and missing:
