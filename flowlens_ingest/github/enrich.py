@@ -24,7 +24,7 @@ from pathlib import Path
 from flowlens_ingest.config import Settings
 from flowlens_ingest.events.enums import FilesStatus
 from flowlens_ingest.github import files, jobs
-from flowlens_ingest.github.client import GitHubClient
+from flowlens_ingest.github.client import FilesPage, GitHubClient
 from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited
 from flowlens_ingest.ingest import describe
 from flowlens_ingest.metrics import Metrics
@@ -116,13 +116,7 @@ class Enricher:
         # A 304 is only as good as the stored list it vouches for.
         etag = job.etag if job.etag_sha is not None and job.etag_sha == job.stored_sha else None
         try:
-            reset = self.client.reserve_exhausted(
-                self.settings.enrich_rate_reserve, installation_id=job.installation_id
-            )
-            if reset is not None:
-                # This credential's reserve is left to others (recover, backfill): no request until its reset.
-                raise RateLimited(reset, "primary", sent=False)
-            page = self.client.list_files(job.full_name, job.pr_number, installation_id=job.installation_id, etag=etag)
+            page = self._list_files(job, etag)
         except RateLimited as exc:
             if exc.sent:
                 self.metrics.github_requests.labels(str(exc.status or "rate_limited")).inc()
@@ -144,6 +138,17 @@ class Enricher:
         shaped = files.shape(page.entries, expected=job.changed_files, truncated=page.truncated)
         settled = jobs.settle(self.database, job, shaped.status, files=shaped.files, etag=page.etag)
         return _settled(settled, shaped.status), f"{len(shaped.files)} files"
+
+    def _list_files(self, job: jobs.Job, etag: str | None) -> FilesPage:
+        """The job's file list; RateLimited without a request while its credential's reserve is reached.
+
+        The reserve (FLOWLENS_ENRICH_RATE_RESERVE) is per credential: one installation running
+        low leaves the others' jobs alone, and what is left of it goes to recover and backfill.
+        """
+        reset = self.client.reserve_exhausted(self.settings.enrich_rate_reserve, installation_id=job.installation_id)
+        if reset is not None:
+            raise RateLimited(reset, "primary", sent=False)
+        return self.client.list_files(job.full_name, job.pr_number, installation_id=job.installation_id, etag=etag)
 
     def _retry(self, job: jobs.Job, error: str) -> str:
         """Retry with backoff, or settle as failed once the attempts are spent."""
