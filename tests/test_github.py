@@ -677,7 +677,7 @@ def test_a_jwt_for_another_app_or_from_a_skewed_clock_is_refused(fake: FakeGitHu
         assert github.installation_token(5).startswith("ghs_")
 
 
-def test_minting_errors(fake: FakeGitHub, app_github: GitHubClient) -> None:
+def test_minting_errors(fake: FakeGitHub, app_github: GitHubClient, clock: Clock) -> None:
     fake.set_files(REPO, 7, make_files(3))
     fake.fail_next("server", route="access_tokens")
     with pytest.raises(Transient):
@@ -685,6 +685,13 @@ def test_minting_errors(fake: FakeGitHub, app_github: GitHubClient) -> None:
     fake.fail_next("secondary", route="access_tokens")
     with pytest.raises(RateLimited):
         app_github.list_files(REPO, 7, installation_id=5)
+    # The App's JWT is told to wait: no mint leaves until then, the limit comes back at once.
+    posts = len(fake.calls("POST"))
+    with pytest.raises(RateLimited) as walled:
+        app_github.list_files(REPO, 7, installation_id=5)
+    assert not walled.value.sent and walled.value.credential == f"app:{fake.app_id}"
+    assert len(fake.calls("POST")) == posts
+    clock.now += fake.retry_after + 1  # type: ignore[operator]
     fake.installations = {5}
     with pytest.raises(Forbidden) as caught:
         app_github.list_files(REPO, 7, installation_id=6)
