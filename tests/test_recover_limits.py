@@ -370,3 +370,68 @@ def test_missing_deliveries_held_in_memory_are_bounded(db, github, hook):
     assert len(report.missing) == 300  # read a page at a time: stopped at the first page past 250
     assert report.cut == [(path, "300 missing deliveries held: the rest are read next time")]
     assert len(github.calls("GET", "/deliveries")) == 3
+
+
+class Clock:
+    """Wall-clock time shifted when told: GitHub's log and the passes, minutes apart without waiting."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def test_a_log_longer_than_a_pass_reads_is_read_on_by_the_next_passes_nothing_skipped(db, database_url, tmp_path):
+    clock = Clock()
+    with serve_fake_github(clock=clock) as github:
+        service = Webhook(database_url, tmp_path)
+        try:
+            hook_id = next(HOOK_IDS)
+            path = f"repos/octo/walls/hooks/{hook_id}"
+            github.hook_logs.add_hook(
+                path, hook_id, service.url, SECRET, target_type="repository", target_id=REPO["id"]
+            )
+            guids = []
+            for n in range(1, 12):  # logged an hour ago, ten seconds apart, while the service was down
+                clock.offset = -3600 + 10 * n
+                guids.append(github.hook_logs.deliver(path, "pull_request", opened(n)))
+            service.start()
+            settings = settings_for(github, path, recover_every_s=600)
+            # Pages of 2: a pass reads at most 6 of the log's 11 entries (and the redeliveries it adds).
+            bounds = Bounds(per_page=2, pages=3)
+            reports = []
+            for number in range(8):
+                clock.offset = 600.0 * number
+                with database_of(db).engine.begin() as conn:
+                    conn.execute(sa.delete(leases).where(leases.c.name == DUE))  # the next pass is due
+                gets = len(github.calls("GET", "/deliveries"))
+                passes = RecoveryPass(
+                    settings,
+                    database_of(db),
+                    client_for(settings, database_of(db)),
+                    instruments(),
+                    clock=clock,
+                    pace_s=0.01,
+                    settle_s=30,
+                    bounds=bounds,
+                )
+                report = passes.run_once()
+                github.hook_logs.wait_redeliveries()
+                assert report is not None and len(github.calls("GET", "/deliveries")) - gets <= 3
+                reports.append(report)
+                if number == 0:  # where it stopped is kept: the next pass goes on there
+                    (first,) = rows(db, webhook_hooks, "resume_url", "checked_through")
+                    assert first["resume_url"] and "cursor=" in first["resume_url"] and first["checked_through"] is None
+                if report.complete:
+                    break
+        finally:
+            service.close()
+
+    assert reports[0].cut and not reports[0].complete  # the first pass said it did not read it all
+    assert reports[-1].complete and len(reports) > 1
+    posted = [call.path for call in github.calls("POST", "/attempts")]
+    assert len(posted) == len(set(posted)) == 11  # each once, none skipped
+    assert journaled(db, hook_id) == set(guids)
+    (row,) = rows(db, webhook_hooks, "hook_id", "checked_through", "resume_url")
+    assert row["resume_url"] is None and row["checked_through"] is not None

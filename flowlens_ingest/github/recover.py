@@ -55,11 +55,13 @@ SETTLE_S = 60.0
 POLL_S = 0.25
 # 100 deliveries a page: 300 pages (30,000 attempts) is more than a busy hook logs in GitHub's 3 days.
 MAX_LOG_PAGES = 300
+# GitHub's largest page of a delivery log.
+PER_PAGE = 100
 # Missing deliveries held in memory at once (each a few hundred bytes): reading a hook stops there.
 MAX_HELD = 20_000
 
 Mode = Literal["redeliver", "fetch", "dry_run"]
-__all__ = ["Bounds", "Hook", "Missing", "Mode", "Recoverer", "Report", "hooks_to_read", "retention"]
+__all__ = ["Bounds", "Hook", "Missing", "Mode", "Recoverer", "Report", "Resume", "hooks_to_read", "retention"]
 
 
 def retention(api_url: str) -> timedelta:
@@ -69,10 +71,11 @@ def retention(api_url: str) -> timedelta:
 
 @dataclass(frozen=True)
 class Bounds:
-    """What one run may do: log pages per hook, missing deliveries held, redeliveries or fetches, wall time (s)."""
+    """What one run may do: log pages per hook (of `per_page`), missing deliveries held, redeliveries or fetches, wall time (s)."""
 
     pages: int = MAX_LOG_PAGES
     held: int = MAX_HELD
+    per_page: int = PER_PAGE
     recoveries: int | None = None
     seconds: float | None = None
 
@@ -95,6 +98,27 @@ class Missing:
         return f"{self.guid} (hook {self.hook_id}, {self.event})"
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where the last pass stopped reading a hook's log: its next page (`url`), having read what is `newer_than`."""
+
+    url: str
+    newer_than: datetime
+
+
+@dataclass
+class _Reading:
+    """One hook's log as it is read: its id (once known), pages read, the missing deliveries kept."""
+
+    hook: Hook
+    hook_id: int | None = None
+    pages: int = 0
+    lacking: dict[str, tuple[LogEntry, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.hook_id = self.hook.hook_id
+
+
 class Interrupted(GitHubError):
     """The run must send nothing more: its wall time is spent, its lease lost, or it was stopped."""
 
@@ -115,6 +139,8 @@ class Report:
     # Hooks whose log was not read back to where it should have been, and why.
     cut: list[tuple[str, str]] = field(default_factory=list)
     malformed: int = 0
+    # Per hook in `cut`: the next page's URL, where the next pass goes on.
+    resume: dict[str, str] = field(default_factory=dict)
     credential_refused: bool = False
     # The earliest time a credential GitHub told to wait may be used again (epoch seconds).
     retry_at: float | None = None
@@ -179,12 +205,18 @@ class Recoverer:
         # Credentials GitHub told to wait longer than we wait: nothing more is sent with them this run.
         self._walled: dict[str, RateLimited] = {}
 
-    def run(self, since_for: Callable[[Hook], datetime], mode: Mode, hooks: list[Hook]) -> Report:
-        """Read each hook's log back to `since_for(hook)`, then redeliver, fetch, or only list what is missing."""
+    def run(
+        self,
+        since_for: Callable[[Hook], datetime],
+        mode: Mode,
+        hooks: list[Hook],
+        resume_for: Callable[[Hook], Resume | None] = lambda _hook: None,
+    ) -> Report:
+        """Read each hook's log back to `since_for(hook)` (going on at `resume_for(hook)`), then redeliver, fetch, or only list what is missing."""
         report = Report(mode)
         for hook in hooks:
             try:
-                report.missing += self.missing(hook, since_for(hook), report)
+                report.missing += self.missing(hook, since_for(hook), report, resume_for(hook))
                 report.hooks += 1
             except GitHubError as exc:
                 if isinstance(exc, RateLimited):
@@ -215,25 +247,47 @@ class Recoverer:
 
     # -- reading a log ------------------------------------------------------------------------
 
-    def missing(self, hook: Hook, since: datetime, report: Report) -> list[Missing]:
+    def missing(self, hook: Hook, since: datetime, report: Report, resume: Resume | None = None) -> list[Missing]:
         """The deliveries of one hook's log since `since` that the journal lacks, one per GUID.
 
         Each page is compared with the journal as it is read: only what the journal lacks is
-        kept, so memory holds at most `bounds.held` deliveries, whatever the log's length.
+        kept, so memory holds at most `bounds.held` deliveries, whatever the log's length. With
+        `resume` (a pass stopped at its bound last time), the newer part is read down to where
+        that pass started, then the older part from where it stopped. A log not read to the end
+        is in `report.cut`, and where to go on in `report.resume`.
         """
-        lacking: dict[str, tuple[LogEntry, int]] = {}
-        hook_id = hook.hook_id
-        url: str | None = f"{hook.path}/deliveries?per_page=100"
-        pages = 0
+        reading = _Reading(hook)
+        newest = f"{hook.path}/deliveries?per_page={self.bounds.per_page}"
+        if resume is None:
+            stopped = self._read(reading, newest, since, report)
+        else:
+            stopped = self._read(reading, newest, resume.newer_than, report)
+            if stopped is None:
+                stopped = self._go_on(reading, resume.url, since, report)
+        if stopped is not None:
+            report.resume[hook.path] = stopped
+        if reading.hook_id is None:
+            return []
+        return [
+            Missing(e.guid, hook, reading.hook_id, e.log_id, e.event, e.delivered_at, count)
+            for e, count in reading.lacking.values()
+        ]
+
+    def _read(self, reading: _Reading, url: str | None, down_to: datetime, report: Report) -> str | None:
+        """Read pages from `url` until an entry older than `down_to` or the log's end; the next page's URL if a bound stopped it."""
+        hook = reading.hook
         while url is not None:
-            if pages >= self.bounds.pages:
-                report.cut.append((hook.path, f"stopped after {pages} pages; older deliveries are read next time"))
-                break
-            if len(lacking) >= self.bounds.held:
-                report.cut.append((hook.path, f"{len(lacking)} missing deliveries held: the rest are read next time"))
-                break
+            if reading.pages >= self.bounds.pages:
+                report.cut.append(
+                    (hook.path, f"stopped after {reading.pages} pages; older deliveries are read next time")
+                )
+                return url
+            if len(reading.lacking) >= self.bounds.held:
+                held = len(reading.lacking)
+                report.cut.append((hook.path, f"{held} missing deliveries held: the rest are read next time"))
+                return url
             answer = self._call("GET", url, hook)
-            pages += 1
+            reading.pages += 1
             page = answer.data if isinstance(answer.data, list) else []
             entries: list[LogEntry] = []
             older = False
@@ -242,28 +296,41 @@ class Recoverer:
                 if entry is None:
                     report.malformed += 1
                     continue
-                if entry.delivered_at < since:
+                if entry.delivered_at < down_to:
                     older = True
                     continue
                 report.listed += 1
                 entries.append(entry)
-            if entries and hook_id is None:
-                hook_id = self._learn_hook_id(hook, entries[0])
-            if entries and hook_id is not None:
-                fresh = {e.guid for e in entries if e.guid not in lacking}
-                present = journaled(self.database, hook_id, fresh) if fresh else set()
-                for entry in entries:
-                    if entry.guid in present:
-                        continue
-                    # Newest first: the first attempt seen of a GUID is its latest.
-                    first, count = lacking.get(entry.guid, (entry, 0))
-                    lacking[entry.guid] = (first, count + 1)
+            self._compare(reading, entries)
             url = None if older or not page else answer.next_url
-        if hook_id is None:
-            return []
-        return [
-            Missing(e.guid, hook, hook_id, e.log_id, e.event, e.delivered_at, count) for e, count in lacking.values()
-        ]
+        return None
+
+    def _go_on(self, reading: _Reading, url: str, since: datetime, report: Report) -> str | None:
+        """Read the older part of a log from where the last pass stopped; a cursor GitHub no longer takes restarts it."""
+        try:
+            return self._read(reading, url, since, report)
+        except (RateLimited, Interrupted):
+            raise
+        except GitHubError as exc:
+            # Without `report.resume`, the next pass reads this log from its newest entry again.
+            report.cut.append((reading.hook.path, f"the last pass's cursor was refused ({exc}): read anew next time"))
+            return None
+
+    def _compare(self, reading: _Reading, entries: list[LogEntry]) -> None:
+        """Keep the entries of a page the journal lacks, one per GUID (its newest attempt) with its attempts counted."""
+        if not entries:
+            return
+        if reading.hook_id is None:
+            reading.hook_id = self._learn_hook_id(reading.hook, entries[0])
+        lacking = reading.lacking
+        fresh = {e.guid for e in entries if e.guid not in lacking}
+        present = journaled(self.database, reading.hook_id, fresh) if fresh else set()
+        for entry in entries:
+            if entry.guid in present:
+                continue
+            # Newest first: the first attempt seen of a GUID is its latest.
+            first, count = lacking.get(entry.guid, (entry, 0))
+            lacking[entry.guid] = (first, count + 1)
 
     def _learn_hook_id(self, hook: Hook, entry: LogEntry) -> int:
         """The App hook's id, from one delivery's request headers (its log's entries do not carry it)."""

@@ -35,6 +35,7 @@ from flowlens_ingest.github.recover import (
     Hook,
     Recoverer,
     Report,
+    Resume,
     hooks_to_read,
     retention,
 )
@@ -80,12 +81,34 @@ def _record_hooks(database: Database, settings: Settings, learned: dict[str, int
 
 
 def _checkpoint(database: Database, hook_id: int, through: datetime) -> None:
-    """Every delivery the hook logged up to `through` has been compared with the journal."""
+    """Every delivery the hook logged up to `through` has been compared with the journal: no reading to resume."""
     t = webhook_hooks
     database.execute(
         sa.update(t)
-        .where(t.c.hook_id == hook_id, sa.or_(t.c.checked_through.is_(None), t.c.checked_through < through))
-        .values(checked_through=through, updated_at=sa.func.now())
+        .where(t.c.hook_id == hook_id)
+        .values(
+            checked_through=sa.case(
+                (sa.or_(t.c.checked_through.is_(None), t.c.checked_through < through), through),
+                else_=t.c.checked_through,
+            ),
+            resume_url=None,
+            resume_newer_than=None,
+            updated_at=sa.func.now(),
+        )
+    )
+
+
+def _resume_at(database: Database, hook_id: int, url: str | None, newer_than: datetime) -> None:
+    """A pass stopped reading this hook's log at `url` (None: read it anew), having read what is newer than `newer_than`."""
+    t = webhook_hooks
+    database.execute(
+        sa.update(t)
+        .where(t.c.hook_id == hook_id)
+        .values(
+            resume_url=url,
+            resume_newer_than=None if url is None else newer_than,
+            updated_at=sa.func.now(),
+        )
     )
 
 
@@ -158,9 +181,15 @@ class RecoveryPass:
         hooks, skipped = hooks_to_read(self.settings, self.database)
         for reason in skipped:
             log.warning("recovery pass skips a hook", extra={"reason": reason})
-        checked = {
-            row.api_path: row.checked_through
-            for row in self.database.read(sa.select(webhook_hooks.c.api_path, webhook_hooks.c.checked_through))
+        wh = webhook_hooks
+        known = self.database.read(
+            sa.select(wh.c.api_path, wh.c.checked_through, wh.c.resume_url, wh.c.resume_newer_than)
+        )
+        checked = {row.api_path: row.checked_through for row in known}
+        resumes = {
+            row.api_path: Resume(row.resume_url, row.resume_newer_than)
+            for row in known
+            if row.resume_url is not None and row.resume_newer_than is not None
         }
         oldest = started - retention(self.settings.github_api_url)
 
@@ -187,7 +216,7 @@ class RecoveryPass:
             bounds=self.bounds,
             keep=self.lease.keep,
         )
-        report = recoverer.run(since, "redeliver", hooks)
+        report = recoverer.run(since, "redeliver", hooks, lambda hook: resumes.get(hook.path))
         _record_hooks(self.database, self.settings, recoverer.learned)
         self._advance(report, hooks, recoverer.learned, started - timedelta(seconds=IN_FLIGHT_S))
         self.metrics.recovery_passes.labels("complete" if report.complete else "incomplete").inc()
@@ -201,7 +230,8 @@ class RecoveryPass:
 
     def _advance(self, report: Report, hooks: list[Hook], learned: dict[str, int], through: datetime) -> None:
         """Move each hook's checkpoint on: to `through`, or to the oldest delivery this pass left; not past a log it did not finish."""
-        unfinished = {path for path, _ in report.unreadable} | {path for path, _ in report.cut}
+        unread = {path for path, _ in report.unreadable}
+        cut = {path for path, _ in report.cut}
         failed = {name for name, _ in report.failed}
         left: dict[str, datetime] = {}
         for item in [m for m in report.missing if m.name in failed] + [m for m, _ in report.held]:
@@ -209,7 +239,14 @@ class RecoveryPass:
             left[item.hook.path] = item.delivered_at if at is None else min(at, item.delivered_at)
         for hook in hooks:
             hook_id = hook.hook_id if hook.hook_id is not None else learned.get(hook.path)
-            if hook_id is None or hook.path in unfinished:
+            if hook_id is None or hook.path in unread:
+                continue
+            if hook.path in cut:
+                # Not read to the end: the checkpoint stays; the next pass reads what is newer than
+                # `through`, then goes on where this one stopped (or, without a cursor, anew).
+                _resume_at(
+                    self.database, hook_id, report.resume.get(hook.path), min(through, left.get(hook.path, through))
+                )
                 continue
             # The oldest delivery left is read again next time (a pass reads from its checkpoint on, inclusive).
             _checkpoint(self.database, hook_id, min(through, left.get(hook.path, through)))

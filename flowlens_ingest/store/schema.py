@@ -335,6 +335,11 @@ webhook_hooks = sa.Table(
     sa.Column("api_path", sa.Text, nullable=False),
     # Every delivery GitHub logged up to this time has been compared with the journal.
     sa.Column("checked_through", _Ts),
+    # A pass that stopped reading before `checked_through` (its page bound) leaves where the older,
+    # unread part of the log goes on (GitHub's `Link: rel="next"` cursor URL), and the time down to
+    # which it read the newer part: the next pass reads the new part down to it, then goes on there.
+    sa.Column("resume_url", sa.Text),
+    sa.Column("resume_newer_than", _Ts),
     *_row_times(),
 )
 
