@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
@@ -35,8 +35,8 @@ class Holder:
 
     def describe(self) -> str:
         """`host pid 12 (recover pass) since 2026-12-06 01:02:03 UTC, held until …`."""
-        since = f" since {self.taken_at:%Y-%m-%d %H:%M:%S %Z}" if self.taken_at else ""
-        return f"{self.name}{since}, held until {self.leased_until:%Y-%m-%d %H:%M:%S %Z}"
+        since = f" since {self.taken_at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC" if self.taken_at else ""
+        return f"{self.name}{since}, held until {self.leased_until.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
 
 
 class Lease:
