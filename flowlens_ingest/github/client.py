@@ -197,13 +197,17 @@ class GitHubClient:
         """The reset time (at most an hour ahead) when that credential has fewer than `reserve` requests left; else None."""
         return self.budgets.reserve_exhausted(self.credential_key(installation_id=installation_id), reserve)
 
-    def _exchange(self, key: str, method: str, url: str, headers: dict[str, str], max_bytes: int) -> Answer:
+    def _exchange(
+        self, key: str, method: str, url: str, headers: dict[str, str], max_bytes: int, *, checked: bool = False
+    ) -> Answer:
         """One request drawing on budget `key`: refused at once while GitHub's wait holds, and its answer recorded.
 
         A 403/429 that is a rate limit makes the wait this credential honours from now on, in
-        this process and (through the shared waits) in the others.
+        this process and (through the shared waits) in the others. `checked`: the caller has just
+        asked (before minting the token it sends), so the shared waits are not read twice.
         """
-        self.budgets.check(key)
+        if not checked:
+            self.budgets.check(key)
         answer = self._send(method, url, headers, max_bytes)
         self.budgets.observe(key, rate_limit_of(answer.headers))
         limited = rate_limited(answer, self._clock())
@@ -306,7 +310,8 @@ class GitHubClient:
         # Checked before a token is minted: a mint is a request too.
         self.budgets.check(key)
         credential, installation = self._credential(installation_id)
-        answer = self._exchange(key, "GET", url, {**headers, "Authorization": f"Bearer {credential}"}, max_bytes)
+        authorized = {**headers, "Authorization": f"Bearer {credential}"}
+        answer = self._exchange(key, "GET", url, authorized, max_bytes, checked=True)
         if answer.status_code != 401 or installation is None or self._app is None:
             return answer, 1
         # Revoked, or expired earlier than announced: mint once more, then give up.
@@ -417,7 +422,8 @@ class GitHubClient:
             key = self.credential_key(installation_id=installation_id)
             self.budgets.check(key)
             credential, _ = self._credential(installation_id)
-            answer = self._exchange(key, method, url, {"Authorization": f"Bearer {credential}"}, self.max_page_bytes)
+            authorized = {"Authorization": f"Bearer {credential}"}
+            answer = self._exchange(key, method, url, authorized, self.max_page_bytes, checked=True)
         if not 200 <= answer.status_code < 300:
             self._raise_for(answer, key)
         if answer.cut:
