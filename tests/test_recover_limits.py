@@ -435,3 +435,28 @@ def test_a_log_longer_than_a_pass_reads_is_read_on_by_the_next_passes_nothing_sk
     assert journaled(db, hook_id) == set(guids)
     (row,) = rows(db, webhook_hooks, "hook_id", "checked_through", "resume_url")
     assert row["resume_url"] is None and row["checked_through"] is not None
+
+
+def test_the_files_worker_holds_the_installation_told_to_wait_and_fetches_for_the_others(db, github):
+    settings = Settings(
+        github_api_url=github.url,
+        github_app_id=str(github.app_id),
+        github_app_private_key=app_private_key_pem(),
+        enrich_rate_reserve=0,
+    )
+    for number, installation in ((1, 5), (2, 6), (3, 5)):
+        github.set_files("octo/walls", number, make_files(2))
+        payload = opened(number)
+        payload["installation"] = {"id": installation, "node_id": f"inst-{installation}"}
+        apply(db, "pull_request", payload)
+    github.budgets.limit_next("installation:5", retry_after=600)
+    worker = Enricher(settings, database_of(db), client_for(settings, database_of(db)), instruments())
+
+    while worker.run_once():
+        pass
+
+    states = {r["pr_number"]: r["state"] for r in rows(db, files_jobs, "pr_number", "state")}
+    assert states == {1: "pending", 2: "done", 3: "pending"}
+    assert github.budgets.requests("installation:5") == 1  # the one GitHub answered with the wait
+    assert github.budgets.requests_while_limited("installation:5") == 0
+    assert github.budgets.requests("installation:6") >= 1
