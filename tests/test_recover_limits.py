@@ -460,3 +460,43 @@ def test_the_files_worker_holds_the_installation_told_to_wait_and_fetches_for_th
     assert github.budgets.requests("installation:5") == 1  # the one GitHub answered with the wait
     assert github.budgets.requests_while_limited("installation:5") == 0
     assert github.budgets.requests("installation:6") >= 1
+
+
+def test_an_operators_recover_during_the_workers_pass_redelivers_each_guid_once(db, github, webhook, hook, env):
+    path, hook_id = hook
+    guids = missed(github, path, range(1, 7))
+    webhook.start()
+    settings = settings_for(github, path, recover_every_s=600)
+    passes = RecoveryPass(
+        settings, database_of(db), client_for(settings, database_of(db)), instruments(), pace_s=0.2, settle_s=30
+    )
+    results: list[Any] = []
+    worker = threading.Thread(target=lambda: results.append(passes.run_once()))
+    worker.start()
+    # The operator runs recover while the pass works (or just before it: either waits for the other).
+    code = main(["recover", "--since", "1h", "--wait", "120s"])
+    worker.join(timeout=300)
+    github.hook_logs.wait_redeliveries()
+
+    posted = [call.path for call in github.calls("POST", "/attempts")]
+    assert len(posted) == len(set(posted)) == 6
+    assert code == 0 and not worker.is_alive()
+    assert journaled(db, hook_id) == set(guids)
+
+
+def test_attempts_older_than_githubs_retention_are_gone_from_the_fakes_log(db, database_url, tmp_path):
+    clock = Clock()
+    with serve_fake_github(clock=clock) as github:
+        hook_id = next(HOOK_IDS)
+        path = f"repos/octo/walls/hooks/{hook_id}"
+        github.hook_logs.add_hook(path, hook_id, "http://127.0.0.1:9/", SECRET, target_type="repository", target_id=1)
+        clock.offset = -4 * 86400
+        github.hook_logs.deliver(path, "pull_request", opened(1))
+        clock.offset = -3600
+        recent = github.hook_logs.deliver(path, "pull_request", opened(2))
+        clock.offset = 0
+        since = datetime.now(UTC) - timedelta(days=7)
+        settings = settings_for(github, path)
+        hooks, _ = hooks_to_read(settings, database_of(db))
+        report = recoverer(db, github, settings).run(lambda _hook: since, "dry_run", hooks)
+    assert [m.guid for m in report.missing] == [recent] and report.listed == 1
