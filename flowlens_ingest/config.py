@@ -698,8 +698,10 @@ class Settings:
             "`FLOWLENS_ENRICH_RATE_RESERVE`",
             "`100`",
             "`0` to `4999`",
-            "the files worker stops claiming jobs when fewer requests than this remain in GitHub's primary"
-            " limit, until its reset. Below a token's hourly 5,000, or the worker would never fetch",
+            "per credential (each App installation, the token): when fewer requests than this remain in its"
+            " primary limit, the files worker reschedules that credential's jobs to its reset without a request"
+            " (other credentials go on), and `backfill` waits for the reset. Below a token's hourly 5,000, or the"
+            " worker would never fetch",
         ),
     )
     enrich_lease_s: int = setting(

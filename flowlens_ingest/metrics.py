@@ -191,6 +191,13 @@ class Metrics:
         self.recovery_passes = Counter(
             "flowlens_recovery_passes", "Scheduled recovery passes run, by result", ["result"], registry=reg
         )
+        self.recovery_skipped = Counter(
+            "flowlens_recovery_skipped",
+            "What a recovery run left for the next one, by cause: malformed log entries skipped, missing"
+            " deliveries held back (a rate limit, a bound), hook logs not read to the end",
+            ["cause"],
+            registry=reg,
+        )
         self._watched_series_at_zero()
 
     def _watched_series_at_zero(self) -> None:

@@ -46,6 +46,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from . import fake_trial
+from .fake_budgets import CredentialBudgets
 from .fake_hooks import HookLogs
 from .fake_repos import Repositories
 
@@ -205,6 +206,8 @@ class FakeGitHub:
             self.hook_logs = HookLogs(self)
             # Repositories, pull requests, reviews, checks and statuses for backfill (fake_repos.py).
             self.repositories = Repositories(self)
+            # Each credential its own rate-limit budget, requests counted per credential (fake_budgets.py).
+            self.budgets = CredentialBudgets(self)
 
     # -- programming the fake ---------------------------------------------------------------
 
@@ -269,6 +272,9 @@ class FakeGitHub:
                     headers={name.lower(): value for name, value in request.headers.items()},
                 )
             )
+        limited = self.budgets.gate(request)
+        if limited is not None:
+            return limited
         if request.method == "GET" and (match := _FILES_PATH.match(path)):
             full_name = f"{match['owner']}/{match['repo']}".lower()
             with self._lock:
@@ -426,6 +432,12 @@ class FakeGitHub:
             "repository_selection": "all",
         }
         return _json(201, body)
+
+    def installation_of(self, token: str) -> int | None:
+        """The installation an unexpired installation token was issued for, or None."""
+        with self._lock:
+            issued = self._installation_tokens.get(token)
+        return issued[0] if issued is not None and self.clock() < issued[1] else None
 
     def _jwt_valid(self, value: str) -> bool:
         """GitHub's checks: RS256 by the App's key, `iss` the App id, issued in the past, expiring within 10 minutes."""

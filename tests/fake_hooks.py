@@ -65,6 +65,10 @@ class Hook:
     target_type: str
     target_id: int
     log: list[Attempt] = field(default_factory=list)
+    # Raw log entries GitHub's API would not send (a time without offset, `id: true`), listed first.
+    odd: list[dict[str, Any]] = field(default_factory=list)
+    # A log whose pages never end, each bringing new GUIDs.
+    endless: bool = False
 
 
 class HookLogs:
@@ -78,6 +82,8 @@ class HookLogs:
         self.min_post_interval = 0.0
         self._last_post = -1e9
         self.rate_limited_posts = 0
+        # GitHub keeps a hook's log 3 days (github.com): older attempts vanish from it.
+        self.retention_s = 3 * 86400.0
         self._threads: list[threading.Thread] = []
         # None: a classic token, every owner; else a fine-grained token's resource owner.
         self.token_owner: str | None = None
@@ -209,17 +215,37 @@ class HookLogs:
         return None
 
     def _list(self, request: Request, hook: Hook) -> Response:
+        """Newest first, `per_page` at most, a keyset `cursor` (attempts older than the last one shown) in `Link`.
+
+        Attempts older than `retention_s` are gone, as from GitHub's log. `hook.odd` entries (raw
+        dicts, as a quirky log might hold) head the first page; an `endless` log never runs out.
+        """
         per_page = min(100, max(1, int(request.args.get("per_page", "30"))))
         cursor = request.args.get("cursor")
-        start = int(base64.urlsafe_b64decode(cursor.encode()).decode().removeprefix("v1_")) if cursor else 0
+        before = int(base64.urlsafe_b64decode(cursor.encode()).decode().removeprefix("v1_")) if cursor else None
+        oldest = self.fake.clock() - self.retention_s
         with self._lock:
-            newest_first = list(reversed(hook.log))
-        page = newest_first[start : start + per_page]
+            kept = [a for a in reversed(hook.log) if a.delivered_at >= oldest and (before is None or a.id < before)]
+        page = [self._summary(a) for a in kept[:per_page]]
+        last = kept[per_page - 1].id if len(kept) > per_page else None
+        if hook.endless and len(kept) <= per_page:
+            # Fresh GUIDs on every page, for ever: a log that never ends.
+            start = min([before or 79_999_999_999, *(a.id for a in kept)]) - 1
+            fresh = [self._endless(start - i) for i in range(per_page - len(page))]
+            page += fresh
+            last = start - len(fresh) + 1
+        if cursor is None:
+            page = [*hook.odd, *page]
         headers = {}
-        if start + per_page < len(newest_first):
-            token = base64.urlsafe_b64encode(f"v1_{start + per_page}".encode()).decode()
+        if last is not None:
+            token = base64.urlsafe_b64encode(f"v1_{last}".encode()).decode()
             headers["Link"] = f'<{self.fake.url}/{hook.path}/deliveries?per_page={per_page}&cursor={token}>; rel="next"'
-        return _json(200, [self._summary(a) for a in page], headers)
+        return _json(200, page, headers)
+
+    def _endless(self, log_id: int) -> dict[str, Any]:
+        now = datetime.fromtimestamp(int(self.fake.clock()), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        guid = str(uuid.uuid5(uuid.NAMESPACE_OID, str(log_id)))
+        return {"id": log_id, "guid": guid, "delivered_at": now, "event": "ping", "status_code": 0, "redelivery": False}
 
     def _summary(self, attempt: Attempt) -> dict[str, Any]:
         payload = json.loads(attempt.body)

@@ -232,8 +232,9 @@ def test_a_refetch_that_github_answers_304_changes_nothing_and_costs_no_quota(db
     assert (pr_row(db)["version"], pr_row(db)["files_status"]) == (version, "fetched")
 
 
-def test_the_primary_rate_limit_reschedules_to_the_reset_and_pauses_claims(db, github):
+def test_the_primary_rate_limit_reschedules_to_the_reset_and_nothing_is_sent_until_then(db, github):
     github.set_files("octo/enrich", 1, make_files(2))
+    github.set_files("octo/enrich", 2, make_files(2))
     github.reset_in = 2
     github.fail_next("primary")
     apply(db, "pull_request", opened())
@@ -241,13 +242,15 @@ def test_the_primary_rate_limit_reschedules_to_the_reset_and_pauses_claims(db, g
     assert enricher.run_once()
     (job,) = job_rows(db)
     assert (job["state"], job["attempts"]) == ("pending", 0)  # a rate limit spends no attempt
-    assert enricher.paused_until > 0
     requests_so_far = len(github.requests)
-    # Paused: polling makes no request to GitHub until the reset.
-    assert not enricher.run_once()
+    # Another job of the same credential: rescheduled to the reset without a request.
+    apply(db, "pull_request", opened(2, sha_for("primary-wall", 2)))
+    assert enricher.run_once()
     assert len(github.requests) == requests_so_far
-    wait_for(lambda: enricher.run_once(), timeout=30, what="the job to run after GitHub's reset")
-    assert pr_row(db)["files_status"] == "fetched"
+    assert job_timing(db, 2)["state"] == "pending" and job_timing(db, 2)["attempts"] == 0
+    assert not enricher.run_once()  # nothing due before the reset
+    wait_for(lambda: drain(enricher) >= 0 and pr_row(db)["files_status"] == "fetched", timeout=30, what="the reset")
+    assert github.budgets.requests_while_limited("token") == 0
 
 
 def test_a_secondary_rate_limit_waits_for_retry_after(db, github):
@@ -442,28 +445,30 @@ def test_absurd_rate_limit_headers_reschedule_within_an_hour_and_the_worker_goes
     limited = job_timing(db, 1)
     assert (limited["state"], limited["leased_until"], limited["attempts"]) == ("pending", None, 0)
     assert 0 < limited["due_in_s"] <= 3600 + 5
-    assert enricher.paused_until <= clock() + 3600
-    # Claims pause no longer than that: past it, the worker takes the other job.
-    clock.offset += 3601
+    # The other job shares the credential: rescheduled within the hour too, without a request.
+    sent = len(github.requests)
     assert enricher.run_once()
-    assert pr_row(db, 2)["files_status"] == "fetched"
-    assert job_timing(db, 1)["state"] == "pending"
+    assert len(github.requests) == sent
+    other = job_timing(db, 2)
+    assert (other["state"], other["attempts"]) == ("pending", 0) and 0 < other["due_in_s"] <= 3600 + 5
 
 
-def test_a_reset_in_2100_pauses_claims_for_an_hour_at_most(db, github):
+def test_a_reset_in_2100_under_the_reserve_holds_that_credentials_jobs_for_an_hour_at_most(db, github):
     for number in (1, 2):
         github.set_files("octo/enrich", number, make_files(2))
         apply(db, "pull_request", opened(number, sha_for("reset-2100", number)))
-    github.remaining = 10  # under the worker's reserve: it pauses until the reset
+    github.remaining = 10  # under the worker's reserve: its jobs wait for the reset
     github.reset_at = 4_102_444_800
     clock = Clock()
     enricher = make_enricher(db, github, clock=clock)
     assert enricher.run_once()
-    assert clock() < enricher.paused_until <= clock() + 3600
-    assert not enricher.run_once()
-    clock.offset += 3601
+    sent = len(github.requests)
     assert enricher.run_once()
-    assert {r["files_status"] for r in rows(db, pull_requests, "files_status")} == {"fetched"}
+    assert len(github.requests) == sent  # the reserve is left: no request
+    statuses = sorted(r["files_status"] for r in rows(db, pull_requests, "files_status"))
+    assert statuses == ["fetched", "pending"]
+    held = [job_timing(db, n) for n in (1, 2) if job_timing(db, n)["state"] == "pending"]
+    assert len(held) == 1 and 0 < held[0]["due_in_s"] <= 3600 + 5
 
 
 @pytest.fixture

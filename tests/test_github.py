@@ -677,7 +677,7 @@ def test_a_jwt_for_another_app_or_from_a_skewed_clock_is_refused(fake: FakeGitHu
         assert github.installation_token(5).startswith("ghs_")
 
 
-def test_minting_errors(fake: FakeGitHub, app_github: GitHubClient) -> None:
+def test_minting_errors(fake: FakeGitHub, app_github: GitHubClient, clock: Clock) -> None:
     fake.set_files(REPO, 7, make_files(3))
     fake.fail_next("server", route="access_tokens")
     with pytest.raises(Transient):
@@ -685,6 +685,13 @@ def test_minting_errors(fake: FakeGitHub, app_github: GitHubClient) -> None:
     fake.fail_next("secondary", route="access_tokens")
     with pytest.raises(RateLimited):
         app_github.list_files(REPO, 7, installation_id=5)
+    # The App's JWT is told to wait: no mint leaves until then, the limit comes back at once.
+    posts = len(fake.calls("POST"))
+    with pytest.raises(RateLimited) as walled:
+        app_github.list_files(REPO, 7, installation_id=5)
+    assert not walled.value.sent and walled.value.credential == f"app:{fake.app_id}"
+    assert len(fake.calls("POST")) == posts
+    clock.now += fake.retry_after + 1  # type: ignore[operator]
     fake.installations = {5}
     with pytest.raises(Forbidden) as caught:
         app_github.list_files(REPO, 7, installation_id=6)
@@ -739,3 +746,56 @@ def test_the_fake_runs_standalone(tmp_path: Path) -> None:
             process.terminate()
             process.wait(timeout=10)
         assert process.returncode == 0
+
+
+# -- one budget per credential: GitHub's wait is a wall ------------------------------------------
+
+
+def test_a_credential_told_to_wait_sends_nothing_until_then_and_the_others_go_on(
+    fake: FakeGitHub, clock: Clock
+) -> None:
+    fake.set_files(REPO, 7, make_files(3))
+    both = GitHubClient(
+        api_url=fake.url, token=fake.token, app_id=fake.app_id, private_key=fake.app_private_key_pem, clock=clock
+    )
+    with both:
+        fake.budgets.limit_next("token", retry_after=600)
+        with pytest.raises(RateLimited) as told:
+            both.list_files(REPO, 7, installation_id=None)
+        assert told.value.sent and told.value.retry_at == T0 + 600
+        sent = fake.budgets.requests("token")
+        for _ in range(3):
+            with pytest.raises(RateLimited) as refused:
+                both.list_files(REPO, 7, installation_id=None)
+            assert not refused.value.sent and refused.value.retry_at == T0 + 600
+        assert fake.budgets.requests("token") == sent
+        # An installation has its own budget: it goes on.
+        assert len(both.list_files(REPO, 7, installation_id=5).entries) == 3
+        assert both.wait_of(installation_id=5) is None and both.wait_of() is not None
+        clock.now += 600
+        assert len(both.list_files(REPO, 7, installation_id=None).entries) == 3
+    assert fake.budgets.requests_while_limited("token") == 0
+
+
+def test_a_successful_answer_with_nothing_left_is_a_wall_until_the_reset(
+    fake: FakeGitHub, github: GitHubClient, clock: Clock
+) -> None:
+    fake.set_files(REPO, 7, make_files(3))
+    fake.remaining = 1
+    fake.reset_at = T0 + 42
+    assert len(github.list_files(REPO, 7, installation_id=None).entries) == 3  # spends the last request
+    sent = len(fake.requests)
+    with pytest.raises(RateLimited) as refused:
+        github.list_files(REPO, 7, installation_id=None)
+    assert (refused.value.reason, refused.value.retry_at, refused.value.sent) == ("primary", T0 + 42, False)
+    assert len(fake.requests) == sent
+
+
+def test_credential_keys_name_no_secret(fake: FakeGitHub, github: GitHubClient) -> None:
+    key = github.credential_key()
+    assert key.startswith("token:") and len(key) == len("token:") + 12
+    assert fake.token is not None and fake.token not in key and key[6:] not in fake.token
+    fake.budgets.limit_next("token", retry_after=600)
+    with pytest.raises(RateLimited) as told:
+        github.request_json("GET", "repos/octo/repo")
+    assert key in str(told.value) and fake.token not in str(told.value)

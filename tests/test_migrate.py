@@ -26,6 +26,7 @@ TABLES = {
     "webhook_hooks",
     "leases",
     "backfill_progress",
+    "github_waits",
 }
 
 

@@ -138,7 +138,7 @@ def test_an_unmigrated_database_needs_action_and_names_the_command(server_url, t
         drop_database(url)
     assert code == 1 and found["database"]["pending_migrations"] is True
     assert found["needs_action"] == [
-        "database: the database is not migrated, this release needs 0005: run `flowlens-ingest db upgrade`"
+        "database: the database is not migrated, this release needs 0006: run `flowlens-ingest db upgrade`"
     ]
 
 

@@ -46,7 +46,7 @@ def enrich(once: bool, status: bool) -> int:
             print(f"{row.full_name}#{row.pr_number} {row.head_sha[:12]} {row.state}/{row.result}: {row.last_error}")
         return 0
     logs.configure(settings)
-    enricher = Enricher(settings, database, github_client(settings), instruments())
+    enricher = Enricher(settings, database, github_client(settings, database), instruments())
     if once:
         while enricher.run_once():
             pass

@@ -21,12 +21,12 @@ def load_settings() -> Settings:
     return Settings.from_env()
 
 
-def github_client(settings: Settings) -> GitHubClient:
-    """The files worker's GitHub client; ConfigError naming the variable when the App's key is unusable."""
+def github_client(settings: Settings, database: Database | None = None) -> GitHubClient:
+    """The files worker's GitHub client (rate-limit waits shared through `database`); ConfigError naming the variable when the App's key is unusable."""
     from flowlens_ingest.github.enrich import client_for
 
     try:
-        return client_for(settings)
+        return client_for(settings, database)
     except ValueError as exc:  # the key: Settings has checked everything else the client takes
         raise ConfigError(f"GITHUB_APP_PRIVATE_KEY (or _FILE): {exc}") from None
 

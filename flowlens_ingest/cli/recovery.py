@@ -6,7 +6,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
@@ -15,10 +15,15 @@ from flowlens_ingest.cli.connect import github_client, load_settings, open_datab
 from flowlens_ingest.cli.output import fail, utc
 from flowlens_ingest.names import url_name
 
+if TYPE_CHECKING:
+    from flowlens_ingest.github.lease import Lease
 
-def recover(since: timedelta, dry_run: bool, fetch: bool) -> int:
+
+def recover(since: timedelta, dry_run: bool, fetch: bool, wait: timedelta = timedelta(seconds=60)) -> int:
     """Compare GitHub's delivery logs with the journal and bring in what is missing (exit 0, 1 or 2)."""
+    from flowlens_ingest.github.lease import Lease
     from flowlens_ingest.github.recover import Mode, Recoverer, hooks_to_read, retention
+    from flowlens_ingest.github.recover_pass import PASS_LEASE_S
 
     settings = load_settings()
     if not settings.github_credentials:
@@ -43,12 +48,30 @@ def recover(since: timedelta, dry_run: bool, fetch: bool) -> int:
             " (`backfill` lands the current state)",
             file=sys.stderr,
         )
-    start = datetime.now(UTC) - since
     mode: Mode = "dry_run" if dry_run else "fetch" if fetch else "redeliver"
-    with github_client(settings) as client:
-        report = Recoverer(settings, database, client).run(lambda _hook: start, mode, hooks)
+    # One recoverer at a time across every VM: the scheduled pass's lease (a dry run changes nothing).
+    lease = None if dry_run else Lease(database, "recover command", PASS_LEASE_S)
+    if lease is not None and not _take(lease, wait):
+        holder = lease.holder_now()
+        who = holder.describe() if holder is not None else "another recoverer"
+        print(
+            f"flowlens-ingest: recovery is running elsewhere: {who}; nothing was asked of GitHub."
+            " Run recover again once it is done (or --wait longer)",
+            file=sys.stderr,
+        )
+        return 1
+    start = datetime.now(UTC) - since
+    try:
+        with github_client(settings, database) as client:
+            recoverer = Recoverer(settings, database, client, keep=lease.keep if lease is not None else lambda: True)
+            report = recoverer.run(lambda _hook: start, mode, hooks)
+    finally:
+        if lease is not None:
+            lease.release()
     for path, why in report.unreadable:
         print(f"flowlens-ingest: cannot read {path}: {why}", file=sys.stderr)
+    for path, why in report.cut:
+        print(f"flowlens-ingest: log not read to the end: {path}: {why}", file=sys.stderr)
     if dry_run:
         for item in report.missing:
             print(
@@ -56,10 +79,28 @@ def recover(since: timedelta, dry_run: bool, fetch: bool) -> int:
             )
     for name, why in report.failed:
         print(f"flowlens-ingest: not recovered: {name}: {why}", file=sys.stderr)
+    for item, why in report.held:
+        print(f"flowlens-ingest: held back: {item.name}: {why}", file=sys.stderr)
+    if report.retry_at is not None:
+        again = datetime.fromtimestamp(report.retry_at, UTC)
+        print(f"flowlens-ingest: GitHub asked to wait: run recover again after {utc(again)}", file=sys.stderr)
     print(report.summary())
     if report.credential_refused and not report.hooks:
         return 2
     return 0 if report.complete else 1
+
+
+def _take(lease: Lease, wait: timedelta) -> bool:
+    """Take the lease, waiting for it up to `wait` (looking every 2 s); whether we hold it."""
+    import time
+
+    ends = time.monotonic() + wait.total_seconds()
+    while not lease.take():
+        left = ends - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(2.0, left))
+    return True
 
 
 def _progress(stream: TextIO) -> Callable[[int, int, str], None]:
@@ -146,9 +187,15 @@ Credential and permissions:
     write). Classic token: admin:repo_hook, admin:org_hook. A fine-grained token reaches one
     owner's hooks: hooks of several owners need the App (or a classic token of an admin of each).
 \b
-Exit status: 0 when nothing is left missing; 1 when some could not be recovered or a hook's log
-could not be read (each named, with the permission GitHub wanted), or, with --dry-run, when some
-are missing; 2 for usage or credentials (none set, no hook known, the credential refused).
+One recoverer at a time: recover takes the scheduled pass's lease (waiting up to --wait), or says
+who holds it and since when, and exits 1. GitHub's rate limits are a wall: a short wait (up to
+2 minutes) is waited out; after a longer one nothing more is sent with that credential, and the
+deliveries left are named ("held back") with the time to run again.
+\b
+Exit status: 0 when nothing is left missing; 1 when some could not be recovered or were held back
+(named, a refusal with the permission GitHub wanted), when a log was not read to the end, when
+another recoverer holds the lease, or, with --dry-run, when some are missing; 2 for usage or
+credentials (none set, no hook known, the credential refused).
 \b
 Examples:
   flowlens-ingest recover --dry-run
@@ -168,7 +215,13 @@ Examples:
     is_flag=True,
     help="Ingest the payload GitHub's API shows (journaled as the API's JSON) instead of asking for a redelivery.",
 )
-def recover_command(since: timedelta, dry_run: bool, fetch: bool) -> int:
+@click.option(
+    "--wait",
+    type=Duration(),
+    default="60s",
+    help="How long to wait for the recovery lease when another recoverer (a scheduled pass) holds it.",
+)
+def recover_command(since: timedelta, dry_run: bool, fetch: bool, wait: timedelta) -> int:
     """Bring in every delivery GitHub logged that the journal lacks, once each.
 
     Default: ask GitHub to redeliver each (signed, same GUID, through /webhook), one a
@@ -176,7 +229,7 @@ def recover_command(since: timedelta, dry_run: bool, fetch: bool) -> int:
     """
     if dry_run and fetch:
         raise click.UsageError("--dry-run and --fetch cannot be used together")
-    return recover(since, dry_run, fetch)
+    return recover(since, dry_run, fetch, wait)
 
 
 def _repositories(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:

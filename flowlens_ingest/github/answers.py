@@ -110,23 +110,34 @@ def _message(answer: Answer) -> str:
     return ""
 
 
+def rate_limited(answer: Answer, now: float) -> RateLimited | None:
+    """The rate limit a 403 or 429 answer means (primary or secondary), with its `retry_at` from `now`; else None."""
+    status = answer.status_code
+    if status not in (403, 429):
+        return None
+    if answer.headers.get("x-ratelimit-remaining", "").strip() == "0":
+        reset = _header_number(answer.headers, "x-ratelimit-reset")
+        wait = SECONDARY_DEFAULT_WAIT if reset is None else reset - now
+        return RateLimited(_retry_at(now, wait), "primary", status=status)
+    retry_after = answer.headers.get("retry-after")
+    if retry_after is not None:
+        # Present but unreadable ("soon"): still GitHub asking us to wait, so we wait its minute.
+        seconds = _retry_after_seconds(retry_after, now)
+        wait = SECONDARY_DEFAULT_WAIT if seconds is None else seconds
+        return RateLimited(_retry_at(now, wait), "secondary", status=status)
+    message = _message(answer).lower()
+    if status == 429 or "secondary rate limit" in message or "abuse detection" in message:
+        return RateLimited(_retry_at(now, SECONDARY_DEFAULT_WAIT), "secondary", status=status)
+    return None
+
+
 def raise_for(answer: Answer, now: float) -> NoReturn:
     """Turn an unsuccessful answer into the matching `GitHubError`; a rate limit's `retry_at` counts from `now`."""
     status = answer.status_code
-    if status in (403, 429):
-        message = _message(answer).lower()
-        if answer.headers.get("x-ratelimit-remaining", "").strip() == "0":
-            reset = _header_number(answer.headers, "x-ratelimit-reset")
-            wait = SECONDARY_DEFAULT_WAIT if reset is None else reset - now
-            raise RateLimited(_retry_at(now, wait), "primary", status=status)
-        retry_after = answer.headers.get("retry-after")
-        if retry_after is not None:
-            # Present but unreadable ("soon"): still GitHub asking us to wait, so we wait its minute.
-            seconds = _retry_after_seconds(retry_after, now)
-            wait = SECONDARY_DEFAULT_WAIT if seconds is None else seconds
-            raise RateLimited(_retry_at(now, wait), "secondary", status=status)
-        if status == 429 or "secondary rate limit" in message or "abuse detection" in message:
-            raise RateLimited(_retry_at(now, SECONDARY_DEFAULT_WAIT), "secondary", status=status)
+    limited = rate_limited(answer, now)
+    if limited is not None:
+        raise limited
+    if status == 403:
         raise Forbidden(f"GitHub refused access (403): {_message(answer) or 'no message'}", status=status)
     if status in (404, 410):
         raise NotFound(f"GitHub answered {status}: {_message(answer) or 'not found'}", status=status)

@@ -104,16 +104,24 @@ class Backfiller:
     # -- requests -------------------------------------------------------------------------------
 
     def _request(self, path: str, *, installation_id: int | None = None, app: bool = False) -> JsonAnswer:
-        """GET with the client, waiting out rate limits, and pausing while the worker's reserve is reached."""
+        """GET with the client, waiting out rate limits, and pausing while the worker's reserve is reached.
+
+        Limits are per credential (budget.py): while GitHub's wait for this one holds, the client
+        sends nothing, so waiting here costs no request. Each wait is bounded (an hour at most).
+        """
         for _ in range(RATE_LIMITS_PER_REQUEST):
-            reset = self.client.reserve_exhausted(self.settings.enrich_rate_reserve)
+            reset = (
+                None
+                if app
+                else self.client.reserve_exhausted(self.settings.enrich_rate_reserve, installation_id=installation_id)
+            )
             if reset is not None:
                 self._wait(reset, "rate-limit reserve reached")
             try:
                 return self.client.request_json("GET", path, installation_id=installation_id, app=app)
             except RateLimited as exc:
-                self._wait(exc.retry_at, f"{exc.reason} rate limit")
-        raise BackfillStopped("GitHub kept rate limiting; run backfill again later to resume")
+                self._wait(exc.retry_at, f"{exc.reason} rate limit ({exc.credential or 'credential'})")
+        raise BackfillStopped(f"GitHub kept rate limiting at {path}; run backfill again later to resume")
 
     def _wait(self, until: float, why: str) -> None:
         seconds = max(0.0, until - self._clock())

@@ -2,7 +2,8 @@
 
 It never sleeps and never retries a failed request by itself (except one re-mint of a rejected
 installation token): rate limits and server errors come back as typed exceptions (errors) carrying
-what the caller needs to reschedule its job. It authenticates with a token, or with a GitHub App
+what the caller needs to reschedule its job. GitHub's rate limits are a wall (budget): per
+credential, while GitHub's wait holds, no request leaves; the caller gets RateLimited at once. It authenticates with a token, or with a GitHub App
 whose installation tokens auth mints and caches. No secret (token, JWT, private key) ever goes into
 a log line or an exception message.
 
@@ -14,28 +15,28 @@ ever held. A list cut by one of these says so (`FilesPage.truncated`).
 from __future__ import annotations
 
 import json
-import threading
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, NoReturn, Self
 from urllib.parse import quote, urlsplit
 
 import httpx
 
 from flowlens_ingest.github.answers import (
-    MAX_RATE_WAIT_S,
     Answer,
     RateLimit,
     body_decoder,
     file_entries,
     raise_for,
     rate_limit_of,
+    rate_limited,
 )
 from flowlens_ingest.github.auth import GitHubApp
-from flowlens_ingest.github.errors import Forbidden, GitHubError, Transient
+from flowlens_ingest.github.budget import Budgets, SharedWaits, Wait, app_key, installation_key, token_key
+from flowlens_ingest.github.errors import Forbidden, GitHubError, RateLimited, Transient
 from flowlens_ingest.github.files import MAX_FILES
 
 DEFAULT_API_URL = "https://api.github.com"
@@ -109,6 +110,7 @@ class GitHubClient:
         deadline: float = REQUEST_DEADLINE_S,
         max_page_bytes: int = MAX_PAGE_BYTES,
         max_list_bytes: int = MAX_LIST_BYTES,
+        waits: SharedWaits | None = None,
     ) -> None:
         if min(timeout, connect_timeout, deadline) <= 0 or min(max_page_bytes, max_list_bytes) <= 0:
             raise ValueError("timeouts, deadline and byte caps must be positive")
@@ -132,8 +134,8 @@ class GitHubClient:
             timeout=self._timeouts,
             headers={"User-Agent": "flowlens-ingest", "Accept": "application/vnd.github+json"},
         )
-        self._lock = threading.Lock()
-        self._rate_limit = RateLimit(remaining=None, reset=None, limit=None)
+        # Per credential: GitHub's latest headers and its wait, shared with other processes through `waits`.
+        self.budgets = Budgets(clock, waits)
 
     # -- configuration --------------------------------------------------------------------
 
@@ -168,27 +170,50 @@ class GitHubClient:
 
     @property
     def rate_limit(self) -> RateLimit:
-        """The primary rate-limit headers of the latest files response."""
-        with self._lock:
-            return self._rate_limit
+        """The primary rate-limit headers of the latest response, whatever its credential."""
+        return self.budgets.latest
 
-    def reserve_exhausted(self, reserve: int) -> float | None:
-        """The reset time (at most an hour ahead) when fewer than `reserve` requests remain until a future reset; else None."""
-        limit = self.rate_limit
-        if limit.remaining is None or limit.reset is None:
-            return None
-        now = self._clock()
-        if limit.remaining < reserve and limit.reset > now:
-            return min(limit.reset, now + MAX_RATE_WAIT_S)
-        return None
+    def credential_key(self, *, installation_id: int | None = None, app: bool = False) -> str:
+        """The budget a request would draw on (`installation:<id>`, `token:<hash prefix>`, `app:<id>`): never a secret."""
+        if app:
+            if self._app is None:
+                raise Forbidden("no GitHub App configured", reason="no_credential")
+            return app_key(self._app.app_id)
+        if self._app is not None and installation_id is not None:
+            return installation_key(installation_id)
+        if self._token is not None:
+            return token_key(self._token)
+        raise Forbidden("no credential for this repository", reason="no_credential")
 
-    def _record_rate_limit(self, headers: httpx.Headers) -> None:
-        observed = rate_limit_of(headers)
-        if observed is None:
-            # An answer that says nothing of the budget (a bare 502 from a proxy): keep what GitHub last told us.
-            return
-        with self._lock:
-            self._rate_limit = observed
+    def rate_limit_for(self, *, installation_id: int | None = None, app: bool = False) -> RateLimit:
+        """The primary rate-limit headers of that credential's latest response."""
+        return self.budgets.rate_limit(self.credential_key(installation_id=installation_id, app=app))
+
+    def wait_of(self, *, installation_id: int | None = None, app: bool = False) -> Wait | None:
+        """The wait GitHub asked of that credential, while it holds (seen here or by another process); else None."""
+        return self.budgets.wait_of(self.credential_key(installation_id=installation_id, app=app))
+
+    def reserve_exhausted(self, reserve: int, *, installation_id: int | None = None) -> float | None:
+        """The reset time (at most an hour ahead) when that credential has fewer than `reserve` requests left; else None."""
+        return self.budgets.reserve_exhausted(self.credential_key(installation_id=installation_id), reserve)
+
+    def _exchange(
+        self, key: str, method: str, url: str, headers: dict[str, str], max_bytes: int, *, checked: bool = False
+    ) -> Answer:
+        """One request drawing on budget `key`: refused at once while GitHub's wait holds, and its answer recorded.
+
+        A 403/429 that is a rate limit makes the wait this credential honours from now on, in
+        this process and (through the shared waits) in the others. `checked`: the caller has just
+        asked (before minting the token it sends), so the shared waits are not read twice.
+        """
+        if not checked:
+            self.budgets.check(key)
+        answer = self._send(method, url, headers, max_bytes)
+        self.budgets.observe(key, rate_limit_of(answer.headers))
+        limited = rate_limited(answer, self._clock())
+        if limited is not None:
+            self.budgets.hold(key, limited.retry_at, "primary" if limited.reason == "primary" else "secondary")
+        return answer
 
     # -- credentials ------------------------------------------------------------------------
 
@@ -252,8 +277,9 @@ class GitHubClient:
         raise failure
 
     def _post(self, path: str, headers: dict[str, str]) -> Answer:
-        """POST to a path of the API (the App's token mint), bounded as every request is."""
-        return self._send("POST", f"{self.api_url}{path}", headers, self.max_page_bytes)
+        """POST to a path of the API with the App's JWT (the token mint): the App's budget, bounded as every request is."""
+        assert self._app is not None  # only the App mints
+        return self._exchange(app_key(self._app.app_id), "POST", f"{self.api_url}{path}", headers, self.max_page_bytes)
 
     def _check_deadline(self, deadline: float) -> None:
         """Raise `Transient` once the request's deadline (a `time.monotonic()` value) has passed."""
@@ -280,16 +306,18 @@ class GitHubClient:
         self, url: str, installation_id: int | None, headers: dict[str, str], max_bytes: int
     ) -> tuple[Answer, int]:
         """GET with our credential, re-minting a rejected installation token once; the answer and the GETs sent."""
+        key = self.credential_key(installation_id=installation_id)
+        # Checked before a token is minted: a mint is a request too.
+        self.budgets.check(key)
         credential, installation = self._credential(installation_id)
-        answer = self._send("GET", url, {**headers, "Authorization": f"Bearer {credential}"}, max_bytes)
-        self._record_rate_limit(answer.headers)
+        authorized = {**headers, "Authorization": f"Bearer {credential}"}
+        answer = self._exchange(key, "GET", url, authorized, max_bytes, checked=True)
         if answer.status_code != 401 or installation is None or self._app is None:
             return answer, 1
         # Revoked, or expired earlier than announced: mint once more, then give up.
         self._app.forget_token(installation, credential)
         credential = self._app.installation_token(installation)
-        answer = self._send("GET", url, {**headers, "Authorization": f"Bearer {credential}"}, max_bytes)
-        self._record_rate_limit(answer.headers)
+        answer = self._exchange(key, "GET", url, {**headers, "Authorization": f"Bearer {credential}"}, max_bytes)
         return answer, 2
 
     # -- the files list ---------------------------------------------------------------------
@@ -328,7 +356,7 @@ class GitHubClient:
                     entries=[], etag=answer.headers.get("etag") or etag, not_modified=True, requests=requests
                 )
             if answer.status_code != 200:
-                raise_for(answer, self._clock())
+                self._raise_for(answer, self.credential_key(installation_id=installation_id))
             budget -= len(answer.body)
             page, whole = file_entries(answer, MAX_FILES - len(entries))
             if pages == 0:
@@ -347,6 +375,14 @@ class GitHubClient:
             # change: only a whole list that fits on one, not full, page gets an ETag to re-check with.
             first_etag = None
         return FilesPage(entries=entries, etag=first_etag, not_modified=False, requests=requests, truncated=truncated)
+
+    def _raise_for(self, answer: Answer, key: str) -> NoReturn:
+        """`raise_for`, a rate limit naming the credential it binds."""
+        try:
+            raise_for(answer, self._clock())
+        except RateLimited as exc:
+            reason: Literal["primary", "secondary"] = "primary" if exc.reason == "primary" else "secondary"
+            raise RateLimited(exc.retry_at, reason, status=exc.status, credential=key) from None
 
     def _next_url(self, answer: Answer, seen: set[str]) -> str | None:
         """The `rel="next"` page to fetch, exactly as GitHub gave it (it may use the `/repositories/{id}/` form)."""
@@ -375,16 +411,21 @@ class GitHubClient:
         if app:
             if self._app is None:
                 raise Forbidden("no GitHub App configured", reason="no_credential")
-            # Not recorded in `rate_limit`: the App's JWT draws on another budget than the installations'.
-            answer = self._send(method, url, {"Authorization": f"Bearer {self._app.jwt()}"}, self.max_page_bytes)
+            # The App's JWT draws on the App's own budget, not an installation's.
+            key = app_key(self._app.app_id)
+            headers = {"Authorization": f"Bearer {self._app.jwt()}"}
+            answer = self._exchange(key, method, url, headers, self.max_page_bytes)
         elif method == "GET":
+            key = self.credential_key(installation_id=installation_id)
             answer, _ = self._get(url, installation_id, {}, self.max_page_bytes)
         else:
+            key = self.credential_key(installation_id=installation_id)
+            self.budgets.check(key)
             credential, _ = self._credential(installation_id)
-            answer = self._send(method, url, {"Authorization": f"Bearer {credential}"}, self.max_page_bytes)
-            self._record_rate_limit(answer.headers)
+            authorized = {"Authorization": f"Bearer {credential}"}
+            answer = self._exchange(key, method, url, authorized, self.max_page_bytes, checked=True)
         if not 200 <= answer.status_code < 300:
-            raise_for(answer, self._clock())
+            self._raise_for(answer, key)
         if answer.cut:
             raise Transient("too_large", f"GitHub's answer ran past {self.max_page_bytes} bytes", status=200)
         try:

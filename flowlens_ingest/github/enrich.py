@@ -1,9 +1,11 @@
 """The files worker: fetch each queued PR head's file list from GitHub and write it back.
 
 One job at a time per worker: claim (short transaction) -> GitHub (no transaction
-open) -> settle or reschedule (short transaction). Rate limits reschedule the job
-to GitHub's reset time and pause this worker's claims until then; the thread only
-ever waits in short polls, so a stop request is honoured at once. Whatever goes
+open) -> settle or reschedule (short transaction). GitHub's rate limits bind one
+credential (an App installation, the token): a job of a credential GitHub asked to
+wait, or left with fewer than FLOWLENS_ENRICH_RATE_RESERVE requests, is rescheduled to
+that time without a request (the client refuses it, budget.py), while jobs of other
+credentials go on. The thread only ever waits in short polls, so a stop request is honoured at once. Whatever goes
 wrong while a job is worked (a bug, the database failing after the fetch), the job
 goes back to the queue with backoff: it never waits out its lease.
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 from flowlens_ingest.config import Settings
 from flowlens_ingest.events.enums import FilesStatus
 from flowlens_ingest.github import files, jobs
-from flowlens_ingest.github.client import GitHubClient
+from flowlens_ingest.github.client import FilesPage, GitHubClient
 from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited
 from flowlens_ingest.ingest import describe
 from flowlens_ingest.metrics import Metrics
@@ -38,13 +40,16 @@ GAUGE_INTERVAL_S = 10.0
 LEASE_LOST = "lease_lost"
 
 
-def client_for(settings: Settings) -> GitHubClient:
-    """The GitHub client the settings describe (App, token, or both)."""
+def client_for(settings: Settings, database: Database | None = None) -> GitHubClient:
+    """The GitHub client the settings describe (App, token, or both); with `database`, rate-limit waits are shared."""
+    from flowlens_ingest.github.waits import DatabaseWaits
+
     return GitHubClient(
         api_url=settings.github_api_url,
         token=settings.github_token,
         app_id=settings.github_app_id,
         private_key=settings.github_app_private_key,
+        waits=DatabaseWaits(database) if database is not None else None,
     )
 
 
@@ -67,14 +72,10 @@ class Enricher:
         self.metrics = metrics
         self.retry_base_s = retry_base_s
         self._clock = clock
-        # No claims before this time (epoch seconds): GitHub's limit is the client's, not one job's.
-        self.paused_until = 0.0
         self._gauges_at = 0.0
 
     def run_once(self) -> bool:
-        """Claim and work one due job; False when none is due (or claims are paused)."""
-        if self._clock() < self.paused_until:
-            return False
+        """Claim and work one due job; False when none is due."""
         job = jobs.claim(self.database, timedelta(seconds=self.settings.enrich_lease_s))
         if job is None:
             return False
@@ -94,9 +95,6 @@ class Enricher:
         limit = self.client.rate_limit
         if limit.remaining is not None:
             self.metrics.github_rate_remaining.set(limit.remaining)
-        reset = self.client.reserve_exhausted(self.settings.enrich_rate_reserve)
-        if reset is not None:
-            self.paused_until = max(self.paused_until, reset)
         extra = {
             "repository": job.full_name,
             "pr": job.pr_number,
@@ -118,10 +116,10 @@ class Enricher:
         # A 304 is only as good as the stored list it vouches for.
         etag = job.etag if job.etag_sha is not None and job.etag_sha == job.stored_sha else None
         try:
-            page = self.client.list_files(job.full_name, job.pr_number, installation_id=job.installation_id, etag=etag)
+            page = self._list_files(job, etag)
         except RateLimited as exc:
-            self.metrics.github_requests.labels(str(exc.status or "rate_limited")).inc()
-            self.paused_until = max(self.paused_until, exc.retry_at)
+            if exc.sent:
+                self.metrics.github_requests.labels(str(exc.status or "rate_limited")).inc()
             at = datetime.fromtimestamp(exc.retry_at, tz=UTC)
             released = jobs.reschedule(self.database, job, at, f"rate limited ({exc.reason})", refund=True)
             return ("rescheduled" if released else LEASE_LOST), f"rate_limit_{exc.reason}"
@@ -140,6 +138,17 @@ class Enricher:
         shaped = files.shape(page.entries, expected=job.changed_files, truncated=page.truncated)
         settled = jobs.settle(self.database, job, shaped.status, files=shaped.files, etag=page.etag)
         return _settled(settled, shaped.status), f"{len(shaped.files)} files"
+
+    def _list_files(self, job: jobs.Job, etag: str | None) -> FilesPage:
+        """The job's file list; RateLimited without a request while its credential's reserve is reached.
+
+        The reserve (FLOWLENS_ENRICH_RATE_RESERVE) is per credential: one installation running
+        low leaves the others' jobs alone, and what is left of it goes to recover and backfill.
+        """
+        reset = self.client.reserve_exhausted(self.settings.enrich_rate_reserve, installation_id=job.installation_id)
+        if reset is not None:
+            raise RateLimited(reset, "primary", sent=False)
+        return self.client.list_files(job.full_name, job.pr_number, installation_id=job.installation_id, etag=etag)
 
     def _retry(self, job: jobs.Job, error: str) -> str:
         """Retry with backoff, or settle as failed once the attempts are spent."""

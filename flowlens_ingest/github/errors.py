@@ -6,6 +6,7 @@ A message never holds a secret (token, JWT, private key): it may be logged as it
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Literal
 
 
@@ -22,11 +23,28 @@ class GitHubError(Exception):
 
 
 class RateLimited(GitHubError):
-    """GitHub asked us to wait: retry no earlier than `retry_at` (epoch seconds)."""
+    """GitHub asked us to wait: retry no earlier than `retry_at` (epoch seconds).
 
-    def __init__(self, retry_at: float, reason: Literal["primary", "secondary"], *, status: int | None = None) -> None:
-        super().__init__(f"GitHub {reason} rate limit: retry at {retry_at:.0f}", reason=reason, status=status)
+    `credential` names the budget it applies to (`installation:<id>`, `token:<hash prefix>`,
+    `app:<id>`: never a secret), once the client knows it; `sent` is False when the client refused
+    the request itself, without asking GitHub, because that credential was still told to wait.
+    """
+
+    def __init__(
+        self,
+        retry_at: float,
+        reason: Literal["primary", "secondary"],
+        *,
+        status: int | None = None,
+        credential: str | None = None,
+        sent: bool = True,
+    ) -> None:
+        until = datetime.fromtimestamp(retry_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        who = f" for {credential}" if credential else ""
+        super().__init__(f"GitHub {reason} rate limit{who}: retry at {until}", reason=reason, status=status)
         self.retry_at = retry_at
+        self.credential = credential
+        self.sent = sent
 
 
 class NotFound(GitHubError):

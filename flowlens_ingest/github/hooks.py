@@ -81,13 +81,51 @@ def no_hook_reason(database: Database) -> str:
     )
 
 
+# GitHub's delivery ids are 64-bit integers (the journal keeps them as BIGINT).
+_MAX_ID = 2**63 - 1
+_MAX_GUID = 100
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One attempt of a hook's delivery log, as recovery needs it."""
+
+    log_id: int
+    guid: str
+    event: str
+    delivered_at: datetime
+
+
 def parse_time(value: Any) -> datetime | None:
+    """GitHub's ISO 8601 time with its UTC offset (`Z`); None for anything else, a time without offset included."""
     if not isinstance(value, str):
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
+    # A naive time cannot be compared with an aware one; GitHub always says `Z`.
+    return at if at.tzinfo is not None and at.utcoffset() is not None else None
+
+
+def log_entry(item: Any) -> LogEntry | None:
+    """A log entry as GitHub lists it (`id`, `guid`, `event`, `delivered_at`); None for one it would not send.
+
+    `id: true`, `id: 1e40`, a non-string GUID or a time without offset are skipped by the
+    caller and counted, never taken for a delivery.
+    """
+    if not isinstance(item, dict):
+        return None
+    log_id, guid, event = item.get("id"), item.get("guid"), item.get("event")
+    # `bool` is an `int` in Python, and JSON's 1e40 is a float: neither is an id.
+    if type(log_id) is not int or not 0 < log_id <= _MAX_ID:
+        return None
+    if not isinstance(guid, str) or not guid or len(guid) > _MAX_GUID:
+        return None
+    at = parse_time(item.get("delivered_at"))
+    if at is None:
+        return None
+    return LogEntry(log_id, guid, event if isinstance(event, str) else "", at)
 
 
 def shown_header(headers: Any, name: str) -> str | None:

@@ -335,6 +335,11 @@ webhook_hooks = sa.Table(
     sa.Column("api_path", sa.Text, nullable=False),
     # Every delivery GitHub logged up to this time has been compared with the journal.
     sa.Column("checked_through", _Ts),
+    # A pass that stopped reading before `checked_through` (its page bound) leaves where the older,
+    # unread part of the log goes on (GitHub's `Link: rel="next"` cursor URL), and the time down to
+    # which it read the newer part: the next pass reads the new part down to it, then goes on there.
+    sa.Column("resume_url", sa.Text),
+    sa.Column("resume_newer_than", _Ts),
     *_row_times(),
 )
 
@@ -345,6 +350,21 @@ leases = sa.Table(
     sa.Column("name", sa.Text, primary_key=True),
     sa.Column("holder", UUID(as_uuid=True), nullable=False),
     sa.Column("leased_until", _Ts, nullable=False),
+    # Who holds it, for an operator told to wait: "host pid 123 (recover)", and since when.
+    sa.Column("holder_name", sa.Text),
+    sa.Column("taken_at", _Ts),
+)
+
+# GitHub's rate limits, shared by every process using a credential: until when GitHub asked it to
+# send nothing. Keyed by a name that holds no secret (`installation:<id>`, `app:<id>`,
+# `token:<sha256 prefix>`); a handful of rows, one per credential.
+github_waits = sa.Table(
+    "github_waits",
+    metadata,
+    sa.Column("credential", sa.Text, primary_key=True),
+    sa.Column("wait_until", _Ts, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("updated_at", _Ts, nullable=False, server_default=sa.func.now()),
 )
 
 # Where an interrupted `backfill` resumes: per repository and scope (its --state and --since), the

@@ -1,0 +1,130 @@
+"""GitHub's rate limits as a wall: one budget per credential, and until when GitHub told each one to wait.
+
+GitHub gives every credential its own budget: each App installation's token, a personal or
+fine-grained token, the App itself (its JWT), and its secondary limits apply per credential too:
+https://docs.github.com/en/rest/using-the-rest-api/rate-limits-for-the-rest-api. Once GitHub says
+wait (primary: `x-ratelimit-remaining: 0` until `x-ratelimit-reset`; secondary: `retry-after`, or a
+403/429 that names the limit), "continuing to make requests while you are rate limited may result in
+the banning of your integration" (same page). `Budgets` is what the client asks before every request
+(`check`: RateLimited at once, no request, while a wait holds) and tells after every answer
+(`observe`, `hold`). A `SharedWaits` (the database, waits.py) carries each wait to the other
+processes using the same credential: serve's files worker, an operator's `recover` or `backfill`.
+
+Credentials are named by keys that hold no secret: `installation:<id>`, `app:<id>`, and
+`token:<first 12 hex digits of the token's SHA-256>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from flowlens_ingest.github.answers import MAX_RATE_WAIT_S, RateLimit
+from flowlens_ingest.github.errors import RateLimited
+
+Reason = Literal["primary", "secondary"]
+
+
+def token_key(token: str) -> str:
+    """The budget key of a plain token: a prefix of its SHA-256, enough to tell tokens apart, useless to anyone else."""
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def installation_key(installation_id: int) -> str:
+    """The budget key of a GitHub App installation (its tokens, whichever is current)."""
+    return f"installation:{int(installation_id)}"
+
+
+def app_key(app_id: str) -> str:
+    """The budget key of the GitHub App itself (requests signed with its JWT)."""
+    return f"app:{app_id}"
+
+
+@dataclass(frozen=True)
+class Wait:
+    """GitHub asked a credential to send nothing before `until` (epoch seconds), for this reason."""
+
+    until: float
+    reason: Reason
+
+
+class SharedWaits(Protocol):
+    """Where waits are shared with other processes (the database); best effort: None when it cannot be read."""
+
+    def wait_of(self, key: str) -> Wait | None:
+        """The latest wait any process recorded for this credential, if any."""
+
+    def record(self, key: str, wait: Wait) -> None:
+        """Record a wait for this credential (a later `until` than what is stored wins)."""
+
+
+class Budgets:
+    """Per credential: the latest primary rate-limit headers, and the wait GitHub asked for (here or in another process)."""
+
+    def __init__(self, clock: Callable[[], float], shared: SharedWaits | None = None) -> None:
+        self._clock = clock
+        self.shared = shared
+        self._lock = threading.Lock()
+        self._waits: dict[str, Wait] = {}
+        self._limits: dict[str, RateLimit] = {}
+        self.latest = RateLimit(remaining=None, reset=None, limit=None)
+
+    def wait_of(self, key: str) -> Wait | None:
+        """The wait that still holds for this credential (this process's or a shared one), or None."""
+        now = self._clock()
+        with self._lock:
+            own = self._waits.get(key)
+        if own is not None and own.until > now:
+            return own
+        shared = self.shared.wait_of(key) if self.shared is not None else None
+        if shared is not None and shared.until > now:
+            with self._lock:
+                self._waits[key] = shared
+            return shared
+        return None
+
+    def check(self, key: str) -> None:
+        """Raise RateLimited (`sent=False`) while GitHub's wait for this credential holds; the request is not made."""
+        wait = self.wait_of(key)
+        if wait is not None:
+            raise RateLimited(wait.until, wait.reason, credential=key, sent=False)
+
+    def hold(self, key: str, until: float, reason: Reason) -> None:
+        """GitHub asked this credential to wait until `until`: remember it, and share it."""
+        until = min(until, self._clock() + MAX_RATE_WAIT_S)
+        with self._lock:
+            current = self._waits.get(key)
+            if current is not None and current.until >= until:
+                return
+            self._waits[key] = Wait(until, reason)
+        if self.shared is not None:
+            self.shared.record(key, Wait(until, reason))
+
+    def observe(self, key: str, observed: RateLimit | None) -> None:
+        """An answer's primary headers: kept per credential; none left before a future reset is a wait too."""
+        if observed is None:
+            # An answer that says nothing of the budget (a bare 502 from a proxy): keep what GitHub last told us.
+            return
+        with self._lock:
+            self._limits[key] = observed
+            self.latest = observed
+        if observed.remaining == 0 and observed.reset is not None and observed.reset > self._clock():
+            self.hold(key, observed.reset, "primary")
+
+    def rate_limit(self, key: str) -> RateLimit:
+        """The primary rate-limit headers of this credential's latest answer (None where unknown)."""
+        with self._lock:
+            return self._limits.get(key, RateLimit(remaining=None, reset=None, limit=None))
+
+    def reserve_exhausted(self, key: str, reserve: int) -> float | None:
+        """The reset time (at most an hour ahead) when this credential has fewer than `reserve` requests left; else None."""
+        limit = self.rate_limit(key)
+        if limit.remaining is None or limit.reset is None:
+            return None
+        now = self._clock()
+        if limit.remaining < reserve and limit.reset > now:
+            return min(limit.reset, now + MAX_RATE_WAIT_S)
+        return None

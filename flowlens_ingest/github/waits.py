@@ -1,0 +1,63 @@
+"""GitHub's rate-limit waits shared through the database: every process using a credential honours one wall.
+
+serve's files worker and an operator's `recover` or `backfill`, on one VM or several, use the same
+credentials: a wait GitHub asked of one process binds all of them. `DatabaseWaits` is the
+`SharedWaits` the client is given (budget.py): one read by primary key before each request to
+GitHub (a millisecond beside a request to GitHub), one upsert when GitHub says wait.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+
+from flowlens_ingest.github.budget import Wait
+from flowlens_ingest.store.database import Database, DatabaseUnavailable
+from flowlens_ingest.store.schema import github_waits
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseWaits:
+    """The `github_waits` table as a `SharedWaits`: a database that cannot be reached leaves this process's own waits."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._unavailable = False
+
+    def wait_of(self, key: str) -> Wait | None:
+        """The wait recorded for this credential by any process, or None (none, or the database unreachable)."""
+        t = github_waits
+        try:
+            row = self.database.first(sa.select(t.c.wait_until, t.c.reason).where(t.c.credential == key))
+        except DatabaseUnavailable as exc:
+            self._say_unavailable(exc)
+            return None
+        self._unavailable = False
+        if row is None:
+            return None
+        return Wait(row.wait_until.timestamp(), "primary" if row.reason == "primary" else "secondary")
+
+    def record(self, key: str, wait: Wait) -> None:
+        """Record a wait; a later one already stored is kept (GREATEST)."""
+        t = github_waits
+        until = datetime.fromtimestamp(wait.until, UTC)
+        stmt = insert(t).values(credential=key, wait_until=until, reason=wait.reason)
+        upsert = stmt.on_conflict_do_update(
+            index_elements=[t.c.credential],
+            set_={"wait_until": stmt.excluded.wait_until, "reason": stmt.excluded.reason, "updated_at": sa.func.now()},
+            where=t.c.wait_until < stmt.excluded.wait_until,
+        )
+        try:
+            self.database.execute(upsert)
+        except DatabaseUnavailable as exc:
+            # This process still honours the wait (Budgets keeps it); the others learn it from GitHub.
+            self._say_unavailable(exc)
+
+    def _say_unavailable(self, exc: DatabaseUnavailable) -> None:
+        if not self._unavailable:
+            log.warning("GitHub rate-limit waits not shared: database unreachable", extra={"reason": str(exc)})
+        self._unavailable = True
