@@ -219,14 +219,15 @@ class Database:
         """A block whose database waits (through `engine`, e.g. alembic's) end within this Database's budget.
 
         Raises DatabaseUnavailable at once, without waiting, while the database is known
-        hung. A wait in the block that outlasts this budget (not a shorter one its caller
-        set: that says nothing of the server) makes it known hung.
+        hung, and a wait under way ends as soon as it is. A wait past SLOW_WAIT_S has the
+        probe look into it; one that outlasts this budget (not a shorter one its caller
+        set: that says nothing of the server) makes it known hung (store/hang.py).
         """
         if self.hang.known:
             raise DatabaseUnavailable("hung")
         outer = remaining()
         own = outer is None or outer >= self.budget_s
-        with deadline(self.budget_s) as ends:
+        with deadline(self.budget_s, self.hang) as ends:
             try:
                 yield ends
             except Exception as exc:
