@@ -36,9 +36,11 @@ class Answer:
     """What became of one scheduled delivery."""
 
     delivery_id: str
-    # Seconds after the load's start at which it was due, and at which its answer was complete
-    # (None: no answer within the timeout, or the connection failed).
+    # Seconds after the load's start at which it was due, at which the sender got to it (late
+    # when the sender itself is starved of CPU), and at which its answer was complete (None:
+    # no answer within the timeout, or the connection failed).
     due_s: float
+    sent_s: float
     answered_s: float | None
     status: int | None
     outcome: str | None
@@ -86,6 +88,7 @@ async def _run(host: str, port: int, schedule: Schedule, timeout_s: float) -> li
 
 async def _one(host: str, port: int, delivery: Delivery, start: float, due: float, timeout_s: float) -> Answer:
     loop = asyncio.get_running_loop()
+    sent = loop.time() - start
     head = ["POST /webhook HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(delivery.body)}"]
     head += [f"{name}: {value}" for name, value in delivery.headers.items()]
     request = ("\r\n".join([*head, "Connection: close", "", ""])).encode("latin-1") + delivery.body
@@ -105,10 +108,10 @@ async def _one(host: str, port: int, delivery: Delivery, start: float, due: floa
             finally:
                 writer.close()
     except (OSError, TimeoutError):
-        return Answer(delivery.delivery_id, due, None, None, None)
+        return Answer(delivery.delivery_id, due, sent, None, None, None)
     answered = loop.time() - start
     status, outcome = _parse(response)
-    return Answer(delivery.delivery_id, due, answered if status is not None else None, status, outcome)
+    return Answer(delivery.delivery_id, due, sent, answered if status is not None else None, status, outcome)
 
 
 def _parse(response: bytes) -> tuple[int | None, str | None]:
@@ -134,7 +137,7 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 
 def summary(answers: Sequence[Answer]) -> dict[str, float | int]:
-    """How many were answered 2xx, and their answer times (from when due): p50, p99, max, in seconds."""
+    """How many were answered 2xx, their answer times (from when due): p50, p99, max, and the sender's worst lag."""
     times = [a.took_s for a in answers if a.took_s is not None and a.status is not None and 200 <= a.status < 300]
     return {
         "sent": len(answers),
@@ -142,4 +145,5 @@ def summary(answers: Sequence[Answer]) -> dict[str, float | int]:
         "p50_s": round(percentile(times, 0.5), 3),
         "p99_s": round(percentile(times, 0.99), 3),
         "max_s": round(max(times), 3) if times else math.nan,
+        "sender_lag_max_s": round(max((a.sent_s - a.due_s for a in answers), default=0.0), 3),
     }
