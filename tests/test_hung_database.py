@@ -223,3 +223,37 @@ def test_steady_traffic_through_a_hang_is_answered_in_time_and_applied_once_afte
         print(f"\nsteady traffic through a hang: {openloop.summary(answers)}, {len(spooled)} spooled")
     finally:
         service.stop()
+
+
+def test_a_slow_statement_on_a_database_that_answers_is_no_hang(db, database_url, tmp_path):
+    app = create_app(make_settings(database_url, tmp_path))
+    client = app.test_client()
+    database = services(app).database
+    try:
+        assert post(client, 1, "first-1") == (200, "applied")
+        answers: list[tuple[int, Any]] = []
+        with db.connect() as holder:
+            # The repository row every delivery of it locks: the next one waits on the lock, long
+            # past the 1 s that starts a probe, and the probe finds the database answering.
+            holder.execute(
+                sa.text("SELECT 1 FROM repositories WHERE github_id = :id FOR UPDATE"),
+                {"id": OPENED["repository"]["id"]},
+            )
+            waiting = threading.Thread(target=lambda: answers.append(post(client, 2, "waits-2")))
+            waiting.start()
+            wait_for(
+                lambda: holder.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND datname = current_database() AND clock_timestamp() - query_start > interval '2.5 seconds'"
+                    )
+                ).scalar_one(),
+                what="the delivery to wait on the lock past the slow-wait probe",
+            )
+            assert not database.hung
+            holder.rollback()
+        waiting.join(30)
+        assert answers == [(200, "applied")]
+        assert not database.hung
+    finally:
+        database.dispose()
