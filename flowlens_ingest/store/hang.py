@@ -138,23 +138,28 @@ class Hang:
             except psycopg2.Error:  # refused, or gone: fast failures, no hang unless one is known
                 if self.known:
                     continue
-                self._end(stopping, answered=False, probes=probes)
+                self._end(stopping, cleared_by=None, probes=probes)
                 return
-            except Exception:  # a bug in the probe must not leave the process hung for good
+            except Exception:
+                # A bug in the probe must not leave the process hung for good: the state ends,
+                # and the calls themselves find a hang again (a slow wait, a missed deadline).
                 log.exception("database probe failed")
-                continue
-            self._end(stopping, answered=True, probes=probes)
+                self._end(stopping, cleared_by="a probe error", probes=probes)
+                return
+            self._end(stopping, cleared_by="an answer", probes=probes)
             return
 
-    def _end(self, stopping: threading.Event, *, answered: bool, probes: int) -> None:
-        """The probe thread ends: the database answered (no longer hung), or failed fast without being known hung."""
+    def _end(self, stopping: threading.Event, *, cleared_by: str | None, probes: int) -> None:
+        """The probe thread ends; `cleared_by` (an answer, or a probe error): no longer known hung."""
         with self._lock:
             if self._stopping is not stopping:
                 return
-            hung_s = time.monotonic() - self._since if answered and self._pid != 0 else None
-            if answered:
+            hung_s = time.monotonic() - self._since if cleared_by and self._pid != 0 else None
+            if cleared_by:
                 self._pid = 0
             self._prober = 0
             self._probed_at = time.monotonic()
-        if hung_s is not None:
+        if hung_s is not None and cleared_by == "an answer":
             log.warning("database answering again", extra={"hung_s": round(hung_s, 1), "probes": probes})
+        elif hung_s is not None:
+            log.warning("database no longer taken as hung after %s", cleared_by, extra={"hung_s": round(hung_s, 1)})
