@@ -1,9 +1,10 @@
 """A database that hangs (a partition: connections accepted, every byte held) costs no answer and no delivery.
 
 The service reaches the test database through a TCP proxy on loopback
-(bench/proxy.py); the proxy freezes under traffic, then heals. Once a call has
-missed its deadline the database is known hung: deliveries go to the spool
-without waiting on it, until one probe finds it answering.
+(bench/proxy.py); the proxy freezes under traffic, then heals. Once the database
+is known hung (a probe started by a slow wait got no answer, or a call missed its
+own deadline) deliveries go to the spool without waiting on it, until one probe
+finds it answering (store/hang.py).
 """
 
 from __future__ import annotations
