@@ -85,6 +85,10 @@ def ingest(
     `replay` re-applies a journaled delivery: a failed entry takes the new outcome,
     any other keeps its first one, and nothing is a duplicate.
     """
+    if database.hung:
+        # Known hung: no wait and no connection for this one, not even mapping it. The caller
+        # keeps it (the spool) until the probe finds the database answering again.
+        return Result(Disposition.RETRY_LATER, error="database unavailable (hung)")
     try:
         plan = Plan(map_delivery(delivery.event, delivery.payload))
     except Exception as exc:  # any shape we did not foresee: journal it, keep serving

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from bench.proxy import FreezingProxy
 from flowlens_ingest.spool.folder import SUFFIX, UNUSABLE_SUFFIX
 from flowlens_ingest.store.schema import webhook_deliveries, webhook_hooks
 
 from .databases import create_scratch_database, drop_database
 from .helpers import free_port, load_payload
-from .proxy import FreezingProxy
 from .serving import Service, running
 
 PING = load_payload("ping/payload.json")

@@ -13,7 +13,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import psycopg2
@@ -24,7 +24,8 @@ from sqlalchemy.exc import DBAPIError
 
 from flowlens_ingest.config import Settings
 from flowlens_ingest.store.batch import Batch
-from flowlens_ingest.store.deadline import DeadlinePassed, deadline, install_deadlines
+from flowlens_ingest.store.deadline import DeadlinePassed, deadline, install_deadlines, remaining
+from flowlens_ingest.store.hang import PROBE_DEADLINE_S, Hang, missed_deadline
 from flowlens_ingest.store.wire import CountingConnection, lost_prepared_statement, send
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,8 @@ MAX_DELAY_S = 0.5
 # giving the connection up: the server should have answered (even if only to say it
 # cancelled the statement) by then, unless it or the network hangs.
 DEADLINE_MARGIN_S = 1.0
-# Once the database let a deadline pass, every call of the next SUSPECT_FOR_S seconds gets
-# at most SUSPECT_DEADLINE_S: while a server hangs, requests queued behind the first
-# ones are spooled in a moment instead of each waiting out a full deadline. An answer
-# in time ends the suspicion.
-SUSPECT_FOR_S = 10.0
-SUSPECT_DEADLINE_S = 0.5
+# Once the database let a call's own deadline pass, it is known to hang (store/hang.py): every
+# call of this process fails at once, without waiting on it, until a probe finds it answering.
 # A pooled connection is waited for at most this long (a request holds one at a time,
 # and the pool has one per thread: a wait means connections stuck on a hung server).
 POOL_TIMEOUT_S = 3.0
@@ -189,14 +186,13 @@ class Database:
         self._lock = threading.Lock()
         # Each call's deadline, unless the caller set a shorter one (a request's answer time).
         self.budget_s = settings.statement_timeout_ms / 1000 + DEADLINE_MARGIN_S
-        # Until when (time.monotonic()) calls get SUSPECT_DEADLINE_S: the server missed a deadline.
-        self._suspect_until = 0.0
+        # Known hung: calls fail at once until the probe (one thread of this process) finds it back.
+        self.hang = Hang(self._probe)
 
-    def _budget(self) -> float:
-        """This call's deadline: the full budget, or a short one while the server is suspected of hanging."""
-        if time.monotonic() < self._suspect_until:
-            return min(self.budget_s, SUSPECT_DEADLINE_S)
-        return self.budget_s
+    @property
+    def hung(self) -> bool:
+        """This process knows the database to hang: a call fails at once (DatabaseUnavailable), waiting on nothing."""
+        return self.hang.known
 
     @property
     def engine(self) -> Engine:
@@ -217,10 +213,39 @@ class Database:
         if self._engine is not None and self._pid == os.getpid():
             self._engine.dispose()
         self._engine = None
+        self.hang.forget()
 
-    def bounded(self) -> contextlib.AbstractContextManager[float]:
-        """A block whose database waits (through `engine`, e.g. alembic's) end within this Database's budget."""
-        return deadline(self._budget())
+    @contextlib.contextmanager
+    def bounded(self) -> Iterator[float]:
+        """A block whose database waits (through `engine`, e.g. alembic's) end within this Database's budget.
+
+        Raises DatabaseUnavailable at once, without waiting, while the database is known
+        hung, and a wait under way ends as soon as it is. A wait past SLOW_WAIT_S has the
+        probe look into it; one that outlasts this budget (not a shorter one its caller
+        set: that says nothing of the server) makes it known hung (store/hang.py).
+        """
+        if self.hang.known:
+            raise DatabaseUnavailable("hung")
+        outer = remaining()
+        own = outer is None or outer >= self.budget_s
+        with deadline(self.budget_s, self.hang) as ends:
+            try:
+                yield ends
+            except Exception as exc:
+                if own and missed_deadline(exc):
+                    self.hang.missed()
+                raise
+
+    def _probe(self) -> None:
+        """Return when a new connection (not a pooled one) answers `SELECT 1` within PROBE_DEADLINE_S; raise otherwise."""
+        engine = self.engine
+        cargs, cparams = engine.dialect.create_connect_args(engine.url)
+        with deadline(PROBE_DEADLINE_S):
+            connection = engine.dialect.connect(*cargs, **cparams, application_name=self.application_name)
+            try:
+                connection.cursor().execute("SELECT 1")
+            finally:
+                connection.close()
 
     # --- what callers hand in -------------------------------------------------------------
 
@@ -300,8 +325,8 @@ class Database:
                 # Full jitter keeps colliding workers from retrying in lockstep.
                 delay = random.uniform(0, min(MAX_DELAY_S, BASE_DELAY_S * 2**attempt))
                 if isinstance(exc.orig, DeadlinePassed):
-                    # The connection is gone and so is the time: no second try.
-                    self._suspect_until = time.monotonic() + SUSPECT_FOR_S
+                    # The connection is gone and so is the time: no second try (bounded()
+                    # marks the database hung when the deadline was its own).
                     raise DatabaseUnavailable("deadline") from exc
                 if (
                     attempt == MAX_ATTEMPTS
@@ -313,6 +338,5 @@ class Database:
                     on_retry(reason)
                 time.sleep(delay)
             else:
-                self._suspect_until = 0.0
                 return result
         raise AssertionError("unreachable")

@@ -21,12 +21,17 @@ def healthz() -> Response:
 def readyz() -> tuple[Response, int]:
     """Ready when the database answers and its schema is at this release's head or newer.
 
+    Not ready, at once, while this worker knows the database to hang (store/hang.py).
+
     Newer happens in a rolling deploy: the release step has migrated for the next
     release while this VM still runs the previous one. Migrations are additive, so
     the old code keeps working and is not reported as broken.
     """
+    database = services().database
+    if database.hung:
+        # Known hung (in this worker): said at once, the probe thread finds out when it is back.
+        return jsonify({"status": "unavailable", "database": "hung"}), 503
     try:
-        database = services().database
         with database.bounded():
             current, head = migrate.revisions(database.engine)
     except Exception:  # any failure to reach or read the database means "not ready"

@@ -1,7 +1,9 @@
 """A TCP proxy on loopback that can freeze: it keeps accepting, and holds every byte until healed.
 
 What a partition or a hung database node looks like to a client: connections
-open, writes succeed (the kernel takes them), and no answer ever comes.
+open, writes succeed (the kernel takes them), and no answer ever comes. Used by
+the hung-database tests and bench/hang.py, and safe on a shared server (unlike a
+SIGSTOP of PostgreSQL, it hangs only the connections that go through it).
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ import threading
 
 from sqlalchemy.engine import make_url
 
-from .helpers import free_port
-
 
 class FreezingProxy:
     """Forwards 127.0.0.1:`port` to `target`; `freeze()` holds all traffic, `heal()` lets it through."""
@@ -21,13 +21,13 @@ class FreezingProxy:
     def __init__(self, target: tuple[str, int] | str) -> None:
         """`target`: a (host, port), or a Unix socket's path."""
         self.target = target
-        self.port = free_port()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
         self._flowing = threading.Event()
         self._flowing.set()
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, daemon=True).start()
 
     @classmethod
