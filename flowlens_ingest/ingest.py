@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import traceback
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -99,7 +100,7 @@ def ingest(
         row = database.run([*plan.statements, *([hook] if hook else []), journal], on_retry=on_retry)
     except DatabaseUnavailable as exc:
         return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})")
-    except Exception as exc:
+    except sa.exc.SQLAlchemyError as exc:  # the database refused this delivery's rows
         result = record_failure(database, delivery, describe(exc), compress=compress, on_retry=on_retry)
         # Said of a delivery the journal now holds as failed. When the journal cannot take it
         # either (not migrated, gone), the fault is the database's: said once at start by
@@ -107,6 +108,8 @@ def ingest(
         if result.outcome is Outcome.FAILED:
             log.warning("delivery %s failed to apply: %s", delivery.delivery_id, result.error)
         return result
+    except Exception as exc:  # a bug of ours, not the delivery's failure
+        return bug(delivery, exc)
     if row is not None and hook is not None:
         HOOKS.recorded(delivery)
     return Result.stored(Outcome.DUPLICATE if row is None else Outcome(row[0]))
@@ -126,12 +129,14 @@ def record_failure(
         row = database.run([failed_journal_entry(delivery, error, compress=compress)], on_retry=on_retry)
     except DatabaseUnavailable as exc:
         return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})")
-    except Exception as exc:
+    except sa.exc.SQLAlchemyError as exc:  # the database refused even the failure record
         refusal = describe(exc)
         if journal_works(database):
             log.error("delivery %s cannot be journaled: %s", delivery.delivery_id, refusal)  # noqa: TRY400 (no payload in the log)
             return Result(Disposition.SET_ASIDE, error=refusal)
         return Result(Disposition.RETRY_LATER, error=refusal)
+    except Exception as exc:  # a bug of ours, not the delivery's failure
+        return bug(delivery, exc)
     return Result.stored(Outcome.DUPLICATE if row is None else Outcome.FAILED, error)
 
 
@@ -139,6 +144,31 @@ def journal_works(database: Database) -> bool:
     """The journal table answers a query: a refusal is then the delivery's fault, not the database's."""
     try:
         database.read(sa.select(webhook_deliveries.c.delivery_id).limit(0))
-    except Exception:  # unreachable, unmigrated, no permission: not this delivery's fault
+    except (sa.exc.SQLAlchemyError, DatabaseUnavailable):  # unreachable, unmigrated, no permission
         return False
     return True
+
+
+# The bugs said so far by this process, by where they were raised: said once each, not per delivery.
+_BUGS_SAID: set[tuple[str, str]] = set()
+
+
+def bug(delivery: Delivery, exc: BaseException) -> Result:
+    """A bug in our own code while storing a delivery: logged as a bug, the delivery kept for a retry.
+
+    Never journaled as the delivery's failure, and never set aside: the delivery is fine, our
+    code is not, and once it is fixed the spool applies it. The line names the exception's type
+    and where it was raised, not its message (it may hold a payload value), once per process.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "unknown"
+    key = (type(exc).__name__, where)
+    if key not in _BUGS_SAID:
+        _BUGS_SAID.add(key)
+        log.error(
+            "bug: %s raised at %s while storing delivery %s; it is kept and retried, not journaled as failed",
+            type(exc).__name__,
+            where,
+            delivery.delivery_id,
+        )
+    return Result(Disposition.RETRY_LATER, error=f"internal error ({type(exc).__name__}, logged)")

@@ -556,3 +556,39 @@ def test_partial_files_of_a_crashed_write_are_removed_but_a_live_one_is_not(tmp_
     os.utime(crashed, (old, old))
     spool.remove_partial_files(PARTIAL_AT_START_S)
     assert not crashed.exists() and live.exists() and spool.depth() == 1
+
+
+def test_a_bug_of_ours_is_logged_as_one_and_the_delivery_kept_not_journaled_as_failed(
+    apps, drain, db, monkeypatch, capsys
+):
+    """A bug in the store path (here: the statement compiler raising) is not the delivery's fault.
+
+    The view spools it (202), the journal does not call it failed, the drainer keeps its file
+    (never `.unusable`) and applies it once the code works again; the log says `bug` once,
+    naming where, and nothing of the payload.
+    """
+    from flowlens_ingest.store import wire
+
+    def broken(*args, **kwargs):
+        raise TypeError(f"a bug, holding {OPENED['pull_request']['title']!r}")
+
+    up = apps(down=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(wire, "form", broken)
+        answers = [post(up, OPENED, "pull_request", delivery=f"bug-{n}") for n in range(2)]
+        assert [(a.status_code, a.get_json()["outcome"]) for a in answers] == [(202, "spooled")] * 2
+        assert journal(db) == {}
+        # The drainer meets the same bug: the files stay, none is set aside.
+        handle = spool_handler(services(up).database, services(up).settings, services(up).metrics)
+        drained, stopped = services(up).spool.drain(handle)
+        assert (drained, stopped is not None) == (0, True)
+        assert services(up).spool.depth() == 2
+        assert not list((services(up).settings.spool_dir).glob("*.unusable"))
+    logged = capsys.readouterr().err
+    said = [json.loads(line)["msg"] for line in logged.splitlines() if '"msg": "bug: ' in line]
+    assert len(said) == 1 and "TypeError raised at" in said[0] and "test_spool.py" in said[0]
+    assert OPENED["pull_request"]["title"] not in logged
+    # Fixed (the patch gone): the spool applies both, each once.
+    drain(up)
+    wait_for(lambda: services(up).spool.depth() == 0, what="the spool to empty")
+    assert journal(db) == {"bug-0": ("applied", 1), "bug-1": ("applied", 1)}

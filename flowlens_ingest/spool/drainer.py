@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from flowlens_ingest.config import Settings
+from flowlens_ingest.events import parse
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.ingest import Disposition, Result, describe, ingest
 from flowlens_ingest.metrics import Metrics
@@ -68,15 +69,17 @@ def spool_handler(
             return Result(Disposition.RETRY_LATER, error=SAID if problem in said else problem)
         try:
             delivery = Delivery.parse(item.envelope, item.body)
-            result = ingest(
-                database,
-                delivery,
-                store_payload=settings.store_payloads,
-                compress=settings.journal_compression,
-                on_retry=metrics.db_retry,
-            )
-        except Exception as exc:  # a file no code version will ever apply must not block the rest
+        except (parse.BadPayload, parse.UnsupportedMediaType) as exc:
+            # A file no code version will ever apply must not block the rest.
             return Result(Disposition.SET_ASIDE, error=describe(exc))
+        # Anything else is ours: ingest says a bug once and keeps the file for a retry.
+        result = ingest(
+            database,
+            delivery,
+            store_payload=settings.store_payloads,
+            compress=settings.journal_compression,
+            on_retry=metrics.db_retry,
+        )
         if result.outcome is not None:
             metrics.spool_drained.labels(result.outcome.value).inc()
             log.info(
