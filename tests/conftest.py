@@ -30,7 +30,7 @@ from flowlens_ingest.web.services import services
 
 from .databases import ThrowawayPostgres, create_scratch_database, drop_database
 from .helpers import DEV_MIN_EXAMPLES, HYPOTHESIS_PROFILE, github_headers, make_settings
-from .serving import Service
+from .serving import Service, Webhook
 
 # Hypothesis: `dev` (the default) is small, for a fast loop; CI sets HYPOTHESIS_PROFILE=ci.
 # A test that sets its own max_examples takes it from helpers.examples(), which
@@ -141,3 +141,11 @@ def service(db: Engine, database_url: str, tmp_path: Path) -> Iterator[Service]:
         yield svc
     finally:
         svc.stop()
+
+
+@pytest.fixture
+def webhook(db: Engine, database_url: str, tmp_path: Path) -> Iterator[Webhook]:
+    """A real /webhook on the scratch database, for the fake GitHub's hooks to deliver to (tests/serving.py)."""
+    hook = Webhook(database_url, tmp_path)
+    yield hook
+    hook.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,13 +41,6 @@ def opened(number: int) -> dict[str, Any]:
 def github() -> Iterator[FakeGitHub]:
     with serve_fake_github() as fake:
         yield fake
-
-
-@pytest.fixture
-def webhook(db: Engine, database_url: str, tmp_path: Path) -> Iterator[Webhook]:
-    hook = Webhook(database_url, tmp_path)
-    yield hook
-    hook.close()
 
 
 def settings_for(github: FakeGitHub, *, app: bool = False, token: bool = True, **extra: Any) -> Settings:

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -49,13 +48,6 @@ def opened(number: int) -> dict[str, Any]:
 def github() -> Iterator[FakeGitHub]:
     with serve_fake_github() as fake:
         yield fake
-
-
-@pytest.fixture
-def webhook(db: Engine, database_url: str, tmp_path: Path) -> Iterator[Webhook]:
-    hook = Webhook(database_url, tmp_path)
-    yield hook
-    hook.close()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,13 +63,6 @@ def clock() -> Clock:
 def github(clock: Clock) -> Iterator[FakeGitHub]:
     with serve_fake_github(clock=clock) as fake:
         yield fake
-
-
-@pytest.fixture
-def webhook(db: Engine, database_url: str, tmp_path: Path) -> Iterator[Webhook]:
-    hook = Webhook(database_url, tmp_path)
-    yield hook
-    hook.close()
 
 
 @pytest.fixture
