@@ -511,6 +511,20 @@ def service_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def measured_wrk(args: argparse.Namespace, url: str, workdir: Path, tag: str) -> dict[str, Any]:
+    """The measured load: the run's records at `url`, as many connections and as paced as asked."""
+    think_ms = 1000 * args.connections / args.rate if args.rate else 0
+    return run_wrk(
+        url,
+        workdir / "run",
+        tag,
+        seconds=args.seconds,
+        connections=args.connections,
+        threads=args.wrk_threads,
+        think_ms=think_ms,
+    )
+
+
 def measure_floor(
     args: argparse.Namespace, url: str, workdir: Path, secret: str, env: dict[str, str]
 ) -> dict[str, Any]:
@@ -528,16 +542,7 @@ def measure_floor(
         )
         workers = floor.workers()
         before = cpu_seconds(workers)
-        think_ms = 1000 * args.connections / args.rate if args.rate else 0
-        run = run_wrk(
-            floor.url,
-            workdir / "run",
-            "floor",
-            seconds=args.seconds,
-            connections=args.connections,
-            threads=args.wrk_threads,
-            think_ms=think_ms,
-        )
+        run = measured_wrk(args, floor.url, workdir, "floor")
         used = cpu_seconds(workers) - before
     finally:
         floor.stop()
@@ -605,16 +610,7 @@ def measure_mix(
             else []
         )
         log(f"measuring: {args.connections} connections for {args.seconds:.0f} s")
-        think_ms = 1000 * args.connections / args.rate if args.rate else 0
-        run = run_wrk(
-            service.url,
-            workdir / "run",
-            "run",
-            seconds=args.seconds,
-            connections=args.connections,
-            threads=args.wrk_threads,
-            think_ms=think_ms,
-        )
+        run = measured_wrk(args, service.url, workdir, "run")
         after_cpu = {
             "workers": cpu_seconds(workers),
             "postgres": postgres_cpu_since(pg_before),
