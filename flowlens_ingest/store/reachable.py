@@ -36,7 +36,7 @@ _CAUSES: tuple[tuple[str, re.Pattern[str], str], ...] = (
     ),
     (
         "no answer",
-        re.compile(r"timeout expired|timed out|canceling statement due to statement timeout|deadline", re.I),
+        re.compile(r"timeout expired|timed out|canceling statement due to statement timeout|deadline|\bhung\b", re.I),
         "the server or the network is stuck; check the server's health",
     ),
 )
