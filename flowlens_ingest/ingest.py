@@ -85,6 +85,9 @@ def ingest(
     `replay` re-applies a journaled delivery: a failed entry takes the new outcome,
     any other keeps its first one, and nothing is a duplicate.
     """
+    if delivery.unparsed is not None:
+        # Signed, so kept (its exact bytes, replayable), but never parsed: see parse.MAX_ELEMENTS.
+        return record_failure(database, delivery, delivery.unparsed, compress=compress, on_retry=on_retry)
     try:
         plan = Plan(map_delivery(delivery.event, delivery.payload))
     except Exception as exc:  # any shape we did not foresee: journal it, keep serving

@@ -35,6 +35,9 @@ class Delivery:
     hook_target: HookTarget | None = None
     # The body is GitHub's API JSON of the delivery (`recover --fetch`), not bytes it signed.
     body_from_api: bool = False
+    # Why the body was not parsed (payload then empty): more elements than any GitHub payload
+    # holds (parse.TooManyElements). ingest journals such a delivery as failed, bytes kept.
+    unparsed: str | None = None
 
     @classmethod
     def from_http(
@@ -53,19 +56,26 @@ class Delivery:
         """Parse a delivery's raw body by its content type.
 
         Raises parse.UnsupportedMediaType or parse.BadPayload. `payload_sha256`
-        defaults to the body's digest.
+        defaults to the body's digest. A body with too many elements to parse is
+        no error here: its delivery has an empty payload and says why (`unparsed`).
         """
+        unparsed = None
+        try:
+            payload = parse.loads(parse.json_text(content_type, body))
+        except parse.TooManyElements as exc:
+            payload, unparsed = {}, str(exc)
         return cls(
             delivery_id=delivery_id,
             hook_id=hook_id,
             event=event,
-            payload=parse.loads(parse.json_text(content_type, body)),
+            payload=payload,
             payload_sha256=payload_sha256 or hashlib.sha256(body).hexdigest(),
             body=body,
             content_type=content_type or "",
             received_at=received_at,
             hook_target=hook_target,
             body_from_api=body_from_api,
+            unparsed=unparsed,
         )
 
     @property
