@@ -48,8 +48,8 @@ class EscapingStream:
 def escaped_output() -> Iterator[None]:
     """Escape control characters in whatever is printed on stdout and stderr inside the block."""
     saved = sys.stdout, sys.stderr
-    sys.stdout = EscapingStream(saved[0])  # type: ignore[assignment]
-    sys.stderr = EscapingStream(saved[1])  # type: ignore[assignment]
+    sys.stdout = EscapingStream(saved[0])
+    sys.stderr = EscapingStream(saved[1])
     try:
         yield
     finally:
