@@ -10,6 +10,7 @@ from collections.abc import Callable
 from flowlens_ingest.config import Settings
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.ingest import Disposition, Result, describe, ingest
+from flowlens_ingest.memory import LARGE
 from flowlens_ingest.metrics import Metrics
 from flowlens_ingest.spool.folder import Spool, Spooled
 from flowlens_ingest.store import migrate
@@ -24,6 +25,9 @@ DRAIN_INTERVAL_S = 1.0
 SCHEMA_RECHECK_S = 10.0
 # The reason of a pause the handler has already said (or the master): not said again.
 SAID = "the database schema is not ready (said above)"
+# How long the drainer waits for a large delivery's turn (memory.LARGE) before leaving it
+# for the next tick: the requests' large deliveries come first, each for about a second.
+LARGE_TURN_S = 10.0
 
 
 def spool_handler(database: Database, settings: Settings, metrics: Metrics) -> Callable[[Spooled], Result]:
@@ -61,6 +65,16 @@ def spool_handler(database: Database, settings: Settings, metrics: Metrics) -> C
         if problem is not None:
             # A schema problem is said above (or by the master): the pause line would repeat it.
             return Result(Disposition.RETRY_LATER, error=SAID if problem in said else problem)
+        turn = LARGE.take(len(item.body), LARGE_TURN_S)
+        if turn is False:
+            return Result(Disposition.RETRY_LATER, error="large deliveries of requests hold this worker's turn")
+        try:
+            return apply(item)
+        finally:
+            if turn:
+                LARGE.give_back()
+
+    def apply(item: Spooled) -> Result:
         try:
             delivery = Delivery.from_http(
                 delivery_id=item.delivery_id,

@@ -7,15 +7,15 @@ cost a worker some disk writes, not resident memory. The check is signature.py's
 (raw bytes, `sha256=` only, constant-time comparison against every secret); the
 view reads the bytes back only once they are known to be signed.
 
-A large signed body (over LARGE_BYTES) is read back and parsed only in its turn:
-at most one at a time per worker process (LargeBodies), the rest waiting on disk.
+A large signed body (over memory.LARGE_BYTES) is read back and parsed only in its
+turn: at most one at a time per worker process (memory.LargeBodies), the rest
+waiting on disk.
 """
 
 from __future__ import annotations
 
 import io
 import tempfile
-import threading
 from collections.abc import Callable, Iterable
 from typing import IO
 
@@ -50,37 +50,3 @@ def size_of(spooled: IO[bytes]) -> int:
     size = spooled.seek(0, io.SEEK_END)
     spooled.seek(0)
     return size
-
-
-# A body over this is large: it is on disk (MEMORY_BYTES) until its turn comes.
-LARGE_BYTES = MEMORY_BYTES
-
-
-class LargeBodies:
-    """At most `at_once` large signed bodies held in memory (read, parsed, journaled) at a time.
-
-    One per worker process: a large delivery costs several times its size while it is
-    parsed and journaled (the bytes, the text, the objects, the SQL literal), and a
-    worker's threads taking 25 MB deliveries together took it past a gigabyte. The
-    others wait their turn on disk, each for a bounded time; small bodies never wait.
-    """
-
-    def __init__(self, at_once: int = 1) -> None:
-        self._turns = threading.BoundedSemaphore(at_once)
-
-    def take(self, size: int, wait_s: float) -> bool | None:
-        """None for a small body (no turn needed); else whether a turn came within `wait_s`.
-
-        A True answer must be given back with `give_back`.
-        """
-        if size <= LARGE_BYTES:
-            return None
-        return self._turns.acquire(timeout=max(wait_s, 0.0))
-
-    def give_back(self) -> None:
-        """End a turn `take` gave."""
-        self._turns.release()
-
-
-# This process's: gunicorn forks its workers before any request, and each has its own.
-LARGE = LargeBodies()

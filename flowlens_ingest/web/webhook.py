@@ -15,9 +15,10 @@ from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
 from flowlens_ingest.events.hooks import header_number, target_of
 from flowlens_ingest.ingest import ingest
+from flowlens_ingest.memory import LARGE
 from flowlens_ingest.store.deadline import deadline
 from flowlens_ingest.web.services import services
-from flowlens_ingest.web.signed_body import LARGE, read_signed, size_of
+from flowlens_ingest.web.signed_body import read_signed, size_of
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ bp = Blueprint("webhook", __name__)
 DATABASE_DEADLINE_S = 8.0
 # A large body waits for its turn (signed_body.LargeBodies) until this long after the
 # request began; past it, it is spooled raw for the drainer: parsed later, answered now.
-LARGE_TURN_S = 4.0
+LARGE_TURN_S = 5.0
 
 
 def error(status: int, message: str, **headers: str) -> Response:
