@@ -173,6 +173,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nested", type=int, default=8_600_000, help="empty lists in the absurd body (0 skips)")
     p.add_argument("--workers", type=int, help="FLOWLENS_WORKERS (default: the service's own default)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="more service environment")
+    p.add_argument("--log", type=Path, help="keep the service's log here")
     p.add_argument("--bound-mb", type=float, default=1200, help="the peak PSS bound to check (default 1200)")
     p.add_argument(
         "--returned-mb", type=float, default=400, help="at most this above the start, --settle s after (default 400)"
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["nested_after_mb"] = round(service_pss(service), 1)
         finally:
             service.stop()
+            if args.log:
+                args.log.write_bytes(service.log_path.read_bytes())
     ok = (
         large["all_2xx"]
         and large["peak_mb"] < args.bound_mb

@@ -206,7 +206,7 @@ def test_the_limit_is_on_elements_not_on_size():
     body = b'{"a": [' + b",".join([b'"' + b"x" * 400 + b'"'] * 60_000) + b"]}"
     assert len(parse("application/json", body)["a"]) == 60_000
     # Just at the limit: parsed.
-    at_limit = b"{" + b"\"a\":[" + b"0," * (parse_module.MAX_ELEMENTS - 3) + b"0]}"
+    at_limit = b"{" + b'"a":[' + b"0," * (parse_module.MAX_ELEMENTS - 3) + b"0]}"
     assert parse_module.count_elements(at_limit.decode()) == parse_module.MAX_ELEMENTS
     assert len(parse("application/json", at_limit)["a"]) == parse_module.MAX_ELEMENTS - 2
 

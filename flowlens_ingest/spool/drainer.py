@@ -25,9 +25,6 @@ DRAIN_INTERVAL_S = 1.0
 SCHEMA_RECHECK_S = 10.0
 # The reason of a pause the handler has already said (or the master): not said again.
 SAID = "the database schema is not ready (said above)"
-# How long the drainer waits for a large delivery's turn (memory.LARGE) before leaving it
-# for the next tick: the requests' large deliveries come first, each for about a second.
-LARGE_TURN_S = 10.0
 
 
 def spool_handler(database: Database, settings: Settings, metrics: Metrics) -> Callable[[Spooled], Result]:
@@ -65,9 +62,10 @@ def spool_handler(database: Database, settings: Settings, metrics: Metrics) -> C
         if problem is not None:
             # A schema problem is said above (or by the master): the pause line would repeat it.
             return Result(Disposition.RETRY_LATER, error=SAID if problem in said else problem)
-        turn = LARGE.take(len(item.body), LARGE_TURN_S)
+        # A large delivery only in a turn no request waits for (memory.LARGE): else the next tick.
+        turn = LARGE.take_if_free(len(item.body))
         if turn is False:
-            return Result(Disposition.RETRY_LATER, error="large deliveries of requests hold this worker's turn")
+            return Result(Disposition.RETRY_LATER, error="large deliveries of requests come first")
         try:
             return apply(item)
         finally:

@@ -67,8 +67,10 @@ keepalive = 5
 preload_app = False
 # The heartbeat file is touched every second per worker: keep it off disk where possible.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108 (gunicorn's advice)
-# No worker recycling (max_requests): every recycled worker leaves its metric files
-# behind to be read on each scrape, and the workers hold no growing state.
+# No recycling after a number of requests (max_requests): the workers hold no growing
+# state. A worker is recycled after a large delivery that left it heavy (memory.py,
+# post_worker_init below), gracefully; its replacement takes over its metric files
+# (pre_fork), so recycling never grows what a scrape reads.
 accesslog = None
 errorlog = "-"
 
@@ -195,11 +197,48 @@ def _reason(exc: BaseException) -> str:
     return said[:200] or getattr(orig, "pgcode", None) or type(orig).__name__
 
 
+def pre_fork(server: Any, worker: Any) -> None:
+    """Give the worker about to be forked the lowest metrics slot no live worker holds.
+
+    A worker replacing a recycled or dead one takes its slot, and with it its sample
+    files (metrics.FILES_ID): the folder holds one set per slot, not one per worker ever
+    forked. Two live workers never share one (server.WORKERS are those not yet reaped).
+    """
+    taken = {getattr(other, "flowlens_slot", None) for other in server.WORKERS.values()}
+    worker.flowlens_slot = next(n for n in range(len(taken) + 1) if n not in taken)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """In the new worker, before its app, threads and metrics exist: its allocator, and its sample files' name."""
+    from flowlens_ingest.memory import tune_allocator
+    from flowlens_ingest.metrics import FILES_ID
+
+    tune_allocator()
+    os.environ[FILES_ID] = _files_id(worker)
+
+
+def _files_id(worker: Any) -> str:
+    return f"worker{worker.flowlens_slot}"
+
+
 def post_worker_init(worker: Any) -> None:
-    """Start the worker's spool drainer once its app exists."""
+    """Start the worker's spool drainer once its app exists; recycle it when a large delivery left it heavy."""
+    from flowlens_ingest.memory import LARGE
     from flowlens_ingest.web.services import start_drainer
 
     worker.flowlens_drainer = start_drainer(worker.wsgi)
+    LARGE.when_heavy = lambda: _recycle(worker)
+
+
+def _recycle(worker: Any) -> None:
+    """End this worker gracefully, as max_requests would: it finishes what it holds; the master forks another."""
+    from flowlens_ingest.memory import resident_bytes
+
+    if worker.alive:
+        worker.log.info(
+            "flowlens-ingest: worker recycled after a large delivery (%d MB resident)", resident_bytes() >> 20
+        )
+        worker.alive = False
 
 
 def worker_exit(server: Any, worker: Any) -> None:
@@ -210,5 +249,5 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Drop a dead worker's live gauge samples (its counters still count)."""
-    _multiprocess.mark_process_dead(worker.pid)
+    """Drop a dead worker's live gauge samples (its counters still count, and its replacement counts on)."""
+    _multiprocess.mark_process_dead(_files_id(worker))
