@@ -66,6 +66,9 @@ THREADS = (1, 64)
 # A stopping worker finishes what it holds: at least one whole delivery (GitHub's 10 s);
 # beyond 5 min a deploy waits on a worker that is stuck, not busy.
 GRACEFUL_TIMEOUT_S = (10, 300)
+# A worker still above this after a large delivery is recycled (memory.py): 1 recycles after
+# every one; a worker serving ordinary deliveries holds 60-70 MB.
+RECYCLE_ABOVE_MB = (1, 65536)
 PORT = (1, 65535)
 # The files worker. A reserve of a token's whole primary limit (5,000 an hour) or more
 # would never let it fetch; a lease shorter than a few GitHub requests (10 s timeout each)
@@ -249,6 +252,7 @@ class Settings:
     # The Procfile's web process listens on all addresses, on the platform's PORT.
     bind: str = "0.0.0.0:8000"
     graceful_timeout_s: int = 20
+    recycle_above_mb: int = 256
     # Where gunicorn's workers sum their metrics (PROMETHEUS_MULTIPROC_DIR); None: not set.
     metrics_dir: Path | None = None
     # Where `send` posts (FLOWLENS_URL).
@@ -341,6 +345,7 @@ class Settings:
             threads=threads,
             bind=env.get("FLOWLENS_BIND", "").strip() or f"0.0.0.0:{port}",
             graceful_timeout_s=int_value(env, "FLOWLENS_GRACEFUL_TIMEOUT", 20, GRACEFUL_TIMEOUT_S, "seconds"),
+            recycle_above_mb=int_value(env, "FLOWLENS_RECYCLE_ABOVE_MB", 256, RECYCLE_ABOVE_MB, "MB"),
             metrics_dir=path_value(env, "PROMETHEUS_MULTIPROC_DIR"),
             send_url=http_url(env, "FLOWLENS_URL", "http://127.0.0.1:8000/webhook"),
             github_api_url=api_url.rstrip("/"),

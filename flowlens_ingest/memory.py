@@ -23,12 +23,6 @@ from typing import Any
 LARGE_BYTES = 1024 * 1024
 
 
-# A worker still this large once a large delivery is done is recycled (gunicorn_conf): it
-# ends gracefully after the requests it holds, and a fresh one takes its place. A worker
-# serving ordinary deliveries stays near 60-70 MB (docs/benchmark.md).
-RECYCLE_ABOVE_BYTES = 256 * 1024 * 1024
-
-
 def resident_bytes() -> int:
     """This process's resident memory (Linux /proc; 0 where there is none)."""
     try:
@@ -84,9 +78,10 @@ def trim() -> None:
 class LargeBodies:
     """At most `at_once` large bodies in memory at a time; the others wait their turn, each for a bounded time.
 
-    `when_heavy`, when set (gunicorn_conf sets it in each worker), is called once a turn
-    ends with the process above RECYCLE_ABOVE_BYTES: memory a parse took is not always
-    given back to the system by the allocator, and a new process gives it all back.
+    `when_heavy`, when set (gunicorn_conf sets it in each worker, to recycle the worker),
+    is called once a turn ends with the process still above `heavy_bytes`
+    (FLOWLENS_RECYCLE_ABOVE_MB): what the allocator keeps after a trim, a new process
+    gives back. A worker serving ordinary deliveries holds 60-70 MB (docs/benchmark.md).
     """
 
     def __init__(self, at_once: int = 1) -> None:
@@ -94,6 +89,7 @@ class LargeBodies:
         self._lock = threading.Lock()
         self._waiting = 0
         self.when_heavy: Callable[[], None] | None = None
+        self.heavy_bytes = 256 * 1024 * 1024
 
     def take(self, size: int, wait_s: float) -> bool | None:
         """None for a small body (it needs no turn); else whether a turn came within `wait_s` seconds.
@@ -127,7 +123,7 @@ class LargeBodies:
             # Only where a worker can be recycled: elsewhere (tests, the development
             # server) the trim's cost buys nothing anyone measures.
             trim()
-            if resident_bytes() > RECYCLE_ABOVE_BYTES:
+            if resident_bytes() > self.heavy_bytes:
                 self.when_heavy()
 
 

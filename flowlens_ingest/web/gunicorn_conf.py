@@ -227,6 +227,7 @@ def post_worker_init(worker: Any) -> None:
     from flowlens_ingest.web.services import start_drainer
 
     worker.flowlens_drainer = start_drainer(worker.wsgi)
+    LARGE.heavy_bytes = settings.recycle_above_mb * 1024 * 1024
     LARGE.when_heavy = lambda: _recycle(worker)
 
 
