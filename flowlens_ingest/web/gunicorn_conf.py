@@ -7,9 +7,12 @@ overrides anything.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 from typing import IO, Any
 
 from gunicorn import glogging
@@ -231,15 +234,47 @@ def post_worker_init(worker: Any) -> None:
     LARGE.when_heavy = lambda: _recycle(worker)
 
 
+# How long a recycled worker, no longer accepting, waits for the connections it accepted to
+# send their request (a client sends at once; GitHub and nginx do) before it ends.
+RECYCLE_DISPATCH_S = 2.0
+
+
 def _recycle(worker: Any) -> None:
-    """End this worker gracefully, as max_requests would: it finishes what it holds; the master forks another."""
+    """End this worker gracefully: it stops accepting, finishes what it holds, and the master forks another.
+
+    Not max_requests' way (`alive = False` at once): a gthread worker waits for an accepted
+    connection to be readable before a thread takes it, and ending then dropped those
+    accepted but not yet read (the client saw a reset: a delivery lost). So first the
+    listening sockets leave its poller; once every accepted connection has gone to a
+    thread (or RECYCLE_DISPATCH_S passed), the worker ends as on SIGTERM, finishing them.
+    """
     from flowlens_ingest.memory import resident_bytes
 
-    if worker.alive:
-        worker.log.info(
-            "flowlens-ingest: worker recycled after a large delivery (%d MB resident)", resident_bytes() >> 20
-        )
-        worker.alive = False
+    if not worker.alive or getattr(worker, "flowlens_recycling", False):
+        return
+    worker.flowlens_recycling = True
+    worker.log.info("flowlens-ingest: worker recycled after a large delivery (%d MB resident)", resident_bytes() >> 20)
+    threading.Thread(target=_end_once_dispatched, args=(worker,), name="flowlens-recycle", daemon=True).start()
+
+
+def _end_once_dispatched(worker: Any) -> None:
+    with worker._lock:
+        for listener in worker.sockets:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                worker.poller.unregister(listener)
+    deadline = time.monotonic() + RECYCLE_DISPATCH_S
+    while _undispatched(worker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    worker.alive = False
+
+
+def _undispatched(worker: Any) -> bool:
+    """Whether the worker's poller still holds a connection accepted but never handed to a thread."""
+    with worker._lock:
+        waiting = [key.data for key in worker.poller.get_map().values()]
+    # gthread's poller entries: its listeners (partial(accept, address)), and connections
+    # (partial(on_client_socket_readable, conn)); a kept-alive one has been handled before.
+    return any(not getattr(entry.args[0], "initialized", True) for entry in waiting if entry.args)
 
 
 def worker_exit(server: Any, worker: Any) -> None:
