@@ -8,7 +8,7 @@ those below it (import-linter checks it, see setup.cfg):
     spool     deliveries kept on disk while the database is down
     ingest    one delivery: map -> plan -> run -> its disposition
     store     tables, statements, the batch on the wire, the database
-    metrics, logs, config, environment   the foundations (settings and their readers)
+    metrics, logs, memory, config, environment   the foundations (settings and their readers)
     events    pure: signature, parse, delivery, mappers -> rows, rules
 
 Importing this package loads nothing else, so the pure layer stays free of Flask
