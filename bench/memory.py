@@ -10,7 +10,8 @@
    psutil's memory_full_info().pss) of every gunicorn process, master and workers, summed.
    PSS counts pages shared between the forked workers once, so the sum is what the
    service costs the machine. Prints the figure before, the peak, and 30 s (`--settle`)
-   after the last answer.
+   after the last answer, and how many deliveries the journal holds by then (the warm-up's
+   8 included; spooled ones count once the drainer has applied them).
 4. Sends one signed body of 8.6 million `[]` (`--nested`; 0 skips), four at once: each must
    be answered 202 `failed` (journaled, bytes kept), with the peak memory while they are.
 
@@ -40,8 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import sqlalchemy as sa
 
 from flowlens_ingest.events.signature import sign
+from flowlens_ingest.store.schema import webhook_deliveries
 
 from .__main__ import DEFAULT_ADMIN_URL, Service, scratch_database
 
@@ -156,6 +159,16 @@ def burst(service: Service, bodies: list[tuple[bytes, str]], concurrency: int, s
     return {"answers": tally, "peak_mb": peak, "all_2xx": all(200 <= s < 300 for s, _ in answers)}
 
 
+def journaled(url: str) -> int:
+    """How many deliveries the journal holds (the spooled ones count once the drainer applied them)."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(webhook_deliveries)).scalar_one())
+    finally:
+        engine.dispose()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(
@@ -211,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"large: {large}; settling {args.settle:g} s")
             time.sleep(args.settle)
             result["after_mb"] = round(service_pss(service), 1)
+            result["journaled_after"] = journaled(url)
             if args.nested:
                 log(f"sending 4 bodies of {args.nested:,} empty lists")
                 nested = nested_lists(args.nested)
