@@ -258,6 +258,10 @@ def _recycle(worker: Any) -> None:
 
 
 def _end_once_dispatched(worker: Any) -> None:
+    if not hasattr(worker, "poller"):
+        # Not a gthread worker (GUNICORN_CMD_ARGS chose another): it ends as max_requests ends it.
+        worker.alive = False
+        return
     with worker._lock:
         for listener in worker.sockets:
             with contextlib.suppress(KeyError, ValueError, OSError):
