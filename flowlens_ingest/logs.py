@@ -63,7 +63,9 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        # json.dumps escapes every other control character (and, ASCII only, C1 and bidi
+        # ones), but writes DEL as it is.
+        return json.dumps(entry, default=str).replace("\x7f", "\\u007f")
 
 
 def _text_value(value: object) -> str:

@@ -240,6 +240,12 @@ def test_a_text_line_writes_no_raw_control_from_a_value_or_the_message():
     assert "event=push\\x07" in line
 
 
+def test_a_json_line_writes_no_raw_control_either():
+    line = logs.JsonFormatter().format(record(delivery="id" + CONTROLS))
+    assert not RAW.search(line) and "\n" not in line
+    assert json.loads(line)["delivery"] == "id" + CONTROLS
+
+
 def test_a_text_traceback_keeps_its_lines_and_escapes_the_rest():
     try:
         raise ValueError("bad id \x1b]0;owned\x07")
