@@ -3,7 +3,7 @@
 Never log a secret or a payload: log records carry ids, names and outcomes only.
 Values that came from outside (the unauthenticated X-GitHub-* headers, GitHub's
 answers) are never written raw to a terminal: `printable` escapes the characters
-that drive one, in the text format here and in every command's output (cli/output.py).
+that drive one, in the text format here and in every command's output (cli/terminal.py).
 """
 
 from __future__ import annotations

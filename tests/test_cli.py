@@ -324,7 +324,7 @@ def test_db_shell_runs_psql_on_the_database(db, database_url):
     assert result.stdout.strip() == "0"
 
 
-# Characters a terminal acts on instead of showing (cli/output.py escapes them all).
+# Characters a terminal acts on instead of showing (cli/terminal.py escapes them all).
 RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 

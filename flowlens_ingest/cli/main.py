@@ -23,9 +23,9 @@ from flowlens_ingest.cli.commands import (
     send,
 )
 from flowlens_ingest.cli.db import db_shell, db_upgrade
-from flowlens_ingest.cli.output import escaped_output
 from flowlens_ingest.cli.serve import serve
 from flowlens_ingest.cli.status import DEFAULT_DEADLINE_S as DEFAULT_STATUS_DEADLINE_S
+from flowlens_ingest.cli.terminal import escaped_output
 from flowlens_ingest.config import WORKERS, ConfigError
 
 # --- the command line -------------------------------------------------------------------------

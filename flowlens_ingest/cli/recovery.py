@@ -65,7 +65,7 @@ def _progress(stream: TextIO) -> Callable[[int, int, str], None]:
         if terminal:
             filled = 30 * done // max(total, 1)
             end = "\n" if done == total else ""
-            # The carriage return alone: output.py escapes one inside a line.
+            # The carriage return alone: cli/terminal.py escapes one inside a line.
             stream.write("\r")
             stream.write(f"{what} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} pull requests{end}")
             stream.flush()
