@@ -9,7 +9,7 @@ those below it (import-linter checks it, see setup.cfg):
     spool     deliveries kept on disk while the database is down
     ingest    one delivery: map -> plan -> run -> its disposition
     store     tables, statements, the batch on the wire, the database
-    metrics, logs, config, environment, names   the foundations (settings, their readers, GitHub's names)
+    metrics, logs, memory, config, environment, names   the foundations (settings, their readers, GitHub's names)
     events    pure: signature, parse, delivery, mappers -> rows, rules
 
 Importing this package loads nothing else, so the pure layer stays free of Flask

@@ -616,6 +616,21 @@ class Settings:
             " 10 s); beyond 5 minutes a deploy waits on a stuck worker",
         ),
     )
+    # A worker serving ordinary deliveries holds 60-70 MB; 1 recycles after every large one (memory.py).
+    recycle_above_mb: int = setting(
+        256,
+        env="FLOWLENS_RECYCLE_ABOVE_MB",
+        group=PROCESSES,
+        reader=whole(1, 65536, "MB"),
+        rows=Row(
+            "`FLOWLENS_RECYCLE_ABOVE_MB`",
+            "`256`",
+            "`1` to `65536` (MB)",
+            "a worker still this large (resident) once a large delivery (over 1 MiB) is done is recycled"
+            " gracefully: it finishes what it holds and gunicorn forks a fresh one (see"
+            " [reliability.md](reliability.md#memory)); `1` recycles after every large delivery",
+        ),
+    )
     # The Procfile's web process listens on all addresses, on the platform's PORT.
     bind: str = setting(
         "0.0.0.0:8000",

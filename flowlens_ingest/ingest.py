@@ -90,6 +90,9 @@ def ingest(
         # Known hung: no wait and no connection for this one, not even mapping it. The caller
         # keeps it (the spool) until the probe finds the database answering again.
         return Result(Disposition.RETRY_LATER, error="database unavailable (hung)")
+    if delivery.unparsed is not None:
+        # Signed, so kept (its exact bytes, replayable), but never parsed: see parse.MAX_ELEMENTS.
+        return record_failure(database, delivery, delivery.unparsed, compress=compress, on_retry=on_retry)
     try:
         plan = Plan(map_delivery(delivery.event, delivery.payload))
     except Exception as exc:  # any shape we did not foresee: journal it, keep serving

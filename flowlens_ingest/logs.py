@@ -1,16 +1,44 @@
 """Logging: one JSON object per line in production, readable text in development.
 
 Never log a secret or a payload: log records carry ids, names and outcomes only.
+Values that came from outside (the unauthenticated X-GitHub-* headers, GitHub's
+answers) are never written raw to a terminal: `printable` escapes the characters
+that drive one, in the text format here and in every command's output (cli/terminal.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
 from flowlens_ingest.config import Settings
+
+# What a terminal acts on rather than shows: C0 controls (ESC starts the sequences that
+# recolour, move the cursor or set the window title; BEL rings), DEL, C1 controls (U+009B
+# is a one-character ESC [), and the bidirectional overrides and isolates that make text
+# read in another order than it is (U+202A-U+202E, U+2066-U+2069).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str, keep: str = "") -> str:
+    """`text` with every character a terminal would act on written as an escape (`\\x1b`, `\\u202e`).
+
+    `keep` names controls the caller writes on purpose (an output's own newlines).
+    """
+    if not _UNPRINTABLE.search(text):
+        return text
+    if not keep:
+        return _UNPRINTABLE.sub(_escape, text)
+    return _UNPRINTABLE.sub(lambda m: m.group() if m.group() in keep else _escape(m), text)
+
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -35,7 +63,9 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        # json.dumps escapes every other control character (and, ASCII only, C1 and bidi
+        # ones), but writes DEL as it is.
+        return json.dumps(entry, default=str).replace("\x7f", "\\u007f")
 
 
 def _text_value(value: object) -> str:
@@ -45,16 +75,20 @@ def _text_value(value: object) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """A log record as a readable line, extras as key=value."""
+    """A log record as a readable line, extras as key=value; no control character written raw.
+
+    The message and every value are escaped (a delivery id may hold ESC or a newline that
+    would forge a line); a traceback keeps its own newlines, escaped otherwise.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(f"{k}={_text_value(v)}" for k, v in _extras(record).items() if v is not None)
         line = (
             f"{self.formatTime(record)} [{record.process}] {record.levelname:<7} {record.name}: {record.getMessage()}"
         )
-        line = f"{line} {extras}" if extras else line
+        line = printable(f"{line} {extras}" if extras else line)
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + printable(self.formatException(record.exc_info), keep="\n")
         return line
 
 

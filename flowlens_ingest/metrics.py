@@ -28,6 +28,12 @@ WATCHED_OUTCOMES = ("failed", "unavailable")
 SIGNATURE_REASONS = ("missing", "unsupported_algorithm", "mismatch")
 RETRY_REASONS = ("40001", "40P01", "disconnect")
 
+# Set by gunicorn_conf in each worker it forks: the name of the worker's sample files,
+# its slot (`worker0`, `worker1`…), not its pid. A worker that replaces a recycled or dead
+# one takes its slot and counts on in its files, so recycling workers (memory.py) never
+# grows the folder that every scrape reads. Unset (the files worker, tests): the pid.
+FILES_ID = "FLOWLENS_METRICS_FILES_ID"
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -65,6 +71,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
+        _name_files_by_slot()
         reg = REGISTRY if registry is None else registry
         self.deliveries = Counter(
             "flowlens_deliveries",
@@ -223,6 +230,18 @@ class Metrics:
     def signature_failure(self, reason: str) -> None:
         """Count one refused signature."""
         self.signature_failures.labels(reason).inc()
+
+
+def _name_files_by_slot() -> None:
+    """Name this process's sample files by the slot gunicorn_conf gave it (FILES_ID), before any metric exists."""
+    from prometheus_client import values
+
+    slot = os.environ.get(FILES_ID)
+    if slot and values.ValueClass is not values.MutexValue and not getattr(values.ValueClass, "_flowlens", False):
+        # prometheus_client's own hook for this (values.MultiProcessValue): distinct
+        # values in processes that run at once, which slots are (gunicorn_conf.pre_fork).
+        values.ValueClass = values.MultiProcessValue(process_identifier=lambda: slot)  # type: ignore[no-untyped-call]
+        values.ValueClass._flowlens = True
 
 
 def _initialised(path: str) -> bool:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from flowlens_ingest.events import signature
 from flowlens_ingest.events.signature import StreamingVerifier
-from flowlens_ingest.web.signed_body import CHUNK_BYTES, MEMORY_BYTES, read_signed
+from flowlens_ingest.web.signed_body import CHUNK_BYTES, MEMORY_BYTES, read_signed, size_of
 
 from .helpers import examples
 
@@ -111,3 +111,18 @@ def test_what_the_reader_raises_goes_through():
 
     with pytest.raises(TooLarge):
         read_signed(read, signature.sign(b"{}", VECTOR_SECRET), [VECTOR_SECRET])
+
+
+@pytest.mark.parametrize("length", [0, 13, MEMORY_BYTES, MEMORY_BYTES + 1, 3 * MEMORY_BYTES])
+def test_the_size_of_a_signed_body_is_known_without_reading_it_back(length):
+    # What decides whether a delivery needs a large body's turn (memory.py) before it is read.
+    body = b"x" * length
+    spooled = read_signed(io.BytesIO(body).read, signature.sign(body, b"s"), [b"s"])
+    try:
+        assert size_of(spooled) == length
+        # Left rewound: the view then reads exactly the signed bytes.
+        assert spooled.read() == body
+        # On disk past MEMORY_BYTES: a large body waits for its turn there, not in memory.
+        assert spooled._rolled is (length > MEMORY_BYTES)  # type: ignore[attr-defined]
+    finally:
+        spooled.close()

@@ -372,3 +372,29 @@ def test_commands_and_psql_take_the_multi_host_query_form(deliver, db, database_
     # Passed to psql as a libpq URI, the repeated ?host= would be one host named `127.0.0.1:PORT`.
     shell = cli("db", "shell", "-At", "-c", "SELECT count(*) FROM webhook_deliveries", DATABASE_URL=url)
     assert (shell.returncode, shell.stdout.strip()) == (0, "1"), shell.stderr
+
+
+# Characters a terminal acts on instead of showing (cli/terminal.py escapes them all).
+RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def test_values_from_outside_reach_no_terminal_raw(deliver, db, database_url):
+    # ESC ] 0 ; … BEL sets a terminal's title; ESC [ 2 J clears it. The delivery and event
+    # headers are ASCII, so they pass the header rules and reach the journal as sent.
+    guid = "guid-\x1b]0;owned\x07-\x7f-end"
+    assert deliver(load_payload("ping/payload.json"), "ping", delivery=guid).status_code == 200
+    broken = json.dumps(dict(load_payload("pull_request/opened.payload.json"), pull_request=[1])).encode()
+    assert deliver(broken, "pull_request", delivery="failed-\x1b[2J").status_code == 202
+
+    shown = [
+        cli("deliveries", DATABASE_URL=database_url),
+        cli("deliveries", "--failed", DATABASE_URL=database_url),
+        cli("replay", "--failed", DATABASE_URL=database_url),
+        cli("status", DATABASE_URL=database_url),
+    ]
+    for result in shown:
+        assert not RAW_CONTROL.search(result.stdout + result.stderr), (result.args, result.stdout, result.stderr)
+    listed, failed, replayed, status = (r.stdout for r in shown)
+    assert "guid-\\x1b]0;owned\\x07-\\x7f-end" in listed and "failed-\\x1b[2J" in listed
+    assert "failed-\\x1b[2J" in failed and "failed-\\x1b[2J" in replayed + shown[2].stderr
+    assert shown[3].returncode in (0, 1) and status

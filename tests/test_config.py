@@ -213,6 +213,7 @@ RANGES = [
     ("WEB_CONCURRENCY", "workers", ["1", "256"], ["0", "-2", "257"]),
     ("FLOWLENS_THREADS", "threads", ["1", "64"], ["0", "65"]),
     ("FLOWLENS_GRACEFUL_TIMEOUT", "graceful_timeout_s", ["10", "300"], ["0", "9", "301"]),
+    ("FLOWLENS_RECYCLE_ABOVE_MB", "recycle_above_mb", ["1", "65536"], ["0", "-1", "65537", "1GB"]),
     ("FLOWLENS_ENRICH_RATE_RESERVE", "enrich_rate_reserve", ["0", "4999"], ["-1", "5000"]),
     ("FLOWLENS_ENRICH_LEASE_S", "enrich_lease_s", ["30", "3600"], ["0", "29", "3601"]),
     ("FLOWLENS_ENRICH_MAX_ATTEMPTS", "enrich_max_attempts", ["1", "20"], ["0", "21"]),

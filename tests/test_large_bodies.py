@@ -9,9 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from flowlens_ingest.store.plan import decode_body
 from flowlens_ingest.store.schema import webhook_deliveries
 
-from .helpers import github_headers, load_payload, rows
+from .helpers import github_headers, load_payload, rows, wait_for
 from .serving import Service, metric, running, workers
 
 OPENED = load_payload("pull_request/opened.payload.json")
@@ -79,3 +80,80 @@ def test_chunked_bodies_against_the_limit_over_real_http(db, database_url, tmp_p
         assert answer.status_code == 413 and "error" in answer.json()
         assert signature_failures(service) == before
         assert len(rows(db, webhook_deliveries)) == 1
+
+
+def large_push(commits: int, files: int) -> bytes:
+    """A real push payload with `commits` commits each modifying `files` files (GitHub lists at most 2,048 commits)."""
+    payload = load_payload("push/with-new-branch.payload.json")
+    template = payload["commits"][0]
+    payload["commits"] = [
+        dict(template, id=f"{n:040x}", modified=[f"src/module_{n % 97:02d}/component_{k:05d}.py" for k in range(files)])
+        for n in range(commits)
+    ]
+    return json.dumps(payload).encode()
+
+
+def journaled(db) -> dict[str, dict]:
+    """The journal by delivery id: outcome, error, the exact bytes kept."""
+    found = rows(db, webhook_deliveries, "delivery_id", "outcome", "error", "body", "body_encoding")
+    return {row["delivery_id"]: row for row in found}
+
+
+@pytest.mark.slow
+def test_a_body_of_millions_of_empty_lists_is_journaled_failed_not_parsed(service, db):
+    # 8.6 million `[]` (26 MB of text, under GitHub's 25 MiB body cap) once cost a worker
+    # 1.4 GB to parse. Signed, so it is kept: failed, with its exact bytes, replayable.
+    body = b'{"zen": "lists", "lists": [' + b"[]," * 8_599_999 + b"[]]}"
+    assert len(body) < 25 * MIB
+    answer = requests.post(
+        service.url + "/webhook", data=body, headers=github_headers(body, "push", delivery="lists"), timeout=60
+    )
+    assert (answer.status_code, answer.json()["outcome"]) == (202, "failed")
+    entry = journaled(db)["lists"]
+    assert entry["outcome"] == "failed" and "more than the 2,000,000" in entry["error"]
+    assert decode_body(entry["body"], entry["body_encoding"]) == body
+    # Not built: the worker holds what a few copies of the bytes cost, not gigabytes.
+    rss_mb = [p.memory_info().rss / MIB for p in workers(service)]
+    print(f"\nworker RSS after the 8.6-million-[] body: {' '.join(f'{r:.0f}' for r in rss_mb)} MB")
+    assert max(rss_mb) < 400
+
+
+@pytest.mark.slow
+def test_large_deliveries_take_turns_and_a_heavy_worker_is_recycled_without_losing_one(db, database_url, tmp_path):
+    # One worker, recycled after every large delivery (FLOWLENS_RECYCLE_ABOVE_MB=1): each
+    # large push is answered 2xx (applied in its turn, or spooled raw when its turn did
+    # not come in time) and journaled once; small deliveries in between are never held.
+    env = {"FLOWLENS_RECYCLE_ABOVE_MB": "1"}
+    large = large_push(400, 200)
+    assert len(large) > 2 * MIB
+    small = json.dumps(load_payload("ping/payload.json")).encode()
+    sent = [(f"large-{n}", large, "push") for n in range(4)] + [(f"small-{n}", small, "ping") for n in range(8)]
+    with running(Service(database_url, tmp_path, workers=1, env=env)) as service:
+        (first,) = workers(service)
+
+        def post(item: tuple[str, bytes, str]) -> tuple[str, int, str]:
+            delivery, body, event = item
+            headers = github_headers(body, event, delivery=delivery)
+            answer = requests.post(service.url + "/webhook", data=body, headers=headers, timeout=60)
+            return delivery, answer.status_code, answer.json()["outcome"]
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(post, sent))
+        for delivery, status, outcome in answers:
+            expected = ("applied", "spooled") if delivery.startswith("large") else ("ignored",)
+            assert status in (200, 202) and outcome in expected, (delivery, status, outcome)
+        # Spooled ones are applied by the drainer, in a turn of their own.
+        wait_for(lambda: len(journaled(db)) == len(sent), "every delivery in the journal")
+        entries = journaled(db)
+        assert {entries[d]["outcome"] for d, _, _ in sent} <= {"applied", "ignored"}
+        wait_for(lambda: first.pid not in {w.pid for w in workers(service)}, "the heavy worker to be recycled")
+        assert "worker recycled after a large delivery" in service.logs()
+        # The replacement took the recycled worker's metric files and counts on from them.
+        folder = tmp_path / "metrics" / str(service.port)
+        assert sorted(p.name for p in folder.glob("counter_*.db")) == ["counter_worker0.db"]
+        answered = sum(
+            metric(service, "flowlens_deliveries_total", event=e, outcome=o) or 0
+            for e, o in (("push", "applied"), ("push", "spooled"), ("ping", "ignored"))
+        )
+        assert answered == len(sent)
+        assert service.stop() == 0

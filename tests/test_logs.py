@@ -202,3 +202,80 @@ def test_a_delivery_refused_in_an_outage_is_an_error_line_and_counted(db, tmp_pa
         )
         assert metric(service, "flowlens_deliveries_total", event="pull_request", outcome="unavailable") == 1
         assert service.stop() == 0
+
+
+# --- no raw control character in the text log ---------------------------------------------
+
+# What a terminal acts on: ESC (here a colour change), BEL, DEL, a C1 CSI, a newline that
+# would forge a line, and the bidi override that reverses what follows.
+CONTROLS = "\x1b[31m\x07\x7f\x9b\n\u202e"
+RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain-id", "plain-id"),
+        ("\x1b[2J\x07", "\\x1b[2J\\x07"),
+        ("a\x7fb\x9bc", "a\\x7fb\\x9bc"),
+        ("two\nlines\r", "two\\x0alines\\x0d"),
+        ("txt.exe\u202egnp", "txt.exe\\u202egnp"),
+        ("caf\u00e9 \u2603", "caf\u00e9 \u2603"),
+    ],
+)
+def test_printable_escapes_what_a_terminal_acts_on(text, shown):
+    assert logs.printable(text) == shown
+
+
+def test_printable_keeps_the_controls_asked_for():
+    assert logs.printable("a\nb\x1b\tc", keep="\n\t") == "a\nb\\x1b\tc"
+
+
+def test_a_text_line_writes_no_raw_control_from_a_value_or_the_message():
+    entry = record("delivery %s failed", delivery="id" + CONTROLS, event="push\x07")
+    entry.args = ("id" + CONTROLS,)
+    line = logs.TextFormatter().format(entry)
+    assert not RAW.search(line) and "\n" not in line
+    assert "delivery id\\x1b[31m\\x07\\x7f\\x9b\\x0a\\u202e failed" in line
+    assert "event=push\\x07" in line
+
+
+def test_a_json_line_writes_no_raw_control_either():
+    line = logs.JsonFormatter().format(record(delivery="id" + CONTROLS))
+    assert not RAW.search(line) and "\n" not in line
+    assert json.loads(line)["delivery"] == "id" + CONTROLS
+
+
+def test_a_text_traceback_keeps_its_lines_and_escapes_the_rest():
+    try:
+        raise ValueError("bad id \x1b]0;owned\x07")
+    except ValueError:
+        entry = record("unexpected error")
+        entry.exc_info = sys.exc_info()
+    text = logs.TextFormatter().format(entry)
+    assert not RAW.search(text) and text.count("\n") >= 2
+    assert "ValueError: bad id \\x1b]0;owned\\x07" in text
+
+
+@pytest.mark.slow
+def test_control_bytes_in_the_headers_never_reach_the_text_log_raw(db, database_url, tmp_path):
+    # The delivery and event headers are unauthenticated text: anyone who reaches
+    # /webhook chooses them. ESC, BEL and DEL are ASCII, so they pass the header rules.
+    body = json.dumps(PING).encode()
+    delivery = "guid-\x1b[31m-\x07-\x7f-end"
+    with running(Service(database_url, tmp_path, env={"FLOWLENS_LOG_FORMAT": "text"})) as service:
+        # Signed: journaled and logged with its id. Unsigned: refused and logged too.
+        signed = post(service, body, github_headers(body, "ping", delivery=delivery))
+        unsigned = post(service, body, github_headers(body, "ping\x1b[2J", delivery=delivery, secret="a guess"))
+        wrong_event = post(service, body, github_headers(body, "pi\x07ng", delivery="guid-event"))
+        assert (signed.status_code, unsigned.status_code) == (200, 401)
+        assert wrong_event.status_code == 200 and wrong_event.json()["outcome"] == "ignored"
+        wait_for(lambda: service.logs().count("guid-") >= 3, "the three deliveries' lines")
+        assert service.stop() == 0
+    raw = service.log_path.read_bytes()
+    for byte in (b"\x1b", b"\x07", b"\x7f"):
+        assert byte not in raw
+    text = service.logs()
+    assert "delivery=guid-\\x1b[31m-\\x07-\\x7f-end event=ping outcome=ignored status=200" in text
+    assert "signature refused reason=mismatch delivery=guid-\\x1b[31m-\\x07-\\x7f-end event=ping\\x1b[2J" in text
+    assert "delivery=guid-event event=pi\\x07ng" in text

@@ -1,11 +1,15 @@
 import json
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench.memory import large_push
 from flowlens_ingest.events import parse as parse_module
+from flowlens_ingest.events.delivery import Delivery
+from flowlens_ingest.events.envelope import Envelope
 from flowlens_ingest.events.parse import MAX_DEPTH, BadPayload, UnsupportedMediaType, json_text, loads
 
 
@@ -149,3 +153,67 @@ def test_orjson_and_the_stdlib_path_read_every_body_alike(value, edge, cut):
     ]
     for text in texts:
         assert _outcome(parse_module.loads, text) == _outcome(parse_module._loads_stdlib, text), text[:200]
+
+
+# --- how many elements a document may hold (parse.MAX_ELEMENTS) -----------------------------
+
+PAYLOADS = Path(__file__).parent / "payloads"
+
+
+def elements(value: object) -> int:
+    """The values and containers a parsed document really holds (the root included)."""
+    if isinstance(value, dict):
+        return 1 + sum(elements(v) for v in value.values())
+    if isinstance(value, list):
+        return 1 + sum(elements(v) for v in value)
+    return 1
+
+
+@pytest.mark.parametrize("path", sorted(PAYLOADS.rglob("*.json")), ids=lambda p: str(p.relative_to(PAYLOADS)))
+def test_the_element_count_bounds_every_real_payload_from_above(path):
+    text = path.read_text()
+    counted = parse_module.count_elements(text)
+    assert counted >= elements(json.loads(text))
+    # Far from the limit: at this density GitHub's 25 MB cap stays under half of it.
+    assert counted * (25 * 1024 * 1024 // len(text)) < parse_module.MAX_ELEMENTS / 2
+
+
+def test_the_largest_push_github_sends_parses():
+    # GitHub lists at most 2,048 commits in a push; each here modifies enough files to
+    # bring the body to GitHub's 25 MB cap (bench/memory.py builds the same).
+    body = large_push(25 * 1024 * 1024 - 200_000)
+    assert len(body) > 24 * 1024 * 1024
+    payload = parse("application/json", body)
+    assert len(payload["commits"]) == 2048
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # 8.6 million empty lists (26 MB of text) cost 1.4 GB once parsed.
+        b'{"a": [' + b"[]," * 2_999_999 + b"[]]}",
+        b'{"a": [' + b"0," * 2_999_999 + b"0]}",
+        b'{"a": [' + b"{}," * 2_999_999 + b"{}]}",
+    ],
+    ids=["lists", "numbers", "objects"],
+)
+def test_a_document_with_absurdly_many_elements_is_refused_before_parsing(body):
+    with pytest.raises(parse_module.TooManyElements, match="more than the 2,000,000"):
+        parse("application/json", body)
+
+
+def test_the_limit_is_on_elements_not_on_size():
+    # As many bytes as the refused documents above, in long strings: parsed.
+    body = b'{"a": [' + b",".join([b'"' + b"x" * 400 + b'"'] * 60_000) + b"]}"
+    assert len(parse("application/json", body)["a"]) == 60_000
+    # Just at the limit: parsed.
+    at_limit = b"{" + b'"a":[' + b"0," * (parse_module.MAX_ELEMENTS - 3) + b"0]}"
+    assert parse_module.count_elements(at_limit.decode()) == parse_module.MAX_ELEMENTS
+    assert len(parse("application/json", at_limit)["a"]) == parse_module.MAX_ELEMENTS - 2
+
+
+def test_a_delivery_too_large_to_parse_keeps_its_bytes_and_says_why():
+    body = b'{"action": "opened", "a": [' + b"[]," * 2_999_999 + b"[]]}"
+    delivery = Delivery.parse(Envelope("d", hook_id=1, event="pull_request", content_type="application/json"), body)
+    assert delivery.payload == {} and delivery.body == body and delivery.action is None
+    assert delivery.unparsed is not None and "up to 6,000,003 JSON elements" in delivery.unparsed

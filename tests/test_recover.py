@@ -157,6 +157,26 @@ def test_dry_run_lists_the_missing_guids_and_changes_nothing(db, github, webhook
     assert len(journal(db, hook_id)) == 1
 
 
+def test_a_guid_from_githubs_log_is_printed_escaped(db, github, webhook, hook, capsys, monkeypatch):
+    # The log is GitHub's answer: what it holds reaches the operator's terminal only escaped.
+    path, _hook_id = hook
+    webhook.start()
+    github.hook_logs.deliver(path, "pull_request", opened(1))
+    webhook.stop()
+    guid = github.hook_logs.deliver(path, "pull_request", opened(2), guid="guid-\x1b]0;owned\x07-\x7f")
+    monkeypatch.setenv("DATABASE_URL", str(db.url.render_as_string(hide_password=False)))
+    monkeypatch.setenv("GITHUB_API_URL", github.url)
+    monkeypatch.setenv("GITHUB_TOKEN", github.token or "")
+
+    assert main(["recover", "--dry-run"]) == 1
+
+    captured = capsys.readouterr()
+    assert "guid-\\x1b]0;owned\\x07-\\x7f" in captured.out
+    for raw in ("\x1b", "\x07", "\x7f"):
+        assert raw not in captured.out + captured.err
+    assert guid == "guid-\x1b]0;owned\x07-\x7f"
+
+
 def test_fetch_ingests_what_the_api_shows_when_github_cannot_reach_the_service(db, github, webhook, hook):
     path, hook_id = hook
     webhook.start()

@@ -207,7 +207,9 @@ def prune(older_than: timedelta, include_failed: bool) -> int:
         # On a terminal one line rewritten in place; in a log, a line per batch.
         line = f"flowlens-ingest: pruned {removed} so far"
         if interactive:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
+            # The carriage return alone: cli/terminal.py escapes one inside a line.
+            sys.stderr.write("\r")
+            print(line, end="", file=sys.stderr, flush=True)
         else:
             print(line, file=sys.stderr, flush=True)
 

@@ -17,6 +17,7 @@ from flowlens_ingest.cli.db import db_shell, db_upgrade
 from flowlens_ingest.cli.output import NOT_DONE, fail
 from flowlens_ingest.cli.serve import serve
 from flowlens_ingest.cli.status import DEFAULT_DEADLINE_S as DEFAULT_STATUS_DEADLINE_S
+from flowlens_ingest.cli.terminal import escaped_output
 from flowlens_ingest.config import WORKERS, ConfigError, unknown_variables
 
 # --- the command line -------------------------------------------------------------------------
@@ -317,8 +318,15 @@ def _debugging() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flowlens-ingest` console script: an exit status, never a traceback."""
     args = list(argv) if argv is not None else sys.argv[1:]
-    for line in unknown_variables():
-        print(f"flowlens-ingest: warning: {line}", file=sys.stderr)
+    # Values from outside (GUIDs, names, GitHub's answers) reach no terminal raw.
+    with escaped_output():
+        for line in unknown_variables():
+            print(f"flowlens-ingest: warning: {line}", file=sys.stderr)
+        return _run(args)
+
+
+def _run(args: list[str]) -> int:
+    """Run the command line on `args`; an exit status, never a traceback."""
     try:
         result = cli.main(args=args, prog_name="flowlens-ingest", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:

@@ -111,7 +111,9 @@ def _progress(stream: TextIO) -> Callable[[int, int, str], None]:
         if terminal:
             filled = 30 * done // max(total, 1)
             end = "\n" if done == total else ""
-            stream.write(f"\r{what} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} pull requests{end}")
+            # The carriage return alone: cli/terminal.py escapes one inside a line.
+            stream.write("\r")
+            stream.write(f"{what} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} pull requests{end}")
             stream.flush()
         elif done == total or done % max(total // 10, 1) == 0:
             print(f"flowlens-ingest: {what}: {done}/{total} pull requests", file=stream)

@@ -27,19 +27,29 @@ class Delivery:
     payload_sha256: str
     # The exact bytes the signature covered: what the journal keeps.
     body: bytes
+    # Why the body was not parsed (payload then empty): more elements than any GitHub payload
+    # holds (parse.TooManyElements). ingest journals such a delivery as failed, bytes kept.
+    unparsed: str | None = None
 
     @classmethod
     def parse(cls, envelope: Envelope, body: bytes) -> Delivery:
         """Parse a delivery's raw body by its envelope's content type.
 
         Raises parse.UnsupportedMediaType or parse.BadPayload. The digest is the
-        envelope's (the one first journaled) or the body's.
+        envelope's (the one first journaled) or the body's. A body with too many elements to
+        parse is no error here: its delivery has an empty payload and says why (`unparsed`).
         """
+        unparsed = None
+        try:
+            payload = parse.loads(parse.json_text(envelope.content_type, body))
+        except parse.TooManyElements as exc:
+            payload, unparsed = {}, str(exc)
         return cls(
             envelope=envelope,
-            payload=parse.loads(parse.json_text(envelope.content_type, body)),
+            payload=payload,
             payload_sha256=envelope.payload_sha256 or hashlib.sha256(body).hexdigest(),
             body=body,
+            unparsed=unparsed,
         )
 
     @property

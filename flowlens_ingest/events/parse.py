@@ -8,6 +8,10 @@ Genuine deliveries hold what PostgreSQL's `text` and `jsonb` refuse: GitHub send
 parsed object, U+0000 and unpaired surrogates become U+FFFD and numbers no column
 could hold become None (NULL in the mapped columns). The journal keeps the exact
 bytes. Only what is not a JSON object, or is absurdly deep, is refused.
+
+A signed document with more elements than any GitHub payload could hold is not
+parsed at all (`TooManyElements`): it is journaled as failed with its exact bytes
+(Delivery.parse, ingest), not built into gigabytes of Python objects.
 """
 
 from __future__ import annotations
@@ -25,6 +29,26 @@ FORM = "application/x-www-form-urlencoded"
 MAX_DEPTH = 64
 # BIGINT is the widest integer column; GitHub ids fit comfortably below it.
 MAX_INT = 2**63 - 1
+
+
+# At most this many elements (values and containers) in one document, counted before parsing
+# as the `[`, `{` and `,` characters of its text (strings' too: an overcount, so the bound
+# only errs towards refusing). Parsing builds at most about 64 bytes of objects per
+# element whatever the document (an empty list is 56, a dict 64), so this caps what one
+# parse can build near 130 MB, where 8.6 million `[]` in 26 MB of text cost 1.4 GB. Real
+# payloads are far from it: GitHub's samples (tests/payloads/) have one such character
+# every 34-45 bytes, so a 25 MB delivery of them counts about 700,000; it would take one
+# every 12.5 bytes across the whole 25 MB to reach the limit.
+MAX_ELEMENTS = 2_000_000
+# Past this much text the standard library parses (loads): orjson first builds a
+# document of its own, about 12 times the text (240 MB for a 20 MB push), then the
+# objects; the stdlib builds the objects directly (50 MB for the same push), as fast
+# for such a document. Ordinary deliveries, far smaller, keep orjson's speed.
+ORJSON_MAX_CHARS = 1024 * 1024
+
+
+class TooManyElements(Exception):
+    """The document holds more elements than MAX_ELEMENTS: signed, but not worth parsing."""
 
 
 class UnsupportedMediaType(Exception):
@@ -122,15 +146,36 @@ def _scan(value: Any, limit: int) -> tuple[int, bool]:
     return deepest, unusual
 
 
-def loads(text: str) -> dict[str, Any]:
-    """Parse JSON text into a dict, or raise BadPayload.
+def count_elements(text: str) -> int:
+    """An upper bound on the values and containers in JSON `text`: its `[`, `{` and `,` characters, plus one.
 
-    orjson first: it parses a GitHub payload in a third of the stdlib's time. What it
+    Every value but the first of a container follows a comma, and every container opens
+    with a bracket: a value-free count, in C (str.count), with nothing built.
+    """
+    return text.count("[") + text.count("{") + text.count(",") + 1
+
+
+def check_elements(text: str, limit: int = MAX_ELEMENTS) -> None:
+    """Raise TooManyElements when `text` may hold more than `limit` elements."""
+    # Each element takes at least one character: shorter text cannot pass the limit.
+    if len(text) > limit and (count := count_elements(text)) > limit:
+        raise TooManyElements(
+            f"payload not parsed: up to {count:,} JSON elements, more than the {limit:,} any GitHub payload holds"
+        )
+
+
+def loads(text: str) -> dict[str, Any]:
+    """Parse JSON text into a dict, or raise BadPayload; TooManyElements past MAX_ELEMENTS.
+
+    orjson first (below ORJSON_MAX_CHARS): it parses a GitHub payload in a third of the stdlib's time. What it
     refuses (NaN, Infinity, 1e999, lone surrogates, nesting past 1,024) and what it
     reads otherwise (integers beyond 64 bits become floats) goes through the stdlib
     path below, which decides exactly as it always did: orjson only ever answers for
     a body both read alike (tests/test_parse.py compares them).
     """
+    check_elements(text)
+    if len(text) > ORJSON_MAX_CHARS:
+        return _loads_stdlib(text)
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:

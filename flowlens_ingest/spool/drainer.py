@@ -11,6 +11,7 @@ from flowlens_ingest.config import Settings
 from flowlens_ingest.events import parse
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.ingest import Disposition, Result, describe, ingest
+from flowlens_ingest.memory import LARGE
 from flowlens_ingest.metrics import Metrics
 from flowlens_ingest.spool.folder import Spool, Spooled
 from flowlens_ingest.store import migrate
@@ -67,6 +68,17 @@ def spool_handler(
         if problem is not None:
             # A schema problem is said above (or by the master): the pause line would repeat it.
             return Result(Disposition.RETRY_LATER, error=SAID if problem in said else problem)
+        # A large delivery only in a turn no request waits for (memory.LARGE): else the next tick.
+        turn = LARGE.take_if_free(len(item.body))
+        if turn is False:
+            return Result(Disposition.RETRY_LATER, error="large deliveries of requests come first")
+        try:
+            return apply(item)
+        finally:
+            if turn:
+                LARGE.give_back()
+
+    def apply(item: Spooled) -> Result:
         try:
             delivery = Delivery.parse(item.envelope, item.body)
         except (parse.BadPayload, parse.UnsupportedMediaType) as exc:

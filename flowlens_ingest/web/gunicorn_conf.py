@@ -7,9 +7,12 @@ overrides anything.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 from typing import IO, Any
 
 from gunicorn import glogging
@@ -72,8 +75,10 @@ keepalive = 5
 preload_app = False
 # The heartbeat file is touched every second per worker: keep it off disk where possible.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108 (gunicorn's advice)
-# No worker recycling (max_requests): every recycled worker leaves its metric files
-# behind to be read on each scrape, and the workers hold no growing state.
+# No recycling after a number of requests (max_requests): the workers hold no growing
+# state. A worker is recycled after a large delivery that left it heavy (memory.py,
+# post_worker_init below), gracefully; its replacement takes over its metric files
+# (pre_fork), so recycling never grows what a scrape reads.
 accesslog = None
 errorlog = "-"
 
@@ -180,11 +185,85 @@ def _schema_problem(url: str | None, *, spooled: bool = True) -> str | None:
         engine.dispose()
 
 
+def pre_fork(server: Any, worker: Any) -> None:
+    """Give the worker about to be forked the lowest metrics slot no live worker holds.
+
+    A worker replacing a recycled or dead one takes its slot, and with it its sample
+    files (metrics.FILES_ID): the folder holds one set per slot, not one per worker ever
+    forked. Two live workers never share one (server.WORKERS are those not yet reaped).
+    """
+    taken = {getattr(other, "flowlens_slot", None) for other in server.WORKERS.values()}
+    worker.flowlens_slot = next(n for n in range(len(taken) + 1) if n not in taken)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """In the new worker, before its app, threads and metrics exist: its allocator, and its sample files' name."""
+    from flowlens_ingest.memory import tune_allocator
+    from flowlens_ingest.metrics import FILES_ID
+
+    tune_allocator()
+    os.environ[FILES_ID] = _files_id(worker)
+
+
+def _files_id(worker: Any) -> str:
+    return f"worker{worker.flowlens_slot}"
+
+
 def post_worker_init(worker: Any) -> None:
-    """Start the worker's spool drainer once its app exists."""
+    """Start the worker's spool drainer once its app exists; recycle it when a large delivery left it heavy."""
+    from flowlens_ingest.memory import LARGE
     from flowlens_ingest.web.services import start_drainer
 
     worker.flowlens_drainer = start_drainer(worker.wsgi, said_at_start=_said_at_start is not None)
+    LARGE.heavy_bytes = settings.recycle_above_mb * 1024 * 1024
+    LARGE.when_heavy = lambda: _recycle(worker)
+
+
+# How long a recycled worker, no longer accepting, waits for the connections it accepted to
+# send their request (a client sends at once; GitHub and nginx do) before it ends.
+RECYCLE_DISPATCH_S = 2.0
+
+
+def _recycle(worker: Any) -> None:
+    """End this worker gracefully: it stops accepting, finishes what it holds, and the master forks another.
+
+    Not max_requests' way (`alive = False` at once): a gthread worker waits for an accepted
+    connection to be readable before a thread takes it, and ending then dropped those
+    accepted but not yet read (the client saw a reset: a delivery lost). So first the
+    listening sockets leave its poller; once every accepted connection has gone to a
+    thread (or RECYCLE_DISPATCH_S passed), the worker ends as on SIGTERM, finishing them.
+    """
+    from flowlens_ingest.memory import resident_bytes
+
+    if not worker.alive or getattr(worker, "flowlens_recycling", False):
+        return
+    worker.flowlens_recycling = True
+    worker.log.info("flowlens-ingest: worker recycled after a large delivery (%d MB resident)", resident_bytes() >> 20)
+    threading.Thread(target=_end_once_dispatched, args=(worker,), name="flowlens-recycle", daemon=True).start()
+
+
+def _end_once_dispatched(worker: Any) -> None:
+    if not hasattr(worker, "poller"):
+        # Not a gthread worker (GUNICORN_CMD_ARGS chose another): it ends as max_requests ends it.
+        worker.alive = False
+        return
+    with worker._lock:
+        for listener in worker.sockets:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                worker.poller.unregister(listener)
+    deadline = time.monotonic() + RECYCLE_DISPATCH_S
+    while _undispatched(worker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    worker.alive = False
+
+
+def _undispatched(worker: Any) -> bool:
+    """Whether the worker's poller still holds a connection accepted but never handed to a thread."""
+    with worker._lock:
+        waiting = [key.data for key in worker.poller.get_map().values()]
+    # gthread's poller entries: its listeners (partial(accept, address)), and connections
+    # (partial(on_client_socket_readable, conn)); a kept-alive one has been handled before.
+    return any(not getattr(entry.args[0], "initialized", True) for entry in waiting if entry.args)
 
 
 def worker_exit(server: Any, worker: Any) -> None:
@@ -195,5 +274,5 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Drop a dead worker's live gauge samples (its counters still count)."""
-    _multiprocess.mark_process_dead(worker.pid)
+    """Drop a dead worker's live gauge samples (its counters still count, and its replacement counts on)."""
+    _multiprocess.mark_process_dead(_files_id(worker))

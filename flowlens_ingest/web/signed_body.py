@@ -6,10 +6,15 @@ MEMORY_BYTES, then a temporary file in `TMPDIR`), so unsigned multi-megabyte bod
 cost a worker some disk writes, not resident memory. The check is signature.py's
 (raw bytes, `sha256=` only, constant-time comparison against every secret); the
 view reads the bytes back only once they are known to be signed.
+
+A large signed body (over memory.LARGE_BYTES) is read back and parsed only in its
+turn: at most one at a time per worker process (memory.LargeBodies), the rest
+waiting on disk.
 """
 
 from __future__ import annotations
 
+import io
 import tempfile
 from collections.abc import Callable, Iterable
 from typing import IO
@@ -38,3 +43,10 @@ def read_signed(read: Callable[[int], bytes], header: str | None, secrets: Itera
         raise
     spooled.seek(0)
     return spooled
+
+
+def size_of(spooled: IO[bytes]) -> int:
+    """How many bytes a body read by read_signed holds (it is left rewound)."""
+    size = spooled.seek(0, io.SEEK_END)
+    spooled.seek(0)
+    return size

@@ -15,9 +15,10 @@ from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
 from flowlens_ingest.events.envelope import BadHeaders, Envelope
 from flowlens_ingest.ingest import ingest
+from flowlens_ingest.memory import LARGE
 from flowlens_ingest.store.deadline import deadline
 from flowlens_ingest.web.services import services
-from flowlens_ingest.web.signed_body import read_signed
+from flowlens_ingest.web.signed_body import read_signed, size_of
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,9 @@ bp = Blueprint("webhook", __name__)
 # connect, the batch, its retries, a failure record) ends this long after the request
 # began, whatever the database does; the delivery is then spooled (202) or refused (503).
 DATABASE_DEADLINE_S = 8.0
+# A large body waits for its turn (signed_body.LargeBodies) until this long after the
+# request began; past it, it is spooled raw for the drainer: parsed later, answered now.
+LARGE_TURN_S = 5.0
 
 
 def error(status: int, message: str, **headers: str) -> Response:
@@ -92,7 +96,9 @@ def _bounded_read() -> Callable[[int], bytes]:
 
 @bp.teardown_request
 def close_body(_exc: BaseException | None) -> None:
-    """Drop the spooled body (and its temporary file) once the request is over."""
+    """Drop the spooled body (and its temporary file) once the request is over, and end its turn."""
+    if g.pop("turn", None):
+        LARGE.give_back()
     spooled = g.pop("body", None)
     if spooled is not None:
         spooled.close()
@@ -137,6 +143,10 @@ def receive() -> tuple[Response, int] | Response:
         _answer(Outcome.REJECTED, 400, exc.event, exc.delivery_id)
         return error(400, str(exc))
     event, delivery_id = envelope.event, envelope.delivery_id
+    g.turn = LARGE.take(size_of(g.body), LARGE_TURN_S - (time.perf_counter() - g.started))
+    if g.turn is False:
+        # Other large deliveries held this worker past the wait: kept raw, never parsed here.
+        return _keep(envelope, signed_body(), None)
     body = signed_body()
     try:
         delivery = Delivery.parse(envelope, body)
@@ -154,16 +164,24 @@ def receive() -> tuple[Response, int] | Response:
             compress=svc.settings.journal_compression,
             on_retry=svc.metrics.db_retry,
         )
-    outcome = result.outcome
-    if outcome is None:
-        # Not stored (retry later, or refused even as failed): the spool keeps it, and its
-        # drainer applies it or sets it aside. Never dropped: without the spool, a 503.
-        spool = svc.spool
-        if spool is None or not spool.put(envelope, body):
-            _answer(Outcome.UNAVAILABLE, 503, event, delivery_id, delivery.action)
-            return error(503, "database unavailable, retry later", **{"Retry-After": "30"})
-        outcome = Outcome.SPOOLED
+    if result.outcome is None:
+        # Not stored (retry later, or refused even as failed).
+        return _keep(envelope, body, delivery.action)
+    return _answered(result.outcome, event, delivery_id, delivery.action)
+
+
+def _keep(envelope: Envelope, body: bytes, action: str | None) -> tuple[Response, int] | Response:
+    """Spool a signed delivery for the drainer, which applies it or sets it aside; without the spool, a 503."""
+    spool = services().spool
+    if spool is None or not spool.put(envelope, body):
+        _answer(Outcome.UNAVAILABLE, 503, envelope.event, envelope.delivery_id, action)
+        return error(503, "database unavailable, retry later", **{"Retry-After": "30"})
+    return _answered(Outcome.SPOOLED, envelope.event, envelope.delivery_id, action)
+
+
+def _answered(outcome: Outcome, event: str, delivery_id: str, action: str | None) -> tuple[Response, int]:
+    """The answer to a delivery stored with `outcome`: 202 for failed or spooled, else 200."""
     status = 202 if outcome in (Outcome.FAILED, Outcome.SPOOLED) else 200
-    _answer(outcome, status, event, delivery_id, delivery.action)
-    answer = {"delivery": delivery_id, "event": event, "action": delivery.action, "outcome": outcome.value}
+    _answer(outcome, status, event, delivery_id, action)
+    answer = {"delivery": delivery_id, "event": event, "action": action, "outcome": outcome.value}
     return jsonify(answer), status
