@@ -13,7 +13,8 @@ import sys
 import sqlalchemy as sa
 from alembic import context
 
-from flowlens_ingest.config import ConfigError, normalize_database_url
+from flowlens_ingest.config import ConfigError
+from flowlens_ingest.database_urls import normalize_database_url
 from flowlens_ingest.store.schema import metadata
 
 config = context.config

@@ -41,7 +41,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from flowlens_ingest.config import normalize_database_url
+from flowlens_ingest.database_urls import normalize_database_url
 from flowlens_ingest.store import migrate
 from flowlens_ingest.store.schema import metadata
 

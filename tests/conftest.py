@@ -21,7 +21,8 @@ import sqlalchemy as sa
 from hypothesis import settings
 from sqlalchemy.engine import Engine
 
-from flowlens_ingest.config import Settings, normalize_database_url
+from flowlens_ingest.config import Settings
+from flowlens_ingest.database_urls import normalize_database_url
 from flowlens_ingest.store import migrate
 from flowlens_ingest.store.database import make_engine
 from flowlens_ingest.store.schema import metadata

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 
 from flowlens_ingest.cli.main import main
-from flowlens_ingest.config import Settings, normalize_database_url
+from flowlens_ingest.config import Settings
+from flowlens_ingest.database_urls import normalize_database_url
 from flowlens_ingest.store import journal_admin
 from flowlens_ingest.store.batch import Statement
 from flowlens_ingest.store.database import Database

@@ -19,7 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
-from flowlens_ingest.config import Settings, normalize_database_url
+from flowlens_ingest.config import Settings
+from flowlens_ingest.database_urls import normalize_database_url
 from flowlens_ingest.github import jobs
 from flowlens_ingest.store import derived, hooks, journal, journal_admin, migrate, statements
 from flowlens_ingest.store.batch import Statement

@@ -14,11 +14,11 @@ from flowlens_ingest.config import (
     MIN_SECRET_BYTES,
     ConfigError,
     Settings,
-    database_location,
     declarations,
     unknown_variables,
     writable_directory,
 )
+from flowlens_ingest.database_urls import database_location
 from flowlens_ingest.web.app import create_app
 
 from .helpers import PREVIOUS_SECRET, SECRET, free_port, make_settings

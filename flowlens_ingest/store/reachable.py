@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from flowlens_ingest.config import database_location
+from flowlens_ingest.database_urls import database_location
 
 # libpq's words for each cause (its messages are stable across PostgreSQL releases), and what to do.
 _CAUSES: tuple[tuple[str, re.Pattern[str], str], ...] = (
