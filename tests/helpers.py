@@ -6,9 +6,12 @@ import them from here, never from conftest.py or from one another.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -128,3 +131,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    """`flowlens-ingest ARGS` as an operator runs it: none of the service's variables but those given in `env`."""
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith(("FLOWLENS_", "GITHUB_")) and k != "DATABASE_URL"
+    }
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "flowlens_ingest.cli", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def opened_pr(number: int, title: str | None = None) -> dict[str, Any]:
+    """The real `pull_request opened` payload, renumbered (and retitled): a PR of its own for each number."""
+    payload = copy.deepcopy(load_payload("pull_request/opened.payload.json"))
+    payload["number"] = payload["pull_request"]["number"] = number
+    if title is not None:
+        payload["pull_request"]["title"] = title
+    return payload

@@ -13,7 +13,6 @@ answered `applied` by the old primary would be lost with it (docs/deploying.md s
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -33,7 +32,7 @@ from flowlens_ingest.store import migrate
 from flowlens_ingest.store.schema import pull_requests, webhook_deliveries
 
 from .databases import ThrowawayPostgres
-from .helpers import free_port, load_payload, rows, wait_for
+from .helpers import free_port, load_payload, opened_pr, rows, run_cli, wait_for
 from .serving import ProcfileService, Service, log_entries, running
 
 pytestmark = pytest.mark.slow
@@ -44,10 +43,7 @@ PACE_S = 0.2
 
 
 def pr_payload(number: int) -> dict:
-    payload = copy.deepcopy(OPENED)
-    payload["number"] = payload["pull_request"]["number"] = number
-    payload["pull_request"]["title"] = f"failover test {number}"
-    return payload
+    return opened_pr(number, f"failover test {number}")
 
 
 @dataclass
@@ -125,15 +121,7 @@ def ready(service: Service) -> int:
 
 def command(database_url: str, data_dir: Path, *args: str) -> subprocess.CompletedProcess:
     """`flowlens-ingest ARGS` on DATABASE_URL, as an operator runs it."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWLENS_", "DATABASE_URL", "GITHUB_"))}
-    environment.update(DATABASE_URL=database_url, FLOWLENS_DATA_DIR=str(data_dir))
-    return subprocess.run(
-        [sys.executable, "-m", "flowlens_ingest.cli", *args],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(*args, timeout=60, DATABASE_URL=database_url, FLOWLENS_DATA_DIR=str(data_dir))
 
 
 def test_a_crashed_primary_under_traffic_fails_over_to_the_promoted_standby_and_loses_nothing(pair, tmp_path):

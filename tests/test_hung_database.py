@@ -9,7 +9,6 @@ finds it answering (store/hang.py).
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
 import time
@@ -27,7 +26,7 @@ from flowlens_ingest.store.schema import pull_requests, webhook_deliveries
 from flowlens_ingest.web.app import create_app
 from flowlens_ingest.web.services import services
 
-from .helpers import github_headers, load_payload, make_settings, rows, wait_for
+from .helpers import github_headers, load_payload, make_settings, opened_pr, rows, wait_for
 from .serving import Service
 
 pytestmark = pytest.mark.slow
@@ -38,9 +37,7 @@ GITHUB_WAITS_S = 10.0
 
 
 def pr(number: int) -> dict:
-    payload = copy.deepcopy(OPENED)
-    payload["number"] = payload["pull_request"]["number"] = number
-    return payload
+    return opened_pr(number)
 
 
 def signed(number: int, delivery: str) -> openloop.Delivery:

@@ -7,7 +7,6 @@ latency, how long the drain took) are printed; run with `-s` to see them.
 
 from __future__ import annotations
 
-import copy
 import signal
 import threading
 import time
@@ -20,7 +19,7 @@ import sqlalchemy as sa
 
 from flowlens_ingest.store.schema import pipeline_runs, pull_requests, webhook_deliveries, webhook_hooks
 
-from .helpers import load_payload, rows, wait_for
+from .helpers import load_payload, opened_pr, rows, wait_for
 from .serving import Service
 
 pytestmark = pytest.mark.slow
@@ -30,10 +29,7 @@ CLOSED = load_payload("pull_request/closed.payload.json")
 
 
 def pr_payload(number: int) -> dict:
-    payload = copy.deepcopy(OPENED)
-    payload["number"] = payload["pull_request"]["number"] = number
-    payload["pull_request"]["title"] = f"outage test {number}"
-    return payload
+    return opened_pr(number, f"outage test {number}")
 
 
 @dataclass

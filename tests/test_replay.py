@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +16,7 @@ from flowlens_ingest import replay
 from flowlens_ingest.store import journal_admin
 from flowlens_ingest.store.schema import metadata, pipeline_runs, pull_requests, webhook_deliveries, webhook_hooks
 
-from .helpers import PAYLOADS, SECRET, database_of, load_payload, rows
+from .helpers import PAYLOADS, SECRET, database_of, load_payload, rows, run_cli
 
 OPENED = load_payload("pull_request/opened.payload.json")
 
@@ -187,10 +185,7 @@ def test_prune_removes_old_entries_but_keeps_failed_ones(deliver, db):
 
 
 def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, DATABASE_URL=database_url, GITHUB_WEBHOOK_SECRET=SECRET)
-    return subprocess.run(
-        [sys.executable, "-m", "flowlens_ingest.cli", *args], env=env, capture_output=True, text=True, timeout=120
-    )
+    return run_cli(*args, DATABASE_URL=database_url, GITHUB_WEBHOOK_SECRET=SECRET)
 
 
 @pytest.mark.slow
