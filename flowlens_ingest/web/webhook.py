@@ -28,7 +28,7 @@ bp = Blueprint("webhook", __name__)
 # connect, the batch, its retries, a failure record) ends this long after the request
 # began, whatever the database does; the delivery is then spooled (202) or refused (503).
 DATABASE_DEADLINE_S = 8.0
-# A large body waits for its turn (signed_body.LargeBodies) until this long after the
+# A large body waits for its turn (memory.LargeBodies) until this long after the
 # request began; past it, it is spooled raw for the drainer: parsed later, answered now.
 LARGE_TURN_S = 5.0
 
