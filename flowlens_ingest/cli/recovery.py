@@ -12,7 +12,7 @@ import click
 
 from flowlens_ingest.cli.arguments import DATABASE_HELP, Duration, Timestamp
 from flowlens_ingest.cli.connect import github_client, load_settings, open_database
-from flowlens_ingest.cli.output import fail, utc
+from flowlens_ingest.cli.output import NOT_DONE, fail, utc
 from flowlens_ingest.names import url_name
 
 if TYPE_CHECKING:
@@ -54,12 +54,11 @@ def recover(since: timedelta, dry_run: bool, fetch: bool, wait: timedelta = time
     if lease is not None and not _take(lease, wait):
         holder = lease.holder_now()
         who = holder.describe() if holder is not None else "another recoverer"
-        print(
-            f"flowlens-ingest: recovery is running elsewhere: {who}; nothing was asked of GitHub."
+        return fail(
+            f"recovery is running elsewhere: {who}; nothing was asked of GitHub."
             " Run recover again once it is done (or --wait longer)",
-            file=sys.stderr,
+            NOT_DONE,
         )
-        return 1
     start = datetime.now(UTC) - since
     try:
         with github_client(settings, database) as client:

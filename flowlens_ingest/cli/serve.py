@@ -150,7 +150,8 @@ def serve(host: str, port: int, workers: int | None) -> int:
 
     # A variable that is no setting was named once, by main(): gunicorn and the files worker
     # would say it again, each, so their environment goes without it.
-    env = {name: value for name, value in child_environment().items() if name not in unknown_names()}
+    unknown = set(unknown_names())
+    env = {name: value for name, value in child_environment().items() if name not in unknown}
     server = None
     if not settings.database_url:
         from flowlens_ingest.postgres import embedded

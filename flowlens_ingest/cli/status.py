@@ -134,7 +134,7 @@ def _unavailable(settings: Settings, exc: BaseException) -> str:
     line = reachable.unavailable(exc).line(database_label(settings))
     if not live_instances(settings.data_dir):
         return f"{line} (no `serve` runs from {settings.data_dir})"
-    spooled = "spools" if settings.spool_max_bytes else "answers 503 to"
+    spooled = "spools" if settings.spool_enabled else "answers 503 to"
     return f"{line} (the `serve` running here {spooled} deliveries until it answers)"
 
 
