@@ -128,16 +128,6 @@ def log_entry(item: Any) -> LogEntry | None:
     return LogEntry(log_id, guid, event if isinstance(event, str) else "", at)
 
 
-def shown_header(headers: Any, name: str) -> str | None:
-    """A request header GitHub showed, by case-insensitive name."""
-    if not isinstance(headers, dict):
-        return None
-    for key, value in headers.items():
-        if isinstance(key, str) and key.lower() == name.lower() and isinstance(value, str):
-            return value
-    return None
-
-
 def journaled(database: Database, hook_id: int, guids: Iterable[str]) -> set[str]:
     """Which of these GUIDs the journal holds for this hook (by its primary key)."""
     wanted = sorted(set(guids))

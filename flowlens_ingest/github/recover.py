@@ -33,10 +33,11 @@ from urllib.parse import urlsplit
 from flowlens_ingest.config import Settings
 from flowlens_ingest.events import parse
 from flowlens_ingest.events.delivery import Delivery
-from flowlens_ingest.events.envelope import Envelope
+from flowlens_ingest.events.envelope import Caseless, Envelope
+from flowlens_ingest.events.hooks import header_number
 from flowlens_ingest.github.client import DEFAULT_API_URL, GitHubClient, JsonAnswer
 from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited, Unauthorized
-from flowlens_ingest.github.hooks import Hook, LogEntry, hooks_to_read, journaled, log_entry, shown_header
+from flowlens_ingest.github.hooks import Hook, LogEntry, hooks_to_read, journaled, log_entry
 from flowlens_ingest.ingest import Disposition, ingest
 from flowlens_ingest.metrics import Metrics
 from flowlens_ingest.store.database import Database
@@ -378,11 +379,12 @@ class Recoverer:
         """The App hook's id, from one delivery's request headers (its log's entries do not carry it)."""
         detail = self._call("GET", f"{hook.path}/deliveries/{entry.log_id}", hook).data
         request = detail.get("request") if isinstance(detail, dict) else None
-        raw = shown_header(request.get("headers") if isinstance(request, dict) else None, "X-GitHub-Hook-ID")
-        if raw is None or not raw.isdigit() or len(raw) > 18:
+        raw = Caseless(request.get("headers") if isinstance(request, dict) else None).get("X-GitHub-Hook-ID")
+        hook_id = header_number(raw.strip()) if raw is not None else None
+        if hook_id is None:
             raise GitHubError("GitHub's delivery did not name its hook", reason="bad_json")
-        self.learned[hook.path] = int(raw)
-        return int(raw)
+        self.learned[hook.path] = hook_id
+        return hook_id
 
     # -- redelivering or fetching -------------------------------------------------------------
 
