@@ -75,6 +75,8 @@ def make_engine(settings: Settings, url: str | None = None, *, application_name:
     if not url:
         raise ValueError("no database URL")
     install_deadlines()
+    # As libpq's options read it: a backslash-escaped space belongs to the value.
+    isolation = settings.isolation_level.lower().replace(" ", "\\ ")
     engine = sa.create_engine(
         url,
         pool_size=settings.pool_size,
@@ -84,10 +86,10 @@ def make_engine(settings: Settings, url: str | None = None, *, application_name:
         # invalidates the pool; a pre-ping would cost every delivery a round trip.
         pool_pre_ping=False,
         pool_recycle=300,
-        # Deliveries rely on READ COMMITTED plus a repository row lock (see statements.py);
-        # on YugabyteDB without read committed this is snapshot isolation, where the
-        # same lock turns a conflict into a 40001 that the retry loop absorbs.
-        isolation_level=settings.isolation_level,
+        # No isolation_level here: psycopg2 would then issue a SET default_transaction_isolation
+        # (a round trip) each time a batch turns autocommit on and off (wire.send), two
+        # hidden round trips per delivery. The level is the session's default instead,
+        # set at connect time below, and each batch's BEGIN names it too.
         connect_args={
             "connect_timeout": 3,
             # A connection whose peer vanished is noticed by the kernel too: unacknowledged
@@ -103,6 +105,10 @@ def make_engine(settings: Settings, url: str | None = None, *, application_name:
                 f"-c statement_timeout={settings.statement_timeout_ms}"
                 f" -c lock_timeout={settings.statement_timeout_ms}"
                 " -c idle_in_transaction_session_timeout=30000"
+                # Deliveries rely on READ COMMITTED plus a repository row lock (see statements.py);
+                # on YugabyteDB without read committed this is snapshot isolation, where the
+                # same lock turns a conflict into a 40001 that the retry loop absorbs.
+                f" -c default_transaction_isolation={isolation}"
             ),
         },
     )
