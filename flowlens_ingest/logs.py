@@ -41,11 +41,15 @@ def printable(text: str, keep: str = "") -> str:
 
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+
+
+# One encoder for every line: json.dumps with `default` builds a new one per call.
+_ENCODE = json.JSONEncoder(default=str).encode
 
 
 class JsonFormatter(logging.Formatter):
@@ -65,7 +69,7 @@ class JsonFormatter(logging.Formatter):
             entry["exc"] = self.formatException(record.exc_info)
         # json.dumps escapes every other control character (and, ASCII only, C1 and bidi
         # ones), but writes DEL as it is.
-        return json.dumps(entry, default=str).replace("\x7f", "\\u007f")
+        return _ENCODE(entry).replace("\x7f", "\\u007f")
 
 
 def _text_value(value: object) -> str:
@@ -103,3 +107,9 @@ def configure(settings: Settings) -> None:
         logger.propagate = False
     handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
     logger.setLevel(settings.log_level)
+    # What no line of ours shows, not gathered for every record (the logging HOWTO's
+    # "Optimization"): the caller's file and line (a walk up the stack), the thread's
+    # and the multiprocessing process's names. The pid stays: every line carries it.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False

@@ -205,6 +205,7 @@ class Metrics:
             ["cause"],
             registry=reg,
         )
+        self._delivery_series: dict[tuple[str, str], tuple[Callable[[], None], Callable[[float], None]]] = {}
         self._watched_series_at_zero()
 
     def _watched_series_at_zero(self) -> None:
@@ -219,9 +220,17 @@ class Metrics:
 
     def delivery(self, event: str, outcome: str, seconds: float) -> None:
         """Count one answered delivery."""
-        label = event_label(event)
-        self.deliveries.labels(label, outcome).inc()
-        self.latency.labels(label).observe(seconds)
+        series = self._delivery_series.get((event, outcome))
+        if series is None:
+            # Looked up once per event and outcome (labels() locks and builds a key each call);
+            # the events are KNOWN_EVENTS and `other`, so this holds a few dozen pairs at most.
+            label = event_label(event)
+            series = self.deliveries.labels(label, outcome).inc, self.latency.labels(label).observe
+            if label != "other":
+                self._delivery_series[(event, outcome)] = series
+        count, observe = series
+        count()
+        observe(seconds)
 
     def db_retry(self, reason: str) -> None:
         """Count one retried transaction."""

@@ -284,24 +284,32 @@ class Database:
             return work(conn)
 
     def _batch(self, batch: Batch) -> tuple[Any, ...] | None:
-        # Checked out through a Connection, not raw_connection(): a failure to connect
-        # then arrives wrapped as an OperationalError, which the retry loop knows.
-        with self.engine.connect() as conn:
-            dbapi = conn.connection.dbapi_connection
+        # The pool's connection itself, without a Connection around it (a batch needs none of its
+        # transaction bookkeeping): a failure to connect is wrapped here, as a Connection would,
+        # into the OperationalError the retry loop knows.
+        engine = self.engine
+        try:
+            pooled = engine.raw_connection()
+        except psycopg2.Error as exc:
+            raise DBAPIError.instance(None, None, exc, psycopg2.Error) from exc
+        try:
+            dbapi = pooled.dbapi_connection
             try:
                 return send(dbapi, batch, self.settings.isolation_level)
             except psycopg2.Error as exc:
-                disconnected = dbapi is None or dbapi.closed != 0 or conn.dialect.is_disconnect(exc, dbapi, None)  # type: ignore[arg-type]
+                disconnected = dbapi is None or dbapi.closed != 0 or engine.dialect.is_disconnect(exc, dbapi, None)  # type: ignore[arg-type]
                 if disconnected:
-                    conn.invalidate()
+                    pooled.invalidate()
                     # The server went away: its other pooled connections are dead too. Drop
                     # them now rather than spend the next deliveries' attempts finding out.
-                    self.engine.dispose()
+                    engine.dispose()
                 elif getattr(dbapi, "prepared", None) is not None and lost_prepared_statement(exc):
                     # Retried on a new session, which prepares afresh.
-                    conn.invalidate()
+                    pooled.invalidate()
                     disconnected = True
                 raise DBAPIError.instance(None, None, exc, psycopg2.Error, connection_invalidated=disconnected) from exc
+        finally:
+            pooled.close()
 
     def _retrying(self, attempt_once: Callable[[], T], on_retry: OnRetry | None) -> T:
         """Run `attempt_once`, again on transient failures, with full-jitter backoff.

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from typing import IO
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from flowlens_ingest.events import parse, signature
@@ -33,12 +34,19 @@ DATABASE_DEADLINE_S = 8.0
 LARGE_TURN_S = 5.0
 
 
+# The answers are small dicts of strings, written as jsonify writes them (keys sorted, compact),
+# by one encoder built once: jsonify looks up the app's JSON provider and builds one per call.
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
+def answer(body: dict[str, str | None], status: int, **headers: str) -> Response:
+    """A JSON answer; never carries a stack trace or a payload."""
+    return Response(_ENCODE(body) + "\n", status, headers or None, mimetype="application/json")
+
+
 def error(status: int, message: str, **headers: str) -> Response:
-    """A JSON error answer; never carries a stack trace or a payload."""
-    response = jsonify({"error": message})
-    response.status_code = status
-    response.headers.update(headers)
-    return response
+    """A JSON error answer."""
+    return answer({"error": message}, status, **headers)
 
 
 @bp.before_request
@@ -134,7 +142,7 @@ def _answer(outcome: Outcome, status: int, event: str, delivery_id: str, action:
 
 
 @bp.post("/webhook")
-def receive() -> tuple[Response, int] | Response:
+def receive() -> Response:
     """Answer one signed GitHub delivery."""
     svc = services()
     try:
@@ -170,7 +178,7 @@ def receive() -> tuple[Response, int] | Response:
     return _answered(result.outcome, event, delivery_id, delivery.action)
 
 
-def _keep(envelope: Envelope, body: bytes, action: str | None) -> tuple[Response, int] | Response:
+def _keep(envelope: Envelope, body: bytes, action: str | None) -> Response:
     """Spool a signed delivery for the drainer, which applies it or sets it aside; without the spool, a 503."""
     spool = services().spool
     if spool is None or not spool.put(envelope, body):
@@ -179,9 +187,8 @@ def _keep(envelope: Envelope, body: bytes, action: str | None) -> tuple[Response
     return _answered(Outcome.SPOOLED, envelope.event, envelope.delivery_id, action)
 
 
-def _answered(outcome: Outcome, event: str, delivery_id: str, action: str | None) -> tuple[Response, int]:
+def _answered(outcome: Outcome, event: str, delivery_id: str, action: str | None) -> Response:
     """The answer to a delivery stored with `outcome`: 202 for failed or spooled, else 200."""
     status = 202 if outcome in (Outcome.FAILED, Outcome.SPOOLED) else 200
     _answer(outcome, status, event, delivery_id, action)
-    answer = {"delivery": delivery_id, "event": event, "action": action, "outcome": outcome.value}
-    return jsonify(answer), status
+    return answer({"delivery": delivery_id, "event": event, "action": action, "outcome": outcome.value}, status)
