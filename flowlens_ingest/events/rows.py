@@ -141,7 +141,8 @@ R = TypeVar("R", PullRequestRow, PipelineRow, CheckRow, ReviewRow, FilesJobRow)
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
-def _field_names(row_type: type) -> tuple[str, ...]:
+def field_names(row_type: type) -> tuple[str, ...]:
+    """A row dataclass's field names, in order."""
     # dataclasses.fields() rebuilds its tuple on every call: every row of every delivery pays it.
     names = _FIELD_NAMES.get(row_type)
     if names is None:
@@ -149,10 +150,13 @@ def _field_names(row_type: type) -> tuple[str, ...]:
     return names
 
 
+# json.dumps with these options builds this very encoder on every call.
+_DIGEST_TEXT = json.JSONEncoder(sort_keys=True, default=str, ensure_ascii=False, separators=(",", ":")).encode
+
+
 def digest(row: Any) -> int:
     """A 64-bit hash of a row's content: the last key of the order snapshots merge by."""
-    values = [getattr(row, name) for name in _field_names(type(row))]
-    text = json.dumps(values, sort_keys=True, default=str, ensure_ascii=False, separators=(",", ":"))
+    text = _DIGEST_TEXT([getattr(row, name) for name in field_names(type(row))])
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
 
 

@@ -7,31 +7,24 @@ distinct refresh once, then the journal, whose RETURNING is the outcome.
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import uuid
 from typing import Any
 
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import BodyEncoding, Outcome
-from flowlens_ingest.events.rows import Changes, digest
+from flowlens_ingest.events.rows import Changes, digest, field_names
 from flowlens_ingest.store import statements as s
 from flowlens_ingest.store.batch import Statement
 from flowlens_ingest.store.derived import pipeline_if_missing
 from flowlens_ingest.store.expressions import Builder, StaleTest
 from flowlens_ingest.store.journal import bucket_of, journal
 
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
-
 
 def row_values(row: Any, **extra: Any) -> dict[str, Any]:
     """A row dataclass's fields (and `extra`) as a statement's values."""
-    names = _FIELD_NAMES.get(type(row))
-    if names is None:
-        # dataclasses.fields() rebuilds its tuple on every call: once per row type is enough.
-        names = _FIELD_NAMES[type(row)] = tuple(f.name for f in dataclasses.fields(row))
     # Shallow on purpose: dataclasses.asdict deep-copies every label and file list.
-    values = {name: getattr(row, name) for name in names}
+    values = {name: getattr(row, name) for name in field_names(type(row))}
     if extra:
         values.update(extra)
     return values
