@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
+from collections.abc import Callable
 
 from sqlalchemy.engine import make_url
 
@@ -28,6 +30,7 @@ class FreezingProxy:
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._query_count = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     @classmethod
@@ -73,7 +76,8 @@ class FreezingProxy:
                 continue
             with self._lock:
                 self._sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            frontend = _FrontendMessages(self._queried)
+            threading.Thread(target=self._pump, args=(client, upstream, frontend.feed), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
     def _connect(self) -> socket.socket:
@@ -83,7 +87,20 @@ class FreezingProxy:
             return upstream
         return socket.create_connection(self.target)
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    @property
+    def queries(self) -> int:
+        """The simple-protocol queries ('Q' messages) clients sent through so far: the database's round trips.
+
+        Counted only on unencrypted connections (`sslmode=disable`): TLS hides the messages.
+        """
+        with self._lock:
+            return self._query_count
+
+    def _queried(self) -> None:
+        with self._lock:
+            self._query_count += 1
+
+    def _pump(self, source: socket.socket, sink: socket.socket, watch: Callable[[bytes], None] | None = None) -> None:
         # Bytes read while frozen wait here until the heal: held, never dropped.
         try:
             while True:
@@ -91,8 +108,49 @@ class FreezingProxy:
                 self._flowing.wait()
                 if not data or self._closed.is_set():
                     break
+                if watch is not None:
+                    watch(data)
                 sink.sendall(data)
         except OSError:
             pass
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
+
+
+# The startup-phase requests a client may send before its StartupMessage (no type byte either).
+_SSL_REQUEST, _GSSENC_REQUEST = 80877103, 80877104
+
+
+class _FrontendMessages:
+    """Reads a client's side of PostgreSQL's protocol and calls `on_query` for each simple query.
+
+    https://www.postgresql.org/docs/current/protocol-message-formats.html: the startup
+    packets are a length then a code; every later message is a type byte then a length.
+    """
+
+    def __init__(self, on_query: Callable[[], None]) -> None:
+        self._on_query = on_query
+        self._buffer = b""
+        self._started = False
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            if not self._started:
+                if len(self._buffer) < 8:
+                    return
+                length, code = struct.unpack("!ii", self._buffer[:8])
+                if len(self._buffer) < length:
+                    return
+                self._buffer = self._buffer[length:]
+                # After an SSL or GSS request the client sends its StartupMessage (when refused).
+                self._started = code not in (_SSL_REQUEST, _GSSENC_REQUEST)
+                continue
+            if len(self._buffer) < 5:
+                return
+            kind, length = self._buffer[:1], struct.unpack("!i", self._buffer[1:5])[0]
+            if len(self._buffer) < 1 + length:
+                return
+            self._buffer = self._buffer[1 + length :]
+            if kind == b"Q":
+                self._on_query()

@@ -19,9 +19,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
+from bench.proxy import FreezingProxy
 from flowlens_ingest.config import Settings
 from flowlens_ingest.database_urls import normalize_database_url
 from flowlens_ingest.github import jobs
+from flowlens_ingest.ingest import ingest
 from flowlens_ingest.store import derived, hooks, journal, journal_admin, migrate, statements
 from flowlens_ingest.store.batch import Statement
 from flowlens_ingest.store.bytea import Bytea
@@ -32,7 +34,18 @@ from flowlens_ingest.store.wire import form
 
 from .databases import create_scratch_database, drop_database
 from .helpers import rows
-from .stories import START, RandomPicker, apply, build_story, business_rows, pull_request, repository, sha_for
+from .stories import (
+    START,
+    RandomPicker,
+    apply,
+    build_story,
+    business_rows,
+    database_of,
+    delivery,
+    pull_request,
+    repository,
+    sha_for,
+)
 
 REPO = repository(7_000_001)
 SHA_A, SHA_B = sha_for("prepared", "a"), sha_for("prepared", "b")
@@ -129,6 +142,43 @@ def test_a_session_prepares_each_statement_once(db, database_url):
         assert len(first) == 5 and all(name.startswith("flowlens_") for name in first)
         assert apply(engine, "pull_request", pull_request("opened", REPO, 2, SHA_B, START)) == "applied"
         assert prepared_names(engine) == first
+
+
+@pytest.mark.parametrize("level", ["READ COMMITTED", "REPEATABLE READ"])
+def test_a_delivery_costs_the_database_two_queries_whatever_the_isolation_level(db, database_url, level):
+    """What the server receives, counted on the wire: the batch, then its COMMIT (or ROLLBACK for a duplicate).
+
+    psycopg2 once added a SET default_transaction_isolation as a batch turned autocommit on and
+    off (a connection-level isolation level): three round trips a delivery, where the service's
+    own count said two.
+    """
+    proxy, url = FreezingProxy.to(database_url)
+    try:
+        settings = Settings(
+            database_url=normalize_database_url(url + "?sslmode=disable&gssencmode=disable"),
+            pool_size=1,
+            isolation_level=level,
+        )
+        engine = make_engine(settings)
+        try:
+            # The session's first delivery also PREPAREs its statements.
+            assert apply(engine, "pull_request", pull_request("opened", REPO, 1, SHA_A, START)) == "applied"
+            before = proxy.queries
+            assert before > 0
+            for number in range(2, 7):
+                sha = sha_for("wire", str(number))
+                assert apply(engine, "pull_request", pull_request("opened", REPO, number, sha, START)) == "applied"
+            payload = pull_request("opened", REPO, 7, SHA_B, START)
+            assert apply(engine, "pull_request", payload) == "applied"
+            assert ingest(database_of(engine), delivery("pull_request", payload, "wire-dup")).outcome == "applied"
+            assert ingest(database_of(engine), delivery("pull_request", payload, "wire-dup")).outcome == "duplicate"
+            assert proxy.queries - before == 2 * 8
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == level.lower()
+        finally:
+            engine.dispose()
+    finally:
+        proxy.close()
 
 
 def test_prepared_statements_can_be_turned_off():

@@ -86,10 +86,10 @@ def make_engine(settings: Settings, url: str | None = None, *, application_name:
         # invalidates the pool; a pre-ping would cost every delivery a round trip.
         pool_pre_ping=False,
         pool_recycle=300,
-        # No isolation_level here: psycopg2 would then issue a SET default_transaction_isolation
-        # (a round trip) each time a batch turns autocommit on and off (wire.send), two
-        # hidden round trips per delivery. The level is the session's default instead,
-        # set at connect time below, and each batch's BEGIN names it too.
+        # No isolation_level here: psycopg2 would then send a SET default_transaction_isolation
+        # (a round trip) as a batch turns autocommit on and off (wire.send): a third round trip
+        # per delivery, which flowlens_db_round_trips_total never saw. The level is the
+        # session's default instead, set at connect time below, and each batch's BEGIN names it.
         connect_args={
             "connect_timeout": 3,
             # A connection whose peer vanished is noticed by the kernel too: unacknowledged
