@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +55,21 @@ GROUPS = (WEBHOOK, PROCESSES, GITHUB)
 
 @dataclass(frozen=True)
 class Row:
-    """A setting as docs/operating.md shows it: the variable(s), the default, what it accepts, what it means."""
+    """A setting as docs/operating.md shows it: the variable(s), the default, what it accepts, what it means.
 
-    variable: str
-    default: str
+    Left out, `variable` is the setting's (first) variable and `default` its default value, both
+    as code: `setting()` fills them in, so neither is written twice.
+    """
+
     accepts: str
     meaning: str
+    variable: str | None = None
+    default: str | None = None
+
+
+def _as_code(value: Any) -> str:
+    """A default value as the docs show it: `true`, `20`, `INFO`."""
+    return f"`{str(value).lower() if isinstance(value, bool) else value}`"
 
 
 # Reads a setting from the environment and the settings read before it; UNSET keeps the field's default.
@@ -109,6 +118,14 @@ def setting(
         assert reader is not None, "a setting needs a reader or a read"
         read = reads(names[0], reader)
     row_list = () if rows is None else (rows,) if isinstance(rows, Row) else rows
+    row_list = tuple(
+        replace(
+            row,
+            variable=f"`{names[0]}`" if row.variable is None else row.variable,
+            default=_as_code(default) if row.default is None else row.default,
+        )
+        for row in row_list
+    )
     metadata = {"declared": Declared(names, read, group, row_list)}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata, repr=repr)
@@ -229,12 +246,11 @@ class Settings:
         group=WEBHOOK,
         reader=lambda name, raw: database_url(raw),
         rows=Row(
-            "`DATABASE_URL`",
-            "unset: embedded PostgreSQL",
-            "a `postgres://`/`postgresql://` URL (psycopg2) with a numeric port, or several hosts:"
+            default="unset: embedded PostgreSQL",
+            accepts="a `postgres://`/`postgresql://` URL (psycopg2) with a numeric port, or several hosts:"
             " `postgresql://U:P@/DB?host=h1:5432&host=h2:5432&target_session_attrs=read-write`, or libpq's"
             " `postgresql://U:P@h1:5432,h2:5432/DB?…` (read as the former); query options libpq knows",
-            "SQLAlchemy or libpq URL. A bad one is refused naming `DATABASE_URL`, never repeating the URL (a bad"
+            meaning="SQLAlchemy or libpq URL. A bad one is refused naming `DATABASE_URL`, never repeating the URL (a bad"
             " host list: with the query form to write, your hosts in it). Several hosts, PostgreSQL failover,"
             " YugabyteDB tservers: [deploying.md](deploying.md#the-database-url-one-host-or-several-postgresql-failover)",
         ),
@@ -247,16 +263,15 @@ class Settings:
         repr=False,
         rows=(
             Row(
-                "`GITHUB_WEBHOOK_SECRET`",
-                "generated (64 hex characters) in embedded mode; required otherwise",
-                "at least 16 bytes (UTF-8)",
-                "the webhook secret",
+                default="generated (64 hex characters) in embedded mode; required otherwise",
+                accepts="at least 16 bytes (UTF-8)",
+                meaning="the webhook secret",
             ),
             Row(
-                "`GITHUB_WEBHOOK_SECRET_PREVIOUS`",
-                "unset",
-                "any",
-                "also accepted while set (rotation); may be shorter than 16 bytes, so a short secret can be"
+                variable="`GITHUB_WEBHOOK_SECRET_PREVIOUS`",
+                default="unset",
+                accepts="any",
+                meaning="also accepted while set (rotation); may be shorter than 16 bytes, so a short secret can be"
                 " rotated away from",
             ),
         ),
@@ -267,10 +282,9 @@ class Settings:
         reader=path,
         factory=_data_dir,
         rows=Row(
-            "`FLOWLENS_DATA_DIR`",
-            "`./.flowlens`",
-            "a folder this user can create and write (checked by `serve`, and by gunicorn for the folders it defaults)",
-            "embedded database, generated secret, default spool, metrics folders, `instances/<port>.json` of each"
+            default="`./.flowlens`",
+            accepts="a folder this user can create and write (checked by `serve`, and by gunicorn for the folders it defaults)",
+            meaning="embedded database, generated secret, default spool, metrics folders, `instances/<port>.json` of each"
             " running `serve`",
         ),
     )
@@ -279,10 +293,9 @@ class Settings:
         group=WEBHOOK,
         reader=http_url("http://127.0.0.1:8000/webhook"),
         rows=Row(
-            "`FLOWLENS_URL`",
-            "unset",
-            "an `http://` or `https://` URL",
-            "where `send` posts (beats the instances recorded in `$FLOWLENS_DATA_DIR/instances/`)",
+            default="unset",
+            accepts="an `http://` or `https://` URL",
+            meaning="where `send` posts (beats the instances recorded in `$FLOWLENS_DATA_DIR/instances/`)",
         ),
     )
     # GitHub caps payloads at 25 MB (https://docs.github.com/en/webhooks/webhook-events-and-payloads#payload-cap).
@@ -292,10 +305,9 @@ class Settings:
         group=WEBHOOK,
         reader=whole(KIB, 25 * MIB, "bytes: 1 KiB to 25 MiB, GitHub's cap"),
         rows=Row(
-            "`FLOWLENS_MAX_BODY_BYTES`",
-            "`26214400` (25 MiB)",
-            "`1024` (1 KiB) to `26214400` (25 MiB)",
-            "larger bodies get 413: from `Content-Length` before reading, a chunked one once it runs past the"
+            default="`26214400` (25 MiB)",
+            accepts="`1024` (1 KiB) to `26214400` (25 MiB)",
+            meaning="larger bodies get 413: from `Content-Length` before reading, a chunked one once it runs past the"
             " limit; `nginx-conf` prints it as `client_max_body_size`. Not above GitHub's own cap (GitHub sends"
             " nothing larger; a larger limit only lets an unsigned sender make a worker hold more). Not below"
             " 1 KiB: GitHub's smallest delivery, a ping, is ~2.7 KB, so such a value is a unit slip that would"
@@ -308,10 +320,8 @@ class Settings:
         group=WEBHOOK,
         reader=whole(100, 7000, "milliseconds"),
         rows=Row(
-            "`FLOWLENS_STATEMENT_TIMEOUT_MS`",
-            "`5000`",
-            "`100` to `7000`",
-            "statement and lock timeout of every delivery. At most 7 s: the server gives up before the request's"
+            accepts="`100` to `7000`",
+            meaning="statement and lock timeout of every delivery. At most 7 s: the server gives up before the request's"
             " client-side database deadline (8 s), with time left to spool the delivery and answer inside"
             " GitHub's 10 s. `0` would turn the timeouts off (a delivery waits as long as a lock is held), a"
             " negative one is refused by PostgreSQL on every connection (every delivery spooled, the cause only"
@@ -324,7 +334,10 @@ class Settings:
         env="FLOWLENS_THREADS",
         group=PROCESSES,
         reader=whole(1, 64, "threads"),
-        rows=Row("`FLOWLENS_THREADS`", "`4`", "`1` to `64`", "threads per worker, each with a pooled connection"),
+        rows=Row(
+            accepts="`1` to `64`",
+            meaning="threads per worker, each with a pooled connection",
+        ),
     )
     # gunicorn threads (4) plus the spool drainer: a request never waits for a connection.
     pool_size: int = setting(
@@ -333,10 +346,9 @@ class Settings:
         group=WEBHOOK,
         read=_pool_size,
         rows=Row(
-            "`FLOWLENS_POOL_SIZE`",
-            "`FLOWLENS_THREADS` + 1 (5)",
-            "`1` to `100`",
-            "connections per process: one per thread plus one for the spool drainer. At most PostgreSQL's"
+            default="`FLOWLENS_THREADS` + 1 (5)",
+            accepts="`1` to `100`",
+            meaning="connections per process: one per thread plus one for the spool drainer. At most PostgreSQL's"
             " default `max_connections`",
         ),
     )
@@ -346,10 +358,8 @@ class Settings:
         group=WEBHOOK,
         reader=boolean,
         rows=Row(
-            "`FLOWLENS_JOURNAL_PAYLOADS`",
-            "`true`",
-            "`true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`)",
-            "keep each delivery's payload in the journal (failed ones always are)",
+            accepts="`true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`)",
+            meaning="keep each delivery's payload in the journal (failed ones always are)",
         ),
     )
     journal_compression: bool = setting(
@@ -358,10 +368,8 @@ class Settings:
         group=WEBHOOK,
         reader=boolean,
         rows=Row(
-            "`FLOWLENS_JOURNAL_COMPRESSION`",
-            "`false`",
-            "`true`/`false`",
-            "gzip the journaled bytes (TOAST and YugabyteDB's files compress them already: see"
+            accepts="`true`/`false`",
+            meaning="gzip the journaled bytes (TOAST and YugabyteDB's files compress them already: see"
             " [reliability.md](reliability.md#the-journal))",
         ),
     )
@@ -372,10 +380,8 @@ class Settings:
         group=WEBHOOK,
         reader=one_of("READ COMMITTED", "REPEATABLE READ"),
         rows=Row(
-            "`FLOWLENS_ISOLATION_LEVEL`",
-            "`READ COMMITTED`",
-            "`READ COMMITTED`, `REPEATABLE READ` (any case, `_` for the space)",
-            "`REPEATABLE READ` reproduces YugabyteDB's snapshot isolation on PostgreSQL (tests, capacity checks)",
+            accepts="`READ COMMITTED`, `REPEATABLE READ` (any case, `_` for the space)",
+            meaning="`REPEATABLE READ` reproduces YugabyteDB's snapshot isolation on PostgreSQL (tests, capacity checks)",
         ),
     )
     prepared_statements: bool = setting(
@@ -384,10 +390,8 @@ class Settings:
         group=WEBHOOK,
         reader=boolean,
         rows=Row(
-            "`FLOWLENS_PREPARED_STATEMENTS`",
-            "`true`",
-            "`true`/`false`",
-            "PREPARE each statement once per database session; `false` behind a pooler that shares server"
+            accepts="`true`/`false`",
+            meaning="PREPARE each statement once per database session; `false` behind a pooler that shares server"
             " sessions between clients (PgBouncer in transaction mode)",
         ),
     )
@@ -397,10 +401,9 @@ class Settings:
         group=WEBHOOK,
         read=_spool_dir,
         rows=Row(
-            "`FLOWLENS_SPOOL_DIR`",
-            "`$FLOWLENS_DATA_DIR/spool`",
-            "a folder this user can create and write (made at start)",
-            "where deliveries wait while the database is down",
+            default="`$FLOWLENS_DATA_DIR/spool`",
+            accepts="a folder this user can create and write (made at start)",
+            meaning="where deliveries wait while the database is down",
         ),
     )
     spool_max_bytes: int = setting(
@@ -409,10 +412,9 @@ class Settings:
         group=WEBHOOK,
         read=_spool_max_bytes,
         rows=Row(
-            "`FLOWLENS_SPOOL_MAX_BYTES`",
-            "`536870912` (512 MiB)",
-            "`0`, or `FLOWLENS_MAX_BODY_BYTES` and up",
-            "spool bound (across workers, may be passed by about a second of traffic: see"
+            default="`536870912` (512 MiB)",
+            accepts="`0`, or `FLOWLENS_MAX_BODY_BYTES` and up",
+            meaning="spool bound (across workers, may be passed by about a second of traffic: see"
             " [reliability.md](reliability.md#database-outages-and-the-spool)); `0` turns the spool off (503"
             " instead). Between 1 and the body limit the spool could not take the largest deliveries: most"
             " likely a unit slip (`512` meant as MiB), refused",
@@ -425,7 +427,10 @@ class Settings:
         env="FLOWLENS_LOG_FORMAT",
         group=PROCESSES,
         reader=one_of("json", "text"),
-        rows=Row("`FLOWLENS_LOG_FORMAT`", "`json`", "`json` (one object per line), `text`", "see [Logs](#logs)"),
+        rows=Row(
+            accepts="`json` (one object per line), `text`",
+            meaning="see [Logs](#logs)",
+        ),
     )
     log_level: str = setting(
         "INFO",
@@ -433,10 +438,8 @@ class Settings:
         group=PROCESSES,
         reader=one_of("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
         rows=Row(
-            "`FLOWLENS_LOG_LEVEL`",
-            "`INFO`",
-            "`DEBUG`, `INFO`, `WARNING`, `ERROR`, `CRITICAL` (any case)",
-            "the service's and gunicorn's; `DEBUG` also shows the traceback of an unexpected error in a command",
+            accepts="`DEBUG`, `INFO`, `WARNING`, `ERROR`, `CRITICAL` (any case)",
+            meaning="the service's and gunicorn's; `DEBUG` also shows the traceback of an unexpected error in a command",
         ),
     )
     workers: int = setting(
@@ -445,10 +448,10 @@ class Settings:
         read=_workers,
         factory=_default_workers,
         rows=Row(
-            "`FLOWLENS_WORKERS` (else `WEB_CONCURRENCY`)",
-            "cores + 1 (at most 256)",
-            "`1` to `256`",
-            "gunicorn gthread workers; `serve --workers` beats both. The bound catches a typo: each worker"
+            variable="`FLOWLENS_WORKERS` (else `WEB_CONCURRENCY`)",
+            default="cores + 1 (at most 256)",
+            accepts="`1` to `256`",
+            meaning="gunicorn gthread workers; `serve --workers` beats both. The bound catches a typo: each worker"
             " holds a pool of connections",
         ),
     )
@@ -459,10 +462,8 @@ class Settings:
         group=PROCESSES,
         reader=whole(10, 300, "seconds"),
         rows=Row(
-            "`FLOWLENS_GRACEFUL_TIMEOUT`",
-            "`20`",
-            "`10` to `300` (seconds)",
-            "seconds a stopping worker has to finish its deliveries: at least one whole delivery (GitHub's"
+            accepts="`10` to `300` (seconds)",
+            meaning="seconds a stopping worker has to finish its deliveries: at least one whole delivery (GitHub's"
             " 10 s); beyond 5 minutes a deploy waits on a stuck worker",
         ),
     )
@@ -473,10 +474,8 @@ class Settings:
         group=PROCESSES,
         reader=whole(1, 65536, "MB"),
         rows=Row(
-            "`FLOWLENS_RECYCLE_ABOVE_MB`",
-            "`256`",
-            "`1` to `65536` (MB)",
-            "a worker still this large (resident) once a large delivery (over 1 MiB) is done is recycled"
+            accepts="`1` to `65536` (MB)",
+            meaning="a worker still this large (resident) once a large delivery (over 1 MiB) is done is recycled"
             " gracefully: it finishes what it holds and gunicorn forks a fresh one (see"
             " [reliability.md](reliability.md#memory)); `1` recycles after every large delivery",
         ),
@@ -488,10 +487,10 @@ class Settings:
         group=PROCESSES,
         read=_bind,
         rows=Row(
-            "`FLOWLENS_BIND` / `PORT`",
-            "`0.0.0.0:$PORT` (8000)",
-            "`FLOWLENS_BIND`: gunicorn's bind syntax (checked by gunicorn); `PORT`: `1` to `65535`",
-            "gunicorn bind for the Procfile",
+            variable="`FLOWLENS_BIND` / `PORT`",
+            default="`0.0.0.0:$PORT` (8000)",
+            accepts="`FLOWLENS_BIND`: gunicorn's bind syntax (checked by gunicorn); `PORT`: `1` to `65535`",
+            meaning="gunicorn bind for the Procfile",
         ),
     )
     # Where gunicorn's workers sum their metrics; None: one folder per port in the data folder.
@@ -500,10 +499,9 @@ class Settings:
         group=PROCESSES,
         reader=path,
         rows=Row(
-            "`PROMETHEUS_MULTIPROC_DIR`",
-            "`$FLOWLENS_DATA_DIR/metrics/<port>`",
-            "a folder this user can create and write (made at start)",
-            "where this instance's workers' metric files are summed; emptied at start, locked for the"
+            default="`$FLOWLENS_DATA_DIR/metrics/<port>`",
+            accepts="a folder this user can create and write (made at start)",
+            meaning="where this instance's workers' metric files are summed; emptied at start, locked for the"
             " instance's life (a second instance on the same folder is refused in one line)",
         ),
     )
@@ -515,10 +513,8 @@ class Settings:
         group=GITHUB,
         reader=_api_url,
         rows=Row(
-            "`GITHUB_API_URL`",
-            "`https://api.github.com`",
-            "an `http://` or `https://` URL",
-            "GitHub's REST API; GitHub Enterprise Server: `https://HOST/api/v3`",
+            accepts="an `http://` or `https://` URL",
+            meaning="GitHub's REST API; GitHub Enterprise Server: `https://HOST/api/v3`",
         ),
     )
     github_token: str | None = setting(
@@ -527,10 +523,9 @@ class Settings:
         reader=text,
         repr=False,
         rows=Row(
-            "`GITHUB_TOKEN`",
-            "unset",
-            "any",
-            "a token for the files worker (fine-grained: *Pull requests: read*, plus *Contents: read* for"
+            default="unset",
+            accepts="any",
+            meaning="a token for the files worker (fine-grained: *Pull requests: read*, plus *Contents: read* for"
             " private repositories)",
         ),
     )
@@ -539,11 +534,11 @@ class Settings:
         group=GITHUB,
         reader=text,
         rows=Row(
-            "`GITHUB_APP_ID`, `GITHUB_APP_PRIVATE_KEY` or `GITHUB_APP_PRIVATE_KEY_FILE`",
-            "unset",
-            "both or neither; an unencrypted RSA key in PEM (checked by `serve` and `enrich`), a file this user"
+            variable="`GITHUB_APP_ID`, `GITHUB_APP_PRIVATE_KEY` or `GITHUB_APP_PRIVATE_KEY_FILE`",
+            default="unset",
+            accepts="both or neither; an unencrypted RSA key in PEM (checked by `serve` and `enrich`), a file this user"
             " can read",
-            "a GitHub App for the files worker (PEM text or a file); installation tokens for the"
+            meaning="a GitHub App for the files worker (PEM text or a file); installation tokens for the"
             " `installation.id` each delivery carries",
         ),
     )
@@ -560,10 +555,8 @@ class Settings:
         group=GITHUB,
         reader=whole(0, 4999, "requests"),
         rows=Row(
-            "`FLOWLENS_ENRICH_RATE_RESERVE`",
-            "`100`",
-            "`0` to `4999`",
-            "per credential (each App installation, the token): when fewer requests than this remain in its"
+            accepts="`0` to `4999`",
+            meaning="per credential (each App installation, the token): when fewer requests than this remain in its"
             " primary limit, the files worker reschedules that credential's jobs to its reset without a request"
             " (other credentials go on), and `backfill` waits for the reset. Below a token's hourly 5,000, or the"
             " worker would never fetch",
@@ -575,10 +568,8 @@ class Settings:
         group=GITHUB,
         reader=whole(30, 3600, "seconds"),
         rows=Row(
-            "`FLOWLENS_ENRICH_LEASE_S`",
-            "`120`",
-            "`30` to `3600` (seconds)",
-            "how long a worker holds a claimed job; a crashed worker's job is taken again after it. At least a"
+            accepts="`30` to `3600` (seconds)",
+            meaning="how long a worker holds a claimed job; a crashed worker's job is taken again after it. At least a"
             " few GitHub requests (10 s timeout each), at most an hour of waiting for a crashed worker's job",
         ),
     )
@@ -588,10 +579,8 @@ class Settings:
         group=GITHUB,
         reader=whole(1, 20, "attempts"),
         rows=Row(
-            "`FLOWLENS_ENRICH_MAX_ATTEMPTS`",
-            "`6`",
-            "`1` to `20`",
-            "fetches of one head that fail (5xx, timeouts) before it is settled `failed`; with backoff capped at"
+            accepts="`1` to `20`",
+            meaning="fetches of one head that fail (5xx, timeouts) before it is settled `failed`; with backoff capped at"
             " 15 minutes, 20 attempts already span over 3 hours",
         ),
     )
@@ -601,10 +590,9 @@ class Settings:
         group=GITHUB,
         read=_webhooks,
         rows=Row(
-            "`GITHUB_WEBHOOKS`",
-            "unset",
-            "comma-separated hook API paths, `repos/OWNER/REPO/hooks/ID` or `orgs/ORG/hooks/ID`",
-            "repository and organization hooks whose delivery logs `recover` and the scheduled pass read,"
+            default="unset",
+            accepts="comma-separated hook API paths, `repos/OWNER/REPO/hooks/ID` or `orgs/ORG/hooks/ID`",
+            meaning="repository and organization hooks whose delivery logs `recover` and the scheduled pass read,"
             " besides those the journal has seen (needs `GITHUB_TOKEN` with admin of the hook: fine-grained"
             " *Webhooks: read and write*, repository or organization, classic `admin:repo_hook` /"
             " `admin:org_hook`; a fine-grained token reaches one owner's hooks, several owners need the App:"
@@ -618,10 +606,9 @@ class Settings:
         group=GITHUB,
         reader=duration(60, 86400),
         rows=Row(
-            "`FLOWLENS_RECOVER_EVERY`",
-            "`10m`",
-            "`0` (off) or a duration from `1m` to `24h` (`90s`, `10m`, `1h`)",
-            "how often the files worker runs a recovery pass (one worker across all VMs); a day at most, so a"
+            default="`10m`",
+            accepts="`0` (off) or a duration from `1m` to `24h` (`90s`, `10m`, `1h`)",
+            meaning="how often the files worker runs a recovery pass (one worker across all VMs); a day at most, so a"
             " pass never risks GitHub's 3-day log retention",
         ),
     )
