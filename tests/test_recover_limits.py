@@ -90,6 +90,11 @@ def recoverer(db: Engine, github: FakeGitHub, settings: Settings, **options: Any
     return Recoverer(settings, database_of(db), client, **options)
 
 
+def recovery_pass(db: Engine, settings: Settings, **options: Any) -> RecoveryPass:
+    """The scheduled pass as a worker runs it, on this database and the fake's credential."""
+    return RecoveryPass(settings, database_of(db), client_for(settings, database_of(db)), instruments(), **options)
+
+
 def recover(db: Engine, github: FakeGitHub, settings: Settings, mode: Any = "redeliver", **options: Any) -> Any:
     hooks, _ = hooks_to_read(settings, database_of(db))
     since = datetime.now(UTC) - timedelta(hours=72)
@@ -204,9 +209,7 @@ def test_the_scheduled_pass_is_not_due_again_before_githubs_wait_ends(db, github
     webhook.start()
     github.budgets.limit_next("token", retry_after=900, after=1)
     settings = settings_for(github, path, recover_every_s=60)
-    passes = RecoveryPass(
-        settings, database_of(db), client_for(settings, database_of(db)), instruments(), pace_s=0.01, settle_s=30
-    )
+    passes = recovery_pass(db, settings, pace_s=0.01, settle_s=30)
 
     report = passes.run_once()
 
@@ -259,7 +262,7 @@ def test_two_recovers_at_once_redeliver_each_guid_once(db, github, webhook, hook
 def test_a_pass_that_is_not_due_leaves_the_lease_alone_and_a_running_pass_holds_off_the_command(db, github, hook):
     path, _ = hook
     settings = settings_for(github, path, recover_every_s=600)
-    passes = RecoveryPass(settings, database_of(db), client_for(settings, database_of(db)), instruments())
+    passes = recovery_pass(db, settings)
     assert passes.run_once() is not None
     # The pass released its lease: a command may run now, though the next pass is not due.
     command = Lease(database_of(db), "recover command", 600)
@@ -280,11 +283,9 @@ def test_a_log_longer_than_a_pass_handles_is_finished_by_the_next_pass(db, githu
     def one_pass() -> Any:
         with database_of(db).engine.begin() as conn:
             conn.execute(sa.delete(leases))  # the next pass is due
-        passes = RecoveryPass(
+        passes = recovery_pass(
+            db,
             settings,
-            database_of(db),
-            client_for(settings, database_of(db)),
-            instruments(),
             pace_s=0.01,
             settle_s=30,
             bounds=Bounds(recoveries=2),
@@ -333,11 +334,9 @@ def test_an_endless_log_ends_at_the_page_bound_said_and_the_checkpoint_stays(db,
     path, hook_id = hook
     github.hook_logs.hooks[path].endless = True
     settings = settings_for(github, path, recover_every_s=600)
-    passes = RecoveryPass(
+    passes = recovery_pass(
+        db,
         settings,
-        database_of(db),
-        client_for(settings, database_of(db)),
-        instruments(),
         pace_s=0.01,
         settle_s=0.5,
         bounds=Bounds(pages=5, held=10_000, recoveries=0),
@@ -398,11 +397,9 @@ def test_a_log_longer_than_a_pass_reads_is_read_on_by_the_next_passes_nothing_sk
                 with database_of(db).engine.begin() as conn:
                     conn.execute(sa.delete(leases).where(leases.c.name == DUE))  # the next pass is due
                 gets = len(github.calls("GET", "/deliveries"))
-                passes = RecoveryPass(
+                passes = recovery_pass(
+                    db,
                     settings,
-                    database_of(db),
-                    client_for(settings, database_of(db)),
-                    instruments(),
                     clock=clock,
                     pace_s=0.01,
                     settle_s=30,
@@ -459,9 +456,7 @@ def test_an_operators_recover_during_the_workers_pass_redelivers_each_guid_once(
     guids = missed(github, path, range(1, 7))
     webhook.start()
     settings = settings_for(github, path, recover_every_s=600)
-    passes = RecoveryPass(
-        settings, database_of(db), client_for(settings, database_of(db)), instruments(), pace_s=0.2, settle_s=30
-    )
+    passes = recovery_pass(db, settings, pace_s=0.2, settle_s=30)
     results: list[Any] = []
     worker = threading.Thread(target=lambda: results.append(passes.run_once()))
     worker.start()
