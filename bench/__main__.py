@@ -513,7 +513,6 @@ def service_env(args: argparse.Namespace) -> dict[str, str]:
 
 def measured_wrk(args: argparse.Namespace, url: str, workdir: Path, tag: str) -> dict[str, Any]:
     """The measured load: the run's records at `url`, as many connections and as paced as asked."""
-    think_ms = 1000 * args.connections / args.rate if args.rate else 0
     return run_wrk(
         url,
         workdir / "run",
@@ -521,14 +520,20 @@ def measured_wrk(args: argparse.Namespace, url: str, workdir: Path, tag: str) ->
         seconds=args.seconds,
         connections=args.connections,
         threads=args.wrk_threads,
-        think_ms=think_ms,
+        think_ms=measured_wrk_think(args),
     )
 
 
 def measure_floor(
-    args: argparse.Namespace, url: str, workdir: Path, secret: str, env: dict[str, str]
+    args: argparse.Namespace, url: str, workdir: Path, secret: str, env: dict[str, str], service_rate: float
 ) -> dict[str, Any]:
-    """The bare route under the service's gunicorn configuration, driven with the service's own records."""
+    """The bare route under the service's gunicorn configuration, driven with the service's own records.
+
+    Measured twice: loaded as the service was (`--rate`, or as fast as it answers), and paced to the
+    rate the service reached. A server's CPU per request falls as its rate rises (one wake-up serves
+    more requests), and unpaced the bare route answers several times the service's rate: the paced
+    figure is the floor at the service's own load.
+    """
     floor = Service(url, secret, workdir, env, floor=True)
     try:
         floor.wait_ready()
@@ -541,18 +546,52 @@ def measure_floor(
             threads=args.wrk_threads,
         )
         workers = floor.workers()
-        before = cpu_seconds(workers)
-        run = measured_wrk(args, floor.url, workdir, "floor")
-        used = cpu_seconds(workers) - before
+        loaded = _floor_run(args, floor.url, workdir, workers, "floor", measured_wrk_think(args))
+        paced = None
+        if not args.rate and service_rate > 0:
+            # wrk paces by a pause before each request: the rate reached is connections / (pause +
+            # latency). A short run at the bare pause learns the latency; the measured run leaves it out.
+            pause_ms = 1000 * args.connections / service_rate
+            probe = _floor_run(args, floor.url, workdir, workers, "floor-probe", pause_ms, seconds=3)
+            latency_ms = max(0.0, 1000 * args.connections / probe["requests_per_s"] - pause_ms)
+            paced = _floor_run(args, floor.url, workdir, workers, "floor-paced", max(0.0, pause_ms - latency_ms))
     finally:
         floor.stop()
-    seconds = run["duration_us"] / 1e6
+    return loaded | {"workers": len(workers), "at_service_rate": paced}
+
+
+def measured_wrk_think(args: argparse.Namespace) -> float:
+    """wrk's pause before each request for `--rate` (0: as fast as the server answers)."""
+    return 1000 * args.connections / args.rate if args.rate else 0
+
+
+def _floor_run(
+    args: argparse.Namespace,
+    url: str,
+    workdir: Path,
+    workers: list[int],
+    tag: str,
+    think_ms: float,
+    seconds: float | None = None,
+) -> dict[str, Any]:
+    """One wrk run at the floor: its rate, latency and the workers' CPU per request."""
+    before = cpu_seconds(workers)
+    run = run_wrk(
+        url,
+        workdir / "run",
+        tag,
+        seconds=seconds or args.seconds,
+        connections=args.connections,
+        threads=args.wrk_threads,
+        think_ms=think_ms,
+    )
+    used = cpu_seconds(workers) - before
+    elapsed = run["duration_us"] / 1e6
     return {
-        "requests_per_s": round(run["requests"] / seconds, 1),
+        "requests_per_s": round(run["requests"] / elapsed, 1),
         "p50_ms": round(run["latency_us"]["p50"] / 1000, 2),
         "p99_ms": round(run["latency_us"]["p99"] / 1000, 2),
         "cpu_ms_per_request": round(1000 * used / run["requests"], 3) if run["requests"] else None,
-        "workers": len(workers),
     }
 
 
@@ -630,10 +669,9 @@ def measure_mix(
             proc.wait(timeout=60)
     finally:
         service.stop()
-    floor = None if args.no_floor else measure_floor(args, url, workdir, secret, env)
-
     seconds = run["duration_us"] / 1e6
     rate = run["requests"] / seconds
+    floor = None if args.no_floor else measure_floor(args, url, workdir, secret, env, rate)
     delivered = after_metrics.get("deliveries", 0) - before_metrics.get("deliveries", 0)
     trips = after_metrics.get("round_trips", 0) - before_metrics.get("round_trips", 0)
     outcomes = {
@@ -778,11 +816,15 @@ def one_run(args: argparse.Namespace, templates: Any, secret: str, env: dict[str
                 "postgres": postgres_ms,
                 "postgres_backends": result["load"]["postgres_backends_cpu_ms_per_delivery"],
                 "total": round(worker_ms + postgres_ms, 2) if worker_ms and postgres_ms else None,
-                "floor": result["floor"]["cpu_ms_per_request"] if result["floor"] else None,
+                "floor": _figure(result, ("floor", "cpu_ms_per_request")),
+                "floor_at_service_rate": _figure(result, ("floor", "at_service_rate", "cpu_ms_per_request")),
             }
-            floor_ms = result["cpu_ms_per_delivery"]["floor"]
-            # The goal of docs/benchmark.md: the worker's CPU per delivery as a multiple of the floor's.
-            result["ratio_to_floor"] = round(worker_ms / floor_ms, 2) if worker_ms and floor_ms else None
+            # The goal of docs/benchmark.md: the worker's CPU per delivery as a multiple of the floor's,
+            # loaded as the service was, and paced to the service's rate.
+            result["ratio_to_floor"] = _ratio(worker_ms, result["cpu_ms_per_delivery"]["floor"])
+            result["ratio_to_floor_at_service_rate"] = _ratio(
+                worker_ms, result["cpu_ms_per_delivery"]["floor_at_service_rate"]
+            )
             if pg is not None:
                 result["ratio_to_pgbench"] = round(result["deliveries_per_s"] / pg.tx_per_s, 3)
             summary["mixes"][mix_name] = result
@@ -790,6 +832,7 @@ def one_run(args: argparse.Namespace, templates: Any, secret: str, env: dict[str
                 f"{mix_name}: {result['deliveries_per_s']:.0f} deliveries/s, p50 {result['p50_ms']} ms,"
                 f" p99 {result['p99_ms']} ms, ratio to pgbench {result.get('ratio_to_pgbench')},"
                 f" CPU/delivery {result['cpu_ms_per_delivery']}, worker CPU {result['ratio_to_floor']}x the floor's"
+                f" ({result['ratio_to_floor_at_service_rate']}x at the service's rate)"
             )
     return summary
 
@@ -807,8 +850,14 @@ MEDIAN_FIGURES = (
     ("cpu_ms_per_delivery", "postgres_backends"),
     ("cpu_ms_per_delivery", "total"),
     ("cpu_ms_per_delivery", "floor"),
+    ("cpu_ms_per_delivery", "floor_at_service_rate"),
     ("ratio_to_floor",),
+    ("ratio_to_floor_at_service_rate",),
 )
+
+
+def _ratio(worker_ms: float | None, floor_ms: float | None) -> float | None:
+    return round(worker_ms / floor_ms, 2) if worker_ms and floor_ms else None
 
 
 def _figure(result: dict[str, Any], path: tuple[str, ...]) -> Any:
