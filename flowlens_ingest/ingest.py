@@ -100,7 +100,12 @@ def ingest(
     journal = plan.journal(delivery, store_payload=store_payload, replay=replay, compress=compress)
     hook = HOOKS.statement(delivery)
     try:
-        row = database.run([*plan.statements, *([hook] if hook else []), journal], on_retry=on_retry)
+        # One round trip: a duplicate's batch, refused by its journal entry, is committed as it
+        # is: its upserts compare equal or older than what is stored and change nothing
+        # (store/statements.py).
+        row = database.run(
+            [*plan.statements, *([hook] if hook else []), journal], on_retry=on_retry, rollback_refused=False
+        )
     except DatabaseUnavailable as exc:
         return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})")
     except sa.exc.SQLAlchemyError as exc:  # the database refused this delivery's rows
@@ -129,7 +134,10 @@ def record_failure(
     the delivery is retried later; if it does, the delivery is set aside.
     """
     try:
-        row = database.run([failed_journal_entry(delivery, error, compress=compress)], on_retry=on_retry)
+        # One statement: refused, it wrote nothing, so there is nothing to roll back.
+        row = database.run(
+            [failed_journal_entry(delivery, error, compress=compress)], on_retry=on_retry, rollback_refused=False
+        )
     except DatabaseUnavailable as exc:
         return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})")
     except sa.exc.SQLAlchemyError as exc:  # the database refused even the failure record

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg2.extensions
 import pytest
 import sqlalchemy as sa
 from hypothesis import given
@@ -30,7 +31,7 @@ from flowlens_ingest.store.bytea import Bytea
 from flowlens_ingest.store.database import Database, make_engine
 from flowlens_ingest.store.expressions import param
 from flowlens_ingest.store.schema import pipeline_runs, webhook_deliveries
-from flowlens_ingest.store.wire import form
+from flowlens_ingest.store.wire import form, send
 
 from .databases import create_scratch_database, drop_database
 from .helpers import rows
@@ -145,12 +146,12 @@ def test_a_session_prepares_each_statement_once(db, database_url):
 
 
 @pytest.mark.parametrize("level", ["READ COMMITTED", "REPEATABLE READ"])
-def test_a_delivery_costs_the_database_two_queries_whatever_the_isolation_level(db, database_url, level):
-    """What the server receives, counted on the wire: the batch, then its COMMIT (or ROLLBACK for a duplicate).
+def test_a_delivery_costs_the_database_one_query_whatever_the_isolation_level(db, database_url, level):
+    """What the server receives, counted on the wire: the batch alone, a duplicate's too.
 
     psycopg2 once added a SET default_transaction_isolation as a batch turned autocommit on and
-    off (a connection-level isolation level): three round trips a delivery, where the service's
-    own count said two.
+    off (a connection-level isolation level): a round trip a delivery that the service's own
+    count did not see.
     """
     proxy, url = FreezingProxy.to(database_url)
     try:
@@ -172,13 +173,34 @@ def test_a_delivery_costs_the_database_two_queries_whatever_the_isolation_level(
             assert apply(engine, "pull_request", payload) == "applied"
             assert ingest(database_of(engine), delivery("pull_request", payload, "wire-dup")).outcome == "applied"
             assert ingest(database_of(engine), delivery("pull_request", payload, "wire-dup")).outcome == "duplicate"
-            assert proxy.queries - before == 2 * 8
+            assert proxy.queries - before == 8
             with engine.connect() as conn:
                 assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == level.lower()
         finally:
             engine.dispose()
     finally:
         proxy.close()
+
+
+def _isolation_in_force() -> sa.Select[Any]:
+    """The isolation level of the transaction this statement runs in."""
+    return sa.select(sa.func.current_setting("transaction_isolation"))
+
+
+@pytest.mark.parametrize("rollback_refused", [False, True])
+def test_a_batch_runs_at_the_level_it_names_and_leaves_no_transaction_open(db, database_url, rollback_refused):
+    """One round trip (an implicit transaction) or two (BEGIN, then COMMIT): the batch's own level either way."""
+    with one_session(database_url) as engine:
+        pooled = engine.raw_connection()
+        try:
+            dbapi = pooled.dbapi_connection
+            # The session's default is the service's, READ COMMITTED; the batch names another.
+            batch = [Statement(_isolation_in_force, {})]
+            assert send(dbapi, batch, "REPEATABLE READ", rollback_refused=rollback_refused) == ("repeatable read",)
+            assert dbapi.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+            assert send(dbapi, batch, rollback_refused=rollback_refused) == ("read committed",)
+        finally:
+            pooled.close()
 
 
 def test_prepared_statements_can_be_turned_off():

@@ -189,7 +189,7 @@ def test_a_delivery_spooled_during_an_outage_is_journaled_with_its_hook_and_targ
         engine.dispose()
 
 
-def test_a_worker_killed_mid_delivery_leaves_nothing_of_it_and_its_redelivery_applies(throwaway, tmp_path):
+def test_a_worker_killed_mid_delivery_lands_it_whole_and_its_redelivery_is_a_duplicate(throwaway, tmp_path):
     # One worker, so the one serving the request is known; the longest timeout allowed,
     # so the database does not give up on the blocked delivery before the kill.
     env = {"FLOWLENS_STATEMENT_TIMEOUT_MS": "7000"}
@@ -234,9 +234,8 @@ def test_a_worker_killed_mid_delivery_leaves_nothing_of_it_and_its_redelivery_ap
                 (backend,) = watcher.execute(waiting).scalars().all()
             worker.send_signal(signal.SIGKILL)
             sender.join(30)
-            # Released after the kill: the blocked batch runs to its end, but its COMMIT
-            # is a second round trip the dead worker never sends: the server rolls the
-            # whole transaction back when it finds the connection gone.
+            # Released after the kill: the blocked batch runs to its end as the one
+            # transaction it is, which the server commits whole, whoever waits for the answer.
             transaction.rollback()
         assert len(answered) == 1 and not isinstance(answered[0], int)  # no answer came
         gone = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
@@ -244,20 +243,25 @@ def test_a_worker_killed_mid_delivery_leaves_nothing_of_it_and_its_redelivery_ap
             wait_for(
                 lambda: conn.execute(gone, {"pid": backend}).scalar() == 0, what="the dead worker's session to end"
             )
-        after = {t.name: rows(engine, t) for t in (pull_requests, pipeline_runs, webhook_deliveries)}
-        assert after == before  # nothing of it
-
-        service.stop()
-        service = Service(throwaway.url, tmp_path / "service", workers=1, env=env)
-        service.wait_ready()
-        # GitHub's "Redeliver" of the delivery that got no answer.
-        response = service.post(CLOSED, "pull_request", delivery="closed")
-        assert (response.status_code, response.json()["outcome"]) == (200, "applied")
+        # All of it: the pull request closed and flagged, the delivery journaled as applied.
         assert rows(engine, pull_requests, "state", "version", "processed") == [
             {"state": "closed", "version": 2, "processed": False}
         ]
         outcomes = {e["delivery_id"]: (e["outcome"], e["attempts"]) for e in rows(engine, webhook_deliveries)}
         assert outcomes == {"opened": ("applied", 1), "closed": ("applied", 1)}
+        with engine.begin() as conn:
+            conn.execute(sa.update(pull_requests).values(processed=True))
+            conn.execute(sa.update(pipeline_runs).values(processed=True))
+        landed = {t.name: rows(engine, t) for t in (pull_requests, pipeline_runs, webhook_deliveries)}
+        assert landed != before
+
+        service.stop()
+        service = Service(throwaway.url, tmp_path / "service", workers=1, env=env)
+        service.wait_ready()
+        # GitHub's "Redeliver" of the delivery that got no answer: already applied, it changes nothing.
+        response = service.post(CLOSED, "pull_request", delivery="closed")
+        assert (response.status_code, response.json()["outcome"]) == (200, "duplicate")
+        assert {t.name: rows(engine, t) for t in (pull_requests, pipeline_runs, webhook_deliveries)} == landed
     finally:
         service.stop()
         engine.dispose()

@@ -22,15 +22,8 @@ OPENED = load_payload("pull_request/opened.payload.json")
 
 
 def data(engine: sa.Engine) -> dict[str, list[dict]]:
-    """Every row but the journal's (attempts count replays) and repositories.updated_at.
-
-    A delivery always writes its repository row: that write is the per-repository
-    lock (plan.py). The table is not polled, so the write triggers no reprocessing.
-    """
-    tables = {t.name: rows(engine, t) for t in metadata.sorted_tables if t is not webhook_deliveries}
-    for row in tables["repositories"]:
-        del row["updated_at"]
-    return tables
+    """Every row but the journal's (attempts count replays)."""
+    return {t.name: rows(engine, t) for t in metadata.sorted_tables if t is not webhook_deliveries}
 
 
 def outcomes(engine: sa.Engine) -> dict[str, str]:

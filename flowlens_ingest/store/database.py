@@ -89,7 +89,7 @@ def make_engine(settings: Settings, url: str | None = None, *, application_name:
         # No isolation_level here: psycopg2 would then send a SET default_transaction_isolation
         # (a round trip) as a batch turns autocommit on and off (wire.send): a third round trip
         # per delivery, which flowlens_db_round_trips_total never saw. The level is the
-        # session's default instead, set at connect time below, and each batch's BEGIN names it.
+        # session's default instead, set at connect time below, and each batch names it too.
         connect_args={
             "connect_timeout": 3,
             # A connection whose peer vanished is noticed by the kernel too: unacknowledged
@@ -255,14 +255,17 @@ class Database:
 
     # --- what callers hand in -------------------------------------------------------------
 
-    def run(self, batch: Batch, *, on_retry: OnRetry | None = None) -> tuple[Any, ...] | None:
+    def run(
+        self, batch: Batch, *, on_retry: OnRetry | None = None, rollback_refused: bool = True
+    ) -> tuple[Any, ...] | None:
         """Run a batch as one transaction; return the last statement's first row, or None.
 
-        Two round trips: the transaction commits when that row exists and rolls back
-        when it does not (a duplicate delivery, a job whose lease was lost; see
-        wire.send). Retried as a whole on transient failures.
+        A batch is refused when that row is missing. By default it is then rolled back
+        (a job whose lease was lost), in two round trips; with `rollback_refused=False`
+        (a delivery's batch: re-applied, it writes nothing) it is one round trip that
+        commits. See wire.send. Retried as a whole on transient failures.
         """
-        return self._retrying(lambda: self._batch(batch), on_retry)
+        return self._retrying(lambda: self._batch(batch, rollback_refused), on_retry)
 
     def execute(self, statement: sa.Executable, *, on_retry: OnRetry | None = None) -> int:
         """Run one Core statement in a transaction of its own; return its row count."""
@@ -283,7 +286,7 @@ class Database:
         with self.engine.begin() as conn:
             return work(conn)
 
-    def _batch(self, batch: Batch) -> tuple[Any, ...] | None:
+    def _batch(self, batch: Batch, rollback_refused: bool) -> tuple[Any, ...] | None:
         # The pool's connection itself, without a Connection around it (a batch needs none of its
         # transaction bookkeeping): a failure to connect is wrapped here, as a Connection would,
         # into the OperationalError the retry loop knows.
@@ -295,7 +298,7 @@ class Database:
         try:
             dbapi = pooled.dbapi_connection
             try:
-                return send(dbapi, batch, self.settings.isolation_level)
+                return send(dbapi, batch, self.settings.isolation_level, rollback_refused=rollback_refused)
             except psycopg2.Error as exc:
                 disconnected = dbapi is None or dbapi.closed != 0 or engine.dialect.is_disconnect(exc, dbapi, None)  # type: ignore[arg-type]
                 if disconnected:

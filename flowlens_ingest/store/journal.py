@@ -43,9 +43,9 @@ def journal(stale: StaleTest | None, replay: bool) -> sa.Executable:
     """Journal a delivery: `stale` decides stale vs applied; without it `p_outcome` does.
 
     Only a failed entry may be taken again: for a redelivery of a settled one the
-    upsert's WHERE holds no row, RETURNING gives none, and the batch rolls back and
-    reads as a duplicate (no error: the server would log the batch's text, payload
-    values included). A replay re-applies anything.
+    upsert's WHERE holds no row, RETURNING gives none, and the delivery reads as a
+    duplicate (no error: the server would log the batch's text, payload values
+    included). A replay re-applies anything.
     """
     t = webhook_deliveries
     outcome: Any = (

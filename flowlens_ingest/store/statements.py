@@ -89,8 +89,10 @@ def repository_upsert(deleted: bool) -> sa.Executable:
     if deleted:
         set_["deleted_at"] = sa.func.coalesce(t.c.deleted_at, sa.func.now())
     # Always written, even when nothing changed: this write is the per-repository
-    # lock that serializes deliveries (see the module docstring).
-    set_["updated_at"] = sa.func.now()
+    # lock that serializes deliveries (see the module docstring). The row's own time
+    # moves only with its content, so a delivery re-applied (a duplicate, a replay)
+    # leaves the row as it was.
+    set_["updated_at"] = sa.case((differs(t, set_), sa.func.now()), else_=t.c.updated_at)
     return stmt.on_conflict_do_update(index_elements=[t.c.github_id], set_=set_)
 
 

@@ -14,10 +14,10 @@ Compiling once pays: SQLAlchemy 2.0 cannot cache an ON CONFLICT statement
 planning them every time (-0.6 ms of its CPU per delivery).
 
 The values are quoted by psycopg2's own adapters (mogrify) into the EXECUTEs, and
-BEGIN, the statements and the journal's RETURNING go as one query, followed by its
-COMMIT or ROLLBACK: two round trips. psycopg2 alone would send BEGIN, each
-statement and COMMIT separately: each a round trip, about a millisecond apiece on a
-multi-node YugabyteDB.
+the statements and the journal's RETURNING go as one query: a delivery's batch in
+one round trip, a batch that must roll back when refused followed by its COMMIT or
+ROLLBACK in a second. psycopg2 alone would send BEGIN, each statement and COMMIT separately: each
+a round trip, about a millisecond apiece on a multi-node YugabyteDB.
 """
 
 from __future__ import annotations
@@ -221,17 +221,26 @@ def lost_prepared_statement(exc: psycopg2.Error) -> bool:
 # --- the batch ----------------------------------------------------------------------------------
 
 
-def send(dbapi: Any, batch: Batch, isolation: str = "READ COMMITTED") -> tuple[Any, ...] | None:
+def send(
+    dbapi: Any, batch: Batch, isolation: str = "READ COMMITTED", *, rollback_refused: bool = True
+) -> tuple[Any, ...] | None:
     """Run `batch` as one transaction; return the last statement's first row.
 
     `dbapi` is a psycopg2 connection outside any transaction; only database.py
     calls this, with a pooled connection it checked out for this one batch.
 
-    Two round trips: BEGIN and the statements go as one query, then COMMIT when
-    the last statement returned a row, else ROLLBACK. A batch is refused by its
-    last statement returning no row (the journal entry of a delivery already
-    settled, a job whose lease was lost), never by an error: the server logs a
-    failing statement's text, and a batch's text carries payload values.
+    A batch is refused by its last statement returning no row (the journal entry of
+    a delivery already settled, a job whose lease was lost), never by an error: the
+    server logs a failing statement's text, and a batch's text carries payload values.
+
+    A refused batch is rolled back (`rollback_refused`, the default: a job whose
+    lease was lost must write nothing) in two round trips: `BEGIN ISOLATION LEVEL …`
+    and the statements, then COMMIT when the last statement returned a row, else
+    ROLLBACK. A batch whose refusal needs no undoing (a delivery's: every upsert is
+    ordered by GitHub's time, ranks and digest, so re-applying a delivery compares
+    equal or older and writes nothing) takes one: `SET TRANSACTION ISOLATION LEVEL …`
+    and the statements go as one query, which the server runs as one implicit
+    transaction and commits, refused or not.
 
     With prepared statements on (the default), each statement is PREPAREd once per
     session, in one extra round trip the first time a session meets it, and the
@@ -242,7 +251,8 @@ def send(dbapi: Any, batch: Batch, isolation: str = "READ COMMITTED") -> tuple[A
     prepared: set[str] | None = getattr(dbapi, "prepared", None)
     cursor = dbapi.cursor()
     try:
-        parts = [f"BEGIN ISOLATION LEVEL {isolation}".encode()]
+        opening = "BEGIN ISOLATION LEVEL" if rollback_refused else "SET TRANSACTION ISOLATION LEVEL"
+        parts = [f"{opening} {isolation}".encode()]
         missing: dict[str, bytes] = {}
         for statement in batch:
             sent = form(statement.builder, statement.args, prepared is not None)
@@ -256,12 +266,16 @@ def send(dbapi: Any, batch: Batch, isolation: str = "READ COMMITTED") -> tuple[A
                 # Outside any transaction: a prepared statement outlives a rolled-back batch.
                 cursor.execute(b";\n".join(missing.values()))
                 prepared.update(missing)
+            # Several statements in one query are one transaction: an implicit one, which the
+            # server commits at the end of the query, or rolls back at the first error.
             cursor.execute(b";\n".join(parts))
             row = cursor.fetchone() if cursor.description is not None else None
-            cursor.execute(b"COMMIT" if row is not None else b"ROLLBACK")
+            if rollback_refused:
+                cursor.execute(b"COMMIT" if row is not None else b"ROLLBACK")
             return row
         except psycopg2.Error:
-            if not dbapi.closed:
+            # Only an explicit transaction is left open by a failure; an implicit one is gone.
+            if not dbapi.closed and dbapi.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
                 with contextlib.suppress(psycopg2.Error):
                     cursor.execute(b"ROLLBACK")
             raise
