@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from flowlens_ingest import logs, metrics
 from flowlens_ingest.config import Settings
 from flowlens_ingest.spool.folder import Spool
 from flowlens_ingest.store.database import Database
+from flowlens_ingest.web.responses import error
 from flowlens_ingest.web.services import Services, init_app
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,7 @@ def create_app(config: Settings | None = None) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        response = jsonify({"error": exc.description or exc.name})
-        response.status_code = exc.code or 500
+        response = error(exc.code or 500, exc.description or exc.name)
         # Keep the exception's own headers (405's Allow, a Retry-After), not its HTML type.
         for name, value in exc.get_headers():
             if name.lower() != "content-type":
@@ -46,9 +46,9 @@ def create_app(config: Settings | None = None) -> Flask:
         return response
 
     @app.errorhandler(Exception)
-    def unexpected(exc: Exception) -> tuple[Response, int]:
+    def unexpected(exc: Exception) -> Response:
         # Never a stack trace in an answer; the log has it.
         log.exception("unexpected error")
-        return jsonify({"error": "internal error"}), 500
+        return error(500, "internal error")
 
     return app

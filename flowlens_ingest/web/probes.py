@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response
 
 from flowlens_ingest import metrics
 from flowlens_ingest.store import migrate
+from flowlens_ingest.web.responses import answer
 from flowlens_ingest.web.services import services
 
 bp = Blueprint("ops", __name__)
@@ -14,11 +15,11 @@ bp = Blueprint("ops", __name__)
 @bp.get("/healthz")
 def healthz() -> Response:
     """The process is alive and serving."""
-    return jsonify({"status": "ok"})
+    return answer({"status": "ok"})
 
 
 @bp.get("/readyz")
-def readyz() -> tuple[Response, int]:
+def readyz() -> Response:
     """Ready when the database answers and its schema is at this release's head or newer.
 
     Not ready, at once, while this worker knows the database to hang (store/hang.py).
@@ -30,18 +31,18 @@ def readyz() -> tuple[Response, int]:
     database = services().database
     if database.hung:
         # Known hung (in this worker): said at once, the probe thread finds out when it is back.
-        return jsonify({"status": "unavailable", "database": "hung"}), 503
+        return answer({"status": "unavailable", "database": "hung"}, 503)
     try:
         with database.bounded():
             current, head = migrate.revisions(database.engine)
     except Exception:  # any failure to reach or read the database means "not ready"
-        return jsonify({"status": "unavailable", "database": "unreachable"}), 503
+        return answer({"status": "unavailable", "database": "unreachable"}, 503)
     if current == head:
-        return jsonify({"status": "ready", "revision": current}), 200
+        return answer({"status": "ready", "revision": current})
     if current is not None and not migrate.is_known(current):
-        return jsonify({"status": "ready", "revision": current, "schema": "newer than this release"}), 200
+        return answer({"status": "ready", "revision": current, "schema": "newer than this release"})
     reason = {"status": "unavailable", "database": "migrations pending", "fix": f"run `{migrate.UPGRADE_COMMAND}`"}
-    return jsonify(reason), 503
+    return answer(reason, 503)
 
 
 @bp.get("/metrics")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from flowlens_ingest.events.envelope import BadHeaders, Envelope
 from flowlens_ingest.ingest import ingest
 from flowlens_ingest.memory import LARGE
 from flowlens_ingest.store.deadline import deadline
+from flowlens_ingest.web.responses import answer, error
 from flowlens_ingest.web.services import services
 from flowlens_ingest.web.signed_body import read_signed, size_of
 
@@ -32,21 +32,6 @@ DATABASE_DEADLINE_S = 8.0
 # A large body waits for its turn (memory.LargeBodies) until this long after the
 # request began; past it, it is spooled raw for the drainer: parsed later, answered now.
 LARGE_TURN_S = 5.0
-
-
-# The answers are small dicts of strings, written as jsonify writes them (keys sorted, compact),
-# by one encoder built once: jsonify looks up the app's JSON provider and builds one per call.
-_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
-
-
-def answer(body: dict[str, str | None], status: int, **headers: str) -> Response:
-    """A JSON answer; never carries a stack trace or a payload."""
-    return Response(_ENCODE(body) + "\n", status, headers or None, mimetype="application/json")
-
-
-def error(status: int, message: str, **headers: str) -> Response:
-    """A JSON error answer."""
-    return answer({"error": message}, status, **headers)
 
 
 @bp.before_request
