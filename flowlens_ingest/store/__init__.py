@@ -5,7 +5,7 @@ upserts), derived (the pipeline statuses in SQL), journal (the journal upsert) -
 plan (a delivery's statements, as batch.Statement data) -> database (the one owner
 of transactions: the pool, the deadlines, the retry loop; run(batch) is the way
 in) -> wire (how a batch travels: compiled once by SQLAlchemy, PREPARE, EXECUTE,
-BEGIN ... COMMIT). migrate drives alembic.
+one query a transaction). migrate drives alembic.
 
 Imports the event layer and the foundations (config, metrics), never the web,
 spool, GitHub or command-line code.

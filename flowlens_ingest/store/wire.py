@@ -15,9 +15,10 @@ planning them every time (-0.6 ms of its CPU per delivery).
 
 The values are quoted by psycopg2's own adapters (mogrify) into the EXECUTEs, and
 the statements and the journal's RETURNING go as one query: a delivery's batch in
-one round trip, a batch that must roll back when refused followed by its COMMIT or
-ROLLBACK in a second. psycopg2 alone would send BEGIN, each statement and COMMIT separately: each
-a round trip, about a millisecond apiece on a multi-node YugabyteDB.
+one round trip, a batch that must roll back when refused followed by its COMMIT
+or ROLLBACK in a second. psycopg2 alone would send BEGIN, each statement and
+COMMIT separately: each a round trip, about a millisecond apiece on a multi-node
+YugabyteDB.
 """
 
 from __future__ import annotations
