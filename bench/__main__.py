@@ -47,6 +47,7 @@ from flowlens_ingest.store.schema import metadata
 
 from . import dblimit, pgbench
 from .payloads import MIXES, Generator, Shape, bodies, default_payload_dir, load_templates, write_requests
+from .proxy import FreezingProxy
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "deliveries.lua"
@@ -464,6 +465,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(a pause of connections/rate s before each request); default: as fast as it answers",
     )
     p.add_argument(
+        "--db-delay-ms",
+        type=float,
+        default=0,
+        help="hold each answer of the database this long (a proxy on loopback): a database that far away",
+    )
+    p.add_argument(
         "--wrk-threads", type=int, default=1, help="wrk threads (1 is plenty and leaves the CPU to the service)"
     )
     p.add_argument("--repositories", type=int, default=200)
@@ -615,7 +622,9 @@ def measure_mix(
     log(f"writing {warm_count} warm-up deliveries")
     write_records(generator, 0, warm_count, workdir / "warmup", args.wrk_threads, secret.encode())
 
-    service = Service(url, secret, workdir, env)
+    # A database that far away: the service's connections go through a proxy that holds each answer.
+    proxy, service_url = FreezingProxy.to(url, args.db_delay_ms / 1000) if args.db_delay_ms else (None, url)
+    service = Service(service_url, secret, workdir, env)
     try:
         service.wait_ready()
         workers = service.workers()
@@ -669,6 +678,8 @@ def measure_mix(
             proc.wait(timeout=60)
     finally:
         service.stop()
+        if proxy is not None:
+            proxy.close()
     seconds = run["duration_us"] / 1e6
     rate = run["requests"] / seconds
     floor = None if args.no_floor else measure_floor(args, url, workdir, secret, env, rate)
@@ -722,6 +733,7 @@ def measure_mix(
             "connections": args.connections,
             "wrk_threads": args.wrk_threads,
             "paced_rate": args.rate or None,
+            "db_delay_ms": args.db_delay_ms or None,
             "wrk_cpu_cores_used": round(run["cpu_s"] / seconds, 2),
             "postgres_cpu_cores_used": round((after_cpu["postgres"] - before_cpu["postgres"]) / seconds, 2),
             "postgres_backends_cpu_ms_per_delivery": round(1000 * after_cpu["backends"] / delivered, 2)

@@ -12,17 +12,23 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from sqlalchemy.engine import make_url
 
 
 class FreezingProxy:
-    """Forwards 127.0.0.1:`port` to `target`; `freeze()` holds all traffic, `heal()` lets it through."""
+    """Forwards 127.0.0.1:`port` to `target`; `freeze()` holds all traffic, `heal()` lets it through.
 
-    def __init__(self, target: tuple[str, int] | str) -> None:
+    `answer_delay_s` holds each chunk the server sends that long: a database that far away,
+    every round trip that much longer (the benchmark's `--db-delay-ms`).
+    """
+
+    def __init__(self, target: tuple[str, int] | str, answer_delay_s: float = 0.0) -> None:
         """`target`: a (host, port), or a Unix socket's path."""
         self.target = target
+        self.answer_delay_s = answer_delay_s
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._flowing = threading.Event()
@@ -34,15 +40,15 @@ class FreezingProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     @classmethod
-    def to(cls, url: str) -> tuple[FreezingProxy, str]:
+    def to(cls, url: str, answer_delay_s: float = 0.0) -> tuple[FreezingProxy, str]:
         """A proxy to the server of a database URL, and the URL that goes through it."""
         parsed = make_url(url)
         socket_dir = parsed.query.get("host")
         port = parsed.port or 5432
         if isinstance(socket_dir, str) and socket_dir.startswith("/"):
-            proxy = cls(f"{socket_dir}/.s.PGSQL.{port}")
+            proxy = cls(f"{socket_dir}/.s.PGSQL.{port}", answer_delay_s)
         else:
-            proxy = cls((parsed.host or "127.0.0.1", port))
+            proxy = cls((parsed.host or "127.0.0.1", port), answer_delay_s)
         through = parsed.set(host="127.0.0.1", port=proxy.port, query={})
         return proxy, through.render_as_string(hide_password=False)
 
@@ -78,7 +84,7 @@ class FreezingProxy:
                 self._sockets += [client, upstream]
             frontend = _FrontendMessages(self._queried)
             threading.Thread(target=self._pump, args=(client, upstream, frontend.feed), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, None, self.answer_delay_s), daemon=True).start()
 
     def _connect(self) -> socket.socket:
         if isinstance(self.target, str):
@@ -100,7 +106,13 @@ class FreezingProxy:
         with self._lock:
             self._query_count += 1
 
-    def _pump(self, source: socket.socket, sink: socket.socket, watch: Callable[[bytes], None] | None = None) -> None:
+    def _pump(
+        self,
+        source: socket.socket,
+        sink: socket.socket,
+        watch: Callable[[bytes], None] | None = None,
+        delay_s: float = 0.0,
+    ) -> None:
         # Bytes read while frozen wait here until the heal: held, never dropped.
         try:
             while True:
@@ -110,6 +122,8 @@ class FreezingProxy:
                     break
                 if watch is not None:
                     watch(data)
+                if delay_s:
+                    time.sleep(delay_s)
                 sink.sendall(data)
         except OSError:
             pass
