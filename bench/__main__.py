@@ -560,7 +560,8 @@ def measure_floor(
             # latency). A short run at the bare pause learns the latency; the measured run leaves it out.
             pause_ms = 1000 * args.connections / service_rate
             probe = _floor_run(args, floor.url, workdir, workers, "floor-probe", pause_ms, seconds=3)
-            latency_ms = max(0.0, 1000 * args.connections / probe["requests_per_s"] - pause_ms)
+            reached = probe["requests_per_s"]
+            latency_ms = max(0.0, 1000 * args.connections / reached - pause_ms) if reached else 0.0
             paced = _floor_run(args, floor.url, workdir, workers, "floor-paced", max(0.0, pause_ms - latency_ms))
     finally:
         floor.stop()
