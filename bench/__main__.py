@@ -518,16 +518,29 @@ def service_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def measured_wrk(args: argparse.Namespace, url: str, workdir: Path, tag: str) -> dict[str, Any]:
-    """The measured load: the run's records at `url`, as many connections and as paced as asked."""
+def measured_wrk(
+    args: argparse.Namespace,
+    url: str,
+    workdir: Path,
+    tag: str,
+    *,
+    think_ms: float | None = None,
+    seconds: float | None = None,
+) -> dict[str, Any]:
+    """The measured load: the run's records at `url`, as many connections and as paced as asked.
+
+    `think_ms` and `seconds` replace the pause `--rate` asks for and `--seconds`.
+    """
+    if think_ms is None:
+        think_ms = 1000 * args.connections / args.rate if args.rate else 0
     return run_wrk(
         url,
         workdir / "run",
         tag,
-        seconds=args.seconds,
+        seconds=seconds or args.seconds,
         connections=args.connections,
         threads=args.wrk_threads,
-        think_ms=measured_wrk_think(args),
+        think_ms=think_ms,
     )
 
 
@@ -553,24 +566,20 @@ def measure_floor(
             threads=args.wrk_threads,
         )
         workers = floor.workers()
-        loaded = _floor_run(args, floor.url, workdir, workers, "floor", measured_wrk_think(args))
+        loaded = _floor_run(args, floor.url, workdir, workers, "floor")
         paced = None
         if not args.rate and service_rate > 0:
             # wrk paces by a pause before each request: the rate reached is connections / (pause +
             # latency). A short run at the bare pause learns the latency; the measured run leaves it out.
             pause_ms = 1000 * args.connections / service_rate
-            probe = _floor_run(args, floor.url, workdir, workers, "floor-probe", pause_ms, seconds=3)
+            probe = _floor_run(args, floor.url, workdir, workers, "floor-probe", think_ms=pause_ms, seconds=3)
             reached = probe["requests_per_s"]
             latency_ms = max(0.0, 1000 * args.connections / reached - pause_ms) if reached else 0.0
-            paced = _floor_run(args, floor.url, workdir, workers, "floor-paced", max(0.0, pause_ms - latency_ms))
+            think_ms = max(0.0, pause_ms - latency_ms)
+            paced = _floor_run(args, floor.url, workdir, workers, "floor-paced", think_ms=think_ms)
     finally:
         floor.stop()
     return loaded | {"workers": len(workers), "at_service_rate": paced}
-
-
-def measured_wrk_think(args: argparse.Namespace) -> float:
-    """wrk's pause before each request for `--rate` (0: as fast as the server answers)."""
-    return 1000 * args.connections / args.rate if args.rate else 0
 
 
 def _floor_run(
@@ -579,20 +588,13 @@ def _floor_run(
     workdir: Path,
     workers: list[int],
     tag: str,
-    think_ms: float,
+    *,
+    think_ms: float | None = None,
     seconds: float | None = None,
 ) -> dict[str, Any]:
-    """One wrk run at the floor: its rate, latency and the workers' CPU per request."""
+    """One measured run at the floor: its rate, latency and the workers' CPU per request."""
     before = cpu_seconds(workers)
-    run = run_wrk(
-        url,
-        workdir / "run",
-        tag,
-        seconds=seconds or args.seconds,
-        connections=args.connections,
-        threads=args.wrk_threads,
-        think_ms=think_ms,
-    )
+    run = measured_wrk(args, url, workdir, tag, think_ms=think_ms, seconds=seconds)
     used = cpu_seconds(workers) - before
     elapsed = run["duration_us"] / 1e6
     return {
