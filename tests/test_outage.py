@@ -95,6 +95,11 @@ class Traffic:
             thread.join(30)
 
 
+def delivered_rows(engine: sa.Engine) -> dict[str, list[dict]]:
+    """What a pull_request delivery writes: its pull request, its pipeline row, its journal entry."""
+    return {t.name: rows(engine, t) for t in (pull_requests, pipeline_runs, webhook_deliveries)}
+
+
 def ready(service: Service) -> int:
     try:
         return requests.get(service.url + "/readyz", timeout=10).status_code
@@ -202,7 +207,7 @@ def test_a_worker_killed_mid_delivery_lands_it_whole_and_its_redelivery_is_a_dup
         with engine.begin() as conn:
             conn.execute(sa.update(pull_requests).values(processed=True))
             conn.execute(sa.update(pipeline_runs).values(processed=True))
-        before = {t.name: rows(engine, t) for t in (pull_requests, pipeline_runs, webhook_deliveries)}
+        before = delivered_rows(engine)
 
         # `serve` runs the gunicorn master, whose one child is the worker.
         (master,) = psutil.Process(service.process.pid).children()
@@ -252,7 +257,7 @@ def test_a_worker_killed_mid_delivery_lands_it_whole_and_its_redelivery_is_a_dup
         with engine.begin() as conn:
             conn.execute(sa.update(pull_requests).values(processed=True))
             conn.execute(sa.update(pipeline_runs).values(processed=True))
-        landed = {t.name: rows(engine, t) for t in (pull_requests, pipeline_runs, webhook_deliveries)}
+        landed = delivered_rows(engine)
         assert landed != before
 
         service.stop()
@@ -261,7 +266,7 @@ def test_a_worker_killed_mid_delivery_lands_it_whole_and_its_redelivery_is_a_dup
         # GitHub's "Redeliver" of the delivery that got no answer: already applied, it changes nothing.
         response = service.post(CLOSED, "pull_request", delivery="closed")
         assert (response.status_code, response.json()["outcome"]) == (200, "duplicate")
-        assert {t.name: rows(engine, t) for t in (pull_requests, pipeline_runs, webhook_deliveries)} == landed
+        assert delivered_rows(engine) == landed
     finally:
         service.stop()
         engine.dispose()
