@@ -3,7 +3,10 @@
 Sends signed ci-mix (or full-mix) bodies of bench/payloads.py straight through the
 WSGI app (no HTTP server, no test client), one after another, against a scratch
 database, and prints one JSON line: the process's CPU per delivery (time.process_time)
-and that of its PostgreSQL backends (/proc of the backends of the scratch database).
+and that of its PostgreSQL backends (/proc of the backends of the scratch database);
+then the same bodies through the floor's bare route (bench/floor.py) in the same harness,
+and the service's CPU above it (`above_floor_ms`): the service's own work, without the
+HTTP server's cost that `python -m bench` measures with it.
 prometheus_client runs in multiprocess mode, as under gunicorn. The app's log lines
 go to stderr: redirect it (`2>/dev/null`) as gunicorn's would go to a pipe.
 
@@ -56,6 +59,65 @@ def _resolve(path: str) -> tuple[Any, str]:
             owner = getattr(owner, attribute)
         return owner, parts[-1]
     raise ValueError(f"cannot resolve {path}")
+
+
+def _sender(wsgi: Any, statuses: dict[str, int]) -> Any:
+    """`send(event, body, signature)`: one request through a WSGI app, its status counted in `statuses`."""
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        statuses[status] = statuses.get(status, 0) + 1
+        return None
+
+    def send(event: str, body: bytes, signature: str) -> None:
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "SCRIPT_NAME": "",
+            "PATH_INFO": "/webhook",
+            "QUERY_STRING": "",
+            "SERVER_NAME": "127.0.0.1",
+            "SERVER_PORT": "8000",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": "127.0.0.1",
+            "CONTENT_TYPE": "application/json",
+            "CONTENT_LENGTH": str(len(body)),
+            "HTTP_HOST": "127.0.0.1:8000",
+            "HTTP_USER_AGENT": "GitHub-Hookshot/bench",
+            "HTTP_X_GITHUB_EVENT": event,
+            "HTTP_X_GITHUB_DELIVERY": str(uuid.uuid4()),
+            "HTTP_X_GITHUB_HOOK_ID": "123456",
+            "HTTP_X_HUB_SIGNATURE_256": signature,
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+        }
+        result = wsgi(environ, start_response)
+        try:
+            for _ in result:
+                pass
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+
+    return send
+
+
+def _floor_cpu_ms(requests: list[Any], warmup: int) -> float:
+    """CPU per request of the floor's bare route (bench/floor.py) through the same harness, same bodies."""
+    from .floor import app
+
+    statuses: dict[str, int] = {}
+    send = _sender(app.wsgi_app, statuses)
+    for item in requests[:warmup]:
+        send(*item)
+    started = time.process_time()
+    for item in requests[warmup:]:
+        send(*item)
+    return 1000 * (time.process_time() - started) / (len(requests) - warmup)
 
 
 def _alternate(args: argparse.Namespace, requests: list[Any], send: Any, pids: list[int]) -> dict[str, Any]:
@@ -141,47 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             isolation_level=os.environ.get("FLOWLENS_ISOLATION_LEVEL", "READ COMMITTED"),
         )
         app = create_app(settings)
-        wsgi = app.wsgi_app
         statuses: dict[str, int] = {}
-
-        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            statuses[status] = statuses.get(status, 0) + 1
-            return None
-
-        def send(event: str, body: bytes, signature: str) -> None:
-            environ = {
-                "REQUEST_METHOD": "POST",
-                "SCRIPT_NAME": "",
-                "PATH_INFO": "/webhook",
-                "QUERY_STRING": "",
-                "SERVER_NAME": "127.0.0.1",
-                "SERVER_PORT": "8000",
-                "SERVER_PROTOCOL": "HTTP/1.1",
-                "REMOTE_ADDR": "127.0.0.1",
-                "CONTENT_TYPE": "application/json",
-                "CONTENT_LENGTH": str(len(body)),
-                "HTTP_HOST": "127.0.0.1:8000",
-                "HTTP_USER_AGENT": "GitHub-Hookshot/bench",
-                "HTTP_X_GITHUB_EVENT": event,
-                "HTTP_X_GITHUB_DELIVERY": str(uuid.uuid4()),
-                "HTTP_X_GITHUB_HOOK_ID": "123456",
-                "HTTP_X_HUB_SIGNATURE_256": signature,
-                "wsgi.version": (1, 0),
-                "wsgi.url_scheme": "http",
-                "wsgi.input": io.BytesIO(body),
-                "wsgi.errors": sys.stderr,
-                "wsgi.multithread": True,
-                "wsgi.multiprocess": True,
-                "wsgi.run_once": False,
-            }
-            result = wsgi(environ, start_response)
-            try:
-                for _ in result:
-                    pass
-            finally:
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
+        send = _sender(app.wsgi_app, statuses)
 
         for item in requests[: args.warmup]:
             send(*item)
@@ -217,12 +240,17 @@ def main(argv: list[str] | None = None) -> int:
         if profiler:
             profiler.dump_stats(str(args.cprofile))
         services(app).database.dispose()
+    worker_ms = 1000 * (cpu1 - cpu0) / args.count
+    floor_ms = _floor_cpu_ms(requests, args.warmup)
     print(
         json.dumps(
             {
                 "mix": args.mix,
                 "count": args.count,
-                "worker_cpu_ms": round(1000 * (cpu1 - cpu0) / args.count, 3),
+                "worker_cpu_ms": round(worker_ms, 3),
+                # The bare route through this same harness: what Flask alone costs a request here.
+                "floor_cpu_ms": round(floor_ms, 3),
+                "above_floor_ms": round(worker_ms - floor_ms, 3),
                 "postgres_cpu_ms": round(1000 * (pg1 - pg0) / args.count, 3),
                 "wall_ms": round(1000 * (wall1 - wall0) / args.count, 3),
                 "statuses": statuses,
