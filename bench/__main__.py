@@ -153,12 +153,54 @@ def children(pid: int) -> list[int]:
 
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time these processes have used so far."""
-    total = 0
+    return sum(cpu_times(pids))
+
+
+def cpu_times(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU time these processes have used so far."""
+    user = system = 0
     for pid in pids:
         fields = _stat(pid)
         if fields:
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def worker_costs(pids: list[int]) -> tuple[float, float, int]:
+    """User CPU seconds, system CPU seconds and context switches of these processes so far."""
+    return (*cpu_times(pids), context_switches(pids))
+
+
+def costs_per_request(
+    before: tuple[float, float, int], after: tuple[float, float, int], requests: float
+) -> dict[str, Any]:
+    """What the workers spent a request between two worker_costs(): CPU (ms), of it in the kernel (ms), switches."""
+    if not requests:
+        return {"cpu_ms": None, "system_ms": None, "context_switches": None}
+    user, system, switches = (a - b for a, b in zip(after, before, strict=True))
+    return {
+        "cpu_ms": round(1000 * (user + system) / requests, 3),
+        "system_ms": round(1000 * system / requests, 3),
+        "context_switches": round(switches / requests, 1),
+    }
+
+
+def context_switches(pids: list[int]) -> int:
+    """Context switches so far, voluntary (a wait: a socket, a lock, the GIL) and not, of every thread of these processes."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                lines = (task / "status").read_text().splitlines()
+            except OSError:
+                continue
+            total += sum(int(line.split()[1]) for line in lines if "ctxt_switches:" in line)
+    return total
 
 
 def postgres_cpu() -> dict[int, float]:
@@ -592,16 +634,18 @@ def _floor_run(
     think_ms: float | None = None,
     seconds: float | None = None,
 ) -> dict[str, Any]:
-    """One measured run at the floor: its rate, latency and the workers' CPU per request."""
-    before = cpu_seconds(workers)
+    """One measured run at the floor: its rate, latency and the workers' CPU and context switches per request."""
+    before = worker_costs(workers)
     run = measured_wrk(args, url, workdir, tag, think_ms=think_ms, seconds=seconds)
-    used = cpu_seconds(workers) - before
+    costs = costs_per_request(before, worker_costs(workers), run["requests"])
     elapsed = run["duration_us"] / 1e6
     return {
         "requests_per_s": round(run["requests"] / elapsed, 1),
         "p50_ms": round(run["latency_us"]["p50"] / 1000, 2),
         "p99_ms": round(run["latency_us"]["p99"] / 1000, 2),
-        "cpu_ms_per_request": round(1000 * used / run["requests"], 3) if run["requests"] else None,
+        "cpu_ms_per_request": costs["cpu_ms"],
+        "system_ms_per_request": costs["system_ms"],
+        "context_switches_per_request": costs["context_switches"],
     }
 
 
@@ -650,8 +694,9 @@ def measure_mix(
         before_metrics = service.metrics()
         pg_before = postgres_cpu()
         backends_before = backend_cpu(database_backends(url))
+        workers_before = worker_costs(workers)
         before_cpu = {
-            "workers": cpu_seconds(workers),
+            "workers": sum(workers_before[:2]),
             "postgres": 0.0,
             "machine": machine_busy_seconds(),
         }
@@ -662,8 +707,9 @@ def measure_mix(
         )
         log(f"measuring: {args.connections} connections for {args.seconds:.0f} s")
         run = measured_wrk(args, service.url, workdir, "run")
+        workers_after = worker_costs(workers)
         after_cpu = {
-            "workers": cpu_seconds(workers),
+            "workers": sum(workers_after[:2]),
             "postgres": postgres_cpu_since(pg_before),
             # Only the scratch database's backends: not other clients of the server (a test
             # suite running meanwhile), nor its shared processes (WAL writer, checkpointer).
@@ -687,6 +733,7 @@ def measure_mix(
     rate = run["requests"] / seconds
     floor = None if args.no_floor else measure_floor(args, url, workdir, secret, env, rate)
     delivered = after_metrics.get("deliveries", 0) - before_metrics.get("deliveries", 0)
+    served = costs_per_request(workers_before, workers_after, delivered)
     trips = after_metrics.get("round_trips", 0) - before_metrics.get("round_trips", 0)
     outcomes = {
         k.split(":", 1)[1]: int(after_metrics[k] - before_metrics.get(k, 0))
@@ -731,6 +778,9 @@ def measure_mix(
             "cpu_ms_per_delivery": round(1000 * (after_cpu["workers"] - before_cpu["workers"]) / delivered, 2)
             if delivered
             else None,
+            # Of it in the kernel, and the threads' context switches: where serving costs more than the floor.
+            "system_ms_per_delivery": served["system_ms"],
+            "context_switches_per_delivery": served["context_switches"],
         },
         "load": {
             "connections": args.connections,
