@@ -918,6 +918,10 @@ MEDIAN_FIGURES = (
     ("cpu_ms_per_delivery", "floor_at_service_rate"),
     ("ratio_to_floor",),
     ("ratio_to_floor_at_service_rate",),
+    ("service", "system_ms_per_delivery"),
+    ("service", "context_switches_per_delivery"),
+    ("floor", "at_service_rate", "system_ms_per_request"),
+    ("floor", "at_service_rate", "context_switches_per_request"),
 )
 
 
