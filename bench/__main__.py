@@ -772,6 +772,8 @@ def measure_mix(
         "service": {
             "workers": len(workers),
             "env": env,
+            # Inherited by the service and the floor alike (a worker model under test); None when unset.
+            "gunicorn_cmd_args": os.environ.get("GUNICORN_CMD_ARGS"),
             "master_rss_mb": master_rss,
             "cpu_cores_used": round((after_cpu["workers"] - before_cpu["workers"]) / seconds, 2),
             # Per delivery, so that it holds however busy the machine was.
@@ -830,6 +832,8 @@ def main(argv: list[str] | None = None) -> int:
     templates = load_templates(default_payload_dir())
     secret = secrets.token_hex(20)
     env = service_env(args)
+    if os.environ.get("GUNICORN_CMD_ARGS"):
+        log(f"GUNICORN_CMD_ARGS={os.environ['GUNICORN_CMD_ARGS']!r} applies to the service and its floor")
     runs = []
     for number in range(1, args.runs + 1):
         if args.runs > 1:
