@@ -10,7 +10,12 @@ across processes (a second client learning the wait from the database).
 from __future__ import annotations
 
 import itertools
+import os
+import queue
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -199,6 +204,50 @@ def test_another_process_learns_the_wait_from_the_database_backfill_and_the_file
     assert (job["state"], job["attempts"]) == ("pending", 0)
     assert job["run_after"] > datetime.now(UTC) + timedelta(seconds=500)
 
+    assert github.budgets.requests("token") == sent
+    assert github.budgets.requests_while_limited("token") == 0
+
+
+def test_the_backfill_command_waits_out_a_wall_another_process_was_told_without_a_request(db, github):
+    # The files worker (another process) is told to wait 600 s.
+    settings = settings_for(github)
+    github.budgets.limit_next("token", retry_after=600)
+    with pytest.raises(Exception, match="rate limit"):
+        client_for(settings, database_of(db)).request_json("GET", "repos/octo/walls")
+    sent = github.budgets.requests("token")
+
+    # An operator's `flowlens-ingest backfill`, as run from a shell: it reads the wall from the
+    # database, says it waits, and Ctrl-C stops it there.
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith(("FLOWLENS_", "GITHUB_")) and k != "DATABASE_URL"
+    }
+    environment.update(
+        DATABASE_URL=db.url.render_as_string(hide_password=False),
+        GITHUB_API_URL=github.url,
+        GITHUB_TOKEN=github.token or "",
+    )
+    with subprocess.Popen(
+        [sys.executable, "-m", "flowlens_ingest.cli", "backfill", "octo/walls"],
+        env=environment,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    ) as command:
+        lines: queue.Queue[str] = queue.Queue()
+        reader = threading.Thread(target=lambda: [lines.put(line) for line in command.stderr or ()], daemon=True)
+        reader.start()
+        try:
+            said = ""
+            ends = time.monotonic() + 60
+            while "waiting" not in said:
+                said = lines.get(timeout=max(0.1, ends - time.monotonic()))
+            command.send_signal(signal.SIGINT)
+            assert command.wait(timeout=30) == 1
+        finally:
+            if command.poll() is None:
+                command.kill()
+        reader.join(10)
+    assert re.search(r"secondary rate limit \(token:.*waiting (59\d|600) s", said)
     assert github.budgets.requests("token") == sent
     assert github.budgets.requests_while_limited("token") == 0
 

@@ -21,8 +21,12 @@ def load_settings() -> Settings:
     return Settings.from_env()
 
 
-def github_client(settings: Settings, database: Database | None = None) -> GitHubClient:
-    """The files worker's GitHub client (rate-limit waits shared through `database`); ConfigError naming the variable when the App's key is unusable."""
+def github_client(settings: Settings, database: Database | None) -> GitHubClient:
+    """The GitHub client of a command (rate-limit waits shared through `database`); ConfigError naming the variable when the App's key is unusable.
+
+    `database` is required: a client that sends without it neither sees the waits other
+    processes were told nor tells them its own. None only for a client that sends nothing.
+    """
     from flowlens_ingest.github.enrich import client_for
 
     try:

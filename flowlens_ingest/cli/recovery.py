@@ -137,7 +137,8 @@ def backfill(repos: Sequence[str], state: str, since: datetime | None) -> int:
     previous = {signum: signal.signal(signum, lambda _s, _f: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
     problems: list[str] = []
     try:
-        with github_client(settings) as client:
+        # With the database: the waits GitHub gave the files worker or a recoverer hold here too.
+        with github_client(settings, database) as client:
             filler = Backfiller(
                 settings,
                 database,

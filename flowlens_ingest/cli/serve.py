@@ -127,7 +127,8 @@ def serve(host: str, port: int, workers: int | None) -> int:
     writable_directory(settings.data_dir, "FLOWLENS_DATA_DIR")
     settings.check_folders(bind)
     if settings.github_credentials:
-        github_client(settings).close()  # an unreadable App key stops `serve`, not only its files worker
+        # An unreadable App key stops `serve`, not only its files worker; this client sends nothing.
+        github_client(settings, None).close()
     # Before anything starts: gunicorn would retry for 5 s, logging, then exit 1.
     problem = _port_problem(host, port)
     if problem:

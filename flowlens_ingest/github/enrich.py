@@ -40,7 +40,7 @@ GAUGE_INTERVAL_S = 10.0
 LEASE_LOST = "lease_lost"
 
 
-def client_for(settings: Settings, database: Database | None = None) -> GitHubClient:
+def client_for(settings: Settings, database: Database | None) -> GitHubClient:
     """The GitHub client the settings describe (App, token, or both); with `database`, rate-limit waits are shared."""
     from flowlens_ingest.github.waits import DatabaseWaits
 
