@@ -504,10 +504,15 @@ def _etag_matches(header: str | None, etag: str) -> bool:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """No access log line per request: tests make thousands."""
+    """No access log line per request (tests make thousands); `Date` on the fake's own clock, as GitHub's is on its."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The `Date` header: the fake's clock (which tests move, or set apart from the client's)."""
+        clock = getattr(self.server.app, "clock", None)  # type: ignore[attr-defined]
+        return super().date_time_string(clock() if timestamp is None and clock is not None else timestamp)
 
 
 @contextmanager

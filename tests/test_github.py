@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from flowlens_ingest.github.answers import RateLimit
+from flowlens_ingest.github.budget import Wait
 from flowlens_ingest.github.client import GitHubClient
 from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited, Transient, Unauthorized
 from flowlens_ingest.github.files import MAX_FILES, FilesStatus, shape
@@ -395,6 +396,59 @@ def test_primary_rate_limit(fake: FakeGitHub, github: GitHubClient, clock: Clock
     assert github.rate_limit.remaining == 0
     assert github.reserve_exhausted(1) == T0 + 42
     assert_no_secret(caught.value, fake)
+
+
+# -- GitHub's clock, not ours: its Date header is what its times are read against -------------
+
+SKEW = 30.0  # the client's clock runs this far ahead of GitHub's
+
+
+@pytest.fixture
+def ahead(fake: FakeGitHub) -> Iterator[GitHubClient]:
+    """A client whose clock runs SKEW seconds ahead of the fake GitHub's (at T0)."""
+    with GitHubClient(api_url=fake.url, token=fake.token, clock=Clock(T0 + SKEW)) as client:
+        yield client
+
+
+def test_a_reset_is_waited_for_in_full_when_our_clock_runs_ahead_of_githubs(
+    fake: FakeGitHub, ahead: GitHubClient
+) -> None:
+    # Reset 25 s ahead by GitHub's clock, 5 s past by ours: still 25 s to wait, not a retry in a second.
+    fake.set_files(REPO, 7, make_files(5))
+    fake.reset_in = 25
+    fake.fail_next("primary")
+    with pytest.raises(RateLimited) as caught:
+        ahead.list_files(REPO, 7, installation_id=None)
+    assert caught.value.retry_at == T0 + SKEW + 25
+    assert ahead.wait_of() == Wait(T0 + SKEW + 25, "primary")
+    assert ahead.reserve_exhausted(1) == T0 + SKEW + 25
+
+
+def test_a_budget_spent_on_a_success_is_a_wait_when_our_clock_runs_ahead(fake: FakeGitHub, ahead: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+    fake.remaining, fake.reset_at = 1, T0 + 20  # this answer spends the last request
+    ahead.list_files(REPO, 7, installation_id=None)
+    assert ahead.wait_of() == Wait(T0 + SKEW + 20, "primary")
+    with pytest.raises(RateLimited) as caught:
+        ahead.list_files(REPO, 7, installation_id=None)
+    assert caught.value.sent is False
+
+
+def test_a_retry_after_date_is_read_on_githubs_clock(fake: FakeGitHub, ahead: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+    fake.retry_after = http_date(T0 + 600)
+    fake.fail_next("secondary")
+    with pytest.raises(RateLimited) as caught:
+        ahead.list_files(REPO, 7, installation_id=None)
+    assert (caught.value.reason, caught.value.retry_at) == ("secondary", T0 + SKEW + 600)
+
+
+def test_a_primary_limit_with_a_longer_retry_after_waits_the_longer(fake: FakeGitHub, github: GitHubClient) -> None:
+    headers = {"x-ratelimit-remaining": "0", "x-ratelimit-reset": str(int(T0) + 5), "retry-after": "120"}
+    fake.stream_files(REPO, 7, lambda: [b'{"message": "API rate limit exceeded"}'], status=403, headers=headers)
+    with pytest.raises(RateLimited) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert (caught.value.reason, caught.value.retry_at) == ("primary", T0 + 120)
 
 
 def test_primary_budget_used_up(fake: FakeGitHub, github: GitHubClient) -> None:

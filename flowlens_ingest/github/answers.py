@@ -4,6 +4,9 @@
 body decoded within that cap), `file_entries` (a file list's JSON array read one item at a time),
 `rate_limit_of` (the primary rate-limit headers) and `raise_for` (the typed error an unsuccessful
 answer means, with the wait a rate limit asks for).
+
+GitHub's times (`x-ratelimit-reset`, a `retry-after` date) are read against GitHub's own clock, its
+`Date` header: how long GitHub asks us to wait does not depend on how far our clock is from its.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any, NoReturn
 
 import httpx
@@ -24,8 +28,8 @@ from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, Rate
 # GitHub's advice when a secondary limit comes without `retry-after`: wait at least a minute.
 SECONDARY_DEFAULT_WAIT = 60.0
 # GitHub's primary window is an hour: a reset or `retry-after` further ahead is not believable, and
-# would park the job and pause every claim for nothing. A reset already past (our clock ahead of
-# GitHub's) waits a second, not a pause, and not a retry loop either.
+# would park the job and pause every claim for nothing. A reset already past by GitHub's own clock
+# waits a second, not a pause, and not a retry loop either.
 MAX_RATE_WAIT_S = 3600.0
 MIN_RATE_WAIT_S = 1.0
 _MESSAGE_CHARS = 200
@@ -50,6 +54,7 @@ class RateLimit:
     """The primary rate-limit headers of the latest response (None where absent, e.g. on GHES with limits off)."""
 
     remaining: int | None
+    # When the window resets, on our clock: GitHub's epoch moved by how far its clock is from ours.
     reset: float | None
     limit: int | None
 
@@ -68,30 +73,45 @@ def _header_number(headers: httpx.Headers, name: str) -> float | None:
     return None if value is None else _finite(value)
 
 
-def rate_limit_of(headers: httpx.Headers) -> RateLimit | None:
-    """The primary rate-limit headers of an answer; None when it carries none."""
+def _http_date(value: str) -> float | None:
+    """An HTTP date (`Sun, 06 Dec 2026 10:00:00 GMT`) as epoch seconds; None when unreadable."""
+    try:
+        when = email.utils.parsedate_to_datetime(value.strip())
+        # A date without a zone ("-0000") is GMT in HTTP, never local time.
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
+
+
+def github_now(headers: httpx.Headers, now: float) -> float:
+    """GitHub's clock when it answered, by its `Date` header; our own `now` when it sent none we can read."""
+    value = headers.get("date")
+    when = None if value is None else _http_date(value)
+    return now if when is None else when
+
+
+def rate_limit_of(headers: httpx.Headers, now: float) -> RateLimit | None:
+    """The primary rate-limit headers of an answer received at `now` (our clock); None when it carries none."""
     remaining = _header_number(headers, "x-ratelimit-remaining")
     limit = _header_number(headers, "x-ratelimit-limit")
     if remaining is None and limit is None:
         # An answer from a proxy or load balancer (a bare 502) says nothing of the budget.
         return None
+    reset = _header_number(headers, "x-ratelimit-reset")
     return RateLimit(
         remaining=None if remaining is None else int(remaining),
-        reset=_header_number(headers, "x-ratelimit-reset"),
+        reset=None if reset is None else now + (reset - github_now(headers, now)),
         limit=None if limit is None else int(limit),
     )
 
 
-def _retry_after_seconds(value: str, now: float) -> float | None:
-    """`retry-after` as seconds from `now`: GitHub sends an integer, HTTP also allows a date. None if unreadable."""
+def _retry_after_seconds(value: str, headers: httpx.Headers, now: float) -> float | None:
+    """`retry-after` in seconds: GitHub sends an integer, HTTP also allows a date (read on GitHub's clock). None if unreadable."""
     seconds = _finite(value)
     if seconds is not None:
         return seconds
-    try:
-        when = email.utils.parsedate_to_datetime(value.strip())
-        return when.timestamp() - now
-    except (TypeError, ValueError, OverflowError, IndexError):
-        return None
+    when = _http_date(value)
+    return None if when is None else when - github_now(headers, now)
 
 
 def _retry_at(now: float, wait: float) -> float:
@@ -115,16 +135,21 @@ def rate_limited(answer: Answer, now: float) -> RateLimited | None:
     status = answer.status_code
     if status not in (403, 429):
         return None
-    if answer.headers.get("x-ratelimit-remaining", "").strip() == "0":
-        reset = _header_number(answer.headers, "x-ratelimit-reset")
-        wait = SECONDARY_DEFAULT_WAIT if reset is None else reset - now
-        return RateLimited(_retry_at(now, wait), "primary", status=status)
-    retry_after = answer.headers.get("retry-after")
+    headers = answer.headers
+    retry_after = headers.get("retry-after")
+    asked = None
     if retry_after is not None:
-        # Present but unreadable ("soon"): still GitHub asking us to wait, so we wait its minute.
-        seconds = _retry_after_seconds(retry_after, now)
-        wait = SECONDARY_DEFAULT_WAIT if seconds is None else seconds
-        return RateLimited(_retry_at(now, wait), "secondary", status=status)
+        asked = _retry_after_seconds(retry_after, headers, now)
+        if asked is None:
+            # Present but unreadable ("soon"): still GitHub asking us to wait, so we wait its minute.
+            asked = SECONDARY_DEFAULT_WAIT
+    if headers.get("x-ratelimit-remaining", "").strip() == "0":
+        reset = _header_number(headers, "x-ratelimit-reset")
+        wait = SECONDARY_DEFAULT_WAIT if reset is None else reset - github_now(headers, now)
+        # Both said: the longer holds.
+        return RateLimited(_retry_at(now, wait if asked is None else max(wait, asked)), "primary", status=status)
+    if asked is not None:
+        return RateLimited(_retry_at(now, asked), "secondary", status=status)
     message = _message(answer).lower()
     if status == 429 or "secondary rate limit" in message or "abuse detection" in message:
         return RateLimited(_retry_at(now, SECONDARY_DEFAULT_WAIT), "secondary", status=status)

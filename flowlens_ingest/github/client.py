@@ -209,8 +209,9 @@ class GitHubClient:
         if not checked:
             self.budgets.check(key)
         answer = self._send(method, url, headers, max_bytes)
-        self.budgets.observe(key, rate_limit_of(answer.headers))
-        limited = rate_limited(answer, self._clock())
+        now = self._clock()
+        self.budgets.observe(key, rate_limit_of(answer.headers, now))
+        limited = rate_limited(answer, now)
         if limited is not None:
             self.budgets.hold(key, limited.retry_at, "primary" if limited.reason == "primary" else "secondary")
         return answer
