@@ -29,10 +29,13 @@ from sqlalchemy.engine import Engine
 from flowlens_ingest.cli.main import main
 from flowlens_ingest.config import Settings
 from flowlens_ingest.github.backfill import Backfiller, BackfillStopped, Target
+from flowlens_ingest.github.client import GitHubClient
 from flowlens_ingest.github.enrich import Enricher, client_for
+from flowlens_ingest.github.errors import RateLimited
 from flowlens_ingest.github.lease import Lease
 from flowlens_ingest.github.recover import Bounds, Recoverer, hooks_to_read
 from flowlens_ingest.github.recover_pass import DUE, RecoveryPass
+from flowlens_ingest.github.waits import DatabaseWaits
 from flowlens_ingest.metrics import instruments
 from flowlens_ingest.store.schema import files_jobs, leases, webhook_deliveries, webhook_hooks
 
@@ -204,6 +207,30 @@ def test_another_process_learns_the_wait_from_the_database_backfill_and_the_file
     assert (job["state"], job["attempts"]) == ("pending", 0)
     assert job["run_after"] > datetime.now(UTC) + timedelta(seconds=500)
 
+    assert github.budgets.requests("token") == sent
+    assert github.budgets.requests_while_limited("token") == 0
+
+
+def test_a_host_whose_clock_runs_ahead_still_honours_a_wait_another_host_was_told(db, github):
+    # One VM is told to wait 60 s.
+    github.budgets.limit_next("token", retry_after=60)
+    with pytest.raises(RateLimited):
+        client_for(settings_for(github), database_of(db)).request_json("GET", "repos/octo/walls")
+    sent = github.budgets.requests("token")
+
+    # Another VM, its clock 75 s ahead: by that clock alone the wait ended 15 s ago. The shared
+    # wait is timed on the database's clock, so this one still has its minute to wait.
+    def ahead() -> float:
+        return time.time() + 75
+
+    with GitHubClient(
+        api_url=github.url, token=github.token, clock=ahead, waits=DatabaseWaits(database_of(db))
+    ) as other:
+        wait = other.wait_of()
+        assert wait is not None and 50 < wait.until - ahead() <= 60
+        with pytest.raises(RateLimited) as caught:
+            other.request_json("GET", "repos/octo/walls")
+        assert caught.value.sent is False
     assert github.budgets.requests("token") == sent
     assert github.budgets.requests_while_limited("token") == 0
 

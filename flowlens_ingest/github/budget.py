@@ -52,13 +52,17 @@ class Wait:
 
 
 class SharedWaits(Protocol):
-    """Where waits are shared with other processes (the database); best effort: None when it cannot be read."""
+    """Where waits are shared with other processes (the database); best effort: None when it cannot be read.
 
-    def wait_of(self, key: str) -> Wait | None:
-        """The latest wait any process recorded for this credential, if any."""
+    In seconds from now, never in epoch times: the processes may run on hosts whose clocks differ,
+    so the store measures each wait on one clock of its own (the database's).
+    """
 
-    def record(self, key: str, wait: Wait) -> None:
-        """Record a wait for this credential (a later `until` than what is stored wins)."""
+    def wait_of(self, key: str) -> tuple[float, Reason] | None:
+        """How many seconds are left of the latest wait any process recorded for this credential, and why; None if none."""
+
+    def record(self, key: str, seconds: float, reason: Reason) -> None:
+        """Record a wait of `seconds` from now for this credential (a later end than what is stored wins)."""
 
 
 class Budgets:
@@ -80,10 +84,11 @@ class Budgets:
         if own is not None and own.until > now:
             return own
         shared = self.shared.wait_of(key) if self.shared is not None else None
-        if shared is not None and shared.until > now:
+        if shared is not None and shared[0] > 0:
+            wait = Wait(now + shared[0], shared[1])
             with self._lock:
-                self._waits[key] = shared
-            return shared
+                self._waits[key] = wait
+            return wait
         return None
 
     def check(self, key: str) -> None:
@@ -101,7 +106,7 @@ class Budgets:
                 return
             self._waits[key] = Wait(until, reason)
         if self.shared is not None:
-            self.shared.record(key, Wait(until, reason))
+            self.shared.record(key, until - self._clock(), reason)
 
     def observe(self, key: str, observed: RateLimit | None) -> None:
         """An answer's primary headers: kept per credential; none left before a future reset is a wait too."""

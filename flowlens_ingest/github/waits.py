@@ -4,17 +4,20 @@ serve's files worker and an operator's `recover` or `backfill`, on one VM or sev
 credentials: a wait GitHub asked of one process binds all of them. `DatabaseWaits` is the
 `SharedWaits` the client is given (budget.py): one read by primary key before each request to
 GitHub (a millisecond beside a request to GitHub), one upsert when GitHub says wait.
+
+A wait is stored as a time on the database's clock (`now()` plus the seconds GitHub asked for) and
+read back as the seconds left by that clock: two hosts whose clocks disagree still end it together,
+as the leases (lease.py) are timed on that one clock too.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
-from flowlens_ingest.github.budget import Wait
+from flowlens_ingest.github.budget import Reason
 from flowlens_ingest.store.database import Database, DatabaseUnavailable
 from flowlens_ingest.store.schema import github_waits
 
@@ -28,24 +31,26 @@ class DatabaseWaits:
         self.database = database
         self._unavailable = False
 
-    def wait_of(self, key: str) -> Wait | None:
-        """The wait recorded for this credential by any process, or None (none, or the database unreachable)."""
+    def wait_of(self, key: str) -> tuple[float, Reason] | None:
+        """Seconds left of the wait any process recorded for this credential, and why; None (none left, or the database unreachable)."""
         t = github_waits
+        left = sa.extract("epoch", t.c.wait_until - sa.func.now())
+        query = sa.select(left, t.c.reason).where(t.c.credential == key, t.c.wait_until > sa.func.now())
         try:
-            row = self.database.first(sa.select(t.c.wait_until, t.c.reason).where(t.c.credential == key))
+            row = self.database.first(query)
         except DatabaseUnavailable as exc:
             self._say_unavailable(exc)
             return None
         self._unavailable = False
         if row is None:
             return None
-        return Wait(row.wait_until.timestamp(), "primary" if row.reason == "primary" else "secondary")
+        return float(row[0]), "primary" if row.reason == "primary" else "secondary"
 
-    def record(self, key: str, wait: Wait) -> None:
-        """Record a wait; a later one already stored is kept (GREATEST)."""
+    def record(self, key: str, seconds: float, reason: Reason) -> None:
+        """Record a wait of `seconds` from the database's now; a later one already stored is kept (GREATEST)."""
         t = github_waits
-        until = datetime.fromtimestamp(wait.until, UTC)
-        stmt = insert(t).values(credential=key, wait_until=until, reason=wait.reason)
+        until = sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.literal(max(seconds, 0.0), sa.Float))
+        stmt = insert(t).values(credential=key, wait_until=until, reason=reason)
         upsert = stmt.on_conflict_do_update(
             index_elements=[t.c.credential],
             set_={"wait_until": stmt.excluded.wait_until, "reason": stmt.excluded.reason, "updated_at": sa.func.now()},
