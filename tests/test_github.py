@@ -451,6 +451,25 @@ def test_a_primary_limit_with_a_longer_retry_after_waits_the_longer(fake: FakeGi
     assert (caught.value.reason, caught.value.retry_at) == ("primary", T0 + 120)
 
 
+def test_secondary_limits_in_a_row_wait_twice_as_long_each_time(
+    fake: FakeGitHub, github: GitHubClient, clock: Clock
+) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+
+    def limited_for() -> float:
+        fake.fail_next("secondary_403")  # no retry-after: GitHub's minute, then longer
+        with pytest.raises(RateLimited) as caught:
+            github.list_files(REPO, 7, installation_id=None)
+        assert github.wait_of() == Wait(caught.value.retry_at, "secondary")
+        waited = caught.value.retry_at - clock.now
+        clock.now = caught.value.retry_at  # waited out, not a second early
+        return waited
+
+    assert [limited_for() for _ in range(4)] == [60, 120, 240, 480]
+    github.list_files(REPO, 7, installation_id=None)  # an answer: the next limit is a first again
+    assert limited_for() == 60
+
+
 def test_primary_budget_used_up(fake: FakeGitHub, github: GitHubClient) -> None:
     fake.set_files(REPO, 7, make_files(5))
     fake.remaining = 1

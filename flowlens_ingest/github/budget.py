@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from flowlens_ingest.github.answers import MAX_RATE_WAIT_S, RateLimit
+from flowlens_ingest.github.answers import MAX_RATE_WAIT_S, SECONDARY_DEFAULT_WAIT, RateLimit
 from flowlens_ingest.github.errors import RateLimited
 
 Reason = Literal["primary", "secondary"]
@@ -74,6 +74,8 @@ class Budgets:
         self._lock = threading.Lock()
         self._waits: dict[str, Wait] = {}
         self._limits: dict[str, RateLimit] = {}
+        # Secondary limits in a row per credential, since its last answer that was not one.
+        self._strikes: dict[str, int] = {}
         self.latest = RateLimit(remaining=None, reset=None, limit=None)
 
     def wait_of(self, key: str) -> Wait | None:
@@ -98,8 +100,20 @@ class Budgets:
             raise RateLimited(wait.until, wait.reason, credential=key, sent=False)
 
     def hold(self, key: str, until: float, reason: Reason) -> None:
-        """GitHub asked this credential to wait until `until`: remember it, and share it."""
-        until = min(until, self._clock() + MAX_RATE_WAIT_S)
+        """GitHub asked this credential to wait until `until`: remember it, and share it.
+
+        A secondary limit that follows another with no answer between waits at least twice as long
+        as the one before (a minute, two, four, up to an hour): "if your request continues to fail
+        due to a secondary rate limit, wait for an exponentially increasing amount of time between
+        retries" (GitHub's rate-limit docs).
+        """
+        now = self._clock()
+        if reason == "secondary":
+            with self._lock:
+                strikes = self._strikes[key] = self._strikes.get(key, 0) + 1
+            if strikes > 1:
+                until = max(until, now + SECONDARY_DEFAULT_WAIT * 2 ** min(strikes - 1, 6))
+        until = min(until, now + MAX_RATE_WAIT_S)
         with self._lock:
             current = self._waits.get(key)
             if current is not None and current.until >= until:
@@ -107,6 +121,12 @@ class Budgets:
             self._waits[key] = Wait(until, reason)
         if self.shared is not None:
             self.shared.record(key, until - self._clock(), reason)
+
+    def answered(self, key: str) -> None:
+        """An answer of this credential that was no rate limit: the next secondary limit waits its minute again."""
+        if key in self._strikes:
+            with self._lock:
+                self._strikes.pop(key, None)
 
     def observe(self, key: str, observed: RateLimit | None) -> None:
         """An answer's primary headers: kept per credential; none left before a future reset is a wait too."""

@@ -214,6 +214,8 @@ class GitHubClient:
         limited = rate_limited(answer, now)
         if limited is not None:
             self.budgets.hold(key, limited.retry_at, "primary" if limited.reason == "primary" else "secondary")
+        else:
+            self.budgets.answered(key)
         return answer
 
     # -- credentials ------------------------------------------------------------------------
@@ -383,7 +385,10 @@ class GitHubClient:
             raise_for(answer, self._clock())
         except RateLimited as exc:
             reason: Literal["primary", "secondary"] = "primary" if exc.reason == "primary" else "secondary"
-            raise RateLimited(exc.retry_at, reason, status=exc.status, credential=key) from None
+            # The wait the credential now honours, which repeated secondary limits make longer.
+            held = self.budgets.wait_of(key)
+            retry_at = exc.retry_at if held is None else max(exc.retry_at, held.until)
+            raise RateLimited(retry_at, reason, status=exc.status, credential=key) from None
 
     def _next_url(self, answer: Answer, seen: set[str]) -> str | None:
         """The `rel="next"` page to fetch, exactly as GitHub gave it (it may use the `/repositories/{id}/` form)."""
