@@ -95,6 +95,14 @@ def test_bad_form_bodies_are_refused(body):
         parse("application/x-www-form-urlencoded", body)
 
 
+def test_a_form_body_of_countless_fields_is_refused_before_any_is_built():
+    body = b"a=&" * 5_000_000 + b"payload=%7B%7D"
+    with pytest.raises(BadPayload, match="more than 100 fields"):
+        parse("application/x-www-form-urlencoded", body)
+    # A real one, with a field or two beside GitHub's, still parses.
+    assert parse("application/x-www-form-urlencoded", b"a=1&b=2&payload=%7B%7D") == {}
+
+
 def _outcome(read, text: str):
     try:
         return ("parsed", read(text))

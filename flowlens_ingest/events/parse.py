@@ -40,6 +40,10 @@ MAX_INT = 2**63 - 1
 # every 34-45 bytes, so a 25 MB delivery of them counts about 700,000; it would take one
 # every 12.5 bytes across the whole 25 MB to reach the limit.
 MAX_ELEMENTS = 2_000_000
+# GitHub's form encoding holds one field, `payload`. A signed body of millions of empty fields
+# (`a=&a=&…`) would have the standard library build a string for each before anything is refused:
+# past this many it is refused as it stands, nothing built.
+MAX_FORM_FIELDS = 100
 # Past this much text the standard library parses (loads): orjson first builds a
 # document of its own, about 12 times the text (240 MB for a 20 MB push), then the
 # objects; the stdlib builds the objects directly (50 MB for the same push), as fast
@@ -229,6 +233,8 @@ def json_text(content_type: str | None, body: bytes) -> str:
         except UnicodeDecodeError:
             raise BadPayload("body is not UTF-8") from None
     if kind == FORM:
+        if body.count(b"&") >= MAX_FORM_FIELDS:
+            raise BadPayload(f"form body has more than {MAX_FORM_FIELDS} fields; GitHub sends one, 'payload'")
         try:
             fields = parse_qs(body.decode("ascii"), strict_parsing=False, errors="strict")
         except (UnicodeDecodeError, ValueError):
