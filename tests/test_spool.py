@@ -451,6 +451,9 @@ def test_a_file_that_can_never_apply_is_set_aside_and_the_rest_drains(apps, drai
     (spool_dir / f"{3:020d}-1-farfuture{SUFFIX}").write_bytes(
         b'{"delivery_id": "f", "hook_id": 0, "event": "ping", "content_type": "", "received_ns": 10000000000000000000000000000}\n{}'
     )
+    # Not readable at all (a directory by that name; a file without read permission or on a failing
+    # disk reads the same way): it once stopped every drain, keeping the deliveries behind it.
+    (spool_dir / f"{4:020d}-1-unreadable{SUFFIX}").mkdir()
     assert post(down, OPENED, "pull_request", delivery="good").status_code == 202
     up = apps(down=False)
     drain(up)
@@ -461,6 +464,7 @@ def test_a_file_that_can_never_apply_is_set_aside_and_the_rest_drains(apps, drai
         "badbody" + SUFFIX + UNUSABLE_SUFFIX,
         "farfuture" + SUFFIX + UNUSABLE_SUFFIX,
         "garbage" + SUFFIX + UNUSABLE_SUFFIX,
+        "unreadable" + SUFFIX + UNUSABLE_SUFFIX,
     ]
 
 

@@ -228,8 +228,18 @@ class Spool:
 
     @staticmethod
     def read(path: Path) -> Spooled:
-        """Load one spooled delivery, of this version's format or an earlier one; Unusable when the file is not one."""
-        data = path.read_bytes()
+        """Load one spooled delivery, of this version's format or an earlier one; Unusable when the file is not one.
+
+        FileNotFoundError when it is gone (another drain took it); Unusable too when it cannot be read at
+        all (no permission, a directory by that name, an I/O error): set aside, it no longer stops every
+        drain in front of the deliveries behind it.
+        """
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise Unusable(f"unreadable: {type(exc).__name__}") from None
         header, _newline, body = data.partition(b"\n")
         try:
             return Spooled(path=path, envelope=Envelope.from_spool_header(header), body=body)
@@ -241,9 +251,14 @@ class Spool:
         log.error("spooled delivery set aside", extra={"file": path.name, "reason": reason})
         if self.on_set_aside is not None:
             self.on_set_aside()
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.rename(path, path.with_name(path.name + UNUSABLE_SUFFIX))
             _fsync_dir(self.directory)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            # Left where it is: the drain meets it again next time and goes past it again.
+            log.exception("spooled delivery could not be renamed aside", extra={"file": path.name})
 
     def remove_partial_files(self, older_than: float = STALE_TMP_S) -> None:
         """Delete the temporary files of writes that never finished (0: all, when no writer runs)."""
