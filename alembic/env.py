@@ -1,4 +1,4 @@
-"""Alembic environment: one transaction per migration, bounded lock waits.
+"""Alembic environment: one run at a time (migrate.take_migration_lock), one transaction per migration, bounded waits.
 
 YugabyteDB runs each migration in its own transaction too; keep every migration
 to syntax PostgreSQL 11 understands (YugabyteDB's YSQL is built on it).
@@ -15,6 +15,8 @@ from alembic import context
 
 from flowlens_ingest.config import ConfigError
 from flowlens_ingest.database_urls import normalize_database_url
+from flowlens_ingest.store import migrate
+from flowlens_ingest.store.deadline import deadline, install_deadlines
 from flowlens_ingest.store.schema import metadata
 
 config = context.config
@@ -45,27 +47,13 @@ def run_offline() -> None:
         context.run_migrations()
 
 
-# Two release steps started at once (two deploys, a retried one) must not migrate
-# side by side: the second waits for the first, then finds nothing left to do.
-MIGRATION_LOCK = 0x666C6F776C656E73  # "flowlens"
-
-
-def take_migration_lock(conn: sa.Connection) -> None:
-    """A session advisory lock for the whole run (released when the connection closes)."""
-    try:
-        conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
-        conn.commit()
-    except sa.exc.DBAPIError:
-        # YugabyteDB releases before advisory locks (2.25) refuse the call: run unlocked,
-        # which is safe as long as one release step runs at a time (the Procfile's does).
-        conn.rollback()
-        logging.getLogger("alembic.env").warning("advisory locks unavailable; migrating without the lock")
-
-
 def run_online() -> None:
-    engine = sa.create_engine(database_url(), poolclass=sa.pool.NullPool)
-    with engine.connect() as conn:
-        take_migration_lock(conn)
+    # Every wait bounded: connecting, the lock (migrate.take_migration_lock), and each statement
+    # (statement_timeout below, and the client's deadline for a server that stops answering).
+    install_deadlines()
+    engine = sa.create_engine(database_url(), poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 10})
+    with deadline(migrate.MIGRATION_DEADLINE_S), engine.connect() as conn:
+        migrate.take_migration_lock(conn, config.attributes.get("lock_wait_s", migrate.MIGRATION_LOCK_WAIT_S))
         # Fail fast instead of queueing behind live traffic's locks.
         conn.execute(sa.text("SET lock_timeout = '10s'"))
         conn.execute(sa.text("SET statement_timeout = '300s'"))

@@ -7,6 +7,7 @@ from contextlib import redirect_stdout
 import pytest
 import sqlalchemy as sa
 from alembic import command
+from alembic.util import CommandError
 
 from flowlens_ingest.events.enums import JOURNALED_OUTCOMES, BuildStatus, CheckSource
 from flowlens_ingest.store import migrate
@@ -245,3 +246,19 @@ def test_a_migration_interrupted_half_way_runs_again_to_the_end(empty_url):
     migrate.downgrade(empty_url, "0003")
     migrate.upgrade(empty_url)
     command.check(migrate.alembic_config(empty_url))
+
+
+def test_a_second_release_step_waits_for_the_first_and_gives_up_at_its_bound(empty_url):
+    engine = sa.create_engine(empty_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as first:
+            # Another release step holds the lock (it lingers, or its session was left open).
+            first.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": migrate.MIGRATION_LOCK})
+            with pytest.raises(CommandError, match="another release step has held the migration lock"):
+                migrate.upgrade(empty_url, lock_wait_s=1)
+            assert table_names(empty_url) == set()
+        # The first is done (its session ended): the second migrates.
+        migrate.upgrade(empty_url, lock_wait_s=1)
+        assert table_names(empty_url) == TABLES
+    finally:
+        engine.dispose()

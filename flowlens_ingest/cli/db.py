@@ -6,14 +6,10 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from flowlens_ingest.config import ConfigError, child_environment
-
-if TYPE_CHECKING:
-    pass
 from flowlens_ingest.cli.connect import load_settings, require_embedded, unavailable
 from flowlens_ingest.cli.output import fail
+from flowlens_ingest.config import ConfigError, child_environment
 from flowlens_ingest.postgres import programs as pg_programs
 
 

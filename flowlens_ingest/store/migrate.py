@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -32,9 +34,51 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Migrate the database at `url` to `revision`."""
-    command.upgrade(alembic_config(url), revision)
+# Two release steps started at once (two deploys, a retried one) must not migrate side by side:
+# the second waits for the first, then finds nothing left to do. A session advisory lock, held by
+# alembic/env.py for the whole run.
+MIGRATION_LOCK = 0x666C6F776C656E73  # "flowlens"
+# How long a release step waits for another's lock before it gives up, saying so (a step that
+# lingers, a session left holding it): no wait of the release is unbounded.
+MIGRATION_LOCK_WAIT_S = 900.0
+# Every database wait of one `db upgrade` ends within this (statements also have a 300 s timeout).
+MIGRATION_DEADLINE_S = 3600.0
+
+
+def upgrade(url: str, revision: str = "head", *, lock_wait_s: float = MIGRATION_LOCK_WAIT_S) -> None:
+    """Migrate the database at `url` to `revision`; CommandError if another run holds the lock past `lock_wait_s`."""
+    cfg = alembic_config(url)
+    cfg.attributes["lock_wait_s"] = lock_wait_s
+    command.upgrade(cfg, revision)
+
+
+def take_migration_lock(conn: sa.Connection, wait_s: float = MIGRATION_LOCK_WAIT_S) -> None:
+    """The migration lock for the whole session (released when the connection closes), waited for at most `wait_s`.
+
+    Asked, never tried into an error: YugabyteDB has advisory locks only where they are enabled
+    (2.25 and later, `yb_enable_advisory_locks`); without them the run goes unlocked and says so,
+    which is safe while one release step runs at a time (the Procfile's does). The wait polls
+    `pg_try_advisory_lock`, so it ends at its bound instead of queueing for as long as the holder lives.
+    """
+    yugabyte, advisory = conn.execute(
+        sa.text("SELECT position('-YB-' in version()) > 0, current_setting('yb_enable_advisory_locks', true)")
+    ).one()
+    conn.commit()
+    if yugabyte and advisory != "on":
+        logging.getLogger("alembic.env").warning("advisory locks unavailable; migrating without the lock")
+        return
+    ends = time.monotonic() + wait_s
+    take = sa.text("SELECT pg_try_advisory_lock(:key)")
+    while not conn.execute(take, {"key": MIGRATION_LOCK}).scalar():
+        conn.commit()
+        left = ends - time.monotonic()
+        if left <= 0:
+            raise CommandError(
+                f"another release step has held the migration lock for over {wait_s:g} s;"
+                " run this one again once it is done"
+            )
+        time.sleep(min(1.0, left))
+    conn.commit()
 
 
 def release(url: str, revision: str = "head") -> str | None:
