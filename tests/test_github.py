@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import email.utils
 import gzip
+import itertools
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -198,6 +202,66 @@ def test_a_trickling_answer_gives_up_at_its_deadline(fake: FakeGitHub, clock: Cl
     assert time.monotonic() - started < GIVE_UP
     assert caught.value.reason == "timeout"
     assert_no_secret(caught.value, fake)
+
+
+@contextmanager
+def stalling_server(lines: Iterator[bytes]) -> Iterator[str]:
+    """A server that reads one request, then sends `lines` 20 ms apart for as long as the client listens."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            for line in lines:
+                if stop.wait(0.02):
+                    return
+                try:
+                    connection.sendall(line)
+                except OSError:
+                    return  # the client gave up and closed
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.close()
+        server.join(10)
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        # `100 Continue`, again and again: httpx waits for the final status line, each read short.
+        lambda: itertools.repeat(b"HTTP/1.1 100 Continue\r\n\r\n"),
+        # The status line and headers a byte at a time, never ending.
+        lambda: itertools.chain((bytes([c]) for c in b"HTTP/1.1 200 OK\r\nX-A: "), itertools.repeat(b"a")),
+    ],
+    ids=["endless 100 Continue", "headers a byte at a time"],
+)
+def test_a_server_that_never_finishes_its_headers_gives_up_at_the_deadline(clock: Clock, lines: Any) -> None:
+    raised: list[BaseException] = []
+
+    def call(github: GitHubClient) -> None:
+        try:
+            github.request_json("GET", "repos/octo/repo")
+        except Exception as exc:  # what it raised is the assertion below
+            raised.append(exc)
+
+    with (
+        stalling_server(lines()) as url,
+        GitHubClient(api_url=url, token="t", clock=clock, deadline=DEADLINE) as github,
+    ):
+        # In a thread: were the request not bounded, the test would fail here rather than hang
+        # (the server then stops and closes, which ends the request).
+        caller = threading.Thread(target=call, args=(github,), daemon=True)
+        caller.start()
+        caller.join(GIVE_UP)
+        assert not caller.is_alive(), "the request outlived its deadline"
+    assert len(raised) == 1 and isinstance(raised[0], Transient) and raised[0].reason == "timeout"
 
 
 def test_an_answer_that_decodes_to_nothing_gives_up_at_its_deadline(fake: FakeGitHub, clock: Clock) -> None:

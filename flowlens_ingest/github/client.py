@@ -38,6 +38,7 @@ from flowlens_ingest.github.auth import GitHubApp
 from flowlens_ingest.github.budget import Budgets, SharedWaits, Wait, app_key, installation_key, token_key
 from flowlens_ingest.github.errors import Forbidden, GitHubError, RateLimited, Transient
 from flowlens_ingest.github.files import MAX_FILES
+from flowlens_ingest.github.transport import bound_requests, within
 
 DEFAULT_API_URL = "https://api.github.com"
 API_VERSION = "2022-11-28"
@@ -48,7 +49,8 @@ MAX_PAGES = 100
 # Each request: connected within 5 s, never silent for more than 10 s (GitHub itself ends a request
 # it takes more than 10 s to process: https://docs.github.com/en/rest/using-the-rest-api/troubleshooting-the-rest-api#timeouts),
 # and the whole exchange, answer included, over within 30 s. httpx's timeouts are per socket
-# operation: a server trickling a byte at a time never trips them, the deadline does.
+# operation: a server trickling a byte at a time never trips them, the deadline does (checked on
+# every chunk of a body here, and on every socket wait of the status line and headers: transport.py).
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 10.0
 REQUEST_DEADLINE_S = 30.0
@@ -130,10 +132,14 @@ class GitHubClient:
         )
         self._clock = clock
         self._own_client = client is None
-        self._http = client or httpx.Client(
-            timeout=self._timeouts,
-            headers={"User-Agent": "flowlens-ingest", "Accept": "application/vnd.github+json"},
-        )
+        if client is None:
+            client = httpx.Client(
+                timeout=self._timeouts,
+                headers={"User-Agent": "flowlens-ingest", "Accept": "application/vnd.github+json"},
+            )
+            # The deadline then bounds the status line and headers too, not only the body (transport.py).
+            bound_requests(client)
+        self._http = client
         # Per credential: GitHub's latest headers and its wait, shared with other processes through `waits`.
         self.budgets = Budgets(clock, waits)
 
@@ -255,21 +261,22 @@ class GitHubClient:
         deadline = time.monotonic() + self.deadline
         request = self._http.build_request(method, url, headers=headers, timeout=self._timeouts)
         try:
-            for _ in range(MAX_REDIRECTS + 1):
-                self._check_deadline(deadline)
-                response = self._http.send(request, stream=True, follow_redirects=False)
-                try:
-                    if response.next_request is None:
-                        body, cut = self._read_body(response, max_bytes, deadline)
-                        next_link = response.links.get("next")
-                        next_url = next_link.get("url") if next_link else None
-                        return Answer(response.status_code, response.headers, next_url, body, cut)
-                    # Redirects stay on GitHub (renamed or transferred repositories); httpx drops
-                    # `Authorization` should one ever lead to another host.
-                    request = response.next_request
-                finally:
-                    response.close()
-            raise GitHubError("GitHub redirected too many times", reason="redirects")
+            with within(deadline):
+                for _ in range(MAX_REDIRECTS + 1):
+                    self._check_deadline(deadline)
+                    response = self._http.send(request, stream=True, follow_redirects=False)
+                    try:
+                        if response.next_request is None:
+                            body, cut = self._read_body(response, max_bytes, deadline)
+                            next_link = response.links.get("next")
+                            next_url = next_link.get("url") if next_link else None
+                            return Answer(response.status_code, response.headers, next_url, body, cut)
+                        # Redirects stay on GitHub (renamed or transferred repositories); httpx drops
+                        # `Authorization` should one ever lead to another host.
+                        request = response.next_request
+                    finally:
+                        response.close()
+                raise GitHubError("GitHub redirected too many times", reason="redirects")
         except httpx.TimeoutException as exc:
             failure = Transient("timeout", f"GitHub request timed out ({type(exc).__name__})")
         except httpx.TransportError as exc:
