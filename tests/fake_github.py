@@ -283,7 +283,9 @@ class FakeGitHub:
                 new, body = renamed
                 location = f"{self.url}/repos/{new}/pulls/{match['number']}/files?{request.query_string.decode()}"
                 content = body() if body is not None else json.dumps({"message": "Moved Permanently", "url": location})
-                return Response(content, status=301, headers={"Location": location}, content_type="application/json")
+                # A redirect is a request like any other: it spends one and says what is left.
+                headers = {"Location": location, **self._rate_headers(spend=True)}
+                return Response(content, status=301, headers=headers, content_type="application/json")
             return self._files_route(request, full_name, int(match["number"]))
         if request.method == "GET" and (match := _FILES_BY_ID_PATH.match(path)):
             with self._lock:

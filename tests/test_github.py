@@ -361,6 +361,18 @@ def test_a_redirects_body_is_never_read(fake: FakeGitHub, clock: Clock) -> None:
     assert time.monotonic() - started < GIVE_UP
 
 
+def test_a_redirect_that_spent_the_last_request_is_not_followed(fake: FakeGitHub, github: GitHubClient) -> None:
+    fake.set_files("octo/new-name", 7, make_files(5))
+    fake.rename(REPO, "octo/new-name")
+    fake.remaining, fake.reset_at = 1, T0 + 600  # the 301 spends the last request of the window
+    with pytest.raises(RateLimited) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert (caught.value.reason, caught.value.retry_at) == ("primary", T0 + 600)
+    # The new name was never asked: following the redirect would have been a request into the wall.
+    assert [r.path for r in fake.calls("GET")] == ["/repos/octo/repo/pulls/7/files"]
+    assert github.wait_of() == Wait(T0 + 600, "primary")
+
+
 def test_bounds_must_be_positive() -> None:
     for bounds in ({"deadline": 0}, {"timeout": -1}, {"max_page_bytes": 0}, {"max_list_bytes": 0}):
         with pytest.raises(ValueError):

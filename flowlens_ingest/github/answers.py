@@ -130,10 +130,18 @@ def _message(answer: Answer) -> str:
     return ""
 
 
+def says_wait(headers: httpx.Headers) -> bool:
+    """Whether an answer's headers ask for a wait before the next request: no request left, or `retry-after`."""
+    return headers.get("x-ratelimit-remaining", "").strip() == "0" or "retry-after" in headers
+
+
 def rate_limited(answer: Answer, now: float) -> RateLimited | None:
-    """The rate limit a 403 or 429 answer means (primary or secondary), with its `retry_at` from `now`; else None."""
+    """The rate limit a 403 or 429 answer means (primary or secondary), with its `retry_at` from `now`; else None.
+
+    A redirect that says wait (not followed, client.py) is one too: following it would be a request.
+    """
     status = answer.status_code
-    if status not in (403, 429):
+    if status not in (403, 429) and not (300 <= status < 400 and says_wait(answer.headers)):
         return None
     headers = answer.headers
     retry_after = headers.get("retry-after")

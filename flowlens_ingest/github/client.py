@@ -33,6 +33,7 @@ from flowlens_ingest.github.answers import (
     raise_for,
     rate_limit_of,
     rate_limited,
+    says_wait,
 )
 from flowlens_ingest.github.auth import GitHubApp
 from flowlens_ingest.github.budget import Budgets, SharedWaits, Wait, app_key, installation_key, token_key
@@ -266,7 +267,9 @@ class GitHubClient:
                     self._check_deadline(deadline)
                     response = self._http.send(request, stream=True, follow_redirects=False)
                     try:
-                        if response.next_request is None:
+                        # A redirect that spent the last request (or asks for a wait) is not followed:
+                        # it is the answer, a rate limit (answers.rate_limited).
+                        if response.next_request is None or says_wait(response.headers):
                             body, cut = self._read_body(response, max_bytes, deadline)
                             next_link = response.links.get("next")
                             next_url = next_link.get("url") if next_link else None
