@@ -36,6 +36,7 @@ from .fake_github import (
     serve_fake_github,
     trickle_body,
 )
+from .helpers import wait_for
 
 T0 = 1_700_000_000.0
 REPO = "octo/repo"
@@ -371,6 +372,38 @@ def test_a_redirect_that_spent_the_last_request_is_not_followed(fake: FakeGitHub
     # The new name was never asked: following the redirect would have been a request into the wall.
     assert [r.path for r in fake.calls("GET")] == ["/repos/octo/repo/pulls/7/files"]
     assert github.wait_of() == Wait(T0 + 600, "primary")
+
+
+def test_one_request_at_a_time_per_credential_and_none_behind_a_limit(fake: FakeGitHub, github: GitHubClient) -> None:
+    # The first request is held in the server, then answered with a secondary limit.
+    answer = threading.Event()
+    seen: list[int] = []
+
+    def held_then_limited() -> Iterator[bytes]:
+        seen.append(1)
+        answer.wait(30)
+        yield b'{"message": "You have exceeded a secondary rate limit."}'
+
+    fake.stream_files(REPO, 7, held_then_limited, status=429, headers={"retry-after": "30"})
+    raised: list[RateLimited] = []
+
+    def ask() -> None:
+        with pytest.raises(RateLimited) as caught:
+            github.list_files(REPO, 7, installation_id=None)
+        raised.append(caught.value)
+
+    first = threading.Thread(target=ask)
+    first.start()
+    wait_for(lambda: seen, "the first request to reach GitHub")
+    # A second thread of the process (the recovery thread beside the files worker), same credential.
+    second = threading.Thread(target=ask)
+    second.start()
+    answer.set()
+    first.join(30)
+    second.join(30)
+    # GitHub saw one request: the second waited its turn, then found the wait the first was told.
+    assert len(fake.calls("GET")) == 1
+    assert sorted(exc.sent for exc in raised) == [False, True]
 
 
 def test_bounds_must_be_positive() -> None:

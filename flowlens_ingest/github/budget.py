@@ -16,14 +16,15 @@ Credentials are named by keys that hold no secret: `installation:<id>`, `app:<id
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from flowlens_ingest.github.answers import MAX_RATE_WAIT_S, SECONDARY_DEFAULT_WAIT, RateLimit
-from flowlens_ingest.github.errors import RateLimited
+from flowlens_ingest.github.errors import RateLimited, Transient
 
 Reason = Literal["primary", "secondary"]
 
@@ -76,6 +77,8 @@ class Budgets:
         self._limits: dict[str, RateLimit] = {}
         # Secondary limits in a row per credential, since its last answer that was not one.
         self._strikes: dict[str, int] = {}
+        # Per credential, held while this process sends a request with it (`turn`).
+        self._turns: dict[str, threading.Lock] = {}
         self.latest = RateLimit(remaining=None, reset=None, limit=None)
 
     def wait_of(self, key: str) -> Wait | None:
@@ -98,6 +101,29 @@ class Budgets:
         wait = self.wait_of(key)
         if wait is not None:
             raise RateLimited(wait.until, wait.reason, credential=key, sent=False)
+
+    @contextlib.contextmanager
+    def turn(self, key: str, timeout: float) -> Iterator[None]:
+        """This process's one request at a time with this credential; Transient when the turn does not come within `timeout`.
+
+        "Make requests for a single user or client ID serially" (GitHub's advice against secondary
+        limits): the files worker and the recovery thread of one process take turns. Inside the
+        turn, a wait another thread was told while this one queued holds for it too (RateLimited,
+        `sent=False`): no request goes out behind one that GitHub has just answered with a limit.
+        """
+        with self._lock:
+            lock = self._turns.setdefault(key, threading.Lock())
+        if not lock.acquire(timeout=timeout):
+            raise Transient("busy", f"another request with {key} held its turn past {timeout:g} s")
+        try:
+            now = self._clock()
+            with self._lock:
+                own = self._waits.get(key)
+            if own is not None and own.until > now:
+                raise RateLimited(own.until, own.reason, credential=key, sent=False)
+            yield
+        finally:
+            lock.release()
 
     def hold(self, key: str, until: float, reason: Reason) -> None:
         """GitHub asked this credential to wait until `until`: remember it, and share it.

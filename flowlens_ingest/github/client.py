@@ -211,18 +211,21 @@ class GitHubClient:
 
         A 403/429 that is a rate limit makes the wait this credential honours from now on, in
         this process and (through the shared waits) in the others. `checked`: the caller has just
-        asked (before minting the token it sends), so the shared waits are not read twice.
+        asked (before minting the token it sends), so the shared waits are not read twice. The
+        request is sent in the credential's turn (Budgets.turn): one at a time in this process.
         """
         if not checked:
             self.budgets.check(key)
-        answer = self._send(method, url, headers, max_bytes)
-        now = self._clock()
-        self.budgets.observe(key, rate_limit_of(answer.headers, now))
-        limited = rate_limited(answer, now)
-        if limited is not None:
-            self.budgets.hold(key, limited.retry_at, "primary" if limited.reason == "primary" else "secondary")
-        else:
-            self.budgets.answered(key)
+        # One request at a time per credential in this process; its deadline bounds the turn ahead.
+        with self.budgets.turn(key, 2 * self.deadline):
+            answer = self._send(method, url, headers, max_bytes)
+            now = self._clock()
+            self.budgets.observe(key, rate_limit_of(answer.headers, now))
+            limited = rate_limited(answer, now)
+            if limited is not None:
+                self.budgets.hold(key, limited.retry_at, "primary" if limited.reason == "primary" else "secondary")
+            else:
+                self.budgets.answered(key)
         return answer
 
     # -- credentials ------------------------------------------------------------------------
