@@ -265,6 +265,20 @@ def test_a_server_that_never_finishes_its_headers_gives_up_at_the_deadline(clock
     assert len(raised) == 1 and isinstance(raised[0], Transient) and raised[0].reason == "timeout"
 
 
+def test_a_limit_whose_body_never_arrives_is_still_waited_for(fake: FakeGitHub, clock: Clock) -> None:
+    # A 429 saying "retry after 600 s", whose body then trickles past the deadline: the request
+    # fails, but the wait its headers asked for holds.
+    fake.stream_files(REPO, 7, trickle_body(0.02), status=429, headers={"retry-after": "600"})
+    with bounded(fake, clock, deadline=DEADLINE) as github:
+        with pytest.raises(Transient):
+            github.list_files(REPO, 7, installation_id=None)
+        assert github.wait_of() == Wait(T0 + 600, "secondary")
+        with pytest.raises(RateLimited) as caught:
+            github.list_files(REPO, 7, installation_id=None)
+        assert caught.value.sent is False
+    assert len(fake.calls("GET")) == 1
+
+
 def test_an_answer_that_decodes_to_nothing_gives_up_at_its_deadline(fake: FakeGitHub, clock: Clock) -> None:
     # Bytes keep coming and none of them is content: the deadline is checked on what the network delivers.
     fake.stream_files(REPO, 7, empty_gzip_body, headers={"Content-Encoding": "gzip"})
@@ -404,6 +418,34 @@ def test_one_request_at_a_time_per_credential_and_none_behind_a_limit(fake: Fake
     # GitHub saw one request: the second waited its turn, then found the wait the first was told.
     assert len(fake.calls("GET")) == 1
     assert sorted(exc.sent for exc in raised) == [False, True]
+
+
+def test_a_credentials_requests_never_overlap_within_a_process(fake: FakeGitHub, github: GitHubClient) -> None:
+    guard, active, most, overlapped = threading.Lock(), [0], [0], threading.Event()
+
+    def body() -> Iterator[bytes]:
+        with guard:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            if active[0] > 1:
+                overlapped.set()
+        try:
+            overlapped.wait(0.3)  # the fake holds each answer a moment, or until another overlaps it
+            yield b"[]"
+        finally:
+            with guard:
+                active[0] -= 1
+
+    fake.stream_files(REPO, 7, body)
+    askers = [
+        threading.Thread(target=github.list_files, args=(REPO, 7), kwargs={"installation_id": None}) for _ in range(3)
+    ]
+    for asker in askers:
+        asker.start()
+    for asker in askers:
+        asker.join(30)
+    assert len(fake.calls("GET")) == 3
+    assert most[0] == 1  # one at a time, as GitHub advises
 
 
 def test_bounds_must_be_positive() -> None:

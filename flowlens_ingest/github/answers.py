@@ -130,6 +130,10 @@ def _message(answer: Answer) -> str:
     return ""
 
 
+# What httpx follows (a 304 is no redirect: an answer, and no limit).
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
 def says_wait(headers: httpx.Headers) -> bool:
     """Whether an answer's headers ask for a wait before the next request: no request left, or `retry-after`."""
     return headers.get("x-ratelimit-remaining", "").strip() == "0" or "retry-after" in headers
@@ -140,10 +144,22 @@ def rate_limited(answer: Answer, now: float) -> RateLimited | None:
 
     A redirect that says wait (not followed, client.py) is one too: following it would be a request.
     """
-    status = answer.status_code
-    if status not in (403, 429) and not (300 <= status < 400 and says_wait(answer.headers)):
+    limited = rate_limited_by_head(answer.status_code, answer.headers, now)
+    if limited is not None or answer.status_code != 403:
+        return limited
+    message = _message(answer).lower()
+    if "secondary rate limit" in message or "abuse detection" in message:
+        return RateLimited(_retry_at(now, SECONDARY_DEFAULT_WAIT), "secondary", status=403)
+    return None
+
+
+def rate_limited_by_head(status: int, headers: httpx.Headers, now: float) -> RateLimited | None:
+    """The rate limit the status line and headers alone say (all but a 403 that names it only in its body); else None.
+
+    Known before the body is read: a body that then fails to arrive does not lose the wait.
+    """
+    if status not in (403, 429) and not (status in REDIRECTS and says_wait(headers)):
         return None
-    headers = answer.headers
     retry_after = headers.get("retry-after")
     asked = None
     if retry_after is not None:
@@ -158,8 +174,7 @@ def rate_limited(answer: Answer, now: float) -> RateLimited | None:
         return RateLimited(_retry_at(now, wait if asked is None else max(wait, asked)), "primary", status=status)
     if asked is not None:
         return RateLimited(_retry_at(now, asked), "secondary", status=status)
-    message = _message(answer).lower()
-    if status == 429 or "secondary rate limit" in message or "abuse detection" in message:
+    if status == 429:
         return RateLimited(_retry_at(now, SECONDARY_DEFAULT_WAIT), "secondary", status=status)
     return None
 

@@ -33,6 +33,7 @@ from flowlens_ingest.github.answers import (
     raise_for,
     rate_limit_of,
     rate_limited,
+    rate_limited_by_head,
     says_wait,
 )
 from flowlens_ingest.github.auth import GitHubApp
@@ -216,17 +217,33 @@ class GitHubClient:
         """
         if not checked:
             self.budgets.check(key)
+        held = False
+
+        def heard(status: int, head: httpx.Headers) -> None:
+            # The status line and headers, before the body is read: a body that then fails to
+            # arrive (the deadline, a reset) does not lose the wait they ask for.
+            nonlocal held
+            now = self._clock()
+            self.budgets.observe(key, rate_limit_of(head, now))
+            limited = rate_limited_by_head(status, head, now)
+            if limited is not None:
+                held = True
+                self._hold(key, limited)
+
         # One request at a time per credential in this process; its deadline bounds the turn ahead.
         with self.budgets.turn(key, 2 * self.deadline):
-            answer = self._send(method, url, headers, max_bytes)
-            now = self._clock()
-            self.budgets.observe(key, rate_limit_of(answer.headers, now))
-            limited = rate_limited(answer, now)
-            if limited is not None:
-                self.budgets.hold(key, limited.retry_at, "primary" if limited.reason == "primary" else "secondary")
-            else:
-                self.budgets.answered(key)
+            answer = self._send(method, url, headers, max_bytes, heard)
+            if not held:
+                # A 403 that names the limit in its body only.
+                limited = rate_limited(answer, self._clock())
+                if limited is not None:
+                    self._hold(key, limited)
+                else:
+                    self.budgets.answered(key)
         return answer
+
+    def _hold(self, key: str, limited: RateLimited) -> None:
+        self.budgets.hold(key, limited.retry_at, "primary" if limited.reason == "primary" else "secondary")
 
     # -- credentials ------------------------------------------------------------------------
 
@@ -251,8 +268,15 @@ class GitHubClient:
         parts = urlsplit(url)
         return parts.scheme.lower(), parts.netloc.lower()
 
-    def _send(self, method: str, url: str, headers: dict[str, str], max_bytes: int) -> Answer:
-        """One HTTP exchange within the deadline, its body read up to `max_bytes`.
+    def _send(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        max_bytes: int,
+        heard: Callable[[int, httpx.Headers], None] | None = None,
+    ) -> Answer:
+        """One HTTP exchange within the deadline, its body read up to `max_bytes`; `heard` is told its status and headers first.
 
         Transport failures become `Transient` without the request (and its headers) attached.
         """
@@ -271,9 +295,12 @@ class GitHubClient:
                     response = self._http.send(request, stream=True, follow_redirects=False)
                     try:
                         # A redirect that spent the last request (or asks for a wait) is not followed:
-                        # it is the answer, a rate limit (answers.rate_limited).
-                        if response.next_request is None or says_wait(response.headers):
-                            body, cut = self._read_body(response, max_bytes, deadline)
+                        # it is the answer, a rate limit (answers.rate_limited), its body never read.
+                        halt = response.next_request is not None and says_wait(response.headers)
+                        if response.next_request is None or halt:
+                            if heard is not None:
+                                heard(response.status_code, response.headers)
+                            body, cut = (b"", False) if halt else self._read_body(response, max_bytes, deadline)
                             next_link = response.links.get("next")
                             next_url = next_link.get("url") if next_link else None
                             return Answer(response.status_code, response.headers, next_url, body, cut)
