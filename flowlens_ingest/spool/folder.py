@@ -30,6 +30,7 @@ apply it once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -60,6 +61,10 @@ PARTIAL_AT_START_S = 60.0
 
 class Unusable(Exception):
     """A file in the spool that is not a spooled delivery (Spool.read)."""
+
+
+# Why a file in the spool will never be read, whatever the drain does: set aside (Spool.read).
+_UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP, errno.EIO, errno.ENAMETOOLONG})
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ class Spool:
         self._writing = 0
         # Deliveries set aside (*.unusable) at the last listing.
         self.unusable = 0
+        # Unusable files the drain could not rename aside (said once each).
+        self._not_renamed: set[str] = set()
         # What earlier runs left counts from the start. A folder that cannot be read
         # here cannot be written either: its puts will fail and say so.
         with contextlib.suppress(OSError):
@@ -230,16 +237,18 @@ class Spool:
     def read(path: Path) -> Spooled:
         """Load one spooled delivery, of this version's format or an earlier one; Unusable when the file is not one.
 
-        FileNotFoundError when it is gone (another drain took it); Unusable too when it cannot be read at
-        all (no permission, a directory by that name, an I/O error): set aside, it no longer stops every
-        drain in front of the deliveries behind it.
+        FileNotFoundError when it is gone (another drain took it); Unusable too when this file will never
+        be read (no permission, a directory by that name, an I/O error on it): set aside, it no longer
+        stops every drain in front of the deliveries behind it. A passing failure of the process or the
+        system (out of file descriptors or memory, a stale handle) is raised as it is: the drain stops
+        and tries again, setting nothing aside.
         """
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
-            raise
         except OSError as exc:
-            raise Unusable(f"unreadable: {type(exc).__name__}") from None
+            if exc.errno not in _UNREADABLE:
+                raise
+            raise Unusable(f"unreadable: {errno.errorcode.get(exc.errno or 0, type(exc).__name__)}") from None
         header, _newline, body = data.partition(b"\n")
         try:
             return Spooled(path=path, envelope=Envelope.from_spool_header(header), body=body)
@@ -248,17 +257,20 @@ class Spool:
 
     def set_aside(self, path: Path, reason: str) -> None:
         """Rename an unusable file out of the drain's way; it stays for an operator to see."""
-        log.error("spooled delivery set aside", extra={"file": path.name, "reason": reason})
-        if self.on_set_aside is not None:
-            self.on_set_aside()
         try:
             os.rename(path, path.with_name(path.name + UNUSABLE_SUFFIX))
             _fsync_dir(self.directory)
         except FileNotFoundError:
-            pass
+            return  # another drain took it
         except OSError:
-            # Left where it is: the drain meets it again next time and goes past it again.
-            log.exception("spooled delivery could not be renamed aside", extra={"file": path.name})
+            # Left where it is: every drain meets it and goes past it; said once, not on every tick.
+            if path.name not in self._not_renamed:
+                self._not_renamed.add(path.name)
+                log.exception("spooled delivery cannot be set aside", extra={"file": path.name, "reason": reason})
+            return
+        log.error("spooled delivery set aside", extra={"file": path.name, "reason": reason})
+        if self.on_set_aside is not None:
+            self.on_set_aside()
 
     def remove_partial_files(self, older_than: float = STALE_TMP_S) -> None:
         """Delete the temporary files of writes that never finished (0: all, when no writer runs)."""
