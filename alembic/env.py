@@ -51,23 +51,31 @@ def run_online() -> None:
     # Every wait bounded: connecting, the lock (migrate.take_migration_lock), and each statement
     # (statement_timeout below, and the client's deadline for a server that stops answering).
     install_deadlines()
-    engine = sa.create_engine(database_url(), poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 10})
-    with deadline(migrate.MIGRATION_DEADLINE_S), engine.connect() as conn:
-        migrate.take_migration_lock(conn, config.attributes.get("lock_wait_s", migrate.MIGRATION_LOCK_WAIT_S))
-        # Fail fast instead of queueing behind live traffic's locks.
-        conn.execute(sa.text("SET lock_timeout = '10s'"))
-        conn.execute(sa.text("SET statement_timeout = '300s'"))
-        conn.commit()
-        context.configure(
-            connection=conn,
-            target_metadata=metadata,
-            transaction_per_migration=True,
-            compare_type=True,
-            compare_server_default=True,
-        )
-        with context.begin_transaction():
-            context.run_migrations()
+    engine = sa.create_engine(database_url(), poolclass=sa.pool.NullPool)
+    with deadline(migrate.MIGRATION_DEADLINE_S):
+        # libpq's connect_timeout does not apply to the wait callback's connections: a deadline does.
+        with deadline(config.attributes.get("connect_s", migrate.MIGRATION_CONNECT_S)):
+            connection = engine.connect()
+        with connection as conn:
+            _migrate(conn)
     engine.dispose()
+
+
+def _migrate(conn: sa.Connection) -> None:
+    migrate.take_migration_lock(conn, config.attributes.get("lock_wait_s", migrate.MIGRATION_LOCK_WAIT_S))
+    # Fail fast instead of queueing behind live traffic's locks.
+    conn.execute(sa.text("SET lock_timeout = '10s'"))
+    conn.execute(sa.text("SET statement_timeout = '300s'"))
+    conn.commit()
+    context.configure(
+        connection=conn,
+        target_metadata=metadata,
+        transaction_per_migration=True,
+        compare_type=True,
+        compare_server_default=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
 
 
 if context.is_offline_mode():

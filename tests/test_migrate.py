@@ -2,6 +2,7 @@
 
 import io
 import re
+import socket
 from contextlib import redirect_stdout
 
 import pytest
@@ -262,3 +263,11 @@ def test_a_second_release_step_waits_for_the_first_and_gives_up_at_its_bound(emp
         assert table_names(empty_url) == TABLES
     finally:
         engine.dispose()
+
+
+def test_a_server_that_never_answers_is_given_up_on_at_the_connect_bound():
+    # A listener that accepts the connection and says nothing (a hung proxy, a half-dead node).
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/postgres"
+        with pytest.raises(sa.exc.OperationalError, match="deadline"):
+            migrate.upgrade(url, connect_s=1)

@@ -41,14 +41,26 @@ MIGRATION_LOCK = 0x666C6F776C656E73  # "flowlens"
 # How long a release step waits for another's lock before it gives up, saying so (a step that
 # lingers, a session left holding it): no wait of the release is unbounded.
 MIGRATION_LOCK_WAIT_S = 900.0
-# Every database wait of one `db upgrade` ends within this (statements also have a 300 s timeout).
+# Every database wait of one `db upgrade` ends within this (statements also have a 300 s timeout),
+# and its connection is made within the second.
 MIGRATION_DEADLINE_S = 3600.0
+MIGRATION_CONNECT_S = 10.0
 
 
-def upgrade(url: str, revision: str = "head", *, lock_wait_s: float = MIGRATION_LOCK_WAIT_S) -> None:
-    """Migrate the database at `url` to `revision`; CommandError if another run holds the lock past `lock_wait_s`."""
+def upgrade(
+    url: str,
+    revision: str = "head",
+    *,
+    lock_wait_s: float = MIGRATION_LOCK_WAIT_S,
+    connect_s: float = MIGRATION_CONNECT_S,
+) -> None:
+    """Migrate the database at `url` to `revision`; CommandError if another run holds the lock past `lock_wait_s`.
+
+    A server that does not answer within `connect_s` (OperationalError) is not waited for longer.
+    """
     cfg = alembic_config(url)
     cfg.attributes["lock_wait_s"] = lock_wait_s
+    cfg.attributes["connect_s"] = connect_s
     command.upgrade(cfg, revision)
 
 
