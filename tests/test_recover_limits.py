@@ -267,14 +267,18 @@ def test_the_backfill_command_waits_out_a_wall_another_process_was_told_without_
             said = ""
             ends = time.monotonic() + 60
             while "waiting" not in said:
-                said = lines.get(timeout=max(0.1, ends - time.monotonic()))
+                try:
+                    said = lines.get(timeout=max(0.1, ends - time.monotonic()))
+                except queue.Empty:
+                    pytest.fail("backfill never said it waits for the wall")
             command.send_signal(signal.SIGINT)
             assert command.wait(timeout=30) == 1
         finally:
             if command.poll() is None:
                 command.kill()
         reader.join(10)
-    assert re.search(r"secondary rate limit \(token:.*waiting (59\d|600) s", said)
+    # What is left of the 600 s (a slow start of the command leaves less).
+    assert re.search(r"secondary rate limit \(token:.*waiting (5\d\d|600) s", said)
     assert github.budgets.requests("token") == sent
     assert github.budgets.requests_while_limited("token") == 0
 
