@@ -134,9 +134,14 @@ def _message(answer: Answer) -> str:
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
+def _none_left(headers: httpx.Headers) -> bool:
+    """The primary budget is spent: `x-ratelimit-remaining: 0`."""
+    return headers.get("x-ratelimit-remaining", "").strip() == "0"
+
+
 def says_wait(headers: httpx.Headers) -> bool:
     """Whether an answer's headers ask for a wait before the next request: no request left, or `retry-after`."""
-    return headers.get("x-ratelimit-remaining", "").strip() == "0" or "retry-after" in headers
+    return _none_left(headers) or "retry-after" in headers
 
 
 def rate_limited(answer: Answer, now: float) -> RateLimited | None:
@@ -167,7 +172,7 @@ def rate_limited_by_head(status: int, headers: httpx.Headers, now: float) -> Rat
         if asked is None:
             # Present but unreadable ("soon"): still GitHub asking us to wait, so we wait its minute.
             asked = SECONDARY_DEFAULT_WAIT
-    if headers.get("x-ratelimit-remaining", "").strip() == "0":
+    if _none_left(headers):
         reset = _header_number(headers, "x-ratelimit-reset")
         wait = SECONDARY_DEFAULT_WAIT if reset is None else reset - github_now(headers, now)
         # Both said: the longer holds.
