@@ -136,7 +136,8 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 def _none_left(headers: httpx.Headers) -> bool:
     """The primary budget is spent: `x-ratelimit-remaining: 0`."""
-    return headers.get("x-ratelimit-remaining", "").strip() == "0"
+    remaining: str = headers.get("x-ratelimit-remaining", "")
+    return remaining.strip() == "0"
 
 
 def says_wait(headers: httpx.Headers) -> bool:
