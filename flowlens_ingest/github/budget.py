@@ -81,12 +81,17 @@ class Budgets:
         self._turns: dict[str, threading.Lock] = {}
         self.latest = RateLimit(remaining=None, reset=None, limit=None)
 
+    def _own_wait(self, key: str, now: float) -> Wait | None:
+        """The wait this process knows for the credential, while it holds at `now`."""
+        with self._lock:
+            own = self._waits.get(key)
+        return own if own is not None and own.until > now else None
+
     def wait_of(self, key: str) -> Wait | None:
         """The wait that still holds for this credential (this process's or a shared one), or None."""
         now = self._clock()
-        with self._lock:
-            own = self._waits.get(key)
-        if own is not None and own.until > now:
+        own = self._own_wait(key, now)
+        if own is not None:
             return own
         shared = self.shared.wait_of(key) if self.shared is not None else None
         if shared is not None and shared[0] > 0:
@@ -116,10 +121,8 @@ class Budgets:
         if not lock.acquire(timeout=timeout):
             raise Transient("busy", f"another request with {key} held its turn past {timeout:g} s")
         try:
-            now = self._clock()
-            with self._lock:
-                own = self._waits.get(key)
-            if own is not None and own.until > now:
+            own = self._own_wait(key, self._clock())
+            if own is not None:
                 raise RateLimited(own.until, own.reason, credential=key, sent=False)
             yield
         finally:
@@ -146,7 +149,7 @@ class Budgets:
                 return
             self._waits[key] = Wait(until, reason)
         if self.shared is not None:
-            self.shared.record(key, until - self._clock(), reason)
+            self.shared.record(key, until - now, reason)
 
     def answered(self, key: str) -> None:
         """An answer of this credential that was no rate limit: the next secondary limit waits its minute again."""
