@@ -696,7 +696,6 @@ def measure_mix(
         backends_before = backend_cpu(database_backends(url))
         workers_before = worker_costs(workers)
         before_cpu = {
-            "workers": sum(workers_before[:2]),
             "postgres": 0.0,
             "machine": machine_busy_seconds(),
         }
@@ -709,7 +708,6 @@ def measure_mix(
         run = measured_wrk(args, service.url, workdir, "run")
         workers_after = worker_costs(workers)
         after_cpu = {
-            "workers": sum(workers_after[:2]),
             "postgres": postgres_cpu_since(pg_before),
             # Only the scratch database's backends: not other clients of the server (a test
             # suite running meanwhile), nor its shared processes (WAL writer, checkpointer).
@@ -734,6 +732,7 @@ def measure_mix(
     floor = None if args.no_floor else measure_floor(args, url, workdir, secret, env, rate)
     delivered = after_metrics.get("deliveries", 0) - before_metrics.get("deliveries", 0)
     served = costs_per_request(workers_before, workers_after, delivered)
+    worker_seconds = sum(workers_after[:2]) - sum(workers_before[:2])
     trips = after_metrics.get("round_trips", 0) - before_metrics.get("round_trips", 0)
     outcomes = {
         k.split(":", 1)[1]: int(after_metrics[k] - before_metrics.get(k, 0))
@@ -775,11 +774,9 @@ def measure_mix(
             # Inherited by the service and the floor alike (a worker model under test); None when unset.
             "gunicorn_cmd_args": os.environ.get("GUNICORN_CMD_ARGS"),
             "master_rss_mb": master_rss,
-            "cpu_cores_used": round((after_cpu["workers"] - before_cpu["workers"]) / seconds, 2),
+            "cpu_cores_used": round(worker_seconds / seconds, 2),
             # Per delivery, so that it holds however busy the machine was.
-            "cpu_ms_per_delivery": round(1000 * (after_cpu["workers"] - before_cpu["workers"]) / delivered, 2)
-            if delivered
-            else None,
+            "cpu_ms_per_delivery": round(1000 * worker_seconds / delivered, 2) if delivered else None,
             # Of it in the kernel, and the threads' context switches: where serving costs more than the floor.
             "system_ms_per_delivery": served["system_ms"],
             "context_switches_per_delivery": served["context_switches"],
