@@ -133,15 +133,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
-    """`flowlens-ingest ARGS` as an operator runs it: none of the service's variables but those given in `env`."""
+def cli_environment(**env: str) -> dict[str, str]:
+    """The environment of a command run as an operator runs it: none of the service's variables but those in `env`."""
     environment = {
         k: v for k, v in os.environ.items() if not k.startswith(("FLOWLENS_", "GITHUB_")) and k != "DATABASE_URL"
     }
     environment.update(env)
+    return environment
+
+
+def run_cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    """`flowlens-ingest ARGS` as an operator runs it: none of the service's variables but those given in `env`."""
     return subprocess.run(
         [sys.executable, "-m", "flowlens_ingest.cli", *args],
-        env=environment,
+        env=cli_environment(**env),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -10,7 +10,6 @@ across processes (a second client learning the wait from the database).
 from __future__ import annotations
 
 import itertools
-import os
 import queue
 import re
 import signal
@@ -40,7 +39,7 @@ from flowlens_ingest.metrics import instruments
 from flowlens_ingest.store.schema import files_jobs, leases, webhook_deliveries, webhook_hooks
 
 from .fake_github import FakeGitHub, app_private_key_pem, make_files, serve_fake_github
-from .helpers import SECRET, database_of, rows
+from .helpers import SECRET, cli_environment, database_of, rows
 from .serving import Webhook
 from .stories import START, apply, pull_request, repository, sha_for
 
@@ -245,10 +244,7 @@ def test_the_backfill_command_waits_out_a_wall_another_process_was_told_without_
 
     # An operator's `flowlens-ingest backfill`, as run from a shell: it reads the wall from the
     # database, says it waits, and Ctrl-C stops it there.
-    environment = {
-        k: v for k, v in os.environ.items() if not k.startswith(("FLOWLENS_", "GITHUB_")) and k != "DATABASE_URL"
-    }
-    environment.update(
+    environment = cli_environment(
         DATABASE_URL=db.url.render_as_string(hide_password=False),
         GITHUB_API_URL=github.url,
         GITHUB_TOKEN=github.token or "",
