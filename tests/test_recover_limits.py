@@ -13,6 +13,7 @@ import itertools
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,12 +31,13 @@ from flowlens_ingest.config import Settings
 from flowlens_ingest.github.backfill import Backfiller, BackfillStopped, Target
 from flowlens_ingest.github.client import GitHubClient
 from flowlens_ingest.github.enrich import Enricher, client_for
-from flowlens_ingest.github.errors import RateLimited
+from flowlens_ingest.github.errors import RateLimited, Transient
 from flowlens_ingest.github.lease import Lease
 from flowlens_ingest.github.recover import Bounds, Recoverer, hooks_to_read
 from flowlens_ingest.github.recover_pass import DUE, RecoveryPass
 from flowlens_ingest.github.waits import DatabaseWaits
 from flowlens_ingest.metrics import instruments
+from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.schema import files_jobs, leases, webhook_deliveries, webhook_hooks
 
 from .fake_github import FakeGitHub, app_private_key_pem, make_files, serve_fake_github
@@ -232,6 +234,25 @@ def test_a_host_whose_clock_runs_ahead_still_honours_a_wait_another_host_was_tol
         assert caught.value.sent is False
     assert github.budgets.requests("token") == sent
     assert github.budgets.requests_while_limited("token") == 0
+
+
+def test_a_process_that_cannot_read_the_shared_waits_sends_nothing(github):
+    # The database holding the waits refuses connections (a port bound, never listened on): another
+    # process may have been told to wait, so this one does not ask GitHub blind.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"postgresql://postgres@127.0.0.1:{closed.getsockname()[1]}/postgres"
+        unreachable = Database(Settings(), url)
+        try:
+            with (
+                GitHubClient(api_url=github.url, token=github.token, waits=DatabaseWaits(unreachable)) as client,
+                pytest.raises(Transient) as caught,
+            ):
+                client.request_json("GET", "repos/octo/walls")
+        finally:
+            unreachable.dispose()
+    assert caught.value.reason == "waits_unreadable"
+    assert github.budgets.requests("token") == 0
 
 
 def test_the_backfill_command_waits_out_a_wall_another_process_was_told_without_a_request(db, github):

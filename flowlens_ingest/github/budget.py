@@ -53,7 +53,11 @@ class Wait:
 
 
 class SharedWaits(Protocol):
-    """Where waits are shared with other processes (the database); best effort: None when it cannot be read.
+    """Where waits are shared with other processes (the database).
+
+    `wait_of` raises (Transient) when the store cannot be read: not knowing another process's
+    wait is not knowing there is none, so nothing is sent. `record` is best effort: this
+    process honours its own waits whatever the store does.
 
     In seconds from now, never in epoch times: the processes may run on hosts whose clocks differ,
     so the store measures each wait on one clock of its own (the database's).

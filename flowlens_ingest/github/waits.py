@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from flowlens_ingest.github.budget import Reason
+from flowlens_ingest.github.errors import Transient
 from flowlens_ingest.store.database import Database, DatabaseUnavailable
 from flowlens_ingest.store.schema import github_waits
 
@@ -25,14 +26,22 @@ log = logging.getLogger(__name__)
 
 
 class DatabaseWaits:
-    """The `github_waits` table as a `SharedWaits`: a database that cannot be reached leaves this process's own waits."""
+    """The `github_waits` table as a `SharedWaits`.
+
+    A database that cannot be read sends nothing (Transient): another process may have been told
+    to wait, and a request made without knowing is one GitHub may count against the integration.
+    A wait that cannot be written is still honoured here (Budgets keeps it).
+    """
 
     def __init__(self, database: Database) -> None:
         self.database = database
         self._unavailable = False
 
     def wait_of(self, key: str) -> tuple[float, Reason] | None:
-        """Seconds left of the wait any process recorded for this credential, and why; None (none left, or the database unreachable)."""
+        """Seconds left of the wait any process recorded for this credential, and why; None if none is left.
+
+        Raises Transient when the database cannot say: the caller then sends nothing.
+        """
         t = github_waits
         left = sa.extract("epoch", t.c.wait_until - sa.func.now())
         query = sa.select(left, t.c.reason).where(t.c.credential == key, t.c.wait_until > sa.func.now())
@@ -40,7 +49,9 @@ class DatabaseWaits:
             row = self.database.first(query)
         except DatabaseUnavailable as exc:
             self._say_unavailable(exc)
-            return None
+            raise Transient(
+                "waits_unreadable", f"GitHub's shared rate-limit waits unreadable ({exc}): not sent"
+            ) from exc
         self._unavailable = False
         if row is None:
             return None
@@ -64,5 +75,8 @@ class DatabaseWaits:
 
     def _say_unavailable(self, exc: DatabaseUnavailable) -> None:
         if not self._unavailable:
-            log.warning("GitHub rate-limit waits not shared: database unreachable", extra={"reason": str(exc)})
+            log.warning(
+                "GitHub rate-limit waits not shared: database unreachable; no request to GitHub until it answers",
+                extra={"reason": str(exc)},
+            )
         self._unavailable = True
