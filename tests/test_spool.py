@@ -31,7 +31,14 @@ from flowlens_ingest.events.envelope import Envelope
 from flowlens_ingest.github.hooks import hooks_to_read
 from flowlens_ingest.ingest import Disposition, Result
 from flowlens_ingest.spool.drainer import Drainer, spool_handler
-from flowlens_ingest.spool.folder import PARTIAL_AT_START_S, SUFFIX, UNUSABLE_SUFFIX, Spool, Spooled
+from flowlens_ingest.spool.folder import (
+    PARTIAL_AT_START_S,
+    PASSED_OVER_WAIT_S,
+    SUFFIX,
+    UNUSABLE_SUFFIX,
+    Spool,
+    Spooled,
+)
 from flowlens_ingest.store.schema import pull_requests, repositories, webhook_deliveries, webhook_hooks
 from flowlens_ingest.web.app import create_app
 from flowlens_ingest.web.services import services, start_drainer
@@ -488,6 +495,85 @@ def test_a_lock_held_past_the_timeout_spools_at_once_instead_of_retrying(apps, d
     wait_for(lambda: services(up).spool.depth() == 0, what="the spool to empty")
     assert journal(db) == {"first": ("applied", 1), "blocked": ("applied", 1)}
     assert rows(db, pull_requests, "state") == [{"state": "closed"}]
+
+
+def test_a_delivery_cancelled_at_the_timeout_is_passed_over_and_tried_again_after_a_wait(tmp_path):
+    now = [1000.0]
+    spool = Spool(tmp_path / "spool", 1 << 20, clock=lambda: now[0])
+    for name in ("slow", "next", "last"):
+        assert spool.put(ping(name), b"{}")
+    slow = {"slow"}
+    seen: list[str] = []
+
+    def handle(item: Spooled) -> Result:
+        seen.append(item.envelope.delivery_id)
+        if item.envelope.delivery_id in slow:
+            return Result(Disposition.RETRY_LATER, error="database unavailable (57014)", timed_out=True)
+        return DONE
+
+    # The deliveries behind the slow one are not held up by it.
+    assert spool.drain(handle) == (2, None)
+    assert seen == ["slow", "next", "last"] and spool.depth() == 1
+    # Not tried again before its wait ends; then it is, and its next wait is twice as long.
+    assert spool.drain(handle) == (0, None) and seen[3:] == []
+    now[0] += PASSED_OVER_WAIT_S
+    assert spool.drain(handle) == (0, None) and seen[3:] == ["slow"]
+    now[0] += PASSED_OVER_WAIT_S
+    assert spool.drain(handle) == (0, None) and seen[4:] == []
+    now[0] += PASSED_OVER_WAIT_S
+    slow.clear()  # whatever held it is gone
+    assert spool.drain(handle) == (1, None) and seen[4:] == ["slow"]
+    assert spool.depth() == 0
+
+
+def test_two_deliveries_cancelled_at_the_timeout_in_one_drain_stop_it(tmp_path):
+    spool = Spool(tmp_path / "spool", 1 << 20, clock=lambda: 1000.0)
+    for name in ("a", "b", "c"):
+        assert spool.put(ping(name), b"{}")
+    seen: list[str] = []
+
+    def handle(item: Spooled) -> Result:
+        seen.append(item.envelope.delivery_id)
+        if item.envelope.delivery_id in ("a", "b"):
+            return Result(Disposition.RETRY_LATER, error="database unavailable (57014)", timed_out=True)
+        return DONE
+
+    # The database, not one delivery, is slow: the drain stops as for any other retry-later.
+    assert spool.drain(handle) == (0, "database unavailable (57014)")
+    assert seen == ["a", "b"] and spool.depth() == 3
+    # A database gone (no timeout) stops it at once, the first delivery included.
+    seen.clear()
+    gone = Result(Disposition.RETRY_LATER, error="database unavailable (disconnect)")
+    assert spool.drain(lambda item: seen.append(item.envelope.delivery_id) or gone) == (0, gone.error)
+    assert seen == ["b"]
+
+
+def test_a_delivery_whose_rows_stay_locked_past_the_timeout_does_not_hold_up_the_spool(apps, drain, db):
+    other = copy.deepcopy(OPENED)
+    other["repository"].update(id=OPENED["repository"]["id"] + 1, full_name="octo/locked", name="locked")
+    up = apps(down=False, statement_timeout_ms=300)
+    assert post(up, other, "pull_request", delivery="first-of-locked").status_code == 200
+    down = apps(down=True)
+    assert (
+        post(down, CLOSED | {"repository": other["repository"]}, "pull_request", delivery="locked").status_code == 202
+    )
+    for n in range(3):
+        payload = copy.deepcopy(OPENED)
+        payload["number"] = payload["pull_request"]["number"] = 2000 + n
+        assert post(down, payload, "pull_request", delivery=f"free-{n}").status_code == 202
+    with db.connect() as holder, holder.begin():
+        # A session that holds the first delivery's repository row (its lock) past the lock timeout.
+        holder.execute(
+            sa.select(repositories.c.id).where(repositories.c.github_id == other["repository"]["id"]).with_for_update()
+        )
+        drain(up)
+        wait_for(lambda: services(up).spool.depth() == 1, what="the deliveries behind the locked one to drain")
+        assert {k: v for k, v in journal(db).items() if k.startswith("free")} == {
+            f"free-{n}": ("applied", 1) for n in range(3)
+        }
+    # Once the lock is given up, the delivery passed over is applied on a later tick.
+    wait_for(lambda: services(up).spool.depth() == 0, what="the passed-over delivery to apply")
+    assert journal(db)["locked"] == ("applied", 1)
 
 
 def test_spooled_body_is_the_signed_bytes_as_received(apps, tmp_path):

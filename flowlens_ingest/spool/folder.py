@@ -57,6 +57,10 @@ STALE_TMP_S = 300.0
 # At start, before this host's workers run: a write takes milliseconds, so a minute-old
 # temporary file is a crashed one (another instance sharing the folder may be writing).
 PARTIAL_AT_START_S = 60.0
+# A delivery the drain passed over (it ran past the statement or lock timeout) is tried again by
+# this process after this long, doubled each time it is passed over again, up to the cap.
+PASSED_OVER_WAIT_S = 2.0
+PASSED_OVER_MAX_WAIT_S = 300.0
 
 
 class Unusable(Exception):
@@ -76,6 +80,14 @@ class Spooled:
     body: bytes
 
 
+@dataclass(frozen=True)
+class _PassedOver:
+    """A delivery the drains of this process passed over: how many times, and not to be tried before `until`."""
+
+    times: int
+    until: float
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -87,9 +99,19 @@ def _fsync_dir(directory: Path) -> None:
 class Spool:
     """A folder of spooled deliveries, bounded in bytes."""
 
-    def __init__(self, directory: Path, max_bytes: int, on_set_aside: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        max_bytes: int,
+        on_set_aside: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        self._clock = clock
+        # By file name: the deliveries this process's drains passed over, each waiting its turn
+        # again (only names still listed are kept: at most the spool's depth).
+        self._passed_over: dict[str, _PassedOver] = {}
         # Called once per delivery set aside (a metric counts them).
         self.on_set_aside = on_set_aside
         self._lock = threading.Lock()
@@ -272,6 +294,19 @@ class Spool:
         if self.on_set_aside is not None:
             self.on_set_aside()
 
+    def _pass_over(self, name: str, before: _PassedOver | None, reason: str) -> None:
+        """Keep a timed-out delivery for a later drain of this process, after its wait."""
+        times = 1 if before is None else before.times + 1
+        wait = min(PASSED_OVER_WAIT_S * 2 ** (times - 1), PASSED_OVER_MAX_WAIT_S)
+        self._passed_over[name] = _PassedOver(times, self._clock() + wait)
+        if before is None:
+            # Said once a delivery; its file and the spool's depth show it until it applies.
+            log.warning(
+                "spooled delivery passed over: the database cancelled it at its timeout; the rest drain,"
+                " it is tried again later",
+                extra={"file": name, "reason": reason, "retry_in_s": wait},
+            )
+
     def remove_partial_files(self, older_than: float = STALE_TMP_S) -> None:
         """Delete the temporary files of writes that never finished (0: all, when no writer runs)."""
         now = time.time()
@@ -288,13 +323,27 @@ class Spool:
         again). Only one drain per folder runs at a time (others return at once), so
         the host applies its spool in arrival order. Returns how many deliveries were
         done, and why the drain stopped early (None when it went through).
+
+        One exception to stopping: a delivery the server cancelled at its statement or lock
+        timeout (a lock held on its rows, a body too large to write in time) may be that
+        delivery's trouble alone. It is kept and passed over, and the drain goes on with the
+        ones behind it; this process tries it again after PASSED_OVER_WAIT_S, doubling each
+        time (at most PASSED_OVER_MAX_WAIT_S). A second timeout in the same drain is the
+        database's trouble, not the deliveries': the drain stops there, as for any other.
         """
         done = 0
         with self._flock(DRAIN_LOCK, wait=False) as mine:
             if not mine:
                 return 0, None
             self.remove_partial_files()
-            for name in sorted(self._names()):
+            names = sorted(self._names())
+            listed = set(names)
+            self._passed_over = {n: p for n, p in self._passed_over.items() if n in listed}
+            passed_one = False
+            for name in names:
+                waiting = self._passed_over.get(name)
+                if waiting is not None and waiting.until > self._clock():
+                    continue
                 path = self.directory / name
                 try:
                     item = self.read(path)
@@ -305,8 +354,13 @@ class Spool:
                     continue
                 result = handle(item)
                 if result.disposition is Disposition.RETRY_LATER:
+                    if result.timed_out and not passed_one:
+                        passed_one = True
+                        self._pass_over(name, waiting, result.error or "timed out")
+                        continue
                     stopped = result.error or "retry later"
                     break
+                self._passed_over.pop(name, None)
                 if result.disposition is Disposition.SET_ASIDE:
                     self.set_aside(path, result.error or "refused")
                     continue

@@ -63,7 +63,12 @@ OnRetry = Callable[[str], None]
 
 
 class DatabaseUnavailable(Exception):
-    """The database could not be reached, was too slow, or kept conflicting."""
+    """The database could not be reached, was too slow, or kept conflicting; the message is the reason (a SQLSTATE or a word)."""
+
+    @property
+    def timed_out(self) -> bool:
+        """The server answered that this work ran past its statement or lock timeout: it is up, the work was slow."""
+        return str(self) in TIMEOUT_SQLSTATES
 
 
 def make_engine(settings: Settings, url: str | None = None, *, application_name: str = "flowlens-ingest") -> Engine:
