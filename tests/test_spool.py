@@ -33,6 +33,7 @@ from flowlens_ingest.ingest import Disposition, Result
 from flowlens_ingest.spool.drainer import Drainer, spool_handler
 from flowlens_ingest.spool.folder import (
     PARTIAL_AT_START_S,
+    PASSED_OVER_MAX_WAIT_S,
     PASSED_OVER_WAIT_S,
     SUFFIX,
     UNUSABLE_SUFFIX,
@@ -497,13 +498,8 @@ def test_a_lock_held_past_the_timeout_spools_at_once_instead_of_retrying(apps, d
     assert rows(db, pull_requests, "state") == [{"state": "closed"}]
 
 
-def test_a_delivery_cancelled_at_the_timeout_is_passed_over_and_tried_again_after_a_wait(tmp_path):
-    now = [1000.0]
-    spool = Spool(tmp_path / "spool", 1 << 20, clock=lambda: now[0])
-    for name in ("slow", "next", "last"):
-        assert spool.put(ping(name), b"{}")
-    slow = {"slow"}
-    seen: list[str] = []
+def cancelled_at_the_timeout(slow: set[str], seen: list[str]) -> Callable[[Spooled], Result]:
+    """A handler the database cancels at its timeout for the delivery ids in `slow`; it applies the rest."""
 
     def handle(item: Spooled) -> Result:
         seen.append(item.envelope.delivery_id)
@@ -511,41 +507,61 @@ def test_a_delivery_cancelled_at_the_timeout_is_passed_over_and_tried_again_afte
             return Result(Disposition.RETRY_LATER, error="database unavailable (57014)", timed_out=True)
         return DONE
 
+    return handle
+
+
+def test_a_delivery_cancelled_at_the_timeout_is_passed_over_and_tried_again_after_a_wait(tmp_path):
+    now = [time.time()]
+    spool = Spool(tmp_path / "spool", 1 << 20, clock=lambda: now[0])
+    for name in ("slow", "next", "last"):
+        assert spool.put(ping(name), b"{}")
+    slow: set[str] = {"slow"}
+    seen: list[str] = []
+    handle = cancelled_at_the_timeout(slow, seen)
+
     # The deliveries behind the slow one are not held up by it.
     assert spool.drain(handle) == (2, None)
     assert seen == ["slow", "next", "last"] and spool.depth() == 1
-    # Not tried again before its wait ends; then it is, and its next wait is twice as long.
-    assert spool.drain(handle) == (0, None) and seen[3:] == []
-    now[0] += PASSED_OVER_WAIT_S
-    assert spool.drain(handle) == (0, None) and seen[3:] == ["slow"]
-    now[0] += PASSED_OVER_WAIT_S
-    assert spool.drain(handle) == (0, None) and seen[4:] == []
-    now[0] += PASSED_OVER_WAIT_S
+    # Not tried again before its wait ends, by this Spool or another worker's on the same folder.
+    other_worker = Spool(tmp_path / "spool", 1 << 20, clock=lambda: now[0])
+    assert spool.drain(handle) == (0, None) and other_worker.drain(handle) == (0, None) and seen[3:] == []
+    now[0] += PASSED_OVER_WAIT_S + 0.1
+    assert other_worker.drain(handle) == (0, None) and seen[3:] == ["slow"]
+    # Waits grow with its time in the spool, up to the cap, whatever the count of tries.
+    for _ in range(2000):
+        now[0] += PASSED_OVER_MAX_WAIT_S + 0.1
+        assert spool.drain(handle) == (0, None)
+    assert len(seen) == 4 + 2000
+    now[0] += PASSED_OVER_MAX_WAIT_S - 1
+    assert spool.drain(handle) == (0, None) and len(seen) == 4 + 2000
+    now[0] += 1.1
     slow.clear()  # whatever held it is gone
-    assert spool.drain(handle) == (1, None) and seen[4:] == ["slow"]
-    assert spool.depth() == 0
+    assert spool.drain(handle) == (1, None) and spool.depth() == 0
 
 
-def test_two_deliveries_cancelled_at_the_timeout_in_one_drain_stop_it(tmp_path):
-    spool = Spool(tmp_path / "spool", 1 << 20, clock=lambda: 1000.0)
-    for name in ("a", "b", "c"):
+def test_a_second_delivery_cancelled_at_the_timeout_in_one_drain_stops_it(tmp_path):
+    now = [time.time()]
+    spool = Spool(tmp_path / "spool", 1 << 20, clock=lambda: now[0])
+    for name in ("a", "b", "c", "d"):
         assert spool.put(ping(name), b"{}")
     seen: list[str] = []
+    handle = cancelled_at_the_timeout({"a", "b"}, seen)
 
-    def handle(item: Spooled) -> Result:
-        seen.append(item.envelope.delivery_id)
-        if item.envelope.delivery_id in ("a", "b"):
-            return Result(Disposition.RETRY_LATER, error="database unavailable (57014)", timed_out=True)
-        return DONE
-
-    # The database, not one delivery, is slow: the drain stops as for any other retry-later.
+    # Two deliveries cancelled for the first time: the database, not one delivery, is slow.
     assert spool.drain(handle) == (0, "database unavailable (57014)")
-    assert seen == ["a", "b"] and spool.depth() == 3
-    # A database gone (no timeout) stops it at once, the first delivery included.
+    assert seen == ["a", "b"] and spool.depth() == 4
+    # Both wait now; the drain goes on behind them.
+    assert spool.drain(handle) == (2, None) and seen[2:] == ["c", "d"]
+    # Tried again, and cancelled again, they do not stop the drain: they said so before.
+    assert spool.put(ping("e"), b"{}")
+    now[0] += PASSED_OVER_WAIT_S + 0.1
+    assert spool.drain(handle) == (1, None) and seen[4:] == ["a", "b", "e"]
+    # A database gone (no timeout) stops the drain at once.
+    now[0] += PASSED_OVER_MAX_WAIT_S + 0.1
     seen.clear()
     gone = Result(Disposition.RETRY_LATER, error="database unavailable (disconnect)")
     assert spool.drain(lambda item: seen.append(item.envelope.delivery_id) or gone) == (0, gone.error)
-    assert seen == ["b"]
+    assert seen == ["a"]
 
 
 def test_a_delivery_whose_rows_stay_locked_past_the_timeout_does_not_hold_up_the_spool(apps, drain, db):
@@ -554,9 +570,10 @@ def test_a_delivery_whose_rows_stay_locked_past_the_timeout_does_not_hold_up_the
     up = apps(down=False, statement_timeout_ms=300)
     assert post(up, other, "pull_request", delivery="first-of-locked").status_code == 200
     down = apps(down=True)
-    assert (
-        post(down, CLOSED | {"repository": other["repository"]}, "pull_request", delivery="locked").status_code == 202
-    )
+    for n in range(2):
+        locked = copy.deepcopy(CLOSED) | {"repository": other["repository"]}
+        locked["number"] = locked["pull_request"]["number"] = 3000 + n
+        assert post(down, locked, "pull_request", delivery=f"locked-{n}").status_code == 202
     for n in range(3):
         payload = copy.deepcopy(OPENED)
         payload["number"] = payload["pull_request"]["number"] = 2000 + n
@@ -567,13 +584,15 @@ def test_a_delivery_whose_rows_stay_locked_past_the_timeout_does_not_hold_up_the
             sa.select(repositories.c.id).where(repositories.c.github_id == other["repository"]["id"]).with_for_update()
         )
         drain(up)
-        wait_for(lambda: services(up).spool.depth() == 1, what="the deliveries behind the locked one to drain")
+        wait_for(lambda: services(up).spool.depth() == 2, what="the deliveries behind the locked ones to drain")
         assert {k: v for k, v in journal(db).items() if k.startswith("free")} == {
             f"free-{n}": ("applied", 1) for n in range(3)
         }
-    # Once the lock is given up, the delivery passed over is applied on a later tick.
-    wait_for(lambda: services(up).spool.depth() == 0, what="the passed-over delivery to apply")
-    assert journal(db)["locked"] == ("applied", 1)
+    # Once the lock is given up, the deliveries passed over are applied on a later tick.
+    wait_for(lambda: services(up).spool.depth() == 0, what="the passed-over deliveries to apply")
+    assert {k: v for k, v in journal(db).items() if k.startswith("locked")} == {
+        f"locked-{n}": ("applied", 1) for n in range(2)
+    }
 
 
 def test_spooled_body_is_the_signed_bytes_as_received(apps, tmp_path):

@@ -2,7 +2,8 @@
 
 One file per delivery: written to a temporary name, fsynced, renamed into place
 (atomic), and the folder fsynced, so a crash never leaves half a delivery. File
-names start with a nanosecond clock, so draining in name order is arrival order,
+names start with a nanosecond clock, so draining in name order is arrival order (but for a
+delivery passed over after a database timeout, see `Spool.drain`),
 and end with the file's size (`{ns:020d}-{pid}-{hex8}-{bytes}.delivery`), so the
 folder's total is read from a listing without a stat per file. Names without the
 size (`{ns:020d}-{pid}-{hex8}.delivery`, written before it was added) are still
@@ -57,8 +58,8 @@ STALE_TMP_S = 300.0
 # At start, before this host's workers run: a write takes milliseconds, so a minute-old
 # temporary file is a crashed one (another instance sharing the folder may be writing).
 PARTIAL_AT_START_S = 60.0
-# A delivery the drain passed over (it ran past the statement or lock timeout) is tried again by
-# this process after this long, doubled each time it is passed over again, up to the cap.
+# A delivery the drain passed over (the database cancelled it at its statement or lock timeout)
+# is tried again after a quarter of the time it has waited in the spool, within these bounds.
 PASSED_OVER_WAIT_S = 2.0
 PASSED_OVER_MAX_WAIT_S = 300.0
 
@@ -80,12 +81,10 @@ class Spooled:
     body: bytes
 
 
-@dataclass(frozen=True)
-class _PassedOver:
-    """A delivery the drains of this process passed over: how many times, and not to be tried before `until`."""
-
-    times: int
-    until: float
+def _arrived(name: str) -> float:
+    """When a spooled delivery arrived (epoch seconds), from its file name; 0 for a name without it."""
+    stamp = name.split("-", 1)[0]
+    return int(stamp) / 1e9 if stamp.isdigit() else 0.0
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -104,14 +103,12 @@ class Spool:
         directory: Path,
         max_bytes: int,
         on_set_aside: Callable[[], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        # Wall-clock seconds, as file times are: a passed-over delivery's wait is its file's mtime.
         self._clock = clock
-        # By file name: the deliveries this process's drains passed over, each waiting its turn
-        # again (only names still listed are kept: at most the spool's depth).
-        self._passed_over: dict[str, _PassedOver] = {}
         # Called once per delivery set aside (a metric counts them).
         self.on_set_aside = on_set_aside
         self._lock = threading.Lock()
@@ -178,8 +175,8 @@ class Spool:
         names = self._names()
         if not names:
             return None
-        arrived = min(names).split("-", 1)[0]
-        return datetime.fromtimestamp(int(arrived) / 1e9, tz=UTC) if arrived.isdigit() else None
+        arrived = _arrived(min(names))
+        return datetime.fromtimestamp(arrived, tz=UTC) if arrived else None
 
     def used_bytes(self) -> int:
         """Bytes the spooled deliveries take (a scan of the folder)."""
@@ -294,17 +291,36 @@ class Spool:
         if self.on_set_aside is not None:
             self.on_set_aside()
 
-    def _pass_over(self, name: str, before: _PassedOver | None, reason: str) -> None:
-        """Keep a timed-out delivery for a later drain of this process, after its wait."""
-        times = 1 if before is None else before.times + 1
-        wait = min(PASSED_OVER_WAIT_S * 2 ** (times - 1), PASSED_OVER_MAX_WAIT_S)
-        self._passed_over[name] = _PassedOver(times, self._clock() + wait)
-        if before is None:
+    def _waiting(self, path: Path, name: str) -> tuple[bool, bool]:
+        """Whether a file is still in the wait it was passed over with, and whether it ever was.
+
+        The wait is the file's modification time set ahead (`_pass_over`): every worker of the
+        host and a restarted one honour it. A file never passed over was last modified when it was
+        spooled, and is never waiting, whatever the clocks; a time further ahead than any wait
+        (the clock was set back) is over.
+        """
+        try:
+            modified = os.stat(path).st_mtime
+        except OSError:
+            return False, False  # gone, or unreadable: reading it says which
+        passed_before = modified > _arrived(name) + 1.0
+        now = self._clock()
+        return passed_before and now < modified <= now + PASSED_OVER_MAX_WAIT_S, passed_before
+
+    def _pass_over(self, path: Path, name: str, before: bool, reason: str) -> None:
+        """Keep a delivery the database cancelled at its timeout, for a quarter of its time in the spool."""
+        now = self._clock()
+        wait = min(max((now - _arrived(name)) / 4, PASSED_OVER_WAIT_S), PASSED_OVER_MAX_WAIT_S)
+        try:
+            os.utime(path, (now, now + wait))
+        except OSError:
+            return  # gone (another drain took it); if it cannot be touched, the next drain meets it again
+        if not before:
             # Said once a delivery; its file and the spool's depth show it until it applies.
             log.warning(
                 "spooled delivery passed over: the database cancelled it at its timeout; the rest drain,"
                 " it is tried again later",
-                extra={"file": name, "reason": reason, "retry_in_s": wait},
+                extra={"file": name, "reason": reason, "retry_in_s": round(wait, 1)},
             )
 
     def remove_partial_files(self, older_than: float = STALE_TMP_S) -> None:
@@ -327,24 +343,22 @@ class Spool:
         One exception to stopping: a delivery the server cancelled at its statement or lock
         timeout (a lock held on its rows, a body too large to write in time) may be that
         delivery's trouble alone. It is kept and passed over, and the drain goes on with the
-        ones behind it; this process tries it again after PASSED_OVER_WAIT_S, doubling each
-        time (at most PASSED_OVER_MAX_WAIT_S). A second timeout in the same drain is the
-        database's trouble, not the deliveries': the drain stops there, as for any other.
+        ones behind it; it is tried again after a quarter of the time it has waited in the
+        spool (PASSED_OVER_WAIT_S to PASSED_OVER_MAX_WAIT_S), by whichever worker drains then.
+        A second delivery cancelled for the first time in the same drain is the database's
+        trouble, not the deliveries': the drain stops there, as for any other retry-later.
         """
         done = 0
         with self._flock(DRAIN_LOCK, wait=False) as mine:
             if not mine:
                 return 0, None
             self.remove_partial_files()
-            names = sorted(self._names())
-            listed = set(names)
-            self._passed_over = {n: p for n, p in self._passed_over.items() if n in listed}
-            passed_one = False
-            for name in names:
-                waiting = self._passed_over.get(name)
-                if waiting is not None and waiting.until > self._clock():
-                    continue
+            first_timeouts = 0
+            for name in sorted(self._names()):
                 path = self.directory / name
+                waiting, passed_before = self._waiting(path, name)
+                if waiting:
+                    continue
                 try:
                     item = self.read(path)
                 except FileNotFoundError:
@@ -354,13 +368,15 @@ class Spool:
                     continue
                 result = handle(item)
                 if result.disposition is Disposition.RETRY_LATER:
-                    if result.timed_out and not passed_one:
-                        passed_one = True
-                        self._pass_over(name, waiting, result.error or "timed out")
-                        continue
+                    if result.timed_out:
+                        self._pass_over(path, name, passed_before, result.error or "timed out")
+                        if passed_before:
+                            continue  # known slow: its wait grows, and it says nothing new of the database
+                        first_timeouts += 1
+                        if first_timeouts < 2:
+                            continue
                     stopped = result.error or "retry later"
                     break
-                self._passed_over.pop(name, None)
                 if result.disposition is Disposition.SET_ASIDE:
                     self.set_aside(path, result.error or "refused")
                     continue
