@@ -202,6 +202,8 @@ class FakeGitHub:
             self.primary_reset: str | None = None  # a "primary" fault's `x-ratelimit-reset`, verbatim
             self._streams: dict[tuple[str, int], tuple[Body, int, dict[str, str]]] = {}
             self._renamed: dict[str, tuple[str, Body | None]] = {}
+            # Per route: the next request is held until released (`hold_next`).
+            self._holds: dict[str, tuple[threading.Event, threading.Event]] = {}
             # Webhooks that deliver, and their delivery logs (fake_hooks.py).
             self.hook_logs = HookLogs(self)
             # Repositories, pull requests, reviews, checks and statuses for backfill (fake_repos.py).
@@ -239,6 +241,23 @@ class FakeGitHub:
         with self._lock:
             # Queued behind earlier faults; a None lets one request through untouched.
             self._faults[route].extend([None] * after + [kind] * times)
+
+    def hold_next(self, route: str) -> tuple[threading.Event, threading.Event]:
+        """Hold the next request of `route` before answering it: (set once it arrived, set it to answer)."""
+        if route not in ROUTES:
+            raise ValueError(f"unknown route {route!r}; one of {ROUTES}")
+        arrived, answer = threading.Event(), threading.Event()
+        with self._lock:
+            self._holds[route] = (arrived, answer)
+        return arrived, answer
+
+    def _held(self, route: str) -> None:
+        with self._lock:
+            hold = self._holds.pop(route, None)
+        if hold is not None:
+            arrived, answer = hold
+            arrived.set()
+            answer.wait(30)  # bounded: a test that never releases it fails on its own wait
 
     def revoke_tokens(self) -> None:
         """Invalidate every installation token issued so far: they answer 401 from now on."""
@@ -412,6 +431,7 @@ class FakeGitHub:
         return _json(200, body, headers)
 
     def _tokens_route(self, request: Request, installation_id: int) -> Response:
+        self._held("access_tokens")
         fault = self._fault("access_tokens")
         if fault is not None:
             return fault

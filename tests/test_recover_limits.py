@@ -29,6 +29,7 @@ from sqlalchemy.engine import Engine
 from flowlens_ingest.cli.main import main
 from flowlens_ingest.config import Settings
 from flowlens_ingest.github.backfill import Backfiller, BackfillStopped, Target
+from flowlens_ingest.github.budget import installation_key
 from flowlens_ingest.github.client import GitHubClient
 from flowlens_ingest.github.enrich import Enricher, client_for
 from flowlens_ingest.github.errors import RateLimited, Transient
@@ -253,6 +254,59 @@ def test_a_process_that_cannot_read_the_shared_waits_sends_nothing(github):
             unreachable.dispose()
     assert caught.value.reason == "waits_unreadable"
     assert github.budgets.requests("token") == 0
+
+
+def test_a_files_job_not_sent_for_unreadable_waits_keeps_its_attempts(db, github):
+    # The queue answers, the shared waits do not (their store refuses connections): the job is put
+    # back for later without a request and without spending one of its attempts.
+    settings = settings_for(github)
+    github.set_files("octo/walls", 1, make_files(2))
+    apply(db, "pull_request", opened(1))
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        unreachable = Database(Settings(), f"postgresql://postgres@127.0.0.1:{closed.getsockname()[1]}/postgres")
+        try:
+            with GitHubClient(api_url=github.url, token=github.token, waits=DatabaseWaits(unreachable)) as client:
+                assert Enricher(settings, database_of(db), client, instruments()).run_once()
+        finally:
+            unreachable.dispose()
+    (job,) = rows(db, files_jobs, "state", "attempts", "run_after", "last_error")
+    assert (job["state"], job["attempts"]) == ("pending", 0)
+    assert job["run_after"] > datetime.now(UTC) + timedelta(seconds=30)
+    assert "not sent" in job["last_error"]
+    assert github.budgets.requests("token") == 0
+
+
+def test_a_wait_another_process_is_told_while_a_token_is_minted_stops_the_request(db, github):
+    # The files worker has checked the walls and is minting an installation token (GitHub holds
+    # the mint) when another process is told to wait on that installation: the request the token
+    # was minted for is not sent.
+    github.set_files("octo/walls", 7, make_files(2))
+    arrived, answer = github.hold_next("access_tokens")
+    outcome: list[BaseException] = []
+    with GitHubClient(
+        api_url=github.url,
+        app_id=github.app_id,
+        private_key=github.app_private_key_pem,
+        waits=DatabaseWaits(database_of(db)),
+    ) as client:
+
+        def fetch() -> None:
+            try:
+                client.list_files("octo/walls", 7, installation_id=42)
+            except RateLimited as exc:
+                outcome.append(exc)
+
+        fetching = threading.Thread(target=fetch)
+        fetching.start()
+        assert arrived.wait(30), "the token mint never reached GitHub"
+        DatabaseWaits(database_of(db)).record(installation_key(42), 600, "secondary")
+        answer.set()
+        fetching.join(30)
+    (limited,) = outcome
+    assert isinstance(limited, RateLimited) and limited.sent is False
+    assert github.calls("GET", contains="/files") == []
+    assert github.budgets.requests_while_limited("installation:42") == 0
 
 
 def test_the_backfill_command_waits_out_a_wall_another_process_was_told_without_a_request(db, github):

@@ -55,7 +55,7 @@ class Wait:
 class SharedWaits(Protocol):
     """Where waits are shared with other processes (the database).
 
-    `wait_of` raises (Transient) when the store cannot be read: not knowing another process's
+    `wait_of` raises (NotSent) when the store cannot be read: not knowing another process's
     wait is not knowing there is none, so nothing is sent. `record` is best effort: this
     process honours its own waits whatever the store does.
 
@@ -91,6 +91,10 @@ class Budgets:
             own = self._waits.get(key)
         return own if own is not None and own.until > now else None
 
+    def own_wait(self, key: str) -> Wait | None:
+        """The wait this process was told for the credential, while it holds (the shared ones not read)."""
+        return self._own_wait(key, self._clock())
+
     def wait_of(self, key: str) -> Wait | None:
         """The wait that still holds for this credential (this process's or a shared one), or None."""
         now = self._clock()
@@ -117,17 +121,16 @@ class Budgets:
 
         "Make requests for a single user or client ID serially" (GitHub's advice against secondary
         limits): the files worker and the recovery thread of one process take turns. Inside the
-        turn, a wait another thread was told while this one queued holds for it too (RateLimited,
-        `sent=False`): no request goes out behind one that GitHub has just answered with a limit.
+        turn every wait is read again, this process's and the shared ones (RateLimited,
+        `sent=False`): no request goes out behind one that GitHub has just answered with a limit,
+        here or in another process, however long this one queued (or minted its token) before.
         """
         with self._lock:
             lock = self._turns.setdefault(key, threading.Lock())
         if not lock.acquire(timeout=timeout):
             raise Transient("busy", f"another request with {key} held its turn past {timeout:g} s")
         try:
-            own = self._own_wait(key, self._clock())
-            if own is not None:
-                raise RateLimited(own.until, own.reason, credential=key, sent=False)
+            self.check(key)
             yield
         finally:
             lock.release()

@@ -205,18 +205,14 @@ class GitHubClient:
         """The reset time (at most an hour ahead) when that credential has fewer than `reserve` requests left; else None."""
         return self.budgets.reserve_exhausted(self.credential_key(installation_id=installation_id), reserve)
 
-    def _exchange(
-        self, key: str, method: str, url: str, headers: dict[str, str], max_bytes: int, *, checked: bool = False
-    ) -> Answer:
+    def _exchange(self, key: str, method: str, url: str, headers: dict[str, str], max_bytes: int) -> Answer:
         """One request drawing on budget `key`: refused at once while GitHub's wait holds, and its answer recorded.
 
         A 403/429 that is a rate limit makes the wait this credential honours from now on, in
-        this process and (through the shared waits) in the others. `checked`: the caller has just
-        asked (before minting the token it sends), so the shared waits are not read twice. The
-        request is sent in the credential's turn (Budgets.turn): one at a time in this process.
+        this process and (through the shared waits) in the others. The request is sent in the
+        credential's turn (Budgets.turn: one at a time in this process), which reads every wait
+        again as it begins.
         """
-        if not checked:
-            self.budgets.check(key)
         held = False
 
         def heard(status: int, head: httpx.Headers) -> None:
@@ -354,7 +350,7 @@ class GitHubClient:
         self.budgets.check(key)
         credential, installation = self._credential(installation_id)
         authorized = {**headers, "Authorization": f"Bearer {credential}"}
-        answer = self._exchange(key, "GET", url, authorized, max_bytes, checked=True)
+        answer = self._exchange(key, "GET", url, authorized, max_bytes)
         if answer.status_code != 401 or installation is None or self._app is None:
             return answer, 1
         # Revoked, or expired earlier than announced: mint once more, then give up.
@@ -425,8 +421,9 @@ class GitHubClient:
             raise_for(answer, self._clock())
         except RateLimited as exc:
             reason: Literal["primary", "secondary"] = "primary" if exc.reason == "primary" else "secondary"
-            # The wait the credential now honours, which repeated secondary limits make longer.
-            held = self.budgets.wait_of(key)
+            # The wait the credential now honours, which repeated secondary limits make longer
+            # (this process's own, just recorded: the answer is a rate limit whatever the database says).
+            held = self.budgets.own_wait(key)
             retry_at = exc.retry_at if held is None else max(exc.retry_at, held.until)
             raise RateLimited(retry_at, reason, status=exc.status, credential=key) from None
 
@@ -469,7 +466,7 @@ class GitHubClient:
             self.budgets.check(key)
             credential, _ = self._credential(installation_id)
             authorized = {"Authorization": f"Bearer {credential}"}
-            answer = self._exchange(key, method, url, authorized, self.max_page_bytes, checked=True)
+            answer = self._exchange(key, method, url, authorized, self.max_page_bytes)
         if not 200 <= answer.status_code < 300:
             self._raise_for(answer, key)
         if answer.cut:

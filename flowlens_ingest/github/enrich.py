@@ -25,7 +25,7 @@ from flowlens_ingest.config import Settings
 from flowlens_ingest.events.enums import FilesStatus
 from flowlens_ingest.github import files, jobs
 from flowlens_ingest.github.client import FilesPage, GitHubClient
-from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited
+from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, NotSent, RateLimited
 from flowlens_ingest.ingest import describe
 from flowlens_ingest.metrics import Metrics
 from flowlens_ingest.store.database import Database, DatabaseUnavailable
@@ -38,6 +38,8 @@ MAX_BACKOFF_S = 900.0
 GAUGE_INTERVAL_S = 10.0
 # The outcome of a job another worker took over meanwhile: this worker's result was not kept.
 LEASE_LOST = "lease_lost"
+# A job not sent because the shared rate-limit waits could not be read is tried again this much later.
+NOT_SENT_RETRY_S = 60.0
 
 
 def client_for(settings: Settings, database: Database | None) -> GitHubClient:
@@ -123,6 +125,11 @@ class Enricher:
             at = datetime.fromtimestamp(exc.retry_at, tz=UTC)
             released = jobs.reschedule(self.database, job, at, f"rate limited ({exc.reason})", refund=True)
             return ("rescheduled" if released else LEASE_LOST), f"rate_limit_{exc.reason}"
+        except NotSent as exc:
+            # Nothing went to GitHub: no request counted, no attempt spent.
+            at = datetime.now(UTC) + timedelta(seconds=NOT_SENT_RETRY_S)
+            released = jobs.reschedule(self.database, job, at, str(exc), refund=True)
+            return ("rescheduled" if released else LEASE_LOST), exc.reason
         except (NotFound, Forbidden) as exc:
             status = FilesStatus.NOT_FOUND if isinstance(exc, NotFound) else FilesStatus.FORBIDDEN
             self.metrics.github_requests.labels(str(exc.status or exc.reason)).inc()

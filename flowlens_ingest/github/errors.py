@@ -66,6 +66,14 @@ class Transient(GitHubError):
         super().__init__(message or f"GitHub request failed: {reason}", reason=reason, status=status)
 
 
+class NotSent(Transient):
+    """Nothing was sent: whether GitHub told this credential to wait could not be known (the shared waits unreadable)."""
+
+    def __init__(self, message: str, *, credential: str | None = None) -> None:
+        super().__init__("waits_unreadable", message)
+        self.credential = credential
+
+
 class Unauthorized(GitHubError):
     """GitHub rejected our credential (a bad token, or an installation token refused even after a re-mint)."""
 

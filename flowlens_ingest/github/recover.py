@@ -36,7 +36,7 @@ from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.envelope import Caseless, Envelope
 from flowlens_ingest.events.hooks import header_number
 from flowlens_ingest.github.client import DEFAULT_API_URL, GitHubClient, JsonAnswer
-from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited, Unauthorized
+from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, NotSent, RateLimited, Unauthorized
 from flowlens_ingest.github.hooks import Hook, LogEntry, hooks_to_read, journaled, log_entry
 from flowlens_ingest.ingest import Disposition, ingest
 from flowlens_ingest.metrics import Metrics
@@ -245,8 +245,9 @@ class Recoverer:
         self._last_post = 0.0
         # Learned while reading (the App hook's id): the scheduled pass records it.
         self.learned: dict[str, int] = {}
-        # Credentials GitHub told to wait longer than we wait: nothing more is sent with them this run.
-        self._walled: dict[str, RateLimited] = {}
+        # Credentials GitHub told to wait longer than we wait, or whose waits could not be read:
+        # nothing more is sent with them this run.
+        self._walled: dict[str, RateLimited | NotSent] = {}
 
     def run(
         self,
@@ -413,6 +414,10 @@ class Recoverer:
                 # A wall for this credential: nothing more is sent with it this run (budget.py).
                 self._walled[key] = exc
                 report.limited(exc)
+                report.held.append((item, f"{exc}: not asked"))
+            except NotSent as exc:
+                # Whether GitHub said wait is unknown: the rest are held back for the next run, not failed.
+                self._walled[key] = exc
                 report.held.append((item, f"{exc}: not asked"))
             except Interrupted as exc:
                 report.held.append((item, str(exc)))

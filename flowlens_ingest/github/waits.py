@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from flowlens_ingest.github.budget import Reason
-from flowlens_ingest.github.errors import Transient
+from flowlens_ingest.github.errors import NotSent
 from flowlens_ingest.store.database import Database, DatabaseUnavailable
 from flowlens_ingest.store.schema import github_waits
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class DatabaseWaits:
     """The `github_waits` table as a `SharedWaits`.
 
-    A database that cannot be read sends nothing (Transient): another process may have been told
+    A database that cannot be read sends nothing (NotSent): another process may have been told
     to wait, and a request made without knowing is one GitHub may count against the integration.
     A wait that cannot be written is still honoured here (Budgets keeps it).
     """
@@ -40,7 +40,7 @@ class DatabaseWaits:
     def wait_of(self, key: str) -> tuple[float, Reason] | None:
         """Seconds left of the wait any process recorded for this credential, and why; None if none is left.
 
-        Raises Transient when the database cannot say: the caller then sends nothing.
+        Raises NotSent when the database cannot say: the caller then sends nothing.
         """
         t = github_waits
         left = sa.extract("epoch", t.c.wait_until - sa.func.now())
@@ -49,9 +49,7 @@ class DatabaseWaits:
             row = self.database.first(query)
         except DatabaseUnavailable as exc:
             self._say_unavailable(exc)
-            raise Transient(
-                "waits_unreadable", f"GitHub's shared rate-limit waits unreadable ({exc}): not sent"
-            ) from exc
+            raise NotSent(f"GitHub's shared rate-limit waits unreadable ({exc}): not sent", credential=key) from exc
         self._unavailable = False
         if row is None:
             return None
