@@ -1,9 +1,11 @@
 """Migrations: up from empty, down to base, no drift from schema.py, PostgreSQL 11 syntax only."""
 
+import importlib.util
 import io
 import re
 import socket
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -271,3 +273,15 @@ def test_a_server_that_never_answers_is_given_up_on_at_the_connect_bound():
         url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/postgres"
         with pytest.raises(sa.exc.OperationalError, match="deadline"):
             migrate.upgrade(url, connect_s=1)
+
+
+def test_migration_0004_drops_indexes_in_the_form_each_server_takes():
+    # YugabyteDB's YSQL refuses DROP INDEX CONCURRENTLY (yugabyte-db #22717, #31574): every `db upgrade`
+    # from below 0004 would stop there. PostgreSQL keeps the concurrent form (the upgrades above run it).
+    path = Path(__file__).resolve().parents[1] / "alembic" / "versions" / "0004_indexes_that_spread_writes.py"
+    spec = importlib.util.spec_from_file_location("migration_0004", path)
+    assert spec is not None and spec.loader is not None
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    assert migration.drop_statement("ix_a", yugabyte=True) == "DROP INDEX IF EXISTS ix_a"
+    assert migration.drop_statement("ix_a", yugabyte=False) == "DROP INDEX CONCURRENTLY IF EXISTS ix_a"

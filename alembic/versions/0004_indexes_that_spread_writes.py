@@ -61,16 +61,22 @@ def create_index(name: str, table: str, columns: str, *, yugabyte_columns: str |
     """
     with op.get_context().autocommit_block():
         if _invalid(name):
-            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+            op.execute(drop_statement(name, yugabyte=is_yugabyte()))
         listed = yugabyte_columns if yugabyte_columns and is_yugabyte() else columns
         condition = f" WHERE {where}" if where else ""
         op.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} ({listed}){condition}")
 
 
+def drop_statement(name: str, *, yugabyte: bool) -> str:
+    """DROP INDEX IF EXISTS: CONCURRENTLY on PostgreSQL; plain on YugabyteDB, whose YSQL refuses
+    CONCURRENTLY ("DROP INDEX CONCURRENTLY not supported yet", yugabyte-db #22717, #31574)."""
+    return f"DROP INDEX {'' if yugabyte else 'CONCURRENTLY '}IF EXISTS {name}"
+
+
 def drop_index(name: str) -> None:
-    """DROP INDEX CONCURRENTLY IF EXISTS, outside the migration transaction."""
+    """DROP INDEX IF EXISTS (concurrently where the server can), outside the migration transaction."""
     with op.get_context().autocommit_block():
-        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+        op.execute(drop_statement(name, yugabyte=is_yugabyte()))
 
 
 def upgrade() -> None:
