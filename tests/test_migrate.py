@@ -4,6 +4,7 @@ import importlib.util
 import io
 import re
 import socket
+import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -273,6 +274,17 @@ def test_a_server_that_never_answers_is_given_up_on_at_the_connect_bound():
         url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/postgres"
         with pytest.raises(sa.exc.OperationalError, match="deadline"):
             migrate.upgrade(url, connect_s=1)
+
+
+def test_the_release_steps_questions_around_the_migration_end_at_their_bound():
+    # `db upgrade` asks the revision before and after migrating: against a server that accepts and
+    # never answers, each ends at its bound (before: waited for as long as the connection lived).
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/postgres"
+        started = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError, match="deadline"):
+            migrate.revision_of(url, within=1)
+        assert time.monotonic() - started < 10
 
 
 def test_migration_0004_drops_indexes_in_the_form_each_server_takes():

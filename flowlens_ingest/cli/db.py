@@ -32,9 +32,9 @@ def db_upgrade(revision: str) -> int:
         server, url = embedded.start(settings.data_dir)
         where = f"the embedded database in {settings.data_dir / 'pgdata'}"
     try:
-        before = _revision(url)
+        before = migrate.revision_of(url)
         command = migrate.release(url, revision)
-        after = _revision(url)
+        after = migrate.revision_of(url)
     except CommandError as exc:
         return fail(f"cannot upgrade to {revision!r}: {exc}")
     except sa.exc.OperationalError as exc:
@@ -49,19 +49,6 @@ def db_upgrade(revision: str) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-def _revision(url: str) -> str | None:
-    """The database's alembic revision (None: never migrated)."""
-    import sqlalchemy as sa
-
-    from flowlens_ingest.store import migrate
-
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        return migrate.revisions(engine)[0]
-    finally:
-        engine.dispose()
 
 
 def _upgraded(asked: str, before: str | None, after: str | None) -> str:

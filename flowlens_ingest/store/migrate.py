@@ -15,6 +15,8 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.engine import Engine
 
+from flowlens_ingest.store.deadline import deadline, install_deadlines
+
 
 def script_location() -> Path:
     """The migrations folder: installed as flowlens_ingest/migrations, or alembic/ in a checkout."""
@@ -45,6 +47,9 @@ MIGRATION_LOCK_WAIT_S = 900.0
 # and its connection is made within the second.
 MIGRATION_DEADLINE_S = 3600.0
 MIGRATION_CONNECT_S = 10.0
+# The release step's questions around the migration (the revision before and after, the log
+# setting) each end within this, their connection included, whatever the server does.
+QUESTION_S = 30.0
 
 
 def upgrade(
@@ -100,8 +105,24 @@ def release(url: str, revision: str = "head") -> str | None:
     """
     upgrade(url, revision)
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    install_deadlines()
     try:
-        return quiet_statement_log(engine)
+        with deadline(QUESTION_S):
+            return quiet_statement_log(engine)
+    finally:
+        engine.dispose()
+
+
+def revision_of(url: str, *, within: float = QUESTION_S) -> str | None:
+    """The alembic revision of the database at `url` (None: never migrated), known within `within` seconds.
+
+    OperationalError when the server does not answer by then (a proxy that accepts and holds).
+    """
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    install_deadlines()
+    try:
+        with deadline(within):
+            return revisions(engine)[0]
     finally:
         engine.dispose()
 
