@@ -236,6 +236,28 @@ def test_a_session_that_lost_its_statements_prepares_them_again(db, database_url
     assert_synchronized_once(db)
 
 
+def test_a_session_whose_prepares_failed_part_way_is_not_used_again(db, database_url):
+    with one_session(database_url) as engine:
+        # A release that has not migrated the journal yet: the batch's first statements are prepared,
+        # the journal's is refused, and the session now holds statements it did not record.
+        with db.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE webhook_deliveries RENAME TO webhook_deliveries_away")
+        try:
+            result = ingest(
+                database_of(engine), delivery("pull_request", pull_request("opened", REPO, 1, SHA_A, START))
+            )
+            assert result.outcome is None
+        finally:
+            with db.begin() as conn:
+                conn.exec_driver_sql("ALTER TABLE webhook_deliveries_away RENAME TO webhook_deliveries")
+        # The next delivery runs on a fresh session: no refusal of a statement prepared twice (42P05), no retry.
+        retries: list[str] = []
+        later = START.replace(minute=5)
+        synchronized = delivery("pull_request", pull_request("synchronize", REPO, 1, SHA_B, later))
+        assert ingest(database_of(engine), synchronized, on_retry=retries.append).outcome == "applied"
+        assert retries == []
+
+
 def test_a_migration_under_a_running_worker_does_not_fail_its_deliveries(server_url):
     # A rolling deploy: the release step changes a column a prepared statement
     # returns while this worker's session holds the old plan.

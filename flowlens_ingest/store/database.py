@@ -315,6 +315,10 @@ class Database:
                     # Retried on a new session, which prepares afresh.
                     pooled.invalidate()
                     disconnected = True
+                elif getattr(dbapi, "out_of_step", False):
+                    # Its prepared statements are no longer known: never reused, but the refusal
+                    # was the statements' (a missing table), not the session's, so not retried for it.
+                    pooled.invalidate()
                 raise DBAPIError.instance(None, None, exc, psycopg2.Error, connection_invalidated=disconnected) from exc
         finally:
             pooled.close()

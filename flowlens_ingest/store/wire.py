@@ -200,6 +200,9 @@ class CountingConnection(psycopg2.extensions.connection):
         self.cursor_factory = CountingCursor
         # Names of the statements PREPAREd in this session; None: send SQL text instead.
         self.prepared: set[str] | None = None
+        # A group of PREPAREs failed part-way: the server may hold statements `prepared` does not
+        # name (PREPARE is not transactional), so the session is never used again (database.py).
+        self.out_of_step = False
 
     def commit(self) -> None:
         """Commit; a round trip only when a transaction is open."""
@@ -221,7 +224,8 @@ def lost_prepared_statement(exc: psycopg2.Error) -> bool:
     """The session no longer holds the statements we PREPAREd, or one changed under us."""
     # The session forgot its prepared statements (a pooler or DISCARD ALL), holds one
     # we did not record (PREPARE is not transactional: a failed group of PREPAREs
-    # keeps those before the failure), or a migration changed a table under one.
+    # keeps those before the failure: `out_of_step` retires such a session at once, this is the
+    # fallback), or a migration changed a table under one.
     # A fresh connection prepares them again.
     if exc.pgcode in ("26000", "42P05"):
         return True
@@ -275,7 +279,13 @@ def send(
         try:
             if prepared is not None and missing:
                 # Outside any transaction: a prepared statement outlives a rolled-back batch.
-                cursor.execute(b";\n".join(missing.values()))
+                try:
+                    cursor.execute(b";\n".join(missing.values()))
+                except psycopg2.Error:
+                    # Those before the failing one may be prepared now: the next batch on this
+                    # session would meet them again as a refusal (42P05).
+                    dbapi.out_of_step = True
+                    raise
                 prepared.update(missing)
             # Several statements in one query are one transaction: an implicit one, which the
             # server commits at the end of the query, or rolls back at the first error.
