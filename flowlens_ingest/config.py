@@ -414,8 +414,8 @@ class Settings:
         rows=Row(
             default="`536870912` (512 MiB)",
             accepts="`0`, or `FLOWLENS_MAX_BODY_BYTES` and up",
-            meaning="spool bound (across workers, may be passed by about a second of traffic: see"
-            " [reliability.md](reliability.md#database-outages-and-the-spool)); `0` turns the spool off (503"
+            meaning="spool bound, deliveries set aside (`*.unusable`) included (across workers, may be passed"
+            " by about a second of traffic: see [reliability.md](reliability.md#database-outages-and-the-spool)); `0` turns the spool off (503"
             " instead). Between 1 and the body limit the spool could not take the largest deliveries: most"
             " likely a unit slip (`512` meant as MiB), refused",
         ),

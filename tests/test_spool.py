@@ -130,6 +130,23 @@ def test_put_refuses_what_would_go_over_the_size_bound(tmp_path):
     assert list((tmp_path / "spool").glob(".*.tmp")) == []
 
 
+def test_deliveries_set_aside_count_against_the_bound(tmp_path):
+    body = b"x" * 100
+    spool = Spool(tmp_path / "spool", 10_000)
+    refused = Result(Disposition.SET_ASIDE, error="refused")
+    # Set aside as fast as they come: their bytes stay on the disk, within the bound.
+    for _ in range(200):  # four times the bound's worth
+        if not spool.put(ping("d"), body):
+            break
+        assert spool.drain(lambda _item: refused) == (0, None)
+        spool.refresh()
+    else:
+        pytest.fail("the spool kept taking deliveries while those set aside filled the disk past its bound")
+    assert spool.depth() == 0 and spool.unusable > 0
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "spool").glob("*" + UNUSABLE_SUFFIX))
+    assert on_disk <= 10_000 and spool.used_bytes() == on_disk == spool.estimate()
+
+
 def test_concurrent_puts_of_one_worker_keep_the_bound(tmp_path):
     spool = Spool(tmp_path / "spool", 2000)
     results: list[bool] = []
@@ -593,6 +610,50 @@ def test_a_delivery_whose_rows_stay_locked_past_the_timeout_does_not_hold_up_the
     assert {k: v for k, v in journal(db).items() if k.startswith("locked")} == {
         f"locked-{n}": ("applied", 1) for n in range(2)
     }
+
+
+@pytest.fixture
+def disk_full(db) -> Iterator[str]:
+    """A journal whose writes of one delivery id fail as a full disk does (53100): the database's trouble."""
+    with db.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION test_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                " IF NEW.delivery_id = 'full' THEN RAISE EXCEPTION 'could not extend file' USING ERRCODE = '53100';"
+                " END IF; RETURN NEW; END $$"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE TRIGGER test_disk_full BEFORE INSERT ON webhook_deliveries"
+                " FOR EACH ROW EXECUTE FUNCTION test_disk_full()"
+            )
+        )
+    try:
+        yield "full"
+    finally:
+        with db.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER IF EXISTS test_disk_full ON webhook_deliveries"))
+            conn.execute(sa.text("DROP FUNCTION IF EXISTS test_disk_full()"))
+
+
+def test_a_database_out_of_disk_keeps_the_delivery_spooled_not_set_aside(apps, drain, db, disk_full):
+    up = apps(down=False)
+    response = post(up, OPENED, "pull_request", delivery=disk_full)
+    assert (response.status_code, response.get_json()["outcome"]) == (202, "spooled")
+    drain(up)
+    spool = services(up).spool
+    # Several ticks: the drain stops at it each time, keeps it, sets nothing aside.
+    ticks = REGISTRY.get_sample_value("flowlens_db_retries_total", {"reason": "53100"}) or 0
+    wait_for(
+        lambda: (REGISTRY.get_sample_value("flowlens_db_retries_total", {"reason": "53100"}) or 0) >= ticks + 3,
+        what="three drains to meet the full disk",
+    )
+    assert spool.depth() == 1 and spool.unusable == 0
+    with db.begin() as conn:
+        conn.execute(sa.text("DROP TRIGGER test_disk_full ON webhook_deliveries"))
+    wait_for(lambda: spool.depth() == 0, what="the delivery to apply once there is room")
+    assert journal(db)[disk_full] == ("applied", 1)
 
 
 def test_spooled_body_is_the_signed_bytes_as_received(apps, tmp_path):

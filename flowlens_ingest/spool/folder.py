@@ -117,8 +117,9 @@ class Spool:
         self._scanned = 0
         self._added = 0
         self._writing = 0
-        # Deliveries set aside (*.unusable) at the last listing.
+        # Deliveries set aside (*.unusable) at the last listing, and their bytes.
         self.unusable = 0
+        self.unusable_bytes = 0
         # Unusable files the drain could not rename aside (said once each).
         self._not_renamed: set[str] = set()
         # What earlier runs left counts from the start. A folder that cannot be read
@@ -137,13 +138,17 @@ class Spool:
                 names = [entry.name for entry in entries]
         except FileNotFoundError:
             names = []
-        # Counted in the same listing: the tick reports them, an operator acts on them.
-        self.unusable = sum(1 for name in names if name.endswith(UNUSABLE_SUFFIX))
+        # Counted in the same listing: the tick reports them, an operator acts on them. Their bytes
+        # stay on this disk, so they count against the bound too (a delivery set aside at every
+        # tick must not fill the disk past it).
+        aside = [name for name in names if name.endswith(UNUSABLE_SUFFIX)]
+        self.unusable = len(aside)
+        self.unusable_bytes = sum(self._size(name) for name in aside)
         return [name for name in names if name.endswith(SUFFIX)]
 
     def _size(self, name: str) -> int:
-        """The bytes of a spooled file: from its name, or from a stat for a name without them."""
-        fields = name.removesuffix(SUFFIX).split("-")
+        """The bytes of a spooled (or set-aside) file: from its name, or from a stat for a name without them."""
+        fields = name.removesuffix(UNUSABLE_SUFFIX).removesuffix(SUFFIX).split("-")
         if len(fields) == 4 and fields[3].isdigit():
             return int(fields[3])
         try:
@@ -179,15 +184,15 @@ class Spool:
         return datetime.fromtimestamp(arrived, tz=UTC) if arrived else None
 
     def used_bytes(self) -> int:
-        """Bytes the spooled deliveries take (a scan of the folder)."""
-        return sum(self._size(name) for name in self._names())
+        """Bytes the spooled deliveries take, those set aside included (a scan of the folder)."""
+        return sum(self._size(name) for name in self._names()) + self.unusable_bytes
 
     def refresh(self) -> int:
         """Scan the folder: set this process's estimate to its total; return its depth (the drainer's tick)."""
         with self._lock:
             seen_added = self._added
         names = self._names()
-        total = sum(self._size(name) for name in names)
+        total = sum(self._size(name) for name in names) + self.unusable_bytes
         with self._lock:
             # A put renamed during the scan may be counted twice until the next scan
             # (by the listing and in _added): an estimate too high, never too low.

@@ -36,8 +36,13 @@ T = TypeVar("T")
 # raises them far more often than PostgreSQL (conflicts, leader moves, restarts).
 # https://docs.yugabyte.com/preview/architecture/transactions/concurrency-control/
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
-# The server is gone, restarting, or too slow to answer inside the statement timeout.
-UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57014", "55P03", "08000", "08003", "08006"})
+# The server is gone, restarting, too slow to answer inside the statement timeout, or out of a
+# resource (class 53: disk full, out of memory, too many connections): the database's trouble,
+# not the delivery's, so the delivery is kept for later rather than journaled failed or set aside.
+UNAVAILABLE_SQLSTATES = frozenset(
+    {"57P01", "57P02", "57P03", "57014", "55P03", "08000", "08003", "08006"}
+    | {"53000", "53100", "53200", "53300", "53400"}
+)
 # statement_timeout and lock_timeout: one such wait already spent the answer's time budget.
 TIMEOUT_SQLSTATES = frozenset({"57014", "55P03"})
 # Conflicts (40001/40P01) are retried until this many attempts or this much time, with
