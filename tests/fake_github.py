@@ -379,6 +379,7 @@ class FakeGitHub:
         return issued is not None and self.clock() < issued[1]
 
     def _files_route(self, request: Request, full_name: str, number: int) -> Response:
+        self._held("files")
         fault = self._fault("files")
         if fault is not None:
             return fault

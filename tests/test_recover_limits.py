@@ -277,6 +277,26 @@ def test_a_files_job_not_sent_for_unreadable_waits_keeps_its_attempts(db, github
     assert github.budgets.requests("token") == 0
 
 
+def test_a_files_job_taken_by_another_worker_mid_list_asks_for_no_further_page(db, github):
+    # A list of three pages. While its first page is in flight, the job's lease passes to another
+    # worker (this one was too slow): the rest of the list is not asked for with the same credential.
+    settings = settings_for(github)
+    github.set_files("octo/walls", 1, make_files(250))
+    apply(db, "pull_request", opened(1))
+    arrived, answer = github.hold_next("files")
+    worker = Enricher(settings, database_of(db), client_for(settings, database_of(db)), instruments())
+    working = threading.Thread(target=worker.run_once)
+    working.start()
+    assert arrived.wait(30), "the first page was never asked for"
+    with db.begin() as conn:
+        conn.execute(sa.update(files_jobs).values(lease_token=sa.func.gen_random_uuid()))
+    answer.set()
+    working.join(30)
+    assert len(github.calls("GET", contains="/files")) == 1
+    (job,) = rows(db, files_jobs, "state", "attempts")
+    assert job == {"state": "pending", "attempts": 1}  # the other worker's now, untouched by this one
+
+
 def test_a_wait_another_process_is_told_while_a_token_is_minted_stops_the_request(db, github):
     # The files worker has checked the walls and is minting an installation token (GitHub holds
     # the mint) when another process is told to wait on that installation: the request the token

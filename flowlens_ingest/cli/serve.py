@@ -15,6 +15,9 @@ from flowlens_ingest.cli.output import fail
 from flowlens_ingest.config import Settings, child_environment, unknown_names, writable_directory
 
 GUNICORN_CONF = "python:flowlens_ingest.web.gunicorn_conf"
+# The files worker stops after the job in hand (SIGTERM); past this it is killed, and the job's
+# lease runs out for another worker to take it again.
+FILES_WORKER_STOP_S = 30.0
 
 # --- serve -------------------------------------------------------------------------------
 
@@ -204,7 +207,11 @@ def serve(host: str, port: int, workers: int | None) -> int:
             forget_instance(record, instance)
     if worker is not None:
         worker.terminate()
-        worker.wait()
+        try:
+            worker.wait(FILES_WORKER_STOP_S)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
     if server is not None:
         server.close()  # its keeper stops it once no other process uses it
     # A gunicorn killed by a signal: report it the way a shell would.

@@ -38,7 +38,7 @@ from flowlens_ingest.github.answers import (
 )
 from flowlens_ingest.github.auth import GitHubApp
 from flowlens_ingest.github.budget import Budgets, SharedWaits, Wait, app_key, installation_key, token_key
-from flowlens_ingest.github.errors import Forbidden, GitHubError, RateLimited, Transient
+from flowlens_ingest.github.errors import Forbidden, GitHubError, NotSent, RateLimited, Transient
 from flowlens_ingest.github.files import MAX_FILES
 from flowlens_ingest.github.transport import bound_requests, within
 
@@ -362,9 +362,19 @@ class GitHubClient:
     # -- the files list ---------------------------------------------------------------------
 
     def list_files(
-        self, full_name: str, number: int, *, installation_id: int | None, etag: str | None = None
+        self,
+        full_name: str,
+        number: int,
+        *,
+        installation_id: int | None,
+        etag: str | None = None,
+        keep: Callable[[], bool] | None = None,
     ) -> FilesPage:
-        """Every file entry of a pull request (up to GitHub's 3,000), following `Link: rel="next"` pages."""
+        """Every file entry of a pull request (up to GitHub's 3,000), following `Link: rel="next"` pages.
+
+        `keep` is asked before each page after the first (a worker's lease on the job, renewed):
+        False ends the list there, NotSent (`lease_lost`), without asking GitHub for the page.
+        """
         owner, _, repo = full_name.partition("/")
         if not owner or not repo or "/" in repo:
             raise ValueError(f"not an owner/repo name: {full_name!r}")
@@ -385,6 +395,8 @@ class GitHubClient:
                 # 3,000-file cap, a server ignoring `per_page` or linking pages without end.
                 truncated = True
                 break
+            if pages and keep is not None and not keep():
+                raise NotSent("the job is no longer this worker's: its next page is not asked", reason="lease_lost")
             seen.add(url)
             headers = {"If-None-Match": etag} if etag and pages == 0 else {}
             answer, sent = self._get(url, installation_id, headers, min(self.max_page_bytes, budget))

@@ -155,7 +155,15 @@ class Enricher:
         reset = self.client.reserve_exhausted(self.settings.enrich_rate_reserve, installation_id=job.installation_id)
         if reset is not None:
             raise RateLimited(reset, "primary", sent=False)
-        return self.client.list_files(job.full_name, job.pr_number, installation_id=job.installation_id, etag=etag)
+        lease = timedelta(seconds=self.settings.enrich_lease_s)
+        return self.client.list_files(
+            job.full_name,
+            job.pr_number,
+            installation_id=job.installation_id,
+            etag=etag,
+            # Before each further page: the job held for another lease, or left to the worker that took it.
+            keep=lambda: jobs.extend(self.database, job, lease),
+        )
 
     def _retry(self, job: jobs.Job, error: str) -> str:
         """Retry with backoff, or settle as failed once the attempts are spent."""

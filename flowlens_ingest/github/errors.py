@@ -67,10 +67,11 @@ class Transient(GitHubError):
 
 
 class NotSent(Transient):
-    """Nothing was sent: whether GitHub told this credential to wait could not be known (the shared waits unreadable)."""
+    """Nothing was sent, and no request counted: whether GitHub told this credential to wait could not be
+    known (`waits_unreadable`), or the work it was for is no longer this worker's (`lease_lost`)."""
 
-    def __init__(self, message: str, *, credential: str | None = None) -> None:
-        super().__init__("waits_unreadable", message)
+    def __init__(self, message: str, *, reason: str = "waits_unreadable", credential: str | None = None) -> None:
+        super().__init__(reason, message)
         self.credential = credential
 
 

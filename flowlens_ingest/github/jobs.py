@@ -199,6 +199,17 @@ def settle(
     return database.run(batch) is not None
 
 
+def extend(database: Database, job: Job, lease: timedelta) -> bool:
+    """Hold the job `lease` longer from now (a list of many pages); False when another worker holds it now."""
+    j = files_jobs
+    changed = database.execute(
+        sa.update(j)
+        .where(j.c.id == job.id, j.c.lease_token == job.lease_token)
+        .values(leased_until=sa.func.now() + lease, updated_at=sa.func.now())
+    )
+    return changed == 1
+
+
 def reschedule(database: Database, job: Job, at: datetime, error: str, *, refund: bool = False) -> bool:
     """Release the job until `at`; `refund` gives back the attempt (a rate limit is not a failure).
 
