@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from bench.proxy import FreezingProxy
 from flowlens_ingest.cli.main import main
 from flowlens_ingest.config import Settings
 from flowlens_ingest.github.backfill import Backfiller, BackfillStopped, Target
@@ -39,10 +40,10 @@ from flowlens_ingest.github.recover_pass import DUE, RecoveryPass
 from flowlens_ingest.github.waits import DatabaseWaits
 from flowlens_ingest.metrics import instruments
 from flowlens_ingest.store.database import Database
-from flowlens_ingest.store.schema import files_jobs, leases, webhook_deliveries, webhook_hooks
+from flowlens_ingest.store.schema import files_jobs, github_waits, leases, webhook_deliveries, webhook_hooks
 
 from .fake_github import FakeGitHub, app_private_key_pem, make_files, serve_fake_github
-from .helpers import SECRET, cli_environment, database_of, rows
+from .helpers import SECRET, cli_environment, database_of, rows, wait_for
 from .serving import Webhook
 from .stories import START, apply, pull_request, repository, sha_for
 
@@ -254,6 +255,51 @@ def test_a_process_that_cannot_read_the_shared_waits_sends_nothing(github):
             unreachable.dispose()
     assert caught.value.reason == "waits_unreadable"
     assert github.budgets.requests("token") == 0
+
+
+def test_a_wait_the_database_could_not_take_is_shared_before_the_next_request(db, database_url, github):
+    # GitHub limits a request while the database is frozen: the wait cannot be shared then. Once the
+    # database answers again, it is shared before anything else is sent with that credential, so
+    # another process (or this one, restarted) learns it.
+    proxy, through = FreezingProxy.to(database_url)
+    waits_db = Database(Settings(statement_timeout_ms=300), through)
+    answer = threading.Event()
+    asked: list[int] = []
+
+    def held_then_limited() -> Iterator[bytes]:
+        asked.append(1)
+        answer.wait(30)
+        yield b'{"message": "You have exceeded a secondary rate limit."}'
+
+    github.stream_files("octo/walls", 7, held_then_limited, status=429, headers={"retry-after": "600"})
+    try:
+        with GitHubClient(api_url=github.url, token=github.token, waits=DatabaseWaits(waits_db)) as client:
+            told: list[BaseException] = []
+
+            def fetch() -> None:
+                try:
+                    client.list_files("octo/walls", 7, installation_id=None)
+                except RateLimited as exc:
+                    told.append(exc)
+
+            fetching = threading.Thread(target=fetch)
+            fetching.start()
+            wait_for(lambda: asked, "the request to reach GitHub")
+            proxy.freeze()
+            answer.set()
+            fetching.join(30)
+            assert len(told) == 1 and rows(db, github_waits) == []  # told; not shared: the database did not answer
+            proxy.heal()
+            wait_for(lambda: not waits_db.hung, "the waits' database to answer again")
+            with pytest.raises(RateLimited) as caught:
+                client.request_json("GET", "repos/octo/walls")
+            assert caught.value.sent is False
+        (shared,) = rows(db, github_waits, "credential", "reason")
+        assert shared == {"credential": client.credential_key(), "reason": "secondary"}
+        assert github.budgets.requests("token") == 1
+    finally:
+        waits_db.dispose()
+        proxy.close()
 
 
 def test_a_files_job_not_sent_for_unreadable_waits_keeps_its_attempts(db, github):

@@ -66,8 +66,8 @@ class SharedWaits(Protocol):
     def wait_of(self, key: str) -> tuple[float, Reason] | None:
         """How many seconds are left of the latest wait any process recorded for this credential, and why; None if none."""
 
-    def record(self, key: str, seconds: float, reason: Reason) -> None:
-        """Record a wait of `seconds` from now for this credential (a later end than what is stored wins)."""
+    def record(self, key: str, seconds: float, reason: Reason) -> bool:
+        """Record a wait of `seconds` from now for this credential (a later end than what is stored wins); False when it could not."""
 
 
 class Budgets:
@@ -83,6 +83,9 @@ class Budgets:
         self._strikes: dict[str, int] = {}
         # Per credential, held while this process sends a request with it (`turn`).
         self._turns: dict[str, threading.Lock] = {}
+        # Credentials whose latest wait could not be shared (the store failed): shared again before
+        # anything else is done with them, so another process, or this one restarted, still knows it.
+        self._unshared: set[str] = set()
         self.latest = RateLimit(remaining=None, reset=None, limit=None)
 
     def _own_wait(self, key: str, now: float) -> Wait | None:
@@ -100,6 +103,8 @@ class Budgets:
         now = self._clock()
         own = self._own_wait(key, now)
         if own is not None:
+            if key in self._unshared:
+                self._share(key, own, now)
             return own
         shared = self.shared.wait_of(key) if self.shared is not None else None
         if shared is not None and shared[0] > 0:
@@ -155,8 +160,18 @@ class Budgets:
             if current is not None and current.until >= until:
                 return
             self._waits[key] = Wait(until, reason)
-        if self.shared is not None:
-            self.shared.record(key, until - now, reason)
+        self._share(key, Wait(until, reason), now)
+
+    def _share(self, key: str, wait: Wait, now: float) -> None:
+        """Tell the other processes of this wait; remembered as unshared when the store cannot take it."""
+        if self.shared is None:
+            return
+        stored = self.shared.record(key, wait.until - now, wait.reason)
+        with self._lock:
+            if stored:
+                self._unshared.discard(key)
+            else:
+                self._unshared.add(key)
 
     def answered(self, key: str) -> None:
         """An answer of this credential that was no rate limit: the next secondary limit waits its minute again."""

@@ -55,8 +55,8 @@ class DatabaseWaits:
             return None
         return float(row[0]), "primary" if row.reason == "primary" else "secondary"
 
-    def record(self, key: str, seconds: float, reason: Reason) -> None:
-        """Record a wait of `seconds` from the database's now; a later one already stored is kept (GREATEST)."""
+    def record(self, key: str, seconds: float, reason: Reason) -> bool:
+        """Record a wait of `seconds` from the database's now (a later one already stored is kept); False when the database is unavailable."""
         t = github_waits
         until = sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.literal(max(seconds, 0.0), sa.Float))
         stmt = insert(t).values(credential=key, wait_until=until, reason=reason)
@@ -68,8 +68,10 @@ class DatabaseWaits:
         try:
             self.database.execute(upsert)
         except DatabaseUnavailable as exc:
-            # This process still honours the wait (Budgets keeps it); the others learn it from GitHub.
+            # This process still honours the wait, and shares it again before its next request (Budgets).
             self._say_unavailable(exc)
+            return False
+        return True
 
     def _say_unavailable(self, exc: DatabaseUnavailable) -> None:
         if not self._unavailable:
