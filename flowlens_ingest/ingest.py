@@ -154,12 +154,17 @@ def record_failure(
 
 
 def journal_works(database: Database) -> bool:
-    """The journal table answers a query: a refusal is then the delivery's fault, not the database's."""
+    """The journal table exists and this role may write it: a refusal is then the delivery's fault, not the database's.
+
+    Asked, not tried: a journal that is not there (not migrated) is an answer, not an error in the server's log.
+    """
+    journal = sa.func.to_regclass(sa.literal(webhook_deliveries.name, sa.Text))
+    writable = sa.func.coalesce(sa.func.has_table_privilege(journal, sa.literal("INSERT", sa.Text)), sa.false())
     try:
-        database.read(sa.select(webhook_deliveries.c.delivery_id).limit(0))
-    except (sa.exc.SQLAlchemyError, DatabaseUnavailable):  # unreachable, unmigrated, no permission
+        rows = database.read(sa.select(writable))
+    except (sa.exc.SQLAlchemyError, DatabaseUnavailable):  # unreachable
         return False
-    return True
+    return bool(rows and rows[0][0])
 
 
 # The bugs said so far by this process, by where they were raised: said once each, not per delivery.

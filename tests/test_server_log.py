@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from flowlens_ingest import replay
+from flowlens_ingest.spool.drainer import spool_handler
 from flowlens_ingest.store import migrate
 from flowlens_ingest.web.app import create_app
 from flowlens_ingest.web.services import services
@@ -65,6 +66,35 @@ def test_duplicates_stale_failed_and_replayed_deliveries_leave_no_payload_in_the
     written = (throwaway.root / "server.log").read_text(errors="replace")[len(log_before) :]
     assert marker not in written
     assert [line for line in written.splitlines() if "ERROR" in line] == []
+
+
+def test_a_database_not_yet_migrated_is_asked_not_sent_deliveries(throwaway, tmp_path):
+    # A release started before its migration: once the drainer has found the schema not ready,
+    # deliveries are spooled without a statement sent, so the server logs no error for them.
+    scratch = create_scratch_database(throwaway.url, prefix="flowlens_unmigrated")
+    app = create_app(make_settings(scratch, tmp_path))
+    client = app.test_client()
+    svc = services(app)
+    try:
+        assert svc.readiness.check() is not None  # the drainer's tick
+        log_before = (throwaway.root / "server.log").read_text(errors="replace")
+        for n in range(3):
+            body = json.dumps(OPENED).encode()
+            response = client.post(
+                "/webhook", data=body, headers=github_headers(body, "pull_request", delivery=f"d{n}")
+            )
+            assert (response.status_code, response.get_json()["outcome"]) == (202, "spooled")
+        written = (throwaway.root / "server.log").read_text(errors="replace")[len(log_before) :]
+        assert [line for line in written.splitlines() if "ERROR" in line] == []
+        # Migrated, the drainer finds it ready and applies what was kept.
+        migrate.upgrade(scratch)
+        assert svc.readiness.check() is None
+        assert svc.spool is not None
+        handle = spool_handler(svc.database, svc.settings, svc.metrics, readiness=svc.readiness)
+        assert svc.spool.drain(handle) == (3, None)
+    finally:
+        svc.database.dispose()
+        drop_database(scratch)
 
 
 def test_db_upgrade_keeps_statement_text_out_of_the_log_where_the_role_may(server_url):

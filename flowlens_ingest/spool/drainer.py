@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 from flowlens_ingest.config import Settings
@@ -14,48 +13,45 @@ from flowlens_ingest.ingest import Disposition, Result, describe, ingest
 from flowlens_ingest.memory import LARGE
 from flowlens_ingest.metrics import Metrics
 from flowlens_ingest.spool.folder import Spool, Spooled
-from flowlens_ingest.store import migrate
 from flowlens_ingest.store.database import Database
+from flowlens_ingest.store.readiness import Readiness
 
 log = logging.getLogger(__name__)
 
 # Short enough that a spool empties within seconds of the database coming back;
 # while it is down, each tick costs one refused connection.
 DRAIN_INTERVAL_S = 1.0
-# How long a schema found migrated is trusted before the drainer looks again.
-SCHEMA_RECHECK_S = 10.0
 # The reason of a pause the handler has already said (or the master): not said again.
 SAID = "the database schema is not ready (said above)"
 
 
 def spool_handler(
-    database: Database, settings: Settings, metrics: Metrics, *, said_at_start: bool = False
+    database: Database,
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    said_at_start: bool = False,
+    readiness: Readiness | None = None,
 ) -> Callable[[Spooled], Result]:
     """Apply one spooled delivery exactly as the view would have, and say what became of it.
 
     `said_at_start`: gunicorn's master said what is wrong with the database; not said again here.
+    `readiness`: the schema's state this handler keeps current, shared with the request path.
     """
+    schema = readiness if readiness is not None else Readiness(database)
     said: list[str] = []  # the problem of this outage: said once, not on every tick
     # The master said at start what is wrong with the database: not said again by each
     # worker until the schema has been found ready once (a migration under way changes
     # the revision the problem names, not the fix).
     quiet = [said_at_start]
-    checked_at = [-SCHEMA_RECHECK_S]
 
     def schema_problem() -> str | None:
         # Without this every tick would log the missing table's error (twice a second with
         # two workers) instead of the one thing to do about it. Once a pass, not once a file.
-        if time.monotonic() - checked_at[0] < SCHEMA_RECHECK_S:
-            return None
-        try:
-            with database.bounded():
-                problem = migrate.pending(database.engine)
-        except Exception as exc:  # unreachable: the drain pauses, the drainer says so once
-            return f"database unavailable ({type(exc).__name__})"
+        problem = schema.check()
         if problem is None:
             said.clear()
             quiet[0] = False
-            checked_at[0] = time.monotonic()
             return None
         if not said and not quiet[0]:
             # Once an outage: a migration under way moves the revision it names, the fix is the same.

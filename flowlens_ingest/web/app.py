@@ -11,6 +11,7 @@ from flowlens_ingest import logs, metrics
 from flowlens_ingest.config import Settings
 from flowlens_ingest.spool.folder import Spool
 from flowlens_ingest.store.database import Database
+from flowlens_ingest.store.readiness import Readiness
 from flowlens_ingest.web.responses import error
 from flowlens_ingest.web.services import Services, init_app
 
@@ -29,7 +30,8 @@ def create_app(config: Settings | None = None) -> Flask:
     spool = (
         Spool(settings.spool_dir, settings.spool_max_bytes) if settings.spool_dir and settings.spool_enabled else None
     )
-    init_app(app, Services(settings, Database(settings), metrics.instruments(), spool))
+    database = Database(settings)
+    init_app(app, Services(settings, database, metrics.instruments(), spool, Readiness(database)))
 
     from flowlens_ingest.web import probes, webhook
 

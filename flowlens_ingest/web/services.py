@@ -15,6 +15,7 @@ from flowlens_ingest.metrics import Metrics
 from flowlens_ingest.spool import drainer
 from flowlens_ingest.spool.folder import Spool
 from flowlens_ingest.store.database import Database
+from flowlens_ingest.store.readiness import Readiness
 
 EXTENSION = "flowlens"
 
@@ -27,6 +28,8 @@ class Services:
     database: Database
     metrics: Metrics
     spool: Spool | None
+    # The schema's state, kept current by the drainer; the request path reads it.
+    readiness: Readiness
 
 
 def init_app(app: Flask, services: Services) -> None:
@@ -50,5 +53,7 @@ def start_drainer(
     svc = services(app)
     if svc.spool is None:
         return None
-    handle = drainer.spool_handler(svc.database, svc.settings, svc.metrics, said_at_start=said_at_start)
+    handle = drainer.spool_handler(
+        svc.database, svc.settings, svc.metrics, said_at_start=said_at_start, readiness=svc.readiness
+    )
     return drainer.start(svc.spool, handle, svc.metrics, interval)
