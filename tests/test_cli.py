@@ -238,6 +238,8 @@ def test_help_shows_defaults_environment_and_examples():
     ("args", "env", "message"),
     [
         (["deliveries", "--limit", "-1"], {}, "Invalid value for '--limit'"),
+        (["deliveries", "--limit", "100000000000000000000"], {}, "Invalid value for '--limit'"),
+        (["prune", "--older-than", "9999999d", "--yes"], {}, "at most 36500d"),
         (["serve"], {"FLOWLENS_WORKERS": "abc"}, "FLOWLENS_WORKERS must be a whole number from 1 to 256"),
         (["serve", "--workers", "257"], {}, "Invalid value for '--workers'"),
         (["send", "f.json", "--event", "ping"], {"FLOWLENS_URL": "localhost:8000"}, "FLOWLENS_URL must be an http"),
@@ -248,6 +250,8 @@ def test_help_shows_defaults_environment_and_examples():
     ],
     ids=[
         "negative-limit",
+        "limit-past-bigint",
+        "duration-past-a-century",
         "workers-env",
         "workers-option",
         "url-env",

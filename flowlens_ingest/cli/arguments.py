@@ -30,8 +30,12 @@ class HostPort(click.ParamType[str]):
             self.fail(str(exc), param, ctx)
 
 
+# A longer span is a slip (and past the database's range of times: `now() - interval` would fail).
+MAX_DURATION = timedelta(days=36500)
+
+
 class Duration(click.ParamType[timedelta]):
-    """`30d`, `12h`, `90m`, `3600s` as a timedelta."""
+    """`30d`, `12h`, `90m`, `3600s` as a timedelta, at most MAX_DURATION (a century)."""
 
     name = "DURATION"
 
@@ -41,6 +45,8 @@ class Duration(click.ParamType[timedelta]):
         seconds = duration_seconds(str(value), unit_required=True)
         if seconds is None:
             self.fail(f"{value!r}: use a number and d, h, m or s, like 30d", param, ctx)
+        if seconds > MAX_DURATION.total_seconds():
+            self.fail(f"{value!r}: at most {MAX_DURATION.days}d", param, ctx)
         return timedelta(seconds=seconds)
 
 

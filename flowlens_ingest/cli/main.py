@@ -172,7 +172,7 @@ def send_command(file: str, event: str, url: str | None, delivery: str | None) -
 
 @cli.command("deliveries", epilog=DATABASE_HELP)
 @click.option("--failed", is_flag=True, help="Only deliveries that failed to apply.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, help="At most this many.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, help="At most this many (up to 100,000).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of objects (for scripts) instead of text.")
 def deliveries_command(failed: bool, limit: int, as_json: bool) -> int:
     """List recent deliveries from the journal, newest first (times in UTC)."""
