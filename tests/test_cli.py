@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -344,6 +346,17 @@ def test_db_shell_runs_psql_on_the_database(db, database_url):
     result = cli("db", "shell", "-At", "-c", "SELECT count(*) FROM webhook_deliveries", DATABASE_URL=database_url)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0"
+
+
+@pytest.mark.slow
+def test_db_shell_gives_up_on_a_server_that_never_answers(tmp_path):
+    # A listener that accepts and says nothing (a proxy whose database is gone): psql stops trying.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/postgres"
+        started = time.monotonic()
+        result = cli("db", "shell", "-At", "-c", "SELECT 1", DATABASE_URL=url, FLOWLENS_DATA_DIR=str(tmp_path))
+    assert result.returncode != 0 and "timeout" in result.stderr.lower()
+    assert time.monotonic() - started < 45
 
 
 def with_a_dead_host_first(database_url: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,9 @@ from flowlens_ingest.cli.connect import load_settings, require_embedded, unavail
 from flowlens_ingest.cli.output import fail
 from flowlens_ingest.config import ConfigError, child_environment
 from flowlens_ingest.postgres import programs as pg_programs
+
+# How long `db shell`'s psql waits to connect when the operator did not say.
+PSQL_CONNECT_TIMEOUT_S = 10
 
 
 def db_upgrade(revision: str) -> int:
@@ -105,6 +109,9 @@ def db_shell(arguments: Sequence[str]) -> int:
         server, url = embedded.start(settings.data_dir, create=False)
         psql = str(pg_programs.psql_path())
     dsn, extra = _libpq(url)
+    # A server that accepts and never answers: psql gives up on connecting after this, unless the
+    # operator says otherwise (PGCONNECT_TIMEOUT, or connect_timeout in DATABASE_URL).
+    extra.setdefault("PGCONNECT_TIMEOUT", os.environ.get("PGCONNECT_TIMEOUT", str(PSQL_CONNECT_TIMEOUT_S)))
     # Ctrl-C belongs to psql (it cancels the query), not to us.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
