@@ -7,6 +7,7 @@ an app on the real scratch database, sharing the same spool folder, drains it.
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 import json
 import logging
@@ -32,6 +33,7 @@ from flowlens_ingest.github.hooks import hooks_to_read
 from flowlens_ingest.ingest import Disposition, Result
 from flowlens_ingest.spool.drainer import Drainer, spool_handler
 from flowlens_ingest.spool.folder import (
+    COPY_CHUNK_BYTES,
     PARTIAL_AT_START_S,
     PASSED_OVER_MAX_WAIT_S,
     PASSED_OVER_WAIT_S,
@@ -116,6 +118,25 @@ def test_put_writes_one_private_file_per_delivery_in_arrival_order(tmp_path):
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
     assert list((tmp_path / "spool").glob("*.tmp")) == []
     assert spool.depth() == 5 and spool.used_bytes() == sum(p.stat().st_size for p in files)
+
+
+def test_a_body_given_as_a_file_is_copied_in_chunks_never_read_whole(tmp_path):
+    # A large delivery spooled raw comes from its temporary file: the spool copies it a chunk at a
+    # time, so a worker never holds it whole in memory.
+    body = os.urandom(5 * COPY_CHUNK_BYTES + 123)
+    reads: list[int] = []
+
+    class Source(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            assert size is not None and 0 < size <= COPY_CHUNK_BYTES, "read whole"
+            reads.append(size)
+            return super().read(size)
+
+    spool = Spool(tmp_path / "spool", 1 << 30)
+    assert spool.put(ping("large"), Source(body))
+    (path,) = (tmp_path / "spool").glob("*" + SUFFIX)
+    assert Spool.read(path).body == body and Spool.read(path).envelope.delivery_id == "large"
+    assert len(reads) >= 6 and spool.used_bytes() == path.stat().st_size
 
 
 def test_put_refuses_what_would_go_over_the_size_bound(tmp_path):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import logging
 import os
 import threading
@@ -42,6 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 from flowlens_ingest.events.envelope import Envelope
 from flowlens_ingest.ingest import Disposition, Result
@@ -58,6 +60,8 @@ STALE_TMP_S = 300.0
 # At start, before this host's workers run: a write takes milliseconds, so a minute-old
 # temporary file is a crashed one (another instance sharing the folder may be writing).
 PARTIAL_AT_START_S = 60.0
+# A body given as a file is copied into the spool this much at a time.
+COPY_CHUNK_BYTES = 1024 * 1024
 # A delivery the drain passed over (the database cancelled it at its statement or lock timeout)
 # is tried again after a quarter of the time it has waited in the spool, within these bounds.
 PASSED_OVER_WAIT_S = 2.0
@@ -85,6 +89,12 @@ def _arrived(name: str) -> float:
     """When a spooled delivery arrived (epoch seconds), from its file name; 0 for a name without it."""
     stamp = name.split("-", 1)[0]
     return int(stamp) / 1e9 if stamp.isdigit() else 0.0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -205,16 +215,23 @@ class Spool:
         with self._lock:
             return self._scanned + self._added + self._writing
 
-    def put(self, envelope: Envelope, body: bytes) -> bool:
+    def put(self, envelope: Envelope, body: bytes | IO[bytes]) -> bool:
         """Store a delivery durably, every field of its envelope kept; False when the spool is full or cannot be written.
 
-        No listing, no stat of other files and no lock shared with other workers:
-        the cost does not grow with what the spool holds.
+        `body`: its bytes, or a file holding them from where it stands to its end, copied in
+        chunks (a large delivery spooled raw is never whole in memory). No listing, no stat of
+        other files and no lock shared with other workers: the cost does not grow with what the
+        spool holds.
         """
         arrived = time.time_ns()
-        header = envelope.spool_header(arrived)
-        data = header + b"\n" + body
-        size = len(data)
+        header = envelope.spool_header(arrived) + b"\n"
+        if isinstance(body, bytes):
+            length = len(body)
+        else:
+            start = body.tell()
+            length = body.seek(0, io.SEEK_END) - start
+            body.seek(start)
+        size = len(header) + length
         with self._lock:
             if self._scanned + self._added + self._writing + size > self.max_bytes:
                 log.error("spool full", extra={"spool_bytes": self.max_bytes})
@@ -223,7 +240,7 @@ class Spool:
             self._writing += size
         written = False
         try:
-            written = self._write(f"{arrived:020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{size}", data)
+            written = self._write(f"{arrived:020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{size}", header, body)
         finally:
             with self._lock:
                 self._writing -= size
@@ -231,8 +248,8 @@ class Spool:
                     self._added += size
         return written
 
-    def _write(self, name: str, data: bytes) -> bool:
-        """Write `data` to `name`.delivery atomically and durably; False (logged) when it fails."""
+    def _write(self, name: str, header: bytes, body: bytes | IO[bytes]) -> bool:
+        """Write `header` then `body` to `name`.delivery atomically and durably; False (logged) when it fails."""
         tmp = self.directory / f".{name}.tmp"
         try:
             try:
@@ -241,9 +258,12 @@ class Spool:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, header)
+                if isinstance(body, bytes):
+                    _write_all(fd, body)
+                else:
+                    while chunk := body.read(COPY_CHUNK_BYTES):
+                        _write_all(fd, chunk)
                 os.fsync(fd)
             finally:
                 os.close(fd)

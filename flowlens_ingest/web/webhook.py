@@ -138,8 +138,11 @@ def receive() -> Response:
     event, delivery_id = envelope.event, envelope.delivery_id
     g.turn = LARGE.take(size_of(g.body), LARGE_TURN_S - (time.perf_counter() - g.started))
     if g.turn is False:
-        # Other large deliveries held this worker past the wait: kept raw, never parsed here.
-        return _keep(envelope, signed_body(), None)
+        # Other large deliveries held this worker past the wait: kept raw, never parsed here,
+        # copied from its temporary file (never read whole into memory).
+        spooled: IO[bytes] = g.body
+        spooled.seek(0)
+        return _keep(envelope, spooled, None)
     body = signed_body()
     try:
         delivery = Delivery.parse(envelope, body)
@@ -167,7 +170,7 @@ def receive() -> Response:
     return _answered(result.outcome, event, delivery_id, delivery.action)
 
 
-def _keep(envelope: Envelope, body: bytes, action: str | None) -> Response:
+def _keep(envelope: Envelope, body: bytes | IO[bytes], action: str | None) -> Response:
     """Spool a signed delivery for the drainer, which applies it or sets it aside; without the spool, a 503."""
     spool = services().spool
     if spool is None or not spool.put(envelope, body):
