@@ -209,6 +209,24 @@ def test_the_app_webhook_is_read_with_the_apps_jwt(db, github, webhook):
     assert run(db, github, app=True, token=False).missing == []
 
 
+def test_an_app_hook_id_named_only_by_headers_does_not_make_its_log_look_missing(db, github, webhook):
+    github.hook_logs.add_hook("app/hook", 779, webhook.url, SECRET, target_type="integration", target_id=github.app_id)
+    webhook.start()
+    delivered = [github.hook_logs.deliver("app/hook", "pull_request", opened(n)) for n in (1, 2)]
+    assert {e["delivery_id"] for e in journal(db, 779)} == set(delivered)
+    # A signed body replayed with forged hook headers (the signature covers the body only) records
+    # another "App hook", with a lower id.
+    with db.begin() as conn:
+        conn.execute(
+            sa.insert(webhook_hooks).values(
+                hook_id=5, target_type="integration", target_id=github.app_id, api_path="app/hook"
+            )
+        )
+    report = run(db, github, app=True, token=False)
+    # GitHub's id is used: nothing is missing, nothing redelivered (before: both, on every pass).
+    assert report.missing == [] and attempts_posted(github) == 0
+
+
 def test_configured_hooks_are_read_and_a_secondary_rate_limit_is_obeyed(db, github, webhook, hook):
     path, hook_id = hook
     missed = missed_while_down(github, path, range(1, 4))

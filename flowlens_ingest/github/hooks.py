@@ -40,8 +40,11 @@ def hooks_to_read(settings: Settings, database: Database) -> tuple[list[Hook], l
     skipped: list[str] = []
     if settings.github_app_id and settings.github_app_private_key:
         app_id = int(settings.github_app_id) if settings.github_app_id.isdigit() else None
-        known = [r.hook_id for r in rows if r.api_path == APP_HOOK_PATH and r.target_id in (None, app_id)]
-        hooks[APP_HOOK_PATH] = Hook(APP_HOOK_PATH, known[0] if known else None, app=True)
+        known = [r for r in rows if r.api_path == APP_HOOK_PATH and r.target_id in (None, app_id)]
+        # The row the passes check through (the id GitHub gave them) before rows only headers named.
+        checked = [r for r in known if r.checked_through is not None]
+        chosen = max(checked, key=lambda r: r.checked_through) if checked else (known[0] if known else None)
+        hooks[APP_HOOK_PATH] = Hook(APP_HOOK_PATH, chosen.hook_id if chosen is not None else None, app=True)
     for row in rows:
         if row.api_path == APP_HOOK_PATH:
             continue

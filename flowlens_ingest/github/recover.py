@@ -364,8 +364,17 @@ class Recoverer:
         """Keep the entries of a page the journal lacks, one per GUID (its newest attempt) with its attempts counted."""
         if not entries:
             return
-        if reading.hook_id is None:
+        if reading.hook_id is None or (reading.hook.app and reading.hook.path not in self.learned):
+            # The App hook's id is learned from GitHub once a run, whatever is recorded: a row recorded
+            # from a delivery's headers (which the signature does not cover) could name another id,
+            # and every delivery in the log would then look missing and be redelivered.
+            recorded = reading.hook_id
             reading.hook_id = self._learn_hook_id(reading.hook, entries[0])
+            if recorded is not None and recorded != reading.hook_id:
+                log.warning(
+                    "recover: the App hook's recorded id is not GitHub's; GitHub's is used",
+                    extra={"recorded": recorded, "hook_id": reading.hook_id},
+                )
         lacking = reading.lacking
         fresh = {e.guid for e in entries if e.guid not in lacking}
         present = journaled(self.database, reading.hook_id, fresh) if fresh else set()

@@ -239,7 +239,8 @@ class RecoveryPass:
             at = left.get(item.hook.path)
             left[item.hook.path] = item.delivered_at if at is None else min(at, item.delivered_at)
         for hook in hooks:
-            hook_id = hook.hook_id if hook.hook_id is not None else learned.get(hook.path)
+            # What GitHub said in this pass first (the App hook's id is learned every pass).
+            hook_id = learned.get(hook.path, hook.hook_id)
             if hook_id is None or hook.path in unread:
                 continue
             if hook.path in cut:
