@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import psutil
@@ -249,3 +251,24 @@ def test_as_root_nothing_outside_the_data_directory_changes(tmp_path):
 def test_the_bundled_psql_exists():
     psql = pg_programs.psql_path()
     assert psql.is_file() and os.access(psql, os.X_OK)
+
+
+def test_a_postmaster_that_accepts_and_never_answers_is_given_up_on(tmp_path):
+    # Asked while the start lock is held, so every other command of the data folder would wait too.
+    port = 5999
+    with socket.socket(socket.AF_UNIX) as silent:
+        silent.bind(str(tmp_path / f".s.PGSQL.{port}"))
+        silent.listen()
+        outcome: list[BaseException] = []
+
+        def ask() -> None:
+            try:
+                embedded._ensure_database(embedded.Postmaster(0, port, str(tmp_path)), True, tmp_path, within=1)
+            except psycopg2.Error as exc:
+                outcome.append(exc)
+
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+        asking.join(15)
+        assert not asking.is_alive(), "still waiting on a server that never answers"
+    assert len(outcome) == 1

@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import os
 import secrets as _secrets
+import select
 import stat
 import subprocess
 import sys
@@ -41,6 +42,11 @@ SUPERUSER = "postgres"
 SOCKET_NAME = ".s.PGSQL.5432"
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes on Linux, NUL included
 KEEPER_READY = b"keeping\n"
+
+
+# What start() waits on while it holds the start lock (the server answering, the keeper saying it
+# is ready) ends within this: every other command of the data folder waits behind that lock.
+ASK_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -240,10 +246,23 @@ def _start_server(pgdata: Path) -> Postmaster:
     return server
 
 
-def _ensure_database(server: Postmaster, create: bool, pgdata: Path) -> str:
+def _ensure_database(server: Postmaster, create: bool, pgdata: Path, *, within: float = ASK_S) -> str:
     import psycopg2
 
-    connection = psycopg2.connect(host=server.socket_dir, port=server.port, user=SUPERUSER, dbname="postgres")
+    from flowlens_ingest.store.deadline import deadline
+
+    # Asked while the start lock is held: a postmaster that accepts and never answers (stopped, or
+    # stuck on a stalled disk) must not hold every other command behind it. connect_timeout and
+    # statement_timeout bound it without psycopg2's wait callback, the deadline with it.
+    with deadline(within):
+        connection = psycopg2.connect(
+            host=server.socket_dir,
+            port=server.port,
+            user=SUPERUSER,
+            dbname="postgres",
+            connect_timeout=max(2, int(within)),
+            options=f"-c statement_timeout={int(within * 1000)}",
+        )
     try:
         connection.autocommit = True
         with connection.cursor() as cursor:
@@ -273,9 +292,12 @@ def _spawn_keeper(data_dir: Path) -> subprocess.Popen[bytes]:
             start_new_session=True,  # a terminal's Ctrl-C or hang-up is not for it
         )
     assert keeper.stdout is not None
-    said = keeper.stdout.readline()
+    # Its one line, waited for at most ASK_S: a keeper that never says it is ready is not waited on.
+    ready, _, _ = select.select([keeper.stdout], [], [], ASK_S)
+    said = keeper.stdout.readline() if ready else b""
     keeper.stdout.close()
     if said != KEEPER_READY:
+        keeper.kill()
         keeper.wait()
         raise ConfigError(f"embedded PostgreSQL: its keeper did not start (see {log.name})")
     return keeper
