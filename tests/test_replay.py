@@ -133,6 +133,22 @@ def test_replay_since_takes_only_later_deliveries(deliver, db):
     assert attempts == {"old": 1, "new": 2}
 
 
+def test_replay_takes_what_had_arrived_when_it_began(deliver, db):
+    deliver(OPENED, "pull_request", delivery="before")
+    deliver(OPENED, "pull_request", delivery="during")
+    with db.begin() as conn:
+        # As a delivery arriving while a long replay walks the journal would stand.
+        conn.execute(
+            sa.update(webhook_deliveries)
+            .where(webhook_deliveries.c.delivery_id == "during")
+            .values(received_at=sa.func.now() + timedelta(hours=1))
+        )
+    report = replay.replay(database_of(db))
+    assert report.replayed == 1
+    attempts = {e["delivery_id"]: e["attempts"] for e in rows(db, webhook_deliveries, "delivery_id", "attempts")}
+    assert attempts == {"before": 2, "during": 1}
+
+
 def test_replay_reads_each_delivery_whole_whether_or_not_its_hook_is_recorded(deliver, db):
     # One from a repository hook (recorded, with its target), one sent without GitHub's hook headers.
     # A hook id of this test only: a process records a hook once (ingest.HOOKS), tests empty the tables.

@@ -66,11 +66,13 @@ def list_deliveries(database: Database, *, failed_only: bool = False, limit: int
 REPLAY_PAGE = 500
 
 
-def journal_keys(database: Database, *, failed_only: bool, since: datetime | None) -> Iterator[tuple[str, int]]:
-    """Journal keys (delivery id, hook id) in arrival order, a page at a time.
+def journal_keys(
+    database: Database, *, failed_only: bool, since: datetime | None, until: datetime | None = None
+) -> Iterator[tuple[str, int]]:
+    """Journal keys (delivery id, hook id) in arrival order, a page at a time, up to `until` if given.
 
     Entries that fail again during the replay keep their place, behind the cursor,
-    so none is taken twice.
+    so none is taken twice; `until` ends the walk where deliveries arriving meanwhile begin.
     """
     order = [wd.c.received_at, wd.c.delivery_id, wd.c.hook_id]
     after: tuple[Any, ...] | None = None
@@ -84,6 +86,8 @@ def journal_keys(database: Database, *, failed_only: bool, since: datetime | Non
                 query = query.where(wd.c.outcome == Outcome.FAILED.value)
             if since is not None:
                 query = query.where(wd.c.received_at >= since)
+            if until is not None:
+                query = query.where(wd.c.received_at <= until)
             if after is not None:
                 query = query.where(
                     wd.c.received_at >= after[0], sa.tuple_(*order) > sa.tuple_(*(sa.literal(v) for v in after))
