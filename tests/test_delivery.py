@@ -15,6 +15,7 @@ from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.envelope import Envelope
 from flowlens_ingest.events.hooks import HookTarget
 from flowlens_ingest.events.parse import BadPayload, UnsupportedMediaType
+from flowlens_ingest.store import hooks as store_hooks
 
 from .helpers import PAYLOADS
 
@@ -146,3 +147,27 @@ def test_the_envelopes_fields_are_the_deliverys():
         True,
     )
     assert delivery.hook_path == "repos/Codertocat/Hello-World/hooks/42"
+
+
+def test_the_hooks_a_process_remembers_are_bounded(monkeypatch):
+    # The hook headers are not signed: a signed body replayed with invented hook ids must not grow a
+    # worker's memory without end. Past the bound it forgets, and a hook costs its statement again.
+    monkeypatch.setattr(store_hooks, "MAX_REMEMBERED", 3)
+    recorded = store_hooks.RecordedHooks()
+
+    def with_hook(hook_id: int) -> Delivery:
+        envelope = Envelope(
+            f"d-{hook_id}",
+            hook_id=hook_id,
+            event="pull_request",
+            content_type="application/json",
+            hook_target=HookTarget("repository", 1296269),
+        )
+        return Delivery.parse(envelope, OPENED_BODY)
+
+    first = with_hook(1)
+    recorded.recorded(first)
+    assert recorded.statement(first) is None  # known: no statement
+    for hook_id in range(2, 12):
+        recorded.recorded(with_hook(hook_id))
+    assert recorded.statement(first) is not None  # forgotten: recorded again (DO NOTHING) when it comes

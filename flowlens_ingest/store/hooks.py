@@ -30,6 +30,12 @@ def hook_seen() -> sa.Executable:
     )
 
 
+# Hooks remembered per process. A real installation has a handful; the hook headers are not covered
+# by the signature, so a signed body replayed with invented ones must not grow a worker without end:
+# past this the memory is cleared, and each hook costs its statement (DO NOTHING) once more.
+MAX_REMEMBERED = 10_000
+
+
 class RecordedHooks:
     """The hooks this process has recorded: each costs one statement in one delivery's batch, once."""
 
@@ -56,6 +62,8 @@ class RecordedHooks:
         path = delivery.hook_path
         if path is not None:
             with self._lock:
+                if len(self._known) >= MAX_REMEMBERED:
+                    self._known.clear()
                 self._known.add((delivery.hook_id, path))
 
 
