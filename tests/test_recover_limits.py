@@ -30,7 +30,7 @@ from bench.proxy import FreezingProxy
 from flowlens_ingest.cli.main import main
 from flowlens_ingest.config import Settings
 from flowlens_ingest.github.backfill import Backfiller, BackfillStopped, Target
-from flowlens_ingest.github.budget import installation_key
+from flowlens_ingest.github.budget import Budgets, Reason, installation_key
 from flowlens_ingest.github.client import GitHubClient
 from flowlens_ingest.github.enrich import Enricher, client_for
 from flowlens_ingest.github.errors import RateLimited, Transient
@@ -300,6 +300,28 @@ def test_a_wait_the_database_could_not_take_is_shared_before_the_next_request(db
     finally:
         waits_db.dispose()
         proxy.close()
+
+
+def test_a_longer_wait_told_meanwhile_is_not_shortened_by_a_shared_one(db):
+    # A thread reads the shared wait another process recorded (30 s) while another thread of this
+    # process is told to wait an hour: the hour stands.
+    key = "token:abcdef012345"
+    shared = DatabaseWaits(database_of(db))
+    shared.record(key, 30, "secondary")
+
+    class Meanwhile:
+        def wait_of(self, key: str) -> tuple[float, Reason] | None:
+            found = shared.wait_of(key)
+            budgets.hold(key, time.time() + 3600, "secondary")  # the other thread, between read and write
+            return found
+
+        def record(self, key: str, seconds: float, reason: Reason) -> bool:
+            return shared.record(key, seconds, reason)
+
+    budgets = Budgets(time.time, Meanwhile())
+    wait = budgets.wait_of(key)
+    assert wait is not None and wait.until > time.time() + 3000
+    assert budgets.own_wait(key) == wait
 
 
 def test_a_files_job_not_sent_for_unreadable_waits_keeps_its_attempts(db, github):

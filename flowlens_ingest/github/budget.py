@@ -110,6 +110,10 @@ class Budgets:
         if shared is not None and shared[0] > 0:
             wait = Wait(now + shared[0], shared[1])
             with self._lock:
+                # A longer wait this process was told meanwhile (hold, another thread) is kept.
+                current = self._waits.get(key)
+                if current is not None and current.until >= wait.until:
+                    return current
                 self._waits[key] = wait
             return wait
         return None
@@ -168,10 +172,12 @@ class Budgets:
             return
         stored = self.shared.record(key, wait.until - now, wait.reason)
         with self._lock:
-            if stored:
-                self._unshared.discard(key)
-            else:
+            current = self._waits.get(key)
+            if not stored:
                 self._unshared.add(key)
+            elif current is None or current.until <= wait.until:
+                # Only a write of the wait that holds now (not of an older, shorter one) clears the mark.
+                self._unshared.discard(key)
 
     def answered(self, key: str) -> None:
         """An answer of this credential that was no rate limit: the next secondary limit waits its minute again."""

@@ -162,8 +162,15 @@ class Enricher:
             installation_id=job.installation_id,
             etag=etag,
             # Before each further page: the job held for another lease, or left to the worker that took it.
-            keep=lambda: jobs.extend(self.database, job, lease),
+            keep=lambda: self._extend(job, lease),
         )
+
+    def _extend(self, job: jobs.Job, lease: timedelta) -> bool:
+        """Hold the job another lease; False when another worker holds it, or the database cannot say."""
+        try:
+            return jobs.extend(self.database, job, lease)
+        except DatabaseUnavailable:
+            return False  # not known to be ours past its lease: no further page is asked
 
     def _retry(self, job: jobs.Job, error: str) -> str:
         """Retry with backoff, or settle as failed once the attempts are spent."""

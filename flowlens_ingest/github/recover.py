@@ -353,7 +353,7 @@ class Recoverer:
         """Read the older part of a log from where the last pass stopped; a cursor GitHub no longer takes restarts it."""
         try:
             return self._read(reading, url, since, report)
-        except (RateLimited, Interrupted):
+        except (RateLimited, NotSent, Interrupted):
             raise
         except GitHubError as exc:
             # Without `report.resume`, the next pass reads this log from its newest entry again.
