@@ -50,8 +50,8 @@ class Result:
     disposition: Disposition
     outcome: Outcome | None = None
     error: str | None = None
-    # Retry later because the server cancelled the work at its statement or lock timeout (it answers).
-    timed_out: bool = False
+    # Retry later because the server cancelled this work (a timeout, out of memory: it answers).
+    work_cancelled: bool = False
 
     @classmethod
     def stored(cls, outcome: Outcome, error: str | None = None) -> Result:
@@ -109,7 +109,7 @@ def ingest(
             [*plan.statements, *([hook] if hook else []), journal], on_retry=on_retry, rollback_refused=False
         )
     except DatabaseUnavailable as exc:
-        return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})", timed_out=exc.timed_out)
+        return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})", work_cancelled=exc.work_cancelled)
     except sa.exc.SQLAlchemyError as exc:  # the database refused this delivery's rows
         result = record_failure(database, delivery, describe(exc), compress=compress, on_retry=on_retry)
         # Said of a delivery the journal now holds as failed. When the journal cannot take it
@@ -141,7 +141,7 @@ def record_failure(
             [failed_journal_entry(delivery, error, compress=compress)], on_retry=on_retry, rollback_refused=False
         )
     except DatabaseUnavailable as exc:
-        return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})", timed_out=exc.timed_out)
+        return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})", work_cancelled=exc.work_cancelled)
     except sa.exc.SQLAlchemyError as exc:  # the database refused even the failure record
         refusal = describe(exc)
         if journal_works(database):

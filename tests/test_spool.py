@@ -542,7 +542,7 @@ def cancelled_at_the_timeout(slow: set[str], seen: list[str]) -> Callable[[Spool
     def handle(item: Spooled) -> Result:
         seen.append(item.envelope.delivery_id)
         if item.envelope.delivery_id in slow:
-            return Result(Disposition.RETRY_LATER, error="database unavailable (57014)", timed_out=True)
+            return Result(Disposition.RETRY_LATER, error="database unavailable (57014)", work_cancelled=True)
         return DONE
 
     return handle
@@ -577,24 +577,27 @@ def test_a_delivery_cancelled_at_the_timeout_is_passed_over_and_tried_again_afte
     assert spool.drain(handle) == (1, None) and spool.depth() == 0
 
 
-def test_a_second_delivery_cancelled_at_the_timeout_in_one_drain_stops_it(tmp_path):
+def test_two_deliveries_cancelled_in_a_row_stop_the_drain(tmp_path):
     now = [time.time()]
     spool = Spool(tmp_path / "spool", 1 << 20, clock=lambda: now[0])
     for name in ("a", "b", "c", "d"):
         assert spool.put(ping(name), b"{}")
     seen: list[str] = []
     handle = cancelled_at_the_timeout({"a", "b"}, seen)
+    cancelled = "database unavailable (57014)"
 
-    # Two deliveries cancelled for the first time: the database, not one delivery, is slow.
-    assert spool.drain(handle) == (0, "database unavailable (57014)")
+    # Two in a row, nothing applied between: the database, not one delivery. The drain stops at the
+    # second, which stays first in line.
+    assert spool.drain(handle) == (0, cancelled)
     assert seen == ["a", "b"] and spool.depth() == 4
-    # Both wait now; the drain goes on behind them.
-    assert spool.drain(handle) == (2, None) and seen[2:] == ["c", "d"]
-    # Tried again, and cancelled again, they do not stop the drain: they said so before.
+    # The first waits now; the second is passed over in its turn, and the rest drain behind it.
+    assert spool.drain(handle) == (2, None) and seen[2:] == ["b", "c", "d"]
+    # Both due again and cancelled again, in a row: the drain stops there; the next goes on behind them.
     assert spool.put(ping("e"), b"{}")
     now[0] += PASSED_OVER_WAIT_S + 0.1
-    assert spool.drain(handle) == (1, None) and seen[4:] == ["a", "b", "e"]
-    # A database gone (no timeout) stops the drain at once.
+    assert spool.drain(handle) == (0, cancelled) and seen[5:] == ["a", "b"]
+    assert spool.drain(handle) == (1, None) and seen[7:] == ["b", "e"]
+    # A database gone (nothing cancelled) stops the drain at once.
     now[0] += PASSED_OVER_MAX_WAIT_S + 0.1
     seen.clear()
     gone = Result(Disposition.RETRY_LATER, error="database unavailable (disconnect)")

@@ -328,7 +328,8 @@ class Spool:
             modified = os.stat(path).st_mtime
         except OSError:
             return False, False  # gone, or unreadable: reading it says which
-        passed_before = modified > _arrived(name) + 1.0
+        # A pass-over sets it at least PASSED_OVER_WAIT_S past the arrival; a write never takes that long.
+        passed_before = modified > _arrived(name) + PASSED_OVER_WAIT_S - 0.1
         now = self._clock()
         return passed_before and now < modified <= now + PASSED_OVER_MAX_WAIT_S, passed_before
 
@@ -365,20 +366,20 @@ class Spool:
         the host applies its spool in arrival order. Returns how many deliveries were
         done, and why the drain stopped early (None when it went through).
 
-        One exception to stopping: a delivery the server cancelled at its statement or lock
-        timeout (a lock held on its rows, a body too large to write in time) may be that
+        One exception to stopping: a delivery the server cancelled (its statement or lock
+        timeout: a lock held on its rows; out of memory, a body too large) may be that
         delivery's trouble alone. It is kept and passed over, and the drain goes on with the
         ones behind it; it is tried again after a quarter of the time it has waited in the
         spool (PASSED_OVER_WAIT_S to PASSED_OVER_MAX_WAIT_S), by whichever worker drains then.
-        A second delivery cancelled for the first time in the same drain is the database's
-        trouble, not the deliveries': the drain stops there, as for any other retry-later.
+        A second cancelled right after it, nothing applied between, is the database's trouble,
+        not the deliveries': the drain stops there, that one kept first in line.
         """
         done = 0
         with self._flock(DRAIN_LOCK, wait=False) as mine:
             if not mine:
                 return 0, None
             self.remove_partial_files()
-            first_timeouts = 0
+            cancelled_in_a_row = 0
             for name in sorted(self._names()):
                 path = self.directory / name
                 waiting, passed_before = self._waiting(path, name)
@@ -393,15 +394,15 @@ class Spool:
                     continue
                 result = handle(item)
                 if result.disposition is Disposition.RETRY_LATER:
-                    if result.timed_out:
-                        self._pass_over(path, name, passed_before, result.error or "timed out")
-                        if passed_before:
-                            continue  # known slow: its wait grows, and it says nothing new of the database
-                        first_timeouts += 1
-                        if first_timeouts < 2:
-                            continue
+                    cancelled_in_a_row = cancelled_in_a_row + 1 if result.work_cancelled else 2
+                    if cancelled_in_a_row < 2:
+                        self._pass_over(path, name, passed_before, result.error or "cancelled")
+                        continue
+                    # Two in a row, nothing applied between: the database, not the deliveries. This
+                    # one stays where it is, first in line for the next drain.
                     stopped = result.error or "retry later"
                     break
+                cancelled_in_a_row = 0
                 if result.disposition is Disposition.SET_ASIDE:
                     self.set_aside(path, result.error or "refused")
                     continue

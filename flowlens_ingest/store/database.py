@@ -45,6 +45,10 @@ UNAVAILABLE_SQLSTATES = frozenset(
 )
 # statement_timeout and lock_timeout: one such wait already spent the answer's time budget.
 TIMEOUT_SQLSTATES = frozenset({"57014", "55P03"})
+# The server is up and cancelled or refused this work for its wait or its weight: the timeouts, out
+# of memory, its temporary-file limit. It may be one delivery's trouble (a held row, a huge body),
+# so the spool passes over it rather than stop every delivery behind it.
+CANCELLED_SQLSTATES = TIMEOUT_SQLSTATES | {"53200", "53400"}
 # Conflicts (40001/40P01) are retried until this many attempts or this much time, with
 # full-jitter exponential backoff: under a burst for one repository (every delivery
 # writes its repository row) contention calls for more patience than a blip does,
@@ -71,9 +75,9 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached, was too slow, or kept conflicting; the message is the reason (a SQLSTATE or a word)."""
 
     @property
-    def timed_out(self) -> bool:
-        """The server answered that this work ran past its statement or lock timeout: it is up, the work was slow."""
-        return str(self) in TIMEOUT_SQLSTATES
+    def work_cancelled(self) -> bool:
+        """The server is up and cancelled this work (a timeout, out of memory, its temp-file limit): CANCELLED_SQLSTATES."""
+        return str(self) in CANCELLED_SQLSTATES
 
 
 def make_engine(settings: Settings, url: str | None = None, *, application_name: str = "flowlens-ingest") -> Engine:
