@@ -7,7 +7,9 @@ time range. Above ingest (it calls it) and the store (its journal_admin reads th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
 
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.ingest import Disposition, ingest
@@ -40,9 +42,10 @@ def replay(database: Database, *, failed_only: bool = False, since: datetime | N
     far stays, and replaying again is idempotent).
     """
     report = ReplayReport()
-    # What had arrived when the replay began (other hosts' clocks given a minute): under live
-    # traffic the walk ends instead of chasing each new arrival.
-    until = datetime.now(UTC) + ARRIVED_MARGIN
+    # What had arrived when the replay began, by the database's clock (it stamps what arrives;
+    # a spooled delivery carries its host's, given a minute): under live traffic the walk ends
+    # instead of chasing each new arrival.
+    until = database.read(sa.select(sa.func.now()))[0][0] + ARRIVED_MARGIN
     for delivery_id, hook_id in journal_keys(database, failed_only=failed_only, since=since, until=until):
         entry = journal_entry(database, delivery_id, hook_id)
         if entry is None:

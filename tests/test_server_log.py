@@ -19,7 +19,7 @@ from flowlens_ingest import replay
 from flowlens_ingest.spool.drainer import spool_handler
 from flowlens_ingest.store import migrate
 from flowlens_ingest.web.app import create_app
-from flowlens_ingest.web.services import services
+from flowlens_ingest.web.services import services, start_drainer
 
 from .databases import create_scratch_database, drop_database
 from .helpers import github_headers, load_payload, make_settings
@@ -94,6 +94,30 @@ def test_a_database_not_yet_migrated_is_asked_not_sent_deliveries(throwaway, tmp
         assert svc.spool.drain(handle) == (3, None)
     finally:
         svc.database.dispose()
+        drop_database(scratch)
+
+
+def test_a_worker_told_at_start_that_the_schema_is_not_ready_sends_no_statement(throwaway, tmp_path):
+    # gunicorn's master found the database not migrated and said so: its workers' first deliveries
+    # are spooled without a statement, before their drainers have asked anything.
+    scratch = create_scratch_database(throwaway.url, prefix="flowlens_unmigrated")
+    app = create_app(make_settings(scratch, tmp_path))
+    client = app.test_client()
+    engine = sa.create_engine(scratch, poolclass=sa.pool.NullPool)
+    problem = migrate.pending(engine)
+    engine.dispose()
+    drainer = start_drainer(app, interval=3600, said_at_start=problem)
+    try:
+        log_before = (throwaway.root / "server.log").read_text(errors="replace")
+        body = json.dumps(OPENED).encode()
+        response = client.post("/webhook", data=body, headers=github_headers(body, "pull_request", delivery="first"))
+        assert (response.status_code, response.get_json()["outcome"]) == (202, "spooled")
+        written = (throwaway.root / "server.log").read_text(errors="replace")[len(log_before) :]
+        assert [line for line in written.splitlines() if "ERROR" in line] == []
+    finally:
+        if drainer is not None:
+            drainer.stop()
+        services(app).database.dispose()
         drop_database(scratch)
 
 

@@ -184,18 +184,20 @@ class RecoveryPass:
             log.warning("recovery pass skips a hook", extra={"reason": reason})
         wh = webhook_hooks
         known = self.database.read(
-            sa.select(wh.c.api_path, wh.c.checked_through, wh.c.resume_url, wh.c.resume_newer_than)
+            sa.select(wh.c.hook_id, wh.c.checked_through, wh.c.resume_url, wh.c.resume_newer_than)
         )
-        checked = {row.api_path: row.checked_through for row in known}
+        # By the hook id hooks_to_read chose: another row of the same path (an App hook named only by a
+        # delivery's headers, never checked) must not send the pass back to the start of GitHub's log.
+        checked = {row.hook_id: row.checked_through for row in known}
         resumes = {
-            row.api_path: Resume(row.resume_url, row.resume_newer_than)
+            row.hook_id: Resume(row.resume_url, row.resume_newer_than)
             for row in known
             if row.resume_url is not None and row.resume_newer_than is not None
         }
         oldest = started - retention(self.settings.github_api_url)
 
         def since(hook: Hook) -> datetime:
-            through = checked.get(hook.path)
+            through = checked.get(hook.hook_id) if hook.hook_id is not None else None
             if through is not None and through < oldest:
                 self.metrics.recovery_gaps.inc()
                 log.error(
@@ -217,7 +219,9 @@ class RecoveryPass:
             bounds=self.bounds,
             keep=self.lease.keep,
         )
-        report = recoverer.run(since, "redeliver", hooks, lambda hook: resumes.get(hook.path))
+        report = recoverer.run(
+            since, "redeliver", hooks, lambda hook: resumes.get(hook.hook_id) if hook.hook_id is not None else None
+        )
         _record_hooks(self.database, self.settings, recoverer.learned)
         self._advance(report, hooks, recoverer.learned, started - timedelta(seconds=IN_FLIGHT_S))
         self.metrics.recovery_passes.labels("complete" if report.complete else "incomplete").inc()

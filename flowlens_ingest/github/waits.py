@@ -2,8 +2,9 @@
 
 serve's files worker and an operator's `recover` or `backfill`, on one VM or several, use the same
 credentials: a wait GitHub asked of one process binds all of them. `DatabaseWaits` is the
-`SharedWaits` the client is given (budget.py): one read by primary key before each request to
-GitHub (a millisecond beside a request to GitHub), one upsert when GitHub says wait.
+`SharedWaits` the client is given (budget.py): a read by primary key as each request takes its
+turn, and one before a token is minted for it (milliseconds beside a request to GitHub), one
+upsert when GitHub says wait.
 
 A wait is stored as a time on the database's clock (`now()` plus the seconds GitHub asked for) and
 read back as the seconds left by that clock: two hosts whose clocks disagree still end it together,

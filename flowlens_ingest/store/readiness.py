@@ -35,6 +35,11 @@ class Readiness:
         """Why the schema is not ready, as last found; None when it was ready (or never asked)."""
         return self._problem
 
+    def assume(self, problem: str) -> None:
+        """Take `problem` as the state until the next `check` (what gunicorn's master found at start)."""
+        with self._lock:
+            self._problem = problem
+
     def check(self) -> str | None:
         """Ask the database when due (every call while not ready, every `recheck_s` once ready); the problem.
 

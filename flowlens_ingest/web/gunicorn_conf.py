@@ -214,7 +214,7 @@ def post_worker_init(worker: Any) -> None:
     from flowlens_ingest.memory import LARGE
     from flowlens_ingest.web.services import start_drainer
 
-    worker.flowlens_drainer = start_drainer(worker.wsgi, said_at_start=_said_at_start is not None)
+    worker.flowlens_drainer = start_drainer(worker.wsgi, said_at_start=_said_at_start)
     LARGE.heavy_bytes = settings.recycle_above_mb * 1024 * 1024
     LARGE.when_heavy = lambda: _recycle(worker)
 

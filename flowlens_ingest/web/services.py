@@ -44,16 +44,20 @@ def services(app: Flask | None = None) -> Services:
 
 
 def start_drainer(
-    app: Flask, interval: float = drainer.DRAIN_INTERVAL_S, *, said_at_start: bool = False
+    app: Flask, interval: float = drainer.DRAIN_INTERVAL_S, *, said_at_start: str | None = None
 ) -> drainer.Drainer | None:
     """Start this worker's spool drainer (a daemon thread); None when the spool is off.
 
-    `said_at_start`: gunicorn's master has already said what is wrong with the database.
+    `said_at_start`: what gunicorn's master has already said is wrong with the database. Until the
+    drainer asks, the request path takes it as the schema's state: no statement is sent to a
+    database known not ready.
     """
     svc = services(app)
     if svc.spool is None:
         return None
+    if said_at_start is not None:
+        svc.readiness.assume(said_at_start)
     handle = drainer.spool_handler(
-        svc.database, svc.settings, svc.metrics, said_at_start=said_at_start, readiness=svc.readiness
+        svc.database, svc.settings, svc.metrics, said_at_start=said_at_start is not None, readiness=svc.readiness
     )
     return drainer.start(svc.spool, handle, svc.metrics, interval)
