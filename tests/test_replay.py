@@ -118,35 +118,35 @@ def rebuildable(engine: sa.Engine) -> dict[str, list[str]]:
     }
 
 
-def test_replay_since_takes_only_later_deliveries(deliver, db):
-    deliver(OPENED, "pull_request", delivery="old")
-    deliver(OPENED, "pull_request", delivery="new")
+def two_deliveries_one_received(db, deliver, moved: str, kept: str, by: timedelta) -> None:
+    """Deliver `moved` and `kept`, then move `moved`'s arrival `by` from the database's now."""
+    deliver(OPENED, "pull_request", delivery=moved)
+    deliver(OPENED, "pull_request", delivery=kept)
     with db.begin() as conn:
         conn.execute(
             sa.update(webhook_deliveries)
-            .where(webhook_deliveries.c.delivery_id == "old")
-            .values(received_at=sa.func.now() - timedelta(days=2))
+            .where(webhook_deliveries.c.delivery_id == moved)
+            .values(received_at=sa.func.now() + by)
         )
+
+
+def attempts_by_delivery(db) -> dict[str, int]:
+    return {e["delivery_id"]: e["attempts"] for e in rows(db, webhook_deliveries, "delivery_id", "attempts")}
+
+
+def test_replay_since_takes_only_later_deliveries(deliver, db):
+    two_deliveries_one_received(db, deliver, "old", "new", by=-timedelta(days=2))
     report = replay.replay(database_of(db), since=datetime.now(UTC) - timedelta(days=1))
     assert report.replayed == 1
-    attempts = {e["delivery_id"]: e["attempts"] for e in rows(db, webhook_deliveries, "delivery_id", "attempts")}
-    assert attempts == {"old": 1, "new": 2}
+    assert attempts_by_delivery(db) == {"old": 1, "new": 2}
 
 
 def test_replay_takes_what_had_arrived_when_it_began(deliver, db):
-    deliver(OPENED, "pull_request", delivery="before")
-    deliver(OPENED, "pull_request", delivery="during")
-    with db.begin() as conn:
-        # As a delivery arriving while a long replay walks the journal would stand.
-        conn.execute(
-            sa.update(webhook_deliveries)
-            .where(webhook_deliveries.c.delivery_id == "during")
-            .values(received_at=sa.func.now() + timedelta(hours=1))
-        )
+    # As a delivery arriving while a long replay walks the journal would stand.
+    two_deliveries_one_received(db, deliver, "during", "before", by=timedelta(hours=1))
     report = replay.replay(database_of(db))
     assert report.replayed == 1
-    attempts = {e["delivery_id"]: e["attempts"] for e in rows(db, webhook_deliveries, "delivery_id", "attempts")}
-    assert attempts == {"before": 2, "during": 1}
+    assert attempts_by_delivery(db) == {"before": 2, "during": 1}
 
 
 def test_replay_reads_each_delivery_whole_whether_or_not_its_hook_is_recorded(deliver, db):
