@@ -26,7 +26,7 @@ from flowlens_ingest.github.recover_pass import RecoveryPass
 from flowlens_ingest.metrics import instruments
 from flowlens_ingest.store.schema import leases, webhook_deliveries, webhook_hooks
 
-from .fake_github import FakeGitHub, serve_fake_github
+from .fake_github import FakeGitHub, app_private_key_pem, serve_fake_github
 from .helpers import SECRET, database_of, rows, wait_for
 from .serving import Webhook
 from .stories import START, pull_request, repository, sha_for
@@ -117,6 +117,42 @@ def test_one_worker_across_vms_recovers_and_the_next_pass_reads_only_what_is_new
 
     # Only the attempt since the checkpoint is read: not the hour-old ones nor their redeliveries.
     assert again is not None and again.listed == 1
+    assert [m.guid for m in again.recovered] == [late]
+
+
+def test_an_app_hook_row_named_only_by_headers_does_not_send_the_pass_back_to_the_start(db, github, webhook, clock):
+    github.hook_logs.add_hook("app/hook", 781, webhook.url, SECRET, target_type="integration", target_id=github.app_id)
+    config = Settings(
+        github_api_url=github.url,
+        github_app_id=str(github.app_id),
+        github_app_private_key=app_private_key_pem(),
+        recover_every_s=600,
+    )
+    client = GitHubClient(api_url=github.url, app_id=config.github_app_id, private_key=config.github_app_private_key)
+    recovery = RecoveryPass(config, database_of(db), client, instruments(), pace_s=0.01, settle_s=30)
+    clock.offset = -3600  # these failed an hour ago
+    missed = [github.hook_logs.deliver("app/hook", "pull_request", opened(n)) for n in (1, 2)]
+    clock.offset = 0.0  # the App's JWT is checked on GitHub's clock
+    webhook.start()
+    first = recovery.run_once()
+    github.hook_logs.wait_redeliveries()
+    assert first is not None and sorted(m.guid for m in first.recovered) == sorted(missed)
+
+    # A signed body replayed with a forged hook id recorded another "App hook", never checked.
+    with db.begin() as conn:
+        conn.execute(
+            sa.insert(webhook_hooks).values(
+                hook_id=6, target_type="integration", target_id=github.app_id, api_path="app/hook"
+            )
+        )
+    webhook.stop()
+    late = github.hook_logs.deliver("app/hook", "pull_request", opened(3))
+    webhook.start()
+    expire_lease(db)
+    again = recovery.run_once()
+    # From the checkpoint of the hook GitHub named: the two redeliveries of the first pass and the late
+    # one, not the hour-old attempts before it (from the start of GitHub's log: five).
+    assert again is not None and again.listed == 3
     assert [m.guid for m in again.recovered] == [late]
 
 
