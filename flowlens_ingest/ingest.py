@@ -58,6 +58,11 @@ class Result:
         """A delivery the journal holds, with this outcome."""
         return cls(Disposition.DONE, outcome, error)
 
+    @classmethod
+    def unavailable(cls, exc: DatabaseUnavailable) -> Result:
+        """A delivery to keep for later: the database was down, too slow, or cancelled this work."""
+        return cls(Disposition.RETRY_LATER, error=f"database unavailable ({exc})", work_cancelled=exc.work_cancelled)
+
 
 def describe(exc: BaseException) -> str:
     """A journal-safe one-line description of an error (no SQL, no parameters, no row data)."""
@@ -109,7 +114,7 @@ def ingest(
             [*plan.statements, *([hook] if hook else []), journal], on_retry=on_retry, rollback_refused=False
         )
     except DatabaseUnavailable as exc:
-        return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})", work_cancelled=exc.work_cancelled)
+        return Result.unavailable(exc)
     except sa.exc.SQLAlchemyError as exc:  # the database refused this delivery's rows
         result = record_failure(database, delivery, describe(exc), compress=compress, on_retry=on_retry)
         # Said of a delivery the journal now holds as failed. When the journal cannot take it
@@ -141,7 +146,7 @@ def record_failure(
             [failed_journal_entry(delivery, error, compress=compress)], on_retry=on_retry, rollback_refused=False
         )
     except DatabaseUnavailable as exc:
-        return Result(Disposition.RETRY_LATER, error=f"database unavailable ({exc})", work_cancelled=exc.work_cancelled)
+        return Result.unavailable(exc)
     except sa.exc.SQLAlchemyError as exc:  # the database refused even the failure record
         refusal = describe(exc)
         if journal_works(database):

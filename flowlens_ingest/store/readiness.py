@@ -22,12 +22,11 @@ RECHECK_S = 10.0
 class Readiness:
     """The schema's state as last asked: a problem (naming the command that fixes it), or None."""
 
-    def __init__(self, database: Database, *, recheck_s: float = RECHECK_S, problem: str | None = None) -> None:
-        """`problem`: what is already known (gunicorn's master found the schema not ready at start)."""
+    def __init__(self, database: Database, *, recheck_s: float = RECHECK_S) -> None:
         self.database = database
         self.recheck_s = recheck_s
         self._lock = threading.Lock()
-        self._problem = problem
+        self._problem: str | None = None
         self._checked_at = -math.inf
 
     @property

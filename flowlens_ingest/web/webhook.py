@@ -97,11 +97,16 @@ def close_body(_exc: BaseException | None) -> None:
         spooled.close()
 
 
-def signed_body() -> bytes:
-    """The exact bytes verify_signature found signed."""
+def signed_file() -> IO[bytes]:
+    """The temporary file verify_signature read the signed bytes into, rewound."""
     spooled: IO[bytes] = g.body
     spooled.seek(0)
-    return spooled.read()
+    return spooled
+
+
+def signed_body() -> bytes:
+    """The exact bytes verify_signature found signed."""
+    return signed_file().read()
 
 
 def _answer(outcome: Outcome, status: int, event: str, delivery_id: str, action: str | None = None) -> None:
@@ -140,9 +145,7 @@ def receive() -> Response:
     if g.turn is False:
         # Other large deliveries held this worker past the wait: kept raw, never parsed here,
         # copied from its temporary file (never read whole into memory).
-        spooled: IO[bytes] = g.body
-        spooled.seek(0)
-        return _keep(envelope, spooled, None)
+        return _keep(envelope, signed_file(), None)
     body = signed_body()
     try:
         delivery = Delivery.parse(envelope, body)
