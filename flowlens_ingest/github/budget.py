@@ -56,8 +56,9 @@ class SharedWaits(Protocol):
     """Where waits are shared with other processes (the database).
 
     `wait_of` raises (NotSent) when the store cannot be read: not knowing another process's
-    wait is not knowing there is none, so nothing is sent. `record` is best effort: this
-    process honours its own waits whatever the store does.
+    wait is not knowing there is none, so nothing is sent. `record` says False when the store
+    cannot take a wait: this process honours it anyway, and Budgets writes it again before its
+    next request with that credential.
 
     In seconds from now, never in epoch times: the processes may run on hosts whose clocks differ,
     so the store measures each wait on one clock of its own (the database's).

@@ -197,7 +197,7 @@ class RecoveryPass:
         oldest = started - retention(self.settings.github_api_url)
 
         def since(hook: Hook) -> datetime:
-            through = checked.get(hook.hook_id) if hook.hook_id is not None else None
+            through = checked.get(hook.hook_id)
             if through is not None and through < oldest:
                 self.metrics.recovery_gaps.inc()
                 log.error(
@@ -219,9 +219,7 @@ class RecoveryPass:
             bounds=self.bounds,
             keep=self.lease.keep,
         )
-        report = recoverer.run(
-            since, "redeliver", hooks, lambda hook: resumes.get(hook.hook_id) if hook.hook_id is not None else None
-        )
+        report = recoverer.run(since, "redeliver", hooks, lambda hook: resumes.get(hook.hook_id))
         _record_hooks(self.database, self.settings, recoverer.learned)
         self._advance(report, hooks, recoverer.learned, started - timedelta(seconds=IN_FLIGHT_S))
         self.metrics.recovery_passes.labels("complete" if report.complete else "incomplete").inc()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -104,13 +106,8 @@ def release(url: str, revision: str = "head") -> str | None:
     Returns the command an operator should run when the role may not (see quiet_statement_log).
     """
     upgrade(url, revision)
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    install_deadlines()
-    try:
-        with deadline(QUESTION_S):
-            return quiet_statement_log(engine)
-    finally:
-        engine.dispose()
+    with _asking(url, QUESTION_S) as engine:
+        return quiet_statement_log(engine)
 
 
 def revision_of(url: str, *, within: float = QUESTION_S) -> str | None:
@@ -118,11 +115,18 @@ def revision_of(url: str, *, within: float = QUESTION_S) -> str | None:
 
     OperationalError when the server does not answer by then (a proxy that accepts and holds).
     """
+    with _asking(url, within) as engine:
+        return revisions(engine)[0]
+
+
+@contextlib.contextmanager
+def _asking(url: str, within: float) -> Iterator[Engine]:
+    """An engine of its own for a few questions, every wait on it (connecting too) ended within `within` seconds."""
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     install_deadlines()
     try:
         with deadline(within):
-            return revisions(engine)[0]
+            yield engine
     finally:
         engine.dispose()
 
