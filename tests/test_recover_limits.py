@@ -9,6 +9,7 @@ across processes (a second client learning the wait from the database).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import re
@@ -238,21 +239,27 @@ def test_a_host_whose_clock_runs_ahead_still_honours_a_wait_another_host_was_tol
     assert github.budgets.requests_while_limited("token") == 0
 
 
-def test_a_process_that_cannot_read_the_shared_waits_sends_nothing(github):
-    # The database holding the waits refuses connections (a port bound, never listened on): another
-    # process may have been told to wait, so this one does not ask GitHub blind.
+@contextlib.contextmanager
+def client_with_unreadable_waits(github: FakeGitHub) -> Iterator[GitHubClient]:
+    """A client whose shared waits live in a database that refuses connections (a port bound, never listened on)."""
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
-        url = f"postgresql://postgres@127.0.0.1:{closed.getsockname()[1]}/postgres"
-        unreachable = Database(Settings(), url)
+        unreachable = Database(Settings(), f"postgresql://postgres@127.0.0.1:{closed.getsockname()[1]}/postgres")
         try:
-            with (
-                GitHubClient(api_url=github.url, token=github.token, waits=DatabaseWaits(unreachable)) as client,
-                pytest.raises(Transient) as caught,
-            ):
-                client.request_json("GET", "repos/octo/walls")
+            with GitHubClient(api_url=github.url, token=github.token, waits=DatabaseWaits(unreachable)) as client:
+                yield client
         finally:
             unreachable.dispose()
+
+
+def test_a_process_that_cannot_read_the_shared_waits_sends_nothing(github):
+    # The database holding the waits refuses connections: another
+    # process may have been told to wait, so this one does not ask GitHub blind.
+    with (
+        client_with_unreadable_waits(github) as client,
+        pytest.raises(Transient) as caught,
+    ):
+        client.request_json("GET", "repos/octo/walls")
     assert caught.value.reason == "waits_unreadable"
     assert github.budgets.requests("token") == 0
 
@@ -330,14 +337,8 @@ def test_a_files_job_not_sent_for_unreadable_waits_keeps_its_attempts(db, github
     settings = settings_for(github)
     github.set_files("octo/walls", 1, make_files(2))
     apply(db, "pull_request", opened(1))
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        unreachable = Database(Settings(), f"postgresql://postgres@127.0.0.1:{closed.getsockname()[1]}/postgres")
-        try:
-            with GitHubClient(api_url=github.url, token=github.token, waits=DatabaseWaits(unreachable)) as client:
-                assert Enricher(settings, database_of(db), client, instruments()).run_once()
-        finally:
-            unreachable.dispose()
+    with client_with_unreadable_waits(github) as client:
+        assert Enricher(settings, database_of(db), client, instruments()).run_once()
     (job,) = rows(db, files_jobs, "state", "attempts", "run_after", "last_error")
     assert (job["state"], job["attempts"]) == ("pending", 0)
     assert job["run_after"] > datetime.now(UTC) + timedelta(seconds=30)
