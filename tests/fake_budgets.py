@@ -33,7 +33,8 @@ DOCS = "https://docs.github.com/rest/using-the-rest-api/rate-limits-for-the-rest
 
 @dataclass(frozen=True)
 class Limit:
-    """A limit to answer with: secondary (`retry-after`) or primary (`x-ratelimit-remaining: 0` + reset)."""
+    """A wait to answer with: secondary (`retry-after`), primary (`x-ratelimit-remaining: 0` + reset), or
+    unavailable (a 5xx with `retry-after`, HTTP's "come back then")."""
 
     kind: str
     seconds: int
@@ -57,7 +58,7 @@ class CredentialBudgets:
         self, key: str, *, retry_after: int = 600, kind: str = "secondary", status: int = 403, after: int = 0
     ) -> None:
         """Answer that credential's request (after `after` more go through) with a limit of `retry_after` seconds."""
-        if kind not in ("secondary", "primary"):
+        if kind not in ("secondary", "primary", "unavailable"):
             raise ValueError(f"unknown limit {kind!r}")
         with self._lock:
             queue = self._next.setdefault(key, deque())
@@ -113,7 +114,7 @@ class CredentialBudgets:
 
 
 def _answer(limit: Limit, until: float, now: float) -> Response:
-    """GitHub's answer to a credential told to wait: 403/429 with `retry-after`, or the primary headers."""
+    """GitHub's answer to a credential told to wait: 403/429 (or a 5xx) with `retry-after`, or the primary headers."""
     headers: dict[str, Any]
     if limit.kind == "primary":
         headers = {
@@ -123,6 +124,9 @@ def _answer(limit: Limit, until: float, now: float) -> Response:
             "x-ratelimit-resource": "core",
         }
         message = "API rate limit exceeded."
+    elif limit.kind == "unavailable":
+        headers = {"retry-after": str(max(1, int(until - now)))}
+        message = "Service Unavailable"
     else:
         headers = {"retry-after": str(max(1, int(until - now)))}
         message = "You have exceeded a secondary rate limit. Please wait a few minutes before you try again."

@@ -265,6 +265,27 @@ def test_a_secondary_rate_limit_waits_for_retry_after(db, github):
     assert pr_row(db)["files_status"] == "fetched"
 
 
+def test_a_server_error_with_retry_after_holds_every_job_of_the_credential_until_then(db, github):
+    github.set_files("octo/enrich", 1, make_files(2))
+    github.set_files("octo/enrich", 2, make_files(2))
+    github.budgets.limit_next("token", retry_after=2, kind="unavailable", status=503)
+    apply(db, "pull_request", opened())
+    enricher = make_enricher(db, github)
+    assert enricher.run_once()
+    (job,) = job_rows(db)
+    assert (job["state"], job["attempts"]) == ("pending", 0)  # a wait GitHub asked for spends no attempt
+    requests_so_far = len(github.requests)
+    apply(db, "pull_request", opened(2, sha_for("unavailable", 2)))
+    assert enricher.run_once()
+    assert len(github.requests) == requests_so_far  # the other job waits too, unsent
+    wait_for(
+        lambda: drain(enricher) >= 0 and {pr_row(db, n)["files_status"] for n in (1, 2)} == {"fetched"},
+        timeout=30,
+        what="both lists after retry-after",
+    )
+    assert github.budgets.requests_while_limited("token") == 0
+
+
 def test_server_errors_are_retried_with_backoff_then_succeed(db, github):
     github.set_files("octo/enrich", 1, make_files(2))
     github.fail_next("server", times=2)

@@ -671,6 +671,21 @@ def test_a_server_error_is_transient_and_not_retried(fake: FakeGitHub, github: G
     assert len(github.list_files(REPO, 7, installation_id=None).entries) == 5
 
 
+def test_a_server_error_with_retry_after_is_a_wait_for_the_credential(fake: FakeGitHub, github: GitHubClient) -> None:
+    fake.set_files(REPO, 7, make_files(5))
+    fake.set_files(REPO, 8, make_files(5))
+    fake.budgets.limit_next("token", retry_after=120, kind="unavailable", status=503)
+    with pytest.raises(RateLimited) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert (caught.value.reason, caught.value.retry_at, caught.value.status) == ("unavailable", T0 + 120, 503)
+    assert "GitHub unavailable (503)" in str(caught.value)
+    # GitHub said when to come back: no request with that credential before then, for any pull request.
+    with pytest.raises(RateLimited) as again:
+        github.list_files(REPO, 8, installation_id=None)
+    assert (again.value.sent, again.value.retry_at) == (False, T0 + 120)
+    assert (fake.budgets.requests("token"), fake.budgets.requests_while_limited("token")) == (1, 0)
+
+
 def test_a_failure_on_a_later_page(fake: FakeGitHub, github: GitHubClient) -> None:
     fake.set_files(REPO, 7, make_files(150))
     # The first page answers, the second does not: nothing half-listed comes back.

@@ -31,10 +31,10 @@ from bench.proxy import FreezingProxy
 from flowlens_ingest.cli.main import main
 from flowlens_ingest.config import Settings
 from flowlens_ingest.github.backfill import Backfiller, BackfillStopped, Target
-from flowlens_ingest.github.budget import Budgets, Reason, installation_key
+from flowlens_ingest.github.budget import Budgets, installation_key
 from flowlens_ingest.github.client import GitHubClient
 from flowlens_ingest.github.enrich import Enricher, client_for
-from flowlens_ingest.github.errors import RateLimited, Transient
+from flowlens_ingest.github.errors import RateLimited, Transient, WaitReason
 from flowlens_ingest.github.lease import Lease
 from flowlens_ingest.github.recover import Bounds, Recoverer, hooks_to_read
 from flowlens_ingest.github.recover_pass import DUE, RecoveryPass
@@ -317,12 +317,12 @@ def test_a_longer_wait_told_meanwhile_is_not_shortened_by_a_shared_one(db):
     shared.record(key, 30, "secondary")
 
     class Meanwhile:
-        def wait_of(self, key: str) -> tuple[float, Reason] | None:
+        def wait_of(self, key: str) -> tuple[float, WaitReason] | None:
             found = shared.wait_of(key)
             budgets.hold(key, time.time() + 3600, "secondary")  # the other thread, between read and write
             return found
 
-        def record(self, key: str, seconds: float, reason: Reason) -> bool:
+        def record(self, key: str, seconds: float, reason: WaitReason) -> bool:
             return shared.record(key, seconds, reason)
 
     budgets = Budgets(time.time, Meanwhile())

@@ -160,11 +160,14 @@ def rate_limited(answer: Answer, now: float) -> RateLimited | None:
 
 
 def rate_limited_by_head(status: int, headers: httpx.Headers, now: float) -> RateLimited | None:
-    """The rate limit the status line and headers alone say (all but a 403 that names it only in its body); else None.
+    """The wait the status line and headers alone say (all but a 403 that names it only in its body); else None.
+
+    A rate limit (403, 429, a redirect that says wait), or a 5xx with `retry-after` (`unavailable`).
 
     Known before the body is read: a body that then fails to arrive does not lose the wait.
     """
-    if status not in (403, 429) and not (status in REDIRECTS and says_wait(headers)):
+    unavailable = status >= 500 and "retry-after" in headers
+    if status not in (403, 429) and not unavailable and not (status in REDIRECTS and says_wait(headers)):
         return None
     retry_after = headers.get("retry-after")
     asked = None
@@ -179,7 +182,8 @@ def rate_limited_by_head(status: int, headers: httpx.Headers, now: float) -> Rat
         # Both said: the longer holds.
         return RateLimited(_retry_at(now, wait if asked is None else max(wait, asked)), "primary", status=status)
     if asked is not None:
-        return RateLimited(_retry_at(now, asked), "secondary", status=status)
+        # A 5xx with `retry-after` is GitHub (or its front) saying when to come back: a wait like a limit's.
+        return RateLimited(_retry_at(now, asked), "unavailable" if unavailable else "secondary", status=status)
     if status == 429:
         return RateLimited(_retry_at(now, SECONDARY_DEFAULT_WAIT), "secondary", status=status)
     return None

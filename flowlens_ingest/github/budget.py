@@ -21,12 +21,10 @@ import hashlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 from flowlens_ingest.github.answers import MAX_RATE_WAIT_S, SECONDARY_DEFAULT_WAIT, RateLimit
-from flowlens_ingest.github.errors import RateLimited, Transient
-
-Reason = Literal["primary", "secondary"]
+from flowlens_ingest.github.errors import RateLimited, Transient, WaitReason
 
 
 def token_key(token: str) -> str:
@@ -49,7 +47,7 @@ class Wait:
     """GitHub asked a credential to send nothing before `until` (epoch seconds), for this reason."""
 
     until: float
-    reason: Reason
+    reason: WaitReason
 
 
 class SharedWaits(Protocol):
@@ -64,10 +62,10 @@ class SharedWaits(Protocol):
     so the store measures each wait on one clock of its own (the database's).
     """
 
-    def wait_of(self, key: str) -> tuple[float, Reason] | None:
+    def wait_of(self, key: str) -> tuple[float, WaitReason] | None:
         """How many seconds are left of the latest wait any process recorded for this credential, and why; None if none."""
 
-    def record(self, key: str, seconds: float, reason: Reason) -> bool:
+    def record(self, key: str, seconds: float, reason: WaitReason) -> bool:
         """Record a wait of `seconds` from now for this credential (a later end than what is stored wins); False when it could not."""
 
 
@@ -145,7 +143,7 @@ class Budgets:
         finally:
             lock.release()
 
-    def hold(self, key: str, until: float, reason: Reason) -> None:
+    def hold(self, key: str, until: float, reason: WaitReason) -> None:
         """GitHub asked this credential to wait until `until`: remember it, and share it.
 
         A secondary limit that follows another with no answer between waits at least twice as long

@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, NoReturn, Self
+from typing import Any, NoReturn, Self
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -38,7 +38,7 @@ from flowlens_ingest.github.answers import (
 )
 from flowlens_ingest.github.auth import GitHubApp
 from flowlens_ingest.github.budget import Budgets, SharedWaits, Wait, app_key, installation_key, token_key
-from flowlens_ingest.github.errors import Forbidden, GitHubError, NotSent, RateLimited, Transient
+from flowlens_ingest.github.errors import Forbidden, GitHubError, NotSent, RateLimited, Transient, wait_reason
 from flowlens_ingest.github.files import MAX_FILES
 from flowlens_ingest.github.transport import bound_requests, within
 
@@ -239,7 +239,7 @@ class GitHubClient:
         return answer
 
     def _hold(self, key: str, limited: RateLimited) -> None:
-        self.budgets.hold(key, limited.retry_at, "primary" if limited.reason == "primary" else "secondary")
+        self.budgets.hold(key, limited.retry_at, wait_reason(limited.reason))
 
     # -- credentials ------------------------------------------------------------------------
 
@@ -432,12 +432,11 @@ class GitHubClient:
         try:
             raise_for(answer, self._clock())
         except RateLimited as exc:
-            reason: Literal["primary", "secondary"] = "primary" if exc.reason == "primary" else "secondary"
             # The wait the credential now honours, which repeated secondary limits make longer
             # (this process's own, just recorded: the answer is a rate limit whatever the database says).
             held = self.budgets.own_wait(key)
             retry_at = exc.retry_at if held is None else max(exc.retry_at, held.until)
-            raise RateLimited(retry_at, reason, status=exc.status, credential=key) from None
+            raise RateLimited(retry_at, wait_reason(exc.reason), status=exc.status, credential=key) from None
 
     def _next_url(self, answer: Answer, seen: set[str]) -> str | None:
         """The `rel="next"` page to fetch, exactly as GitHub gave it (it may use the `/repositories/{id}/` form)."""

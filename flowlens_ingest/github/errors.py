@@ -9,6 +9,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
+# Why GitHub asked a credential to wait: its primary budget is spent, a secondary limit, or it is
+# unavailable (a 5xx with `retry-after`, HTTP's "come back then").
+WaitReason = Literal["primary", "secondary", "unavailable"]
+
+
+_WAIT_REASONS: dict[str, WaitReason] = {"primary": "primary", "secondary": "secondary", "unavailable": "unavailable"}
+
+
+def wait_reason(value: str) -> WaitReason:
+    """A stored or raised reason as a `WaitReason`; anything unknown is a secondary limit."""
+    return _WAIT_REASONS.get(value, "secondary")
+
 
 class GitHubError(Exception):
     """A failed call to GitHub; `reason` is a short, bounded label for metrics and logs."""
@@ -33,7 +45,7 @@ class RateLimited(GitHubError):
     def __init__(
         self,
         retry_at: float,
-        reason: Literal["primary", "secondary"],
+        reason: WaitReason,
         *,
         status: int | None = None,
         credential: str | None = None,
@@ -41,7 +53,8 @@ class RateLimited(GitHubError):
     ) -> None:
         until = datetime.fromtimestamp(retry_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         who = f" for {credential}" if credential else ""
-        super().__init__(f"GitHub {reason} rate limit{who}: retry at {until}", reason=reason, status=status)
+        what = f"GitHub unavailable ({status})" if reason == "unavailable" else f"GitHub {reason} rate limit"
+        super().__init__(f"{what}{who}: retry at {until}", reason=reason, status=status)
         self.retry_at = retry_at
         self.credential = credential
         self.sent = sent

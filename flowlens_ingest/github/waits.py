@@ -18,8 +18,7 @@ import logging
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
-from flowlens_ingest.github.budget import Reason
-from flowlens_ingest.github.errors import NotSent
+from flowlens_ingest.github.errors import NotSent, WaitReason, wait_reason
 from flowlens_ingest.store.database import Database, DatabaseUnavailable
 from flowlens_ingest.store.schema import github_waits
 
@@ -38,7 +37,7 @@ class DatabaseWaits:
         self.database = database
         self._unavailable = False
 
-    def wait_of(self, key: str) -> tuple[float, Reason] | None:
+    def wait_of(self, key: str) -> tuple[float, WaitReason] | None:
         """Seconds left of the wait any process recorded for this credential, and why; None if none is left.
 
         Raises NotSent when the database cannot say: the caller then sends nothing.
@@ -54,9 +53,9 @@ class DatabaseWaits:
         self._unavailable = False
         if row is None:
             return None
-        return float(row[0]), "primary" if row.reason == "primary" else "secondary"
+        return float(row[0]), wait_reason(row.reason)
 
-    def record(self, key: str, seconds: float, reason: Reason) -> bool:
+    def record(self, key: str, seconds: float, reason: WaitReason) -> bool:
         """Record a wait of `seconds` from the database's now (a later one already stored is kept); False when the database is unavailable."""
         t = github_waits
         until = sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.literal(max(seconds, 0.0), sa.Float))
