@@ -686,6 +686,37 @@ def test_a_server_error_with_retry_after_is_a_wait_for_the_credential(fake: Fake
     assert (fake.budgets.requests("token"), fake.budgets.requests_while_limited("token")) == (1, 0)
 
 
+DEEP = b"[" * 100_000 + b"]" * 100_000  # past what Python's JSON parser recurses into
+WIDE = b"[" + b"[]," * 1_000_000 + b"[]]"  # 3 MB that would build a million lists
+
+
+@pytest.mark.parametrize("body", [DEEP, b"[" + DEEP + b"]", WIDE], ids=["deep", "deep_item", "wide"])
+def test_a_file_list_too_deep_or_too_wide_to_build_is_an_unreadable_answer(
+    fake: FakeGitHub, github: GitHubClient, body: bytes
+) -> None:
+    fake.stream_files(REPO, 7, lambda: [body])
+    with pytest.raises(Transient) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert caught.value.reason == "bad_json"
+
+
+@pytest.mark.parametrize("body", [DEEP, WIDE], ids=["deep", "wide"])
+def test_a_json_answer_too_deep_or_too_wide_to_build_is_an_unreadable_answer(
+    fake: FakeGitHub, github: GitHubClient, body: bytes
+) -> None:
+    fake.stream_files(REPO, 7, lambda: [body])
+    with pytest.raises(Transient) as caught:
+        github.request_json("GET", f"repos/{REPO}/pulls/7/files")
+    assert caught.value.reason == "bad_json"
+
+
+def test_a_refusal_whose_body_is_too_deep_to_read_is_still_a_refusal(fake: FakeGitHub, github: GitHubClient) -> None:
+    fake.stream_files(REPO, 7, lambda: [DEEP], status=403)
+    with pytest.raises(Forbidden) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert "no message" in str(caught.value)
+
+
 def test_a_failure_on_a_later_page(fake: FakeGitHub, github: GitHubClient) -> None:
     fake.set_files(REPO, 7, make_files(150))
     # The first page answers, the second does not: nothing half-listed comes back.

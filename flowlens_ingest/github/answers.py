@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import httpx
 
+from flowlens_ingest.events.parse import TooManyElements, check_elements
 from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited, Transient, Unauthorized
 
 # GitHub's advice when a secondary limit comes without `retry-after`: wait at least a minute.
@@ -36,6 +37,11 @@ _MESSAGE_CHARS = 200
 # JSON's whitespace, between the items of a page.
 _SPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
+# An answer holding more JSON elements than this is refused as it stands, nothing built: about 64
+# bytes of objects an element, so at most ~64 MB for one answer, where 16 MiB of `[]` would build
+# 300 MB. A real page is far from it: a hundred files with their patches, one `[`, `{` or `,`
+# every 30-40 bytes, counts some 500,000 at the 16 MiB byte cap.
+MAX_ANSWER_ELEMENTS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,20 @@ def _retry_after_seconds(value: str, headers: httpx.Headers, now: float) -> floa
     return None if when is None else when - github_now(headers, now)
 
 
+def json_of(data: bytes | str) -> Any:
+    """GitHub's JSON text as Python; ValueError when it is not JSON, or too large or too deep to build.
+
+    Bounded as the webhook's bodies are (parse.check_elements), and nesting past what Python's
+    parser recurses into (RecursionError) is refused like any other unreadable answer, not raised.
+    """
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    try:
+        check_elements(text, MAX_ANSWER_ELEMENTS)
+        return json.loads(text)
+    except (TooManyElements, RecursionError) as exc:
+        raise ValueError(f"GitHub's answer was not readable JSON ({type(exc).__name__})") from None
+
+
 def _retry_at(now: float, wait: float) -> float:
     """`now + wait`, the wait held between MIN_RATE_WAIT_S and MAX_RATE_WAIT_S whatever the header said."""
     return now + min(max(wait, MIN_RATE_WAIT_S), MAX_RATE_WAIT_S)
@@ -122,7 +142,7 @@ def _retry_at(now: float, wait: float) -> float:
 def _message(answer: Answer) -> str:
     """GitHub's `message` of an error answer, shortened; empty when the body says none."""
     try:
-        body = json.loads(answer.body)
+        body = json_of(answer.body)
     except ValueError:
         return ""
     if isinstance(body, dict) and isinstance(body.get("message"), str):
@@ -240,6 +260,12 @@ def file_entries(answer: Answer, limit: int) -> tuple[list[dict[str, Any]], bool
     """
     # A cut body may also end inside a UTF-8 character: that item is incomplete, and dropped, anyway.
     text = answer.body.decode("utf-8", "replace" if answer.cut else "strict")
+    try:
+        check_elements(text, MAX_ANSWER_ELEMENTS)
+    except TooManyElements:
+        raise Transient(
+            "bad_json", "GitHub's file list held more JSON elements than any list could", status=200
+        ) from None
     entries: list[dict[str, Any]] = []
     index = _skip_space(text, 0)
     if not text.startswith("[", index):
@@ -254,6 +280,8 @@ def file_entries(answer: Answer, limit: int) -> tuple[list[dict[str, Any]], bool
             if answer.cut:
                 return entries, False
             raise Transient("bad_json", "GitHub's file list was not JSON", status=200) from None
+        except RecursionError:
+            raise Transient("bad_json", "GitHub's file list nested deeper than JSON is read", status=200) from None
         # Anything but an object is noise from a misbehaving server: skipped, not counted.
         if isinstance(item, dict):
             if len(entries) == limit:

@@ -8,7 +8,6 @@ No secret (the key, a JWT, a token) goes into a log line, an exception message o
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from flowlens_ingest.github.answers import Answer, raise_for
+from flowlens_ingest.github.answers import Answer, json_of, raise_for
 from flowlens_ingest.github.errors import Forbidden, Transient, Unauthorized
 
 # Re-mint an installation token this long before GitHub says it expires, so a token never
@@ -111,7 +110,7 @@ class GitHubApp:
         if answer.status_code not in (200, 201):
             raise_for(answer, self._clock())
         try:
-            body = json.loads(answer.body)
+            body = json_of(answer.body)
             token = body["token"]
             expiry = datetime.fromisoformat(body["expires_at"])
             # GitHub writes UTC ("…Z"); a stamp without zone is read as UTC too, never as local time.

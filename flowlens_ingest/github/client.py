@@ -14,7 +14,6 @@ ever held. A list cut by one of these says so (`FilesPage.truncated`).
 
 from __future__ import annotations
 
-import json
 import time
 import zlib
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from flowlens_ingest.github.answers import (
     RateLimit,
     body_decoder,
     file_entries,
+    json_of,
     raise_for,
     rate_limit_of,
     rate_limited,
@@ -483,7 +483,7 @@ class GitHubClient:
         if answer.cut:
             raise Transient("too_large", f"GitHub's answer ran past {self.max_page_bytes} bytes", status=200)
         try:
-            data = json.loads(answer.body) if answer.body.strip() else None
+            data = json_of(answer.body) if answer.body.strip() else None
         except ValueError:
             raise Transient("bad_json", "GitHub's answer was not JSON", status=answer.status_code) from None
         return JsonAnswer(answer.status_code, data, answer.next_url)
