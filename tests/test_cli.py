@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import re
 import socket
 import subprocess
+import threading
 import time
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from flowlens_ingest import __version__
+from flowlens_ingest.cli.connect import read_answer
 from flowlens_ingest.database_urls import database_location
 from flowlens_ingest.store import migrate
 from flowlens_ingest.store.schema import pull_requests, webhook_deliveries
@@ -118,6 +124,63 @@ def test_send_posts_a_signed_sample_to_a_running_service(service, db):
     # The service's answer as it came: its status, then its body as the service wrote it (compact JSON).
     assert sent.stdout.startswith("200 ") and '"outcome":"applied"' in sent.stdout
     assert len(rows(db, pull_requests)) == 1
+
+
+@contextlib.contextmanager
+def answering(how: str) -> Iterator[str]:
+    """A loopback server answering every request 200 with a body that never ends: `endless` (as fast
+    as it is read) or `trickle` (a byte at a time, a fifth of a second apart). Yields its URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self._answer()
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self._answer()
+
+        def _answer(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(1 << 30))
+            self.end_headers()
+            stop = time.monotonic() + 60  # bounded: the client hangs up long before
+            with contextlib.suppress(OSError):
+                while time.monotonic() < stop:
+                    self.wfile.write(b"x" * 65536 if how == "endless" else b"x")
+                    self.wfile.flush()
+                    if how == "trickle":
+                        time.sleep(0.2)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/webhook"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_send_gives_up_on_an_answer_that_never_ends():
+    with answering("endless") as url:
+        result = cli("send", str(OPENED_FILE), "--event", "pull_request", "--url", url, GITHUB_WEBHOOK_SECRET=SECRET)
+    assert result.returncode == 1
+    assert "an answer over 64 KiB, not the service's" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_answer_read_a_byte_at_a_time_is_given_up_at_the_deadline():
+    with answering("trickle") as url, urllib.request.urlopen(url, timeout=5) as response:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            read_answer(response, 1024, 1.0)
+        # Each socket wait is short (a byte every 0.2 s): only the deadline in all ends it.
+        assert time.monotonic() - started < 5
 
 
 def test_send_without_a_secret_says_so(tmp_path):

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flowlens_ingest.cli.connect import github_client, load_settings, open_database, unavailable
+from flowlens_ingest.cli.connect import github_client, load_settings, open_database, read_answer, unavailable
 from flowlens_ingest.cli.instances import live_instances
 from flowlens_ingest.cli.output import NOT_DONE, counted, fail, utc
 from flowlens_ingest.config import Settings
@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from flowlens_ingest.replay import ReplayReport
 
 DEFAULT_URL = "http://127.0.0.1:8000/webhook"
+# `send` waits this long for the service's answer (each socket wait, and the body in all); the
+# answer is a small JSON object: one over this size is not the service's.
+SEND_TIMEOUT_S = 15.0
+SEND_ANSWER_MAX_BYTES = 64 * 1024
 # Outcomes after which GitHub would consider the delivery done; `send` exits 1 on any other.
 SETTLED = frozenset({"applied", "ignored", "duplicate", "stale"})
 
@@ -111,14 +115,22 @@ def send(file: str, event: str, url: str | None, delivery: str | None) -> int:
         },
     )
     try:
-        with urllib.request.urlopen(request, timeout=15) as response:  # noqa: S310
-            status, text = response.status, response.read().decode()
+        with urllib.request.urlopen(request, timeout=SEND_TIMEOUT_S) as response:  # noqa: S310
+            status, (answer, cut) = response.status, read_answer(response, SEND_ANSWER_MAX_BYTES, SEND_TIMEOUT_S)
     except urllib.error.HTTPError as exc:
-        status, text = exc.code, exc.read().decode()
+        try:
+            status, (answer, cut) = exc.code, read_answer(exc, SEND_ANSWER_MAX_BYTES, SEND_TIMEOUT_S)
+        except OSError as read_failed:
+            return fail(f"no answer from {url}: {read_failed}", NOT_DONE)
     except urllib.error.URLError as exc:
         return fail(f"cannot reach {url}: {exc.reason}", NOT_DONE)
     except OSError as exc:  # a timeout or a reset connection while reading the answer
         return fail(f"no answer from {url}: {exc}", NOT_DONE)
+    if cut:
+        return fail(
+            f"{status} from {url}: an answer over {SEND_ANSWER_MAX_BYTES // 1024} KiB, not the service's", NOT_DONE
+        )
+    text = answer.decode("utf-8", "replace")
     print(f"{status} {text.strip()}")
     try:
         outcome = json.loads(text).get("outcome")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from flowlens_ingest.cli.output import NOT_DONE, fail
 from flowlens_ingest.config import ConfigError, Settings
@@ -10,6 +11,32 @@ from flowlens_ingest.config import ConfigError, Settings
 if TYPE_CHECKING:
     from flowlens_ingest.github.client import GitHubClient
     from flowlens_ingest.store.database import Database
+
+
+# One read of an HTTP answer's body takes at most this much at a time.
+_CHUNK = 64 * 1024
+
+
+def read_answer(response: Any, max_bytes: int, seconds: float) -> tuple[bytes, bool]:
+    """An HTTP answer's body, read a chunk at a time: at most `max_bytes` (and whether there was
+    more), within `seconds` in all; TimeoutError past them.
+
+    urllib's timeout bounds each socket wait, not the whole: a server that trickles its answer
+    a byte at a time, or never ends it, would hold a command without end.
+    """
+    ends = time.monotonic() + seconds
+    read = getattr(response, "read1", response.read)
+    chunks: list[bytes] = []
+    size = 0
+    while size <= max_bytes:
+        if time.monotonic() > ends:
+            raise TimeoutError(f"the answer did not end within {seconds:g} s")
+        chunk = read(min(_CHUNK, max_bytes + 1 - size))
+        if not chunk:
+            return b"".join(chunks), False
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)[:max_bytes], True
 
 
 class NoDatabase(Exception):

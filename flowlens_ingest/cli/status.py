@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from flowlens_ingest.cli.connect import NoDatabase, connect, database_label
+from flowlens_ingest.cli.connect import NoDatabase, connect, database_label, read_answer
 from flowlens_ingest.cli.output import counted, utc
 from flowlens_ingest.config import Settings
 
@@ -40,6 +40,8 @@ RECOVERY_BEHIND = timedelta(days=1)
 RATE_LIMIT_LOW = 500
 # How long the rate limit probe waits for a running `serve`'s /metrics.
 METRICS_TIMEOUT_S = 2.0
+# A serve's /metrics page is some tens of KB: a page past this is not one, and is not read on.
+METRICS_MAX_BYTES = 4 * 1024 * 1024
 DEFAULT_DEADLINE_S = 10.0
 # The parts, in the order they are shown (those the database gives are absent when it does not answer).
 PARTS = ("database", "deliveries_last_hour", "failed", "spool", "files", "github_rate_limit", "recovery")
@@ -247,9 +249,12 @@ def _rate_limit_part(settings: Settings, report: Report) -> None:
     for url in _metrics_urls(settings):
         try:
             with opener.open(url, timeout=METRICS_TIMEOUT_S) as answer:
-                text = answer.read().decode()
+                body, cut = read_answer(answer, METRICS_MAX_BYTES, METRICS_TIMEOUT_S)
         except (OSError, ValueError):
             continue
+        if cut:
+            continue
+        text = body.decode("utf-8", "replace")
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == "flowlens_github_rate_limit_remaining":
