@@ -198,3 +198,49 @@ def test_the_files_worker_runs_the_pass_on_its_schedule(db, github, webhook, hoo
         thread.join(timeout=60)
     assert not thread.is_alive()
     assert len(github.calls("POST", "/attempts")) == 1
+
+
+def test_hooks_invented_by_replayed_headers_cost_a_bounded_number_of_requests_and_take_turns(
+    db, github, webhook, clock
+):
+    # Thirty rows a signed body replayed with invented hook headers recorded, each older than the one
+    # real hook GitHub has not been read for yet (recorded from its first delivery's headers).
+    real_id = next(HOOK_IDS)
+    real = f"repos/octo/recover-pass/hooks/{real_id}"
+    github.hook_logs.add_hook(real, real_id, webhook.url, SECRET, target_type="repository", target_id=REPO["id"])
+    invented = {f"repos/octo/recover-pass/hooks/{90_000 + n}": 90_000 + n for n in range(30)}
+    with db.begin() as conn:
+        for n, (path, hook_id) in enumerate([*invented.items(), (real, real_id)]):
+            conn.execute(
+                sa.insert(webhook_hooks).values(
+                    hook_id=hook_id,
+                    target_type="repository",
+                    target_id=REPO["id"],
+                    api_path=path,
+                    updated_at=sa.func.now() - timedelta(minutes=60 - n),
+                )
+            )
+    clock.offset = -3600  # failed an hour ago
+    missed = github.hook_logs.deliver(real, "pull_request", opened(1))
+    clock.offset = 0.0
+    webhook.start()
+    config = Settings(github_api_url=github.url, github_token=github.token, recover_every_s=600)
+    client = GitHubClient(api_url=github.url, token=github.token)
+    recovery = RecoveryPass(config, database_of(db), client, instruments(), pace_s=0.01, settle_s=30)
+
+    def paths_asked() -> set[str]:
+        asked = {c.path.split("/deliveries")[0].removeprefix("/") for c in github.calls("GET", contains="/hooks/")}
+        github.requests.clear()
+        return asked
+
+    first = recovery.run_once()
+    # The twenty least recently tried, each one request (404): not thirty-one requests, and not the real one yet.
+    assert first is not None and paths_asked() == set(list(invented)[:20])
+    expire_lease(db)
+    second = recovery.run_once()
+    github.hook_logs.wait_redeliveries()
+    # The refused ones went to the back: the other ten and the real hook first, whose delivery is
+    # recovered; the rest of the twenty are the longest refused.
+    asked = paths_asked()
+    assert second is not None and len(asked) == 20 and {*list(invented)[20:], real} <= asked
+    assert [m.guid for m in second.recovered] == [missed]

@@ -33,21 +33,49 @@ class Hook:
     app: bool = False
 
 
+# A hook is recorded from a delivery's headers, which the signature does not cover: a signed body
+# replayed with invented ones records hooks GitHub never heard of, each a request of every pass that
+# reads it. So a run reads every hook GitHub has answered for (its checkpoint is set), up to
+# MAX_CHECKED_HOOKS, and at most MAX_NEW_HOOKS of the others: the least recently tried first, a
+# refused one going to the back (`tried`), so that a real hook among invented ones has its turn.
+MAX_CHECKED_HOOKS = 1_000
+MAX_NEW_HOOKS = 20
+
+
 def hooks_to_read(settings: Settings, database: Database) -> tuple[list[Hook], list[str]]:
     """The App's webhook (App mode), the repository and organization hooks seen or configured (token); and what is skipped."""
-    rows = database.read(sa.select(webhook_hooks).order_by(webhook_hooks.c.hook_id))
+    wh = webhook_hooks
     hooks: dict[str, Hook] = {}
     skipped: list[str] = []
     if settings.github_app_id and settings.github_app_private_key:
         app_id = int(settings.github_app_id) if settings.github_app_id.isdigit() else None
-        known = [r for r in rows if r.api_path == APP_HOOK_PATH and r.target_id in (None, app_id)]
         # The row the passes check through (the id GitHub gave them) before rows only headers named.
-        checked = [r for r in known if r.checked_through is not None]
-        chosen = max(checked, key=lambda r: r.checked_through) if checked else (known[0] if known else None)
+        chosen = database.first(
+            sa.select(wh.c.hook_id)
+            .where(wh.c.api_path == APP_HOOK_PATH, sa.or_(wh.c.target_id.is_(None), wh.c.target_id == app_id))
+            .order_by(wh.c.checked_through.desc().nulls_last(), wh.c.hook_id)
+            .limit(1)
+        )
         hooks[APP_HOOK_PATH] = Hook(APP_HOOK_PATH, chosen.hook_id if chosen is not None else None, app=True)
-    for row in rows:
-        if row.api_path == APP_HOOK_PATH:
-            continue
+    others = wh.c.api_path != APP_HOOK_PATH
+    checked = database.read(
+        sa.select(wh.c.api_path, wh.c.hook_id)
+        .where(others, wh.c.checked_through.is_not(None))
+        .order_by(wh.c.hook_id)
+        .limit(MAX_CHECKED_HOOKS)
+    )
+    new = database.read(
+        sa.select(wh.c.api_path, wh.c.hook_id)
+        .where(others, wh.c.checked_through.is_(None))
+        .order_by(wh.c.updated_at, wh.c.hook_id)
+        .limit(MAX_NEW_HOOKS + 1)
+    )
+    if len(new) > MAX_NEW_HOOKS:
+        new = new[:MAX_NEW_HOOKS]
+        skipped.append(
+            f"recorded hooks GitHub has not answered for yet past the first {MAX_NEW_HOOKS}: read by a later run"
+        )
+    for row in [*checked, *new]:
         if settings.github_token:
             hooks.setdefault(row.api_path, Hook(row.api_path, row.hook_id))
         else:
@@ -57,6 +85,16 @@ def hooks_to_read(settings: Settings, database: Database) -> tuple[list[Hook], l
         if configured is not None and settings.github_token:
             hooks.setdefault(configured[0], Hook(configured[0], configured[1]))
     return list(hooks.values()), skipped
+
+
+def tried(database: Database, hook_ids: Iterable[int]) -> None:
+    """These hooks' logs could not be read: those GitHub never answered for go to the back of the new ones."""
+    ids = sorted(set(hook_ids))
+    if ids:
+        wh = webhook_hooks
+        database.execute(
+            sa.update(wh).where(wh.c.hook_id.in_(ids), wh.c.checked_through.is_(None)).values(updated_at=sa.func.now())
+        )
 
 
 # Backfilled snapshots are journaled with hook 0 too: they are not deliveries that lost their hook.

@@ -27,6 +27,7 @@ from sqlalchemy.dialects.postgresql import insert
 from flowlens_ingest.config import Settings
 from flowlens_ingest.events.hooks import APP_HOOK_PATH
 from flowlens_ingest.github.client import GitHubClient
+from flowlens_ingest.github.hooks import tried
 from flowlens_ingest.github.lease import RECOVER, Lease
 from flowlens_ingest.github.recover import (
     PACE_S,
@@ -184,7 +185,9 @@ class RecoveryPass:
             log.warning("recovery pass skips a hook", extra={"reason": reason})
         wh = webhook_hooks
         known = self.database.read(
-            sa.select(wh.c.hook_id, wh.c.checked_through, wh.c.resume_url, wh.c.resume_newer_than)
+            sa.select(wh.c.hook_id, wh.c.checked_through, wh.c.resume_url, wh.c.resume_newer_than).where(
+                wh.c.hook_id.in_([hook.hook_id for hook in hooks if hook.hook_id is not None])
+            )
         )
         # By the hook id hooks_to_read chose: another row of the same path (an App hook named only by a
         # delivery's headers, never checked) must not send the pass back to the start of GitHub's log.
@@ -236,6 +239,9 @@ class RecoveryPass:
         unread = {path for path, _ in report.unreadable}
         cut = {path for path, _ in report.cut}
         failed = {name for name, _ in report.failed}
+        # A hook GitHub refused waits behind the others not yet read (hooks.tried): one invented by a
+        # replayed delivery's headers is never read, and must not take a real one's turn every pass.
+        tried(self.database, [h.hook_id for h in hooks if h.hook_id is not None and h.path in unread])
         left: dict[str, datetime] = {}
         for item in [m for m in report.missing if m.name in failed] + [m for m, _ in report.held]:
             at = left.get(item.hook.path)
