@@ -43,6 +43,7 @@ from flowlens_ingest.metrics import instruments
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.schema import files_jobs, github_waits, leases, webhook_deliveries, webhook_hooks
 
+from .databases import create_scratch_database, drop_database
 from .fake_github import FakeGitHub, app_private_key_pem, make_files, serve_fake_github
 from .helpers import SECRET, cli_environment, database_of, rows, wait_for
 from .serving import Webhook
@@ -262,6 +263,45 @@ def test_a_process_that_cannot_read_the_shared_waits_sends_nothing(github):
         client.request_json("GET", "repos/octo/walls")
     assert caught.value.reason == "waits_unreadable"
     assert github.budgets.requests("token") == 0
+
+
+@pytest.fixture
+def refusing_waits(server_url: str) -> Iterator[DatabaseWaits]:
+    """Shared waits in a database that answers but refuses them: here it has no `github_waits` (42P01),
+    as a read-only standby after a failover (25006) or a revoked grant (42501) refuse in production."""
+    url = create_scratch_database(server_url)
+    database = Database(Settings(), url)
+    try:
+        yield DatabaseWaits(database)
+    finally:
+        database.dispose()
+        drop_database(url)
+
+
+def test_waits_a_database_refuses_are_not_sent_past_and_not_lost(github, refusing_waits):
+    # Reading them: nothing sent blind, and no database error in the caller's face.
+    with GitHubClient(api_url=github.url, token=github.token, waits=refusing_waits) as client:
+        with pytest.raises(Transient) as caught:
+            client.request_json("GET", "repos/octo/walls")
+        assert caught.value.reason == "waits_unreadable"
+    assert github.budgets.requests("token") == 0
+    # Writing one GitHub asked for: kept here, and written again before the next request.
+    key = "token:abcdef012345"
+    attempts: list[bool] = []
+
+    class Counting:
+        def wait_of(self, key: str) -> tuple[float, WaitReason] | None:
+            return None
+
+        def record(self, key: str, seconds: float, reason: WaitReason) -> bool:
+            attempts.append(refusing_waits.record(key, seconds, reason))
+            return attempts[-1]
+
+    budgets = Budgets(time.time, Counting())
+    budgets.hold(key, time.time() + 600, "secondary")
+    wait = budgets.wait_of(key)
+    assert wait is not None and wait.until > time.time() + 500
+    assert attempts == [False, False]
 
 
 def test_a_wait_the_database_could_not_take_is_shared_before_the_next_request(db, database_url, github):

@@ -166,15 +166,17 @@ class Budgets:
         self._share(key, Wait(until, reason), now)
 
     def _share(self, key: str, wait: Wait, now: float) -> None:
-        """Tell the other processes of this wait; remembered as unshared when the store cannot take it."""
+        """Tell the other processes of this wait; remembered as unshared until the store has taken it."""
         if self.shared is None:
             return
-        stored = self.shared.record(key, wait.until - now, wait.reason)
+        with self._lock:
+            # Marked first: a store that fails in any way, even by raising, leaves it to be shared again.
+            self._unshared.add(key)
+        if not self.shared.record(key, wait.until - now, wait.reason):
+            return
         with self._lock:
             current = self._waits.get(key)
-            if not stored:
-                self._unshared.add(key)
-            elif current is None or current.until <= wait.until:
+            if current is None or current.until <= wait.until:
                 # Only a write of the wait that holds now (not of an older, shorter one) clears the mark.
                 self._unshared.discard(key)
 

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from flowlens_ingest.github.errors import NotSent, WaitReason, wait_reason
+from flowlens_ingest.ingest import describe
 from flowlens_ingest.store.database import Database, DatabaseUnavailable
 from flowlens_ingest.store.schema import github_waits
 
@@ -47,9 +48,12 @@ class DatabaseWaits:
         query = sa.select(left, t.c.reason).where(t.c.credential == key, t.c.wait_until > sa.func.now())
         try:
             row = self.database.first(query)
-        except DatabaseUnavailable as exc:
+        except (DatabaseUnavailable, sa.exc.SQLAlchemyError) as exc:
+            # Any failure, not only an outage (a read-only standby after a failover, a revoked grant).
             self._say_unavailable(exc)
-            raise NotSent(f"GitHub's shared rate-limit waits unreadable ({exc}): not sent", credential=key) from exc
+            raise NotSent(
+                f"GitHub's shared rate-limit waits unreadable ({describe(exc)}): not sent", credential=key
+            ) from exc
         self._unavailable = False
         if row is None:
             return None
@@ -67,16 +71,16 @@ class DatabaseWaits:
         )
         try:
             self.database.execute(upsert)
-        except DatabaseUnavailable as exc:
+        except (DatabaseUnavailable, sa.exc.SQLAlchemyError) as exc:
             # This process still honours the wait, and shares it again before its next request (Budgets).
             self._say_unavailable(exc)
             return False
         return True
 
-    def _say_unavailable(self, exc: DatabaseUnavailable) -> None:
+    def _say_unavailable(self, exc: Exception) -> None:
         if not self._unavailable:
             log.warning(
                 "GitHub rate-limit waits not shared: database unreachable; no request to GitHub until it answers",
-                extra={"reason": str(exc)},
+                extra={"reason": describe(exc)},
             )
         self._unavailable = True
