@@ -516,6 +516,19 @@ def test_an_unreadable_retry_after_on_a_403_is_still_a_rate_limit(fake: FakeGitH
     assert (caught.value.reason, caught.value.retry_at, caught.value.status) == ("secondary", T0 + 60, 403)
 
 
+def test_a_primary_limit_named_only_in_its_message_is_still_a_wait(fake: FakeGitHub, github: GitHubClient) -> None:
+    # Its x-ratelimit headers stripped on the way (a proxy): the message alone says it is the limit.
+    body = b'{"message": "API rate limit exceeded for installation ID 42."}'
+    fake.stream_files(REPO, 7, lambda: [body], status=403)
+    with pytest.raises(RateLimited) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert (caught.value.reason, caught.value.retry_at, caught.value.status) == ("primary", T0 + 60, 403)
+    with pytest.raises(RateLimited) as again:
+        github.list_files(REPO, 7, installation_id=None)
+    assert again.value.sent is False
+    assert fake.budgets.requests("token") == 1
+
+
 def test_a_far_reset_pauses_for_an_hour_at_most(fake: FakeGitHub, github: GitHubClient, clock: Clock) -> None:
     fake.set_files(REPO, 7, make_files(5))
     fake.remaining = 10

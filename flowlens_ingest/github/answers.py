@@ -176,6 +176,10 @@ def rate_limited(answer: Answer, now: float) -> RateLimited | None:
     message = _message(answer).lower()
     if "secondary rate limit" in message or "abuse detection" in message:
         return RateLimited(_retry_at(now, SECONDARY_DEFAULT_WAIT), "secondary", status=403)
+    if "rate limit" in message:
+        # "API rate limit exceeded for …" with its headers gone (a proxy stripped them): still the
+        # primary limit, and no reset to wait for, so GitHub's minute.
+        return RateLimited(_retry_at(now, SECONDARY_DEFAULT_WAIT), "primary", status=403)
     return None
 
 
