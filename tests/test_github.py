@@ -966,8 +966,11 @@ def test_minting_errors(fake: FakeGitHub, app_github: GitHubClient, clock: Clock
     with pytest.raises(Transient):
         app_github.list_files(REPO, 7, installation_id=5)
     fake.fail_next("secondary", route="access_tokens")
-    with pytest.raises(RateLimited):
+    with pytest.raises(RateLimited) as limited:
         app_github.list_files(REPO, 7, installation_id=5)
+    # Named for the budget it binds, with the wait that credential now honours.
+    assert limited.value.credential == f"app:{fake.app_id}"
+    assert limited.value.retry_at == app_github.wait_of(app=True).until  # type: ignore[union-attr]
     # The App's JWT is told to wait: no mint leaves until then, the limit comes back at once.
     posts = len(fake.calls("POST"))
     with pytest.raises(RateLimited) as walled:
@@ -987,6 +990,25 @@ def test_concurrent_calls_mint_one_token(fake: FakeGitHub, app_github: GitHubCli
     with ThreadPoolExecutor(max_workers=8) as pool:
         pages = list(pool.map(lambda _: app_github.list_files(REPO, 7, installation_id=5), range(16)))
     assert all(len(page.entries) == 3 for page in pages)
+    assert len(fake.calls("POST")) == 1
+
+
+def test_a_thread_waits_for_another_threads_mint_only_so_long(fake: FakeGitHub, app_github: GitHubClient) -> None:
+    assert app_github._app is not None
+    app_github._app.mint_wait_s = 0.5
+    arrived, answer = fake.hold_next("access_tokens")
+    minting = threading.Thread(target=app_github.installation_token, args=(5,))
+    minting.start()
+    try:
+        assert arrived.wait(30), "the mint never reached GitHub"
+        started = time.monotonic()
+        with pytest.raises(Transient) as caught:
+            app_github.installation_token(5)
+        assert caught.value.reason == "busy" and time.monotonic() - started < 5
+    finally:
+        answer.set()
+        minting.join(30)
+    assert app_github.installation_token(5).startswith("ghs_")  # the held mint's token, cached
     assert len(fake.calls("POST")) == 1
 
 

@@ -28,6 +28,9 @@ TOKEN_REFRESH_MARGIN = 300.0
 JWT_BACKDATE = 60
 JWT_LIFETIME = 540
 
+# A thread waits at most this long for another thread's mint of the same installation's token.
+MINT_WAIT_S = 120.0
+
 # POST to a path of the API (e.g. "/app/installations/5/access_tokens") with these headers, and the answer.
 PostToApi = Callable[[str, dict[str, str]], Answer]
 
@@ -67,6 +70,9 @@ class GitHubApp:
         # One lock per installation, so a slow mint for one does not hold up the others,
         # and threads needing the same token mint it once.
         self._mint_locks: dict[int, threading.Lock] = {}
+        # How long a thread waits for another's mint of the same token: a mint is one request
+        # (its turn and its deadline, client.py) and two reads of the shared waits.
+        self.mint_wait_s = MINT_WAIT_S
 
     def __repr__(self) -> str:
         return f"GitHubApp({self.app_id!r})"
@@ -75,7 +81,11 @@ class GitHubApp:
         """An installation access token, minted by the App and cached until 5 minutes before it expires."""
         with self._lock:
             mint_lock = self._mint_locks.setdefault(installation_id, threading.Lock())
-        with mint_lock:
+        if not mint_lock.acquire(timeout=self.mint_wait_s):
+            raise Transient(
+                "busy", f"another thread's token mint held installation {installation_id} past {self.mint_wait_s:g} s"
+            )
+        try:
             with self._lock:
                 cached = self._tokens.get(installation_id)
             if cached is not None and self._clock() < cached.expires_at - TOKEN_REFRESH_MARGIN:
@@ -84,6 +94,8 @@ class GitHubApp:
             with self._lock:
                 self._tokens[installation_id] = fresh
             return fresh.token
+        finally:
+            mint_lock.release()
 
     def forget_token(self, installation_id: int, token: str) -> None:
         """Drop a token GitHub rejected, so the next `installation_token` mints a new one."""

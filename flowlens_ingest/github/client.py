@@ -318,7 +318,12 @@ class GitHubClient:
     def _post(self, path: str, headers: dict[str, str]) -> Answer:
         """POST to a path of the API with the App's JWT (the token mint): the App's budget, bounded as every request is."""
         assert self._app is not None  # only the App mints
-        return self._exchange(app_key(self._app.app_id), "POST", f"{self.api_url}{path}", headers, self.max_page_bytes)
+        key = app_key(self._app.app_id)
+        answer = self._exchange(key, "POST", f"{self.api_url}{path}", headers, self.max_page_bytes)
+        if rate_limited(answer, self._clock()) is not None:
+            # Named for the App's budget, with the wait it now honours, as every other request's limit is.
+            self._raise_for(answer, key)
+        return answer
 
     def _check_deadline(self, deadline: float) -> None:
         """Raise `Transient` once the request's deadline (a `time.monotonic()` value) has passed."""
