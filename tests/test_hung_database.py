@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg2
 import pytest
 import requests
 import sqlalchemy as sa
@@ -22,6 +23,7 @@ from flask.testing import FlaskClient
 
 from bench import openloop
 from bench.proxy import FreezingProxy
+from flowlens_ingest.store.hang import Hang
 from flowlens_ingest.store.schema import pull_requests, webhook_deliveries
 from flowlens_ingest.web.app import create_app
 from flowlens_ingest.web.services import services
@@ -255,3 +257,23 @@ def test_a_slow_statement_on_a_database_that_answers_is_no_hang(db, database_url
         assert not database.hung
     finally:
         database.dispose()
+
+
+def test_a_hang_found_as_a_refused_probe_ends_is_probed_until_the_database_answers():
+    # The probe is refused (the server restarting) just as a call misses its own deadline: that
+    # call starts no probe (one runs), so the running one must not end while the hang is known.
+    answers = iter(["refused", "refused", "answer"])
+    probes: list[str] = []
+
+    def probe() -> None:
+        outcome = next(answers, "answer")
+        probes.append(outcome)
+        if len(probes) == 1:
+            hang.missed()  # the call's deadline, as this probe is being refused
+        if outcome == "refused":
+            raise psycopg2.OperationalError("connection refused")
+
+    hang = Hang(probe, interval=0.05)
+    hang.slow()
+    wait_for(lambda: not hang.known and probes[-1:] == ["answer"], "the probe to find the database answering")
+    assert probes == ["refused", "refused", "answer"]

@@ -136,10 +136,11 @@ class Hang:
                         self._hung(pid)
                 continue
             except psycopg2.Error:  # refused, or gone: fast failures, no hang unless one is known
-                if self.known:
-                    continue
-                self._end(stopping, cleared_by=None, probes=probes)
-                return
+                # Asked under the lock as the thread ends: a call that misses its deadline meanwhile
+                # starts no probe of its own (this one runs), so this one must go on.
+                if self._end(stopping, cleared_by=None, probes=probes, unless_hung=pid):
+                    return
+                continue
             except Exception:
                 # A bug in the probe must not leave the process hung for good: the state ends,
                 # and the calls themselves find a hang again (a slow wait, a missed deadline).
@@ -149,11 +150,14 @@ class Hang:
             self._end(stopping, cleared_by="an answer", probes=probes)
             return
 
-    def _end(self, stopping: threading.Event, *, cleared_by: str | None, probes: int) -> None:
-        """The probe thread ends; `cleared_by` (an answer, or a probe error): no longer known hung."""
+    def _end(self, stopping: threading.Event, *, cleared_by: str | None, probes: int, unless_hung: int = 0) -> bool:
+        """The probe thread ends (False: it goes on, process `unless_hung` being known hung); `cleared_by`
+        (an answer, or a probe error): no longer known hung."""
         with self._lock:
             if self._stopping is not stopping:
-                return
+                return True
+            if unless_hung and self._pid == unless_hung:
+                return False
             hung_s = time.monotonic() - self._since if cleared_by and self._pid != 0 else None
             if cleared_by:
                 self._pid = 0
@@ -163,3 +167,4 @@ class Hang:
             log.warning("database answering again", extra={"hung_s": round(hung_s, 1), "probes": probes})
         elif hung_s is not None:
             log.warning("database no longer taken as hung after %s", cleared_by, extra={"hung_s": round(hung_s, 1)})
+        return True
