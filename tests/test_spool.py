@@ -269,6 +269,29 @@ def test_the_drainer_tick_refreshes_the_estimate_while_the_database_is_down(tmp_
     assert worker.depth() == 1
 
 
+def test_a_stopping_worker_ends_its_drain_after_the_delivery_under_way(tmp_path):
+    # A backlog after an outage; the worker is asked to stop (a deploy): its drainer finishes the
+    # delivery it is applying and stops there, well inside the wait of worker_exit, the rest kept.
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    for n in range(200):
+        assert spool.put(ping(f"backlog-{n:03d}"), b"{}")
+    applied: list[str] = []
+    first = threading.Event()
+
+    def applying(item: Spooled) -> Result:
+        applied.append(item.envelope.delivery_id)
+        first.set()
+        drainer.stopping.wait(30)  # the stop is asked while this one is under way
+        return DONE
+
+    drainer = Drainer(spool, applying, interval=0.01)
+    drainer.start()
+    assert first.wait(30), "the drain never began"
+    drainer.stop(timeout=30)
+    assert not drainer.is_alive()
+    assert applied == ["backlog-000"] and spool.refresh() == 199
+
+
 def test_files_named_before_sizes_were_still_count_and_drain_in_arrival_order(tmp_path):
     folder = tmp_path / "spool"
     folder.mkdir()

@@ -124,13 +124,13 @@ class Drainer(threading.Thread):
                 depth = self.spool.refresh()
                 if self.on_depth is not None:
                     self.on_depth(depth)
-                drained, stopped = self.spool.drain(self.handle) if depth else (0, None)
+                drained, stopped = self.spool.drain(self.handle, self.stopping) if depth else (0, None)
             except Exception as exc:  # keep the thread alive; the next tick tries again
                 drained, stopped = 0, type(exc).__name__
             if drained:
                 log.info("spool drained", extra={"drained": drained})
             # Once per outage, not once per tick; not at all when the handler said why.
-            if stopped is not None and not paused and stopped != SAID:
+            if stopped is not None and not paused and stopped != SAID and not self.stopping.is_set():
                 log.warning("spool drain paused: %s", stopped)
             paused = stopped is not None
 

@@ -357,8 +357,8 @@ class Spool:
                 if now - path.stat().st_mtime >= older_than:
                     path.unlink()
 
-    def drain(self, handle: Callable[[Spooled], Result]) -> tuple[int, str | None]:
-        """Hand each spooled delivery, oldest first, to `handle`, and act on its disposition.
+    def drain(self, handle: Callable[[Spooled], Result], stop: threading.Event | None = None) -> tuple[int, str | None]:
+        """Hand each spooled delivery, oldest first, to `handle`, and act on its disposition; between two, `stop` ends it.
 
         Done: the file is removed. Set aside: it is renamed out of the drain's way.
         Retry later: the drain stops there and keeps the file (the database went away
@@ -381,6 +381,10 @@ class Spool:
             self.remove_partial_files()
             cancelled_in_a_row = 0
             for name in sorted(self._names()):
+                if stop is not None and stop.is_set():
+                    # The worker is stopping: the delivery under way is done, the rest wait for a drain.
+                    stopped = "stopping"
+                    break
                 path = self.directory / name
                 waiting, passed_before = self._waiting(path, name)
                 if waiting:
