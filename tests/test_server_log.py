@@ -121,6 +121,36 @@ def test_a_worker_told_at_start_that_the_schema_is_not_ready_sends_no_statement(
         drop_database(scratch)
 
 
+def test_with_the_spool_off_a_schema_not_ready_is_answered_503_without_a_statement(throwaway, tmp_path):
+    # No spool, so no drainer to ask: the request path asks (at most once a second, here at once) and
+    # answers 503 without sending the delivery's statements, until the migration lands.
+    scratch = create_scratch_database(throwaway.url, prefix="flowlens_unmigrated")
+    app = create_app(make_settings(scratch, tmp_path, spool_max_bytes=0))
+    client = app.test_client()
+    engine = sa.create_engine(scratch, poolclass=sa.pool.NullPool)
+    problem = migrate.pending(engine)
+    engine.dispose()
+    svc = services(app)
+    assert start_drainer(app, said_at_start=problem) is None and svc.spool is None
+    svc.readiness.ask_again_s = 0.0
+
+    def deliver(delivery: str) -> tuple[int, str]:
+        body = json.dumps(OPENED).encode()
+        response = client.post("/webhook", data=body, headers=github_headers(body, "pull_request", delivery=delivery))
+        return response.status_code, response.get_json().get("outcome", response.get_json().get("error", ""))
+
+    try:
+        log_before = (throwaway.root / "server.log").read_text(errors="replace")
+        assert [deliver(f"d{n}")[0] for n in range(3)] == [503, 503, 503]
+        written = (throwaway.root / "server.log").read_text(errors="replace")[len(log_before) :]
+        assert [line for line in written.splitlines() if "ERROR" in line] == []
+        migrate.upgrade(scratch)
+        assert deliver("after") == (200, "applied")
+    finally:
+        svc.database.dispose()
+        drop_database(scratch)
+
+
 def test_db_upgrade_keeps_statement_text_out_of_the_log_where_the_role_may(server_url):
     """A superuser sets it for its role; a role that may not is given the command to run."""
     admin_engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)

@@ -17,6 +17,9 @@ from flowlens_ingest.store.database import Database
 
 # How long a schema found ready is trusted before it is asked again.
 RECHECK_S = 10.0
+# A worker without a drainer (the spool off) asks a schema found not ready again this often,
+# from its request path: at most one question a second, where each delivery would be refused.
+ASK_AGAIN_S = 1.0
 
 
 class Readiness:
@@ -28,10 +31,19 @@ class Readiness:
         self._lock = threading.Lock()
         self._problem: str | None = None
         self._checked_at = -math.inf
+        self.ask_again_s = ASK_AGAIN_S
+        self._asked_at = -math.inf
 
     @property
     def problem(self) -> str | None:
         """Why the schema is not ready, as last found; None when it was ready (or never asked)."""
+        return self._problem
+
+    def current(self) -> str | None:
+        """The problem, asked again first when it was last asked `ask_again_s` ago or more: for a worker
+        with no drainer to ask (the spool off), whose request path is then the one to find it fixed."""
+        if self._problem is not None and time.monotonic() - self._asked_at >= self.ask_again_s:
+            self.check()
         return self._problem
 
     def assume(self, problem: str) -> None:
@@ -48,6 +60,7 @@ class Readiness:
         with self._lock:
             if self._problem is None and time.monotonic() - self._checked_at < self.recheck_s:
                 return None
+            self._asked_at = time.monotonic()
         try:
             with self.database.bounded():
                 problem = migrate.pending(self.database.engine)

@@ -28,7 +28,7 @@ class Services:
     database: Database
     metrics: Metrics
     spool: Spool | None
-    # The schema's state, kept current by the drainer; the request path reads it.
+    # The schema's state, kept current by the drainer (the request path, with the spool off).
     readiness: Readiness
 
 
@@ -53,10 +53,11 @@ def start_drainer(
     database known not ready.
     """
     svc = services(app)
+    if said_at_start is not None:
+        # With the spool off too: the request path then answers 503 without a statement sent.
+        svc.readiness.assume(said_at_start)
     if svc.spool is None:
         return None
-    if said_at_start is not None:
-        svc.readiness.assume(said_at_start)
     handle = drainer.spool_handler(
         svc.database, svc.settings, svc.metrics, said_at_start=said_at_start is not None, readiness=svc.readiness
     )

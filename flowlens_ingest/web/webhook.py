@@ -155,11 +155,13 @@ def receive() -> Response:
     except parse.BadPayload as exc:
         _answer(Outcome.REJECTED, 400, event, delivery_id)
         return error(400, str(exc))
-    if svc.spool is not None and svc.readiness.problem is not None:
-        # The schema is known not ready (the drainer asks): every statement would be refused. Kept
-        # for the drainer, which applies it once the schema is migrated; nothing sent meanwhile.
-        return _keep(envelope, body, delivery.action)
     with deadline(DATABASE_DEADLINE_S - (time.perf_counter() - g.started)):
+        readiness = svc.readiness
+        if readiness.problem is not None and (svc.spool is not None or readiness.current() is not None):
+            # The schema is known not ready: every statement would be refused. Kept for the drainer,
+            # which applies it once the schema is migrated (the spool off: a 503, and GitHub's log
+            # keeps it for a redelivery); nothing sent meanwhile.
+            return _keep(envelope, body, delivery.action)
         result = ingest(
             svc.database,
             delivery,
