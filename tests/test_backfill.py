@@ -343,6 +343,25 @@ def test_a_pull_request_github_will_not_show_is_named_skipped_and_the_rest_lands
     assert err.count("cannot read") == 2 and capsys.readouterr().err.count("cannot read") == 2
 
 
+def test_odd_answers_are_named_and_skipped_and_the_rest_lands(db, github):
+    repo = repository(9_300_021, "octo/odd")
+    data = github.repositories.add(repo)
+    for number in range(1, 5):
+        serve_state(data, story(repo, number))
+    deep: Any = "leaf"
+    for _ in range(200):
+        deep = [deep]
+    data.pulls[2]["merged_by"] = deep  # nested past what any delivery may be (the listing omits it)
+    data.pulls[3]["head"] = "not-an-object"  # no head to read checks by: journaled failed, for a replay
+    backfiller = filler(db, github)
+    backfiller.repository(Target("octo/odd"), "all", None)
+    (named,) = backfiller.tally.unreadable
+    assert named.startswith("octo/odd#2:") and "an answer that cannot be read" in named
+    (failed,) = backfiller.tally.failed
+    assert failed.startswith("octo/odd pull_request")
+    assert sorted(statuses(db, repo)) == [1, 4]
+
+
 def test_progress_moves_past_a_pull_request_that_cannot_be_read(db, github):
     repo = unreadable_story(github, "octo/gone-resumed", 9_300_013, {2: 410})
     # The repository, the list, #1 (the pull request, its reviews, check runs, statuses), #2 refused:

@@ -150,6 +150,11 @@ def _scan(value: Any, limit: int) -> tuple[int, bool]:
     return deepest, unusual
 
 
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether a parsed value's containers nest deeper than `limit` (the bound a delivery is held to)."""
+    return _scan(value, limit)[0] > limit
+
+
 def count_elements(text: str) -> int:
     """An upper bound on the values and containers in JSON `text`: its `[`, `{` and `,` characters, plus one.
 

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import httpx
 
-from flowlens_ingest.events.parse import TooManyElements, check_elements
+from flowlens_ingest.events.parse import MAX_DEPTH, TooManyElements, check_elements, too_deep
 from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited, Transient, Unauthorized
 
 # GitHub's advice when a secondary limit comes without `retry-after`: wait at least a minute.
@@ -123,15 +123,19 @@ def _retry_after_seconds(value: str, headers: httpx.Headers, now: float) -> floa
 def json_of(data: bytes | str) -> Any:
     """GitHub's JSON text as Python; ValueError when it is not JSON, or too large or too deep to build.
 
-    Bounded as the webhook's bodies are (parse.check_elements), and nesting past what Python's
-    parser recurses into (RecursionError) is refused like any other unreadable answer, not raised.
+    Bounded as the webhook's bodies are (parse.check_elements, parse.MAX_DEPTH), and nesting past what
+    Python's parser recurses into (RecursionError) is refused like any other unreadable answer, not raised.
     """
     text = data.decode("utf-8") if isinstance(data, bytes) else data
     try:
         check_elements(text, MAX_ANSWER_ELEMENTS)
-        return json.loads(text)
+        value = json.loads(text)
     except (TooManyElements, RecursionError) as exc:
         raise ValueError(f"GitHub's answer was not readable JSON ({type(exc).__name__})") from None
+    if too_deep(value):
+        # What a webhook's body may not be either: landed as a delivery (backfill, recover --fetch) it would be refused.
+        raise ValueError(f"GitHub's answer nested deeper than {MAX_DEPTH} levels")
+    return value
 
 
 def _retry_at(now: float, wait: float) -> float:

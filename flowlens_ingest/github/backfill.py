@@ -33,9 +33,10 @@ from flowlens_ingest.config import Settings
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
 from flowlens_ingest.events.envelope import Envelope
+from flowlens_ingest.events.parse import BadPayload
 from flowlens_ingest.github import snapshots
 from flowlens_ingest.github.client import GitHubClient, JsonAnswer
-from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited
+from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited, Transient
 from flowlens_ingest.github.hooks import parse_time
 from flowlens_ingest.ingest import Disposition, ingest
 from flowlens_ingest.store.database import Database
@@ -159,7 +160,7 @@ class Backfiller:
                 repos = self._pages(
                     "installation/repositories?per_page=100", inside="repositories", installation_id=number
                 )
-                found += [Target(r["full_name"], number) for r in repos if isinstance(r.get("full_name"), str)]
+                found += [Target(r["full_name"], number) for r in repos if _is_full_name(r.get("full_name"))]
         return found
 
     def _installation_of(self, full_name: str) -> int | None:
@@ -199,10 +200,16 @@ class Backfiller:
         """Land one pull request; False when GitHub will not show it (named in the tally, skipped)."""
         try:
             self._pull(base, repo, number, target)
-        except (NotFound, Forbidden) as exc:
-            if exc.reason == "no_credential":
+        except (NotFound, Forbidden, Transient) as exc:
+            if exc.reason == "no_credential" or (isinstance(exc, Transient) and exc.reason != "bad_json"):
                 raise
-            why = "deleted or transferred" if isinstance(exc, NotFound) else "no access"
+            why = (
+                "deleted or transferred"
+                if isinstance(exc, NotFound)
+                else "no access"
+                if isinstance(exc, Forbidden)
+                else "an answer that cannot be read"
+            )
             self.tally.unreadable.append(f"{target.full_name}#{number}: {exc} ({why}); skipped")
             log.warning("backfill: a pull request cannot be read", extra={"pull": f"{target.full_name}#{number}"})
             return False
@@ -214,7 +221,8 @@ class Backfiller:
         if not isinstance(pr, dict):
             raise GitHubError("GitHub's pull request answer was not an object", reason="bad_json")
         self._land("pull_request", snapshots.pull_request(repo, pr, inst), target)
-        head = (pr.get("head") or {}).get("sha")
+        head_ref = pr.get("head")
+        head = head_ref.get("sha") if isinstance(head_ref, dict) else None
         if not isinstance(head, str) or not head:
             return
         for rest in self._pages(f"{base}/pulls/{number}/reviews?per_page=100", installation_id=inst):
@@ -234,7 +242,14 @@ class Backfiller:
     def _land(self, event: str, payload: dict[str, Any], target: Target) -> None:
         """Ingest one snapshot as a delivery (journal id from its content, body marked as the API's JSON)."""
         body = snapshots.body_of(payload)
-        delivery = Delivery.parse(Envelope.from_api(delivery_id=snapshots.delivery_id(event, body), event=event), body)
+        try:
+            delivery = Delivery.parse(
+                Envelope.from_api(delivery_id=snapshots.delivery_id(event, body), event=event), body
+            )
+        except BadPayload as exc:
+            # GitHub's answer is no payload a delivery may carry (nested too deep): named, not landed.
+            self.tally.failed.append(f"{target.full_name} {event}: GitHub's answer cannot be stored ({exc})")
+            return
         result = ingest(
             self.database,
             delivery,
@@ -272,10 +287,18 @@ class Backfiller:
         self.database.execute(sa.delete(t).where(t.c.full_name == full_name, t.c.scope == scope))
 
 
+def _is_full_name(value: Any) -> bool:
+    """`value` is an OWNER/REPO name (what `_path` takes)."""
+    if not isinstance(value, str):
+        return False
+    owner, _, repo = value.partition("/")
+    return bool(owner.strip(".") and repo.strip(".") and "/" not in repo)
+
+
 def _path(full_name: str) -> str:
-    owner, _, repo = full_name.partition("/")
-    if not owner.strip(".") or not repo.strip(".") or "/" in repo:
+    if not _is_full_name(full_name):
         raise ValueError(f"not an OWNER/REPO name: {full_name!r}")
+    owner, _, repo = full_name.partition("/")
     return f"{quote(owner, safe='')}/{quote(repo, safe='')}"
 
 
