@@ -730,6 +730,17 @@ def test_a_refusal_whose_body_is_too_deep_to_read_is_still_a_refusal(fake: FakeG
     assert "no message" in str(caught.value)
 
 
+def test_a_list_past_its_deadline_asks_for_no_further_page(fake: FakeGitHub, github: GitHubClient) -> None:
+    # Each page is bounded by its own deadline; the whole list by one more (here: already spent
+    # once the first page is in), so a slow server cannot hold a job page after page.
+    fake.set_files(REPO, 7, make_files(250))
+    github.list_deadline_s = 0.0
+    with pytest.raises(Transient) as caught:
+        github.list_files(REPO, 7, installation_id=None)
+    assert caught.value.reason == "timeout" and "file list took longer" in str(caught.value)
+    assert len(fake.calls("GET")) == 1
+
+
 def test_a_failure_on_a_later_page(fake: FakeGitHub, github: GitHubClient) -> None:
     fake.set_files(REPO, 7, make_files(150))
     # The first page answers, the second does not: nothing half-listed comes back.

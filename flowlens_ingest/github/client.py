@@ -48,6 +48,9 @@ PER_PAGE = 100
 # With `per_page=100`, 30 pages hold GitHub's 3,000 files; the higher bound only guards against
 # a server that ignores `per_page` or links pages in a loop.
 MAX_PAGES = 100
+# A whole file list, every page with its turn and its deadline, ends within this: 30 pages of a
+# healthy API take seconds. Past it the list is given up on (Transient), its job retried later.
+LIST_DEADLINE_S = 300.0
 # Each request: connected within 5 s, never silent for more than 10 s (GitHub itself ends a request
 # it takes more than 10 s to process: https://docs.github.com/en/rest/using-the-rest-api/troubleshooting-the-rest-api#timeouts),
 # and the whole exchange, answer included, over within 30 s. httpx's timeouts are per socket
@@ -124,6 +127,7 @@ class GitHubClient:
         self.deadline = deadline
         self.max_page_bytes = max_page_bytes
         self.max_list_bytes = max_list_bytes
+        self.list_deadline_s = LIST_DEADLINE_S
         self.api_url = api_url.rstrip("/")
         self._origin = self._origin_of(self.api_url)
         self._token = token or None
@@ -379,6 +383,7 @@ class GitHubClient:
 
         `keep` is asked before each page after the first (a worker's lease on the job, renewed):
         False ends the list there, NotSent (`lease_lost`), without asking GitHub for the page.
+        A list not done within `list_deadline_s` (LIST_DEADLINE_S) is given up on: Transient.
         """
         owner, _, repo = full_name.partition("/")
         if not owner or not repo or "/" in repo:
@@ -394,7 +399,10 @@ class GitHubClient:
         budget = self.max_list_bytes
         truncated = False
         seen: set[str] = set()
+        ends = time.monotonic() + self.list_deadline_s
         while url is not None:
+            if pages and time.monotonic() > ends:
+                raise Transient("timeout", f"the file list took longer than {self.list_deadline_s:g} s")
             if len(entries) >= MAX_FILES or pages >= MAX_PAGES or budget <= 0:
                 # A next page is announced, but the list already holds all we take: GitHub's
                 # 3,000-file cap, a server ignoring `per_page` or linking pages without end.
