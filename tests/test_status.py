@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,11 @@ import sqlalchemy as sa
 
 from bench.proxy import FreezingProxy
 from flowlens_ingest.spool.folder import SUFFIX, UNUSABLE_SUFFIX
+from flowlens_ingest.store.hooks import MAX_SHOWN, checked_through
 from flowlens_ingest.store.schema import webhook_deliveries, webhook_hooks
 
 from .databases import create_scratch_database, drop_database
-from .helpers import free_port, load_payload
+from .helpers import database_of, free_port, load_payload
 from .serving import Service, running
 
 PING = load_payload("ping/payload.json")
@@ -193,3 +195,25 @@ def test_no_database_at_all_needs_action(tmp_path):
     code, found = report(tmp_path / "nothing-here")
     assert code == 1 and found["needs_action"][0].startswith("database: no database: DATABASE_URL is not set and ")
     assert "run `flowlens-ingest serve` first (it makes one there)" in found["needs_action"][0]
+
+
+def test_status_shows_the_hooks_recovery_read_first_and_a_bounded_number(db):
+    # Thousands of hooks a replayed delivery's invented headers recorded: status reads at most
+    # MAX_SHOWN, those recovery has read first.
+    with db.begin() as conn:
+        conn.execute(
+            sa.insert(webhook_hooks),
+            [
+                {
+                    "hook_id": n,
+                    "target_type": "repository",
+                    "target_id": 1,
+                    "api_path": f"repos/octo/many/hooks/{n}",
+                    "checked_through": datetime.now(UTC) if n > MAX_SHOWN else None,
+                }
+                for n in range(1, MAX_SHOWN + 6)
+            ],
+        )
+    shown = checked_through(database_of(db))
+    assert len(shown) == MAX_SHOWN
+    assert all(checked is not None for _, checked in shown[:5]) and shown[5][1] is None

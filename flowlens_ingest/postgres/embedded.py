@@ -232,13 +232,23 @@ def _check_private(folder: Path, uid: int) -> None:
         )
 
 
+def _tail(path: Path, size: int) -> str:
+    """The last `size` bytes of a file as text (the server's log is never rotated: not read whole)."""
+    try:
+        with path.open("rb") as file:
+            file.seek(max(0, file.seek(0, os.SEEK_END) - size))
+            return file.read(size).decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _start_server(pgdata: Path) -> Postmaster:
     log = pgdata / "server.log"
     options = f"-h '' -k '{_socket_dir(pgdata)}'"
     try:
         identity_for(pgdata).run("pg_ctl", "-D", str(pgdata), "-w", "-t", "60", "-l", str(log), "-o", options, "start")
     except ConfigError as exc:
-        tail = log.read_text(errors="replace")[-1500:] if log.is_file() else ""
+        tail = _tail(log, 1500)
         raise ConfigError(f"{exc}\n{tail}".strip()) from None
     server = postmaster(pgdata)
     if server is None:

@@ -67,9 +67,19 @@ class RecordedHooks:
                 self._known.add((delivery.hook_id, path))
 
 
+# `status` shows at most this many hooks: the table grows from headers the signature does not cover.
+MAX_SHOWN = 1_000
+
+
 def checked_through(database: Database) -> list[tuple[str, datetime | None]]:
-    """Each recorded hook's API path and how far back recovery has checked its delivery log (None: never)."""
+    """Each recorded hook's API path and how far back recovery has checked its delivery log (None: never).
+
+    The hooks recovery has read first, at most MAX_SHOWN in all.
+    """
+    t = webhook_hooks
     rows = database.read(
-        sa.select(webhook_hooks.c.api_path, webhook_hooks.c.checked_through).order_by(webhook_hooks.c.api_path)
+        sa.select(t.c.api_path, t.c.checked_through)
+        .order_by(t.c.checked_through.is_(None), t.c.api_path)
+        .limit(MAX_SHOWN)
     )
     return [(str(path), checked) for path, checked in rows]
