@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -272,3 +274,20 @@ def test_a_postmaster_that_accepts_and_never_answers_is_given_up_on(tmp_path):
         asking.join(15)
         assert not asking.is_alive(), "still waiting on a server that never answers"
     assert len(outcome) == 1
+
+
+def test_a_start_held_up_by_another_process_is_given_up_on_in_one_line(tmp_path, monkeypatch):
+    # Another process holds the start lock (stopped mid-start, say): a command does not wait on it forever.
+    monkeypatch.setattr(embedded, "LOCK_WAIT_S", 0.3)
+    folder = tmp_path / "embedded"
+    folder.mkdir()
+    holder = os.open(folder / "start.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with pytest.raises(ConfigError) as caught:
+            embedded.start(tmp_path)
+        assert time.monotonic() - started < 10
+        assert "another process held" in str(caught.value) and "start.lock" in str(caught.value)
+    finally:
+        os.close(holder)

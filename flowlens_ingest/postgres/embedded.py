@@ -30,6 +30,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,12 @@ def postmaster(pgdata: Path) -> Postmaster | None:
     return Postmaster(pid, port, socket_dir)
 
 
+# What a process waits for another's start or stop of the server at most: initdb, pg_ctl's own 60 s,
+# the database question (ASK_S), with room to spare. Asked again every LOCK_POLL_S.
+LOCK_WAIT_S = 180.0
+LOCK_POLL_S = 0.05
+
+
 class _Locks:
     """The lock files of one data directory (see the module's docstring)."""
 
@@ -87,16 +94,33 @@ class _Locks:
         # The pid of the server we started: a server somebody else started is never stopped by us.
         self.started = self.folder / "started"
 
-    def take(self, path: Path, how: int) -> int:
-        """flock `path`; the fd is the lock (closing it, or exiting, releases it)."""
+    def take(self, path: Path, how: int, *, within: float | None = None) -> int:
+        """flock `path`; the fd is the lock (closing it, or exiting, releases it).
+
+        `within`: a blocking lock is waited for at most that long (ConfigError past it), asked again
+        every LOCK_POLL_S; None: as long as it takes (the keeper, whose duty is to wait).
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, how)
+            if within is None or how & fcntl.LOCK_NB:
+                fcntl.flock(fd, how)
+                return fd
+            ends = time.monotonic() + within
+            while True:
+                try:
+                    fcntl.flock(fd, how | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    if time.monotonic() > ends:
+                        raise ConfigError(
+                            f"embedded PostgreSQL: another process held {path} for over {within:g} s"
+                            " (starting or stopping the server): try again, or see which process holds it"
+                        ) from None
+                    time.sleep(LOCK_POLL_S)
         except BaseException:
             os.close(fd)
             raise
-        return fd
 
     def free(self, path: Path) -> bool:
         """Whether nobody holds `path`."""
@@ -134,7 +158,8 @@ class Server:
             self._keeper.wait()
         else:
             locks = _Locks(self.data_dir)
-            os.close(locks.take(locks.keeper, fcntl.LOCK_EX))  # the keeper holds it until it exits
+            # The keeper holds it until it exits.
+            os.close(locks.take(locks.keeper, fcntl.LOCK_EX, within=LOCK_WAIT_S))
 
     def __enter__(self) -> Server:
         return self
@@ -155,10 +180,11 @@ def start(data_dir: Path, *, create: bool = True) -> tuple[Server, str]:
     if not create and not (pgdata / "PG_VERSION").is_file():
         raise ConfigError(f"no embedded database in {pgdata}: run `flowlens-ingest serve` first")
     locks = _Locks(data_dir)
-    users = locks.take(locks.users, fcntl.LOCK_SH)  # first: the keeper cannot stop it under us
+    # first: the keeper cannot stop it under us
+    users = locks.take(locks.users, fcntl.LOCK_SH, within=LOCK_WAIT_S)
     keeper = None
     try:
-        start_fd = locks.take(locks.start, fcntl.LOCK_EX)
+        start_fd = locks.take(locks.start, fcntl.LOCK_EX, within=LOCK_WAIT_S)
         try:
             server = postmaster(pgdata)
             if server is None:
@@ -259,11 +285,12 @@ def _start_server(pgdata: Path) -> Postmaster:
 def _ensure_database(server: Postmaster, create: bool, pgdata: Path, *, within: float = ASK_S) -> str:
     import psycopg2
 
-    from flowlens_ingest.store.deadline import deadline
+    from flowlens_ingest.store.deadline import deadline, install_deadlines
 
     # Asked while the start lock is held: a postmaster that accepts and never answers (stopped, or
     # stuck on a stalled disk) must not hold every other command behind it. connect_timeout and
     # statement_timeout bound it without psycopg2's wait callback, the deadline with it.
+    install_deadlines()
     with deadline(within):
         connection = psycopg2.connect(
             host=server.socket_dir,
@@ -273,19 +300,19 @@ def _ensure_database(server: Postmaster, create: bool, pgdata: Path, *, within: 
             connect_timeout=max(2, int(within)),
             options=f"-c statement_timeout={int(within * 1000)}",
         )
-    try:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
-            if cursor.fetchone() is None:
-                if not create:
-                    raise ConfigError(
-                        f"the embedded database in {pgdata} has no {DATABASE!r} database yet:"
-                        " run `flowlens-ingest serve` (or `flowlens-ingest db upgrade`) first"
-                    )
-                cursor.execute(f"CREATE DATABASE {DATABASE}")
-    finally:
-        connection.close()
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+                if cursor.fetchone() is None:
+                    if not create:
+                        raise ConfigError(
+                            f"the embedded database in {pgdata} has no {DATABASE!r} database yet:"
+                            " run `flowlens-ingest serve` (or `flowlens-ingest db upgrade`) first"
+                        )
+                    cursor.execute(f"CREATE DATABASE {DATABASE}")
+        finally:
+            connection.close()
     port = "" if server.port == 5432 else f"&port={server.port}"
     return f"postgresql+psycopg2://{SUPERUSER}@/{DATABASE}?host={server.socket_dir}{port}"
 
