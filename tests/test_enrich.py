@@ -286,6 +286,20 @@ def test_a_server_error_with_retry_after_holds_every_job_of_the_credential_until
     assert github.budgets.requests_while_limited("token") == 0
 
 
+def test_a_worker_whose_clock_runs_behind_puts_a_limited_job_back_for_the_whole_wait(db, github):
+    # Its clock 120 s behind the database's: a 30 s wait counted from its own clock would make the job
+    # due 90 s ago by the database's, claimed and put back again and again until its own time came.
+    github.set_files("octo/enrich", 1, make_files(2))
+    github.budgets.limit_next("token", retry_after=30, kind="secondary", status=429)
+    apply(db, "pull_request", opened())
+    enricher = make_enricher(db, github, clock=lambda: time.time() - 120)
+    assert enricher.run_once()
+    timing = job_timing(db)
+    assert (timing["state"], timing["attempts"]) == ("pending", 0)
+    assert 20 < timing["due_in_s"] <= 31
+    assert not enricher.run_once()  # nothing due: not claimed again
+
+
 def test_server_errors_are_retried_with_backoff_then_succeed(db, github):
     github.set_files("octo/enrich", 1, make_files(2))
     github.fail_next("server", times=2)

@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from flowlens_ingest.config import Settings
@@ -122,13 +122,12 @@ class Enricher:
         except RateLimited as exc:
             if exc.sent:
                 self.metrics.github_requests.labels(str(exc.status or "rate_limited")).inc()
-            at = datetime.fromtimestamp(exc.retry_at, tz=UTC)
-            released = jobs.reschedule(self.database, job, at, f"rate limited ({exc.reason})", refund=True)
+            wait = exc.retry_at - self._clock()
+            released = jobs.reschedule(self.database, job, wait, f"rate limited ({exc.reason})", refund=True)
             return ("rescheduled" if released else LEASE_LOST), f"rate_limit_{exc.reason}"
         except NotSent as exc:
             # Nothing went to GitHub: no request counted, no attempt spent.
-            at = datetime.now(UTC) + timedelta(seconds=NOT_SENT_RETRY_S)
-            released = jobs.reschedule(self.database, job, at, str(exc), refund=True)
+            released = jobs.reschedule(self.database, job, NOT_SENT_RETRY_S, str(exc), refund=True)
             return ("rescheduled" if released else LEASE_LOST), exc.reason
         except (NotFound, Forbidden) as exc:
             status = FilesStatus.NOT_FOUND if isinstance(exc, NotFound) else FilesStatus.FORBIDDEN
@@ -178,8 +177,7 @@ class Enricher:
             return _settled(jobs.settle(self.database, job, FilesStatus.FAILED, error=error), FilesStatus.FAILED)
         delay = min(MAX_BACKOFF_S, self.retry_base_s * 2 ** (job.attempts - 1))
         # Jitter: jobs that failed together do not all come back together.
-        at = datetime.fromtimestamp(self._clock() + random.uniform(delay / 2, delay), tz=UTC)
-        return "retry" if jobs.reschedule(self.database, job, at, error) else LEASE_LOST
+        return "retry" if jobs.reschedule(self.database, job, random.uniform(delay / 2, delay), error) else LEASE_LOST
 
     def _after_error(self, job: jobs.Job, exc: Exception) -> tuple[str, str]:
         """Put the job back after an unexpected error: retried with backoff like a failed fetch."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -210,9 +210,11 @@ def extend(database: Database, job: Job, lease: timedelta) -> bool:
     return changed == 1
 
 
-def reschedule(database: Database, job: Job, at: datetime, error: str, *, refund: bool = False) -> bool:
-    """Release the job until `at`; `refund` gives back the attempt (a rate limit is not a failure).
+def reschedule(database: Database, job: Job, after_s: float, error: str, *, refund: bool = False) -> bool:
+    """Release the job for `after_s` seconds; `refund` gives back the attempt (a rate limit is not a failure).
 
+    Timed on the database's clock, as claims are: a worker whose clock runs behind would otherwise
+    make the job due early, and claim and put it back without end until its own time came.
     False if the lease was lost (another worker holds the job now): nothing changed.
     """
     j = files_jobs
@@ -220,7 +222,7 @@ def reschedule(database: Database, job: Job, at: datetime, error: str, *, refund
         sa.update(j)
         .where(j.c.id == job.id, j.c.lease_token == job.lease_token)
         .values(
-            run_after=at,
+            run_after=sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.literal(max(after_s, 0.0), sa.Float)),
             leased_until=sa.null(),
             lease_token=sa.null(),
             last_error=error,
