@@ -703,8 +703,10 @@ DEEP = b"[" * 100_000 + b"]" * 100_000  # past what Python's JSON parser recurse
 WIDE = b"[" + b"[]," * 1_000_000 + b"[]]"  # 3 MB that would build a million lists
 
 
-@pytest.mark.parametrize("body", [DEEP, b"[" + DEEP + b"]", WIDE], ids=["deep", "deep_item", "wide"])
-def test_a_file_list_too_deep_or_too_wide_to_build_is_an_unreadable_answer(
+@pytest.mark.parametrize(
+    "body", [DEEP, b"[" + DEEP + b"]", WIDE, b'[{"filename": "\xff"}]'], ids=["deep", "deep_item", "wide", "not_utf8"]
+)
+def test_a_file_list_too_deep_too_wide_or_not_text_is_an_unreadable_answer(
     fake: FakeGitHub, github: GitHubClient, body: bytes
 ) -> None:
     fake.stream_files(REPO, 7, lambda: [body])

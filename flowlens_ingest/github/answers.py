@@ -267,7 +267,10 @@ def file_entries(answer: Answer, limit: int) -> tuple[list[dict[str, Any]], bool
     ends inside an item: the items before it are whole, and kept.
     """
     # A cut body may also end inside a UTF-8 character: that item is incomplete, and dropped, anyway.
-    text = answer.body.decode("utf-8", "replace" if answer.cut else "strict")
+    try:
+        text = answer.body.decode("utf-8", "replace" if answer.cut else "strict")
+    except UnicodeDecodeError:
+        raise Transient("bad_json", "GitHub's file list was not UTF-8", status=200) from None
     try:
         check_elements(text, MAX_ANSWER_ELEMENTS)
     except TooManyElements:
