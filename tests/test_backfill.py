@@ -356,7 +356,7 @@ def test_odd_answers_are_named_and_skipped_and_the_rest_lands(db, github):
     backfiller = filler(db, github)
     backfiller.repository(Target("octo/odd"), "all", None)
     (named,) = backfiller.tally.unreadable
-    assert named.startswith("octo/odd#2:") and "an answer that cannot be read" in named
+    assert named.startswith("octo/odd#2:") and "an answer nested too deep to store" in named
     (failed,) = backfiller.tally.failed
     assert failed.startswith("octo/odd pull_request")
     assert sorted(statuses(db, repo)) == [1, 4]

@@ -700,29 +700,41 @@ def test_a_server_error_with_retry_after_is_a_wait_for_the_credential(fake: Fake
 
 
 DEEP = b"[" * 100_000 + b"]" * 100_000  # past what Python's JSON parser recurses into
-WIDE = b"[" + b"[]," * 1_000_000 + b"[]]"  # 3 MB that would build a million lists
+DEEPER_THAN_ANY_ANSWER = b"[" * 200 + b"]" * 200
 
 
 @pytest.mark.parametrize(
-    "body", [DEEP, b"[" + DEEP + b"]", WIDE, b'[{"filename": "\xff"}]'], ids=["deep", "deep_item", "wide", "not_utf8"]
+    ("body", "reason"),
+    [(DEEP, "too_deep"), (b"[" + DEEP + b"]", "too_deep"), (b'[{"filename": "\xff"}]', "bad_json")],
+    ids=["deep", "deep_item", "not_utf8"],
 )
-def test_a_file_list_too_deep_too_wide_or_not_text_is_an_unreadable_answer(
-    fake: FakeGitHub, github: GitHubClient, body: bytes
+def test_a_file_list_too_deep_or_not_text_is_an_unreadable_answer(
+    fake: FakeGitHub, github: GitHubClient, body: bytes, reason: str
 ) -> None:
     fake.stream_files(REPO, 7, lambda: [body])
     with pytest.raises(Transient) as caught:
         github.list_files(REPO, 7, installation_id=None)
-    assert caught.value.reason == "bad_json"
+    assert caught.value.reason == reason
 
 
-@pytest.mark.parametrize("body", [DEEP, WIDE], ids=["deep", "wide"])
-def test_a_json_answer_too_deep_or_too_wide_to_build_is_an_unreadable_answer(
+@pytest.mark.parametrize("body", [DEEP, DEEPER_THAN_ANY_ANSWER], ids=["past_the_parser", "past_the_bound"])
+def test_a_json_answer_too_deep_to_use_is_an_unreadable_answer(
     fake: FakeGitHub, github: GitHubClient, body: bytes
 ) -> None:
     fake.stream_files(REPO, 7, lambda: [body])
     with pytest.raises(Transient) as caught:
         github.request_json("GET", f"repos/{REPO}/pulls/7/files")
-    assert caught.value.reason == "bad_json"
+    assert caught.value.reason == "too_deep"
+
+
+def test_a_page_of_patches_full_of_commas_is_read_whole(fake: FakeGitHub, github: GitHubClient) -> None:
+    # CSV diffs: millions of commas and brackets inside strings are text, not JSON structure.
+    files = make_files(100)
+    for entry in files:
+        entry["patch"] = "@@ -1 +1 @@\n+" + ",[{" * 20_000
+    fake.set_files(REPO, 7, files)
+    page = github.list_files(REPO, 7, installation_id=None)
+    assert len(page.entries) == 100 and page.entries[0]["patch"] == files[0]["patch"]
 
 
 def test_a_refusal_whose_body_is_too_deep_to_read_is_still_a_refusal(fake: FakeGitHub, github: GitHubClient) -> None:

@@ -195,6 +195,28 @@ def test_fetch_ingests_what_the_api_shows_when_github_cannot_reach_the_service(d
     assert run(db, github, "fetch").missing == []
 
 
+def test_fetch_names_a_payload_no_delivery_may_carry_and_goes_on(db, github, webhook, hook):
+    # Nested deeper than a delivery may be (GitHub's log shows it; the service refused it with a
+    # 400): named as failed, not a traceback, and the next one is fetched.
+    path, _hook_id = hook
+    deep = opened(2)
+    nested: Any = "leaf"
+    for _ in range(80):
+        nested = [nested]
+    deep["pull_request"]["labels"] = nested
+    webhook.start()
+    github.hook_logs.deliver(path, "pull_request", opened(1))  # the hook is recorded
+    webhook.stop()
+    bad = github.hook_logs.deliver(path, "pull_request", deep)
+    good = github.hook_logs.deliver(path, "pull_request", opened(3))
+
+    report = run(db, github, "fetch")
+
+    assert [name for name, _ in report.failed] == [m.name for m in report.missing if m.guid == bad]
+    assert "no delivery may carry" in report.failed[0][1]
+    assert [m.guid for m in report.recovered] == [good]
+
+
 def test_the_app_webhook_is_read_with_the_apps_jwt(db, github, webhook):
     github.hook_logs.add_hook("app/hook", 777, webhook.url, SECRET, target_type="integration", target_id=github.app_id)
     missed = [github.hook_logs.deliver("app/hook", "pull_request", opened(n)) for n in (1, 2)]

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import httpx
 
-from flowlens_ingest.events.parse import MAX_DEPTH, TooManyElements, check_elements, too_deep
+from flowlens_ingest.events.parse import MAX_DEPTH, too_deep
 from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited, Transient, Unauthorized
 
 # GitHub's advice when a secondary limit comes without `retry-after`: wait at least a minute.
@@ -37,11 +37,11 @@ _MESSAGE_CHARS = 200
 # JSON's whitespace, between the items of a page.
 _SPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
-# An answer holding more JSON elements than this is refused as it stands, nothing built: about 64
-# bytes of objects an element, so at most ~64 MB for one answer, where 16 MiB of `[]` would build
-# 300 MB. A real page is far from it: a hundred files with their patches, one `[`, `{` or `,`
-# every 30-40 bytes, counts some 500,000 at the 16 MiB byte cap.
-MAX_ANSWER_ELEMENTS = 1_000_000
+# An answer nested deeper than this is refused, nothing built from it: twice what a delivery may be
+# (parse.MAX_DEPTH), where a delivery's payload sits two levels down in its log entry; far deeper
+# than any answer GitHub gives, and shallow enough to be written out again as JSON (backfill,
+# `recover --fetch`), where past Python's recursion limit it could not be.
+MAX_ANSWER_DEPTH = 2 * MAX_DEPTH
 
 
 @dataclass(frozen=True)
@@ -120,21 +120,22 @@ def _retry_after_seconds(value: str, headers: httpx.Headers, now: float) -> floa
     return None if when is None else when - github_now(headers, now)
 
 
-def json_of(data: bytes | str) -> Any:
-    """GitHub's JSON text as Python; ValueError when it is not JSON, or too large or too deep to build.
+class TooDeep(ValueError):
+    """A JSON answer nested past MAX_ANSWER_DEPTH, or past what Python's parser recurses into."""
 
-    Bounded as the webhook's bodies are (parse.check_elements, parse.MAX_DEPTH), and nesting past what
-    Python's parser recurses into (RecursionError) is refused like any other unreadable answer, not raised.
+
+def json_of(data: bytes | str) -> Any:
+    """GitHub's JSON text as Python; ValueError when it is not JSON, TooDeep when nested too deep to use.
+
+    Its size is bounded by the byte cap of the answer it came in. Nesting past what Python's parser
+    recurses into (RecursionError, not a ValueError) is refused like any other unreadable answer.
     """
-    text = data.decode("utf-8") if isinstance(data, bytes) else data
     try:
-        check_elements(text, MAX_ANSWER_ELEMENTS)
-        value = json.loads(text)
-    except (TooManyElements, RecursionError) as exc:
-        raise ValueError(f"GitHub's answer was not readable JSON ({type(exc).__name__})") from None
-    if too_deep(value):
-        # What a webhook's body may not be either: landed as a delivery (backfill, recover --fetch) it would be refused.
-        raise ValueError(f"GitHub's answer nested deeper than {MAX_DEPTH} levels")
+        value = json.loads(data)
+    except RecursionError:
+        raise TooDeep("GitHub's answer nested deeper than JSON is read") from None
+    if too_deep(value, MAX_ANSWER_DEPTH):
+        raise TooDeep(f"GitHub's answer nested deeper than {MAX_ANSWER_DEPTH} levels")
     return value
 
 
@@ -271,12 +272,6 @@ def file_entries(answer: Answer, limit: int) -> tuple[list[dict[str, Any]], bool
         text = answer.body.decode("utf-8", "replace" if answer.cut else "strict")
     except UnicodeDecodeError:
         raise Transient("bad_json", "GitHub's file list was not UTF-8", status=200) from None
-    try:
-        check_elements(text, MAX_ANSWER_ELEMENTS)
-    except TooManyElements:
-        raise Transient(
-            "bad_json", "GitHub's file list held more JSON elements than any list could", status=200
-        ) from None
     entries: list[dict[str, Any]] = []
     index = _skip_space(text, 0)
     if not text.startswith("[", index):
@@ -292,7 +287,7 @@ def file_entries(answer: Answer, limit: int) -> tuple[list[dict[str, Any]], bool
                 return entries, False
             raise Transient("bad_json", "GitHub's file list was not JSON", status=200) from None
         except RecursionError:
-            raise Transient("bad_json", "GitHub's file list nested deeper than JSON is read", status=200) from None
+            raise Transient("too_deep", "GitHub's file list nested deeper than JSON is read", status=200) from None
         # Anything but an object is noise from a misbehaving server: skipped, not counted.
         if isinstance(item, dict):
             if len(entries) == limit:

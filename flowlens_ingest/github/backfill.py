@@ -201,14 +201,14 @@ class Backfiller:
         try:
             self._pull(base, repo, number, target)
         except (NotFound, Forbidden, Transient) as exc:
-            if exc.reason == "no_credential" or (isinstance(exc, Transient) and exc.reason != "bad_json"):
+            if exc.reason == "no_credential" or (isinstance(exc, Transient) and exc.reason != "too_deep"):
                 raise
             why = (
                 "deleted or transferred"
                 if isinstance(exc, NotFound)
                 else "no access"
                 if isinstance(exc, Forbidden)
-                else "an answer that cannot be read"
+                else "an answer nested too deep to store"
             )
             self.tally.unreadable.append(f"{target.full_name}#{number}: {exc} ({why}); skipped")
             log.warning("backfill: a pull request cannot be read", extra={"pull": f"{target.full_name}#{number}"})

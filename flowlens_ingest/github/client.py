@@ -27,6 +27,7 @@ import httpx
 from flowlens_ingest.github.answers import (
     Answer,
     RateLimit,
+    TooDeep,
     body_decoder,
     file_entries,
     json_of,
@@ -497,6 +498,8 @@ class GitHubClient:
             raise Transient("too_large", f"GitHub's answer ran past {self.max_page_bytes} bytes", status=200)
         try:
             data = json_of(answer.body) if answer.body.strip() else None
+        except TooDeep as exc:
+            raise Transient("too_deep", str(exc), status=answer.status_code) from None
         except ValueError:
             raise Transient("bad_json", "GitHub's answer was not JSON", status=answer.status_code) from None
         return JsonAnswer(answer.status_code, data, answer.next_url)

@@ -525,7 +525,11 @@ class Recoverer:
             raise GitHubError("GitHub showed no payload for this delivery", reason="no_payload")
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         envelope = Envelope.from_shown(headers, delivery_id=item.guid, hook_id=item.hook_id, event=item.event)
-        return Delivery.parse(envelope, body)
+        try:
+            return Delivery.parse(envelope, body)
+        except parse.BadPayload as exc:
+            # Nested past what a delivery may be: GitHub would not have delivered it either.
+            raise GitHubError(f"GitHub showed a payload no delivery may carry ({exc})", reason="bad_payload") from None
 
     def _failed(self, report: Report, item: Missing, why: str) -> None:
         report.failed.append((item.name, why))
