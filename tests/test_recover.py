@@ -157,6 +157,37 @@ def test_dry_run_lists_the_missing_guids_and_changes_nothing(db, github, webhook
     assert len(journal(db, hook_id)) == 1
 
 
+def test_recover_by_hand_goes_round_the_hooks_never_read(db, github, monkeypatch, capsys):
+    # Twenty-five recorded hooks GitHub never answered for (invented by replayed headers): a run reads
+    # twenty; the next run, the five it left first.
+    invented = [f"repos/octo/recover/hooks/{70_000 + n}" for n in range(25)]
+    with db.begin() as conn:
+        for n, path in enumerate(invented):
+            conn.execute(
+                sa.insert(webhook_hooks).values(
+                    hook_id=70_000 + n,
+                    target_type="repository",
+                    target_id=1,
+                    api_path=path,
+                    updated_at=sa.func.now() - timedelta(minutes=60 - n),
+                )
+            )
+    monkeypatch.setenv("DATABASE_URL", str(db.url.render_as_string(hide_password=False)))
+    monkeypatch.setenv("GITHUB_API_URL", github.url)
+    monkeypatch.setenv("GITHUB_TOKEN", github.token or "")
+
+    def asked() -> list[str]:
+        paths = [c.path.split("/deliveries")[0].removeprefix("/") for c in github.calls("GET", contains="/hooks/")]
+        github.requests.clear()
+        return paths
+
+    main(["recover", "--dry-run"])
+    assert asked() == invented[:20]
+    main(["recover", "--dry-run"])
+    assert asked()[:5] == invented[20:]
+    capsys.readouterr()
+
+
 def test_a_guid_from_githubs_log_is_printed_escaped(db, github, webhook, hook, capsys, monkeypatch):
     # The log is GitHub's answer: what it holds reaches the operator's terminal only escaped.
     path, _hook_id = hook

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 def recover(since: timedelta, dry_run: bool, fetch: bool, wait: timedelta = timedelta(seconds=60)) -> int:
     """Compare GitHub's delivery logs with the journal and bring in what is missing (exit 0, 1 or 2)."""
+    from flowlens_ingest.github.hooks import tried
     from flowlens_ingest.github.lease import Lease
     from flowlens_ingest.github.recover import Mode, Recoverer, hooks_to_read, retention
     from flowlens_ingest.github.recover_pass import PASS_LEASE_S
@@ -64,6 +65,9 @@ def recover(since: timedelta, dry_run: bool, fetch: bool, wait: timedelta = time
         with github_client(settings, database) as client:
             recoverer = Recoverer(settings, database, client, keep=lease.keep if lease is not None else lambda: True)
             report = recoverer.run(lambda _hook: start, mode, hooks)
+        # The command sets no checkpoint: hooks never checked that it read take their turn after the
+        # others, so runs by hand go round them all (the scheduled pass moves only refused ones).
+        tried(database, [hook.hook_id for hook in hooks if hook.hook_id is not None])
     finally:
         if lease is not None:
             lease.release()

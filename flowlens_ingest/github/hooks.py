@@ -88,7 +88,7 @@ def hooks_to_read(settings: Settings, database: Database) -> tuple[list[Hook], l
 
 
 def tried(database: Database, hook_ids: Iterable[int]) -> None:
-    """These hooks' logs could not be read: those GitHub never answered for go to the back of the new ones."""
+    """These hooks had their turn: those never checked go to the back of the new ones, a later run reads the others first."""
     ids = sorted(set(hook_ids))
     if ids:
         wh = webhook_hooks
