@@ -49,8 +49,9 @@ PER_PAGE = 100
 # With `per_page=100`, 30 pages hold GitHub's 3,000 files; the higher bound only guards against
 # a server that ignores `per_page` or links pages in a loop.
 MAX_PAGES = 100
-# A whole file list, every page with its turn and its deadline, ends within this: 30 pages of a
-# healthy API take seconds. Past it the list is given up on (Transient), its job retried later.
+# No page of a file list is asked for past this (plus the page under way, its turn and its
+# deadline): 30 pages of a healthy API take seconds. What was read is kept, flagged truncated,
+# as at the other bounds of a list.
 LIST_DEADLINE_S = 300.0
 # Each request: connected within 5 s, never silent for more than 10 s (GitHub itself ends a request
 # it takes more than 10 s to process: https://docs.github.com/en/rest/using-the-rest-api/troubleshooting-the-rest-api#timeouts),
@@ -384,7 +385,7 @@ class GitHubClient:
 
         `keep` is asked before each page after the first (a worker's lease on the job, renewed):
         False ends the list there, NotSent (`lease_lost`), without asking GitHub for the page.
-        A list not done within `list_deadline_s` (LIST_DEADLINE_S) is given up on: Transient.
+        No page is asked for past `list_deadline_s` (LIST_DEADLINE_S): the list ends there, truncated.
         """
         owner, _, repo = full_name.partition("/")
         if not owner or not repo or "/" in repo:
@@ -402,11 +403,11 @@ class GitHubClient:
         seen: set[str] = set()
         ends = time.monotonic() + self.list_deadline_s
         while url is not None:
-            if pages and time.monotonic() > ends:
-                raise Transient("timeout", f"the file list took longer than {self.list_deadline_s:g} s")
-            if len(entries) >= MAX_FILES or pages >= MAX_PAGES or budget <= 0:
+            late = pages > 0 and time.monotonic() > ends
+            if len(entries) >= MAX_FILES or pages >= MAX_PAGES or budget <= 0 or late:
                 # A next page is announced, but the list already holds all we take: GitHub's
-                # 3,000-file cap, a server ignoring `per_page` or linking pages without end.
+                # 3,000-file cap, a server ignoring `per_page` or linking pages without end, or
+                # one so slow the list has had its time.
                 truncated = True
                 break
             if pages and keep is not None and not keep():
