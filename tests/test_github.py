@@ -696,6 +696,7 @@ def test_a_server_error_with_retry_after_is_a_wait_for_the_credential(fake: Fake
     with pytest.raises(RateLimited) as again:
         github.list_files(REPO, 8, installation_id=None)
     assert (again.value.sent, again.value.retry_at) == (False, T0 + 120)
+    assert str(again.value).startswith("GitHub unavailable for token:")
     assert (fake.budgets.requests("token"), fake.budgets.requests_while_limited("token")) == (1, 0)
 
 

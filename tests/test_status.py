@@ -4,10 +4,12 @@ healthy (exit 0) and in each kind of trouble (exit 1), within its deadline when 
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -17,6 +19,8 @@ import pytest
 import sqlalchemy as sa
 
 from bench.proxy import FreezingProxy
+from flowlens_ingest.cli import status as status_module
+from flowlens_ingest.config import Settings
 from flowlens_ingest.spool.folder import SUFFIX, UNUSABLE_SUFFIX
 from flowlens_ingest.store.hooks import MAX_SHOWN, checked_through
 from flowlens_ingest.store.schema import webhook_deliveries, webhook_hooks
@@ -217,3 +221,31 @@ def test_status_shows_the_hooks_recovery_read_first_and_a_bounded_number(db):
     shown = checked_through(database_of(db))
     assert len(shown) == MAX_SHOWN
     assert all(checked is not None for _, checked in shown[:5]) and shown[5][1] is None
+
+
+def test_a_metrics_url_that_answers_something_else_is_passed_over(tmp_path):
+    # FLOWLENS_URL points at something that answers 200, but not with Prometheus text.
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html><body>not metrics</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        settings = Settings(data_dir=tmp_path, send_url=f"http://127.0.0.1:{server.server_address[1]}/webhook")
+        report = status_module.Report()
+        status_module._rate_limit_part(settings, report)
+    finally:
+        server.shutdown()
+        server.server_close()
+        serving.join(10)
+    assert report.parts["github_rate_limit"]["remaining"] is None and report.actions == []

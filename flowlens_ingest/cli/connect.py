@@ -19,10 +19,11 @@ _CHUNK = 64 * 1024
 
 def read_answer(response: Any, max_bytes: int, seconds: float) -> tuple[bytes, bool]:
     """An HTTP answer's body, read a chunk at a time: at most `max_bytes` (and whether there was
-    more), within `seconds` in all; TimeoutError past them.
+    more); TimeoutError once `seconds` have passed.
 
     urllib's timeout bounds each socket wait, not the whole: a server that trickles its answer
-    a byte at a time, or never ends it, would hold a command without end.
+    a byte at a time, or never ends it, would hold a command without end. Checked between reads,
+    so the whole ends within `seconds` plus one socket wait.
     """
     ends = time.monotonic() + seconds
     read = getattr(response, "read1", response.read)

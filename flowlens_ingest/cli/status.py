@@ -254,8 +254,11 @@ def _rate_limit_part(settings: Settings, report: Report) -> None:
             continue
         if cut:
             continue
-        text = body.decode("utf-8", "replace")
-        for family in text_string_to_metric_families(text):
+        try:
+            families = list(text_string_to_metric_families(body.decode("utf-8", "replace")))
+        except ValueError:
+            continue  # answered, but not with Prometheus text: not a serve's /metrics
+        for family in families:
             for sample in family.samples:
                 if sample.name == "flowlens_github_rate_limit_remaining":
                     part.update(remaining=sample.value, source=url)

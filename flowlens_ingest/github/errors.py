@@ -53,7 +53,10 @@ class RateLimited(GitHubError):
     ) -> None:
         until = datetime.fromtimestamp(retry_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         who = f" for {credential}" if credential else ""
-        what = f"GitHub unavailable ({status})" if reason == "unavailable" else f"GitHub {reason} rate limit"
+        if reason == "unavailable":
+            what = f"GitHub unavailable ({status})" if status is not None else "GitHub unavailable"
+        else:
+            what = f"GitHub {reason} rate limit"
         super().__init__(f"{what}{who}: retry at {until}", reason=reason, status=status)
         self.retry_at = retry_at
         self.credential = credential

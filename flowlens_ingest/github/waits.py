@@ -80,7 +80,8 @@ class DatabaseWaits:
     def _say_unavailable(self, exc: Exception) -> None:
         if not self._unavailable:
             log.warning(
-                "GitHub rate-limit waits not shared: database unreachable; no request to GitHub until it answers",
+                "GitHub rate-limit waits not shared: the database did not answer or refused;"
+                " no request to GitHub until it answers",
                 extra={"reason": describe(exc)},
             )
         self._unavailable = True

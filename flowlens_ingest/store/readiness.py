@@ -1,7 +1,8 @@
 """Whether this process's database has this release's schema, as last found: asked, never tried.
 
 A worker's drainer asks (`check`) as it meets spooled deliveries; the request path reads the
-answer (`problem`) without a database call. While the schema is known not ready (not migrated
+answer (`problem`) without a database call. A worker without a drainer (the spool off) asks from
+its request path instead (`current`), at most once every `ask_again_s` while the schema is not ready. While the schema is known not ready (not migrated
 yet, a release ahead of its migration), a delivery is spooled without a statement sent: each
 would be refused, an error in the server's log with the statement's text.
 """
@@ -42,7 +43,12 @@ class Readiness:
     def current(self) -> str | None:
         """The problem, asked again first when it was last asked `ask_again_s` ago or more: for a worker
         with no drainer to ask (the spool off), whose request path is then the one to find it fixed."""
-        if self._problem is not None and time.monotonic() - self._asked_at >= self.ask_again_s:
+        with self._lock:
+            due = self._problem is not None and time.monotonic() - self._asked_at >= self.ask_again_s
+            if due:
+                # Taken by this thread: the worker's other threads answer from what is known meanwhile.
+                self._asked_at = time.monotonic()
+        if due:
             self.check()
         return self._problem
 
