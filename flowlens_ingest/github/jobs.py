@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from flowlens_ingest.events.enums import FilesStatus, JobState
 from flowlens_ingest.store.batch import Statement
 from flowlens_ingest.store.database import Database
-from flowlens_ingest.store.expressions import flag_changed, param
+from flowlens_ingest.store.expressions import flag_changed, param, seconds_from_now
 from flowlens_ingest.store.schema import files_jobs, pull_requests, repositories
 
 
@@ -222,7 +222,7 @@ def reschedule(database: Database, job: Job, after_s: float, error: str, *, refu
         sa.update(j)
         .where(j.c.id == job.id, j.c.lease_token == job.lease_token)
         .values(
-            run_after=sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.literal(max(after_s, 0.0), sa.Float)),
+            run_after=seconds_from_now(after_s),
             leased_until=sa.null(),
             lease_token=sa.null(),
             last_error=error,

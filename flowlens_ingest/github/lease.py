@@ -14,12 +14,13 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from flowlens_ingest.store.database import Database
+from flowlens_ingest.store.expressions import seconds_from_now
 from flowlens_ingest.store.schema import leases
 
 RECOVER = "recover"
@@ -55,7 +56,7 @@ class Lease:
     def take(self, seconds: float | None = None) -> bool:
         """Hold the lease for `seconds` (default: its length) unless another holder's has not lapsed; whether we hold it."""
         t = leases
-        until = sa.func.now() + sa.literal(timedelta(seconds=seconds or self.seconds), sa.Interval())
+        until = seconds_from_now(seconds or self.seconds)
         stmt = insert(t).values(
             name=self.name, holder=self.holder, leased_until=until, holder_name=self.holder_name, taken_at=sa.func.now()
         )

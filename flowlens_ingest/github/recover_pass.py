@@ -44,6 +44,7 @@ from flowlens_ingest.ingest import describe
 from flowlens_ingest.metrics import Metrics
 from flowlens_ingest.names import hook_path
 from flowlens_ingest.store.database import Database
+from flowlens_ingest.store.expressions import seconds_from_now
 from flowlens_ingest.store.schema import leases, webhook_hooks
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def _due(database: Database) -> bool:
 def _next_due(database: Database, holder: Lease, seconds: float) -> None:
     """The next pass is due in `seconds` (database clock)."""
     t = leases
-    until = sa.func.now() + sa.literal(timedelta(seconds=seconds), sa.Interval())
+    until = seconds_from_now(seconds)
     stmt = insert(t).values(name=DUE, holder=holder.holder, leased_until=until, holder_name=holder.holder_name)
     database.execute(
         stmt.on_conflict_do_update(

@@ -21,6 +21,7 @@ from sqlalchemy.dialects.postgresql import insert
 from flowlens_ingest.github.errors import NotSent, WaitReason, wait_reason
 from flowlens_ingest.ingest import describe
 from flowlens_ingest.store.database import Database, DatabaseUnavailable
+from flowlens_ingest.store.expressions import seconds_from_now
 from flowlens_ingest.store.schema import github_waits
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class DatabaseWaits:
     def record(self, key: str, seconds: float, reason: WaitReason) -> bool:
         """Record a wait of `seconds` from the database's now (a later one already stored is kept); False when the database is unavailable."""
         t = github_waits
-        until = sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.literal(max(seconds, 0.0), sa.Float))
+        until = seconds_from_now(seconds)
         stmt = insert(t).values(credential=key, wait_until=until, reason=reason)
         upsert = stmt.on_conflict_do_update(
             index_elements=[t.c.credential],

@@ -67,3 +67,8 @@ def differs(table: sa.Table, new: dict[str, Any]) -> sa.ColumnElement[bool]:
 def fields(row_type: type, *, without: tuple[str, ...] = ()) -> tuple[str, ...]:
     """A row dataclass's field names (its columns), less `without`."""
     return tuple(f.name for f in dataclasses.fields(row_type) if f.name not in without)
+
+
+def seconds_from_now(seconds: float) -> sa.ColumnElement[Any]:
+    """The database's now() plus `seconds` (none below zero): a time every process reads on one clock."""
+    return sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.literal(max(seconds, 0.0), sa.Float))
