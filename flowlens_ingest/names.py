@@ -19,6 +19,14 @@ def url_name(value: Any) -> str | None:
     return value if fits else None
 
 
+def repository_name(value: Any) -> tuple[str, str] | None:
+    """`OWNER/REPO` as (owner, repo), each a `url_name`; None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    owner, _, repo = value.partition("/")
+    return (owner, repo) if url_name(owner) and url_name(repo) else None
+
+
 def hook_path(path: str) -> tuple[str, int] | None:
     """A hook's API path (`repos/O/R/hooks/ID` or `orgs/O/hooks/ID`) as (path, hook id); None if not one."""
     match = _HOOK_PATH.fullmatch(path.strip().strip("/"))

@@ -13,7 +13,7 @@ import click
 from flowlens_ingest.cli.arguments import DATABASE_HELP, Duration, Timestamp
 from flowlens_ingest.cli.connect import github_client, load_settings, open_database
 from flowlens_ingest.cli.output import NOT_DONE, fail, utc
-from flowlens_ingest.names import url_name
+from flowlens_ingest.names import repository_name
 
 if TYPE_CHECKING:
     from flowlens_ingest.github.lease import Lease
@@ -240,8 +240,7 @@ def recover_command(since: timedelta, dry_run: bool, fetch: bool, wait: timedelt
 
 def _repositories(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     for name in value:
-        owner, _, repo = name.partition("/")
-        if not (url_name(owner) and url_name(repo)):
+        if repository_name(name) is None:
             raise click.BadParameter(f"{name!r}: use OWNER/REPO, like octo/app")
     return value
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from flowlens_ingest.names import url_name
+from flowlens_ingest.names import repository_name, url_name
 
 APP_HOOK_PATH = "app/hook"
 
@@ -50,11 +50,8 @@ def api_path(hook_id: int, target: HookTarget, payload: dict[str, Any]) -> str |
         return APP_HOOK_PATH
     if target.type == "repository":
         repo = payload.get("repository")
-        full_name = repo.get("full_name") if isinstance(repo, dict) else None
-        owner, _, name = full_name.partition("/") if isinstance(full_name, str) else ("", "", "")
-        if url_name(owner) and url_name(name):
-            return f"repos/{owner}/{name}/hooks/{hook_id}"
-        return None
+        named = repository_name(repo.get("full_name") if isinstance(repo, dict) else None)
+        return f"repos/{named[0]}/{named[1]}/hooks/{hook_id}" if named is not None else None
     if target.type == "organization":
         org = payload.get("organization")
         login = url_name(org.get("login")) if isinstance(org, dict) else None

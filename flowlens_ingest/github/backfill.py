@@ -39,6 +39,7 @@ from flowlens_ingest.github.client import GitHubClient, JsonAnswer
 from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited, Transient
 from flowlens_ingest.github.hooks import parse_time
 from flowlens_ingest.ingest import Disposition, ingest
+from flowlens_ingest.names import repository_name
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.schema import backfill_progress
 
@@ -160,7 +161,7 @@ class Backfiller:
                 repos = self._pages(
                     "installation/repositories?per_page=100", inside="repositories", installation_id=number
                 )
-                found += [Target(r["full_name"], number) for r in repos if _is_full_name(r.get("full_name"))]
+                found += [Target(r["full_name"], number) for r in repos if repository_name(r.get("full_name"))]
         return found
 
     def _installation_of(self, full_name: str) -> int | None:
@@ -287,19 +288,11 @@ class Backfiller:
         self.database.execute(sa.delete(t).where(t.c.full_name == full_name, t.c.scope == scope))
 
 
-def _is_full_name(value: Any) -> bool:
-    """`value` is an OWNER/REPO name (what `_path` takes)."""
-    if not isinstance(value, str):
-        return False
-    owner, _, repo = value.partition("/")
-    return bool(owner.strip(".") and repo.strip(".") and "/" not in repo)
-
-
 def _path(full_name: str) -> str:
-    if not _is_full_name(full_name):
+    named = repository_name(full_name)
+    if named is None:
         raise ValueError(f"not an OWNER/REPO name: {full_name!r}")
-    owner, _, repo = full_name.partition("/")
-    return f"{quote(owner, safe='')}/{quote(repo, safe='')}"
+    return f"{quote(named[0], safe='')}/{quote(named[1], safe='')}"
 
 
 def _since(pr: dict[str, Any], since: datetime | None) -> bool:
