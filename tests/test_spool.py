@@ -42,11 +42,12 @@ from flowlens_ingest.spool.folder import (
     Spool,
     Spooled,
 )
+from flowlens_ingest.store import migrate
 from flowlens_ingest.store.schema import pull_requests, repositories, webhook_deliveries, webhook_hooks
 from flowlens_ingest.web.app import create_app
 from flowlens_ingest.web.services import services, start_drainer
 
-from .databases import app_on_scratch_database
+from .databases import app_on_scratch_database, create_scratch_database, drop_database
 from .helpers import free_port, github_headers, load_payload, make_settings, rows, wait_for
 
 OPENED = load_payload("pull_request/opened.payload.json")
@@ -815,3 +816,37 @@ def test_a_bug_of_ours_is_logged_as_one_and_the_delivery_kept_not_journaled_as_f
     drain(up)
     wait_for(lambda: services(up).spool.depth() == 0, what="the spool to empty")
     assert journal(db) == {"bug-0": ("applied", 1), "bug-1": ("applied", 1)}
+
+
+def test_a_database_that_takes_no_writes_keeps_deliveries_for_later_not_set_aside(server_url, tmp_path):
+    # A primary demoted, a standby reached after a failover: every write is refused (25006). That is
+    # the database's trouble, not the delivery's: kept in the spool, applied once writes come back.
+    url = create_scratch_database(server_url, prefix="flowlens_read_only")
+    migrate.upgrade(url)
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+
+    def read_only(on: bool) -> None:
+        setting = "SET default_transaction_read_only = on" if on else "RESET default_transaction_read_only"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{sa.engine.make_url(url).database}" {setting}'))
+
+    read_only(True)
+    app = create_app(make_settings(url, tmp_path))
+    svc = services(app)
+    try:
+        response = post(app, OPENED, "pull_request", delivery="while-read-only")
+        assert (response.status_code, response.get_json()["outcome"]) == (202, "spooled")
+        assert svc.spool is not None
+        handle = spool_handler(svc.database, svc.settings, svc.metrics, readiness=svc.readiness)
+        assert svc.spool.drain(handle)[0] == 0
+        assert svc.spool.refresh() == 1 and list(svc.spool.directory.glob("*" + UNUSABLE_SUFFIX)) == []
+        read_only(False)
+        svc.database.dispose()  # new sessions, without the read-only default
+        assert svc.spool.drain(handle) == (1, None)
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        assert [r["delivery_id"] for r in rows(engine, webhook_deliveries, "delivery_id")] == ["while-read-only"]
+        engine.dispose()
+    finally:
+        svc.database.dispose()
+        admin.dispose()
+        drop_database(url)

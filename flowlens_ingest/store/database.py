@@ -42,6 +42,9 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 UNAVAILABLE_SQLSTATES = frozenset(
     {"57P01", "57P02", "57P03", "57014", "55P03", "08000", "08003", "08006"}
     | {"53000", "53100", "53200", "53300", "53400"}
+    # A server that takes no writes now (25006): a primary demoted or a standby reached after a
+    # failover, a database set read-only. Nothing a delivery did: kept until writes come back.
+    | {"25006"}
 )
 # statement_timeout and lock_timeout: one such wait already spent the answer's time budget.
 TIMEOUT_SQLSTATES = frozenset({"57014", "55P03"})
