@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import tempfile
 from urllib.parse import urlencode
 
 import pytest
@@ -246,3 +247,25 @@ def test_a_signed_chunked_body_is_applied_from_its_exact_bytes(client, db):
     assert (response.status_code, response.get_json()["outcome"]) == (200, "applied")
     (entry,) = rows(db, webhook_deliveries, "payload_sha256")
     assert entry["payload_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_body_the_temporary_folder_cannot_take_is_a_503_in_one_line(
+    client, db, tmp_path, monkeypatch, caplog, signed
+):
+    # Past 1 MiB a body goes through a temporary file; TMPDIR gone (full, failing) is this server's
+    # trouble: a 503 GitHub retries, one log line, no traceback, and the service goes on.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    payload = load_payload("pull_request/opened.payload.json")
+    payload["pull_request"]["body"] = "x" * (2 * 1024 * 1024)
+    body = json.dumps(payload).encode()
+    headers = github_headers(body, "pull_request")
+    if not signed:
+        headers["X-Hub-Signature-256"] = "sha256=" + "0" * 64
+    response = client.post("/webhook", data=body, headers=headers)
+    assert (response.status_code, response.headers.get("Retry-After")) == (503, "30")
+    (line,) = [r for r in caplog.records if r.getMessage() == "request body not kept"]
+    assert line.exc_info is None and "FileNotFoundError" in line.__dict__["error"]
+    assert rows(db, webhook_deliveries) == []
+    monkeypatch.undo()
+    assert client.post("/webhook", data=body, headers=github_headers(body, "pull_request")).status_code == 200

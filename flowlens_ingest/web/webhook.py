@@ -67,6 +67,18 @@ def verify_signature() -> Response | None:
         )
         services().metrics.signature_failure(exc.reason)
         return error(401, "invalid or missing X-Hub-Signature-256")
+    except OSError as exc:
+        # The temporary file a large body goes through could not be written (TMPDIR full, an I/O
+        # error): this server's trouble, not the sender's. One line, no traceback; GitHub's log keeps
+        # the delivery for a redelivery.
+        log.error(  # noqa: TRY400 (one line by design: the error is named, no traceback)
+            "request body not kept",
+            extra={
+                "error": f"{type(exc).__name__}: {exc.strerror or exc}",
+                "delivery": request.headers.get("X-GitHub-Delivery", "")[:100],
+            },
+        )
+        return error(503, "cannot take the body now, retry later", **{"Retry-After": "30"})
     return None
 
 
