@@ -850,3 +850,39 @@ def test_a_database_that_takes_no_writes_keeps_deliveries_for_later_not_set_asid
         svc.database.dispose()
         admin.dispose()
         drop_database(url)
+
+
+def test_odd_files_in_the_spool_folder_are_set_aside_or_left_and_the_rest_drains(tmp_path):
+    # What an operator's tools, a disk check or a bad copy may leave in the folder: none of it may
+    # stop a worker from starting, or the drain in front of the deliveries behind it.
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    os.mkfifo(folder / f"00000000000000000001-1-fifo0000-10{SUFFIX}")  # read would wait for a writer
+    (folder / f"00000000000000000002-1-deep0000-0{SUFFIX}").write_bytes(b"[" * 100_000 + b"\n{}")
+    os.symlink(f"loop-b{SUFFIX}", folder / f"loop-a{SUFFIX}")  # a name without its size, that no stat follows
+    os.symlink(f"loop-a{SUFFIX}", folder / f"loop-b{SUFFIX}")
+    (folder / f"0-1-a-\u00b2{SUFFIX}").write_bytes(b"not a delivery")  # digits only Unicode calls digits
+    stale = folder / ".left-by-a-tool.tmp"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    spool = Spool(folder, 1 << 20)
+    assert spool.put(ping("behind-them"), b"{}")
+    applied: list[str] = []
+
+    def apply(item: Spooled) -> Result:
+        applied.append(item.envelope.delivery_id)
+        return DONE
+
+    spool.refresh()
+    assert spool.drain(apply) == (1, None)
+    assert applied == ["behind-them"]
+    assert sorted(p.name for p in folder.glob("*" + UNUSABLE_SUFFIX)) == sorted(
+        [
+            f"00000000000000000001-1-fifo0000-10{SUFFIX}{UNUSABLE_SUFFIX}",
+            f"00000000000000000002-1-deep0000-0{SUFFIX}{UNUSABLE_SUFFIX}",
+            f"0-1-a-\u00b2{SUFFIX}{UNUSABLE_SUFFIX}",
+            f"loop-a{SUFFIX}{UNUSABLE_SUFFIX}",
+            f"loop-b{SUFFIX}{UNUSABLE_SUFFIX}",
+        ]
+    )
+    assert stale.is_dir()

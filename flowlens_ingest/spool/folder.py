@@ -36,6 +36,7 @@ import fcntl
 import io
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -88,7 +89,17 @@ class Spooled:
 def _arrived(name: str) -> float:
     """When a spooled delivery arrived (epoch seconds), from its file name; 0 for a name without it."""
     stamp = name.split("-", 1)[0]
-    return int(stamp) / 1e9 if stamp.isdigit() else 0.0
+    return int(stamp) / 1e9 if stamp.isascii() and stamp.isdigit() else 0.0
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """A file's bytes, when it is a regular file: never a symlink followed (ELOOP), never a FIFO or a
+    device waited on or read without end (EISDIR, which the spool sets aside as it does a directory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
+        return file.read()
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -159,11 +170,11 @@ class Spool:
     def _size(self, name: str) -> int:
         """The bytes of a spooled (or set-aside) file: from its name, or from a stat for a name without them."""
         fields = name.removesuffix(UNUSABLE_SUFFIX).removesuffix(SUFFIX).split("-")
-        if len(fields) == 4 and fields[3].isdigit():
+        if len(fields) == 4 and fields[3].isascii() and fields[3].isdigit():
             return int(fields[3])
         try:
             return os.stat(self.directory / name).st_size
-        except FileNotFoundError:  # drained meanwhile
+        except OSError:  # drained meanwhile, or no file a stat can follow (read sets it aside)
             return 0
 
     @contextlib.contextmanager
@@ -288,7 +299,7 @@ class Spool:
         and tries again, setting nothing aside.
         """
         try:
-            data = path.read_bytes()
+            data = _read_regular_file(path)
         except OSError as exc:
             if exc.errno not in _UNREADABLE:
                 raise
@@ -296,7 +307,7 @@ class Spool:
         header, _newline, body = data.partition(b"\n")
         try:
             return Spooled(path=path, envelope=Envelope.from_spool_header(header), body=body)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise Unusable(f"not a spooled delivery: {type(exc).__name__}") from None
 
     def set_aside(self, path: Path, reason: str) -> None:
@@ -353,8 +364,9 @@ class Spool:
         """Delete the temporary files of writes that never finished (0: all, when no writer runs)."""
         now = time.time()
         for path in self.directory.glob(".*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                if now - path.stat().st_mtime >= older_than:
+            # Gone meanwhile, or not a file of ours to remove (a directory by that name): left alone.
+            with contextlib.suppress(OSError):
+                if now - path.lstat().st_mtime >= older_than:
                     path.unlink()
 
     def drain(self, handle: Callable[[Spooled], Result], stop: threading.Event | None = None) -> tuple[int, str | None]:
