@@ -6,17 +6,22 @@ time range. Above ingest (it calls it) and the store (its journal_admin reads th
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
+from flowlens_ingest.events import parse
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.ingest import Disposition, ingest
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.journal_admin import journal_entry, journal_keys
 
 MAX_REPORTED_ERRORS = 20
+# What a journaled body that does not read back raises: gzip's own errors (a bad header, a stream
+# cut short), or a payload that does not parse (its content type, its JSON).
+UNREADABLE = (OSError, EOFError, zlib.error, parse.BadPayload, parse.UnsupportedMediaType)
 # A replay takes what arrived up to its start and this much after (other hosts' clocks may run ahead).
 ARRIVED_MARGIN = timedelta(minutes=1)
 
@@ -47,12 +52,22 @@ def replay(database: Database, *, failed_only: bool = False, since: datetime | N
     # instead of chasing each new arrival.
     until = database.read(sa.select(sa.func.now()))[0][0] + ARRIVED_MARGIN
     for delivery_id, hook_id in journal_keys(database, failed_only=failed_only, since=since, until=until):
-        entry = journal_entry(database, delivery_id, hook_id)
-        if entry is None:
+        try:
+            entry = journal_entry(database, delivery_id, hook_id)
+            # Parsed from exactly the bytes GitHub sent, as the view parsed them.
+            delivery = Delivery.parse(*entry) if entry is not None else None
+        except UNREADABLE as exc:
+            # A stored body that does not read back (a gzip cut short, bytes no payload parses from):
+            # named, and the replay goes on with the rest.
+            report.failed += 1
+            if len(report.errors) < MAX_REPORTED_ERRORS:
+                report.errors.append(
+                    f"{delivery_id}: its stored body cannot be read back ({type(exc).__name__}: {exc})"
+                )
+            continue
+        if delivery is None:
             report.skipped_no_payload += 1
             continue
-        # Parsed from exactly the bytes GitHub sent, as the view parsed them.
-        delivery = Delivery.parse(*entry)
         # store_payload=False: the journal keeps the payload it has, not a copy sent back.
         result = ingest(database, delivery, store_payload=False, replay=True)
         if result.disposition is Disposition.RETRY_LATER:

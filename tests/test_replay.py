@@ -174,6 +174,23 @@ def test_replay_skips_entries_journaled_without_payload(deliver, db):
     assert (report.replayed, report.skipped_no_payload) == (0, 1)
 
 
+def test_a_stored_body_that_does_not_read_back_is_named_and_the_replay_goes_on(deliver, db):
+    for name in ("cut-gzip", "not-json", "fine"):
+        payload = copy.deepcopy(OPENED)
+        payload["number"] = payload["pull_request"]["number"] = len(name)
+        deliver(payload, "pull_request", delivery=name)
+    with db.begin() as conn:
+        wd = webhook_deliveries
+        conn.execute(
+            sa.update(wd).where(wd.c.delivery_id == "cut-gzip").values(body=b"\x1f\x8b\x08", body_encoding="gzip")
+        )
+        conn.execute(sa.update(wd).where(wd.c.delivery_id == "not-json").values(body=b'{"cut short'))
+    report = replay.replay(database_of(db))
+    assert (report.replayed, report.failed, report.stopped) == (1, 2, None)
+    assert sorted(error.split(":")[0] for error in report.errors) == ["cut-gzip", "not-json"]
+    assert all("cannot be read back" in error for error in report.errors)
+
+
 def test_prune_removes_old_entries_but_keeps_failed_ones(deliver, db):
     deliver(OPENED, "pull_request", delivery="old-applied")
     deliver(dict(OPENED, pull_request=[]), "pull_request", delivery="old-failed")

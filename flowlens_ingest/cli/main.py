@@ -207,8 +207,8 @@ Examples:
 def replay_command(failed: bool, since: datetime | None, as_json: bool) -> int:
     """Re-apply journaled deliveries (idempotent); all of them unless --failed or --since.
 
-    Exit status: 0 when none failed, 1 when some did (the first ones named), 2 when the
-    replay could not run or stopped (the database went away: run it again).
+    Exit status: 0 when none failed; 1 when some did (the first ones named), or when the replay
+    could not run or stopped (the database went away: run it again); 2 for a usage error.
     """
     if failed and since is not None:
         raise click.UsageError("--failed and --since cannot be used together")
