@@ -180,6 +180,8 @@ def _private_key(env: Mapping[str, str], _: dict[str, Any]) -> Any:
         return Path(file).expanduser().read_text()
     except OSError as exc:
         raise ConfigError(f"GITHUB_APP_PRIVATE_KEY_FILE cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("GITHUB_APP_PRIVATE_KEY_FILE is not a text (PEM) file") from None
 
 
 def _webhooks(env: Mapping[str, str], _: dict[str, Any]) -> Any:
@@ -649,6 +651,13 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and check every declared variable, in declaration order (see docs/operating.md, Configuration)."""
         env = os.environ if env is None else env
+        for name in sorted(known_variables()):
+            # Bytes the environment could not decode come as lone surrogates: refused here, by name,
+            # rather than met as an encoding error wherever the value is first used.
+            try:
+                env.get(name, "").encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"{name} is not valid UTF-8 text") from None
         values: dict[str, Any] = {}
         for item in fields(cls):
             declared = _declared(item)

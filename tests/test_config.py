@@ -466,3 +466,32 @@ def test_every_setting_is_declared_once_with_its_rows():
     assert len(names) == len(set(names))
     documented = " ".join(row.variable for declared in declarations() for row in declared.rows)
     assert [name for name in names if f"`{name}`" not in documented] == []
+
+
+@pytest.mark.parametrize("name", ["GITHUB_WEBHOOK_SECRET", "DATABASE_URL", "GITHUB_TOKEN"])
+def test_a_variable_that_is_not_utf8_is_named(name):
+    # The environment's undecodable bytes arrive as lone surrogates (Python's surrogateescape).
+    with pytest.raises(ConfigError, match=f"{name} is not valid UTF-8 text"):
+        Settings.from_env({name: "\udcff" * 40})
+
+
+def test_a_private_key_file_that_is_not_text_is_named(tmp_path):
+    key = tmp_path / "app.der"
+    key.write_bytes(b"\x30\x82\x04\xa4\xff\xfe")
+    with pytest.raises(ConfigError, match="GITHUB_APP_PRIVATE_KEY_FILE is not a text"):
+        Settings.from_env({"GITHUB_APP_ID": "1", "GITHUB_APP_PRIVATE_KEY_FILE": str(key)})
+
+
+def test_the_command_line_names_a_variable_that_is_not_utf8(tmp_path):
+    env = {**os.environ, "FLOWLENS_DATA_DIR": str(tmp_path)}
+    env_bytes = {k.encode(): v.encode() for k, v in env.items()}
+    env_bytes[b"GITHUB_WEBHOOK_SECRET"] = b"\xff" * 40
+    done = subprocess.run(
+        [sys.executable, "-m", "flowlens_ingest.cli", "deliveries"],
+        env=env_bytes,  # type: ignore[arg-type]
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "GITHUB_WEBHOOK_SECRET is not valid UTF-8 text" in done.stderr and "Traceback" not in done.stderr
