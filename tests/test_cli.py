@@ -174,6 +174,27 @@ def test_send_gives_up_on_an_answer_that_never_ends():
     assert "an answer over 64 KiB, not the service's" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_send_to_something_that_does_not_speak_http_says_so_in_one_line():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+        answering_thread = threading.Thread(target=answer, daemon=True)
+        answering_thread.start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/webhook"
+        result = cli("send", str(OPENED_FILE), "--event", "pull_request", "--url", url, GITHUB_WEBHOOK_SECRET=SECRET)
+        answering_thread.join(10)
+    assert result.returncode == 1
+    assert "no answer from" in result.stderr and "BadStatusLine" in result.stderr
+    assert "Traceback" not in result.stderr and "unexpected" not in result.stderr
+
+
 def test_an_answer_read_a_byte_at_a_time_is_given_up_at_the_deadline():
     with answering("trickle") as url, urllib.request.urlopen(url, timeout=5) as response:
         started = time.monotonic()

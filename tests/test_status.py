@@ -4,6 +4,7 @@ healthy (exit 0) and in each kind of trouble (exit 1), within its deadline when 
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -249,3 +250,47 @@ def test_a_metrics_url_that_answers_something_else_is_passed_over(tmp_path):
         server.server_close()
         serving.join(10)
     assert report.parts["github_rate_limit"]["remaining"] is None and report.actions == []
+
+
+def test_status_says_a_spool_it_cannot_read_and_gives_up_on_a_metrics_page_at_its_deadline(tmp_path):
+    # The spool folder cannot be listed (here a symlink loop; in production another user's folder),
+    # and FLOWLENS_URL answers its headers a byte at a time: both said, within the deadline.
+    loop = tmp_path / "spool"
+    os.symlink(tmp_path / "spool-b", loop)
+    os.symlink(loop, tmp_path / "spool-b")
+    stop = threading.Event()
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with contextlib.suppress(OSError):
+                for byte in b"HTTP/1.1 200 OK\r\n":
+                    if stop.wait(0.5):
+                        return
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        settings = Settings(
+            data_dir=tmp_path,
+            spool_dir=loop,
+            database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere",
+            send_url=f"http://127.0.0.1:{server.server_address[1]}/webhook",
+        )
+        started = time.monotonic()
+        report = status_module.gather(settings, deadline_s=3.0)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+        serving.join(10)
+    assert took < 10
+    assert "error" in report.parts["spool"] and any(a.startswith("spool:") for a in report.actions)
+    assert report.parts["github_rate_limit"]["error"] == "no answer within 3 s"

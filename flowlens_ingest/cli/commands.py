@@ -80,6 +80,7 @@ def _default_url(settings: Settings) -> str:
 
 def send(file: str, event: str, url: str | None, delivery: str | None) -> int:
     """Sign a payload file with the service's secret and POST it like GitHub; 0 on a 2xx that settled it."""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -124,8 +125,8 @@ def send(file: str, event: str, url: str | None, delivery: str | None) -> int:
             return fail(f"no answer from {url}: {read_failed}", NOT_DONE)
     except urllib.error.URLError as exc:
         return fail(f"cannot reach {url}: {exc.reason}", NOT_DONE)
-    except OSError as exc:  # a timeout or a reset connection while reading the answer
-        return fail(f"no answer from {url}: {exc}", NOT_DONE)
+    except (OSError, http.client.HTTPException) as exc:  # a timeout, a reset connection, an answer not HTTP
+        return fail(f"no answer from {url}: {type(exc).__name__}: {exc}", NOT_DONE)
     if cut:
         return fail(
             f"{status} from {url}: an answer over {SEND_ANSWER_MAX_BYTES // 1024} KiB, not the service's", NOT_DONE

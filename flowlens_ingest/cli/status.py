@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -191,12 +192,20 @@ def _spool_part(settings: Settings, report: Report) -> None:
     if settings.spool_dir is None or settings.spool_max_bytes == 0:
         report.parts["spool"] = {"enabled": False}
         return
-    spool = Spool(settings.spool_dir, settings.spool_max_bytes)
-    depth = spool.refresh()
-    used = spool.estimate()
-    oldest = spool.oldest()
-    folder = next((p for p in (settings.spool_dir, *settings.spool_dir.parents) if p.exists()), Path("/"))
-    disk_free = shutil.disk_usage(folder).free
+    try:
+        spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+        depth = spool.refresh()
+        used = spool.estimate()
+        oldest = spool.oldest()
+        folder = next((p for p in (settings.spool_dir, *settings.spool_dir.parents) if p.exists()), Path("/"))
+        disk_free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        # Not readable by whoever runs status (another user), or its disk failing: said, not a traceback.
+        report.parts["spool"] = {"enabled": True, "folder": str(settings.spool_dir), "error": str(exc)}
+        report.act(
+            f"spool: {settings.spool_dir} cannot be read ({exc.strerror or exc}): run status as the service's user"
+        )
+        return
     room = max(0, min(settings.spool_max_bytes - used, disk_free))
     oldest_s = None if oldest is None else time.time() - oldest.timestamp()
     report.parts["spool"] = {
@@ -239,6 +248,7 @@ def _metrics_urls(settings: Settings) -> list[str]:
 
 def _rate_limit_part(settings: Settings, report: Report) -> None:
     """GitHub's rate limit as the files worker last saw it, from a running `serve`'s /metrics."""
+    import http.client
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -250,7 +260,7 @@ def _rate_limit_part(settings: Settings, report: Report) -> None:
         try:
             with opener.open(url, timeout=METRICS_TIMEOUT_S) as answer:
                 body, cut = read_answer(answer, METRICS_MAX_BYTES, METRICS_TIMEOUT_S)
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):  # no answer, or not HTTP
             continue
         if cut:
             continue
@@ -318,8 +328,23 @@ def gather(settings: Settings, deadline_s: float = DEFAULT_DEADLINE_S) -> Report
     # A daemon thread: if the database hangs past every deadline, the command still ends.
     thread = threading.Thread(target=_probe_database, args=(settings, deadline_s, probe), daemon=True)
     thread.start()
-    _spool_part(settings, report)
-    _rate_limit_part(settings, report)
+    # The spool's disk and a serve's /metrics may stall too (a hung volume, a peer answering a byte
+    # at a time): each in a thread of its own, given what is left of the deadline.
+    local: list[tuple[Callable[[Settings, Report], None], Report, str, dict[str, Any]]] = [
+        (_spool_part, Report(), "spool", {"enabled": True}),
+        (_rate_limit_part, Report(), "github_rate_limit", {"remaining": None, "source": None}),
+    ]
+    threads = [threading.Thread(target=part, args=(settings, found), daemon=True) for part, found, _, _ in local]
+    for each in threads:
+        each.start()
+    for each, (_, found, name, unknown) in zip(threads, local, strict=True):
+        each.join(max(0.0, deadline_s - (time.monotonic() - started)))
+        if each.is_alive():
+            said = f"no answer within {deadline_s:g} s"
+            report.parts[name] = {**unknown, "error": said, "note": f"not seen: {said}"}
+        else:
+            report.parts.update(found.parts)
+            report.actions.extend(found.actions)
     thread.join(max(0.0, deadline_s - (time.monotonic() - started)))
     if thread.is_alive():
         report.parts["database"] = {"reachable": False, "error": f"no answer within {deadline_s:g} s"}

@@ -84,6 +84,8 @@ def _database_line(part: dict[str, Any]) -> str:
 def _spool_line(part: dict[str, Any]) -> str:
     if not part["enabled"]:
         return "spool       off (FLOWLENS_SPOOL_MAX_BYTES=0)"
+    if "error" in part:
+        return f"spool       UNREADABLE ({part['error']})"
     oldest = "" if part["oldest_s"] is None else f", oldest {age(part['oldest_s'])}"
     mib = 1 << 20
     return (
