@@ -13,14 +13,16 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from flowlens_ingest import __version__
+from flowlens_ingest.cli.arguments import Timestamp
 from flowlens_ingest.cli.connect import read_answer
+from flowlens_ingest.cli.instances import INSTANCES, live_instances
 from flowlens_ingest.database_urls import database_location
 from flowlens_ingest.store import migrate
 from flowlens_ingest.store.schema import pull_requests, webhook_deliveries
@@ -487,3 +489,36 @@ def test_values_from_outside_reach_no_terminal_raw(deliver, db, database_url):
     assert "guid-\\x1b]0;owned\\x07-\\x7f-end" in listed and "failed-\\x1b[2J" in listed
     assert "failed-\\x1b[2J" in failed and "failed-\\x1b[2J" in replayed + shown[2].stderr
     assert shown[3].returncode in (0, 1) and status
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--url", "http://a b/webhook"],
+        ["--url", "http://[::1/webhook"],
+        ["--url", "http://h:abc/webhook"],
+        ["--delivery", "two\nlines"],
+        ["--delivery", "caf\u00e9"],
+    ],
+    ids=["space", "bracket", "port", "newline", "non_ascii"],
+)
+def test_send_refuses_what_it_cannot_send_as_a_usage_error(args):
+    result = cli("send", str(OPENED_FILE), "--event", "pull_request", *args, GITHUB_WEBHOOK_SECRET=SECRET)
+    assert result.returncode == 2, result.stderr
+    assert "unexpected" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_status_refuses_a_deadline_that_is_no_number():
+    result = cli("status", "--deadline", "nan")
+    assert result.returncode == 2 and "is not a number of seconds" in result.stderr
+
+
+def test_a_time_with_an_offset_postgresql_would_refuse_is_read_as_utc():
+    assert Timestamp().convert("2026-01-01T00:00:00+23:59", None, None) == datetime(2025, 12, 31, 0, 1, tzinfo=UTC)
+
+
+def test_an_instance_record_naming_an_impossible_pid_is_no_instance(tmp_path):
+    folder = tmp_path / INSTANCES
+    folder.mkdir()
+    (folder / "8000.json").write_text(json.dumps({"url": "http://127.0.0.1:8000", "pid": 10**30, "started": 0}))
+    assert live_instances(tmp_path) == []

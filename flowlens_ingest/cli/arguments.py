@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -59,6 +60,16 @@ def duration_text(span: timedelta) -> str:
     return f"{seconds}s"
 
 
+class Seconds(click.FloatRange):
+    """A number of seconds in a range; never NaN, which every comparison of a range lets through."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return number
+
+
 class Timestamp(click.ParamType[datetime]):
     """An ISO 8601 time (UTC when no offset is given)."""
 
@@ -71,4 +82,5 @@ class Timestamp(click.ParamType[datetime]):
             parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
         except ValueError:
             self.fail(f"{value!r}: use ISO 8601, like 2026-11-28T10:00:00Z", param, ctx)
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        # Read as UTC: PostgreSQL takes zone offsets up to 15:59 only, Python up to 23:59.
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -78,6 +78,20 @@ def _default_url(settings: Settings) -> str:
     return chosen.url
 
 
+def _http_url(url: str) -> bool:
+    """An http(s) URL urllib can send to: a host, a port that is a number, no space or control."""
+    import urllib.parse
+
+    if not url.startswith(("http://", "https://")) or not url.isprintable() or " " in url:
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # raises for a port that is no number
+    except ValueError:
+        return False
+    return bool(parts.hostname)
+
+
 def send(file: str, event: str, url: str | None, delivery: str | None) -> int:
     """Sign a payload file with the service's secret and POST it like GitHub; 0 on a 2xx that settled it."""
     import http.client
@@ -97,8 +111,11 @@ def send(file: str, event: str, url: str | None, delivery: str | None) -> int:
             )
         secret = path.read_text().strip().encode()
     url = url or settings.send_url or _default_url(settings)
-    if not url.startswith(("http://", "https://")):
+    if not _http_url(url):
         return fail(f"--url must be an http:// or https:// URL, got {url!r}")
+    for name, value in (("--event", event), ("--delivery", delivery or "")):
+        if not (value.isascii() and value.isprintable()):
+            return fail(f"{name} must be printable ASCII (it is sent as a header), got {value!r}")
     try:
         body = Path(file).read_bytes()
     except OSError as exc:

@@ -69,9 +69,13 @@ def _remove_if_unchanged(path: Path, seen: Instance | None) -> None:
         pass  # gone already, or not ours to remove
 
 
+# Linux's largest process id (PID_MAX_LIMIT): a record naming a larger one names no process.
+PID_MAX = 4_194_304
+
+
 def _running(pid: int) -> bool:
     """Whether process `pid` runs; a zombie (dead, not yet reaped by its parent) does not."""
-    if pid <= 0:  # kill(0) and kill(-1) would ask about whole groups
+    if not 0 < pid <= PID_MAX:  # kill(0) and kill(-1) would ask about whole groups; past it, no process
         return False
     try:
         os.kill(pid, 0)

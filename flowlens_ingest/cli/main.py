@@ -10,7 +10,7 @@ import click
 
 from flowlens_ingest import __version__
 from flowlens_ingest.cli import recovery
-from flowlens_ingest.cli.arguments import DATABASE_HELP, Duration, HostPort, Timestamp, duration_text
+from flowlens_ingest.cli.arguments import DATABASE_HELP, Duration, HostPort, Seconds, Timestamp, duration_text
 from flowlens_ingest.cli.commands import DEFAULT_URL, deliveries, enrich, prune, replay, send
 from flowlens_ingest.cli.connect import NoDatabase, load_settings
 from flowlens_ingest.cli.db import db_shell, db_upgrade
@@ -278,7 +278,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (for scripts) instead of text.")
 @click.option(
     "--deadline",
-    type=click.FloatRange(1, 300),
+    type=Seconds(1, 300),
     default=DEFAULT_STATUS_DEADLINE_S,
     help="Seconds to answer in, whatever the database does (a database that has not answered by then is reported).",
 )
