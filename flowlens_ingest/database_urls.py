@@ -110,6 +110,9 @@ def database_url(raw: str) -> str:
         keywords = parsed.get_dialect()().create_connect_args(parsed)[1]
     except ArgumentError:
         raise ConfigError(f"DATABASE_URL has ?host= and ?port= values that do not pair up ({several})") from None
+    if any("\x00" in str(value) for value in keywords.values()):
+        # libpq takes C strings: a NUL (%00) in a user, password or option cannot reach it.
+        raise ConfigError(f"DATABASE_URL holds a NUL character (%00) ({example})")
     _check_connection_options(keywords)
     return url
 

@@ -495,3 +495,14 @@ def test_the_command_line_names_a_variable_that_is_not_utf8(tmp_path):
     )
     assert done.returncode == 2
     assert "GITHUB_WEBHOOK_SECRET is not valid UTF-8 text" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://us%00er:pw@h/db", "postgresql://u:p%00w@h/db", "postgresql://u@h/db?application_name=a%00b"],
+    ids=["user", "password", "option"],
+)
+def test_a_database_url_holding_a_nul_is_refused_at_start(url):
+    # libpq takes C strings: a NUL would fail every connection, each delivery taken for a bug.
+    with pytest.raises(ConfigError, match="NUL character"):
+        Settings.from_env({"DATABASE_URL": url})
