@@ -30,7 +30,7 @@ from flowlens_ingest.store.database import Database, DatabaseUnavailable
 from flowlens_ingest.store.deadline import deadline
 from flowlens_ingest.store.hang import Hang
 from flowlens_ingest.store.resolve import with_addresses
-from flowlens_ingest.store.schema import pull_requests, webhook_deliveries
+from flowlens_ingest.store.schema import pull_requests, repositories, webhook_deliveries
 from flowlens_ingest.web.app import create_app
 from flowlens_ingest.web.services import services
 
@@ -338,3 +338,33 @@ def test_a_worker_forked_after_its_master_looked_a_name_up_looks_names_up_too(mo
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_repository_whose_delivery_the_database_cancelled_is_spooled_at_once_for_a_while(db, database_url, tmp_path):
+    # A session holds the repository's row: its next delivery waits out the lock timeout and is
+    # cancelled. The ones after it are spooled without a connection, not each a thread held for the
+    # same timeout while requests queue; other repositories are applied as ever.
+    app = create_app(make_settings(database_url, tmp_path, statement_timeout_ms=300))
+    client = app.test_client()
+    database = services(app).database
+    assert post(client, 1, "before") == (200, "applied")
+    repository_id = pr(1)["repository"]["id"]
+    holder = db.connect()
+    held = holder.begin()
+    holder.execute(sa.select(repositories.c.id).where(repositories.c.github_id == repository_id).with_for_update())
+    checkouts: list[object] = []
+    sa.event.listen(database.engine, "checkout", lambda *_: checkouts.append(None))
+    try:
+        assert post(client, 2, "cancelled") == (202, "spooled")
+        checkouts.clear()
+        assert [post(client, n, f"held-{n}") for n in (3, 4)] == [(202, "spooled")] * 2
+        assert checkouts == []
+        other = pr(5)
+        other["repository"] = {**other["repository"], "id": repository_id + 1, "full_name": "octo/other"}
+        body = json.dumps(other).encode()
+        response = client.post("/webhook", data=body, headers=github_headers(body, "pull_request", delivery="other"))
+        assert (response.status_code, response.get_json()["outcome"]) == (200, "applied")
+    finally:
+        held.rollback()
+        holder.close()
+        database.dispose()

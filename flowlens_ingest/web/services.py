@@ -6,7 +6,7 @@ the services through here, never through the app factory that registers them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import Flask, current_app
 
@@ -16,6 +16,7 @@ from flowlens_ingest.spool import drainer
 from flowlens_ingest.spool.folder import Spool
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.readiness import Readiness
+from flowlens_ingest.web.held import HeldRepositories
 
 EXTENSION = "flowlens"
 
@@ -30,6 +31,8 @@ class Services:
     spool: Spool | None
     # The schema's state, kept current by the drainer (the request path, with the spool off).
     readiness: Readiness
+    # Repositories whose last delivery the database cancelled: their next ones are spooled at once.
+    held: HeldRepositories = field(default_factory=HeldRepositories)
 
 
 def init_app(app: Flask, services: Services) -> None:

@@ -1,0 +1,52 @@
+"""Repositories whose deliveries the database just cancelled: the next ones are spooled at once.
+
+A delivery the server cancels at its statement or lock timeout (a session holding its repository's
+row, the server too slow for it) costs a request thread that whole timeout, 5 s. Under steady
+traffic to that repository every thread soon waits on it, requests queue behind them, and answers
+to every repository leave past GitHub's 10 s. So after one is cancelled, that repository's
+deliveries go to the spool for HOLD_S without a statement (the drainer applies them, passing over
+what is still held); other repositories are not touched. Per process, at most MAX_HELD entries.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+# How long a repository's deliveries are spooled at once after one was cancelled.
+HOLD_S = 30.0
+# Repositories remembered at once; past it the oldest hold is dropped (it ends soon anyway).
+MAX_HELD = 1_000
+
+
+class HeldRepositories:
+    """The repositories of this process whose last delivery the database cancelled, until when."""
+
+    def __init__(self, hold_s: float = HOLD_S) -> None:
+        self.hold_s = hold_s
+        self._lock = threading.Lock()
+        self._until: dict[int, float] = {}
+
+    def cancelled(self, repository_id: int | None) -> None:
+        """A delivery of this repository was cancelled by the server: hold the next ones."""
+        if repository_id is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._until.pop(repository_id, None)
+            if len(self._until) >= MAX_HELD:
+                self._until.pop(next(iter(self._until)))
+            self._until[repository_id] = now + self.hold_s
+
+    def held(self, repository_id: int | None) -> bool:
+        """Whether this repository's deliveries go to the spool without a statement now."""
+        if repository_id is None or not self._until:
+            return False
+        with self._lock:
+            until = self._until.get(repository_id)
+            if until is None:
+                return False
+            if until <= time.monotonic():
+                del self._until[repository_id]
+                return False
+            return True
