@@ -10,8 +10,6 @@ finds it answering (store/hang.py).
 from __future__ import annotations
 
 import json
-import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,11 +23,7 @@ from flask.testing import FlaskClient
 
 from bench import openloop
 from bench.proxy import FreezingProxy
-from flowlens_ingest.config import Settings
-from flowlens_ingest.store.database import Database, DatabaseUnavailable
-from flowlens_ingest.store.deadline import deadline
 from flowlens_ingest.store.hang import Hang
-from flowlens_ingest.store.resolve import with_addresses
 from flowlens_ingest.store.schema import pull_requests, repositories, webhook_deliveries
 from flowlens_ingest.web.app import create_app
 from flowlens_ingest.web.services import services
@@ -283,61 +277,6 @@ def test_a_hang_found_as_a_refused_probe_ends_is_probed_until_the_database_answe
     hang.slow()
     wait_for(lambda: not hang.known and probes[-1:] == ["answer"], "the probe to find the database answering")
     assert probes == ["refused", "refused", "answer"]
-
-
-@pytest.mark.slow
-def test_a_host_name_is_looked_up_within_the_deadline_and_connected_to_by_its_address(throwaway, monkeypatch):
-    # A resolver that does not answer: libpq's own lookup had no deadline; the service's lookup is
-    # given what is left of the caller's, then the delivery is kept for later like any refusal.
-    name = "db.flowlens.invalid"  # no resolver knows it: only the lookup below answers for it
-    answering = threading.Event()
-    real = socket.getaddrinfo
-
-    def resolver(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host == name:
-            if not answering.wait(30):
-                raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-            return real("127.0.0.1", *args, **kwargs)
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", resolver)
-    url = sa.engine.make_url(throwaway.url).set(host=name)  # a server of its own, on TCP
-    database = Database(Settings(), url.render_as_string(hide_password=False))
-    try:
-        started = time.monotonic()
-        with pytest.raises(DatabaseUnavailable), deadline(1.0):
-            database.first(sa.select(sa.literal(1)))
-        assert time.monotonic() - started < 5
-        answering.set()  # the resolver answers again: connected by the address it gave
-        assert database.first(sa.select(sa.literal(1))) == (1,)
-    finally:
-        answering.set()
-        database.dispose()
-
-
-def test_a_worker_forked_after_its_master_looked_a_name_up_looks_names_up_too(monkeypatch):
-    # gunicorn's master asks the database at start (a lookup, its threads), then forks the workers.
-    real = socket.getaddrinfo
-
-    def resolver(host: Any, *args: Any, **kwargs: Any) -> Any:
-        return real("127.0.0.1" if str(host).endswith(".flowlens.invalid") else host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", resolver)
-    master = {"host": "master.flowlens.invalid", "port": 5432}
-    with_addresses(master)
-    assert master["hostaddr"] == "127.0.0.1"
-    pid = os.fork()
-    if pid == 0:  # the worker: its own lookup threads, not the master's (which it does not have)
-        code = 1
-        try:
-            worker = {"host": "worker.flowlens.invalid", "port": 5432}
-            with deadline(2.0):
-                with_addresses(worker)
-            code = 0 if worker["hostaddr"] == "127.0.0.1" else 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_a_repository_whose_delivery_the_database_cancelled_is_spooled_at_once_for_a_while(db, database_url, tmp_path):

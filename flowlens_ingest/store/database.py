@@ -26,7 +26,6 @@ from flowlens_ingest.config import Settings
 from flowlens_ingest.store.batch import Batch
 from flowlens_ingest.store.deadline import DeadlinePassed, deadline, install_deadlines, remaining
 from flowlens_ingest.store.hang import PROBE_DEADLINE_S, Hang, missed_deadline
-from flowlens_ingest.store.resolve import with_addresses
 from flowlens_ingest.store.wire import CountingConnection, lost_prepared_statement, send
 
 log = logging.getLogger(__name__)
@@ -138,12 +137,6 @@ def make_engine(settings: Settings, url: str | None = None, *, application_name:
                 dbapi_connection.prepared = set()
 
     sa.event.listen(engine, "connect", compress_with_lz4)
-
-    @sa.event.listens_for(engine, "do_connect")
-    def _resolved_within_the_deadline(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
-        # libpq's own name lookup has no deadline (resolve.py); returning None lets SQLAlchemy connect.
-        with_addresses(cparams)
-
     return engine
 
 
@@ -271,7 +264,6 @@ class Database:
         engine = self.engine
         cargs, cparams = engine.dialect.create_connect_args(engine.url)
         with deadline(PROBE_DEADLINE_S):
-            with_addresses(cparams)
             connection = engine.dialect.connect(*cargs, **cparams, application_name=self.application_name)
             try:
                 connection.cursor().execute("SELECT 1")
