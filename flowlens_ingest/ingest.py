@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
 from flowlens_ingest.events.mappers import map_delivery
-from flowlens_ingest.store.database import Database, DatabaseUnavailable, OnRetry
+from flowlens_ingest.store.database import TIMEOUT_SQLSTATES, Database, DatabaseUnavailable, OnRetry
 from flowlens_ingest.store.hooks import RecordedHooks
 from flowlens_ingest.store.plan import Plan, failed_journal_entry
 from flowlens_ingest.store.schema import webhook_deliveries
@@ -52,6 +52,10 @@ class Result:
     error: str | None = None
     # Retry later because the server cancelled this work (a timeout, out of memory: it answers).
     work_cancelled: bool = False
+    # Cancelled at its statement or lock timeout (57014, 55P03): a row it needed held by another
+    # session (the statement timeout, counted from the statement's start, usually comes first), or
+    # the server too slow for it.
+    timed_out: bool = False
 
     @classmethod
     def stored(cls, outcome: Outcome, error: str | None = None) -> Result:
@@ -61,7 +65,12 @@ class Result:
     @classmethod
     def unavailable(cls, exc: DatabaseUnavailable) -> Result:
         """A delivery to keep for later: the database was down, too slow, or cancelled this work."""
-        return cls(Disposition.RETRY_LATER, error=f"database unavailable ({exc})", work_cancelled=exc.work_cancelled)
+        return cls(
+            Disposition.RETRY_LATER,
+            error=f"database unavailable ({exc})",
+            work_cancelled=exc.work_cancelled,
+            timed_out=str(exc) in TIMEOUT_SQLSTATES,
+        )
 
 
 def describe(exc: BaseException) -> str:

@@ -1,11 +1,13 @@
-"""Repositories whose deliveries the database just cancelled: the next ones are spooled at once.
+"""Repositories whose last delivery timed out: their next deliveries are spooled at once.
 
-A delivery the server cancels at its statement or lock timeout (a session holding its repository's
-row, the server too slow for it) costs a request thread that whole timeout, 5 s. Under steady
-traffic to that repository every thread soon waits on it, requests queue behind them, and answers
-to every repository leave past GitHub's 10 s. So after one is cancelled, that repository's
-deliveries go to the spool for HOLD_S without a statement (the drainer applies them, passing over
-what is still held); other repositories are not touched. Per process, at most MAX_HELD entries.
+A delivery of ordinary size the server cancels at its statement or lock timeout (a session holding
+its repository's row; the server too slow for it) costs a request thread that whole timeout, 5 s.
+Under steady traffic to that repository every thread soon waits on it, requests queue behind them,
+and answers to every repository leave past GitHub's 10 s. So after one is cancelled so, that
+repository's deliveries go to the spool for HOLD_S without a statement (the drainer applies them,
+passing over what is still held); other repositories are not touched. A large delivery (which may
+time out for its own weight) and one cancelled for memory hold nothing. Per process, at most
+MAX_HELD entries.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ MAX_HELD = 1_000
 
 
 class HeldRepositories:
-    """The repositories of this process whose last delivery the database cancelled, until when."""
+    """The repositories of this process whose last delivery timed out, until when."""
 
     def __init__(self, hold_s: float = HOLD_S) -> None:
         self.hold_s = hold_s
@@ -28,7 +30,7 @@ class HeldRepositories:
         self._until: dict[int, float] = {}
 
     def cancelled(self, repository_id: int | None) -> None:
-        """A delivery of this repository was cancelled by the server: hold the next ones."""
+        """A delivery of this repository waited out its timeout: hold the next ones."""
         if repository_id is None:
             return
         now = time.monotonic()

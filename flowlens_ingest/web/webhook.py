@@ -170,8 +170,8 @@ def receive() -> Response:
     with deadline(DATABASE_DEADLINE_S - (time.perf_counter() - g.started)):
         readiness = svc.readiness
         if svc.held.held(delivery.repository_github_id):
-            # The database cancelled this repository's last delivery (a row held, a statement too
-            # slow): kept for the drainer now, rather than a thread waiting out the same timeout.
+            # This repository's last delivery waited out its timeout (its row held, the server too slow
+            # for it): kept for the drainer now, rather than a thread waiting out the same timeout.
             return _keep(envelope, body, delivery.action)
         if readiness.problem is not None and (svc.spool is not None or readiness.current() is not None):
             # The schema is known not ready: every statement would be refused. Kept for the drainer,
@@ -187,7 +187,8 @@ def receive() -> Response:
         )
     if result.outcome is None:
         # Not stored (retry later, or refused even as failed).
-        if result.work_cancelled:
+        if result.timed_out and not g.turn:
+            # A delivery of ordinary size (a large one may time out for its own weight).
             svc.held.cancelled(delivery.repository_github_id)
         return _keep(envelope, body, delivery.action)
     return _answered(result.outcome, event, delivery_id, delivery.action)
