@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import click
 import pytest
 import sqlalchemy as sa
 
@@ -499,8 +500,9 @@ def test_values_from_outside_reach_no_terminal_raw(deliver, db, database_url):
         ["--url", "http://h:abc/webhook"],
         ["--delivery", "two\nlines"],
         ["--delivery", "caf\u00e9"],
+        ["--url", "http://h/w\u00e9bhook"],
     ],
-    ids=["space", "bracket", "port", "newline", "non_ascii"],
+    ids=["space", "bracket", "port", "newline", "non_ascii", "non_ascii_url"],
 )
 def test_send_refuses_what_it_cannot_send_as_a_usage_error(args):
     result = cli("send", str(OPENED_FILE), "--event", "pull_request", *args, GITHUB_WEBHOOK_SECRET=SECRET)
@@ -515,6 +517,8 @@ def test_status_refuses_a_deadline_that_is_no_number():
 
 def test_a_time_with_an_offset_postgresql_would_refuse_is_read_as_utc():
     assert Timestamp().convert("2026-01-01T00:00:00+23:59", None, None) == datetime(2025, 12, 31, 0, 1, tzinfo=UTC)
+    with pytest.raises(click.BadParameter, match="out of range"):
+        Timestamp().convert("0001-01-01T00:00:00+01:00", None, None)
 
 
 def test_an_instance_record_naming_an_impossible_pid_is_no_instance(tmp_path):

@@ -12,7 +12,9 @@ import itertools
 import json
 import logging
 import os
+import socket
 import stat
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -862,6 +864,11 @@ def test_odd_files_in_the_spool_folder_are_set_aside_or_left_and_the_rest_drains
     os.symlink(f"loop-b{SUFFIX}", folder / f"loop-a{SUFFIX}")  # a name without its size, that no stat follows
     os.symlink(f"loop-a{SUFFIX}", folder / f"loop-b{SUFFIX}")
     (folder / f"0-1-a-\u00b2{SUFFIX}").write_bytes(b"not a delivery")  # digits only Unicode calls digits
+    listening = socket.socket(socket.AF_UNIX)  # a socket by that name: opening it is ENXIO
+    short = tempfile.mkdtemp(prefix="s", dir="/tmp")  # a socket's path is short; bound there, then moved
+    listening.bind(f"{short}/s")
+    os.rename(f"{short}/s", folder / f"00000000000000000003-1-sock0000-0{SUFFIX}")
+    os.rmdir(short)
     stale = folder / ".left-by-a-tool.tmp"
     stale.mkdir()
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
@@ -880,9 +887,11 @@ def test_odd_files_in_the_spool_folder_are_set_aside_or_left_and_the_rest_drains
         [
             f"00000000000000000001-1-fifo0000-10{SUFFIX}{UNUSABLE_SUFFIX}",
             f"00000000000000000002-1-deep0000-0{SUFFIX}{UNUSABLE_SUFFIX}",
+            f"00000000000000000003-1-sock0000-0{SUFFIX}{UNUSABLE_SUFFIX}",
             f"0-1-a-\u00b2{SUFFIX}{UNUSABLE_SUFFIX}",
             f"loop-a{SUFFIX}{UNUSABLE_SUFFIX}",
             f"loop-b{SUFFIX}{UNUSABLE_SUFFIX}",
         ]
     )
     assert stale.is_dir()
+    listening.close()

@@ -294,3 +294,4 @@ def test_status_says_a_spool_it_cannot_read_and_gives_up_on_a_metrics_page_at_it
     assert took < 10
     assert "error" in report.parts["spool"] and any(a.startswith("spool:") for a in report.actions)
     assert report.parts["github_rate_limit"]["error"] == "no answer within 3 s"
+    assert "github rate limit: no answer within 3 s" in report.actions  # not "OK: nothing needs action"

@@ -83,4 +83,7 @@ class Timestamp(click.ParamType[datetime]):
         except ValueError:
             self.fail(f"{value!r}: use ISO 8601, like 2026-11-28T10:00:00Z", param, ctx)
         # Read as UTC: PostgreSQL takes zone offsets up to 15:59 only, Python up to 23:59.
-        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        try:
+            return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        except OverflowError:  # 0001-01-01T00:00+01:00: before the first representable time
+            self.fail(f"{value!r}: out of range", param, ctx)

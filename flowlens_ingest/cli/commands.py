@@ -79,10 +79,10 @@ def _default_url(settings: Settings) -> str:
 
 
 def _http_url(url: str) -> bool:
-    """An http(s) URL urllib can send to: a host, a port that is a number, no space or control."""
+    """An http(s) URL urllib can send to: ASCII, a host, a port that is a number, no space or control."""
     import urllib.parse
 
-    if not url.startswith(("http://", "https://")) or not url.isprintable() or " " in url:
+    if not url.startswith(("http://", "https://")) or not (url.isascii() and url.isprintable()) or " " in url:
         return False
     try:
         parts = urllib.parse.urlsplit(url)

@@ -339,9 +339,11 @@ def gather(settings: Settings, deadline_s: float = DEFAULT_DEADLINE_S) -> Report
         each.start()
     for each, (_, found, name, unknown) in zip(threads, local, strict=True):
         each.join(max(0.0, deadline_s - (time.monotonic() - started)))
-        if each.is_alive():
-            said = f"no answer within {deadline_s:g} s"
+        said = f"no answer within {deadline_s:g} s"
+        if each.is_alive() or name not in found.parts:
+            # Still waiting (a hung volume, a peer trickling), or ended without saying (an error).
             report.parts[name] = {**unknown, "error": said, "note": f"not seen: {said}"}
+            report.act(f"{name.replace('_', ' ')}: {said}")
         else:
             report.parts.update(found.parts)
             report.actions.extend(found.actions)

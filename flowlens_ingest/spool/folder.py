@@ -74,7 +74,10 @@ class Unusable(Exception):
 
 
 # Why a file in the spool will never be read, whatever the drain does: set aside (Spool.read).
-_UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP, errno.EIO, errno.ENAMETOOLONG})
+_UNREADABLE = frozenset(
+    # ENXIO, ENODEV: a socket or a device by that name, opened without waiting.
+    {errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP, errno.EIO, errno.ENAMETOOLONG, errno.ENXIO, errno.ENODEV}
+)
 
 
 @dataclass(frozen=True)

@@ -25,18 +25,26 @@ CHUNK_BYTES = 64 * 1024
 MEMORY_BYTES = 1024 * 1024
 
 
+class BodyNotKept(OSError):
+    """The temporary file a body goes through could not be written (TMPDIR full, an I/O error): ours, not the sender's."""
+
+
 def read_signed(read: Callable[[int], bytes], header: str | None, secrets: Iterable[bytes]) -> IO[bytes]:
     """Read a body with `read(n)` until it returns b"", and return it rewound if `header` signs it.
 
-    Raises SignatureError (nothing read for a missing or unsupported header), or
-    whatever `read` raises (a body over the limit); the spooled copy is closed then.
+    Raises SignatureError (nothing read for a missing or unsupported header), BodyNotKept (the
+    temporary file failed), or whatever `read` raises (a body over the limit; a connection that
+    broke mid-body, which Werkzeug answers 400); the spooled copy is closed then.
     """
     verifier = StreamingVerifier(header, secrets)
     spooled: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=MEMORY_BYTES)  # noqa: SIM115 (returned open)
     try:
         while chunk := read(CHUNK_BYTES):
             verifier.update(chunk)
-            spooled.write(chunk)
+            try:
+                spooled.write(chunk)
+            except OSError as exc:
+                raise BodyNotKept(exc.errno, exc.strerror) from exc
         verifier.verify()
     except BaseException:
         spooled.close()

@@ -19,7 +19,7 @@ from flowlens_ingest.memory import LARGE
 from flowlens_ingest.store.deadline import deadline
 from flowlens_ingest.web.responses import answer, error
 from flowlens_ingest.web.services import services
-from flowlens_ingest.web.signed_body import read_signed, size_of
+from flowlens_ingest.web.signed_body import BodyNotKept, read_signed, size_of
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,14 @@ def verify_signature() -> Response | None:
         )
         services().metrics.signature_failure(exc.reason)
         return error(401, "invalid or missing X-Hub-Signature-256")
-    except OSError as exc:
+    except BodyNotKept as exc:
         # The temporary file a large body goes through could not be written (TMPDIR full, an I/O
         # error): this server's trouble, not the sender's. One line, no traceback; GitHub's log keeps
         # the delivery for a redelivery.
         log.error(  # noqa: TRY400 (one line by design: the error is named, no traceback)
             "request body not kept",
             extra={
-                "error": f"{type(exc).__name__}: {exc.strerror or exc}",
+                "error": f"{type(exc.__cause__ or exc).__name__}: {exc.strerror or exc}",
                 "delivery": request.headers.get("X-GitHub-Delivery", "")[:100],
             },
         )
