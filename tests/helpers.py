@@ -6,15 +6,18 @@ import them from here, never from conftest.py or from one another.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +134,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def loopback_http(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A threaded HTTP server on a free loopback port, answering with `handler`; yields its /webhook URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/webhook"
+    finally:
+        server.shutdown()
+        server.server_close()
+        serving.join(10)
 
 
 def cli_environment(**env: str) -> dict[str, str]:

@@ -29,7 +29,7 @@ from flowlens_ingest.store import migrate
 from flowlens_ingest.store.schema import pull_requests, webhook_deliveries
 
 from .databases import create_scratch_database, drop_database
-from .helpers import PAYLOADS, SECRET, free_port, load_payload, rows, run_cli, wait_for
+from .helpers import PAYLOADS, SECRET, free_port, load_payload, loopback_http, rows, run_cli, wait_for
 
 OPENED_FILE = PAYLOADS / "pull_request" / "opened.payload.json"
 
@@ -158,16 +158,8 @@ def answering(how: str) -> Iterator[str]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/webhook"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with loopback_http(Handler) as url:
+        yield url
 
 
 def test_send_gives_up_on_an_answer_that_never_ends():

@@ -27,7 +27,7 @@ from flowlens_ingest.store.hooks import MAX_SHOWN, checked_through
 from flowlens_ingest.store.schema import webhook_deliveries, webhook_hooks
 
 from .databases import create_scratch_database, drop_database
-from .helpers import database_of, free_port, load_payload
+from .helpers import database_of, free_port, load_payload, loopback_http
 from .serving import Service, running
 
 PING = load_payload("ping/payload.json")
@@ -238,17 +238,9 @@ def test_a_metrics_url_that_answers_something_else_is_passed_over(tmp_path):
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    serving = threading.Thread(target=server.serve_forever, daemon=True)
-    serving.start()
-    try:
-        settings = Settings(data_dir=tmp_path, send_url=f"http://127.0.0.1:{server.server_address[1]}/webhook")
+    with loopback_http(Handler) as url:
         report = status_module.Report()
-        status_module._rate_limit_part(settings, report)
-    finally:
-        server.shutdown()
-        server.server_close()
-        serving.join(10)
+        status_module._rate_limit_part(Settings(data_dir=tmp_path, send_url=url), report)
     assert report.parts["github_rate_limit"]["remaining"] is None and report.actions == []
 
 
@@ -272,25 +264,19 @@ def test_status_says_a_spool_it_cannot_read_and_gives_up_on_a_metrics_page_at_it
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
-    server.daemon_threads = True
-    serving = threading.Thread(target=server.serve_forever, daemon=True)
-    serving.start()
-    try:
-        settings = Settings(
-            data_dir=tmp_path,
-            spool_dir=loop,
-            database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere",
-            send_url=f"http://127.0.0.1:{server.server_address[1]}/webhook",
-        )
-        started = time.monotonic()
-        report = status_module.gather(settings, deadline_s=3.0)
-        took = time.monotonic() - started
-    finally:
-        stop.set()
-        server.shutdown()
-        server.server_close()
-        serving.join(10)
+    with loopback_http(Trickle) as url:
+        try:
+            settings = Settings(
+                data_dir=tmp_path,
+                spool_dir=loop,
+                database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere",
+                send_url=url,
+            )
+            started = time.monotonic()
+            report = status_module.gather(settings, deadline_s=3.0)
+            took = time.monotonic() - started
+        finally:
+            stop.set()  # the handler's wait ends: the server stops at once
     assert took < 10
     assert "error" in report.parts["spool"] and any(a.startswith("spool:") for a in report.actions)
     assert report.parts["github_rate_limit"]["error"] == "no answer within 3 s"

@@ -168,11 +168,11 @@ def receive() -> Response:
         _answer(Outcome.REJECTED, 400, event, delivery_id)
         return error(400, str(exc))
     with deadline(DATABASE_DEADLINE_S - (time.perf_counter() - g.started)):
-        readiness = svc.readiness
         if svc.held.held(delivery.repository_github_id):
             # This repository's last delivery waited out its timeout (its row held, the server too slow
             # for it): kept for the drainer now, rather than a thread waiting out the same timeout.
             return _keep(envelope, body, delivery.action)
+        readiness = svc.readiness
         if readiness.problem is not None and (svc.spool is not None or readiness.current() is not None):
             # The schema is known not ready: every statement would be refused. Kept for the drainer,
             # which applies it once the schema is migrated (the spool off: a 503, and GitHub's log
