@@ -32,6 +32,7 @@ class Service:
     def __init__(
         self, database_url: str | None, data_dir: Path, *, workers: int = 2, env: dict[str, str] | None = None
     ) -> None:
+        self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
@@ -56,7 +57,11 @@ class Service:
         )
 
     def wait_ready(self, timeout: float = 60) -> None:
-        """Block until /healthz answers."""
+        """Block until /healthz answers and every worker runs.
+
+        One worker answering is not all of them: gunicorn forks and boots the others in its own
+        time, and a test that counts workers, or wants each to serve, would race them.
+        """
 
         def healthy() -> bool:
             try:
@@ -65,6 +70,7 @@ class Service:
                 return False
 
         wait_up(self.process, healthy, "service", self.logs, timeout)
+        wait_up(self.process, lambda: len(workers(self)) == self.workers, "every worker", self.logs, timeout)
 
     def post(self, payload: dict[str, Any] | bytes, event: str, **kwargs: Any) -> requests.Response:
         """Sign and POST a delivery over real HTTP."""
@@ -146,6 +152,7 @@ class ProcfileService(Service):
     def __init__(
         self, database_url: str, directory: Path, *, workers: int = 2, env: dict[str, str] | None = None
     ) -> None:
+        self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = directory / ".flowlens"
