@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from flowlens_ingest.events.delivery import Delivery
 from flowlens_ingest.events.enums import Outcome
 from flowlens_ingest.events.mappers import map_delivery
-from flowlens_ingest.store.database import TIMEOUT_SQLSTATES, Database, DatabaseUnavailable, OnRetry
+from flowlens_ingest.store.database import Database, DatabaseUnavailable, OnRetry
 from flowlens_ingest.store.hooks import RecordedHooks
 from flowlens_ingest.store.plan import Plan, failed_journal_entry
 from flowlens_ingest.store.schema import webhook_deliveries
@@ -69,7 +69,7 @@ class Result:
             Disposition.RETRY_LATER,
             error=f"database unavailable ({exc})",
             work_cancelled=exc.work_cancelled,
-            timed_out=str(exc) in TIMEOUT_SQLSTATES,
+            timed_out=exc.timed_out,
         )
 
 

@@ -82,6 +82,11 @@ class DatabaseUnavailable(Exception):
         """The server is up and cancelled this work (a timeout, out of memory, its temp-file limit): CANCELLED_SQLSTATES."""
         return str(self) in CANCELLED_SQLSTATES
 
+    @property
+    def timed_out(self) -> bool:
+        """The server cancelled this work at its statement or lock timeout: TIMEOUT_SQLSTATES."""
+        return str(self) in TIMEOUT_SQLSTATES
+
 
 def make_engine(settings: Settings, url: str | None = None, *, application_name: str = "flowlens-ingest") -> Engine:
     """An engine tuned for short webhook transactions; create it after a fork, never at import.

@@ -2,9 +2,10 @@
 
 A worker's drainer asks (`check`) as it meets spooled deliveries; the request path reads the
 answer (`problem`) without a database call. A worker without a drainer (the spool off) asks from
-its request path instead (`current`), at most once every `ask_again_s` while the schema is not ready. While the schema is known not ready (not migrated
-yet, a release ahead of its migration), a delivery is spooled without a statement sent: each
-would be refused, an error in the server's log with the statement's text.
+its request path instead (`current`), at most once every `ask_again_s` while the schema is not
+ready. While the schema is known not ready (not migrated yet, a release ahead of its migration),
+a delivery is spooled without a statement sent: each would be refused, an error in the server's
+log with the statement's text.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ class Services:
     spool: Spool | None
     # The schema's state, kept current by the drainer (the request path, with the spool off).
     readiness: Readiness
-    # Repositories whose last delivery the database cancelled: their next ones are spooled at once.
+    # Repositories whose last delivery timed out: their next ones are spooled at once (held.py).
     held: HeldRepositories = field(default_factory=HeldRepositories)
 
 
