@@ -359,6 +359,16 @@ def test_db_upgrade_to_an_unknown_revision_is_one_line(database_url):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("revision", ["", "@", " "])
+def test_db_upgrade_to_a_revision_naming_nothing_is_one_line(revision, database_url):
+    # Alembic asserts on an empty revision id ('' and '@'): said as a bad argument, not "unexpected".
+    result = cli("db", "upgrade", revision, DATABASE_URL=database_url)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"flowlens-ingest: cannot upgrade to {revision!r}: it names no revision (head, or an id from `alembic history`)"
+    ]
+
+
 @pytest.fixture
 def unmigrated(server_url):
     url = create_scratch_database(server_url, prefix="flowlens_unmigrated")
@@ -381,6 +391,37 @@ def test_db_upgrade_says_from_which_revision_to_which(unmigrated):
     assert upgrade("0002") == (
         f"flowlens-ingest: DATABASE_URL already at {head} (head), past 0002: nothing to do (db upgrade never downgrades)"
     )
+
+
+@pytest.fixture
+def role_without_create(unmigrated, server_url):
+    """A login role that may connect to `unmigrated` but create nothing in its schema; its URL."""
+    role = f"flowlens_nocreate_{uuid.uuid4().hex[:8]}"
+    for url, statement in [
+        (server_url, f'CREATE ROLE "{role}" LOGIN'),
+        # Servers before 15 let every role create in public.
+        (unmigrated, "REVOKE CREATE ON SCHEMA public FROM PUBLIC"),
+    ]:
+        with sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool).connect() as conn:
+            conn.execute(sa.text(statement))
+    yield sa.make_url(unmigrated).set(username=role, password=None).render_as_string(hide_password=False)
+    drop_database(unmigrated)
+    with sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool).connect() as conn:
+        conn.execute(sa.text(f'DROP ROLE "{role}"'))
+
+
+def test_db_upgrade_by_a_role_that_may_not_create_tables_says_so_in_one_line(role_without_create):
+    role = sa.make_url(role_without_create).username
+    result = cli("db", "upgrade", DATABASE_URL=role_without_create)
+    assert result.returncode == 1
+    # Asked before trying: one line naming the fix, and no refused CREATE TABLE in the server's log.
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (
+        f"flowlens-ingest: the database at {database_location(role_without_create)} (DATABASE_URL) cannot be migrated:"
+        f' role "{role}" may not create tables in schema "public"; run `flowlens-ingest db upgrade` as the'
+        f' schema\'s owner, or have it run: GRANT CREATE ON SCHEMA "public" TO "{role}";'
+    )
+    assert migrate.revision_of(role_without_create) is None
 
 
 @pytest.mark.parametrize("command", [["deliveries"], ["replay", "--failed"], ["prune", "--older-than", "30d"]])

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from flowlens_ingest.cli.connect import load_settings, require_embedded, unavailable
-from flowlens_ingest.cli.output import fail
+from flowlens_ingest.cli.connect import database_label, load_settings, require_embedded, unavailable
+from flowlens_ingest.cli.output import NOT_DONE, fail
 from flowlens_ingest.config import ConfigError, child_environment
 from flowlens_ingest.postgres import programs as pg_programs
 
@@ -24,6 +24,9 @@ def db_upgrade(revision: str) -> int:
 
     from flowlens_ingest.store import migrate
 
+    if not any(c.isalnum() for c in revision):
+        # '' and '@' reach alembic as an empty id, which it asserts on: said here as what it is.
+        return fail(f"cannot upgrade to {revision!r}: it names no revision (head, or an id from `alembic history`)")
     settings = load_settings()
     url = settings.database_url
     server = None
@@ -37,6 +40,11 @@ def db_upgrade(revision: str) -> int:
         where = f"the embedded database in {settings.data_dir / 'pgdata'}"
     try:
         before = migrate.revision_of(url)
+        cannot = migrate.why_role_cannot_migrate(url) if before != migrate.head() else None
+        if cannot is not None:
+            if server is not None:
+                server.close()
+            return fail(f"the database {database_label(settings)} cannot be migrated: {cannot}", NOT_DONE)
         command = migrate.release(url, revision)
         after = migrate.revision_of(url)
     except CommandError as exc:

@@ -110,6 +110,29 @@ def release(url: str, revision: str = "head") -> str | None:
         return quiet_statement_log(engine)
 
 
+def why_role_cannot_migrate(url: str, *, within: float = QUESTION_S) -> str | None:
+    """Why the role of `url` cannot run the migrations (no schema to create in, or no CREATE on it); None if it can.
+
+    Asked, not tried: a refused CREATE TABLE would be an error in the server's log and a traceback
+    here. Ownership of tables an earlier role made is left to the migration itself.
+    """
+    with _asking(url, within) as engine, engine.connect() as conn:
+        role, schema, may_create = conn.execute(
+            sa.text(
+                "SELECT current_user, current_schema(),"
+                " current_schema() IS NOT NULL AND has_schema_privilege(current_schema(), 'CREATE')"
+            )
+        ).one()
+    if schema is None:
+        return f'role "{role}" has no schema to create tables in (its search_path names none that exists)'
+    if may_create:
+        return None
+    return (
+        f'role "{role}" may not create tables in schema "{schema}"; run `{UPGRADE_COMMAND}` as the schema\'s'
+        f' owner, or have it run: GRANT CREATE ON SCHEMA "{schema}" TO "{role}";'
+    )
+
+
 def revision_of(url: str, *, within: float = QUESTION_S) -> str | None:
     """The alembic revision of the database at `url` (None: never migrated), known within `within` seconds.
 
