@@ -278,14 +278,16 @@ def test_a_pr_with_nul_surrogates_and_huge_numbers_is_applied_with_them_replaced
     payload["pull_request"]["labels"] = [{"name": "bug\u0000", "color": "f00"}]
     text = json.dumps(payload)
     text = text.replace('"additions": 1,', '"additions": 99999999999999999999999,')
+    text = text.replace('"deletions": 1,', '"deletions": 1e-20000,')
     text = text.replace('"title": "Update the README with new information."', '"title": "nul \\u0000 and \\ud800"')
-    assert "99999999999999999999999" in text and "\\u0000 and" in text
+    assert "99999999999999999999999" in text and "1e-20000" in text and "\\u0000 and" in text
     response = post(client, text.encode(), "pull_request")
     assert (response.status_code, response.get_json()["outcome"]) == (200, "applied")
-    (pr,) = rows(db, pull_requests, "title", "additions", "labels")
+    (pr,) = rows(db, pull_requests, "title", "additions", "deletions", "labels")
     assert pr == {
         "title": "nul \ufffd and \ufffd",
         "additions": None,
+        "deletions": None,
         "labels": [{"name": "bug\ufffd", "color": "f00"}],
     }
     (entry,) = rows(db, webhook_deliveries)

@@ -62,6 +62,12 @@ def test_what_is_not_a_json_object_is_refused(body):
         (b'{"a": "\\ud83d\\ude00"}', {"a": "\U0001f600"}),
         # Numbers no column could hold read as null.
         (b'{"a": 1e999, "b": -1e999}', {"a": None, "b": None}),
+        # Too small for a double: not zero, so not 0.0 either (a mapped integer column gets NULL).
+        (
+            b'{"a": 1e-20000, "b": -2.5E-400, "c": 0.0, "d": 0e-20000, "e": 5e-324}',
+            {"a": None, "b": None, "c": 0.0, "d": 0.0, "e": 5e-324},
+        ),
+        (b'{"a": 0.' + b"0" * 16500 + b"1}", {"a": None}),
         (b'{"a": 123456789012345678901234567890}', {"a": None}),
         (b'{"a": 9223372036854775808, "b": -9223372036854775809}', {"a": None, "b": None}),
     ],
@@ -137,6 +143,8 @@ _EDGES = [
     "-0",
     "0.1",
     "5e-324",
+    "1e-20000",
+    "-0.0",
     "[" * 70 + "]" * 70,
     "[" * 2000 + "]" * 2000,
     '"\\x41"',

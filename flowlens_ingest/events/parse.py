@@ -68,14 +68,27 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
+def supported(content_type: str | None) -> bool:
+    """Whether a body of this Content-Type is one GitHub sends (JSON, or its form encoding): else UnsupportedMediaType."""
+    return media_type(content_type) in (JSON, FORM)
+
+
 def _reject_constant(name: str) -> None:
     raise BadPayload(f"non-standard JSON constant {name}")
+
+
+_NONZERO_DIGIT = re.compile("[1-9]")
 
 
 def _parse_float(text: str) -> float | None:
     value = float(text)
     # Beyond a double (1e999): no column can hold it.
-    return None if value in (float("inf"), float("-inf")) else value
+    if value in (float("inf"), float("-inf")):
+        return None
+    # Below the smallest double (1e-20000) a number that is not zero reads as 0.0: not what it says either.
+    if value == 0.0 and _NONZERO_DIGIT.search(text.partition("e")[0].partition("E")[0]):
+        return None
+    return value
 
 
 def _parse_int(text: str) -> int | None:
@@ -114,7 +127,8 @@ def _clean(value: Any) -> Any:
 
 
 _BIGINT_LOW, _BIGINT_HIGH = -MAX_INT - 1, MAX_INT
-# orjson reads an integer beyond 64 bits as a float: a float this large may have been one.
+# orjson reads an integer beyond 64 bits as a float: a float this large may have been one. And a float
+# zero may be a number too small for a double (1e-20000), which the stdlib path makes None.
 _FLOAT_AMBIGUOUS = float(2**63)
 
 
@@ -123,8 +137,9 @@ def _scan(value: Any, limit: int) -> tuple[int, bool]:
     it holds a number the stdlib path reads otherwise.
 
     One walk over every container for both, stopping as soon as `limit` is passed: the
-    nesting bound, and any integer beyond BIGINT or float beyond 2**63 (the stdlib path
-    makes the former None, and the latter may be an integer orjson turned into a float).
+    nesting bound, and any integer beyond BIGINT, float beyond 2**63 or float zero (the stdlib
+    path makes the first None, the second may be an integer orjson turned into a float, and the
+    third a number below the smallest double, which the stdlib path makes None).
     Written for speed (every delivery pays it): exact type checks (both parsers make
     only dicts and lists), no generator.
     """
@@ -145,7 +160,7 @@ def _scan(value: Any, limit: int) -> tuple[int, bool]:
             elif kind is int:
                 if not _BIGINT_LOW <= child <= _BIGINT_HIGH:
                     unusual = True
-            elif kind is float and not -_FLOAT_AMBIGUOUS < child < _FLOAT_AMBIGUOUS:
+            elif kind is float and (child == 0.0 or not -_FLOAT_AMBIGUOUS < child < _FLOAT_AMBIGUOUS):
                 unusual = True
     return deepest, unusual
 
