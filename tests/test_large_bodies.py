@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -61,7 +62,7 @@ def test_a_burst_of_unsigned_24_mib_bodies_leaves_worker_memory_bounded(service,
 
 
 @pytest.mark.slow
-def test_chunked_bodies_against_the_limit_over_real_http(db, database_url, tmp_path):
+def test_chunked_and_cut_short_bodies_over_real_http(db, database_url, tmp_path):
     body = json.dumps(OPENED).encode()
     limit = len(body)
     with running(Service(database_url, tmp_path, env={"FLOWLENS_MAX_BODY_BYTES": str(limit)})) as service:
@@ -78,6 +79,19 @@ def test_chunked_bodies_against_the_limit_over_real_http(db, database_url, tmp_p
             service.url + "/webhook", data=chunked(over), headers=github_headers(over, "pull_request"), timeout=10
         )
         assert answer.status_code == 413 and "error" in answer.json()
+        assert signature_failures(service) == before
+        assert len(rows(db, webhook_deliveries)) == 1
+
+        # Signed, its Content-Length announced, and the connection ended ten bytes short: a 400,
+        # neither a signature failure nor a delivery applied from what arrived.
+        headers = github_headers(body, "pull_request") | {"Content-Length": str(len(body)), "Connection": "close"}
+        head = "POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as conn:
+            conn.sendall(head.encode() + b"\r\n" + body[:-10])
+            conn.shutdown(socket.SHUT_WR)
+            reply = b"".join(iter(lambda: conn.recv(65536), b""))
+        assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+        assert b"Content-Length" in reply
         assert signature_failures(service) == before
         assert len(rows(db, webhook_deliveries)) == 1
 

@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 import pytest
 
 from flowlens_ingest.events.signature import sign
+from flowlens_ingest.memory import LARGE
 from flowlens_ingest.store.schema import pull_requests, repositories, webhook_deliveries
 from flowlens_ingest.web.app import create_app
 
@@ -269,3 +270,70 @@ def test_a_body_the_temporary_folder_cannot_take_is_a_503_in_one_line(
     assert rows(db, webhook_deliveries) == []
     monkeypatch.undo()
     assert client.post("/webhook", data=body, headers=github_headers(body, "pull_request")).status_code == 200
+
+
+def test_options_on_webhook_names_the_methods_and_is_no_signature_failure(client):
+    # The 405's Allow names OPTIONS: asking it is no unsigned delivery (and no alert's worth).
+    failures = signature_failures(client)
+    response = client.options("/webhook")
+    assert response.status_code == 200
+    assert {method.strip() for method in response.headers["Allow"].split(",")} == {"POST", "OPTIONS"}
+    assert signature_failures(client) == failures
+
+
+@pytest.mark.parametrize(
+    "header",
+    [{"event": "pull_request,pull_request"}, {"delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958,second"}],
+    ids=["event-twice", "delivery-twice"],
+)
+def test_a_github_header_sent_twice_is_400_not_applied_as_another_event(client, db, header):
+    # gunicorn joins a repeated header's values with a comma, which no event name or GUID holds.
+    body = json.dumps(OPENED).encode()
+    headers = github_headers(body, header.get("event", "pull_request"), delivery=header.get("delivery"))
+    response = client.post("/webhook", data=body, headers=headers)
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "malformed X-GitHub-* header"}
+    assert rows(db, webhook_deliveries) == []
+
+
+@pytest.mark.parametrize("sent", [100, -10], ids=["broke-off-mid-body", "ten-bytes-short"])
+def test_a_body_shorter_than_its_content_length_is_400_not_a_signature_failure(client, db, sent):
+    # gunicorn ends the body where the connection ended (`wsgi.input_terminated`): a body cut short
+    # is the connection's trouble, neither a forged delivery (the alerts' signature failures) nor,
+    # signed though it is, a complete message.
+    body = json.dumps(OPENED).encode()
+    headers = github_headers(body, "pull_request")
+    failures = signature_failures(client)
+    response = client.post(
+        "/webhook",
+        input_stream=io.BytesIO(body[:sent] if sent > 0 else body),
+        headers=headers,
+        # As gunicorn passes it: the Content-Length the client announced (the test client would count the stream).
+        environ_overrides={
+            "wsgi.input_terminated": True,
+            "CONTENT_LENGTH": str(len(body) if sent > 0 else len(body) - sent),
+        },
+    )
+    assert response.status_code == 400 and response.is_json
+    assert "Content-Length" in response.get_json()["error"]
+    assert signature_failures(client) == failures
+    assert rows(db, webhook_deliveries) == []
+
+
+def test_a_large_body_of_another_content_type_is_415_even_while_it_would_wait_its_turn(
+    client, db, tmp_path, monkeypatch
+):
+    # Past its turn's wait a large body is spooled raw, unparsed: its content type, known from the
+    # headers, is checked before that, not found by the drainer after a 202 (then set aside).
+    monkeypatch.setattr("flowlens_ingest.web.webhook.LARGE_TURN_S", 0.0)
+    body = json.dumps(dict(OPENED, padding="x" * (2 * 1024 * 1024))).encode()
+    assert LARGE.take(len(body), 0.0)
+    try:
+        response = client.post(
+            "/webhook", data=body, headers=github_headers(body, "pull_request", content_type="text/plain")
+        )
+    finally:
+        LARGE.give_back()
+    assert response.status_code == 415
+    assert not list((tmp_path / "spool").glob("*.delivery"))
+    assert rows(db, webhook_deliveries) == []

@@ -109,8 +109,8 @@ class Envelope:
 
         Raises BadHeaders when X-GitHub-Event or X-GitHub-Delivery is missing, or a
         header is not GitHub's form: WSGI gives header values as latin-1 text, and
-        GitHub's are ASCII (an event name, a GUID, digits); anything else is refused,
-        never stored as mangled text. The hook target is kept only in GitHub's form.
+        GitHub's are ASCII (an event name, a GUID, digits), each sent once; anything else
+        is refused, never stored as mangled text. The hook target is kept only in GitHub's form.
         """
         event = (headers.get("X-GitHub-Event") or "").strip()
         delivery_id = (headers.get("X-GitHub-Delivery") or "").strip()
@@ -123,6 +123,8 @@ class Envelope:
             or len(delivery_id) > MAX_DELIVERY_ID
             or hook_id is None
             or not (event + delivery_id).isascii()
+            # A header sent twice, as the WSGI server joins it: no event name or GUID holds a comma.
+            or "," in event + delivery_id
         ):
             raise BadHeaders("malformed X-GitHub-* header", event=event, delivery_id=delivery_id)
         return cls(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import IO
 
 from flask import Blueprint, Response, g, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from flowlens_ingest.events import parse, signature
 from flowlens_ingest.events.delivery import Delivery
@@ -41,6 +41,9 @@ def verify_signature() -> Response | None:
     The body is read once, in chunks, through the HMACs into a spooled file (signed_body.py):
     a worker never holds an unsigned body whole. The view reads it back once signed.
     """
+    if request.method == "OPTIONS":
+        # Flask's own answer, naming the methods as a 405 does: no delivery, nothing to verify.
+        return None
     g.started = time.perf_counter()
     settings = services().settings
     try:
@@ -52,6 +55,13 @@ def verify_signature() -> Response | None:
         # Not a signature failure: a body cut at the limit cannot be verified at all.
         log.warning(
             "body over the limit",
+            extra={"delivery": request.headers.get("X-GitHub-Delivery", "")[:100], "bytes": request.content_length},
+        )
+        raise
+    except ClientDisconnected:
+        # The connection ended before the body did: neither a forged delivery nor a whole one.
+        log.warning(
+            "body broke off",
             extra={"delivery": request.headers.get("X-GitHub-Delivery", "")[:100], "bytes": request.content_length},
         )
         raise
@@ -83,18 +93,28 @@ def verify_signature() -> Response | None:
 
 
 def _bounded_read() -> Callable[[int], bytes]:
-    """`read(n)` over the request body, raising RequestEntityTooLarge past MAX_CONTENT_LENGTH."""
+    """`read(n)` over the request body, raising RequestEntityTooLarge past MAX_CONTENT_LENGTH and
+    ClientDisconnected when the body ends before its Content-Length."""
     stream = request.stream
+    # gunicorn ends a body where its connection ended (`wsgi.input_terminated`), and Werkzeug then
+    # reads to that end: a body cut short is found here. A chunked one (no length) Werkzeug refuses.
+    expected = request.content_length
+    got = 0
 
     def read(size: int) -> bytes:
+        nonlocal got
         try:
-            return stream.read(size)
+            chunk = stream.read(size)
         except RequestEntityTooLarge:
             # Werkzeug refuses any read of a chunked body once it gave the limit's worth,
             # though that body may end right there: a body of exactly the limit is allowed.
             if request.environ["wsgi.input"].read(1):
                 raise
             return b""
+        if not chunk and expected is not None and got < expected:
+            raise ClientDisconnected(f"the body ended after {got} of its Content-Length's {expected} bytes")
+        got += len(chunk)
+        return chunk
 
     return read
 
@@ -153,6 +173,10 @@ def receive() -> Response:
         _answer(Outcome.REJECTED, 400, exc.event, exc.delivery_id)
         return error(400, str(exc))
     event, delivery_id = envelope.event, envelope.delivery_id
+    if not parse.supported(envelope.content_type):
+        # Known from the headers: said now, also of a large body that would be spooled unparsed.
+        _answer(Outcome.REJECTED, 415, event, delivery_id)
+        return error(415, "use application/json or application/x-www-form-urlencoded")
     g.turn = LARGE.take(size_of(g.body), LARGE_TURN_S - (time.perf_counter() - g.started))
     if g.turn is False:
         # Other large deliveries held this worker past the wait: kept raw, never parsed here,
@@ -161,9 +185,6 @@ def receive() -> Response:
     body = signed_body()
     try:
         delivery = Delivery.parse(envelope, body)
-    except parse.UnsupportedMediaType:
-        _answer(Outcome.REJECTED, 415, event, delivery_id)
-        return error(415, "use application/json or application/x-www-form-urlencoded")
     except parse.BadPayload as exc:
         _answer(Outcome.REJECTED, 400, event, delivery_id)
         return error(400, str(exc))
