@@ -87,10 +87,36 @@ def test_body_over_the_limit_is_413(db, database_url, tmp_path):
     assert rows(db, webhook_deliveries) == []
 
 
-def test_other_content_type_is_415(client, db):
+@pytest.mark.parametrize(
+    "sent",
+    [
+        {"Content-Type": "text/plain"},
+        # GitHub's Content-Type is ASCII: anything else would be journaled mangled from WSGI's latin-1.
+        {"Content-Type": "application/json; charset=\u00e9\u00ff"},
+        {"Content-Type": "application/json; x=\x1b[31m"},
+        # GitHub sends no content coding: a gzip body is not "not UTF-8" (400), and a plain one so
+        # labelled is not what it says.
+        {"Content-Encoding": "gzip"},
+        {"Content-Encoding": "br"},
+    ],
+    ids=["text-plain", "latin-1-parameter", "escape-in-parameter", "gzip", "br"],
+)
+def test_a_body_of_another_content_type_or_coding_is_415(client, db, sent):
     body = json.dumps(OPENED).encode()
-    headers = github_headers(body, "pull_request", content_type="text/plain")
-    assert client.post("/webhook", data=body, headers=headers).status_code == 415
+    headers = github_headers(body, "pull_request") | sent
+    response = client.post("/webhook", data=body, headers=headers)
+    assert response.status_code == 415 and set(response.get_json()) == {"error"}
+    assert rows(db, webhook_deliveries) == []
+
+
+@pytest.mark.parametrize("coding", ["identity", ""])
+def test_a_body_with_no_content_coding_named_is_applied(client, db, coding):
+    body = json.dumps(OPENED).encode()
+    headers = github_headers(body, "pull_request") | {
+        "Content-Encoding": coding,
+        "Content-Type": "application/json;\tcharset=utf-8",
+    }
+    assert client.post("/webhook", data=body, headers=headers).status_code == 200
 
 
 def test_form_encoded_delivery_is_applied(client, db):

@@ -68,9 +68,19 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def supported(content_type: str | None) -> bool:
-    """Whether a body of this Content-Type is one GitHub sends (JSON, or its form encoding): else UnsupportedMediaType."""
-    return media_type(content_type) in (JSON, FORM)
+# What no Content-Type GitHub sends holds (a tab may separate its parameters).
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def supported(content_type: str | None, content_encoding: str | None = None) -> bool:
+    """Whether a request body so labelled is one GitHub sends: JSON or its form encoding, named in ASCII, no content coding."""
+    text = content_type or ""
+    return (
+        media_type(text) in (JSON, FORM)
+        and text.isascii()
+        and not _CONTROL.search(text)
+        and (content_encoding or "").strip().lower() in ("", "identity")
+    )
 
 
 def _reject_constant(name: str) -> None:

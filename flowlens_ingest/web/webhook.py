@@ -173,10 +173,10 @@ def receive() -> Response:
         _answer(Outcome.REJECTED, 400, exc.event, exc.delivery_id)
         return error(400, str(exc))
     event, delivery_id = envelope.event, envelope.delivery_id
-    if not parse.supported(envelope.content_type):
+    if not parse.supported(envelope.content_type, request.headers.get("Content-Encoding")):
         # Known from the headers: said now, also of a large body that would be spooled unparsed.
         _answer(Outcome.REJECTED, 415, event, delivery_id)
-        return error(415, "use application/json or application/x-www-form-urlencoded")
+        return error(415, "use application/json or application/x-www-form-urlencoded, with no Content-Encoding")
     g.turn = LARGE.take(size_of(g.body), LARGE_TURN_S - (time.perf_counter() - g.started))
     if g.turn is False:
         # Other large deliveries held this worker past the wait: kept raw, never parsed here,
