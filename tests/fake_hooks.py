@@ -69,6 +69,10 @@ class Hook:
     odd: list[dict[str, Any]] = field(default_factory=list)
     # A log whose pages never end, each bringing new GUIDs.
     endless: bool = False
+    # Quirks of an odd day: this many list requests answered 200 with an object, not the list; every
+    # page's `next` link pointing back at the first page.
+    not_a_list: int = 0
+    next_is_first: bool = False
 
 
 class HookLogs:
@@ -221,6 +225,10 @@ class HookLogs:
         dicts, as a quirky log might hold) head the first page; an `endless` log never runs out.
         """
         per_page = min(100, max(1, int(request.args.get("per_page", "30"))))
+        with self._lock:
+            odd_answer, hook.not_a_list = hook.not_a_list > 0, max(hook.not_a_list - 1, 0)
+        if odd_answer:
+            return _json(200, {"message": "odd"})
         cursor = request.args.get("cursor")
         before = int(base64.urlsafe_b64decode(cursor.encode()).decode().removeprefix("v1_")) if cursor else None
         oldest = self.fake.clock() - self.retention_s
@@ -240,6 +248,8 @@ class HookLogs:
         if last is not None:
             token = base64.urlsafe_b64encode(f"v1_{last}".encode()).decode()
             headers["Link"] = f'<{self.fake.url}/{hook.path}/deliveries?per_page={per_page}&cursor={token}>; rel="next"'
+        if hook.next_is_first:
+            headers["Link"] = f'<{self.fake.url}/{hook.path}/deliveries?per_page={per_page}>; rel="next"'
         return _json(200, page, headers)
 
     def _endless(self, log_id: int) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from flowlens_ingest.github.client import GitHubClient
 from flowlens_ingest.github.enrich import Enricher, client_for
 from flowlens_ingest.github.errors import RateLimited, Transient, WaitReason
 from flowlens_ingest.github.lease import Lease
-from flowlens_ingest.github.recover import Bounds, Recoverer, hooks_to_read
+from flowlens_ingest.github.recover import Bounds, Hook, Recoverer, hooks_to_read
 from flowlens_ingest.github.recover_pass import DUE, RecoveryPass
 from flowlens_ingest.github.waits import DatabaseWaits
 from flowlens_ingest.metrics import instruments
@@ -767,3 +767,40 @@ def test_attempts_older_than_githubs_retention_are_gone_from_the_fakes_log(db, d
         hooks, _ = hooks_to_read(settings, database_of(db))
         report = recoverer(db, github, settings).run(lambda _hook: since, "dry_run", hooks)
     assert [m.guid for m in report.missing] == [recent] and report.listed == 1
+
+
+# -- odd logs -------------------------------------------------------------------------------------
+
+
+def test_the_missing_deliveries_held_are_bounded_per_run_not_per_hook(db, github, webhook):
+    hooks = []
+    for _ in range(4):
+        hook_id = next(HOOK_IDS)
+        path = f"repos/octo/walls/hooks/{hook_id}"
+        github.hook_logs.add_hook(path, hook_id, webhook.url, SECRET, target_type="repository", target_id=REPO["id"])
+        missed(github, path, range(1, 11))
+        hooks.append(Hook(path, hook_id))
+    since = datetime.now(UTC) - timedelta(hours=1)
+
+    report = recoverer(db, github, settings_for(github), bounds=Bounds(held=15, per_page=5)).run(
+        lambda _hook: since, "dry_run", hooks
+    )
+
+    # 40 missing in all: the run stops reading at its bound (a page past it at most), and says so.
+    assert 15 <= len(report.missing) < 15 + 5
+    assert report.cut and all("missing deliveries held" in why for _, why in report.cut)
+
+
+def test_a_next_link_back_to_a_page_read_before_ends_the_reading(db, github, hook):
+    path, _ = hook
+    missed(github, path, range(1, 4))
+    github.hook_logs.hooks[path].next_is_first = True
+    since = datetime.now(UTC) - timedelta(hours=1)
+    before = len(github.calls("GET"))
+
+    report = recoverer(db, github, settings_for(github)).run(lambda _hook: since, "dry_run", [Hook(path, hook[1])])
+
+    # One page, then its `next` leads back to it: read once, the log named as not read to the end.
+    assert len(github.calls("GET")[before:]) == 1
+    assert len(report.missing) == 3
+    assert report.cut == [(path, "GitHub's next page is one read before: read anew next time")]

@@ -244,3 +244,24 @@ def test_hooks_invented_by_replayed_headers_cost_a_bounded_number_of_requests_an
     asked = paths_asked()
     assert second is not None and len(asked) == 20 and {*list(invented)[20:], real} <= asked
     assert [m.guid for m in second.recovered] == [missed]
+
+
+def test_a_log_page_that_is_no_list_keeps_the_checkpoint_and_the_next_pass_recovers(db, github, webhook, hook, clock):
+    path, hook_id = hook
+    clock.offset = -3600
+    missed = [github.hook_logs.deliver(path, "pull_request", opened(n)) for n in (1, 2, 3)]
+    clock.offset = 0.0
+    webhook.start()
+    github.hook_logs.hooks[path].not_a_list = 1  # a 200 that is not the log's page
+
+    report = make_pass(db, github, path).run_once()
+
+    # Not the log's end: the hook is unreadable this time, and nothing is taken as compared.
+    assert report is not None and not report.complete
+    assert [p for p, _ in report.unreadable] == [path]
+    assert [r["checked_through"] for r in rows(db, webhook_hooks, "checked_through")] == [None]
+    expire_lease(db)
+    again = make_pass(db, github, path).run_once()
+    github.hook_logs.wait_redeliveries()
+    assert again is not None and again.complete
+    assert {e["delivery_id"] for e in journal(db, hook_id)} == set(missed)

@@ -465,6 +465,10 @@ class GitHubClient:
 
     # -- any JSON endpoint ------------------------------------------------------------------
 
+    def url_of(self, path: str) -> str:
+        """The URL a request for `path` (a path under the API, or a URL GitHub linked to) goes to."""
+        return path if path.startswith(("http://", "https://")) else f"{self.api_url}/{path.lstrip('/')}"
+
     def request_json(
         self, method: str, path: str, *, app: bool = False, installation_id: int | None = None
     ) -> JsonAnswer:
@@ -473,7 +477,7 @@ class GitHubClient:
         `app`: authenticate as the GitHub App (its JWT: the `/app/...` endpoints); else with the
         installation's token, or the plain token. Bounded like every request (deadline, byte cap).
         """
-        url = path if path.startswith(("http://", "https://")) else f"{self.api_url}/{path.lstrip('/')}"
+        url = self.url_of(path)
         if self._origin_of(url) != self._origin:
             # Our credential goes with the request: never to a host other than the API's.
             raise GitHubError("GitHub linked to another host", reason="bad_link")

@@ -157,6 +157,8 @@ class _Reading:
     hook_id: int | None = None
     pages: int = 0
     lacking: dict[str, tuple[LogEntry, int]] = field(default_factory=dict)
+    # The pages' URLs asked for, so that a `next` link back to one of them ends the reading.
+    urls: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.hook_id = self.hook.hook_id
@@ -326,13 +328,24 @@ class Recoverer:
                     (hook.path, f"stopped after {reading.pages} pages; older deliveries are read next time")
                 )
                 return url
-            if len(reading.lacking) >= self.bounds.held:
-                held = len(reading.lacking)
+            # Every hook's missing deliveries of this run count against one bound: those of the hooks
+            # read before this one, and this one's so far.
+            held = len(report.missing) + len(reading.lacking)
+            if held >= self.bounds.held:
                 report.cut.append((hook.path, f"{held} missing deliveries held: the rest are read next time"))
                 return url
+            if self.client.url_of(url) in reading.urls:
+                # GitHub's next page is one this reading has had: going on would read it again and again.
+                report.cut.append((hook.path, "GitHub's next page is one read before: read anew next time"))
+                return None
+            reading.urls.add(self.client.url_of(url))
             answer = self._call("GET", url, hook)
             reading.pages += 1
-            page = answer.data if isinstance(answer.data, list) else []
+            if not isinstance(answer.data, list):
+                # Not the log's end: what it holds is unknown, so the hook is unreadable this time and
+                # its checkpoint stays where it was.
+                raise GitHubError("GitHub's delivery log page was not a list", reason="bad_json")
+            page = answer.data
             entries: list[LogEntry] = []
             older = False
             for item in page:
