@@ -52,7 +52,10 @@ from .fake_repos import Repositories
 
 DEFAULT_TOKEN = "ghp_fakeFlowLensTestToken0000000000000000"
 DEFAULT_APP_ID = 424242
-FAULT_KINDS = ("primary", "secondary", "secondary_403", "server", "forbidden", "gone", "unauthorized", "bad_json")
+FAULT_KINDS = (
+    *("primary", "secondary", "secondary_403", "server", "forbidden", "gone", "unauthorized", "bad_json"),
+    "not_a_list",
+)
 ROUTES = ("files", "access_tokens", "repos")
 DOCS = "https://docs.github.com/rest"
 
@@ -366,6 +369,8 @@ class FakeGitHub:
             return _json(404, {"message": "Not Found", "documentation_url": DOCS})
         if kind == "unauthorized":
             return _json(401, {"message": "Bad credentials", "documentation_url": DOCS})
+        if kind == "not_a_list":
+            return _json(200, {"message": "odd"})
         return Response("<html>unicorn</html>", status=200, content_type="application/json; charset=utf-8")
 
     def _authorized(self, request: Request) -> bool:

@@ -55,6 +55,8 @@ class RepoData:
     statuses: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # Pull requests the list shows but whose GET answers this status (404 deleted or transferred, 403, 410).
     refused: dict[int, int] = field(default_factory=dict)
+    # An odd day's paging: every page of the pulls list links `next` back to the first.
+    next_is_first: bool = False
 
 
 class Repositories:
@@ -116,7 +118,11 @@ class Repositories:
             state = request.args.get("state", "open")
             pulls = [p for _, p in sorted(data.pulls.items()) if state == "all" or p["state"] == state]
             simple = [{k: v for k, v in p.items() if k not in SIMPLE_OMITS} for p in pulls]
-            return self._page(request, simple)
+            answer = self._page(request, simple)
+            if data.next_is_first:
+                first = "&".join(f"{k}={v}" for k, v in request.args.items() if k != "page")
+                answer.headers["Link"] = f'<{self.fake.url}{request.path}?{first}>; rel="next"'
+            return answer
         if name == "pull":
             refused = data.refused.get(int(args["number"]))
             if refused is not None:

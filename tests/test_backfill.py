@@ -18,8 +18,10 @@ from sqlalchemy.engine import Engine
 
 from flowlens_ingest.cli.main import main
 from flowlens_ingest.config import Settings
-from flowlens_ingest.github.backfill import Backfiller, Target
+from flowlens_ingest.github import backfill
+from flowlens_ingest.github.backfill import Backfiller, BackfillStopped, Target
 from flowlens_ingest.github.client import GitHubClient
+from flowlens_ingest.github.errors import GitHubError
 from flowlens_ingest.store.schema import (
     backfill_progress,
     ci_checks,
@@ -398,3 +400,76 @@ def test_the_github_commands_help_names_its_credential_permissions_and_exit_code
     text = " ".join(capsys.readouterr().out.split())
     for words in ["GITHUB_TOKEN", "GitHub App (GITHUB_APP_ID", "Exit status: 0 when", "; 1 ", "; 2 for usage", *needed]:
         assert words in text, (command, words)
+
+
+# -- bounds and odd listings -----------------------------------------------------------------------
+
+
+def test_a_stopped_backfill_sends_nothing_more_and_a_rerun_resumes(db, github):
+    repo = repository(9_300_031, "octo/stopped")
+    data = github.repositories.add(repo)
+    for number in range(1, 11):
+        serve_state(data, story(repo, number))
+    stop = threading.Event()
+
+    def ctrl_c_after_the_second(done: int, _total: int, _what: str) -> None:
+        if done == 2:
+            stop.set()  # what the command's SIGINT and SIGTERM handler does
+
+    with pytest.raises(BackfillStopped, match="stopped"):
+        filler(db, github, stop=stop, progress=ctrl_c_after_the_second).repository(Target("octo/stopped"), "open", None)
+    reads = [c.path for c in github.calls("GET", "/pulls/") if c.path.rsplit("/", 1)[-1].isdigit()]
+    assert reads == ["/repos/octo/stopped/pulls/1", "/repos/octo/stopped/pulls/2"]
+    assert [p["done_through"] for p in rows(db, backfill_progress, "done_through")] == [2]
+
+    filler(db, github).repository(Target("octo/stopped"), "open", None)
+    assert len(statuses(db, repo)) == 10
+
+
+def test_a_next_link_back_to_the_first_page_lands_each_pull_request_once_and_says_so(db, github):
+    repo = repository(9_300_032, "octo/looping")
+    data = github.repositories.add(repo)
+    for number in (1, 2):
+        serve_state(data, story(repo, number))
+    data.next_is_first = True
+    backfiller = filler(db, github)
+
+    backfiller.repository(Target("octo/looping"), "open", None)
+
+    listings = [c for c in github.calls("GET", "/pulls") if c.path.endswith("/pulls")]
+    assert len(listings) == 1
+    reads = [c.path for c in github.calls("GET", "/pulls/") if c.path.rsplit("/", 1)[-1].isdigit()]
+    assert reads == ["/repos/octo/looping/pulls/1", "/repos/octo/looping/pulls/2"]
+    (cut,) = backfiller.tally.cut
+    assert cut.startswith("repos/octo/looping/pulls?") and cut.endswith("GitHub's next page is one read before")
+    assert backfiller.tally.pulls == 2
+
+
+def test_pull_requests_past_the_page_bound_are_said_and_keep_their_progress(db, github, monkeypatch, capsys):
+    monkeypatch.setattr(backfill, "MAX_PAGES", 2)  # stands for 1,000 pages: 100,000 pull requests
+    repo = repository(9_300_033, "octo/huge")
+    data = github.repositories.add(repo)
+    for number in range(1, 251):
+        data.pulls[number] = pull_request("opened", repo, number, sha_for("octo/huge", number), START)["pull_request"]
+    monkeypatch.setenv("DATABASE_URL", str(db.url.render_as_string(hide_password=False)))
+    monkeypatch.setenv("GITHUB_API_URL", github.url)
+    monkeypatch.setenv("GITHUB_TOKEN", github.token or "")
+    monkeypatch.setenv("FLOWLENS_ENRICH_RATE_RESERVE", "0")
+
+    assert main(["backfill", "octo/huge"]) == 1
+
+    out, err = capsys.readouterr()
+    assert "not read to the end: repos/octo/huge/pulls?" in err and "stopped after 2 pages" in err
+    assert out.splitlines()[-1].startswith("backfill: 200 pull requests read, 1 listings not read to the end")
+    assert [p["done_through"] for p in rows(db, backfill_progress, "done_through")] == [200]
+
+
+def test_a_listing_page_that_is_no_list_stops_the_repository_and_keeps_its_progress(db, github):
+    repo = repository(9_300_034, "octo/oddpage")
+    data = github.repositories.add(repo)
+    serve_state(data, story(repo, 1))
+    github.fail_next("not_a_list", route="repos", after=1)  # the repository, then its pulls list
+
+    with pytest.raises(GitHubError, match="was not a list"):
+        filler(db, github).repository(Target("octo/oddpage"), "open", None)
+    assert statuses(db, repo) == {}

@@ -171,8 +171,11 @@ def backfill(repos: Sequence[str], state: str, since: datetime | None) -> int:
         print(f"flowlens-ingest: not landed: {problem}", file=sys.stderr)
     for pull in filler.tally.unreadable:
         print(f"flowlens-ingest: cannot read {pull}", file=sys.stderr)
+    for listing in filler.tally.cut:
+        print(f"flowlens-ingest: not read to the end: {listing}; what follows it was not landed", file=sys.stderr)
     print(filler.tally.summary())
-    return 1 if problems or filler.tally.failed or filler.tally.unreadable else 0
+    tally = filler.tally
+    return 1 if problems or tally.failed or tally.unreadable or tally.cut else 0
 
 
 # --- the commands (main.py adds them to `flowlens-ingest`) ------------------------------------

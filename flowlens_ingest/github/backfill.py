@@ -71,13 +71,16 @@ class Tally:
     outcomes: dict[str, int] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    # Listings not read to the end (a page bound, a `next` link back to a page read before), named.
+    cut: list[str] = field(default_factory=list)
     pulls: int = 0
 
     def summary(self) -> str:
-        """One line: pull requests read (and skipped), snapshots by outcome."""
+        """One line: pull requests read (and skipped), listings cut, snapshots by outcome."""
         counts = ", ".join(f"{n} {o}" for o, n in sorted(self.outcomes.items())) or "nothing"
         skipped = f", {len(self.unreadable)} skipped (GitHub would not show them)" if self.unreadable else ""
-        return f"backfill: {self.pulls} pull requests read{skipped}; snapshots: {counts}"
+        cut = f", {len(self.cut)} listings not read to the end" if self.cut else ""
+        return f"backfill: {self.pulls} pull requests read{skipped}{cut}; snapshots: {counts}"
 
 
 class Backfiller:
@@ -110,8 +113,11 @@ class Backfiller:
 
         Limits are per credential (budget.py): while GitHub's wait for this one holds, the client
         sends nothing, so waiting here costs no request. Each wait is bounded (an hour at most).
+        Once `stop` is set (Ctrl-C, SIGTERM), no request is sent: BackfillStopped, and a rerun resumes.
         """
         for _ in range(RATE_LIMITS_PER_REQUEST):
+            if self.stop.is_set():
+                raise BackfillStopped("stopped")
             reset = (
                 None
                 if app
@@ -134,14 +140,26 @@ class Backfiller:
     def _pages(
         self, path: str, *, inside: str | None = None, installation_id: int | None = None, app: bool = False
     ) -> Iterator[dict[str, Any]]:
-        """Every item of a listing, page after page (`Link: rel="next"`), `inside` the key of a wrapping object."""
+        """Every item of a listing, page after page (`Link: rel="next"`), `inside` the key of a wrapping object.
+
+        Ends cut (named in the tally) at MAX_PAGES or at a `next` link back to a page it read; a page
+        that is not a list (nor a wrapper holding one) is no end of the listing: GitHubError.
+        """
         url: str | None = path
-        for _ in range(MAX_PAGES):
-            if url is None:
+        read: set[str] = set()
+        while url is not None:
+            if len(read) >= MAX_PAGES:
+                self.tally.cut.append(f"{path}: stopped after {MAX_PAGES} pages")
                 return
+            if self.client.url_of(url) in read:
+                self.tally.cut.append(f"{path}: GitHub's next page is one read before")
+                return
+            read.add(self.client.url_of(url))
             answer = self._request(url, installation_id=installation_id, app=app)
             data = answer.data.get(inside) if inside and isinstance(answer.data, dict) else answer.data
-            items = [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+            if not isinstance(data, list):
+                raise GitHubError(f"GitHub's page of {path} was not a list", reason="bad_json")
+            items = [item for item in data if isinstance(item, dict)]
             yield from items
             url = answer.next_url if items else None
 
@@ -182,11 +200,15 @@ class Backfiller:
         scope = f"{state}|{since.isoformat() if since else ''}"
         done = self._done_through(target.full_name, scope)
         listing = f"{base}/pulls?state={state}&sort=created&direction=asc&per_page=100"
+        cuts = len(self.tally.cut)
         numbers = sorted(
-            pr["number"]
-            for pr in self._pages(listing, installation_id=inst)
-            if isinstance(pr.get("number"), int) and _since(pr, since)
+            {
+                pr["number"]
+                for pr in self._pages(listing, installation_id=inst)
+                if isinstance(pr.get("number"), int) and _since(pr, since)
+            }
         )
+        listed_whole = len(self.tally.cut) == cuts
         for index, number in enumerate(numbers, 1):
             if number > done:
                 if self._readable_pull(base, repo, number, target):
@@ -195,7 +217,9 @@ class Backfiller:
             else:
                 self.tally.pulls += 1
             self.progress(index, len(numbers), target.full_name)
-        self._forget(target.full_name, scope)
+        if listed_whole:
+            # A listing cut short keeps its progress: a rerun lands nothing twice.
+            self._forget(target.full_name, scope)
 
     def _readable_pull(self, base: str, repo: dict[str, Any], number: int, target: Target) -> bool:
         """Land one pull request; False when GitHub will not show it (named in the tally, skipped)."""
