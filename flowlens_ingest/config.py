@@ -25,6 +25,7 @@ from flowlens_ingest.database_urls import database_url
 from flowlens_ingest.environment import ConfigError as ConfigError  # noqa: PLC0414
 from flowlens_ingest.environment import (
     Reader,
+    app_id,
     boolean,
     duration,
     http_url,
@@ -534,12 +535,12 @@ class Settings:
     github_app_id: str | None = setting(
         env="GITHUB_APP_ID",
         group=GITHUB,
-        reader=text,
+        reader=app_id,
         rows=Row(
             variable="`GITHUB_APP_ID`, `GITHUB_APP_PRIVATE_KEY` or `GITHUB_APP_PRIVATE_KEY_FILE`",
             default="unset",
-            accepts="both or neither; an unencrypted RSA key in PEM (checked by `serve` and `enrich`), a file this user"
-            " can read",
+            accepts="both or neither; the App's id (digits) or client ID, an unencrypted RSA key in PEM (checked by"
+            " `serve` and `enrich`), a file this user can read",
             meaning="a GitHub App for the files worker (PEM text or a file); installation tokens for the"
             " `installation.id` each delivery carries",
         ),

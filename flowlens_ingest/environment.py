@@ -81,6 +81,13 @@ def text(name: str, raw: str) -> str:
     return raw
 
 
+def app_id(name: str, raw: str) -> str:
+    """A GitHub App's id (digits), or its client ID (`Iv23li…`): either signs its JWT."""
+    if not re.fullmatch("[A-Za-z0-9._-]+", raw):
+        raise ConfigError(f"{name} must be the GitHub App's id (digits) or its client ID (Iv23li…), got {raw!r}")
+    return raw
+
+
 def http_url(example: str) -> Reader:
     """An http:// or https:// URL. Never repeated in a message: it may hold a token."""
 

@@ -21,6 +21,7 @@ from flowlens_ingest.config import (
 from flowlens_ingest.database_urls import database_location
 from flowlens_ingest.web.app import create_app
 
+from .fake_github import app_private_key_pem
 from .helpers import PREVIOUS_SECRET, SECRET, free_port, make_settings
 
 GOOD_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -506,3 +507,16 @@ def test_a_database_url_holding_a_nul_is_refused_at_start(url):
     # libpq takes C strings: a NUL would fail every connection, each delivery taken for a bug.
     with pytest.raises(ConfigError, match="NUL character"):
         Settings.from_env({"DATABASE_URL": url})
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "12 34", "Iv23li\u00e9"])
+def test_a_github_app_id_is_its_digits_or_client_id(value):
+    # "²" passed str.isdigit() where the id was read as a number, and int() refused it: a traceback.
+    with pytest.raises(ConfigError, match=f"^GITHUB_APP_ID must be the GitHub App's id .*, got {value!r}$"):
+        Settings.from_env({"GITHUB_APP_ID": value})
+
+
+@pytest.mark.parametrize("value", ["123456", "Iv23liAbCdEf.0_9-x"])
+def test_a_github_app_id_or_client_id_is_taken(value):
+    env = {"GITHUB_APP_ID": value, "GITHUB_APP_PRIVATE_KEY": app_private_key_pem()}
+    assert Settings.from_env(env).github_app_id == value

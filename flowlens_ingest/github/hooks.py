@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from flowlens_ingest.config import Settings
-from flowlens_ingest.events.hooks import APP_HOOK_PATH
+from flowlens_ingest.events.hooks import APP_HOOK_PATH, header_number
 from flowlens_ingest.names import hook_path
 from flowlens_ingest.store.database import Database
 from flowlens_ingest.store.schema import webhook_deliveries, webhook_hooks
@@ -48,7 +48,7 @@ def hooks_to_read(settings: Settings, database: Database) -> tuple[list[Hook], l
     hooks: dict[str, Hook] = {}
     skipped: list[str] = []
     if settings.github_app_id and settings.github_app_private_key:
-        app_id = int(settings.github_app_id) if settings.github_app_id.isdigit() else None
+        app_id = header_number(settings.github_app_id)  # None for a client ID
         # The row the passes check through (the id GitHub gave them) before rows only headers named.
         chosen = database.first(
             sa.select(wh.c.hook_id)

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from flowlens_ingest.config import Settings
-from flowlens_ingest.events.hooks import APP_HOOK_PATH
+from flowlens_ingest.events.hooks import APP_HOOK_PATH, header_number
 from flowlens_ingest.github.client import GitHubClient
 from flowlens_ingest.github.hooks import tried
 from flowlens_ingest.github.lease import RECOVER, Lease
@@ -72,7 +72,7 @@ def _record_hooks(database: Database, settings: Settings, learned: dict[str, int
         (path, hook_id, "organization" if path.startswith("orgs/") else "repository", None)
         for path, hook_id in (f for f in found if f is not None)
     ]
-    app_id = int(settings.github_app_id) if settings.github_app_id and settings.github_app_id.isdigit() else None
+    app_id = header_number(settings.github_app_id) if settings.github_app_id else None  # None for a client ID
     listed += [
         (APP_HOOK_PATH, hook_id, "integration", app_id) for path, hook_id in learned.items() if path == APP_HOOK_PATH
     ]
