@@ -34,6 +34,7 @@ from flowlens_ingest.environment import (
     text,
     whole,
 )
+from flowlens_ingest.files import read_regular_file
 from flowlens_ingest.names import hook_path
 
 KIB = 1024
@@ -169,6 +170,10 @@ def _spool_max_bytes(env: Mapping[str, str], before: dict[str, Any]) -> Any:
     return value
 
 
+# An RSA key of 4,096 bits is about 3.2 KiB in PEM.
+PRIVATE_KEY_MAX_BYTES = 64 * KIB
+
+
 def _private_key(env: Mapping[str, str], _: dict[str, Any]) -> Any:
     """GITHUB_APP_PRIVATE_KEY (PEM text), or the file GITHUB_APP_PRIVATE_KEY_FILE names."""
     pem = _raw(env, "GITHUB_APP_PRIVATE_KEY")
@@ -178,7 +183,8 @@ def _private_key(env: Mapping[str, str], _: dict[str, Any]) -> Any:
     if not file:
         return UNSET
     try:
-        return Path(file).expanduser().read_text()
+        # A PEM key is a few KiB; a FIFO or a device is never waited on.
+        return read_regular_file(Path(file).expanduser(), PRIVATE_KEY_MAX_BYTES).decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"GITHUB_APP_PRIVATE_KEY_FILE cannot be read: {exc.strerror}") from None
     except UnicodeDecodeError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import os
 import re
 import socket
 import subprocess
@@ -212,6 +213,45 @@ def test_send_names_a_file_it_cannot_read(tmp_path):
     assert result.returncode == 2
     assert "cannot read" in result.stderr and "missing.json" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "over-the-limit", "device"])
+def test_send_reads_at_most_a_body_the_service_takes_and_never_waits_on_a_file(kind, tmp_path):
+    # A FIFO nobody writes would block for ever, /dev/zero would be read until memory ran out.
+    target = {"fifo": tmp_path / "payload.fifo", "over-the-limit": tmp_path / "big.json", "device": Path("/dev/zero")}[
+        kind
+    ]
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "over-the-limit":
+        target.write_bytes(b"{}" + b" " * 2048)
+    result = cli(
+        "send",
+        str(target),
+        "--event",
+        "ping",
+        "--url",
+        "http://127.0.0.1:9/webhook",
+        GITHUB_WEBHOOK_SECRET=SECRET,
+        FLOWLENS_MAX_BODY_BYTES="1024",
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    expected = "larger than FLOWLENS_MAX_BODY_BYTES (1024)" if kind == "over-the-limit" else "not a regular file"
+    assert line.startswith(f"flowlens-ingest: cannot send {target}: ") and expected in line
+
+
+@pytest.mark.parametrize("kind", ["directory", "not-text"])
+def test_a_kept_webhook_secret_that_cannot_be_read_is_one_line(kind, tmp_path):
+    kept = tmp_path / "webhook-secret"
+    if kind == "directory":
+        kept.mkdir()
+    else:
+        kept.write_bytes(b"\xff\xfe secret")
+    result = cli("send", str(OPENED_FILE), "--event", "pull_request", FLOWLENS_DATA_DIR=str(tmp_path))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"flowlens-ingest: cannot read the webhook secret kept in {kept}: ")
 
 
 def test_send_names_a_service_it_cannot_reach():

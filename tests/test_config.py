@@ -483,6 +483,18 @@ def test_a_private_key_file_that_is_not_text_is_named(tmp_path):
         Settings.from_env({"GITHUB_APP_ID": "1", "GITHUB_APP_PRIVATE_KEY_FILE": str(key)})
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "huge"])
+def test_a_private_key_file_is_never_waited_on_nor_read_without_end(kind, tmp_path):
+    key = {"fifo": tmp_path / "key.fifo", "device": Path("/dev/zero"), "huge": tmp_path / "huge.pem"}[kind]
+    if kind == "fifo":
+        os.mkfifo(key)
+    elif kind == "huge":
+        key.write_bytes(b"-" * (1024 * 1024))
+    why = "larger than" if kind == "huge" else "not a regular file"
+    with pytest.raises(ConfigError, match=f"^GITHUB_APP_PRIVATE_KEY_FILE cannot be read: {why}"):
+        Settings.from_env({"GITHUB_APP_ID": "1", "GITHUB_APP_PRIVATE_KEY_FILE": str(key)})
+
+
 def test_the_command_line_names_a_variable_that_is_not_utf8(tmp_path):
     env = {**os.environ, "FLOWLENS_DATA_DIR": str(tmp_path)}
     env_bytes = {k.encode(): v.encode() for k, v in env.items()}

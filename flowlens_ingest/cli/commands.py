@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import sys
@@ -14,6 +15,7 @@ from flowlens_ingest.cli.connect import github_client, load_settings, open_datab
 from flowlens_ingest.cli.instances import live_instances
 from flowlens_ingest.cli.output import NOT_DONE, counted, fail, utc
 from flowlens_ingest.config import Settings
+from flowlens_ingest.files import read_regular_file
 
 if TYPE_CHECKING:
     from flowlens_ingest.replay import ReplayReport
@@ -99,17 +101,18 @@ def send(file: str, event: str, url: str | None, delivery: str | None) -> int:
     import urllib.request
 
     from flowlens_ingest.events.signature import sign
+    from flowlens_ingest.postgres.embedded import kept_secret
 
     settings = load_settings()
     secret = settings.secrets[0] if settings.secrets else None
     if secret is None:
-        path = settings.data_dir / "webhook-secret"
-        if not path.exists():
+        kept = kept_secret(settings.data_dir)
+        if kept is None:
             return fail(
                 f"GITHUB_WEBHOOK_SECRET is not set and FLOWLENS_DATA_DIR ({settings.data_dir}) holds no"
                 " webhook-secret: set one, or FLOWLENS_DATA_DIR to the folder `serve` used"
             )
-        secret = path.read_text().strip().encode()
+        secret = kept.encode()
     url = url or settings.send_url or _default_url(settings)
     if not _http_url(url):
         return fail(f"--url must be an http:// or https:// URL, got {url!r}")
@@ -117,8 +120,13 @@ def send(file: str, event: str, url: str | None, delivery: str | None) -> int:
         if not (value.isascii() and value.isprintable()):
             return fail(f"{name} must be printable ASCII (it is sent as a header), got {value!r}")
     try:
-        body = Path(file).read_bytes()
+        # Never more than the service takes (it would answer 413), never a FIFO waited on.
+        body = read_regular_file(Path(file), settings.max_body_bytes)
     except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            return fail(f"cannot send {file}: larger than FLOWLENS_MAX_BODY_BYTES ({settings.max_body_bytes})")
+        if exc.errno == errno.EISDIR:
+            return fail(f"cannot send {file}: not a regular file")
         return fail(f"cannot read {file}: {exc.strerror}")
     request = urllib.request.Request(  # noqa: S310 (the scheme is checked above)
         url,

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowlens_ingest.config import ConfigError
+from flowlens_ingest.files import read_regular_file
 from flowlens_ingest.postgres.programs import bin_dir, identity_for
 
 DATABASE = "flowlens"
@@ -368,11 +369,35 @@ def keep(data_dir: Path) -> int:
     return code
 
 
+# serve writes 64 hex digits; an operator's own secret is longer at most a little.
+KEPT_SECRET_MAX_BYTES = 4096
+
+
+def kept_secret(data_dir: Path) -> str | None:
+    """The webhook secret `serve` keeps in the data directory; None when it keeps none.
+
+    ConfigError when the file is there but cannot be read as one (a directory, a FIFO, not
+    UTF-8 text, far too long).
+    """
+    path = data_dir / "webhook-secret"
+    try:
+        raw = read_regular_file(path, KEPT_SECRET_MAX_BYTES)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the webhook secret kept in {path}: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read the webhook secret kept in {path}: not UTF-8 text") from None
+
+
 def load_or_create_secret(data_dir: Path) -> tuple[str, bool]:
     """The webhook secret kept in the data directory; (secret, True) when it was just made."""
+    kept = kept_secret(data_dir)
+    if kept is not None:
+        return kept, False
     path = data_dir / "webhook-secret"
-    if path.exists():
-        return path.read_text().strip(), False
     data_dir.mkdir(parents=True, exist_ok=True)
     secret = _secrets.token_hex(32)
     path.touch(mode=0o600)

@@ -36,7 +36,6 @@ import fcntl
 import io
 import logging
 import os
-import stat
 import threading
 import time
 import uuid
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import IO
 
 from flowlens_ingest.events.envelope import Envelope
+from flowlens_ingest.files import read_regular_file
 from flowlens_ingest.ingest import Disposition, Result
 
 log = logging.getLogger(__name__)
@@ -93,16 +93,6 @@ def _arrived(name: str) -> float:
     """When a spooled delivery arrived (epoch seconds), from its file name; 0 for a name without it."""
     stamp = name.split("-", 1)[0]
     return int(stamp) / 1e9 if stamp.isascii() and stamp.isdigit() else 0.0
-
-
-def _read_regular_file(path: Path) -> bytes:
-    """A file's bytes, when it is a regular file: never a symlink followed (ELOOP), never a FIFO or a
-    device waited on or read without end (EISDIR, which the spool sets aside as it does a directory)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
-        return file.read()
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -302,7 +292,9 @@ class Spool:
         and tries again, setting nothing aside.
         """
         try:
-            data = _read_regular_file(path)
+            # Never a symlink followed (ELOOP), never a FIFO or a device waited on or read without end
+            # (EISDIR, which the spool sets aside as it does a directory).
+            data = read_regular_file(path, follow_symlinks=False)
         except OSError as exc:
             if exc.errno not in _UNREADABLE:
                 raise
