@@ -24,9 +24,6 @@ def db_upgrade(revision: str) -> int:
 
     from flowlens_ingest.store import migrate
 
-    if not any(c.isalnum() for c in revision):
-        # '' and '@' reach alembic as an empty id, which it asserts on: said here as what it is.
-        return fail(f"cannot upgrade to {revision!r}: it names no revision (head, or an id from `alembic history`)")
     settings = load_settings()
     url = settings.database_url
     server = None
@@ -40,6 +37,10 @@ def db_upgrade(revision: str) -> int:
         where = f"the embedded database in {settings.data_dir / 'pgdata'}"
     try:
         before = migrate.revision_of(url)
+        if not migrate.resolvable(revision, before):
+            if server is not None:
+                server.close()
+            return fail(f"cannot upgrade to {revision!r}: it names no revision (head, or an id from `alembic history`)")
         cannot = migrate.why_role_cannot_migrate(url) if before != migrate.head() else None
         if cannot is not None:
             if server is not None:

@@ -14,6 +14,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from sqlalchemy.engine import Engine
 
@@ -162,6 +163,23 @@ def downgrade(url: str, revision: str = "base") -> None:
 @functools.cache
 def _scripts() -> ScriptDirectory:
     return ScriptDirectory.from_config(alembic_config("postgresql://"))
+
+
+def resolvable(revision: str, current: str | None) -> bool:
+    """Whether alembic can resolve `revision` as a target from `current` without tripping on it.
+
+    Alembic asserts (AssertionError, no message) on a target that leaves it an empty revision id
+    ('', '@', 'head+1', '0001-1'), where it says what is wrong with any other (CommandError): asked
+    here, offline, so that only those are caught, and nothing of the migration itself.
+    """
+    try:
+        for _ in _scripts().iterate_revisions(revision, current or "base", implicit_base=True):
+            pass
+    except AssertionError:
+        return False
+    except (CommandError, RevisionError):
+        return True  # a target alembic names as unknown or out of reach: its own message says so
+    return True
 
 
 def head() -> str | None:
