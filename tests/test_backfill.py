@@ -22,6 +22,7 @@ from flowlens_ingest.github import backfill
 from flowlens_ingest.github.backfill import Backfiller, BackfillStopped, Target
 from flowlens_ingest.github.client import GitHubClient
 from flowlens_ingest.github.errors import GitHubError
+from flowlens_ingest.github.lease import Lease
 from flowlens_ingest.store.schema import (
     backfill_progress,
     ci_checks,
@@ -473,3 +474,23 @@ def test_a_listing_page_that_is_no_list_stops_the_repository_and_keeps_its_progr
     with pytest.raises(GitHubError, match="was not a list"):
         filler(db, github).repository(Target("octo/oddpage"), "open", None)
     assert statuses(db, repo) == {}
+
+
+def test_a_repository_another_backfill_holds_is_named_and_not_read_twice(db, github, monkeypatch, capsys):
+    repo = repository(9_300_035, "octo/shared")
+    serve_state(github.repositories.add(repo), story(repo, 1))
+    other = Lease(database_of(db), "backfill octo/shared", 60, name="backfill octo/shared")
+    assert other.take()  # another process's backfill of the same repository, under way
+    before = len(github.calls("GET"))
+    monkeypatch.setenv("DATABASE_URL", str(db.url.render_as_string(hide_password=False)))
+    monkeypatch.setenv("GITHUB_API_URL", github.url)
+    monkeypatch.setenv("GITHUB_TOKEN", github.token or "")
+
+    assert main(["backfill", "octo/shared"]) == 1
+
+    assert len(github.calls("GET")) == before
+    err = capsys.readouterr().err
+    assert "not landed: octo/shared: another backfill holds it (" in err and "(backfill octo/shared) since" in err
+    other.release()
+    assert main(["backfill", "octo/shared"]) == 0
+    assert len(statuses(db, repo)) == 1

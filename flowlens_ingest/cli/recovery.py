@@ -128,7 +128,7 @@ def backfill(repos: Sequence[str], state: str, since: datetime | None) -> int:
     """Land the current state of repositories through the webhook path (exit 0, 1 or 2)."""
     import threading
 
-    from flowlens_ingest.github.backfill import Backfiller, BackfillStopped
+    from flowlens_ingest.github.backfill import Backfiller, BackfillStopped, RepositoryBusy
     from flowlens_ingest.github.errors import GitHubError
 
     settings = load_settings()
@@ -158,7 +158,7 @@ def backfill(repos: Sequence[str], state: str, since: datetime | None) -> int:
             for target in targets:
                 try:
                     filler.repository(target, state, since)
-                except GitHubError as exc:
+                except (GitHubError, RepositoryBusy) as exc:
                     problems.append(f"{target.full_name}: {exc}")
     except BackfillStopped as exc:
         print(f"flowlens-ingest: backfill stopped: {exc}", file=sys.stderr)

@@ -38,6 +38,7 @@ from flowlens_ingest.github import snapshots
 from flowlens_ingest.github.client import GitHubClient, JsonAnswer
 from flowlens_ingest.github.errors import Forbidden, GitHubError, NotFound, RateLimited, Transient
 from flowlens_ingest.github.hooks import parse_time
+from flowlens_ingest.github.lease import Lease
 from flowlens_ingest.ingest import Disposition, ingest
 from flowlens_ingest.names import repository_name
 from flowlens_ingest.store.database import Database
@@ -46,6 +47,9 @@ from flowlens_ingest.store.schema import backfill_progress
 log = logging.getLogger(__name__)
 
 MAX_PAGES = 1000
+# One backfill of a repository at a time, across processes and VMs: a lease per repository, renewed
+# while the run works and waits (every third of it); a run that dies frees it this long after.
+LEASE_S = 120.0
 # A rate limit is waited out up to GitHub's hour; `stop` (Ctrl-C) ends the wait, and a rerun resumes.
 RATE_LIMITS_PER_REQUEST = 5
 
@@ -54,6 +58,10 @@ Say = Callable[[str], None]
 
 class BackfillStopped(Exception):
     """The backfill cannot go on (the database went away, GitHub kept limiting, stopped): rerun to resume."""
+
+
+class RepositoryBusy(Exception):
+    """Another backfill holds this repository (its lease): nothing is read twice; the message names who."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,8 @@ class Backfiller:
         self.stop = stop or threading.Event()
         self._clock = clock
         self.tally = Tally()
+        # The lease of the repository being backfilled (None between repositories).
+        self._lease: Lease | None = None
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -118,6 +128,7 @@ class Backfiller:
         for _ in range(RATE_LIMITS_PER_REQUEST):
             if self.stop.is_set():
                 raise BackfillStopped("stopped")
+            self._keep_lease()
             reset = (
                 None
                 if app
@@ -134,8 +145,16 @@ class Backfiller:
     def _wait(self, until: float, why: str) -> None:
         seconds = max(0.0, until - self._clock())
         self.say(f"{why}: waiting {seconds:.0f} s (Ctrl-C stops; running backfill again resumes)")
-        if self.stop.wait(seconds):
-            raise BackfillStopped("stopped")
+        ends = time.monotonic() + seconds
+        while (left := ends - time.monotonic()) > 0:
+            # Woken every third of the lease to renew it: a wait of up to an hour keeps the repository.
+            if self.stop.wait(min(left, LEASE_S / 3)):
+                raise BackfillStopped("stopped")
+            self._keep_lease()
+
+    def _keep_lease(self) -> None:
+        if self._lease is not None and not self._lease.keep():
+            raise BackfillStopped("another backfill took this repository over (this one's lease lapsed)")
 
     def _pages(
         self, path: str, *, inside: str | None = None, installation_id: int | None = None, app: bool = False
@@ -190,7 +209,24 @@ class Backfiller:
     # -- one repository -------------------------------------------------------------------------
 
     def repository(self, target: Target, state: str, since: datetime | None) -> None:
-        """Land one repository's current state, resuming after the pull requests a previous run landed."""
+        """Land one repository's current state, resuming after the pull requests a previous run landed.
+
+        RepositoryBusy, sending nothing, while another backfill holds the repository.
+        """
+        lease = Lease(
+            self.database, f"backfill {target.full_name}", LEASE_S, name=f"backfill {target.full_name.lower()}"
+        )
+        if not lease.take():
+            holder = lease.holder_now()
+            raise RepositoryBusy(f"another backfill holds it ({holder.describe() if holder else 'until a moment ago'})")
+        self._lease = lease
+        try:
+            self._repository(target, state, since)
+        finally:
+            self._lease = None
+            lease.release()
+
+    def _repository(self, target: Target, state: str, since: datetime | None) -> None:
         inst = target.installation_id
         base = f"repos/{_path(target.full_name)}"
         repo = self._request(base, installation_id=inst).data
