@@ -31,7 +31,7 @@ from flowlens_ingest.environment import (
     http_url,
     one_of,
     path,
-    text,
+    token,
     whole,
 )
 from flowlens_ingest.files import read_regular_file
@@ -529,11 +529,11 @@ class Settings:
     github_token: str | None = setting(
         env="GITHUB_TOKEN",
         group=GITHUB,
-        reader=text,
+        reader=token,
         repr=False,
         rows=Row(
             default="unset",
-            accepts="any",
+            accepts="printable ASCII, no spaces",
             meaning="a token for the files worker (fine-grained: *Pull requests: read*, plus *Contents: read* for"
             " private repositories)",
         ),

@@ -76,8 +76,13 @@ def path(name: str, raw: str) -> Path:
     return Path(raw).expanduser().resolve()
 
 
-def text(name: str, raw: str) -> str:
-    """Any text (a token, an id): taken as it is, stripped."""
+def token(name: str, raw: str) -> str:
+    """A credential sent as a header: printable ASCII without spaces, as GitHub's tokens are. Never repeated."""
+    if not (raw.isascii() and raw.isprintable()) or any(c.isspace() for c in raw):
+        raise ConfigError(
+            f"{name} holds a character no GitHub token has (a space, a control character, or non-ASCII):"
+            " check how it was pasted"
+        )
     return raw
 
 

@@ -532,3 +532,11 @@ def test_a_github_app_id_is_its_digits_or_client_id(value):
 def test_a_github_app_id_or_client_id_is_taken(value):
     env = {"GITHUB_APP_ID": value, "GITHUB_APP_PRIVATE_KEY": app_private_key_pem()}
     assert Settings.from_env(env).github_app_id == value
+
+
+@pytest.mark.parametrize("value", ["ghp_abc\rdef", "ghp_abc def", "ghp_abc\x00def", "ghp_\u00e9"])
+def test_a_github_token_no_github_token_looks_like_is_refused_without_repeating_it(value):
+    # Sent as a header, it would be refused by the HTTP library in a message quoting the header.
+    with pytest.raises(ConfigError, match=r"^GITHUB_TOKEN holds a character no GitHub token has") as refused:
+        Settings.from_env({"GITHUB_TOKEN": value})
+    assert "abc" not in str(refused.value) and value not in str(refused.value)

@@ -1129,3 +1129,15 @@ def test_credential_keys_name_no_secret(fake: FakeGitHub, github: GitHubClient) 
     with pytest.raises(RateLimited) as told:
         github.request_json("GET", "repos/octo/repo")
     assert key in str(told.value) and fake.token not in str(told.value)
+
+
+def test_a_credential_the_http_library_will_not_send_is_not_quoted_in_the_error(fake: FakeGitHub) -> None:
+    # A minted token or a token with a control character: httpx refuses the header in a message
+    # that quotes it, Authorization and all; the error says what happened without it.
+    token = "ghp_SECRETsecret\rSECRET"
+    with GitHubClient(api_url=fake.url, token=token) as client, pytest.raises(Transient) as refused:
+        client.list_files(REPO, 7, installation_id=None)
+    for text in (str(refused.value), repr(refused.value)):
+        assert "SECRETsecret" not in text
+    assert "a header it cannot send" in str(refused.value)
+    assert fake.calls("GET") == []

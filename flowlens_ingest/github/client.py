@@ -314,6 +314,9 @@ class GitHubClient:
                 raise GitHubError("GitHub redirected too many times", reason="redirects")
         except httpx.TimeoutException as exc:
             failure = Transient("timeout", f"GitHub request timed out ({type(exc).__name__})")
+        except httpx.LocalProtocolError as exc:
+            # Its text quotes the header it would not send: the Authorization header, token and all.
+            failure = Transient("request", f"GitHub request not sent ({type(exc).__name__}: a header it cannot send)")
         except httpx.TransportError as exc:
             failure = Transient("connection", f"GitHub unreachable ({type(exc).__name__}: {exc})")
         except httpx.RequestError as exc:
