@@ -391,6 +391,83 @@ def test_an_app_installation_token_reads_the_files(db, github):
     assert len(github.calls("POST", contains="/app/installations/4242/access_tokens")) == 1
 
 
+@pytest.mark.parametrize("order", ["a-then-b", "b-then-a"])
+def test_two_heads_in_one_second_leave_the_job_on_the_head_the_pr_row_holds(db, github, order):
+    # The PR row orders two snapshots of one second by state and content; the job follows the row's
+    # choice, so the head the row holds is the one fetched, whichever arrives first.
+    a, b = sha_for("tie", "a"), sha_for("tie", "b")
+    github.set_files("octo/enrich", 1, make_files(3))
+    for sha in (a, b) if order == "a-then-b" else (b, a):
+        apply(db, "pull_request", pull_request("synchronize", REPO, 1, sha, at(10)))
+    (job,) = job_rows(db)
+    assert job["head_sha"] == pr_row(db)["commit_sha"]
+    drain(make_enricher(db, github))
+    row = pr_row(db)
+    assert (row["files_status"], row["files_changed_sha"]) == ("fetched", row["commit_sha"])
+
+
+def test_a_repository_moved_to_another_installation_is_read_through_the_new_one(db, github):
+    github.set_files("octo/enrich", 1, make_files(2))
+    before = opened()
+    before["installation"] = {"id": 9000}
+    apply(db, "pull_request", before)
+    # Transferred to another organisation: its deliveries now come through installation 17.
+    moved = pull_request("synchronize", REPO, 1, SHA_B, at(20))
+    moved["installation"] = {"id": 17}
+    apply(db, "pull_request", moved)
+    config = Settings(
+        github_api_url=github.url, github_app_id=str(github.app_id), github_app_private_key=github.app_private_key_pem
+    )
+    client = GitHubClient(api_url=github.url, app_id=github.app_id, private_key=github.app_private_key_pem)
+    drain(Enricher(config, database_of(db), client, instruments()))
+    assert [c.path for c in github.calls("POST", contains="/access_tokens")] == ["/app/installations/17/access_tokens"]
+
+
+def test_a_head_with_no_files_is_fetched_as_an_empty_list_not_the_old_heads(db, github):
+    github.set_files("octo/enrich", 1, make_files(3, prefix="old/"))
+    apply(db, "pull_request", opened())
+    enricher = make_enricher(db, github)
+    drain(enricher)
+    # The new head changes nothing against the base: GitHub lists no file.
+    github.set_files("octo/enrich", 1, [])
+    sync = pull_request("synchronize", REPO, 1, SHA_B, at(20))
+    sync["pull_request"]["changed_files"] = 0
+    apply(db, "pull_request", sync)
+    drain(enricher)
+    row = pr_row(db)
+    assert (row["files_status"], row["files_changed_sha"], row["files_changed"]) == ("fetched", SHA_B, [])
+
+
+@pytest.mark.parametrize("unstorable", ["\x00", "\ud800"], ids=["nul", "lone-surrogate"])
+def test_a_patch_holding_what_postgresql_cannot_store_lands_with_it_replaced(db, github, unstorable):
+    # GitHub sends U+0000 in diff hunks: the list lands as a delivery's text does, U+FFFD in its place.
+    files = make_files(3)
+    files[1]["patch"] = "@@ -1 +1 @@\n-a\n+b" + unstorable + "c"
+    files[2]["filename"] = "odd" + unstorable + ".txt"
+    github.set_files("octo/enrich", 1, files)
+    apply(db, "pull_request", opened())
+    drain(make_enricher(db, github))
+    row = pr_row(db)
+    assert row["files_status"] == "fetched"
+    assert row["files_changed"][1]["patch"].endswith("+b\ufffdc")
+    assert row["files_changed"][2]["filename"] == "odd\ufffd.txt"
+
+
+def test_a_job_whose_worker_keeps_dying_settles_failed_past_its_attempts_without_a_request(db, github):
+    github.set_files("octo/enrich", 1, make_files(2))
+    apply(db, "pull_request", opened())
+    # A worker claims the job and dies (killed, out of memory) before settling it, again and again.
+    for _ in range(6):
+        assert jobs.claim(database_of(db), timedelta(seconds=120)) is not None
+        with db.begin() as conn:  # its lease runs out
+            conn.execute(sa.update(files_jobs).values(leased_until=sa.func.now() - timedelta(seconds=1)))
+    drain(make_enricher(db, github, enrich_max_attempts=6))
+    assert file_requests(github) == 0
+    assert pr_row(db)["files_status"] == "failed"
+    (job,) = rows(db, files_jobs, "state", "last_error")
+    assert job["state"] == "done" and "never settled" in (job["last_error"] or "")
+
+
 # --- a broken or hostile GitHub: bounded, never stuck, never a job left leased --------------------
 
 MIB = 1024 * 1024

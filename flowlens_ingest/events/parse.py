@@ -114,8 +114,8 @@ REPLACEMENT = "\ufffd"
 _UNSTORABLE_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 
 
-def _storable(text: str) -> str:
-    """`text` with U+0000 and unpaired surrogates replaced by U+FFFD."""
+def storable(text: str) -> str:
+    """`text` with U+0000 and unpaired surrogates replaced by U+FFFD: what PostgreSQL's text and jsonb take."""
     if "\x00" in text:
         text = text.replace("\x00", REPLACEMENT)
     try:
@@ -128,9 +128,9 @@ def _storable(text: str) -> str:
 def _clean(value: Any) -> Any:
     """`value` with every string (keys too) made storable; nesting is bounded by MAX_DEPTH."""
     if isinstance(value, str):
-        return _storable(value)
+        return storable(value)
     if isinstance(value, dict):
-        return {_storable(k): _clean(v) for k, v in value.items()}
+        return {storable(k): _clean(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_clean(v) for v in value]
     return value

@@ -115,6 +115,13 @@ class Enricher:
 
     def _fetch_and_settle(self, job: jobs.Job) -> tuple[str, str]:
         """Fetch the job's list, then settle or reschedule it; its outcome and a detail."""
+        if job.attempts > self.settings.enrich_max_attempts:
+            # Claimed past its attempts: the claims before ended unsettled (the worker killed, out of
+            # memory, mid-job each time). Settled failed, nothing sent: it does not come back for ever.
+            error = (
+                f"claimed {job.attempts} times (attempts at most {self.settings.enrich_max_attempts}), never settled"
+            )
+            return _settled(jobs.settle(self.database, job, FilesStatus.FAILED, error=error), FilesStatus.FAILED), ""
         # A 304 is only as good as the stored list it vouches for.
         etag = job.etag if job.etag_sha is not None and job.etag_sha == job.stored_sha else None
         try:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowlens_ingest.events.enums import FilesStatus
+from flowlens_ingest.events.parse import storable
 
 # The fields of a file entry worth storing; the URLs (`blob_url`, `raw_url`, `contents_url`)
 # can be rebuilt from the repository, the head sha and the filename.
@@ -59,13 +60,19 @@ def shape(
         if len(files) >= MAX_FILES:
             cut = True
             continue
-        kept = {field: entry[field] for field in KEPT_FIELDS if field in entry and field != "patch"}
+        # Text kept as a delivery's is: U+0000 and lone surrogates (GitHub sends them in hunks) as U+FFFD.
+        kept = {
+            field: storable(entry[field]) if isinstance(entry[field], str) else entry[field]
+            for field in KEPT_FIELDS
+            if field in entry and field != "patch"
+        }
         if kept.get("previous_filename", "") is None:
             # Only renames carry a previous name; a null one says nothing.
             del kept["previous_filename"]
         patch = entry.get("patch")
         # GitHub omits `patch` for binary files and very large diffs: nothing to cap then.
         if isinstance(patch, str):
+            patch = storable(patch)
             truncated = False
             if len(patch) > max_patch_chars:
                 patch = patch[:max_patch_chars]

@@ -101,12 +101,13 @@ def _pr_of_job() -> list[sa.ColumnElement[bool]]:
 def write_list() -> sa.Executable:
     """Store a fetched list for the job's head, if the PR's head is still that and anything changed.
 
-    A stored list is never replaced by an empty one (an answer cut before its first entry, say):
-    the status is recorded, the stored list and the head it describes stay.
+    A stored list is not replaced by an empty one that is not the head's whole list (an answer cut
+    before its first entry, say): the status is recorded, the stored list and the head it describes
+    stay. A whole list that is empty is the head's list, and replaces it.
     """
     t = pull_requests
-    # `empty` comes as a parameter of its own: the list, the bulk of the statement, is sent only once.
-    keep = sa.and_(param("empty"), t.c.files_changed.is_not(None))
+    # `keep_stored` comes as a parameter of its own: the list, the bulk of the statement, is sent only once.
+    keep = sa.and_(param("keep_stored"), t.c.files_changed.is_not(None))
     new: dict[str, Any] = {
         "files_changed": sa.case((keep, t.c.files_changed), else_=sa.cast(param("files"), t.c.files_changed.type)),
         "files_changed_sha": sa.case((keep, t.c.files_changed_sha), else_=param("head_sha")),
@@ -187,7 +188,9 @@ def settle(
         "head_sha": job.head_sha,
         "status": status.value,
         "files": files,
-        "empty": not files,
+        # A stored list stays when an answer cut before its first entry gives none; a whole list
+        # that is empty (a head changing no file) replaces it.
+        "keep_stored": not files and status is not FilesStatus.FETCHED,
         "etag_sha": job.etag_sha,
         "job_id": job.id,
         "lease_token": job.lease_token,

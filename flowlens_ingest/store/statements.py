@@ -228,24 +228,29 @@ def review_stale() -> sa.ColumnElement[bool]:
 
 
 def files_job_upsert() -> sa.Executable:
-    """Ask for a PR head's file list: one job per PR, moved to a newer head, never to an older one."""
+    """Ask for a PR head's file list: one job per PR, for the head its pull_requests row holds.
+
+    Runs after the PR's own upsert in the same batch: the job takes the head that upsert left
+    (its order decided which snapshot is current, stale ones changing nothing), so the job and
+    the row never disagree on the head, however deliveries of one second tie or arrive.
+    """
     t = files_jobs
+    pr = pull_requests
+    current_head = (
+        sa.select(pr.c.commit_sha).where(pr.c.repo_id == repo_id(), pr.c.pr_number == param("pr_number"))
+    ).scalar_subquery()
     stmt = insert(t).values(
         id=param("id"),
         repo_id=repo_id(),
-        **{c: param(c) for c in ("pr_number", "head_sha", "installation_id", "pr_updated_at")},
+        head_sha=sa.func.coalesce(current_head, param("head_sha")),
+        **{c: param(c) for c in ("pr_number", "installation_id", "pr_updated_at")},
     )
     ex = stmt.excluded
     incoming, stored = sa.func.coalesce(ex.pr_updated_at, NEVER), sa.func.coalesce(t.c.pr_updated_at, NEVER)
-    # A burst for one head (opened, labeled, review_requested) is one job. A later head
-    # takes the job over (of two heads of the same second, the greater sha, whatever
-    # arrives last); a refetch of the same head needs a delivery newer than any seen,
-    # so replaying one does not fetch again. The time and the installation merge as
-    # maxima, so the row does not depend on the order deliveries arrive in.
-    head_moves = sa.and_(
-        t.c.head_sha != ex.head_sha,
-        sa.tuple_(incoming, ex.head_sha.collate("C")) > sa.tuple_(stored, t.c.head_sha.collate("C")),
-    )
+    # A burst for one head (opened, labeled, review_requested) is one job; the row's head moving
+    # moves the job. A refetch of the same head needs a delivery newer than any seen, so
+    # replaying one does not fetch again.
+    head_moves = t.c.head_sha != ex.head_sha
     reset = sa.or_(head_moves, sa.and_(param("refetch"), incoming > stored))
     fresh: dict[str, Any] = {
         "state": sa.literal(JobState.PENDING.value),
@@ -256,7 +261,12 @@ def files_job_upsert() -> sa.Executable:
         "last_error": sa.null(),
     }
     merged = {
-        "installation_id": sa.func.greatest(t.c.installation_id, ex.installation_id),
+        # The installation of the newest delivery that names one: a repository moved to another
+        # installation (transferred between organisations) is read through its new one.
+        "installation_id": sa.case(
+            (sa.and_(ex.installation_id.is_not(None), incoming >= stored), ex.installation_id),
+            else_=t.c.installation_id,
+        ),
         "pr_updated_at": sa.func.greatest(t.c.pr_updated_at, ex.pr_updated_at),
     }
     return stmt.on_conflict_do_update(
