@@ -50,8 +50,10 @@ class Result:
     disposition: Disposition
     outcome: Outcome | None = None
     error: str | None = None
-    # Retry later because the server cancelled this work (a timeout, out of memory: it answers).
-    work_cancelled: bool = False
+    # Retry later, but maybe this delivery's trouble alone, not the database's: the server cancelled its
+    # work (a timeout, out of memory: it answers), or our code failed on it (a bug). The spool's drain
+    # passes over it and goes on with the deliveries behind it.
+    may_pass_over: bool = False
     # Cancelled at its statement or lock timeout (57014, 55P03): a row it needed held by another
     # session (the statement timeout, counted from the statement's start, usually comes first), or
     # the server too slow for it.
@@ -68,7 +70,7 @@ class Result:
         return cls(
             Disposition.RETRY_LATER,
             error=f"database unavailable ({exc})",
-            work_cancelled=exc.work_cancelled,
+            may_pass_over=exc.work_cancelled,
             timed_out=exc.timed_out,
         )
 
@@ -203,4 +205,4 @@ def bug(delivery: Delivery, exc: BaseException) -> Result:
             where,
             delivery.delivery_id,
         )
-    return Result(Disposition.RETRY_LATER, error=f"internal error ({type(exc).__name__}, logged)")
+    return Result(Disposition.RETRY_LATER, error=f"internal error ({type(exc).__name__}, logged)", may_pass_over=True)

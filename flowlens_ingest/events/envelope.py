@@ -217,14 +217,16 @@ class Envelope:
             raise TypeError("target_type")
         digest = meta.get("payload_sha256")
         return cls(
-            delivery_id=str(meta["delivery_id"]),
+            delivery_id=_stored_text(meta["delivery_id"]),
             hook_id=_integer(meta["hook_id"]),
-            event=str(meta["event"]),
-            content_type=str(meta["content_type"]),
-            hook_target=None if target_type is None else HookTarget(target_type, _optional_integer(target_id)),
+            event=_stored_text(meta["event"]),
+            content_type=_stored_text(meta["content_type"]),
+            hook_target=None
+            if target_type is None
+            else HookTarget(_stored_text(target_type), _optional_integer(target_id)),
             received_at=None if received_ns is None else _moment(_integer(received_ns)),
             body_from_api=meta.get("body_from_api") is True,
-            payload_sha256=None if digest is None else str(digest),
+            payload_sha256=None if digest is None else _stored_text(digest),
         )
 
 
@@ -232,6 +234,18 @@ def _target_headers(headers: HeaderLookup) -> HookTarget | None:
     return target_of(
         headers.get("X-GitHub-Hook-Installation-Target-Type"), headers.get("X-GitHub-Hook-Installation-Target-ID")
     )
+
+
+def _stored_text(value: Any) -> str:
+    """A header field as the spool wrote it: text a column stores (no NUL, no lone surrogate), as the view took it.
+
+    ValueError (UnicodeEncodeError for a lone surrogate) otherwise: a file no version wrote.
+    """
+    text = str(value)
+    if "\x00" in text:
+        raise ValueError("a NUL in a header field")
+    text.encode("utf-8")
+    return text
 
 
 def _integer(value: Any) -> int:

@@ -3,7 +3,7 @@
 One file per delivery: written to a temporary name, fsynced, renamed into place
 (atomic), and the folder fsynced, so a crash never leaves half a delivery. File
 names start with a nanosecond clock, so draining in name order is arrival order (but for a
-delivery the database cancelled, passed over: see `Spool.drain`),
+delivery the database cancelled or our code failed on, passed over: see `Spool.drain`),
 and end with the file's size (`{ns:020d}-{pid}-{hex8}-{bytes}.delivery`), so the
 folder's total is read from a listing without a stat per file. Names without the
 size (`{ns:020d}-{pid}-{hex8}.delivery`, written before it was added) are still
@@ -63,7 +63,7 @@ STALE_TMP_S = 300.0
 PARTIAL_AT_START_S = 60.0
 # A body given as a file is copied into the spool this much at a time.
 COPY_CHUNK_BYTES = 1024 * 1024
-# A delivery the drain passed over (the database cancelled it: a timeout, out of memory) is tried
+# A delivery the drain passed over (the database cancelled it: a timeout, out of memory; or a bug) is tried
 # again after a quarter of the time it has waited in the spool, within these bounds.
 PASSED_OVER_WAIT_S = 2.0
 PASSED_OVER_MAX_WAIT_S = 300.0
@@ -340,7 +340,7 @@ class Spool:
         return passed_before and now < modified <= now + PASSED_OVER_MAX_WAIT_S, passed_before
 
     def _pass_over(self, path: Path, name: str, before: bool, reason: str) -> None:
-        """Keep a delivery the database cancelled, for a quarter of its time in the spool."""
+        """Keep a delivery the database cancelled (or our code failed on), for a quarter of its time in the spool."""
         now = self._clock()
         wait = min(max((now - _arrived(name)) / 4, PASSED_OVER_WAIT_S), PASSED_OVER_MAX_WAIT_S)
         try:
@@ -350,7 +350,7 @@ class Spool:
         if not before:
             # Said once a delivery; its file and the spool's depth show it until it applies.
             log.warning(
-                "spooled delivery passed over: the database cancelled it (a timeout, out of memory); the rest drain,"
+                "spooled delivery passed over: the database cancelled it (a timeout, out of memory) or a bug; the rest drain,"
                 " it is tried again later",
                 extra={"file": name, "reason": reason, "retry_in_s": round(wait, 1)},
             )
@@ -374,8 +374,8 @@ class Spool:
         done, and why the drain stopped early (None when it went through).
 
         One exception to stopping: a delivery the server cancelled (its statement or lock
-        timeout: a lock held on its rows; out of memory, a body too large) may be that
-        delivery's trouble alone. It is kept and passed over, and the drain goes on with the
+        timeout: a lock held on its rows; out of memory, a body too large), or one our code
+        failed on (a bug its content trips: ingest.bug), may be that delivery's trouble alone. It is kept and passed over, and the drain goes on with the
         ones behind it; it is tried again after a quarter of the time it has waited in the
         spool (PASSED_OVER_WAIT_S to PASSED_OVER_MAX_WAIT_S), by whichever worker drains then.
         A second cancelled right after it, nothing applied between, is the database's trouble,
@@ -405,7 +405,7 @@ class Spool:
                     continue
                 result = handle(item)
                 if result.disposition is Disposition.RETRY_LATER:
-                    cancelled_in_a_row = cancelled_in_a_row + 1 if result.work_cancelled else 2
+                    cancelled_in_a_row = cancelled_in_a_row + 1 if result.may_pass_over else 2
                     if cancelled_in_a_row < 2:
                         self._pass_over(path, name, passed_before, result.error or "cancelled")
                         continue
