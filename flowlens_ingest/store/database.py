@@ -36,6 +36,8 @@ T = TypeVar("T")
 # raises them far more often than PostgreSQL (conflicts, leader moves, restarts).
 # https://docs.yugabyte.com/preview/architecture/transactions/concurrency-control/
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+# Writes refused on this session (25006): a read-only default it was opened with, a standby.
+READ_ONLY_SQLSTATE = "25006"
 # The server is gone, restarting, too slow to answer inside the statement timeout, or out of a
 # resource (class 53: disk full, out of memory, too many connections): the database's trouble,
 # not the delivery's, so the delivery is kept for later rather than journaled failed or set aside.
@@ -44,7 +46,7 @@ UNAVAILABLE_SQLSTATES = frozenset(
     | {"53000", "53100", "53200", "53300", "53400"}
     # A server that takes no writes now (25006): a primary demoted or a standby reached after a
     # failover, a database set read-only. Nothing a delivery did: kept until writes come back.
-    | {"25006"}
+    | {READ_ONLY_SQLSTATE}
 )
 # statement_timeout and lock_timeout: one such wait already spent the answer's time budget.
 TIMEOUT_SQLSTATES = frozenset({"57014", "55P03"})
@@ -323,10 +325,12 @@ class Database:
                 return send(dbapi, batch, self.settings.isolation_level, rollback_refused=rollback_refused)
             except psycopg2.Error as exc:
                 disconnected = dbapi is None or dbapi.closed != 0 or engine.dialect.is_disconnect(exc, dbapi, None)  # type: ignore[arg-type]
-                if disconnected:
+                if disconnected or exc.pgcode == READ_ONLY_SQLSTATE:
                     pooled.invalidate()
-                    # The server went away: its other pooled connections are dead too. Drop
-                    # them now rather than spend the next deliveries' attempts finding out.
+                    # The server went away, or takes no writes on these sessions (a standby reached
+                    # after a failover, a read-only default they were opened with): its other pooled
+                    # connections are the same. Dropped now, so that the next attempt finds the
+                    # server as it is, rather than the deliveries' attempts finding out one by one.
                     engine.dispose()
                 elif getattr(dbapi, "prepared", None) is not None and lost_prepared_statement(exc):
                     # Retried on a new session, which prepares afresh.
