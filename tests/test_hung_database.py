@@ -26,6 +26,7 @@ from bench.proxy import FreezingProxy
 from flowlens_ingest.store.hang import Hang
 from flowlens_ingest.store.schema import pull_requests, repositories, webhook_deliveries
 from flowlens_ingest.web.app import create_app
+from flowlens_ingest.web.held import WIDE
 from flowlens_ingest.web.services import services
 
 from .helpers import github_headers, load_payload, make_settings, opened_pr, rows, wait_for
@@ -277,6 +278,38 @@ def test_a_hang_found_as_a_refused_probe_ends_is_probed_until_the_database_answe
     hang.slow()
     wait_for(lambda: not hang.known and probes[-1:] == ["answer"], "the probe to find the database answering")
     assert probes == ["refused", "refused", "answer"]
+
+
+def test_a_lock_on_the_whole_table_holds_every_repository_once_several_are_cancelled(db, database_url, tmp_path):
+    # A lock on all of `repositories` (an ALTER TABLE queued behind a long transaction): every
+    # repository's delivery would wait out its timeout, a thread each, and answers queue past 10 s.
+    # Once WIDE repositories are held at once, the others are spooled without a connection too.
+    app = create_app(make_settings(database_url, tmp_path, statement_timeout_ms=300))
+    client = app.test_client()
+    database = services(app).database
+
+    def post_to(repository: int, delivery: str) -> tuple[int, str]:
+        payload = pr(repository)
+        payload["repository"] = {**payload["repository"], "id": 7_000 + repository, "full_name": f"octo/r{repository}"}
+        body = json.dumps(payload).encode()
+        response = client.post("/webhook", data=body, headers=github_headers(body, "pull_request", delivery=delivery))
+        return response.status_code, response.get_json()["outcome"]
+
+    assert post_to(9, "before") == (200, "applied")
+    holder = db.connect()
+    locked = holder.begin()
+    holder.execute(sa.text("LOCK TABLE repositories IN ACCESS EXCLUSIVE MODE"))
+    checkouts: list[object] = []
+    sa.event.listen(database.engine, "checkout", lambda *_: checkouts.append(None))
+    try:
+        assert [post_to(n, f"cancelled-{n}") for n in range(1, WIDE + 1)] == [(202, "spooled")] * WIDE
+        checkouts.clear()
+        assert post_to(9, "after") == (202, "spooled")
+        assert checkouts == []
+    finally:
+        locked.rollback()
+        holder.close()
+        database.dispose()
 
 
 def test_a_repository_whose_delivery_the_database_cancelled_is_spooled_at_once_for_a_while(db, database_url, tmp_path):

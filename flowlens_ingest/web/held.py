@@ -8,6 +8,11 @@ repository's deliveries go to the spool for HOLD_S without a statement (the drai
 passing over what is still held); other repositories are not touched. A large delivery (which may
 time out for its own weight) and one cancelled for memory hold nothing. Per process, at most
 MAX_HELD entries.
+
+Once WIDE repositories are held at once, the trouble is the database's, not one row's (a lock on a
+whole table, as an ALTER TABLE queued behind a long transaction takes; a server too slow for any
+statement): every repository's deliveries are spooled until the holds end, or each would cost a
+thread its timeout and answers would again queue past GitHub's 10 s.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import time
 HOLD_S = 30.0
 # Repositories remembered at once; past it the oldest hold is dropped (it ends soon anyway).
 MAX_HELD = 1_000
+# Repositories held at once past which every repository's deliveries are held.
+WIDE = 3
 
 
 class HeldRepositories:
@@ -41,14 +48,12 @@ class HeldRepositories:
             self._until[repository_id] = now + self.hold_s
 
     def held(self, repository_id: int | None) -> bool:
-        """Whether this repository's deliveries go to the spool without a statement now."""
-        if repository_id is None or not self._until:
+        """Whether this repository's deliveries go to the spool without a statement now (so do all, once WIDE are held)."""
+        if not self._until:
             return False
+        now = time.monotonic()
         with self._lock:
-            until = self._until.get(repository_id)
-            if until is None:
-                return False
-            if until <= time.monotonic():
-                del self._until[repository_id]
-                return False
-            return True
+            ended = [held for held, until in self._until.items() if until <= now]
+            for held in ended:
+                del self._until[held]
+            return len(self._until) >= WIDE or repository_id in self._until
