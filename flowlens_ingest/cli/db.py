@@ -38,13 +38,9 @@ def db_upgrade(revision: str) -> int:
     try:
         before = migrate.revision_of(url)
         if not migrate.resolvable(revision, before):
-            if server is not None:
-                server.close()
             return fail(f"cannot upgrade to {revision!r}: it names no revision (head, or an id from `alembic history`)")
         cannot = migrate.why_role_cannot_migrate(url) if before != migrate.head() else None
         if cannot is not None:
-            if server is not None:
-                server.close()
             return fail(f"the database {database_label(settings)} cannot be migrated: {cannot}", NOT_DONE)
         command = migrate.release(url, revision)
         after = migrate.revision_of(url)
@@ -52,8 +48,10 @@ def db_upgrade(revision: str) -> int:
         return fail(f"cannot upgrade to {revision!r}: {exc}")
     except sa.exc.OperationalError as exc:
         return unavailable(settings, exc, "nothing migrated")
-    if server is not None:
-        server.close()
+    finally:
+        # This command's use of the embedded server ends here, whatever became of the migration.
+        if server is not None:
+            server.close()
     print(f"flowlens-ingest: {where} {_upgraded(revision, before, after)}")
     if command is not None:
         print(

@@ -170,10 +170,11 @@ class Backfiller:
             if len(read) >= MAX_PAGES:
                 self.tally.cut.append(f"{path}: stopped after {MAX_PAGES} pages")
                 return
-            if self.client.url_of(url) in read:
+            asked = self.client.url_of(url)
+            if asked in read:
                 self.tally.cut.append(f"{path}: GitHub's next page is one read before")
                 return
-            read.add(self.client.url_of(url))
+            read.add(asked)
             answer = self._request(url, installation_id=installation_id, app=app)
             data = answer.data.get(inside) if inside and isinstance(answer.data, dict) else answer.data
             if not isinstance(data, list):

@@ -334,11 +334,12 @@ class Recoverer:
             if held >= self.bounds.held:
                 report.cut.append((hook.path, f"{held} missing deliveries held: the rest are read next time"))
                 return url
-            if self.client.url_of(url) in reading.urls:
+            asked = self.client.url_of(url)
+            if asked in reading.urls:
                 # GitHub's next page is one this reading has had: going on would read it again and again.
                 report.cut.append((hook.path, "GitHub's next page is one read before: read anew next time"))
                 return None
-            reading.urls.add(self.client.url_of(url))
+            reading.urls.add(asked)
             answer = self._call("GET", url, hook)
             reading.pages += 1
             if not isinstance(answer.data, list):
